@@ -1,0 +1,151 @@
+"""Reading and writing checkpoints in the official format (``config.json`` + ``pytorch_model.bin``).
+
+Official files store every conv with weight norm, either as ``weight_g``/``weight_v`` (old
+``torch.nn.utils.weight_norm``) or ``parametrizations.weight.original0``/``original1`` (its successor).
+Both are folded here into one plain ``weight`` with the same kernel torch uses (``torch._weight_norm``),
+so the folded weight is bit-identical to what the reference computes on every forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ..config import HUB_IDS, SNACConfig
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+_KEY_STYLES = {
+    "legacy": (".weight_g", ".weight_v"),
+    "parametrizations": (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the config it came with."""
+
+
+def fold_weight_norm(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Replace every (g, v) weight-norm pair, in either key style, by the plain ``weight`` it stands for."""
+    folded: Dict[str, torch.Tensor] = {}
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for g_suffix, v_suffix in _KEY_STYLES.values():
+            if key.endswith(g_suffix):
+                pairs.setdefault(key[: -len(g_suffix)], {})["g"] = value
+                break
+            if key.endswith(v_suffix):
+                pairs.setdefault(key[: -len(v_suffix)], {})["v"] = value
+                break
+        else:
+            folded[key] = value
+    for prefix, pair in pairs.items():
+        if set(pair) != {"g", "v"}:
+            missing = "magnitude (g)" if "g" not in pair else "direction (v)"
+            raise CheckpointError(f"weight-norm parameters of {prefix!r} lack their {missing}")
+        folded[prefix + ".weight"] = torch._weight_norm(pair["v"], pair["g"], 0)
+    return folded
+
+
+def unfold_weight_norm(model: nn.Module, key_style: str = "legacy") -> Dict[str, torch.Tensor]:
+    """State dict with every conv weight split into weight-norm (g, v), as the official files store it."""
+    if key_style not in _KEY_STYLES:
+        raise ValueError(f"key_style must be one of {sorted(_KEY_STYLES)}, got {key_style!r}")
+    g_suffix, v_suffix = _KEY_STYLES[key_style]
+    conv_prefixes = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))}
+    state: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf == "weight" and prefix in conv_prefixes:
+            state[prefix + g_suffix] = torch.norm_except_dim(value, 2, 0).clone()
+            state[prefix + v_suffix] = value.detach().clone()
+        else:
+            state[key] = value.detach().clone()
+    return state
+
+
+def read_config(directory: Path) -> SNACConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json (a SNAC checkpoint directory holds config.json "
+                              f"and one of {', '.join(WEIGHT_FILES)})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of SNAC constructor arguments")
+    try:
+        return SNACConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """Load a ``.bin`` (torch pickle, tensors only) or ``.safetensors`` weight file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for truncated or foreign files
+        raise CheckpointError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def find_weights(directory: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory} has config.json but no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def resolve_hub(name: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """Download (or find in the local cache) a hub checkpoint; return the directory holding its files."""
+    repo_id = HUB_IDS.get(name.lower().removeprefix("snac_"), name)
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError  # type: ignore[no-redef]
+    kwargs = {"revision": revision, "cache_dir": cache_dir}
+    try:
+        config_path = Path(hf_hub_download(repo_id, "config.json", **kwargs))
+        for filename in WEIGHT_FILES:
+            try:
+                hf_hub_download(repo_id, filename, **kwargs)
+                break
+            except EntryNotFoundError:
+                continue
+        else:
+            raise CheckpointError(f"hub repository {repo_id} has none of {', '.join(WEIGHT_FILES)}")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # offline, unknown repository, auth, ...
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
+            f"If this machine is offline, copy config.json and pytorch_model.bin of {repo_id} into a directory "
+            "on a machine with access (huggingface-cli download " + repo_id + " --local-dir DIR) and load that "
+            "directory instead: SNAC.from_pretrained('DIR') or --model DIR."
+        ) from exc
+    return config_path.parent
+
+
+def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Tuple[SNACConfig, Path]:
+    """Config and weight file for a local checkpoint directory, a hub id, or a preset name (``24khz``)."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return read_config(path), find_weights(path)
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the directory holding config.json and the weights")
+    directory = resolve_hub(str(name_or_dir), revision=revision, cache_dir=cache_dir)
+    return read_config(directory), find_weights(directory)

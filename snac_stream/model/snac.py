@@ -1,0 +1,285 @@
+"""The SNAC codec: offline encode / decode, checkpoint-compatible with the official weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PRESETS, SNACConfig
+from . import checkpoint
+from .layers import NOISE_MODES, Decoder, Encoder, NoiseBlock
+from .vq import ResidualVectorQuantize
+
+if TYPE_CHECKING:  # streaming builds on the model, not the other way round
+    from ..streaming import StreamingDecoder, StreamingEncoder
+
+
+class SNAC(nn.Module):
+    """Multi-Scale Neural Audio Codec.
+
+    Takes the reference ``snac.SNAC`` keyword arguments. Audio is (B, 1, T) float at ``sampling_rate``;
+    codes are a list of ``n_codebooks`` int64 tensors (B, T_i), coarse first, ``T_i = T_latent / vq_strides[i]``.
+
+    ``noise_mode`` chooses how the decoder's noise blocks draw noise: ``"deterministic"`` (default; keyed by
+    ``noise_seed`` and absolute sample position, so streaming equals offline), ``"torch"`` (``torch.randn``
+    as the reference), or ``"off"``.
+    """
+
+    def __init__(
+        self,
+        sampling_rate: int = 44100,
+        encoder_dim: int = 64,
+        encoder_rates: Sequence[int] = (3, 3, 7, 7),
+        latent_dim: Optional[int] = None,
+        decoder_dim: int = 1536,
+        decoder_rates: Sequence[int] = (7, 7, 3, 3),
+        attn_window_size: Optional[int] = 32,
+        codebook_size: int = 4096,
+        codebook_dim: int = 8,
+        vq_strides: Sequence[int] = (8, 4, 2, 1),
+        noise: bool = True,
+        depthwise: bool = True,
+        *,
+        noise_mode: str = "deterministic",
+        noise_seed: int = 0,
+    ):
+        super().__init__()
+        self.config = SNACConfig(
+            sampling_rate=sampling_rate, encoder_dim=encoder_dim, encoder_rates=list(encoder_rates),
+            latent_dim=latent_dim, decoder_dim=decoder_dim, decoder_rates=list(decoder_rates),
+            attn_window_size=attn_window_size, codebook_size=codebook_size, codebook_dim=codebook_dim,
+            vq_strides=list(vq_strides), noise=noise, depthwise=depthwise,
+        )
+        cfg = self.config
+        self.sampling_rate = cfg.sampling_rate
+        self.encoder_dim = cfg.encoder_dim
+        self.encoder_rates = cfg.encoder_rates
+        self.decoder_dim = cfg.decoder_dim
+        self.decoder_rates = cfg.decoder_rates
+        self.latent_dim = cfg.resolved_latent_dim
+        self.hop_length = cfg.hop_length
+        self.n_codebooks = cfg.n_codebooks
+        self.codebook_size = cfg.codebook_size
+        self.codebook_dim = cfg.codebook_dim
+        self.vq_strides = cfg.vq_strides
+        self.attn_window_size = cfg.attn_window_size
+        self.encoder = Encoder(cfg.encoder_dim, cfg.encoder_rates, depthwise=cfg.depthwise,
+                               attn_window_size=cfg.attn_window_size)
+        self.quantizer = ResidualVectorQuantize(self.latent_dim, cfg.codebook_size, cfg.codebook_dim, cfg.vq_strides)
+        self.decoder = Decoder(self.latent_dim, cfg.decoder_dim, cfg.decoder_rates, cfg.noise,
+                               depthwise=cfg.depthwise, attn_window_size=cfg.attn_window_size)
+        self.noise_mode = noise_mode
+        self.noise_seed = noise_seed
+        self.name: Optional[str] = None  # where the weights came from, if loaded
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: SNACConfig | dict | str | os.PathLike, **kwargs: Any) -> "SNAC":
+        """Build with random weights from a config object, dict, preset name (``"24khz"``) or config.json path."""
+        if isinstance(config, (str, os.PathLike)):
+            key = str(config).lower().removeprefix("snac_")
+            if key in PRESETS:
+                config = PRESETS[key]
+            else:
+                config = checkpoint.read_config(Path(config).parent if Path(config).is_file() else Path(config))
+        if isinstance(config, dict):
+            config = SNACConfig.from_dict(config)
+        return cls(**config.to_dict(), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, *, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, map_location: str | torch.device = "cpu",
+                        **kwargs: Any) -> "SNAC":
+        """Load official-format weights from a local directory, a hub id or a preset name, in eval mode.
+
+        Directories hold ``config.json`` and ``pytorch_model.bin`` or ``model.safetensors``; weight norm in
+        either key style is folded into plain weights. Hub ids (``hubertsiuzdak/snac_24khz``, ``_32khz``,
+        ``_44khz``, or the short ``24khz``) go through ``huggingface_hub`` and its cache; offline with no
+        cache, the error explains how to point at a local directory instead.
+        """
+        config, weights_path = checkpoint.locate(name_or_dir, revision=revision, cache_dir=cache_dir)
+        model = cls(**config.to_dict(), **kwargs)
+        state = checkpoint.fold_weight_norm(checkpoint.read_weights(weights_path))
+        # Non-persistent buffers (rotary scale) are rebuilt by the constructor; everything else must match.
+        _check_shapes(model, state, weights_path)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise checkpoint.CheckpointError(
+                f"{weights_path} does not fit its config.json: "
+                + (f"missing {_preview(result.missing_keys)}" if result.missing_keys else "")
+                + ("; " if result.missing_keys and result.unexpected_keys else "")
+                + (f"unexpected {_preview(result.unexpected_keys)}" if result.unexpected_keys else "")
+            )
+        model.name = str(name_or_dir)
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike, key_style: str = "legacy") -> Path:
+        """Write ``config.json`` and ``pytorch_model.bin`` in the official format (weight norm split again)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        torch.save(checkpoint.unfold_weight_norm(self, key_style), directory / "pytorch_model.bin")
+        return directory
+
+    # ---- noise ----------------------------------------------------------------------------------
+    @property
+    def noise_mode(self) -> str:
+        return self._noise_mode
+
+    @noise_mode.setter
+    def noise_mode(self, mode: str) -> None:
+        if mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {mode!r}")
+        self._noise_mode = mode
+        for block in self._noise_blocks():
+            block.mode = mode
+
+    @property
+    def noise_seed(self) -> int:
+        return self._noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"noise_seed must be a non-negative int, got {seed!r}")
+        self._noise_seed = seed
+        for block in self._noise_blocks():
+            block.seed = seed
+
+    def _noise_blocks(self) -> List[NoiseBlock]:
+        return [m for m in self.decoder.modules() if isinstance(m, NoiseBlock)]
+
+    # ---- offline codec --------------------------------------------------------------------------
+    def preprocess(self, audio: torch.Tensor) -> torch.Tensor:
+        """Right-pad (B, 1, T) with zeros to a multiple of ``config.pad_multiple`` samples, as the reference."""
+        length = audio.shape[-1]
+        multiple = self.config.pad_multiple
+        return F.pad(audio, (0, -length % multiple))
+
+    def encode(self, audio: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 1, T) float audio -> codes: ``n_codebooks`` int64 tensors (B, T_i), coarse first."""
+        audio = self.check_audio(audio)
+        z = self.encoder(self.preprocess(audio))
+        _, codes = self.quantizer(z)
+        return codes
+
+    def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Codes (as ``encode`` returns) -> (B, 1, T_latent * hop_length) audio in [-1, 1]."""
+        codes = self.check_codes(codes)
+        z_q = self.quantizer.from_codes(codes)
+        return self.decoder(z_q)
+
+    def forward(self, audio: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(B, 1, T) audio -> (reconstruction trimmed to T samples, codes)."""
+        audio = self.check_audio(audio)
+        length = audio.shape[-1]
+        z = self.encoder(self.preprocess(audio))
+        z_q, codes = self.quantizer(z)
+        return self.decoder(z_q)[..., :length], codes
+
+    # ---- streaming (implemented in snac_stream.streaming) ----------------------------------------
+    def streaming_encoder(self, batch_size: int = 1) -> "StreamingEncoder":
+        """A stateful encoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""
+        from ..streaming import StreamingEncoder
+
+        return StreamingEncoder(self, batch_size=batch_size)
+
+    def streaming_decoder(self, batch_size: int = 1, **kwargs: Any) -> "StreamingDecoder":
+        """A stateful decoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""
+        from ..streaming import StreamingDecoder
+
+        return StreamingDecoder(self, batch_size=batch_size, **kwargs)
+
+    # ---- input checks ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_audio(self, audio: Any) -> torch.Tensor:
+        """Validate (B, 1, T) float audio and move it to the model's device and dtype."""
+        if not isinstance(audio, torch.Tensor):
+            raise TypeError(f"audio must be a torch.Tensor of shape (B, 1, T), got {type(audio).__name__}")
+        if not audio.is_floating_point():
+            raise TypeError(
+                f"audio must be floating point in [-1, 1], got {audio.dtype}; convert integer PCM first "
+                "(e.g. pcm16.float() / 32768)"
+            )
+        if audio.dim() != 3:
+            raise ValueError(f"audio must have shape (B, 1, T), got {audio.dim()} dims {tuple(audio.shape)}")
+        if audio.shape[1] != 1:
+            raise ValueError(
+                f"audio must be mono with shape (B, 1, T), got {audio.shape[1]} channels; mix down first "
+                "(audio.mean(dim=1, keepdim=True))"
+            )
+        if audio.shape[0] < 1 or audio.shape[-1] < 1:
+            raise ValueError(f"audio is empty: shape {tuple(audio.shape)}")
+        audio = audio.to(device=self.device, dtype=self.dtype)
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        return audio
+
+    def check_codes(self, codes: Any, *, whole_windows: bool = True) -> List[torch.Tensor]:
+        """Validate a list of (B, T_i) integer codes with consistent lengths; move them to the model's device.
+
+        ``whole_windows``: with local attention, the decoder needs a whole number of attention windows.
+        """
+        if isinstance(codes, torch.Tensor) or not isinstance(codes, (list, tuple)):
+            raise TypeError(f"codes must be a list of {self.n_codebooks} tensors (B, T_i), got {type(codes).__name__}")
+        if len(codes) != self.n_codebooks:
+            raise ValueError(f"this model has {self.n_codebooks} codebook levels, got {len(codes)} code tensors")
+        checked = []
+        for level, c in enumerate(codes):
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"codes[{level}] must be a torch.Tensor, got {type(c).__name__}")
+            if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+                raise TypeError(f"codes[{level}] must be an integer tensor, got {c.dtype}")
+            if c.dim() != 2:
+                raise ValueError(f"codes[{level}] must have shape (B, T_{level}), got {tuple(c.shape)}")
+            checked.append(c.to(device=self.device, dtype=torch.int64))
+        batch, frames = checked[0].shape
+        coarse = self.vq_strides[0]
+        for level, (c, stride) in enumerate(zip(checked, self.vq_strides)):
+            expected = frames * coarse // stride
+            if c.shape != (batch, expected):
+                raise ValueError(
+                    f"codes[{level}] has shape {tuple(c.shape)}, expected ({batch}, {expected}): level {level} "
+                    f"holds {coarse // stride} codes per coarse frame and codes[0] has {frames} coarse frames"
+                )
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
+                bad = c[(c < 0) | (c >= self.codebook_size)][0].item()
+                raise ValueError(f"codes[{level}] holds {bad}, outside the codebook range [0, {self.codebook_size})")
+        if frames == 0:
+            raise ValueError("codes hold no frames")
+        window = self.attn_window_size
+        if whole_windows and window and (frames * coarse) % window:
+            step = math.lcm(coarse, window) // coarse
+            raise ValueError(
+                f"this model's decoder attends over windows of {window} latent frames: the number of coarse "
+                f"frames must be a multiple of {step}, got {frames}"
+            )
+        return checked
+
+
+def _check_shapes(model: nn.Module, state: dict, path: Path) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise checkpoint.CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)} but config.json implies {tuple(own[key].shape)}"
+            )
+
+
+def _preview(keys: List[str], limit: int = 4) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

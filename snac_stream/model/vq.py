@@ -1,0 +1,89 @@
+"""Residual vector quantizer with per-level temporal strides (the "multi-scale" in SNAC).
+
+Level ``i`` average-pools the residual over ``vq_strides[i]`` latent frames (aligned to frame 0), projects it
+to ``codebook_dim``, and picks the codebook entry of highest cosine similarity. The distance arithmetic is
+the reference's, op for op, so codes are identical to it on the same device.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VectorQuantize(nn.Module):
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, stride: int = 1):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.stride = stride
+        self.in_proj = nn.Conv1d(input_dim, codebook_dim, 1)
+        self.out_proj = nn.Conv1d(codebook_dim, input_dim, 1)
+        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, T) residual -> ((B, D, T) quantized, (B, T / stride) codes)."""
+        if self.stride > 1:
+            z = F.avg_pool1d(z, self.stride, self.stride)
+        z_e = self.in_proj(z)
+        indices = self.nearest(z_e)
+        z_q = self.decode_code(indices)
+        # The reference's straight-through estimator; kept in inference so the residual matches it bit for bit.
+        z_q = self.out_proj(z_e + (z_q - z_e))
+        if self.stride > 1:
+            z_q = z_q.repeat_interleave(self.stride, dim=-1)
+        return z_q, indices
+
+    def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
+        """(B, codebook_dim, T) projected latents -> (B, T) int64 index of the closest codebook entry."""
+        B = z_e.shape[0]
+        encodings = F.normalize(z_e.transpose(1, 2).reshape(-1, z_e.shape[1]))
+        codebook = F.normalize(self.codebook.weight)
+        dist = (
+            encodings.pow(2).sum(1, keepdim=True)
+            - 2 * encodings @ codebook.t()
+            + codebook.pow(2).sum(1, keepdim=True).t()
+        )
+        return (-dist).max(1)[1].reshape(B, -1)
+
+    def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> (B, codebook_dim, T) codebook vectors."""
+        return F.embedding(indices, self.codebook.weight).transpose(1, 2)
+
+    def from_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> (B, D, T * stride) latent contribution."""
+        return self.out_proj(self.decode_code(indices)).repeat_interleave(self.stride, dim=-1)
+
+
+class ResidualVectorQuantize(nn.Module):
+    def __init__(self, input_dim: int = 512, codebook_size: int = 1024, codebook_dim: int = 8,
+                 vq_strides: List[int] = (1, 1, 1, 1)):
+        super().__init__()
+        self.n_codebooks = len(vq_strides)
+        self.codebook_dim = codebook_dim
+        self.codebook_size = codebook_size
+        self.quantizers = nn.ModuleList(
+            [VectorQuantize(input_dim, codebook_size, codebook_dim, stride) for stride in vq_strides]
+        )
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(B, D, T) latents, T a multiple of every stride -> ((B, D, T) quantized, codes per level)."""
+        z_q = 0
+        residual = z
+        codes = []
+        for quantizer in self.quantizers:
+            z_q_i, indices = quantizer(residual)
+            z_q = z_q + z_q_i
+            residual = residual - z_q_i
+            codes.append(indices)
+        return z_q, codes
+
+    def from_codes(self, codes: List[torch.Tensor]) -> torch.Tensor:
+        """Codes per level -> (B, D, T) quantized latents (sum of every level's contribution)."""
+        z_q = 0.0
+        for quantizer, indices in zip(self.quantizers, codes):
+            z_q = z_q + quantizer.from_codes(indices)
+        return z_q
