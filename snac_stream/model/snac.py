@@ -229,10 +229,11 @@ class SNAC(nn.Module):
             raise ValueError("audio contains NaN or infinite samples")
         return audio
 
-    def check_codes(self, codes: Any, *, whole_windows: bool = True) -> List[torch.Tensor]:
+    def check_codes(self, codes: Any, *, whole_windows: bool = True, allow_empty: bool = False) -> List[torch.Tensor]:
         """Validate a list of (B, T_i) integer codes with consistent lengths; move them to the model's device.
 
         ``whole_windows``: with local attention, the decoder needs a whole number of attention windows.
+        ``allow_empty``: accept zero frames (a streaming push may carry none).
         """
         if isinstance(codes, torch.Tensor) or not isinstance(codes, (list, tuple)):
             raise TypeError(f"codes must be a list of {self.n_codebooks} tensors (B, T_i), got {type(codes).__name__}")
@@ -259,7 +260,7 @@ class SNAC(nn.Module):
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
                 bad = c[(c < 0) | (c >= self.codebook_size)][0].item()
                 raise ValueError(f"codes[{level}] holds {bad}, outside the codebook range [0, {self.codebook_size})")
-        if frames == 0:
+        if frames == 0 and not allow_empty:
             raise ValueError("codes hold no frames")
         window = self.attn_window_size
         if whole_windows and window and (frames * coarse) % window:

@@ -1,0 +1,334 @@
+"""Streaming counterparts of the offline layers: one mechanism, used by every layer.
+
+A ``StreamOp`` turns a layer of the offline model into a stateful one that consumes a stream of
+(B, C, n) chunks and returns, after each chunk, every output frame that has just become final, i.e. whose
+whole receptive field has arrived. ``flush`` marks the end of the stream: the op applies the right-hand
+zero padding the offline layer would, and returns the rest. Concatenating everything ``push`` and ``flush``
+return equals the offline layer's output for any chunking.
+
+The state of each op lives in a small object of its own (created by ``init_state``): the ops hold weights
+only, so one op serves any number of streams and a state can be reset or copied freely.
+
+The non-causal convolutions of SNAC are handled without changing them: a conv keeps the inputs it still
+needs (its left context, initialised to the zeros of the offline padding), and emits an output only once
+its right context has arrived. The delays this creates are not declared anywhere; they follow from the
+counts, and ``emitted(n)`` gives them in closed form so latencies are derived, not hard-coded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.layers import NoiseBlock
+
+
+class StreamOp:
+    """Base class. Subclasses define ``init_state``, ``push``, ``flush`` and ``emitted``."""
+
+    out_channels: int
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        return None
+
+    def push(self, state: Any, x: torch.Tensor) -> torch.Tensor:
+        """Consume (B, C_in, n) and return the (B, C_out, m) outputs that became final."""
+        raise NotImplementedError
+
+    def flush(self, state: Any) -> torch.Tensor:
+        """End of stream: apply the offline right padding and return the remaining outputs."""
+        raise NotImplementedError
+
+    def emitted(self, n: int) -> int:
+        """Outputs emitted in total after ``n`` inputs, before any flush."""
+        raise NotImplementedError
+
+    def empty(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(like.shape[0], self.out_channels, 0)
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape[-1] == 0:
+        return b
+    if b.shape[-1] == 0:
+        return a
+    return torch.cat([a, b], dim=-1)
+
+
+class Pointwise(StreamOp):
+    """A layer that acts on each frame alone (snake, 1x1 conv, tanh): stateless."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], out_channels: int):
+        self.fn = fn
+        self.out_channels = out_channels
+
+    def push(self, state: Any, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) if x.shape[-1] else self.empty(x)
+
+    def flush(self, state: Any) -> Optional[torch.Tensor]:
+        return None
+
+    def emitted(self, n: int) -> int:
+        return n
+
+
+@dataclass
+class _ConvState:
+    pending: torch.Tensor  # inputs still needed, left context first (B, C, L)
+    received: int = 0  # inputs pushed so far
+    produced: int = 0  # outputs returned so far
+
+
+class Conv(StreamOp):
+    """``nn.Conv1d`` with symmetric zero padding ``p``, any kernel, dilation and stride.
+
+    Output ``j`` reads padded inputs ``[j*s, j*s + span)``: it is final once input ``j*s + span - p - 1``
+    has arrived. The state keeps the inputs not yet consumed, starting with ``p`` zeros (the left padding).
+    """
+
+    def __init__(self, conv: nn.Conv1d):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("streaming supports explicit zero padding only")
+        self.conv = conv
+        self.kernel = conv.kernel_size[0]
+        self.stride = conv.stride[0]
+        self.dilation = conv.dilation[0]
+        self.pad = conv.padding[0]
+        self.span = self.dilation * (self.kernel - 1) + 1
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _ConvState:
+        return _ConvState(torch.zeros(batch, self.in_channels, self.pad, device=device, dtype=dtype))
+
+    def _run(self, state: _ConvState, count: int) -> torch.Tensor:
+        """Compute ``count`` outputs from the front of ``pending`` and drop the inputs no longer needed."""
+        if count <= 0:
+            return self.empty(state.pending)
+        used = (count - 1) * self.stride + self.span
+        c = self.conv
+        y = F.conv1d(state.pending[..., :used], c.weight, c.bias, self.stride, 0, self.dilation, c.groups)
+        state.pending = state.pending[..., count * self.stride:]
+        state.produced += count
+        return y
+
+    def push(self, state: _ConvState, x: torch.Tensor) -> torch.Tensor:
+        state.pending = _cat(state.pending, x)
+        state.received += x.shape[-1]
+        return self._run(state, self.emitted(state.received) - state.produced)
+
+    def flush(self, state: _ConvState) -> torch.Tensor:
+        total = self.total(state.received)
+        pad = state.pending.new_zeros(*state.pending.shape[:2], self.pad)
+        state.pending = _cat(state.pending, pad)
+        return self._run(state, total - state.produced)
+
+    def emitted(self, n: int) -> int:
+        return max(0, (n + self.pad - self.span) // self.stride + 1) if n > 0 else 0
+
+    def total(self, n: int) -> int:
+        """Offline output length for ``n`` inputs."""
+        return max(0, (n + 2 * self.pad - self.span) // self.stride + 1)
+
+
+@dataclass
+class _TransposedState:
+    previous: torch.Tensor  # last input frame (B, C, 1); zeros before the stream starts
+    to_skip: int  # leading outputs the offline padding crops away
+    received: int = 0
+
+
+class ConvTranspose(StreamOp):
+    """``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any padding.
+
+    Input frame ``i`` writes full outputs ``[i*s, i*s + 2s)``; full outputs ``[i*s, (i+1)*s)`` are final once
+    frame ``i`` has arrived (they also need frame ``i - 1``, kept as the overlap state). The offline layer
+    crops ``p`` outputs on the left and keeps ``T*s`` in total.
+    """
+
+    def __init__(self, conv: nn.ConvTranspose1d):
+        self.conv = conv
+        self.stride = conv.stride[0]
+        self.pad = conv.padding[0]
+        if conv.kernel_size[0] != 2 * self.stride or conv.dilation[0] != 1 or conv.groups != 1:
+            raise ValueError("streaming ConvTranspose expects kernel 2*stride, dilation 1, groups 1")
+        if self.pad > self.stride:
+            raise ValueError("streaming ConvTranspose expects padding <= stride")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _TransposedState:
+        return _TransposedState(torch.zeros(batch, self.in_channels, 1, device=device, dtype=dtype), self.pad)
+
+    def _frames(self, state: _TransposedState, x: torch.Tensor, keep: int) -> torch.Tensor:
+        """Full outputs of frames ``x`` (each ``s`` long), overlapped with the previous frame; first ``keep``."""
+        s, c = self.stride, self.conv
+        y = F.conv_transpose1d(torch.cat([state.previous, x], dim=-1), c.weight, c.bias, stride=s)
+        y = y[..., s : s + keep]  # drop the previous frame's own first half and the next frame's overlap
+        state.previous = x[..., -1:]
+        skip = min(state.to_skip, y.shape[-1])
+        state.to_skip -= skip
+        return y[..., skip:]
+
+    def push(self, state: _TransposedState, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        if n == 0:
+            return self.empty(x)
+        state.received += n
+        return self._frames(state, x, n * self.stride)
+
+    def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
+        if state.received == 0:
+            return None
+        # The last frame's second half, up to the offline length T*s: p outputs after the skip.
+        return self._frames(state, torch.zeros_like(state.previous), self.pad)
+
+    def emitted(self, n: int) -> int:
+        return max(0, n * self.stride - self.pad)
+
+
+@dataclass
+class _ResidualState:
+    skip: torch.Tensor  # inputs waiting for their branch output (B, C, L)
+    inner: Any
+
+
+class Residual(StreamOp):
+    """``x + branch(x)``: the skip path is a delay line that waits for the (delayed) branch."""
+
+    def __init__(self, branch: StreamOp):
+        self.branch = branch
+        self.out_channels = branch.out_channels
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _ResidualState:
+        skip = torch.zeros(batch, self.out_channels, 0, device=device, dtype=dtype)
+        return _ResidualState(skip, self.branch.init_state(batch, device, dtype))
+
+    def _join(self, state: _ResidualState, y: Optional[torch.Tensor]) -> torch.Tensor:
+        if y is None or y.shape[-1] == 0:
+            return self.empty(state.skip)
+        m = y.shape[-1]
+        out = state.skip[..., :m] + y
+        state.skip = state.skip[..., m:]
+        return out
+
+    def push(self, state: _ResidualState, x: torch.Tensor) -> torch.Tensor:
+        state.skip = _cat(state.skip, x)
+        return self._join(state, self.branch.push(state.inner, x))
+
+    def flush(self, state: _ResidualState) -> torch.Tensor:
+        return self._join(state, self.branch.flush(state.inner))
+
+    def emitted(self, n: int) -> int:
+        return self.branch.emitted(n)
+
+
+class Chain(StreamOp):
+    """Ops in sequence. On flush, each op's tail is pushed into the next op before that op is flushed."""
+
+    def __init__(self, ops: Sequence[StreamOp]):
+        self.ops = list(ops)
+        self.out_channels = self.ops[-1].out_channels
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> List[Any]:
+        return [op.init_state(batch, device, dtype) for op in self.ops]
+
+    def push(self, state: List[Any], x: torch.Tensor) -> torch.Tensor:
+        for op, s in zip(self.ops, state):
+            x = op.push(s, x)
+        return x
+
+    def flush(self, state: List[Any]) -> Optional[torch.Tensor]:
+        tail: Optional[torch.Tensor] = None
+        for op, s in zip(self.ops, state):
+            pushed = op.push(s, tail) if tail is not None else None
+            rest = op.flush(s)
+            parts = [t for t in (pushed, rest) if t is not None]
+            tail = _cat(*parts) if len(parts) == 2 else (parts[0] if parts else None)
+        return tail
+
+    def emitted(self, n: int) -> int:
+        for op in self.ops:
+            n = op.emitted(n)
+        return n
+
+
+@dataclass
+class _CounterState:
+    position: int = 0  # absolute index of the next frame
+
+
+class Noise(StreamOp):
+    """Noise block: stateless but for the absolute position that keys its deterministic noise."""
+
+    def __init__(self, block: NoiseBlock, channels: int):
+        self.block = block
+        self.out_channels = channels
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _CounterState:
+        return _CounterState()
+
+    def push(self, state: _CounterState, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 0:
+            return x
+        y = self.block.apply_at(x, state.position)
+        state.position += x.shape[-1]
+        return y
+
+    def flush(self, state: _CounterState) -> Optional[torch.Tensor]:
+        return None
+
+    def emitted(self, n: int) -> int:
+        return n
+
+
+@dataclass
+class _BlockState:
+    pending: torch.Tensor  # frames of the block being filled (B, C, L < size)
+
+
+class Blockwise(StreamOp):
+    """A layer that maps each aligned block of ``size`` frames on its own (local attention windows, VQ groups).
+
+    Frames are buffered until a block is whole. A partial block at the end of the stream is an error: the
+    offline model would reject it too.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], size: int, in_channels: int, out_channels: int,
+                 what: str):
+        self.fn = fn
+        self.size = size
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.what = what
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _BlockState:
+        return _BlockState(torch.zeros(batch, self.in_channels, 0, device=device, dtype=dtype))
+
+    def push(self, state: _BlockState, x: torch.Tensor) -> torch.Tensor:
+        state.pending = _cat(state.pending, x)
+        whole = state.pending.shape[-1] // self.size * self.size
+        if whole == 0:
+            return self.empty(x)
+        y = self.fn(state.pending[..., :whole])
+        state.pending = state.pending[..., whole:]
+        return y
+
+    def flush(self, state: _BlockState) -> None:
+        left = state.pending.shape[-1]
+        if left:
+            raise ValueError(f"stream ended inside a {self.what} of {self.size} frames ({left} frames left over)")
+        return None
+
+    def emitted(self, n: int) -> int:
+        return n // self.size * self.size
+
+
+def clone_state(state: Any) -> Any:
+    """Independent copy of a (nested) op state, for look-ahead decoding and tests."""
+    return copy.deepcopy(state)
