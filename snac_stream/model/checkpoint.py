@@ -113,20 +113,25 @@ def resolve_hub(name: str, revision: str | None = None, cache_dir: str | None = 
     repo_id = HUB_IDS.get(name.lower().removeprefix("snac_"), name)
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:  # older huggingface_hub
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError  # type: ignore[no-redef]
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # type: ignore[no-redef]
     kwargs = {"revision": revision, "cache_dir": cache_dir}
     try:
         config_path = Path(hf_hub_download(repo_id, "config.json", **kwargs))
+        offline_miss: Exception | None = None
         for filename in WEIGHT_FILES:
             try:
                 hf_hub_download(repo_id, filename, **kwargs)
                 break
+            except LocalEntryNotFoundError as exc:  # not in the cache and no network: the file may still exist
+                offline_miss = exc
             except EntryNotFoundError:
                 continue
         else:
+            if offline_miss is not None:
+                raise offline_miss
             raise CheckpointError(f"hub repository {repo_id} has none of {', '.join(WEIGHT_FILES)}")
     except CheckpointError:
         raise
@@ -140,6 +145,16 @@ def resolve_hub(name: str, revision: str | None = None, cache_dir: str | None = 
     return config_path.parent
 
 
+def _looks_like_path(name: str) -> bool:
+    """True for names that cannot be hub ids (``owner/name`` or a preset), so a typo is not sent to the hub."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
 def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Tuple[SNACConfig, Path]:
     """Config and weight file for a local checkpoint directory, a hub id, or a preset name (``24khz``)."""
     path = Path(name_or_dir)
@@ -147,5 +162,7 @@ def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_di
         return read_config(path), find_weights(path)
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the directory holding config.json and the weights")
+    if _looks_like_path(str(name_or_dir)):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
     directory = resolve_hub(str(name_or_dir), revision=revision, cache_dir=cache_dir)
     return read_config(directory), find_weights(directory)

@@ -1,0 +1,291 @@
+"""The ``snac-stream`` command line.
+
+    snac-stream encode IN.wav OUT.npz [--model M] [--device D] [--quiet]
+    snac-stream decode IN.npz OUT.wav [--model M] [--device D] [--noise-seed N] [--float] [--quiet]
+
+``--model`` takes a hub id (``hubertsiuzdak/snac_24khz``), a preset name (``24khz``) or a local checkpoint
+directory. Each subcommand is one ``add_*_parser`` function registering its options and one ``run_*``
+function doing the work; new subcommands (a server, demos) add a pair and an entry in ``COMMANDS``.
+
+Expected failures (missing files, bad checkpoints, offline hub, corrupt codes, model mismatch, unusable
+device) print a single ``error: ...`` line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import __version__
+from .audio import WRITE_FORMATS, load_audio, save_audio, to_tensor
+from .codesfile import config_differences, load_codes, save_codes
+from .config import HUB_IDS
+from .model import SNAC
+
+DEFAULT_MODEL = HUB_IDS["24khz"]
+EXIT_ERROR = 2
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one ``error:`` line, exit status 2."""
+
+
+# ---- shared helpers ------------------------------------------------------------------------------------
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU) or any torch device string, checked to be usable here."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(f"--device {spec!r} is not a torch device ({exc}); try cpu, cuda or cuda:0") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise CLIError(f"--device {spec}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch raises either for devices it was not built for
+        raise CLIError(f"--device {spec}: cannot use this device ({exc})") from exc
+    return device
+
+
+def load_model(spec: str, device: torch.device) -> SNAC:
+    """Load a hub id, preset name or local directory onto ``device``; ``model.name`` is canonical.
+
+    Local directories are recorded by absolute path and presets by their hub id, so a codes file names
+    a model that ``decode`` can find again from any working directory.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {spec}: is a file; pass the checkpoint directory holding config.json")
+        name = str(path.resolve())
+    elif _looks_like_path(spec):
+        raise CLIError(f"--model {spec}: no such checkpoint directory")
+    else:
+        name = HUB_IDS.get(spec.lower().removeprefix("snac_"), spec)
+    model = SNAC.from_pretrained(name, map_location=device)
+    model.name = name
+    return model
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "owner/name"; anything anchored or deeper is meant as a directory.
+    return (spec.startswith((".", "~")) or os.path.isabs(spec) or spec.count("/") > 1
+            or (os.sep != "/" and os.sep in spec))
+
+
+def _check_output(path: Path) -> None:
+    """Fail before any model work if the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"output directory does not exist: {parent}")
+    if path.is_dir():
+        raise CLIError(f"output path is a directory: {path}")
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    if not args.quiet:
+        print(line, file=sys.stderr)
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... "
+                             "(default: auto)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+
+# ---- encode --------------------------------------------------------------------------------------------
+def add_encode_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "encode", help="audio file -> codes (.npz)",
+        description="Encode an audio file (wav, flac, ogg; any rate, channels mixed to mono) into SNAC codes.")
+    p.add_argument("input", type=Path, help="audio file to encode")
+    p.add_argument("output", type=Path, help="codes file to write (.npz)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, preset (24khz, 32khz, 44khz) or checkpoint directory (default: {DEFAULT_MODEL})")
+    _add_common_options(p)
+    p.set_defaults(func=run_encode)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    if not args.input.exists():
+        raise FileNotFoundError(f"input audio file not found: {args.input}")
+    _check_output(args.output)
+    device = resolve_device(args.device)
+
+    start = time.perf_counter()
+    model = load_model(args.model, device)
+    load_s = time.perf_counter() - start
+    cfg = model.config
+
+    audio, source_rate = load_audio(args.input, cfg.sampling_rate)
+    duration = audio.shape[0] / cfg.sampling_rate
+    start = time.perf_counter()
+    with torch.inference_mode():
+        codes = model.encode(to_tensor(audio).to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    encode_s = time.perf_counter() - start
+    save_codes(args.output, codes, cfg, model_name=model.name, num_samples=audio.shape[0],
+               source_sample_rate=source_rate)
+
+    frames = [c.shape[-1] for c in codes]
+    bits = sum(frames) * math.log2(cfg.codebook_size)
+    rate_note = f"resampled to {cfg.sampling_rate} Hz" if source_rate != cfg.sampling_rate else "no resampling"
+    _say(args, f"input   {args.input}: {duration:.2f} s, {source_rate} Hz -> {rate_note} "
+               f"({audio.shape[0]} samples)")
+    _say(args, f"model   {model.name} ({cfg.sampling_rate} Hz, {cfg.n_codebooks} levels x {cfg.codebook_size} "
+               f"codes) on {device}, loaded in {load_s:.2f} s")
+    _say(args, f"codes   {' / '.join(map(str, frames))} per level (coarse first), {sum(frames)} in all")
+    _say(args, f"bitrate {cfg.bitrate_bps / 1000:.2f} kbps nominal; {bits / duration / 1000:.2f} kbps for this "
+               f"file (padded to whole frames)")
+    _say(args, f"time    encode {encode_s:.2f} s, real-time factor {encode_s / duration:.3f} "
+               f"(processing time / audio duration)")
+    _say(args, f"wrote   {args.output} ({_size(args.output)})")
+    return 0
+
+
+# ---- decode --------------------------------------------------------------------------------------------
+def add_decode_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "decode", help="codes (.npz) -> audio file",
+        description="Decode a codes file back to audio at the model's sample rate, trimmed to the original "
+                    "length. The output format follows the suffix: " + ", ".join(WRITE_FORMATS) + ".")
+    p.add_argument("input", type=Path, help="codes file written by `snac-stream encode`")
+    p.add_argument("output", type=Path, help="audio file to write (.wav, .flac or .ogg)")
+    p.add_argument("--model", default=None,
+                   help="hub id, preset or checkpoint directory (default: the model recorded in the codes "
+                        "file); its config must match the file's")
+    p.add_argument("--noise-seed", type=_non_negative_int, default=0,
+                   help="seed of the decoder's deterministic noise (default: 0)")
+    p.add_argument("--float", dest="float32", action="store_true",
+                   help="write 32-bit float samples (wav only) instead of 16-bit PCM")
+    _add_common_options(p)
+    p.set_defaults(func=run_decode)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    suffix = args.output.suffix.lower()
+    if suffix not in WRITE_FORMATS:
+        raise CLIError(f"cannot write {args.output}: unsupported suffix {args.output.suffix or '(none)'!r}; "
+                       f"use one of {', '.join(WRITE_FORMATS)}")
+    if args.float32 and suffix != ".wav":
+        raise CLIError("--float needs a .wav output (flac and ogg have no float sample format)")
+    _check_output(args.output)
+    device = resolve_device(args.device)
+
+    codes_file = load_codes(args.input)
+    if codes_file.codes[0].shape[0] != 1:
+        raise CLIError(f"{args.input} holds a batch of {codes_file.codes[0].shape[0]} streams; "
+                       "decode writes one audio file, so it needs a batch of 1")
+    spec = args.model if args.model is not None else codes_file.model_name
+    if spec is None:
+        raise CLIError(f"{args.input} does not record which model encoded it; pass --model")
+
+    start = time.perf_counter()
+    try:
+        model = load_model(spec, device)
+    except CLIError as exc:
+        if args.model is None:
+            raise CLIError(f"{exc} (the model recorded in {args.input}; pass --model to use another)") from exc
+        raise
+    load_s = time.perf_counter() - start
+    diffs = config_differences(codes_file.config, model.config)
+    if diffs:
+        raise CLIError(f"model {model.name} does not match {args.input} (encoded with "
+                       f"{codes_file.model_name or 'an unnamed model'}); differing config fields "
+                       f"(file vs model): {'; '.join(diffs)}")
+    model.noise_seed = args.noise_seed
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        audio = model.decode(codes_file.codes)[0, 0, : codes_file.num_samples]
+        audio = audio.float().cpu()
+    decode_s = time.perf_counter() - start
+    subtype = "FLOAT" if args.float32 else None
+    save_audio(args.output, audio, codes_file.sample_rate, subtype=subtype)
+
+    cfg = model.config
+    duration = codes_file.duration_s
+    frames = [c.shape[-1] for c in codes_file.codes]
+    _say(args, f"codes   {args.input}: {' / '.join(map(str, frames))} per level (coarse first), "
+               f"{duration:.2f} s at {codes_file.sample_rate} Hz"
+               + (f" (source was {codes_file.source_sample_rate} Hz)" if codes_file.source_sample_rate else ""))
+    _say(args, f"model   {model.name} ({cfg.bitrate_bps / 1000:.2f} kbps nominal) on {device}, "
+               f"loaded in {load_s:.2f} s, noise seed {args.noise_seed}")
+    _say(args, f"time    decode {decode_s:.2f} s, real-time factor {decode_s / duration:.3f} "
+               f"(processing time / audio duration)")
+    _say(args, f"wrote   {args.output}: {audio.shape[-1]} samples at {codes_file.sample_rate} Hz, "
+               f"{'32-bit float' if args.float32 else WRITE_FORMATS[suffix][1]} ({_size(args.output)})")
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_encode_parser, add_decode_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snac-stream", description="SNAC neural audio codec: encode audio to codes and decode them back.")
+    parser.add_argument("--version", action="version", version=f"snac-stream {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 error) instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help / usage errors; report the status instead
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_ERROR
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return args.func(args)
+    except (CLIError, FileNotFoundError, ValueError, OSError) as exc:
+        # Messages may carry a hint on a second line; keep the report to one line.
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Streaming encoder/decoder against offline encode/decode, for random chunk schedules.
+
+The structures are the three presets' (same rates, strides, attention windows, noise, depthwise) at small
+widths, plus odd strides without depthwise convs; one run uses the full-size 24 kHz model.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snac_stream import PRESETS, SNAC
+
+AUDIO_TOL = 1e-5
+
+STRUCTURES: Dict[str, dict] = {
+    "24khz": {**PRESETS["24khz"].to_dict(), "encoder_dim": 8, "decoder_dim": 64},
+    "32khz": {**PRESETS["32khz"].to_dict(), "encoder_dim": 4, "decoder_dim": 128},
+    "44khz": {**PRESETS["44khz"].to_dict(), "encoder_dim": 4, "decoder_dim": 64, "noise": False},
+    "odd-dense": dict(sampling_rate=16000, encoder_dim=8, encoder_rates=[3, 5], decoder_dim=32,
+                      decoder_rates=[5, 3], attn_window_size=None, vq_strides=[2, 1], depthwise=False,
+                      codebook_size=64),
+    "window4": dict(sampling_rate=8000, encoder_dim=16, encoder_rates=[2, 2], decoder_dim=64, decoder_rates=[2, 2],
+                    attn_window_size=4, vq_strides=[2, 1], codebook_size=128),
+}
+
+
+def _randomize(model: SNAC, seed: int) -> SNAC:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("alpha"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 1.5 + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+_MODELS: Dict[str, SNAC] = {}
+
+
+def model_for(name: str) -> SNAC:
+    if name not in _MODELS:
+        torch.manual_seed(1234)
+        _MODELS[name] = _randomize(SNAC(**STRUCTURES[name]), 99)
+    return _MODELS[name]
+
+
+def split(total: int, sizes: Sequence[int]) -> List[slice]:
+    """Cut ``range(total)`` into consecutive slices of the given sizes, cycling; the last may be shorter."""
+    out, start, i = [], 0, 0
+    while start < total:
+        n = sizes[i % len(sizes)]
+        out.append(slice(start, min(total, start + n)))
+        start += n
+        i += 1
+    return out
+
+
+def stream_encode(model: SNAC, audio: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+    enc = model.streaming_encoder(batch_size=audio.shape[0])
+    parts = [enc.push(audio[..., s]) for s in split(audio.shape[-1], sizes)] + [enc.flush()]
+    return [torch.cat([p[level] for p in parts], dim=-1) for level in range(model.n_codebooks)]
+
+
+def frames_slice(codes: Sequence[torch.Tensor], s: slice, frames: int) -> List[torch.Tensor]:
+    return [c[:, s.start * c.shape[1] // frames : s.stop * c.shape[1] // frames] for c in codes]
+
+
+def stream_decode(model: SNAC, codes: Sequence[torch.Tensor], sizes: Sequence[int], **kwargs) -> torch.Tensor:
+    dec = model.streaming_decoder(batch_size=codes[0].shape[0], **kwargs)
+    frames = codes[0].shape[-1]
+    parts = [dec.push(frames_slice(codes, s, frames)) for s in split(frames, sizes)] + [dec.flush()]
+    return torch.cat(parts, dim=-1)
+
+
+def assert_codes_equal(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
+    assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want]
+    for level, (g, w) in enumerate(zip(got, want)):
+        mismatch = (g != w).nonzero()
+        assert mismatch.numel() == 0, f"level {level}: codes differ at (batch, frame) {mismatch[:5].tolist()}"
+
+
+schedules = st.lists(st.one_of(st.integers(1, 16), st.integers(17, 700), st.integers(701, 9000)), min_size=1, max_size=8)
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+@SETTINGS
+@given(data=st.data())
+def test_encoder_matches_offline_for_any_chunking(name: str, data) -> None:
+    model = model_for(name)
+    cfg = model.config
+    length = data.draw(st.integers(1, 3 * cfg.pad_multiple + 17), label="length")
+    sizes = data.draw(schedules, label="chunk sizes")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    audio = torch.randn(2, 1, length, generator=torch.Generator().manual_seed(seed)) * 0.3
+    with torch.no_grad():
+        assert_codes_equal(stream_encode(model, audio, sizes), model.encode(audio))
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+@SETTINGS
+@given(data=st.data())
+def test_decoder_matches_offline_for_any_chunking(name: str, data) -> None:
+    model = model_for(name)
+    cfg = model.config
+    step = cfg.pad_multiple // cfg.frame_samples  # coarse frames per attention window (1 without attention)
+    frames = step * data.draw(st.integers(1, max(1, 12 // step)), label="windows")
+    sizes = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=6).filter(any), label="frames per push")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    codes = [torch.randint(0, cfg.codebook_size, (2, frames * cfg.coarse_stride // s), generator=gen)
+             for s in cfg.vq_strides]
+    with torch.no_grad():
+        want = model.decode(codes)
+        got = stream_decode(model, codes, sizes)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= AUDIO_TOL
+
+
+def test_one_sample_at_a_time_then_decode_roundtrip() -> None:
+    model = model_for("24khz")
+    audio = torch.randn(2, 1, model.config.frame_samples + 333, generator=torch.Generator().manual_seed(5)) * 0.3
+    with torch.no_grad():
+        codes = stream_encode(model, audio, [1])
+        assert_codes_equal(codes, model.encode(audio))
+        got = stream_decode(model, codes, [1])
+        assert (got - model.decode(codes)).abs().max().item() <= AUDIO_TOL
+
+
+@pytest.mark.slow
+def test_full_size_24khz_streaming_matches_offline() -> None:
+    torch.manual_seed(0)
+    model = _randomize(SNAC.from_config("24khz"), 3)
+    audio = torch.randn(2, 1, 2 * model.config.frame_samples + 1000, generator=torch.Generator().manual_seed(7)) * 0.3
+    with torch.no_grad():
+        codes = stream_encode(model, audio, [1, 4095, 777, 2048, 5])
+        assert_codes_equal(codes, model.encode(audio))
+        got = stream_decode(model, codes, [1, 0, 2])
+        assert (got - model.decode(codes)).abs().max().item() <= AUDIO_TOL
+
+
+# ---- emission is as early as the receptive field allows --------------------------------------------
+
+def _last_dependency(output: torch.Tensor, inp: torch.Tensor) -> int:
+    """Largest time index of ``inp`` that ``output`` (a scalar) depends on."""
+    (grad,) = torch.autograd.grad(output, inp, retain_graph=True)
+    return int(grad.abs().sum(dim=(0, 1)).nonzero().max())
+
+
+@pytest.mark.parametrize("name", ["24khz", "32khz", "odd-dense"])
+def test_encoder_emits_each_frame_as_soon_as_its_inputs_are_known(name: str) -> None:
+    model = model_for(name)
+    cfg = model.config
+    enc = model.streaming_encoder()
+    F, s0 = cfg.frame_samples, cfg.coarse_stride
+    period = cfg.pad_multiple // F  # emission pattern repeats every attention window (1 frame without)
+    # Offline receptive field, measured with autograd on an input long enough that its end never matters.
+    length = cfg.pad_multiple * (4 + enc.latency_samples // cfg.pad_multiple)
+    audio = (torch.randn(1, 1, length) * 0.3).requires_grad_(True)
+    latent = model.encoder(audio)
+    needed = []
+    for j in range(2 * period + 2):
+        # Coarse frame j is known once its last latent frame is: inputs up to that frame's last dependency.
+        n = _last_dependency(latent[0, :, (j + 1) * s0 - 1].sum(), audio) + 1
+        needed.append(n)
+        enc.reset()
+        with torch.no_grad():
+            before = enc.push(audio.detach()[..., : n - 1])[0].shape[-1]
+            after = before + enc.push(audio.detach()[..., n - 1 : n])[0].shape[-1]
+        assert before <= j, f"frame {j} emitted before its inputs were known"
+        assert after >= j + 1, f"frame {j} not emitted once its inputs were known"
+    assert enc.latency_samples == max(n - j * F for j, n in enumerate(needed))
+    assert enc.lookahead_samples == max(n - (j + 1) * F for j, n in enumerate(needed))
+
+
+@pytest.mark.parametrize("name", ["24khz", "32khz", "odd-dense"])
+def test_decoder_emits_each_sample_as_soon_as_its_codes_are_known(name: str) -> None:
+    model = model_for(name)
+    cfg = model.config
+    dec = model.streaming_decoder()
+    F, s0 = cfg.frame_samples, cfg.coarse_stride
+    frames = (dec.latency_samples // F + 4) * (cfg.pad_multiple // F)
+    latent = torch.randn(1, model.latent_dim, frames * s0, requires_grad=True)
+    audio = model.decoder(latent)
+    codes = model.encode(torch.randn(1, 1, frames * F) * 0.3)
+    period = cfg.pad_multiple // F  # emission pattern repeats every attention window (1 frame without)
+    # Warm-up frames plus two whole periods cover every case the pattern has.
+    for k in range(1, min(frames - dec.latency_samples // F - 1, dec.latency_samples // F + 2 * period + 2)):
+        dec.reset()
+        with torch.no_grad():
+            emitted = dec.push(frames_slice(codes, slice(0, k), frames)).shape[-1]
+        # Sample `emitted - 1` only depends on latent frames already received; sample `emitted` needs more.
+        received = k * s0
+        if emitted:
+            assert _last_dependency(audio[0, 0, emitted - 1], latent) < received
+        assert _last_dependency(audio[0, 0, emitted], latent) >= received
+    assert dec.latency_samples == max(k * F - dec.body.emitted(k * s0) for k in range(1, 64))
+
+
+def test_full_size_24khz_receptive_field_matches_latency() -> None:
+    """The figures quoted in the README: decoder hold-back and encoder look-ahead of the 24 kHz model."""
+    model = SNAC.from_config("24khz").eval()
+    dec = model.streaming_decoder()
+    enc = model.streaming_encoder()
+    F, hop = model.config.frame_samples, model.hop_length
+    latent = torch.randn(1, model.latent_dim, 16 * 4, requires_grad=True)
+    audio = model.decoder(latent)
+    k = 8  # coarse frames received
+    emitted = k * F - dec.latency_samples
+    assert _last_dependency(audio[0, 0, emitted - 1], latent) < k * 4
+    assert _last_dependency(audio[0, 0, emitted], latent) >= k * 4
+    x = torch.randn(1, 1, 32 * F, requires_grad=True)
+    z = model.encoder(x)
+    frame_end = 8 * F  # end of coarse frame 7 = latent frames 28..31
+    assert _last_dependency(z[0, :, 31].sum(), x) + 1 == frame_end + enc.lookahead_samples
+    assert hop == 512
+
+
+# ---- lifecycle and edge cases ---------------------------------------------------------------------
+
+def test_reset_starts_a_fresh_stream() -> None:
+    model = model_for("24khz")
+    a, b = (torch.randn(2, 1, 5000, generator=torch.Generator().manual_seed(s)) * 0.3 for s in (1, 2))
+    enc = model.streaming_encoder(batch_size=2)
+    dec = model.streaming_decoder(batch_size=2)
+    with torch.no_grad():
+        enc.push(a[..., :3000])
+        enc.reset()
+        parts = [enc.push(b[..., :1234]), enc.push(b[..., 1234:]), enc.flush()]
+        codes = [torch.cat([p[i] for p in parts], -1) for i in range(3)]
+        assert_codes_equal(codes, model.encode(b))
+        codes_a = model.encode(a)
+        dec.push(frames_slice(codes_a, slice(0, 1), codes_a[0].shape[1]))
+        dec.reset()
+        out = torch.cat([dec.push(codes), dec.flush()], -1)
+        assert (out - model.decode(codes)).abs().max() <= AUDIO_TOL
+
+
+def test_flush_on_empty_streams() -> None:
+    model = model_for("32khz")
+    codes = model.streaming_encoder(batch_size=3).flush()
+    assert [tuple(c.shape) for c in codes] == [(3, 0)] * model.n_codebooks
+    assert all(c.dtype == torch.int64 for c in codes)
+    assert tuple(model.streaming_decoder(batch_size=3).flush().shape) == (3, 1, 0)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 100])
+def test_inputs_shorter_than_one_hop(length: int) -> None:
+    for name in ("24khz", "32khz"):
+        model = model_for(name)
+        audio = torch.randn(2, 1, length, generator=torch.Generator().manual_seed(length)) * 0.3
+        with torch.no_grad():
+            enc = model.streaming_encoder(batch_size=2)
+            first = enc.push(audio)
+            assert all(c.shape[-1] == 0 for c in first)
+            codes = enc.flush()
+            assert_codes_equal(codes, model.encode(audio))
+
+
+def test_stream_misuse_is_reported() -> None:
+    model = model_for("32khz")
+    enc = model.streaming_encoder(batch_size=2)
+    with pytest.raises(ValueError, match="batch"):
+        enc.push(torch.zeros(1, 1, 10))
+    with pytest.raises(ValueError, match="mono"):
+        enc.push(torch.zeros(2, 2, 10))
+    with pytest.raises(TypeError, match="floating"):
+        enc.push(torch.zeros(2, 1, 10, dtype=torch.int16))
+    enc.flush()
+    with pytest.raises(RuntimeError, match="reset"):
+        enc.push(torch.zeros(2, 1, 10))
+    dec = model.streaming_decoder(batch_size=1)
+    good = model.encode(torch.zeros(1, 1, 10))
+    with pytest.raises(ValueError, match="codes\\[1\\]"):
+        dec.push([good[0][:, :1], good[1][:, :1], good[2][:, :4], good[3][:, :8]])
+    with pytest.raises(ValueError, match="codebook range"):
+        bad = frames_slice(good, slice(0, 1), good[0].shape[1])
+        dec.push([bad[0] + model.codebook_size] + bad[1:])
+    dec.push(frames_slice(good, slice(0, 1), good[0].shape[1]))  # one coarse frame: a partial window
+    with pytest.raises(ValueError, match="multiple of 4 coarse frames"):
+        dec.flush()
+    with pytest.raises(ValueError, match="batch_size"):
+        model.streaming_decoder(batch_size=0)
+
+
+# ---- the latency dial ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["24khz", "32khz"])
+def test_lookahead_dial(name: str) -> None:
+    model = model_for(name)
+    cfg = model.config
+    frames = 3 * (cfg.pad_multiple // cfg.frame_samples) + (0 if cfg.attn_window_size else 2)
+    codes = model.encode(torch.randn(1, 1, frames * cfg.frame_samples, generator=torch.Generator().manual_seed(3)) * 0.3)
+    with torch.no_grad():
+        exact = model.decode(codes)
+        full = model.streaming_decoder().latency_samples
+        # The dial at the exact hold-back is exact.
+        assert (stream_decode(model, codes, [1], lookahead_samples=full) - exact).abs().max() <= AUDIO_TOL
+        for lookahead in (0, full // 3):
+            dec = model.streaming_decoder(lookahead_samples=lookahead)
+            parts = []
+            for k in range(frames):
+                parts.append(dec.push(frames_slice(codes, slice(k, k + 1), frames)))
+                emitted = sum(p.shape[-1] for p in parts)
+                # Emission runs `lookahead` samples behind the received audio, never further.
+                assert emitted == max(0, (k + 1) * cfg.frame_samples - lookahead)
+            parts.append(dec.flush())
+            early = torch.cat(parts, -1)
+            assert early.shape == exact.shape and torch.isfinite(early).all()
+            # Early samples are approximations; the error they carry is what bench/latency_dial.py reports.
+            tail = exact.shape[-1] - full
+            assert (early[..., :tail] - exact[..., :tail]).abs().max() > 0 or lookahead == full
+    with pytest.raises(ValueError, match="lookahead_samples"):
+        model.streaming_decoder(lookahead_samples=-1)
