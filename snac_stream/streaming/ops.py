@@ -138,7 +138,7 @@ class Conv(StreamOp):
 
 @dataclass
 class _TransposedState:
-    previous: torch.Tensor  # last input frame (B, C, 1); zeros before the stream starts
+    tail: torch.Tensor  # the previous frame's contribution to the next frame's outputs (B, C_out, s)
     to_skip: int  # leading outputs the offline padding crops away
     received: int = 0
 
@@ -146,8 +146,10 @@ class _TransposedState:
 class ConvTranspose(StreamOp):
     """``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any padding.
 
-    Input frame ``i`` writes full outputs ``[i*s, i*s + 2s)``; full outputs ``[i*s, (i+1)*s)`` are final once
-    frame ``i`` has arrived (they also need frame ``i - 1``, kept as the overlap state). The offline layer
+    Input frame ``i`` writes ``2s`` full outputs ``[i*s, i*s + 2s)``: its first half completes outputs
+    ``[i*s, (i+1)*s)`` together with the second half of frame ``i - 1`` (the overlap tail kept as state).
+    Each frame's ``2s`` outputs are one matrix product, which stays fast for the few frames of a chunk
+    (PyTorch's CPU transposed convolution falls back to a slow path below ~32 frames). The offline layer
     crops ``p`` outputs on the left and keeps ``T*s`` in total.
     """
 
@@ -163,30 +165,37 @@ class ConvTranspose(StreamOp):
         self.out_channels = conv.out_channels
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _TransposedState:
-        return _TransposedState(torch.zeros(batch, self.in_channels, 1, device=device, dtype=dtype), self.pad)
+        return _TransposedState(torch.zeros(batch, self.out_channels, self.stride, device=device, dtype=dtype),
+                                self.pad)
 
-    def _frames(self, state: _TransposedState, x: torch.Tensor, keep: int) -> torch.Tensor:
-        """Full outputs of frames ``x`` (each ``s`` long), overlapped with the previous frame; first ``keep``."""
-        s, c = self.stride, self.conv
-        y = F.conv_transpose1d(torch.cat([state.previous, x], dim=-1), c.weight, c.bias, stride=s)
-        y = y[..., s : s + keep]  # drop the previous frame's own first half and the next frame's overlap
-        state.previous = x[..., -1:]
+    def _emit(self, state: _TransposedState, y: torch.Tensor) -> torch.Tensor:
+        """Add the bias to completed outputs (B, C_out, L) and drop what the offline padding crops."""
+        bias = self.conv.bias
+        if bias is not None:
+            y = y + bias[:, None]
         skip = min(state.to_skip, y.shape[-1])
         state.to_skip -= skip
         return y[..., skip:]
 
     def push(self, state: _TransposedState, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-1]
+        b, c, n = x.shape
         if n == 0:
             return self.empty(x)
         state.received += n
-        return self._frames(state, x, n * self.stride)
+        s, out = self.stride, self.out_channels
+        # (B, n, C_in) @ (C_in, C_out * 2s) -> every frame's 2s outputs per output channel.
+        frames = (x.transpose(1, 2) @ self.conv.weight.reshape(c, out * 2 * s)).view(b, n, out, 2 * s)
+        head, tail = frames[..., :s], frames[..., s:]
+        overlap = torch.cat([state.tail.unsqueeze(1), tail[:, :-1]], dim=1)
+        state.tail = tail[:, -1].contiguous()  # a copy: do not keep the whole product alive
+        y = (head + overlap).permute(0, 2, 1, 3).reshape(b, out, n * s)
+        return self._emit(state, y)
 
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
         if state.received == 0:
             return None
         # The last frame's second half, up to the offline length T*s: p outputs after the skip.
-        return self._frames(state, torch.zeros_like(state.previous), self.pad)
+        return self._emit(state, state.tail[..., : self.pad])
 
     def emitted(self, n: int) -> int:
         return max(0, n * self.stride - self.pad)
