@@ -5,6 +5,8 @@ Every figure here (hop, token rates, bitrate) is derived from the config, never 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -123,6 +125,20 @@ class SNACConfig:
 
 
 # The configs published with the official checkpoints (config.json of each hub repository).
+_MUSIC = SNACConfig(
+    sampling_rate=32000,
+    encoder_dim=64,
+    encoder_rates=[2, 3, 8, 8],
+    decoder_dim=1536,
+    decoder_rates=[8, 8, 3, 2],
+    attn_window_size=32,
+    codebook_size=4096,
+    codebook_dim=8,
+    vq_strides=[8, 4, 2, 1],
+    noise=True,
+    depthwise=True,
+)
+
 PRESETS: Dict[str, SNACConfig] = {
     "24khz": SNACConfig(
         sampling_rate=24000,
@@ -137,32 +153,9 @@ PRESETS: Dict[str, SNACConfig] = {
         noise=True,
         depthwise=True,
     ),
-    "32khz": SNACConfig(
-        sampling_rate=32000,
-        encoder_dim=64,
-        encoder_rates=[2, 3, 8, 8],
-        decoder_dim=1536,
-        decoder_rates=[8, 8, 3, 2],
-        attn_window_size=32,
-        codebook_size=4096,
-        codebook_dim=8,
-        vq_strides=[8, 4, 2, 1],
-        noise=True,
-        depthwise=True,
-    ),
-    "44khz": SNACConfig(
-        sampling_rate=44100,
-        encoder_dim=64,
-        encoder_rates=[2, 3, 8, 8],
-        decoder_dim=1536,
-        decoder_rates=[8, 8, 3, 2],
-        attn_window_size=32,
-        codebook_size=4096,
-        codebook_dim=8,
-        vq_strides=[8, 4, 2, 1],
-        noise=True,
-        depthwise=True,
-    ),
+    "32khz": _MUSIC,
+    # The 44.1 kHz model has the 32 kHz model's architecture; only the sample rate differs.
+    "44khz": dataclasses.replace(_MUSIC, sampling_rate=44100),
 }
 
 HUB_IDS: Dict[str, str] = {

@@ -16,17 +16,10 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
+from .functional import conv, current_backend, snake
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")
-
-
-def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Snake activation ``x + sin(alpha x)^2 / (alpha + 1e-9)``, written as the reference computes it."""
-    shape = x.shape
-    x = x.reshape(shape[0], shape[1], -1)
-    x = x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
-    return x.reshape(shape)
 
 
 class Snake1d(nn.Module):
@@ -40,6 +33,33 @@ class Snake1d(nn.Module):
 
 def conv1d(in_ch: int, out_ch: int, kernel_size: int, **kwargs) -> nn.Conv1d:
     return nn.Conv1d(in_ch, out_ch, kernel_size, **kwargs)
+
+
+def conv_shape(layer: nn.Conv1d) -> dict:
+    """The keyword arguments of ``functional.conv`` that describe ``layer`` (padding aside)."""
+    return {"groups": layer.groups, "stride": layer.stride[0], "dilation": layer.dilation[0]}
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layers`` in order; on the Triton backend, fold each snake (and a final tanh) into its conv."""
+    if current_backend() != "triton":
+        return layers(x)
+    items = list(layers)
+    i = 0
+    while i < len(items):
+        layer, alpha = items[i], None
+        if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
+            alpha, i = layer.alpha, i + 1
+            layer = items[i]
+        if isinstance(layer, nn.Conv1d):
+            tanh = i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
+            x = conv(x, layer.weight, layer.bias, padding=layer.padding[0], alpha=alpha,
+                     activation="tanh" if tanh else None, **conv_shape(layer))
+            i += 2 if tanh else 1
+        else:
+            x = layer(x)
+            i += 1
+    return x
 
 
 class NoiseBlock(nn.Module):
@@ -68,6 +88,10 @@ class NoiseBlock(nn.Module):
 
     def apply_at(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Noise block on a chunk whose first frame sits at absolute position ``start``."""
+        if self.mode == "deterministic" and current_backend() == "triton":
+            # One fused kernel: x + noise(position) * linear(x).
+            return conv(x, self.linear.weight, noise_seed=layer_seed(self.seed, self.layer), noise_start=start,
+                        residual=x)
         n = self.noise(x.shape[0], start, x.shape[-1], x)
         if n is None:
             return x
@@ -83,15 +107,30 @@ class ResidualUnit(nn.Module):
 
     def __init__(self, dim: int = 16, dilation: int = 1, kernel: int = 7, groups: int = 1):
         super().__init__()
-        pad = ((kernel - 1) * dilation) // 2
+        self.pad = ((kernel - 1) * dilation) // 2
         self.block = nn.Sequential(
             Snake1d(dim),
-            conv1d(dim, dim, kernel, dilation=dilation, padding=pad, groups=groups),
+            conv1d(dim, dim, kernel, dilation=dilation, padding=self.pad, groups=groups),
             Snake1d(dim),
             conv1d(dim, dim, 1),
         )
 
+    def compute(self, x: torch.Tensor, *, context: Optional[torch.Tensor] = None, padding: int = 0,
+                length: Optional[int] = None) -> torch.Tensor:
+        """The unit as two fused convs over ``cat(context, x)`` zero-padded by ``padding``: (B, C, length).
+
+        Output ``j`` is centred on input ``j + pad - padding``, which is also where its skip input sits, so
+        the streaming cache of the dilated conv doubles as the residual delay line.
+        """
+        snake1, dilated, snake2, pointwise = self.block
+        h = conv(x, dilated.weight, dilated.bias, groups=dilated.groups, dilation=dilated.dilation[0],
+                 padding=padding, context=context, length=length, alpha=snake1.alpha, alpha_out=snake2.alpha)
+        return conv(h, pointwise.weight, pointwise.bias, residual=x, residual_context=context,
+                    residual_offset=self.pad - padding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if current_backend() == "triton":
+            return self.compute(x, padding=self.pad)
         y = self.block(x)
         pad = (x.shape[-1] - y.shape[-1]) // 2
         if pad > 0:
@@ -114,7 +153,7 @@ class EncoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        return run_layers(self.block, x)
 
 
 class DecoderBlock(nn.Module):
@@ -143,7 +182,7 @@ class DecoderBlock(nn.Module):
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        return run_layers(self.block, x)
 
 
 class Encoder(nn.Module):
@@ -164,7 +203,7 @@ class Encoder(nn.Module):
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        return run_layers(self.block, x)
 
 
 class Decoder(nn.Module):
@@ -194,4 +233,4 @@ class Decoder(nn.Module):
             block.layer = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return run_layers(self.model, x)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import PRESETS, SNACConfig
 from . import checkpoint
+from .functional import BACKENDS, resolve_backend, use_backend
 from .layers import NOISE_MODES, Decoder, Encoder, NoiseBlock
 from .vq import ResidualVectorQuantize
 
@@ -30,6 +31,9 @@ class SNAC(nn.Module):
     ``noise_mode`` chooses how the decoder's noise blocks draw noise: ``"deterministic"`` (default; keyed by
     ``noise_seed`` and absolute sample position, so streaming equals offline), ``"torch"`` (``torch.randn``
     as the reference), or ``"off"``.
+
+    ``backend`` picks the compute path: ``"auto"`` (default: the Triton kernels on CUDA, PyTorch elsewhere),
+    ``"triton"`` or ``"torch"`` (the reference arithmetic, bit for bit).
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class SNAC(nn.Module):
         *,
         noise_mode: str = "deterministic",
         noise_seed: int = 0,
+        backend: str = "auto",
     ):
         super().__init__()
         self.config = SNACConfig(
@@ -77,6 +82,7 @@ class SNAC(nn.Module):
                                depthwise=cfg.depthwise, attn_window_size=cfg.attn_window_size)
         self.noise_mode = noise_mode
         self.noise_seed = noise_seed
+        self.backend = backend
         self.name: Optional[str] = None  # where the weights came from, if loaded
 
     # ---- construction ---------------------------------------------------------------------------
@@ -128,6 +134,21 @@ class SNAC(nn.Module):
         torch.save(checkpoint.unfold_weight_norm(self, key_style), directory / "pytorch_model.bin")
         return directory
 
+    # ---- backend --------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self._backend = backend
+
+    def resolved_backend(self, backend: Optional[str] = None) -> str:
+        """The backend calls run on now: ``backend`` (or the model's) resolved against the model's device."""
+        return resolve_backend(backend or self._backend, self.device)
+
     # ---- noise ----------------------------------------------------------------------------------
     @property
     def noise_mode(self) -> str:
@@ -166,30 +187,32 @@ class SNAC(nn.Module):
     def encode(self, audio: torch.Tensor) -> List[torch.Tensor]:
         """(B, 1, T) float audio -> codes: ``n_codebooks`` int64 tensors (B, T_i), coarse first."""
         audio = self.check_audio(audio)
-        z = self.encoder(self.preprocess(audio))
-        _, codes = self.quantizer(z)
+        with use_backend(self.resolved_backend()):
+            z = self.encoder(self.preprocess(audio))
+            _, codes = self.quantizer(z)
         return codes
 
     def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Codes (as ``encode`` returns) -> (B, 1, T_latent * hop_length) audio in [-1, 1]."""
         codes = self.check_codes(codes)
-        z_q = self.quantizer.from_codes(codes)
-        return self.decoder(z_q)
+        with use_backend(self.resolved_backend()):
+            return self.decoder(self.quantizer.from_codes(codes))
 
     def forward(self, audio: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(B, 1, T) audio -> (reconstruction trimmed to T samples, codes)."""
         audio = self.check_audio(audio)
         length = audio.shape[-1]
-        z = self.encoder(self.preprocess(audio))
-        z_q, codes = self.quantizer(z)
-        return self.decoder(z_q)[..., :length], codes
+        with use_backend(self.resolved_backend()):
+            z = self.encoder(self.preprocess(audio))
+            z_q, codes = self.quantizer(z)
+            return self.decoder(z_q)[..., :length], codes
 
     # ---- streaming (implemented in snac_stream.streaming) ----------------------------------------
-    def streaming_encoder(self, batch_size: int = 1) -> "StreamingEncoder":
+    def streaming_encoder(self, batch_size: int = 1, **kwargs: Any) -> "StreamingEncoder":
         """A stateful encoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""
         from ..streaming import StreamingEncoder
 
-        return StreamingEncoder(self, batch_size=batch_size)
+        return StreamingEncoder(self, batch_size=batch_size, **kwargs)
 
     def streaming_decoder(self, batch_size: int = 1, **kwargs: Any) -> "StreamingDecoder":
         """A stateful decoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""

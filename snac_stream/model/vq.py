@@ -7,11 +7,13 @@ the reference's, op for op, so codes are identical to it on the same device.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .functional import current_backend
 
 
 class VectorQuantize(nn.Module):
@@ -26,6 +28,8 @@ class VectorQuantize(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, D, T) residual -> ((B, D, T) quantized, (B, T / stride) codes)."""
+        if current_backend() == "triton":
+            return self._forward_triton(z)
         if self.stride > 1:
             z = F.avg_pool1d(z, self.stride, self.stride)
         z_e = self.in_proj(z)
@@ -35,6 +39,18 @@ class VectorQuantize(nn.Module):
         z_q = self.out_proj(z_e + (z_q - z_e))
         if self.stride > 1:
             z_q = z_q.repeat_interleave(self.stride, dim=-1)
+        return z_q, indices
+
+    def _forward_triton(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Fused: in_proj + normalise + nearest entry in one kernel, then gather + out_proj + repeat in another."""
+        from ..kernels import codebook as kernels
+
+        if self.stride > 1:
+            z = F.avg_pool1d(z, self.stride, self.stride)
+        indices, z_e = kernels.codebook_nearest(z, self.in_proj.weight, self.in_proj.bias,
+                                                F.normalize(self.codebook.weight), return_projection=True)
+        z_q = kernels.codebook_lookup(indices, self.codebook.weight, self.out_proj.weight, self.out_proj.bias,
+                                      repeat=self.stride, z_e=z_e, check_range=False)
         return z_q, indices
 
     def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
@@ -53,8 +69,15 @@ class VectorQuantize(nn.Module):
         """(B, T) codes -> (B, codebook_dim, T) codebook vectors."""
         return F.embedding(indices, self.codebook.weight).transpose(1, 2)
 
-    def from_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, T) codes -> (B, D, T * stride) latent contribution."""
+    def from_codes(self, indices: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) codes -> (B, D, T * stride) latent contribution (added into ``out`` when given)."""
+        if current_backend() == "triton":
+            from ..kernels import codebook as kernels
+
+            return kernels.codebook_lookup(indices, self.codebook.weight, self.out_proj.weight, self.out_proj.bias,
+                                           repeat=self.stride, out=out, check_range=False)
+        if out is not None:
+            return out.add_(self.from_codes(indices))
         return self.out_proj(self.decode_code(indices)).repeat_interleave(self.stride, dim=-1)
 
 
@@ -83,6 +106,12 @@ class ResidualVectorQuantize(nn.Module):
 
     def from_codes(self, codes: List[torch.Tensor]) -> torch.Tensor:
         """Codes per level -> (B, D, T) quantized latents (sum of every level's contribution)."""
+        if current_backend() == "triton":  # accumulate every level in place, one kernel each
+            B, T = codes[0].shape[0], codes[0].shape[1] * self.quantizers[0].stride
+            z_q = torch.zeros(B, self.quantizers[0].out_proj.out_channels, T, device=codes[0].device)
+            for quantizer, indices in zip(self.quantizers, codes):
+                quantizer.from_codes(indices, out=z_q)
+            return z_q
         z_q = 0.0
         for quantizer, indices in zip(self.quantizers, codes):
             z_q = z_q + quantizer.from_codes(indices)

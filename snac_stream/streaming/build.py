@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+from typing import List
+
 from torch import nn
 
 from ..model.attention import LocalMHA
 from ..model.layers import Decoder, DecoderBlock, Encoder, EncoderBlock, NoiseBlock, ResidualUnit, Snake1d
-from .ops import Blockwise, Chain, Conv, ConvTranspose, Noise, Pointwise, Residual, StreamOp
+from .ops import Blockwise, Chain, ConvTranspose, Noise, Pointwise, SlidingWindow, StreamOp
+
+
+def _sequence(layers: nn.Sequential, channels: int) -> Chain:
+    """Ops for a Sequential, each snake folded into the conv after it and a final tanh into the conv before."""
+    items = list(layers)
+    ops: List[StreamOp] = []
+    i = 0
+    while i < len(items):
+        layer = items[i]
+        if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
+            layer, alpha, i = items[i + 1], layer.alpha, i + 1
+        else:
+            alpha = None
+        if isinstance(layer, nn.Conv1d):
+            tanh = i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
+            op: StreamOp = SlidingWindow.conv(layer, alpha, "tanh" if tanh else None)
+            i += 1 + tanh
+        else:
+            op = stream_op(layer, channels)
+            i += 1
+        ops.append(op)
+        channels = op.out_channels
+    return Chain(ops)
 
 
 def stream_op(module: nn.Module, channels: int) -> StreamOp:
     """Streaming op for ``module``, whose input has ``channels`` channels."""
     if isinstance(module, nn.Sequential):
-        ops = []
-        for child in module:
-            op = stream_op(child, channels)
-            ops.append(op)
-            channels = op.out_channels
-        return Chain(ops)
+        return _sequence(module, channels)
     if isinstance(module, ResidualUnit):
-        return Residual(stream_op(module.block, channels))
+        return SlidingWindow.residual_unit(module, channels)
     if isinstance(module, nn.Conv1d):
-        if module.kernel_size[0] == 1 and module.stride[0] == 1 and module.padding[0] == 0:
-            return Pointwise(module, module.out_channels)
-        return Conv(module)
+        return SlidingWindow.conv(module)
     if isinstance(module, nn.ConvTranspose1d):
         return ConvTranspose(module)
     if isinstance(module, (Snake1d, nn.Tanh)):

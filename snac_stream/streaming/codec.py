@@ -6,11 +6,13 @@ Units: audio in samples at ``model.sampling_rate``; codes in coarse frames (one 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
+from ..model.functional import use_backend
 from ..model.snac import SNAC
 from .build import stream_op
 from .ops import StreamOp, clone_state
@@ -30,13 +32,26 @@ def _first_input_count(op_emitted, target: int, upper: int) -> int:
     return lo
 
 
+def _on_backend(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a push or flush on the stream's backend, resolved against the model's current device."""
+
+    @functools.wraps(method)
+    def wrapper(self: "_Stream", *args: Any, **kwargs: Any) -> Any:
+        with use_backend(self.model.resolved_backend(self.backend)):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class _Stream:
     """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag."""
 
-    def __init__(self, model: SNAC, batch_size: int, body: StreamOp):
+    def __init__(self, model: SNAC, batch_size: int, body: StreamOp, backend: Optional[str]):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
+        model.resolved_backend(backend)  # fail here, not at the first push, on an unusable backend
+        self.backend = backend  # None: the model's
         self.config = model.config
         self.batch_size = batch_size
         self.body = body
@@ -61,9 +76,9 @@ class StreamingEncoder(_Stream):
     ``encode`` pads it and returns the rest. Their concatenation equals ``model.encode(audio)``.
     """
 
-    def __init__(self, model: SNAC, batch_size: int = 1):
+    def __init__(self, model: SNAC, batch_size: int = 1, backend: Optional[str] = None):
         self.group = model.config.coarse_stride  # latent frames quantized together
-        super().__init__(model, batch_size, stream_op(model.encoder, 1))
+        super().__init__(model, batch_size, stream_op(model.encoder, 1), backend)
         frames = lambda n: self.body.emitted(n) // self.group  # noqa: E731
         period = math.lcm(self.group, model.config.attn_window_size or 1) // self.group
         starts = [_first_input_count(frames, j + 1, self.frame_samples) for j in range(2 * period + 2)]
@@ -92,6 +107,7 @@ class StreamingEncoder(_Stream):
         return [torch.zeros(self.batch_size, 0, dtype=torch.int64, device=self.model.device)
                 for _ in range(self.config.n_codebooks)]
 
+    @_on_backend
     def push(self, audio: torch.Tensor) -> List[torch.Tensor]:
         """(B, 1, n) float samples -> codes of the coarse frames that just became final."""
         self._check_open()
@@ -103,6 +119,7 @@ class StreamingEncoder(_Stream):
         self.received += audio.shape[-1]
         return self._quantize(self.body.push(self.state, audio))
 
+    @_on_backend
     def flush(self) -> List[torch.Tensor]:
         """End of stream: pad as offline ``encode`` does and return the remaining codes.
 
@@ -134,8 +151,9 @@ class StreamingDecoder(_Stream):
     future taken as the offline zero padding); those samples are then approximate and never revised.
     """
 
-    def __init__(self, model: SNAC, batch_size: int = 1, lookahead_samples: Optional[int] = None):
-        super().__init__(model, batch_size, stream_op(model.decoder, model.latent_dim))
+    def __init__(self, model: SNAC, batch_size: int = 1, lookahead_samples: Optional[int] = None,
+                 backend: Optional[str] = None):
+        super().__init__(model, batch_size, stream_op(model.decoder, model.latent_dim), backend)
         F = self.frame_samples
         held = [k * F - self.body.emitted(k * self.config.coarse_stride) for k in range(1, 64)]
         # Audio samples that received codes describe but the exact decoder cannot emit yet.
@@ -162,6 +180,7 @@ class StreamingDecoder(_Stream):
         self.emitted_samples += out.shape[-1]
         return out
 
+    @_on_backend
     def push(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Whole coarse frames of codes -> (B, 1, n) audio samples that became final."""
         self._check_open()
@@ -197,6 +216,7 @@ class StreamingDecoder(_Stream):
         self.emitted_samples += early.shape[-1]
         return early
 
+    @_on_backend
     def flush(self) -> torch.Tensor:
         """End of stream: the remaining samples (``frames * frame_samples`` in total)."""
         self._check_open()

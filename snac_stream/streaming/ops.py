@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import NoiseBlock
+from ..model import functional
+from ..model.layers import NoiseBlock, ResidualUnit, conv_shape
 
 
 class StreamOp:
@@ -78,55 +79,78 @@ class Pointwise(StreamOp):
 
 
 @dataclass
-class _ConvState:
-    pending: torch.Tensor  # inputs still needed, left context first (B, C, L)
+class _WindowState:
+    context: torch.Tensor  # inputs still needed, left padding first (B, C, L)
     received: int = 0  # inputs pushed so far
     produced: int = 0  # outputs returned so far
 
 
-class Conv(StreamOp):
-    """``nn.Conv1d`` with symmetric zero padding ``p``, any kernel, dilation and stride.
+class SlidingWindow(StreamOp):
+    """A layer whose output ``j`` reads inputs ``[j*s - p, j*s - p + span)`` of a zero-padded sequence.
 
-    Output ``j`` reads padded inputs ``[j*s, j*s + span)``: it is final once input ``j*s + span - p - 1``
-    has arrived. The state keeps the inputs not yet consumed, starting with ``p`` zeros (the left padding).
+    This covers every conv of SNAC and the fused residual unit. Output ``j`` is final once input
+    ``j*s + span - p - 1`` has arrived. The state keeps the inputs not yet consumed (the cache), starting
+    with ``p`` zeros (the left padding); ``compute(x, context, length)`` reads ``cat(context, x)`` without
+    the caller building it, and returns ``length`` outputs.
     """
 
-    def __init__(self, conv: nn.Conv1d):
+    def __init__(self, compute: Callable[..., torch.Tensor], *, span: int, stride: int, pad: int,
+                 in_channels: int, out_channels: int):
+        self.compute = compute
+        self.span = span
+        self.stride = stride
+        self.pad = pad
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+    @classmethod
+    def conv(cls, conv: nn.Conv1d, alpha: Optional[torch.Tensor] = None, activation: Optional[str] = None
+             ) -> "SlidingWindow":
+        """``nn.Conv1d`` with symmetric zero padding, any kernel, dilation, stride; optional snake before it."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("streaming supports explicit zero padding only")
-        self.conv = conv
-        self.kernel = conv.kernel_size[0]
-        self.stride = conv.stride[0]
-        self.dilation = conv.dilation[0]
-        self.pad = conv.padding[0]
-        self.span = self.dilation * (self.kernel - 1) + 1
-        self.in_channels = conv.in_channels
-        self.out_channels = conv.out_channels
+        shape = conv_shape(conv)
 
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _ConvState:
-        return _ConvState(torch.zeros(batch, self.in_channels, self.pad, device=device, dtype=dtype))
+        def compute(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
+            return functional.conv(x, conv.weight, conv.bias, context=context, length=length, alpha=alpha,
+                                   activation=activation, **shape)
 
-    def _run(self, state: _ConvState, count: int) -> torch.Tensor:
-        """Compute ``count`` outputs from the front of ``pending`` and drop the inputs no longer needed."""
-        if count <= 0:
-            return self.empty(state.pending)
-        used = (count - 1) * self.stride + self.span
-        c = self.conv
-        y = F.conv1d(state.pending[..., :used], c.weight, c.bias, self.stride, 0, self.dilation, c.groups)
-        state.pending = state.pending[..., count * self.stride:]
+        span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+        return cls(compute, span=span, stride=conv.stride[0], pad=conv.padding[0],
+                   in_channels=conv.in_channels, out_channels=conv.out_channels)
+
+    @classmethod
+    def residual_unit(cls, unit: ResidualUnit, channels: int) -> "SlidingWindow":
+        """The whole residual unit; its cache is also the skip path's delay line."""
+        def compute(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
+            return unit.compute(x, context=context, length=length)
+
+        return cls(compute, span=2 * unit.pad + 1, stride=1, pad=unit.pad, in_channels=channels,
+                   out_channels=channels)
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _WindowState:
+        return _WindowState(torch.zeros(batch, self.in_channels, self.pad, device=device, dtype=dtype))
+
+    def _run(self, state: _WindowState, x: torch.Tensor, count: int) -> torch.Tensor:
+        """Compute ``count`` outputs from ``cat(context, x)``; keep the inputs later outputs still need."""
+        y = self.compute(x, state.context, count) if count > 0 else self.empty(x)
+        consumed = count * self.stride
+        held = state.context.shape[-1]
+        # Copies, never views: the caller may reuse the buffer it pushed.
+        if consumed >= held:
+            state.context = x[..., consumed - held:].clone()
+        else:
+            state.context = torch.cat([state.context[..., consumed:], x], dim=-1)
         state.produced += count
         return y
 
-    def push(self, state: _ConvState, x: torch.Tensor) -> torch.Tensor:
-        state.pending = _cat(state.pending, x)
+    def push(self, state: _WindowState, x: torch.Tensor) -> torch.Tensor:
         state.received += x.shape[-1]
-        return self._run(state, self.emitted(state.received) - state.produced)
+        return self._run(state, x, self.emitted(state.received) - state.produced)
 
-    def flush(self, state: _ConvState) -> torch.Tensor:
-        total = self.total(state.received)
-        pad = state.pending.new_zeros(*state.pending.shape[:2], self.pad)
-        state.pending = _cat(state.pending, pad)
-        return self._run(state, total - state.produced)
+    def flush(self, state: _WindowState) -> torch.Tensor:
+        zeros = state.context.new_zeros(*state.context.shape[:2], self.pad)
+        return self._run(state, zeros, self.total(state.received) - state.produced)
 
     def emitted(self, n: int) -> int:
         return max(0, (n + self.pad - self.span) // self.stride + 1) if n > 0 else 0
@@ -199,42 +223,6 @@ class ConvTranspose(StreamOp):
 
     def emitted(self, n: int) -> int:
         return max(0, n * self.stride - self.pad)
-
-
-@dataclass
-class _ResidualState:
-    skip: torch.Tensor  # inputs waiting for their branch output (B, C, L)
-    inner: Any
-
-
-class Residual(StreamOp):
-    """``x + branch(x)``: the skip path is a delay line that waits for the (delayed) branch."""
-
-    def __init__(self, branch: StreamOp):
-        self.branch = branch
-        self.out_channels = branch.out_channels
-
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _ResidualState:
-        skip = torch.zeros(batch, self.out_channels, 0, device=device, dtype=dtype)
-        return _ResidualState(skip, self.branch.init_state(batch, device, dtype))
-
-    def _join(self, state: _ResidualState, y: Optional[torch.Tensor]) -> torch.Tensor:
-        if y is None or y.shape[-1] == 0:
-            return self.empty(state.skip)
-        m = y.shape[-1]
-        out = state.skip[..., :m] + y
-        state.skip = state.skip[..., m:]
-        return out
-
-    def push(self, state: _ResidualState, x: torch.Tensor) -> torch.Tensor:
-        state.skip = _cat(state.skip, x)
-        return self._join(state, self.branch.push(state.inner, x))
-
-    def flush(self, state: _ResidualState) -> torch.Tensor:
-        return self._join(state, self.branch.flush(state.inner))
-
-    def emitted(self, n: int) -> int:
-        return self.branch.emitted(n)
 
 
 class Chain(StreamOp):

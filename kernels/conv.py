@@ -1,0 +1,396 @@
+"""Fused snake + conv1d kernels for SNAC, offline and streaming alike.
+
+- :func:`snake_dwconv`: depthwise conv (groups = C) with an optional snake before it and another after it:
+  the first three layers of a depthwise SNAC residual unit in one pass over memory.
+- :func:`snake_conv`: dense conv1d as an implicit GEMM on tensor cores, with an optional snake before it and
+  an epilogue (bias, positional noise, residual add, tanh): the residual units' 1x1 conv with its skip
+  connection, the noise blocks, the encoder's strided downsampling convs and the model's first/last convs.
+
+Both read their input as ``cat([context, x], time)`` with ``padding`` virtual zeros at each end (see
+``common.py``): offline calls pass ``context=None, padding=p``; a streaming conv passes its cache of earlier
+inputs as ``context`` and ``padding=0``. Output frame ``j`` reads padded positions ``j*stride + k*dilation``,
+``k = 0..K-1``. Shapes are (B, C, T) with T in frames of the layer's own rate; all tensors are float32 and
+accumulation is always fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (ChunkInput, cdiv, check_tensor, chunk_input, interpreting, load_ctx_chunk, output_buffer,
+                     output_length, per_channel, snake, tanh, use_fast_sin, window_tap)
+from .tuning import CONV, DWCONV, launch_config
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+ACTIVATIONS = (None, "tanh")
+_MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
+_MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _snake_dwconv_kernel(
+    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, alpha_out_ptr, out_ptr,
+    C, L, T, T_out, padding, step,
+    s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wc, s_wk, s_ob, s_oc, s_ot,
+    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    HAS_ALPHA_OUT: tl.constexpr, FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, REDUCE: tl.constexpr,
+    TANH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One (BLOCK_C channels) x (``step`` output frames) tile of one batch item.
+
+    REDUCE: sum the per-channel results over all C channels (one tile spans them) into a single output
+    channel, add the scalar bias and optionally tanh: a dense conv with one output channel (the decoder's
+    last conv), done without padding C_out to a tensor-core tile.
+
+    WINDOW: load the ``BLOCK_T`` input frames the tile needs once, apply the snake once per element, and
+    form the K taps by rotating that window in registers (:func:`window_tap`). The last ``(K-1)*DIL`` lanes
+    only feed taps, so a tile emits ``step = BLOCK_T - (K-1)*DIL`` outputs. Otherwise (halo too large for a
+    window): one load and one snake per tap, ``step = BLOCK_T``; the K loads overlap and hit L1.
+    """
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    rows = offs_c.to(tl.int64)[:, None]
+    ctx_b = ctx_ptr + pid_b * s_cb
+    x_b = x_ptr + pid_b * s_xb
+    i = tl.arange(0, BLOCK_T)
+    t0 = pid_t * step
+    u0 = t0 - padding + i  # unpadded input frame of tap 0, per lane
+
+    if HAS_ALPHA:
+        alpha = tl.load(alpha_ptr + offs_c, mask=c_mask, other=1.0)[:, None]
+    if WINDOW:
+        v = load_ctx_chunk(ctx_b, x_b, rows * s_cc, rows * s_xc, s_ct, s_xt, u0[None, :], L, T,
+                           c_mask[:, None], HAS_CTX)
+        if HAS_ALPHA:
+            v = snake(v, alpha, FAST_SIN)
+    acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
+    for k in tl.static_range(K):
+        if WINDOW:
+            tap = window_tap(v, k, DIL, BLOCK_T)
+        else:
+            tap = load_ctx_chunk(ctx_b, x_b, rows * s_cc, rows * s_xc, s_ct, s_xt, (u0 + k * DIL)[None, :],
+                                 L, T, c_mask[:, None], HAS_CTX)
+            if HAS_ALPHA:
+                tap = snake(tap, alpha, FAST_SIN)
+        acc += tl.load(w_ptr + offs_c * s_wc + k * s_wk, mask=c_mask, other=0.0)[:, None] * tap
+
+    j = t0 + i
+    t_mask = (i < step) & (j < T_out)
+    if REDUCE:
+        total = tl.sum(acc, axis=0)  # masked channels hold zeros
+        if HAS_BIAS:
+            total += tl.load(bias_ptr)
+        if TANH:
+            total = tanh(total)
+        tl.store(out_ptr + pid_b * s_ob + j * s_ot, total, mask=t_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0)[:, None]
+        if HAS_ALPHA_OUT:
+            acc = snake(acc, tl.load(alpha_out_ptr + offs_c, mask=c_mask, other=1.0)[:, None], FAST_SIN)
+        tl.store(out_ptr + pid_b * s_ob + rows * s_oc + j[None, :] * s_ot, acc,
+                 mask=c_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _snake_conv_kernel(
+    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr,
+    C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start,
+    conv_stride, dilation, padding, n_o_blocks,
+    s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
+    s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
+    R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
+    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item.
+
+    The reduction runs over r = c * K + k < R = C_in * K (input channel c, tap k), the weight's own memory
+    order, in steps of BLOCK_R: each step gathers its input tile im2col-style from the virtual padded
+    sequence, applies the snake, and multiplies on tensor cores. Folding the taps into the reduction keeps
+    tiny reductions (C_in = 1, K = 7) to one padded step, and serves any stride. The snake is recomputed by
+    each output-channel block (C_out / BLOCK_O times), cheap next to the products. R is a compile-time
+    constant: a fixed trip count the pipeliner can schedule (and a loop the interpreter can run).
+    Consecutive programs share a time tile (output channels vary fastest), so the input tile is reused
+    from L2.
+    """
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_o = pid % n_o_blocks
+    pid_t = pid // n_o_blocks
+
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_mask = offs_o < C_out
+    o_rows = offs_o.to(tl.int64)[:, None]
+    ctx_b = ctx_ptr + pid_b * s_cb
+    x_b = x_ptr + pid_b * s_xb
+
+    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        c = offs_r // K
+        c_rows = c.to(tl.int64)[:, None]
+        u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
+        v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T, r_mask[:, None],
+                           HAS_CTX)
+        if HAS_ALPHA:
+            v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
+        w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(w, v, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
+    if HAS_NOISE:
+        # Same Philox stream as model.noise.positional_randn: keyed by the absolute frame, not the tile.
+        acc *= tl.randn(noise_seed, noise_start + offs_t.to(tl.int64))[None, :]
+    if HAS_RES:
+        acc += load_ctx_chunk(rctx_ptr + pid_b * s_rcb, res_ptr + pid_b * s_rb, o_rows * s_rcc, o_rows * s_rc,
+                              s_rct, s_rt, (offs_t + res_offset)[None, :], L_res, T_res, o_mask[:, None],
+                              HAS_RES_CTX)
+    if TANH:
+        acc = tanh(acc)
+
+    out_mask = o_mask[:, None] & (offs_t < T_out)[None, :]
+    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_grid(batch: int, blocks: int) -> None:
+    if batch > _MAX_GRID_YZ or blocks > _MAX_GRID_YZ:
+        raise ValueError(f"batch ({batch}) and channel blocks ({blocks}) must each be <= {_MAX_GRID_YZ}")
+
+
+def _optional(name: str, t: Optional[torch.Tensor], shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
+    """An optional parameter (bias) checked against its exact shape, made contiguous."""
+    if t is None:
+        return None
+    check_tensor(name, t, len(shape), device)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def snake_dwconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    alpha: Optional[torch.Tensor] = None,
+    dilation: int = 1,
+    padding: int = 0,
+    context: Optional[torch.Tensor] = None,
+    length: Optional[int] = None,
+    alpha_out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``snake(conv1d(snake(cat([context, x])), weight, bias, groups=C), alpha_out)``, each snake optional.
+
+    Args:
+        x: (B, C, T) new input frames.
+        weight: (C, 1, K) depthwise filters; bias: (C,) or None.
+        alpha: per-channel snake parameter applied to the input, (C,) or (1, C, 1); None for no snake.
+        dilation: tap spacing in frames. padding: virtual zeros on each end of ``cat([context, x])``.
+        context: (B, C, L) frames preceding ``x`` (a streaming cache), or None.
+        length: outputs to compute (at most the maximum, the default).
+        alpha_out: per-channel snake parameter applied to the output, or None.
+        out: optional (B, C, T_out) buffer to write (any strides, not overlapping the inputs).
+
+    Returns:
+        (B, C, T_out) with ``T_out = L + T + 2*padding - dilation*(K-1)`` unless ``length`` is given.
+    """
+    src = chunk_input("x", x, context, "context")
+    batch, channels, _ = x.shape
+    device = x.device
+    check_tensor("weight", weight, 3, device)
+    if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] < 1:
+        raise ValueError(f"weight must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
+                         f"channels, got {tuple(weight.shape)}")
+    kernel_size = weight.shape[2]
+    bias = _optional("bias", bias, (channels,), device)
+    alpha = per_channel("alpha", alpha, channels, device)
+    alpha_out = per_channel("alpha_out", alpha_out, channels, device)
+    t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
+    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=context)
+    if out.numel() == 0:
+        return out
+
+    _launch_dwconv(src, weight, bias, alpha, alpha_out, out, dilation=dilation, padding=padding)
+    return out
+
+
+def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                   alpha_out: Optional[torch.Tensor], out: torch.Tensor, *, dilation: int, padding: int,
+                   reduce: bool = False, activation: Optional[str] = None) -> None:
+    """Launch the depthwise kernel on checked arguments; ``reduce`` sums its channels into out's only one."""
+    batch, channels = src.x.shape[:2]
+    kernel_size, t_out = weight.shape[2], out.shape[-1]
+    cfg = launch_config(DWCONV, device=out.device, c_in=channels, c_out=1 if reduce else channels,
+                        kernel_size=kernel_size, stride=1, dilation=dilation, length=t_out)
+    # A window of BLOCK_T input frames yields BLOCK_T - (K-1)*dilation outputs.
+    step = cfg.blocks["BLOCK_T"] - dilation * (kernel_size - 1) if cfg.blocks["WINDOW"] else cfg.blocks["BLOCK_T"]
+    grid = (cdiv(t_out, step), cdiv(channels, cfg.blocks["BLOCK_C"]), batch)
+    if reduce and grid[1] != 1:
+        raise AssertionError("a reducing launch must cover every channel in one tile")
+    _check_grid(batch, grid[1])
+    _snake_dwconv_kernel[grid](
+        *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
+        alpha_out if alpha_out is not None else out, out,
+        channels, src.length_ctx, src.x.shape[-1], t_out, padding, step,
+        *src.stride_args(), weight.stride(0), weight.stride(2), *out.stride(),
+        K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None,
+        HAS_ALPHA_OUT=alpha_out is not None, FAST_SIN=use_fast_sin(out.device), REDUCE=reduce,
+        TANH=activation == "tanh", **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _precision(precision: Optional[str], device: torch.device) -> str:
+    if precision is None:
+        # fp32-accurate on tensor cores (three tf32 products); the interpreter computes in plain fp32.
+        return "tf32x3" if device.type == "cuda" and not interpreting() else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    return precision
+
+
+def _check_int(name: str, v: object, low: int, high: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v < high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}), got {v!r}")
+    return v
+
+
+def snake_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: Optional[torch.Tensor] = None,
+    stride: int = 1,
+    dilation: int = 1,
+    padding: int = 0,
+    context: Optional[torch.Tensor] = None,
+    length: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_context: Optional[torch.Tensor] = None,
+    residual_offset: int = 0,
+    noise_seed: Optional[int] = None,
+    noise_start: int = 0,
+    activation: Optional[str] = None,
+    precision: Optional[str] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Dense conv1d of ``snake(cat([context, x]))`` with a fused epilogue, computed on tensor cores.
+
+    ``y[b, o, j] = sum_{c,k} weight[o, c, k] * snake(xp[b, c, j*stride + k*dilation])`` over the padded
+    sequence ``xp``, then, in this order: ``+ bias[o]``; ``* n[j]`` with ``n = positional_randn(noise_seed,
+    noise_start, T_out)`` (the same for every channel and batch item: SNAC's noise block ``x + n * linear(x)``
+    when ``residual`` is that block's input); ``+ res[b, o, j + residual_offset]`` where ``res`` is
+    ``cat([residual_context, residual], time)``; ``tanh``.
+
+    Args:
+        x: (B, C_in, T) new input frames; context: (B, C_in, L) frames preceding them, or None.
+        weight: (C_out, C_in, K); bias: (C_out,) or None.
+        alpha: per-input-channel snake parameter, (C_in,) or (1, C_in, 1), or None for no snake.
+        stride, dilation, padding: as ``torch.nn.functional.conv1d``, in frames; padding applies to both ends
+            of ``cat([context, x])``.
+        length: outputs to compute (at most the maximum, the default).
+        residual: (B, C_out, T_r) added to the output; residual_context: (B, C_out, L_r) preceding it, or None;
+            residual_offset: index in ``cat([residual_context, residual])`` of the term added to output 0.
+        noise_seed: Philox key (int in [0, 2**63)) of the noise multiplier, or None for no noise;
+            noise_start: absolute frame index of output 0 in the noise stream.
+        activation: None or ``"tanh"``.
+        precision: ``tl.dot`` input precision, ``"ieee"``, ``"tf32"`` or ``"tf32x3"``; None picks ``"tf32x3"``
+            on CUDA (fp32-accurate) and ``"ieee"`` in the interpreter.
+        out: optional (B, C_out, T_out) buffer to write (any strides, not overlapping the inputs).
+
+    Returns:
+        (B, C_out, T_out), ``T_out = (L + T + 2*padding - dilation*(K-1) - 1) // stride + 1`` unless ``length``
+        is given.
+    """
+    src = chunk_input("x", x, context, "context")
+    batch, c_in, _ = x.shape
+    device = x.device
+    check_tensor("weight", weight, 3, device)
+    if weight.shape[1] != c_in or weight.shape[0] < 1 or weight.shape[2] < 1:
+        raise ValueError(f"weight must have shape (C_out, {c_in}, K) for {c_in} input channels, "
+                         f"got {tuple(weight.shape)}")
+    c_out, _, kernel_size = weight.shape
+    weight = weight.contiguous()  # rows of C_in * K in (channel, tap) order: the kernel's reduction order
+    bias = _optional("bias", bias, (c_out,), device)
+    alpha = per_channel("alpha", alpha, c_in, device)
+    t_out = output_length(src.total, padding, kernel_size, stride, dilation, length)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    precision = _precision(precision, device)
+    if noise_seed is not None:
+        _check_int("noise_seed", noise_seed, 0, 2**63)
+        _check_int("noise_start", noise_start, 0, 2**63 - max(t_out, 1))
+
+    res: Optional[ChunkInput] = None
+    if residual is None:
+        if residual_context is not None:
+            raise ValueError("residual_context needs a residual")
+    else:
+        res = chunk_input("residual", residual, residual_context, "residual_context")
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device} but the input is on {device}")
+        if residual.shape[:2] != (batch, c_out):
+            raise ValueError(f"residual must have shape ({batch}, {c_out}, T_r), got {tuple(residual.shape)}")
+        _check_int("residual_offset", residual_offset, 0, 2**31)
+        if residual_offset + t_out > res.total:
+            raise ValueError(f"residual frames {residual_offset}..{residual_offset + t_out - 1} are out of range: "
+                             f"residual_context and residual hold {res.total}")
+
+    out = output_buffer(out, (batch, c_out, t_out), device, x=x, context=context, residual=residual,
+                        residual_context=residual_context)
+    if out.numel() == 0:
+        return out
+    if c_out == 1 and stride == 1 and res is None and noise_seed is None and c_in <= _MAX_REDUCE_CHANNELS:
+        # One output channel: per-channel taps summed over channels, no 16-row tensor-core padding.
+        _launch_dwconv(src, weight.view(c_in, 1, kernel_size), bias, alpha, None, out, dilation=dilation,
+                       padding=padding, reduce=True, activation=activation)
+        return out
+
+    cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
+                        dilation=dilation, length=t_out)
+    n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
+    grid = (n_o_blocks * cdiv(t_out, cfg.blocks["BLOCK_T"]), batch)
+    _check_grid(batch, 1)
+    # Absent optional tensors are passed as ``out`` (never read: their HAS_* flag is off).
+    if res is not None:
+        res_ptrs, res_strides = res.pointer_args(), res.stride_args()
+        res_sizes = (res.length_ctx, res.x.shape[-1], residual_offset)
+    else:
+        res_ptrs, res_strides, res_sizes = (out, out), (0,) * 6, (0, 0, 0)
+    noise = (noise_seed, noise_start) if noise_seed is not None else (0, 0)
+    _snake_conv_kernel[grid](
+        *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
+        *res_ptrs, out,
+        c_out, src.length_ctx, x.shape[-1], t_out, *res_sizes, *noise,
+        stride, dilation, padding, n_o_blocks,
+        *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
+        R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
+        HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None, HAS_RES=res is not None,
+        HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
+        PRECISION=precision, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,496 @@
+"""Fused snake + conv kernels (``snac_stream.kernels.conv``) against PyTorch references.
+
+The references run ``F.conv1d`` on ``torch.cat([context, x])`` with ``snac_stream.model.layers.snake``. On a
+machine without CUDA the kernels run in Triton's CPU interpreter (``conftest.py``), on small shapes; the tests
+marked ``gpu`` repeat the checks at the model's real sizes with the fast sine and tf32x3 tensor-core products.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator, List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snac_stream.kernels import common, tuning
+from snac_stream.kernels.conv import snake_conv, snake_dwconv
+from snac_stream.model.layers import snake
+from snac_stream.model.noise import positional_randn
+
+Tensor = torch.Tensor
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the CPU tests cover the same paths in the "
+                                                 "interpreter, on small shapes)")
+
+
+@pytest.fixture(autouse=True)
+def fp32_reference() -> Iterator[None]:
+    """Seeded inputs, and references in true fp32: PyTorch's CUDA convs default to TF32, about 1e-3 off."""
+    torch.manual_seed(0)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE) * scale
+
+
+def alphas(channels: int) -> torch.Tensor:
+    """Per-channel snake parameters (1, C, 1), spread as in trained checkpoints."""
+    return torch.rand(1, channels, 1, device=DEVICE) * 1.5 + 0.2
+
+
+def poisoned(*shape: int) -> torch.Tensor:
+    """An output buffer full of NaN: any element the kernel does not write fails the comparison."""
+    return torch.full(shape, float("nan"), device=DEVICE)
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
+    """Max abs error within ``rel`` of the reference's magnitude (and no NaN anywhere)."""
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert not torch.isnan(got).any(), "unwritten or NaN outputs"
+    err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    bound = rel * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
+
+
+def cat_time(context: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The streaming convention's virtual input, materialised."""
+    return x if context is None else torch.cat([context, x], dim=-1)
+
+
+def ref_dwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, alpha: Optional[Tensor] = None,
+               dilation: int = 1, padding: int = 0, context: Optional[Tensor] = None, length: Optional[int] = None,
+               alpha_out: Optional[Tensor] = None) -> Tensor:
+    """snake -> depthwise conv -> snake on the concatenated input, in PyTorch."""
+    h = cat_time(context, x)
+    if alpha is not None:
+        h = snake(h, alpha.reshape(1, -1, 1))
+    y = F.conv1d(h, weight, bias, padding=padding, dilation=dilation, groups=h.shape[1])
+    if length is not None:
+        y = y[..., :length]
+    return y if alpha_out is None else snake(y, alpha_out.reshape(1, -1, 1))
+
+
+def ref_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: Optional[Tensor] = None,
+             stride: int = 1, dilation: int = 1, padding: int = 0, context: Optional[Tensor] = None,
+             length: Optional[int] = None, residual: Optional[Tensor] = None,
+             residual_context: Optional[Tensor] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
+             noise_start: int = 0, activation: Optional[str] = None) -> Tensor:
+    """snake -> conv1d -> (+ bias) * noise + residual -> tanh, in PyTorch."""
+    h = cat_time(context, x)
+    if alpha is not None:
+        h = snake(h, alpha.reshape(1, -1, 1))
+    y = F.conv1d(h, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    if length is not None:
+        y = y[..., :length]
+    t = y.shape[-1]
+    if noise_seed is not None:
+        y = y * positional_randn(noise_seed, noise_start, t, y.device).view(1, 1, t)
+    if residual is not None:
+        y = y + cat_time(residual_context, residual)[..., residual_offset:residual_offset + t]
+    return torch.tanh(y) if activation == "tanh" else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# snake_dwconv
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dilation", [1, 3, 9])
+@pytest.mark.parametrize("channels,frames", [(24, 301), (5, 37)])
+def test_dwconv_offline_matches_reference(dilation: int, channels: int, frames: int) -> None:
+    """A SNAC residual unit's first three layers (snake, dilated k=7 conv, snake) with its offline padding;
+    channel counts and lengths that are not multiples of the blocks."""
+    x, w, b = rand(2, channels, frames, scale=2.0), rand(channels, 1, 7, scale=0.4), rand(channels)
+    a, a_out = alphas(channels), alphas(channels)
+    pad = 3 * dilation
+    out = poisoned(2, channels, frames)
+    got = snake_dwconv(x, w, b, alpha=a, dilation=dilation, padding=pad, alpha_out=a_out, out=out)
+    assert got is out
+    assert_close(got, ref_dwconv(x, w, b, alpha=a, dilation=dilation, padding=pad, alpha_out=a_out))
+
+
+@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (2, 1), (3, 2), (9, 4)])
+def test_dwconv_other_kernels_no_snake_no_bias(kernel_size: int, dilation: int) -> None:
+    x, w = rand(1, 7, 50), rand(7, 1, kernel_size)
+    got = snake_dwconv(x, w, None, dilation=dilation, padding=kernel_size // 2)
+    assert_close(got, ref_dwconv(x, w, None, dilation=dilation, padding=kernel_size // 2))
+
+
+def test_dwconv_halo_too_large_for_a_window() -> None:
+    """Taps spread wider than a window: the kernel falls back to one load per tap."""
+    cfg = tuning.launch_config(tuning.DWCONV, device=DEVICE, c_in=3, c_out=3, kernel_size=3, stride=1,
+                               dilation=400, length=900)
+    assert cfg.blocks["WINDOW"] == 0
+    x, w, b, a = rand(1, 3, 900), rand(3, 1, 3), rand(3), alphas(3)
+    assert_close(snake_dwconv(x, w, b, alpha=a, dilation=400, padding=400),
+                 ref_dwconv(x, w, b, alpha=a, dilation=400, padding=400))
+
+
+@pytest.mark.parametrize("ctx_len,length", [(0, None), (1, None), (18, None), (54, 20), (80, 1)])
+def test_dwconv_streaming_context(ctx_len: int, length: Optional[int]) -> None:
+    """Input = cached context + new chunk, no padding, optionally fewer outputs than the maximum."""
+    channels, dilation = 11, 9
+    ctx, x = rand(2, channels, ctx_len), rand(2, channels, 70)
+    w, b, a = rand(channels, 1, 7), rand(channels), alphas(channels)
+    t_out = length if length is not None else ctx_len + 70 - 54
+    out = poisoned(2, channels, t_out)
+    got = snake_dwconv(x, w, b, alpha=a, dilation=dilation, context=ctx, length=length, out=out)
+    assert_close(got, ref_dwconv(x, w, b, alpha=a, dilation=dilation, context=ctx, length=length))
+
+
+def test_dwconv_strided_views_and_output_slice() -> None:
+    """Non-contiguous input, context and output (a slice of a larger buffer) are addressed by their strides."""
+    channels = 6
+    base = rand(2, 40, channels).transpose(1, 2)  # (2, C, 40) with time stride C
+    ctx = rand(2, channels, 30)[..., ::3]  # (2, C, 10) with time stride 3
+    w, b, a = rand(channels, 1, 7), rand(channels), alphas(channels)
+    big = poisoned(2, channels, 100)
+    out = big[..., 10:54]
+    snake_dwconv(base, w, b, alpha=a, context=ctx, out=out)
+    assert_close(out, ref_dwconv(base, w, b, alpha=a, context=ctx))
+    assert torch.isnan(big[..., :10]).all() and torch.isnan(big[..., 54:]).all()
+
+
+def test_dwconv_streaming_chunks_reproduce_offline() -> None:
+    """Feed a signal in random chunks, caching the last inputs as context: the outputs concatenate to the
+    offline result (the streaming Conv op's left-context mechanism, done inside the kernel)."""
+    gen = random.Random(0)
+    channels, dilation, frames = 9, 3, 160
+    pad, span = 3 * dilation, 6 * dilation + 1
+    x, w, b = rand(1, channels, frames), rand(channels, 1, 7), rand(channels)
+    a, a_out = alphas(channels), alphas(channels)
+    offline = snake_dwconv(x, w, b, alpha=a, dilation=dilation, padding=pad, alpha_out=a_out)
+    cache = torch.zeros(1, channels, pad, device=DEVICE)  # the left padding
+    pieces: List[torch.Tensor] = []
+    start = 0
+    while start < frames:
+        n = gen.randint(1, 40)
+        chunk = x[..., start:start + n]
+        start += chunk.shape[-1]
+        if start == frames:  # end of stream: the right padding
+            chunk = torch.cat([chunk, torch.zeros(1, channels, pad, device=DEVICE)], dim=-1)
+        total = cache.shape[-1] + chunk.shape[-1]
+        count = max(0, total - span + 1)
+        pieces.append(snake_dwconv(chunk, w, b, alpha=a, dilation=dilation, context=cache, length=count,
+                                   alpha_out=a_out))
+        cache = torch.cat([cache, chunk], dim=-1)[..., count:]
+    assert_close(torch.cat(pieces, dim=-1), offline)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# snake_conv
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 8])
+def test_conv_strided_downsampling(stride: int) -> None:
+    """SNAC's encoder downsampling: snake, then kernel 2s, stride s, padding ceil(s/2); odd lengths."""
+    c_in, c_out, frames = 12, 20, 203
+    k, pad = 2 * stride, math.ceil(stride / 2)
+    x, w, b, a = rand(2, c_in, frames), rand(c_out, c_in, k, scale=0.2), rand(c_out), alphas(c_in)
+    t_out = (frames + 2 * pad - k) // stride + 1
+    out = poisoned(2, c_out, t_out)
+    got = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad, out=out)
+    assert_close(got, ref_conv(x, w, b, alpha=a, stride=stride, padding=pad))
+
+
+@pytest.mark.parametrize("ctx_len,length", [(0, None), (3, None), (7, 4), (13, 1)])
+def test_conv_strided_streaming_context(ctx_len: int, length: Optional[int]) -> None:
+    c_in, c_out, stride = 8, 17, 3
+    ctx, x = rand(1, c_in, ctx_len), rand(1, c_in, 29)
+    w, a = rand(c_out, c_in, 2 * stride, scale=0.3), alphas(c_in)
+    got = snake_conv(x, w, alpha=a, stride=stride, context=ctx, length=length)
+    assert_close(got, ref_conv(x, w, alpha=a, stride=stride, context=ctx, length=length))
+
+
+def test_conv_pointwise_residual_epilogue() -> None:
+    """The residual unit's 1x1 conv plus its skip connection, channels not a multiple of any block."""
+    channels, frames = 37, 150
+    x, w, b = rand(2, channels, frames), rand(channels, channels, 1, scale=0.2), rand(channels)
+    skip = rand(2, channels, frames)
+    out = poisoned(2, channels, frames)
+    assert_close(snake_conv(x, w, b, residual=skip, out=out), ref_conv(x, w, b, residual=skip))
+
+
+def test_conv_residual_split_across_context_with_offset() -> None:
+    """Streaming skip path: the residual terms start ``offset`` frames into cat([residual_context, residual])
+    and straddle the boundary between the two."""
+    channels, frames = 20, 33
+    x, w, a = rand(2, channels, frames), rand(channels, channels, 1, scale=0.2), alphas(channels)
+    r_ctx, res = rand(2, channels, 12), rand(2, channels, 30)
+    kwargs = dict(alpha=a, residual=res, residual_context=r_ctx, residual_offset=9)
+    got = snake_conv(x, w, out=poisoned(2, channels, frames), **kwargs)
+    assert_close(got, ref_conv(x, w, **kwargs))
+
+
+@pytest.mark.parametrize("seed,start", [(0, 0), (1234567, 5000), (2**62 + 12345, 2**32 - 7)])
+def test_conv_noise_block_epilogue(seed: int, start: int) -> None:
+    """SNAC's noise block ``x + n * linear(x)``, with ``n`` drawn by absolute position (also across the 2**32
+    boundary of Philox's counter)."""
+    channels, frames = 24, 70
+    x, w = rand(2, channels, frames), rand(channels, channels, 1, scale=0.2)
+    got = snake_conv(x, w, residual=x, noise_seed=seed, noise_start=start)
+    n = positional_randn(seed, start, frames, DEVICE).view(1, 1, frames)
+    assert_close(got, x + n * F.conv1d(x, w), rel=2e-5)
+
+
+def test_conv_noise_is_positional_across_chunks() -> None:
+    channels, frames = 16, 90
+    x, w = rand(1, channels, frames), rand(channels, channels, 1, scale=0.2)
+    offline = snake_conv(x, w, residual=x, noise_seed=99)
+    chunked = torch.cat([snake_conv(x[..., s:e], w, residual=x[..., s:e], noise_seed=99, noise_start=s)
+                         for s, e in ((0, 17), (17, 18), (18, 90))], dim=-1)
+    assert_close(chunked, offline, rel=1e-6)
+
+
+def test_conv_encoder_input_single_channel() -> None:
+    """C_in = 1 -> 64, kernel 7: a reduction of 7 padded to one tensor-core step."""
+    x, w, b = rand(2, 1, 333), rand(64, 1, 7, scale=0.3), rand(64)
+    out = poisoned(2, 64, 333)
+    assert_close(snake_conv(x, w, b, padding=3, out=out), ref_conv(x, w, b, padding=3))
+
+
+def test_conv_decoder_output_single_channel_tanh() -> None:
+    """C_in = 64 -> C_out = 1, kernel 7, snake before and tanh after: the decoder's last layers."""
+    x, w, b, a = rand(2, 64, 261), rand(1, 64, 7, scale=0.1), rand(1), alphas(64)
+    out = poisoned(2, 1, 261)
+    got = snake_conv(x, w, b, alpha=a, padding=3, activation="tanh", out=out)
+    assert_close(got, ref_conv(x, w, b, alpha=a, padding=3, activation="tanh"))
+
+
+@pytest.mark.parametrize("c_in", [10, 24])
+def test_conv_epilogue_order_all_at_once(c_in: int) -> None:
+    """bias, then noise, then residual, then tanh, with context on both the input and the residual; a dilated
+    k=7 conv whose reduction (C_in * 7) is one partial step or several."""
+    c_out = 18
+    ctx, x = rand(1, c_in, 6), rand(1, c_in, 40)
+    w, b, a = rand(c_out, c_in, 7, scale=0.1), rand(c_out), alphas(c_in)
+    r_ctx, res = rand(1, c_out, 3), rand(1, c_out, 40)
+    kwargs = dict(alpha=a, dilation=2, context=ctx, length=30, residual=res, residual_context=r_ctx,
+                  residual_offset=2, noise_seed=7, noise_start=100, activation="tanh")
+    assert_close(snake_conv(x, w, b, **kwargs), ref_conv(x, w, b, **kwargs), rel=2e-5)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad", [(6, 10, 8, 4, 2), (32, 3, 7, 1, 3)])
+def test_conv_streaming_chunks_reproduce_offline(c_in: int, c_out: int, k: int, stride: int, pad: int) -> None:
+    """A strided conv and a k=7 conv fed in random chunks with their input cache as context reproduce the
+    offline output."""
+    gen = random.Random(1)
+    frames = 230
+    x, w, b, a = rand(1, c_in, frames), rand(c_out, c_in, k, scale=0.3), rand(c_out), alphas(c_in)
+    offline = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad)
+    cache = torch.zeros(1, c_in, pad, device=DEVICE)
+    pieces: List[torch.Tensor] = []
+    start = 0
+    while start < frames:
+        chunk = x[..., start:start + gen.randint(1, 50)]
+        start += chunk.shape[-1]
+        if start == frames:
+            chunk = torch.cat([chunk, torch.zeros(1, c_in, pad, device=DEVICE)], dim=-1)
+        total = cache.shape[-1] + chunk.shape[-1]
+        count = max(0, (total - k) // stride + 1)
+        pieces.append(snake_conv(chunk, w, b, alpha=a, stride=stride, context=cache, length=count))
+        cache = torch.cat([cache, chunk], dim=-1)[..., count * stride:]
+    assert_close(torch.cat(pieces, dim=-1), offline)
+
+
+def test_conv_precisions_accepted() -> None:
+    x, w = rand(1, 16, 40), rand(16, 16, 1, scale=0.25)
+    ref = ref_conv(x, w)
+    for precision in ("ieee", "tf32x3"):
+        assert_close(snake_conv(x, w, precision=precision), ref)
+    assert_close(snake_conv(x, w, precision="tf32"), ref, rel=5e-3)
+
+
+def test_empty_outputs() -> None:
+    x = rand(1, 4, 5)
+    assert snake_dwconv(x, rand(4, 1, 7), None).shape == (1, 4, 0)
+    assert snake_conv(x, rand(3, 4, 7)).shape == (1, 3, 0)
+    assert snake_conv(x, rand(3, 4, 1), length=0).shape == (1, 3, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    x, w = rand(1, 4, 20), rand(4, 1, 3)
+    with pytest.raises(TypeError, match="float32"):
+        snake_dwconv(x.double(), w.double(), None)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        snake_dwconv(x.tolist(), w, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="3 dimensions"):
+        snake_dwconv(x[0], w, None)
+    with pytest.raises(ValueError, match="depthwise"):
+        snake_dwconv(x, rand(5, 1, 3), None)
+    with pytest.raises(ValueError, match="one value per channel"):
+        snake_dwconv(x, w, None, alpha=rand(1, 5, 1))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        snake_dwconv(x, w, rand(3))
+    with pytest.raises(ValueError, match="agree in batch and channels"):
+        snake_dwconv(x, w, None, context=rand(1, 3, 4))
+    with pytest.raises(ValueError, match="length 19 exceeds"):
+        snake_dwconv(x, w, None, length=19)
+    with pytest.raises(ValueError, match="dilation"):
+        snake_dwconv(x, w, None, dilation=0)
+    with pytest.raises(ValueError, match="out has shape"):
+        snake_dwconv(x, w, None, out=rand(1, 4, 17))
+    with pytest.raises(ValueError, match="overlaps x"):
+        snake_dwconv(x, w, None, padding=1, out=x)
+
+    wd = rand(6, 4, 3)
+    with pytest.raises(ValueError, match="input channels"):
+        snake_conv(x, rand(6, 5, 3))
+    with pytest.raises(ValueError, match="stride"):
+        snake_conv(x, wd, stride=0)
+    with pytest.raises(ValueError, match="precision"):
+        snake_conv(x, wd, precision="fp16")
+    with pytest.raises(ValueError, match="activation"):
+        snake_conv(x, wd, activation="relu")
+    with pytest.raises(ValueError, match="noise_seed"):
+        snake_conv(x, wd, noise_seed=-1)
+    with pytest.raises(ValueError, match="noise_seed"):
+        snake_conv(x, wd, noise_seed=2**63)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        snake_conv(x, wd, residual=rand(1, 4, 18))
+    with pytest.raises(ValueError, match="out of range"):
+        snake_conv(x, wd, residual=rand(1, 6, 18), residual_offset=1)
+    with pytest.raises(ValueError, match="needs a residual"):
+        snake_conv(x, wd, residual_context=rand(1, 6, 2))
+    with pytest.raises(ValueError, match="residual_offset"):
+        snake_conv(x, wd, residual=rand(1, 6, 18), residual_offset=-1)
+
+
+def test_fast_sin_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(common.PRECISE_SIN_ENV, raising=False)
+    assert not common.use_fast_sin("cpu")
+    assert common.use_fast_sin("cuda") == (not common.interpreting())
+    monkeypatch.setenv(common.PRECISE_SIN_ENV, "1")
+    assert not common.use_fast_sin("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(common.PRECISE_SIN_ENV)
+    assert common.interpreting() and not common.use_fast_sin("cuda")
+
+
+BACKEND = "cuda" if CUDA and not common.interpreting() else "interpreter"
+
+
+def test_conv_small_tiles_from_table() -> None:
+    """A table entry overrides the default rule; small blocks make many tiles along channels and time."""
+    key = tuning.ShapeKey(tuning.CONV, BACKEND, 16, 40, 3, 2, 1, tuning.t_bucket(45))
+    custom = tuning.LaunchConfig({"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 16}, num_warps=1)
+    tuning.TABLE[key] = custom
+    try:
+        assert tuning.launch_config(tuning.CONV, device=DEVICE, c_in=16, c_out=40, kernel_size=3, stride=2,
+                                    dilation=1, length=45) is custom
+        x, w, b, a = rand(2, 16, 90), rand(40, 16, 3, scale=0.25), rand(40), alphas(16)
+        out = poisoned(2, 40, 45)
+        snake_conv(x, w, b, alpha=a, stride=2, padding=1, out=out)
+        assert_close(out, ref_conv(x, w, b, alpha=a, stride=2, padding=1))
+    finally:
+        del tuning.TABLE[key]
+
+
+@pytest.mark.parametrize("window", [1, 0])
+def test_dwconv_small_tiles_from_table(window: int) -> None:
+    """Many tiles along channels and time, with a 54-frame halo: a 128-frame window tile emits 74 outputs."""
+    channels, dilation, length = 5, 9, 176
+    key = tuning.ShapeKey(tuning.DWCONV, BACKEND, channels, channels, 7, 1, dilation, tuning.t_bucket(length))
+    tuning.TABLE[key] = tuning.LaunchConfig({"BLOCK_C": 2, "BLOCK_T": 128, "WINDOW": window}, num_warps=1)
+    try:
+        assert tuning.launch_config(tuning.DWCONV, device=DEVICE, c_in=channels, c_out=channels, kernel_size=7,
+                                    stride=1, dilation=dilation, length=length).blocks["WINDOW"] == window
+        ctx, x = rand(1, channels, 30), rand(1, channels, 200)
+        w, b, a, a_out = rand(channels, 1, 7), rand(channels), alphas(channels), alphas(channels)
+        kwargs = dict(alpha=a, dilation=dilation, context=ctx, alpha_out=a_out)
+        out = poisoned(1, channels, length)
+        snake_dwconv(x, w, b, out=out, **kwargs)
+        assert_close(out, ref_dwconv(x, w, b, **kwargs))
+    finally:
+        del tuning.TABLE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real sizes on a GPU: fast sine and tf32x3 against torch fp32
+# ----------------------------------------------------------------------------------------------------------
+
+GPU_REL = 1e-4
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dilation", [1, 3, 9])
+def test_gpu_dwconv_real_size(dilation: int) -> None:
+    channels, frames = 512, 65536
+    x, w, b = rand(1, channels, frames), rand(channels, 1, 7, scale=0.4), rand(channels)
+    a, a_out = alphas(channels), alphas(channels)
+    out = poisoned(1, channels, frames)
+    got = snake_dwconv(x, w, b, alpha=a, dilation=dilation, padding=3 * dilation, alpha_out=a_out, out=out)
+    assert_close(got, ref_dwconv(x, w, b, alpha=a, dilation=dilation, padding=3 * dilation, alpha_out=a_out),
+                 rel=GPU_REL)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fast_sin_error_large_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Range reduction keeps the hardware sine accurate where |alpha x| is far outside [-pi, pi]."""
+    monkeypatch.delenv(common.PRECISE_SIN_ENV, raising=False)
+    assert common.use_fast_sin(DEVICE)
+    channels = 64
+    x = torch.linspace(-300.0, 300.0, 8192, device=DEVICE).expand(1, channels, -1).contiguous()
+    w = torch.ones(channels, 1, 1, device=DEVICE)
+    a = alphas(channels)
+    # Same fp32 rounding of alpha * x as the kernel, so what differs is the sine (about 1e-6 after reduction,
+    # scaled by up to 2 / alpha in sin^2 / alpha) and the final rounding of x + sin^2 / alpha (an ulp of x).
+    ref = snake(x, a)
+    fast = snake_dwconv(x, w, None, alpha=a)
+    torch.testing.assert_close(fast, ref, rtol=2.5e-7, atol=2e-5)
+    monkeypatch.setenv(common.PRECISE_SIN_ENV, "1")
+    precise = snake_dwconv(x, w, None, alpha=a)
+    torch.testing.assert_close(precise, ref, rtol=2.5e-7, atol=2e-6)
+
+
+@gpu
+@needs_cuda
+def test_gpu_pointwise_residual_real_size() -> None:
+    channels, frames = 1024, 8192
+    x, w, b = rand(1, channels, frames), rand(channels, channels, 1, scale=channels ** -0.5), rand(channels)
+    skip, a = rand(1, channels, frames), alphas(channels)
+    out = poisoned(1, channels, frames)
+    got = snake_conv(x, w, b, alpha=a, residual=skip, out=out)
+    assert_close(got, ref_conv(x, w, b, alpha=a, residual=skip), rel=GPU_REL)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("c_in,stride", [(64, 2), (128, 3), (256, 8), (512, 8)])
+def test_gpu_strided_real_size(c_in: int, stride: int) -> None:
+    frames = 65536 // (c_in // 64)
+    k, pad = 2 * stride, math.ceil(stride / 2)
+    x, w, b, a = rand(1, c_in, frames), rand(2 * c_in, c_in, k, scale=(c_in * k) ** -0.5), rand(2 * c_in), alphas(c_in)
+    got = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad)
+    assert_close(got, ref_conv(x, w, b, alpha=a, stride=stride, padding=pad), rel=GPU_REL)
+
+
+@gpu
+@needs_cuda
+def test_gpu_first_and_last_convs_noise() -> None:
+    frames = 1 << 18
+    x1, w1, b1 = rand(1, 1, frames), rand(64, 1, 7, scale=0.3), rand(64)
+    assert_close(snake_conv(x1, w1, b1, padding=3), ref_conv(x1, w1, b1, padding=3), rel=GPU_REL)
+    x2, w2, b2, a2 = rand(1, 64, frames), rand(1, 64, 7, scale=0.05), rand(1), alphas(64)
+    assert_close(snake_conv(x2, w2, b2, alpha=a2, padding=3, activation="tanh"),
+                 ref_conv(x2, w2, b2, alpha=a2, padding=3, activation="tanh"), rel=GPU_REL)
+    x3, w3 = rand(2, 768, 4096), rand(768, 768, 1, scale=768 ** -0.5)
+    assert_close(snake_conv(x3, w3, residual=x3, noise_seed=2**40 + 3, noise_start=12345),
+                 ref_conv(x3, w3, residual=x3, noise_seed=2**40 + 3, noise_start=12345), rel=GPU_REL)
