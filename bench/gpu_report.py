@@ -83,6 +83,39 @@ def decode_rows(seconds: float = 10.0, batch: int = 1) -> list:
     return rows
 
 
+def streaming_rows(frames: int = 64) -> list:
+    """Wall time of one exact streaming decoder push of one coarse frame, batch 1 (host clock, synchronised)."""
+    import time
+
+    rows = []
+    for preset in ("24khz", "44khz"):
+        torch.manual_seed(0)
+        model = SNAC.from_config(preset).cuda().eval()
+        cfg = model.config
+        step = cfg.pad_multiple // cfg.frame_samples  # whole attention windows
+        codes = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), device="cuda")
+                 for s in cfg.vq_strides]
+        row = {"preset": preset, "frames_per_push": step, "samples_per_push": step * cfg.frame_samples}
+        for backend in ("torch", "triton"):
+            dec = model.streaming_decoder(backend=backend)
+            times = []
+            with torch.inference_mode():
+                for j in range(0, frames, step):
+                    chunk = [c[:, j * c.shape[1] // frames : (j + step) * c.shape[1] // frames] for c in codes]
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    dec.push(chunk)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+            times = sorted(times[8:])  # warm-up pushes excluded
+            row[f"{backend}_p50_ms"] = 1e3 * times[len(times) // 2]
+            row[f"{backend}_p95_ms"] = 1e3 * times[int(len(times) * 0.95)]
+        rows.append(row)
+        print(f"| {preset} | {row['samples_per_push']} | {row['torch_p50_ms']:.2f} / {row['torch_p95_ms']:.2f} "
+              f"| {row['triton_p50_ms']:.2f} / {row['triton_p95_ms']:.2f} |", flush=True)
+    return rows
+
+
 def profile_decode(preset: str = "24khz", seconds: float = 10.0, top: int = 14) -> None:
     """Where the GPU time of one offline decode goes: ours (Triton) against the reference."""
     import snac as reference
@@ -124,10 +157,14 @@ def main() -> None:
           "| reference encode (ms) | ours torch (ms) | ours Triton (ms) | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     decodes = decode_rows()
+    print("\n| preset | samples per push | torch backend p50 / p95 (ms) | Triton backend p50 / p95 (ms) |")
+    print("|---|---|---|---|")
+    streaming = streaming_rows()
     if args.profile:
         profile_decode()
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "ceilings": ceil, "kernels": kernels, "decode": decodes},
+        args.json.write_text(json.dumps({"meta": meta, "ceilings": ceil, "kernels": kernels, "decode": decodes,
+                                         "streaming": streaming},
                                         indent=2))
 
 
