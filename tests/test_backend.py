@@ -130,7 +130,7 @@ def test_gpu_full_size_triton_matches_torch(preset: str) -> None:
         flips = sum(int((a != b).sum()) for a, b in zip(codes, codes_ref))
         assert flips == 0, f"{flips} codes differ"
         assert (model.decode(codes_ref) - audio_ref).abs().max().item() <= AUDIO_TOL
-        dec = model.streaming_decoder(backend="triton")
+        dec = model.streaming_decoder(batch_size=codes_ref[0].shape[0], backend="triton")
         frames = codes_ref[0].shape[-1]
         step = cfg.pad_multiple // cfg.frame_samples
         out = torch.cat([dec.push(c) for c in _split(codes_ref, frames, [step])] + [dec.flush()], -1)
