@@ -113,6 +113,11 @@ def load_codes(path: PathLike) -> CodesFile:
         raise FileNotFoundError(f"codes file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a codes file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        what = "it holds a single .npy array" if magic == b"\x93NUM" else f"it starts with {magic!r}"
+        raise ValueError(f"{path} is not a readable .npz codes file ({what}; `snac-stream encode` writes them)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
