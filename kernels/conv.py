@@ -15,7 +15,7 @@ accumulation is always fp32.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -108,12 +108,12 @@ def _snake_dwconv_kernel(
 @triton.jit
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr,
-    C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start,
+    C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
     conv_stride, dilation, padding, n_o_blocks,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    HAS_NOISE: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
+    HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -158,7 +158,11 @@ def _snake_conv_kernel(
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
     if HAS_NOISE:
         # Same Philox stream as model.noise.positional_randn: keyed by the absolute frame, not the tile.
-        acc *= tl.randn(noise_seed, noise_start + offs_t.to(tl.int64))[None, :]
+        if NOISE_ROWS:  # one start per batch row: independent streams batched together
+            start = tl.load(noise_rows_ptr + pid_b)
+        else:
+            start = noise_start
+        acc *= tl.randn(noise_seed, start + offs_t.to(tl.int64))[None, :]
     if HAS_RES:
         acc += load_ctx_chunk(rctx_ptr + pid_b * s_rcb, res_ptr + pid_b * s_rb, o_rows * s_rcc, o_rows * s_rc,
                               s_rct, s_rt, (offs_t + res_offset)[None, :], L_res, T_res, o_mask[:, None],
@@ -293,7 +297,7 @@ def snake_conv(
     residual_context: Optional[torch.Tensor] = None,
     residual_offset: int = 0,
     noise_seed: Optional[int] = None,
-    noise_start: int = 0,
+    noise_start: Union[int, torch.Tensor] = 0,
     activation: Optional[str] = None,
     precision: Optional[str] = None,
     out: Optional[torch.Tensor] = None,
@@ -316,7 +320,8 @@ def snake_conv(
         residual: (B, C_out, T_r) added to the output; residual_context: (B, C_out, L_r) preceding it, or None;
             residual_offset: index in ``cat([residual_context, residual])`` of the term added to output 0.
         noise_seed: Philox key (int in [0, 2**63)) of the noise multiplier, or None for no noise;
-            noise_start: absolute frame index of output 0 in the noise stream.
+            noise_start: absolute frame index of output 0 in the noise stream; an int64 tensor (B,) gives
+            each batch row (an independent stream) its own.
         activation: None or ``"tanh"``.
         precision: ``tl.dot`` input precision, ``"ieee"``, ``"tf32"`` or ``"tf32x3"``; None picks ``"tf32x3"``
             on CUDA (fp32-accurate) and ``"ieee"`` in the interpreter.
@@ -343,7 +348,13 @@ def snake_conv(
     precision = _precision(precision, device)
     if noise_seed is not None:
         _check_int("noise_seed", noise_seed, 0, 2**63)
-        _check_int("noise_start", noise_start, 0, 2**63 - max(t_out, 1))
+        if isinstance(noise_start, torch.Tensor):
+            if noise_start.dtype != torch.int64 or tuple(noise_start.shape) != (batch,) or noise_start.device != device:
+                raise ValueError(f"noise_start as a tensor must be int64 of shape ({batch},) on {device}, got "
+                                 f"{noise_start.dtype} {tuple(noise_start.shape)} on {noise_start.device}")
+            noise_start = noise_start.contiguous()
+        else:
+            _check_int("noise_start", noise_start, 0, 2**63 - max(t_out, 1))
 
     res: Optional[ChunkInput] = None
     if residual is None:
@@ -381,7 +392,11 @@ def snake_conv(
         res_sizes = (res.length_ctx, res.x.shape[-1], residual_offset)
     else:
         res_ptrs, res_strides, res_sizes = (out, out), (0,) * 6, (0, 0, 0)
-    noise = (noise_seed, noise_start) if noise_seed is not None else (0, 0)
+    noise_rows = isinstance(noise_start, torch.Tensor)
+    if noise_seed is None:
+        noise = (0, 0, out)
+    else:
+        noise = (noise_seed, 0, noise_start) if noise_rows else (noise_seed, noise_start, out)
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out,
@@ -389,7 +404,8 @@ def snake_conv(
         stride, dilation, padding, n_o_blocks,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
-        HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None, HAS_RES=res is not None,
+        HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
+        NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
         PRECISION=precision, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -94,7 +94,7 @@ def conv(
     residual_context: Optional[torch.Tensor] = None,
     residual_offset: int = 0,
     noise_seed: Optional[int] = None,
-    noise_start: int = 0,
+    noise_start: int | torch.Tensor = 0,
     activation: Optional[str] = None,
 ) -> torch.Tensor:
     """``act(residual + noise * conv1d(snake(cat(context, x)), weight, bias))``, each part optional.
@@ -106,7 +106,8 @@ def conv(
         length: outputs to compute (default: all the input allows).
         alpha / alpha_out: snake before / after the conv (per channel, (1, C, 1)).
         residual: (B, C_out, *) added to output ``j`` from ``cat(residual_context, residual)[j + residual_offset]``.
-        noise_seed / noise_start: multiply output ``j`` by the deterministic noise at position ``noise_start + j``.
+        noise_seed / noise_start: multiply output ``j`` by the deterministic noise at position ``noise_start + j``
+            (``noise_start`` an int, or an int64 tensor (B,) with one start per stream).
         activation: ``"tanh"`` or None.
 
     Returns:
@@ -126,7 +127,8 @@ def conv(
     if alpha_out is not None:
         y = snake(y, alpha_out)
     if noise_seed is not None:
-        y = positional_randn(noise_seed, noise_start, y.shape[-1], y.device).to(y.dtype).view(1, 1, -1) * y
+        n = positional_randn(noise_seed, noise_start, y.shape[-1], y.device).to(y.dtype)
+        y = n.view(-1, 1, y.shape[-1]) * y
     if residual is not None:
         r = residual if residual_context is None else torch.cat([residual_context, residual], dim=-1)
         y = r[..., residual_offset : residual_offset + y.shape[-1]] + y

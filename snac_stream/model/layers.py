@@ -77,16 +77,19 @@ class NoiseBlock(nn.Module):
         self.seed = 0
         self.layer = 0  # index among the decoder's noise blocks, set by the decoder
 
-    def noise(self, batch: int, start: int, length: int, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """Noise for positions ``start .. start+length-1`` of this layer, shape (B or 1, 1, length)."""
+    def noise(self, batch: int, start: int | torch.Tensor, length: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Noise for positions ``start .. start+length-1`` of this layer, shape (B or 1, 1, length).
+
+        ``start`` is an int, or an int64 tensor (B,) of per-stream positions (deterministic mode).
+        """
         if self.mode == "off":
             return None
         if self.mode == "torch":
             return torch.randn((batch, 1, length), device=like.device, dtype=like.dtype)
         n = positional_randn(layer_seed(self.seed, self.layer), start, length, like.device)
-        return n.to(like.dtype).view(1, 1, length)
+        return n.to(like.dtype).view(-1, 1, length)
 
-    def apply_at(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def apply_at(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Noise block on a chunk whose first frame sits at absolute position ``start``."""
         if self.mode == "deterministic" and current_backend() == "triton":
             # One fused kernel: x + noise(position) * linear(x).

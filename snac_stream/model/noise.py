@@ -60,9 +60,16 @@ def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * 4.6566127342e-10
 
 
-def positional_randn(seed: int, start: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise for absolute positions ``start .. start + length - 1``: a (length,) float32 tensor."""
-    offsets = torch.arange(start, start + length, dtype=torch.int64, device=device)
+def positional_randn(seed: int, start: int | torch.Tensor, length: int,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise for absolute positions ``start .. start + length - 1``: a (length,) float32 tensor.
+
+    ``start`` may be an int64 tensor (B,) of per-stream positions; the result is then (B, length).
+    """
+    if isinstance(start, torch.Tensor):
+        offsets = start.to(device=device, dtype=torch.int64)[:, None] + torch.arange(length, device=device)
+    else:
+        offsets = torch.arange(start, start + length, dtype=torch.int64, device=device)
     i1, i2 = philox_uint32(seed, offsets)
     u1 = torch.clamp(_uint32_to_uniform(i1), min=1.0e-7)
     u2 = _uint32_to_uniform(i2)

@@ -18,6 +18,7 @@ counts, and ``emitted(n)`` gives them in closed form so latencies are derived, n
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -329,3 +330,81 @@ class Blockwise(StreamOp):
 def clone_state(state: Any) -> Any:
     """Independent copy of a (nested) op state, for look-ahead decoding and tests."""
     return copy.deepcopy(state)
+
+
+# ---- batch rows of a state: one row per independent stream ---------------------------------------------
+#
+# Tensors in a state have the batch (stream) on dim 0. Integer counters (inputs received, outputs produced)
+# only decide how many frames the next push emits; streams that receive the same number of frames per push
+# agree on that once they are past their start, so a batch keeps one set. The noise position is the
+# exception: it keys each stream's noise, so batched states hold it as an int64 tensor, one per row.
+
+
+def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
+    if isinstance(state, list):
+        return [_map_state(fn, s, *(o[i] for o in others)) for i, s in enumerate(state)]
+    if dataclasses.is_dataclass(state):
+        return type(state)(**{f.name: _map_state(fn, getattr(state, f.name), *(getattr(o, f.name) for o in others))
+                              for f in dataclasses.fields(state)})
+    return fn(state, *others)
+
+
+def batch_positions(state: Any, batch: int, device: torch.device) -> Any:
+    """A fresh batched state with per-row noise positions (int64 tensors) instead of one shared int."""
+    if isinstance(state, list):
+        return [batch_positions(s, batch, device) for s in state]
+    if isinstance(state, _CounterState):
+        return _CounterState(torch.full((batch,), state.position, dtype=torch.int64, device=device))
+    if dataclasses.is_dataclass(state):
+        return type(state)(**{f.name: batch_positions(getattr(state, f.name), batch, device)
+                              for f in dataclasses.fields(state)})
+    return state
+
+
+def select_rows(state: Any, rows: torch.Tensor) -> Any:
+    """The sub-state of the streams in ``rows`` (a copy); counters are shared, noise positions per row."""
+    return _map_state(lambda v: v.index_select(0, rows) if isinstance(v, torch.Tensor) else v, state)
+
+
+def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
+    """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``; returns the updated state.
+
+    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. Counters take the
+    sub-state's values, which are the same for every stream in that phase.
+    """
+    def put(dst: Any, src: Any) -> Any:
+        if isinstance(dst, torch.Tensor):
+            if isinstance(src, int):  # a single stream's noise position
+                src = torch.full((len(rows),), src, dtype=dst.dtype, device=dst.device)
+            if dst.shape[1:] != src.shape[1:]:
+                raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
+            return dst.index_copy(0, rows, src.to(dst.dtype))
+        return src
+    return _map_state(put, state, sub)
+
+
+def row_state(state: Any, row: int) -> Any:
+    """The state of one stream of a batch, as a single-stream state (batch 1, plain int noise position)."""
+    index = torch.tensor([row], device=_first_tensor(state).device)
+    sub = select_rows(state, index)
+    return _map_state(lambda v: int(v[0]) if isinstance(v, torch.Tensor) and v.dim() == 1 else v, sub)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of a state."""
+    total = 0
+
+    def count(v: Any) -> Any:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        return v
+
+    _map_state(count, state)
+    return total
+
+
+def _first_tensor(state: Any) -> torch.Tensor:
+    found: List[torch.Tensor] = []
+    _map_state(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, state)
+    return found[0]

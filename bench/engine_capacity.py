@@ -1,0 +1,157 @@
+"""Decode engine: step latency against concurrent streams, and how many real-time streams fit.
+
+    python bench/engine_capacity.py [--preset 24khz] [--streams 1 8 64 ...] [--device cuda] [--reference]
+                                    [--json out.json] [--plot out.png]
+
+For each stream count N the engine holds N streams past their warm-up and runs ``--steps`` batched steps;
+each step decodes one step (2048 samples at 24 kHz) for every stream. A stream is real time when a step
+finishes inside the audio it produces; capacity is the largest N whose p95 step latency meets that.
+``--reference`` also times the reference ``snac`` package in the same run: an Orpheus-style window (decode
+4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights; eager execution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_cost import commit, describe_machine  # noqa: E402
+
+from snac_stream import SNAC  # noqa: E402
+from snac_stream.engine import DecodeEngine  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: SNAC, streams: int, steps: int, backend: str | None) -> dict:
+    device = model.device
+    engine = DecodeEngine(model, streams, backend=backend)
+    cfg = model.config
+    total_steps = engine.warmup_steps + steps + 2
+    frames = total_steps * engine.step_frames
+    gen = torch.Generator(device="cpu").manual_seed(streams)
+    sids = [engine.open() for _ in range(streams)]
+    for sid in sids:
+        engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
+                                          generator=gen).to(device) for s in cfg.vq_strides])
+    for _ in range(engine.warmup_steps + 2):  # warm-up, then one batched step to warm the kernels
+        engine.step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        engine.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    budget = engine.step_samples / cfg.sampling_rate
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return {"streams": streams, "p50_ms": 1e3 * q(0.5), "p95_ms": 1e3 * q(0.95), "p99_ms": 1e3 * q(0.99),
+            "budget_ms": 1e3 * budget, "realtime": q(0.95) <= budget,
+            "aggregate_rtf": streams * budget / statistics.median(times),
+            "state_bytes_per_stream": engine.state_bytes_per_stream}
+
+
+def reference_rows(model: SNAC) -> dict:
+    import snac as reference
+
+    device = model.device
+    ref = reference.SNAC(**model.config.to_dict()).to(device).eval()
+    cfg = model.config
+    out = {}
+    with torch.inference_mode():
+        window = [torch.randint(0, cfg.codebook_size, (1, 4 * cfg.coarse_stride // s), device=device)
+                  for s in cfg.vq_strides]
+        long = [torch.randint(0, cfg.codebook_size, (64, int(10 * cfg.sampling_rate) // cfg.hop_length // s),
+                              device=device) for s in cfg.vq_strides]
+        for name, fn, reps in (("orpheus_window_ms", lambda: ref.decode(window)[..., -cfg.frame_samples:], 50),
+                               ("offline_64x10s_ms", lambda: ref.decode(long), 5)):
+            fn()
+            times = []
+            for _ in range(reps):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            out[name] = 1e3 * statistics.median(times)
+    audio = 64 * long[-1].shape[-1] * cfg.hop_length / cfg.sampling_rate
+    out["offline_64x10s_realtime_x"] = audio / (out["offline_64x10s_ms"] / 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="24khz")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None, help="auto (default), triton or torch")
+    parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = SNAC.from_config(args.preset).to(device).eval()
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
+            "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
+            "backend": model.resolved_backend(args.backend)}
+    print(f"# decode engine, {args.preset}, {meta['device']}, backend {meta['backend']}, {meta['date']}, "
+          f"commit {meta['commit']}")
+    print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    with torch.inference_mode():
+        for n in args.streams:
+            r = measure(model, n, args.steps, args.backend)
+            rows.append(r)
+            print(f"| {n} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['budget_ms']:.1f} "
+                  f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |", flush=True)
+    capacity = max([r["streams"] for r in rows if r["realtime"]], default=0)
+    print(f"capacity (largest measured N with p95 inside the budget): {capacity} streams; "
+          f"state per stream: {rows[0]['state_bytes_per_stream'] / 1024:.1f} KiB")
+    ref = reference_rows(model) if args.reference else {}
+    if ref:
+        print(f"reference snac: Orpheus-style window {ref['orpheus_window_ms']:.2f} ms per {model.config.frame_samples}"
+              f" samples (batch 1); offline 64 x 10 s {ref['offline_64x10s_ms']:.1f} ms "
+              f"({ref['offline_64x10s_realtime_x']:.0f}x real time)")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "capacity": capacity, "reference": ref},
+                                        indent=2))
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["streams"] for r in rows]
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            ax.plot(xs, [r[key] for r in rows], marker="o", label=key.split("_")[0])
+        ax.axhline(rows[0]["budget_ms"], color="k", linestyle="--", label="real-time budget")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("step latency (ms)")
+        ax.set_title(f"{args.preset} decode engine, {meta['device']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
