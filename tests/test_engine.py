@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List
 
 import pytest
@@ -168,9 +169,10 @@ def test_limits_and_errors() -> None:
 
 def test_triton_backend_engine_matches_offline() -> None:
     """Per-stream noise positions go through the fused kernel (CPU: Triton's interpreter)."""
-    model = model_for("24khz", backend="triton" if torch.cuda.is_available() else "torch")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = copy.deepcopy(model_for("24khz")).to(device)
     engine = DecodeEngine(model, 2, backend="triton")
-    codes = [random_codes(model, 5, engine, s) for s in (11, 12)]
+    codes = [[c.to(device) for c in random_codes(model, 5, engine, s)] for s in (11, 12)]
     sids = [engine.open() for _ in codes]
     outs: Dict[int, list] = {sid: [] for sid in sids}
     with torch.no_grad():
