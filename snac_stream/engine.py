@@ -21,7 +21,8 @@ import torch
 from .model.functional import use_backend
 from .model.snac import SNAC
 from .streaming.build import stream_op
-from .streaming.ops import assign_rows, batch_positions, row_state, select_rows, state_bytes
+from .streaming.ops import (assign_rows, batch_positions, row_state, select_rows, state_bytes, state_shapes,
+                            zero_rows)
 
 
 class EngineFull(RuntimeError):
@@ -56,10 +57,9 @@ class DecodeEngine:
         self.latent_step = self.step_frames * self.config.coarse_stride
         self.warmup_steps, steady = self._derive_warmup()
         # The batch holds every row in the steady shape; rows are zero until a stream joins.
-        self._batch = batch_positions(_zero_rows(steady, max_streams), max_streams, model.device)
+        self._batch = batch_positions(zero_rows(steady, max_streams), max_streams, model.device)
         self._slots: Dict[int, _Slot] = {}
         self._free: List[int] = list(range(max_streams))
-        self._batched = False  # whether the batch's shared counters are set (by the first stream to join)
 
     # ---- layout ---------------------------------------------------------------------------------
     def _init_state(self, batch: int) -> Any:
@@ -75,7 +75,7 @@ class DecodeEngine:
         with torch.inference_mode(), use_backend("torch"):
             for step in range(1, 256):
                 out = self.body.push(state, zeros)
-                shapes = _shapes(state)
+                shapes = state_shapes(state)
                 if out.shape[-1] == self.step_samples and shapes == previous:
                     return step - 1, state
                 previous = shapes
@@ -169,34 +169,12 @@ class DecodeEngine:
         """Move a warmed-up stream into its batch row."""
         rows = torch.tensor([slot.sid], device=self.model.device)
         self._batch = assign_rows(self._batch, rows, slot.state)
-        self._batched = True
         slot.state = None
 
     def _release(self, sid: int) -> None:
         del self._slots[sid]
         # Zero the row so nothing of this stream outlives it.
         rows = torch.tensor([sid], device=self.model.device)
-        self._batch = assign_rows(self._batch, rows, _zero_rows(select_rows(self._batch, rows), 1))
+        self._batch = assign_rows(self._batch, rows, zero_rows(select_rows(self._batch, rows), 1))
         self._free.append(sid)
         self._free.sort()
-
-
-def _shapes(state: Any) -> Any:
-    if isinstance(state, list):
-        return tuple(_shapes(s) for s in state)
-    if isinstance(state, torch.Tensor):
-        return tuple(state.shape)
-    if hasattr(state, "__dataclass_fields__"):
-        return tuple(_shapes(getattr(state, name)) for name in state.__dataclass_fields__)
-    return None  # counters do not count as shape
-
-
-def _zero_rows(state: Any, batch: int) -> Any:
-    """Same structure as ``state`` with ``batch`` rows of zeros in every tensor (counters kept)."""
-    if isinstance(state, list):
-        return [_zero_rows(s, batch) for s in state]
-    if isinstance(state, torch.Tensor):
-        return state.new_zeros(batch, *state.shape[1:])
-    if hasattr(state, "__dataclass_fields__"):
-        return type(state)(**{name: _zero_rows(getattr(state, name), batch) for name in state.__dataclass_fields__})
-    return state

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import functional
@@ -341,29 +340,31 @@ def clone_state(state: Any) -> Any:
 
 
 def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
+    """Apply ``fn`` to the leaves of a (nested) state: tensors, counters and noise positions (``_CounterState``)."""
     if isinstance(state, list):
         return [_map_state(fn, s, *(o[i] for o in others)) for i, s in enumerate(state)]
-    if dataclasses.is_dataclass(state):
+    if dataclasses.is_dataclass(state) and not isinstance(state, _CounterState):
         return type(state)(**{f.name: _map_state(fn, getattr(state, f.name), *(getattr(o, f.name) for o in others))
                               for f in dataclasses.fields(state)})
     return fn(state, *others)
 
 
 def batch_positions(state: Any, batch: int, device: torch.device) -> Any:
-    """A fresh batched state with per-row noise positions (int64 tensors) instead of one shared int."""
-    if isinstance(state, list):
-        return [batch_positions(s, batch, device) for s in state]
-    if isinstance(state, _CounterState):
-        return _CounterState(torch.full((batch,), state.position, dtype=torch.int64, device=device))
-    if dataclasses.is_dataclass(state):
-        return type(state)(**{f.name: batch_positions(getattr(state, f.name), batch, device)
-                              for f in dataclasses.fields(state)})
-    return state
+    """A batched state with per-row noise positions (int64 tensors) instead of one shared int."""
+    def per_row(v: Any) -> Any:
+        if isinstance(v, _CounterState):
+            return _CounterState(torch.full((batch,), v.position, dtype=torch.int64, device=device))
+        return v
+    return _map_state(per_row, state)
 
 
 def select_rows(state: Any, rows: torch.Tensor) -> Any:
     """The sub-state of the streams in ``rows`` (a copy); counters are shared, noise positions per row."""
-    return _map_state(lambda v: v.index_select(0, rows) if isinstance(v, torch.Tensor) else v, state)
+    def pick(v: Any) -> Any:
+        if isinstance(v, _CounterState):
+            return _CounterState(pick(v.position))
+        return v.index_select(0, rows) if isinstance(v, torch.Tensor) else v
+    return _map_state(pick, state)
 
 
 def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
@@ -373,9 +374,12 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
     sub-state's values, which are the same for every stream in that phase.
     """
     def put(dst: Any, src: Any) -> Any:
+        if isinstance(dst, _CounterState):
+            position = src.position
+            if not isinstance(position, torch.Tensor):  # a single stream's noise position
+                position = torch.full((len(rows),), position, dtype=torch.int64, device=dst.position.device)
+            return _CounterState(dst.position.index_copy(0, rows, position))
         if isinstance(dst, torch.Tensor):
-            if isinstance(src, int):  # a single stream's noise position
-                src = torch.full((len(rows),), src, dtype=dst.dtype, device=dst.device)
             if dst.shape[1:] != src.shape[1:]:
                 raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
             return dst.index_copy(0, rows, src.to(dst.dtype))
@@ -385,9 +389,25 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
 
 def row_state(state: Any, row: int) -> Any:
     """The state of one stream of a batch, as a single-stream state (batch 1, plain int noise position)."""
-    index = torch.tensor([row], device=_first_tensor(state).device)
-    sub = select_rows(state, index)
-    return _map_state(lambda v: int(v[0]) if isinstance(v, torch.Tensor) and v.dim() == 1 else v, sub)
+    def single(v: Any) -> Any:
+        return _CounterState(int(v.position[0])) if isinstance(v, _CounterState) else v
+    return _map_state(single, select_rows(state, torch.tensor([row], device=_first_tensor(state).device)))
+
+
+def zero_rows(state: Any, batch: int) -> Any:
+    """Same structure as ``state`` with ``batch`` rows of zeros in every tensor (noise positions 0; counters kept)."""
+    def zero(v: Any) -> Any:
+        if isinstance(v, _CounterState):
+            return _CounterState(zero(v.position) if isinstance(v.position, torch.Tensor) else 0)
+        return v.new_zeros(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) else v
+    return _map_state(zero, state)
+
+
+def state_shapes(state: Any) -> List[Any]:
+    """The shapes of a state's tensors, in order (counters left out)."""
+    shapes: List[Any] = []
+    _map_state(lambda v: shapes.append(tuple(v.shape)) if isinstance(v, torch.Tensor) else None, state)
+    return shapes
 
 
 def state_bytes(state: Any) -> int:
@@ -396,6 +416,7 @@ def state_bytes(state: Any) -> int:
 
     def count(v: Any) -> Any:
         nonlocal total
+        v = v.position if isinstance(v, _CounterState) else v
         if isinstance(v, torch.Tensor):
             total += v.numel() * v.element_size()
         return v
