@@ -1,10 +1,10 @@
-"""Decode engine: step latency against concurrent streams, and how many real-time streams fit.
+"""Stream engines: step latency against concurrent streams, and how many real-time streams fit.
 
-    python bench/engine_capacity.py [--preset 24khz] [--streams 1 8 64 ...] [--device cuda] [--reference]
-                                    [--json out.json] [--plot out.png]
+    python bench/engine_capacity.py [--kind decode|encode] [--preset 24khz] [--streams 1 8 64 ...]
+                                    [--device cuda] [--reference] [--json out.json] [--plot out.png]
 
 For each stream count N the engine holds N streams past their warm-up and runs ``--steps`` batched steps;
-each step decodes one step (2048 samples at 24 kHz) for every stream. A stream is real time when a step
+each step decodes (or encodes) one step (2048 samples at 24 kHz) for every stream. A stream is real time when a step
 finishes inside the audio it produces; capacity is the largest N whose p95 step latency meets that.
 ``--reference`` also times the reference ``snac`` package in the same run: an Orpheus-style window (decode
 4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights; eager execution.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit, describe_machine  # noqa: E402
 
 from snac_stream import SNAC  # noqa: E402
-from snac_stream.engine import DecodeEngine  # noqa: E402
+from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -34,17 +34,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: SNAC, streams: int, steps: int, backend: str | None) -> dict:
+def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None) -> dict:
     device = model.device
-    engine = DecodeEngine(model, streams, backend=backend)
+    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, backend=backend)
     cfg = model.config
     total_steps = engine.warmup_steps + steps + 2
     frames = total_steps * engine.step_frames
     gen = torch.Generator(device="cpu").manual_seed(streams)
     sids = [engine.open() for _ in range(streams)]
     for sid in sids:
-        engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
-                                          generator=gen).to(device) for s in cfg.vq_strides])
+        if kind == "decode":
+            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
+                                              generator=gen).to(device) for s in cfg.vq_strides])
+        else:
+            engine.submit(sid, (torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device))
     for _ in range(engine.warmup_steps + 2):  # warm-up, then one batched step to warm the kernels
         engine.step()
     times = []
@@ -93,6 +96,7 @@ def reference_rows(model: SNAC) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=["decode", "encode"], default="decode")
     parser.add_argument("--preset", default="24khz")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=20)
@@ -107,15 +111,15 @@ def main() -> None:
     model = SNAC.from_config(args.preset).to(device).eval()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
-            "backend": model.resolved_backend(args.backend)}
-    print(f"# decode engine, {args.preset}, {meta['device']}, backend {meta['backend']}, {meta['date']}, "
+            "backend": model.resolved_backend(args.backend), "kind": args.kind}
+    print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, {meta['date']}, "
           f"commit {meta['commit']}")
     print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     with torch.inference_mode():
         for n in args.streams:
-            r = measure(model, n, args.steps, args.backend)
+            r = measure(model, args.kind, n, args.steps, args.backend)
             rows.append(r)
             print(f"| {n} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['budget_ms']:.1f} "
                   f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |", flush=True)
@@ -147,7 +151,7 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel("step latency (ms)")
-        ax.set_title(f"{args.preset} decode engine, {meta['device']}")
+        ax.set_title(f"{args.preset} {args.kind} engine, {meta['device']}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

@@ -1,14 +1,15 @@
-"""Many concurrent decode streams on one model: one batched step for all of them.
+"""Many concurrent streams on one model: one batched step for all of them.
 
-``DecodeEngine`` owns one model and a pool of ``max_streams`` stream slots. Streams open and close at any
-time; each ``step()`` decodes one *step* (one attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz)
-for every stream that has one queued, in a single batched pass, so N streams cost one kernel sequence.
+``DecodeEngine`` (codes in, audio out) and ``EncodeEngine`` (audio in, codes out) own one model and a pool
+of ``max_streams`` stream slots. Streams open and close at any time; each ``step()`` runs one *step* (one
+attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream that has one queued, in a
+single batched pass, so N streams cost one kernel sequence.
 
 A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
 their steady shapes) run on their own; after that the stream joins the batch, where every row is in the same
 phase. Rows never mix: every layer acts on each batch row alone, the noise is keyed per row, and a closed
-slot's row is zeroed before reuse. Output equals a single ``StreamingDecoder`` (and so offline ``decode``)
-for every stream.
+slot's row is zeroed before reuse. Every stream's output equals its own ``StreamingDecoder`` /
+``StreamingEncoder`` (and so offline ``decode`` / ``encode``).
 """
 
 from __future__ import annotations
@@ -32,58 +33,79 @@ class EngineFull(RuntimeError):
 @dataclass
 class _Slot:
     sid: int
-    queue: List[List[torch.Tensor]] = field(default_factory=list)  # whole steps of codes, per level
+    queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first
     state: Any = None  # own state while warming up; None once in the batch
-    steps: int = 0  # steps decoded
+    steps: int = 0  # steps run
+    received: int = 0  # input samples submitted (encoder)
+    partial: Optional[torch.Tensor] = None  # samples short of a whole step (encoder)
 
 
-class DecodeEngine:
-    """Codes in, audio out, for up to ``max_streams`` independent streams at once.
+class StreamEngine:
+    """The slot pool and batched stepping shared by :class:`DecodeEngine` and :class:`EncodeEngine`.
 
-    Units: one step is ``step_frames`` coarse frames in, ``step_samples`` samples out.
+    Subclasses say what one step of input is (``_stack`` several streams' steps into a batch), how a batched
+    state advances by one step (``_advance``), how to split the batched output per stream (``_row``), what a
+    fresh stream's state is (``_init_state``) and how a stream ends (``_finish``).
     """
 
     def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
-        if not isinstance(max_streams, int) or max_streams < 1:
+        if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         self.model = model
         self.config = model.config
         self.max_streams = max_streams
         self.backend = backend
         model.resolved_backend(backend)  # fail now on an unusable backend
-        self.body = stream_op(model.decoder, model.latent_dim)
         self.step_frames = self.config.pad_multiple // self.config.frame_samples
         self.step_samples = self.step_frames * self.config.frame_samples
-        self.latent_step = self.step_frames * self.config.coarse_stride
         self.warmup_steps, steady = self._derive_warmup()
         # The batch holds every row in the steady shape; rows are zero until a stream joins.
         self._batch = batch_positions(zero_rows(steady, max_streams), max_streams, model.device)
         self._slots: Dict[int, _Slot] = {}
         self._free: List[int] = list(range(max_streams))
 
-    # ---- layout ---------------------------------------------------------------------------------
+    # ---- hooks ----------------------------------------------------------------------------------
     def _init_state(self, batch: int) -> Any:
-        return self.body.init_state(batch, self.model.device, self.model.dtype)
+        raise NotImplementedError
 
+    def _zero_step(self) -> Any:
+        """One step of silence-like input for one stream (used to derive the warm-up)."""
+        raise NotImplementedError
+
+    def _stack(self, steps: List[Any]) -> Any:
+        raise NotImplementedError
+
+    def _advance(self, state: Any, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def _row(self, outputs: Any, i: int) -> Any:
+        raise NotImplementedError
+
+    def _full_step(self, outputs: Any) -> bool:
+        """Whether one stream's output of a step is a whole step (steady emission)."""
+        raise NotImplementedError
+
+    def _finish(self, slot: _Slot, state: Any) -> Any:
+        raise NotImplementedError
+
+    # ---- layout ---------------------------------------------------------------------------------
     def _derive_warmup(self) -> tuple[int, Any]:
-        """Steps until a stream's state shapes stop changing and each step yields ``step_samples``, and a
-        state in that steady shape."""
+        """Steps until a stream's state shapes stop changing and each step yields a whole step of output,
+        and a state in that steady shape."""
         state = self._init_state(1)
-        zeros = torch.zeros(1, self.model.latent_dim, self.latent_step, device=self.model.device,
-                            dtype=self.model.dtype)
         previous = None
         with torch.inference_mode(), use_backend("torch"):
             for step in range(1, 256):
-                out = self.body.push(state, zeros)
+                out = self._advance(state, self._zero_step())
                 shapes = state_shapes(state)
-                if out.shape[-1] == self.step_samples and shapes == previous:
+                if self._full_step(out) and shapes == previous:
                     return step - 1, state
                 previous = shapes
-        raise AssertionError("decoder state never reached a steady shape")
+        raise AssertionError("stream state never reached a steady shape")
 
     @property
     def state_bytes_per_stream(self) -> int:
-        """Bytes of decoder state one stream slot holds in the batch."""
+        """Bytes of state one stream slot holds in the batch."""
         return state_bytes(self._batch) // self.max_streams
 
     @property
@@ -99,62 +121,42 @@ class DecodeEngine:
         self._slots[sid] = _Slot(sid, state=self._init_state(1))
         return sid
 
-    def submit(self, sid: int, codes: Sequence[torch.Tensor]) -> None:
-        """Queue codes for stream ``sid``: (1, t_i) per level, whole steps (``step_frames`` coarse frames)."""
-        slot = self._slot(sid)
-        codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True)
-        if codes[0].shape[0] != 1:
-            raise ValueError(f"submit takes one stream's codes (batch 1), got a batch of {codes[0].shape[0]}")
-        frames = codes[0].shape[-1]
-        if frames % self.step_frames:
-            raise ValueError(f"submit whole steps of {self.step_frames} coarse frames, got {frames}")
-        for j in range(0, frames, self.step_frames):
-            slot.queue.append([c[:, j * c.shape[1] // frames : (j + self.step_frames) * c.shape[1] // frames]
-                               for c in codes])
-
     def pending(self, sid: int) -> int:
-        """Steps queued for stream ``sid``."""
+        """Whole steps queued for stream ``sid``."""
         return len(self._slot(sid).queue)
 
-    def step(self) -> Dict[int, torch.Tensor]:
-        """Decode one queued step of every stream that has one: {stream id: (1, 1, n) final audio}."""
-        out: Dict[int, torch.Tensor] = {}
+    def step(self) -> Dict[int, Any]:
+        """Run one queued step of every stream that has one: {stream id: that stream's output}."""
+        out: Dict[int, Any] = {}
         with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
             batched = sorted(s.sid for s in self._slots.values() if s.state is None and s.queue)
             if batched:
                 rows = torch.tensor(batched, device=self.model.device)
-                codes = [torch.cat(level, dim=0) for level in zip(*(self._slots[s].queue.pop(0) for s in batched))]
                 sub = select_rows(self._batch, rows)
-                audio = self.body.push(sub, self.model.quantizer.from_codes(codes))
+                outputs = self._advance(sub, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
                 self._batch = assign_rows(self._batch, rows, sub)
                 for i, sid in enumerate(batched):
-                    out[sid] = audio[i : i + 1]
+                    out[sid] = self._row(outputs, i)
                     self._slots[sid].steps += 1
             for slot in [s for s in self._slots.values() if s.state is not None and s.queue]:
-                out[slot.sid] = self.body.push(slot.state, self.model.quantizer.from_codes(slot.queue.pop(0)))
+                out[slot.sid] = self._advance(slot.state, slot.queue.pop(0))
                 slot.steps += 1
                 if slot.steps >= self.warmup_steps:
                     self._join(slot)
         return out
 
-    def close(self, sid: int) -> torch.Tensor:
-        """End stream ``sid``: decode what is queued, return its remaining audio (1, 1, n), free the slot."""
+    def close(self, sid: int) -> Any:
+        """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
         slot = self._slot(sid)
-        parts = []
-        with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
-            state = slot.state if slot.state is not None else row_state(self._batch, sid)
-            for codes in slot.queue:
-                parts.append(self.body.push(state, self.model.quantizer.from_codes(codes)))
-            tail = self.body.flush(state) if slot.steps or slot.queue else None
-        if tail is not None:
-            parts.append(tail)
-        self._release(sid)
-        if not parts:
-            return torch.zeros(1, 1, 0, device=self.model.device, dtype=self.model.dtype)
-        return torch.cat(parts, dim=-1)
+        try:
+            with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
+                state = slot.state if slot.state is not None else row_state(self._batch, sid)
+                return self._finish(slot, state)
+        finally:
+            self._release(sid)
 
     def abort(self, sid: int) -> None:
-        """Drop stream ``sid`` without decoding the rest (a failed or vanished client)."""
+        """Drop stream ``sid`` without running the rest (a failed or vanished client)."""
         self._slot(sid)
         self._release(sid)
 
@@ -178,3 +180,132 @@ class DecodeEngine:
         self._batch = assign_rows(self._batch, rows, zero_rows(select_rows(self._batch, rows), 1))
         self._free.append(sid)
         self._free.sort()
+
+
+class DecodeEngine(StreamEngine):
+    """Codes in, audio out, for up to ``max_streams`` independent streams at once.
+
+    One step is ``step_frames`` coarse frames in (``submit``), ``step_samples`` samples out (``step``).
+    """
+
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
+        self.body = stream_op(model.decoder, model.latent_dim)
+        super().__init__(model, max_streams, backend)
+
+    def _init_state(self, batch: int) -> Any:
+        return self.body.init_state(batch, self.model.device, self.model.dtype)
+
+    def _zero_step(self) -> Any:
+        return [torch.zeros(1, self.step_frames * self.config.coarse_stride // s, dtype=torch.int64,
+                            device=self.model.device) for s in self.config.vq_strides]
+
+    def _stack(self, steps: List[Any]) -> Any:
+        return [torch.cat(level, dim=0) for level in zip(*steps)]
+
+    def _advance(self, state: Any, codes: Any) -> torch.Tensor:
+        return self.body.push(state, self.model.quantizer.from_codes(codes))
+
+    def _row(self, audio: torch.Tensor, i: int) -> torch.Tensor:
+        return audio[i : i + 1]
+
+    def _full_step(self, audio: torch.Tensor) -> bool:
+        return audio.shape[-1] == self.step_samples
+
+    def submit(self, sid: int, codes: Sequence[torch.Tensor]) -> None:
+        """Queue codes for stream ``sid``: (1, t_i) per level, whole steps (``step_frames`` coarse frames)."""
+        slot = self._slot(sid)
+        codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True)
+        if codes[0].shape[0] != 1:
+            raise ValueError(f"submit takes one stream's codes (batch 1), got a batch of {codes[0].shape[0]}")
+        frames = codes[0].shape[-1]
+        if frames % self.step_frames:
+            raise ValueError(f"submit whole steps of {self.step_frames} coarse frames, got {frames}")
+        for j in range(0, frames, self.step_frames):
+            slot.queue.append([c[:, j * c.shape[1] // frames : (j + self.step_frames) * c.shape[1] // frames]
+                               for c in codes])
+
+    def _finish(self, slot: _Slot, state: Any) -> torch.Tensor:
+        """(1, 1, n): the queued steps and the tail."""
+        parts = [self._advance(state, codes) for codes in slot.queue]
+        if slot.steps or slot.queue:
+            tail = self.body.flush(state)
+            if tail is not None:
+                parts.append(tail)
+        if not parts:
+            return torch.zeros(1, 1, 0, device=self.model.device, dtype=self.model.dtype)
+        return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class _EncodeState:
+    body: Any  # the encoder's stream-op state
+    latent: torch.Tensor  # latent frames of a coarse frame not yet whole (B, D, L)
+
+
+class EncodeEngine(StreamEngine):
+    """Audio in, codes out, for up to ``max_streams`` independent streams at once.
+
+    ``submit`` takes any number of samples; each ``step`` encodes one step (``step_samples`` samples) of
+    every stream that has one buffered and returns its codes (a list of (1, t_i) per level, possibly empty
+    while the stream's first frames wait for their look-ahead). ``close`` pads as offline ``encode`` does.
+    """
+
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
+        from .streaming import StreamingEncoder
+
+        # One single-stream encoder ends every stream (padding, flush), on the same op graph as the batch.
+        self._closer = StreamingEncoder(model, 1, backend=backend)
+        self.body = self._closer.body
+        super().__init__(model, max_streams, backend)
+
+    def _init_state(self, batch: int) -> Any:
+        latent = torch.zeros(batch, self.model.latent_dim, 0, device=self.model.device, dtype=self.model.dtype)
+        return _EncodeState(self.body.init_state(batch, self.model.device, self.model.dtype), latent)
+
+    def _zero_step(self) -> Any:
+        return torch.zeros(1, 1, self.step_samples, device=self.model.device, dtype=self.model.dtype)
+
+    def _stack(self, steps: List[Any]) -> Any:
+        return torch.cat(steps, dim=0)
+
+    def _advance(self, state: _EncodeState, audio: torch.Tensor) -> List[torch.Tensor]:
+        z = self.body.push(state.body, audio)
+        latent = torch.cat([state.latent, z], dim=-1)
+        whole = latent.shape[-1] // self.config.coarse_stride * self.config.coarse_stride
+        state.latent = latent[..., whole:]
+        if whole == 0:
+            return [torch.zeros(audio.shape[0], 0, dtype=torch.int64, device=audio.device)
+                    for _ in self.config.vq_strides]
+        return self.model.quantizer(latent[..., :whole])[1]
+
+    def _row(self, codes: List[torch.Tensor], i: int) -> List[torch.Tensor]:
+        return [c[i : i + 1] for c in codes]
+
+    def _full_step(self, codes: List[torch.Tensor]) -> bool:
+        return codes[0].shape[-1] == self.step_frames
+
+    def submit(self, sid: int, audio: torch.Tensor) -> None:
+        """Buffer (1, 1, n) float samples for stream ``sid``; whole steps are queued for ``step``."""
+        slot = self._slot(sid)
+        audio = self.model.check_audio(audio) if audio.shape[-1] else audio
+        if audio.shape[0] != 1:
+            raise ValueError(f"submit takes one stream's audio (batch 1), got a batch of {audio.shape[0]}")
+        slot.received += audio.shape[-1]
+        buffered = torch.cat([slot.partial, audio], dim=-1) if slot.partial is not None else audio
+        whole = buffered.shape[-1] // self.step_samples * self.step_samples
+        for j in range(0, whole, self.step_samples):
+            slot.queue.append(buffered[..., j : j + self.step_samples])
+        slot.partial = buffered[..., whole:]
+
+    def _finish(self, slot: _Slot, state: _EncodeState) -> List[torch.Tensor]:
+        """The codes of the queued steps, the buffered remainder and the padded end of the stream."""
+        closer = self._closer
+        closer.reset()
+        closer.state, closer.latent = state.body, state.latent
+        closer.received = slot.received - len(slot.queue) * self.step_samples - (
+            slot.partial.shape[-1] if slot.partial is not None else 0)
+        parts = [closer.push(chunk) for chunk in slot.queue]
+        if slot.partial is not None and slot.partial.shape[-1]:
+            parts.append(closer.push(slot.partial))
+        parts.append(closer.flush())
+        return [torch.cat([p[level] for p in parts], dim=-1) for level in range(self.model.n_codebooks)]

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
-from snac_stream.engine import DecodeEngine, EngineFull
+from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
 from snac_stream.streaming.ops import select_rows
 
 AUDIO_TOL = 1e-5
@@ -186,3 +186,69 @@ def test_triton_backend_engine_matches_offline() -> None:
         for sid, c in zip(sids, codes):
             got = torch.cat(outs[sid] + [engine.close(sid)], dim=-1)
             assert (got - model.decode(c)).abs().max().item() <= 1e-4
+
+
+# ---- encode ---------------------------------------------------------------------------------------
+
+enc_events = st.lists(st.tuples(st.sampled_from(["open", "submit", "submit", "step", "step", "close"]),
+                                st.integers(0, 5), st.integers(1, 5000)), min_size=5, max_size=40)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=enc_events, max_streams=st.integers(1, 3))
+def test_encode_streams_at_random_equal_offline(name: str, script, max_streams: int) -> None:
+    model = model_for(name)
+    engine = EncodeEngine(model, max_streams)
+    open_: Dict[int, dict] = {}
+    done: List[dict] = []
+    serial = 0
+    with torch.no_grad():
+        for action, pick, count in script + [("drain", 0, 0)]:
+            sids = sorted(open_)
+            if action == "open" and len(open_) < max_streams:
+                serial += 1
+                audio = torch.randn(1, 1, 3 * engine.step_samples + serial * 101,
+                                    generator=torch.Generator().manual_seed(serial)) * 0.3
+                open_[engine.open()] = {"audio": audio, "sent": 0, "out": []}
+            elif action == "submit" and sids:
+                sid = sids[pick % len(sids)]
+                s = open_[sid]
+                chunk = s["audio"][..., s["sent"] : s["sent"] + count]
+                engine.submit(sid, chunk)
+                s["sent"] += chunk.shape[-1]
+            elif action == "step":
+                for sid, codes in engine.step().items():
+                    open_[sid]["out"].append(codes)
+            elif action == "drain" or (action == "close" and sids):
+                for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
+                    s = open_.pop(sid)
+                    s["out"].append(engine.close(sid))
+                    done.append(s)
+        for s in done:
+            got = [torch.cat([o[level] for o in s["out"]], dim=-1) for level in range(model.n_codebooks)]
+            if s["sent"] == 0:
+                assert all(g.shape[-1] == 0 for g in got)
+                continue
+            want = model.encode(s["audio"][..., : s["sent"]])
+            assert [g.shape for g in got] == [w.shape for w in want]
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_encode_engine_isolates_a_garbage_stream() -> None:
+    model = model_for("24khz")
+    engine = EncodeEngine(model, 2)
+    a, b = engine.open(), engine.open()
+    audio = torch.randn(1, 1, 6 * engine.step_samples, generator=torch.Generator().manual_seed(3)) * 0.3
+    outs = []
+    with torch.no_grad():
+        engine.submit(a, audio)
+        with pytest.raises(ValueError, match="NaN"):
+            engine.submit(b, torch.full_like(audio, float("nan")))  # refused for b alone
+        engine.submit(b, torch.randn(1, 1, 3 * engine.step_samples) * 1e4)  # garbage that passes the checks
+        while engine.pending(a):
+            outs.append(engine.step()[a])
+        outs.append(engine.close(a))
+        got = [torch.cat([o[level] for o in outs], dim=-1) for level in range(model.n_codebooks)]
+        assert all(torch.equal(g, w) for g, w in zip(got, model.encode(audio)))
+        engine.abort(b)
