@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from typing import Iterator, Optional
@@ -29,7 +30,9 @@ BACKENDS = ("auto", "triton", "torch")
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether the triton package is installed (looked up once: every streaming push asks)."""
     return importlib.util.find_spec("triton") is not None
 
 
