@@ -6,8 +6,8 @@ attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream tha
 single batched pass, so N streams cost one kernel sequence.
 
 A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
-their steady shapes) run on their own; after that the stream joins the batch, where every row is in the same
-phase. Rows never mix: every layer acts on each batch row alone, the noise is keyed per row, and a closed
+their steady shapes) run outside the batch, together with the streams that opened at the same step; after
+that the stream joins the batch, where every row is in the same phase. Rows never mix: every layer acts on each batch row alone, the noise is keyed per row, and a closed
 slot's row is zeroed before reuse. Every stream's output equals its own ``StreamingDecoder`` /
 ``StreamingEncoder`` (and so offline ``decode`` / ``encode``).
 """
@@ -22,8 +22,8 @@ import torch
 from .model.functional import use_backend
 from .model.snac import SNAC
 from .streaming.build import stream_op
-from .streaming.ops import (assign_rows, batch_positions, row_state, select_rows, state_bytes, state_shapes,
-                            zero_rows)
+from .streaming.ops import (assign_rows, batch_positions, row_state, select_rows, stack_states, state_bytes,
+                            state_shapes, zero_rows)
 
 
 class EngineFull(RuntimeError):
@@ -138,11 +138,21 @@ class StreamEngine:
                 for i, sid in enumerate(batched):
                     out[sid] = self._row(outputs, i)
                     self._slots[sid].steps += 1
-            for slot in [s for s in self._slots.values() if s.state is not None and s.queue]:
-                out[slot.sid] = self._advance(slot.state, slot.queue.pop(0))
-                slot.steps += 1
-                if slot.steps >= self.warmup_steps:
-                    self._join(slot)
+            # Warming-up streams that opened together are in the same phase: one pass for each such group.
+            warming: Dict[int, List[_Slot]] = {}
+            for slot in self._slots.values():
+                if slot.state is not None and slot.queue:
+                    warming.setdefault(slot.steps, []).append(slot)
+            for group in warming.values():
+                state = group[0].state if len(group) == 1 else stack_states([slot.state for slot in group])
+                outputs = self._advance(state, self._stack([slot.queue.pop(0) for slot in group]))
+                for i, slot in enumerate(group):
+                    out[slot.sid] = outputs if len(group) == 1 else self._row(outputs, i)
+                    if len(group) > 1:
+                        slot.state = row_state(state, i)
+                    slot.steps += 1
+                    if slot.steps >= self.warmup_steps:
+                        self._join(slot)
         return out
 
     def close(self, sid: int) -> Any:

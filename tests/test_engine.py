@@ -252,3 +252,26 @@ def test_encode_engine_isolates_a_garbage_stream() -> None:
         got = [torch.cat([o[level] for o in outs], dim=-1) for level in range(model.n_codebooks)]
         assert all(torch.equal(g, w) for g, w in zip(got, model.encode(audio)))
         engine.abort(b)
+
+
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_streams_opening_together_share_one_pass_per_step(engine_type) -> None:
+    """Warm-up included: N streams that start together cost one batched pass per step, not N."""
+    model = model_for("44khz")
+    engine = engine_type(model, 3)
+    passes = []
+    advance = engine._advance
+    engine._advance = lambda state, inputs: passes.append(1) or advance(state, inputs)
+    cfg, steps = model.config, engine.warmup_steps + 2
+    sids = [engine.open() for _ in range(3)]
+    with torch.no_grad():
+        for sid in sids:
+            if engine_type is DecodeEngine:
+                engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, steps * engine.step_frames
+                                                                            * cfg.coarse_stride // s))
+                                    for s in cfg.vq_strides])
+            else:
+                engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples) * 0.3)
+        for _ in range(steps):
+            assert set(engine.step()) == set(sids)
+    assert len(passes) == steps
