@@ -23,15 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streaming_cost import commit, describe_machine  # noqa: E402
+from streaming_cost import commit, describe_machine, median_time, sync  # noqa: E402
 
 from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None) -> dict:
@@ -52,10 +47,10 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
         engine.step()
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         engine.step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     times.sort()
     budget = engine.step_samples / cfg.sampling_rate
@@ -80,15 +75,7 @@ def reference_rows(model: SNAC) -> dict:
                               device=device) for s in cfg.vq_strides]
         for name, fn, reps in (("orpheus_window_ms", lambda: ref.decode(window)[..., -cfg.frame_samples:], 50),
                                ("offline_64x10s_ms", lambda: ref.decode(long), 5)):
-            fn()
-            times = []
-            for _ in range(reps):
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                times.append(time.perf_counter() - start)
-            out[name] = 1e3 * statistics.median(times)
+            out[name] = 1e3 * median_time(fn, reps, device)
     audio = 64 * long[-1].shape[-1] * cfg.hop_length / cfg.sampling_rate
     out["offline_64x10s_realtime_x"] = audio / (out["offline_64x10s_ms"] / 1e3)
     return out

@@ -24,19 +24,20 @@ import torch
 from snac_stream import PRESETS, SNAC
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeats`` synchronised runs, after one warm-up run."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -92,10 +93,10 @@ def measure(preset: str, seconds: float, repeats: int, device: torch.device) -> 
             dec.flush()
 
         row = {"preset": preset, "audio_seconds": length / cfg.sampling_rate, "chunk_samples": F}
-        row["offline_encode_s"] = _median_time(lambda: model.encode(audio), repeats, device)
-        row["stream_encode_s"] = _median_time(stream_encode, repeats, device)
-        row["offline_decode_s"] = _median_time(lambda: model.decode(codes), repeats, device)
-        row["stream_decode_s"] = _median_time(stream_decode, repeats, device)
+        row["offline_encode_s"] = median_time(lambda: model.encode(audio), repeats, device)
+        row["stream_encode_s"] = median_time(stream_encode, repeats, device)
+        row["offline_decode_s"] = median_time(lambda: model.decode(codes), repeats, device)
+        row["stream_decode_s"] = median_time(stream_decode, repeats, device)
     row["encode_ratio"] = row["stream_encode_s"] / row["offline_encode_s"]
     row["decode_ratio"] = row["stream_decode_s"] / row["offline_decode_s"]
     row["stream_encode_rtf"] = row["audio_seconds"] / row["stream_encode_s"]
