@@ -22,6 +22,7 @@ import torch
 from .model.functional import use_backend
 from .model.snac import SNAC
 from .streaming.build import stream_op
+from .streaming.codec import StreamingEncoder, quantize_whole_frames
 from .streaming.ops import (assign_rows, batch_positions, row_state, select_rows, stack_states, state_bytes,
                             state_shapes, zero_rows)
 
@@ -261,8 +262,6 @@ class EncodeEngine(StreamEngine):
     """
 
     def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
-        from .streaming import StreamingEncoder
-
         # One single-stream encoder ends every stream (padding, flush), on the same op graph as the batch.
         self._closer = StreamingEncoder(model, 1, backend=backend)
         self.body = self._closer.body
@@ -279,14 +278,8 @@ class EncodeEngine(StreamEngine):
         return torch.cat(steps, dim=0)
 
     def _advance(self, state: _EncodeState, audio: torch.Tensor) -> List[torch.Tensor]:
-        z = self.body.push(state.body, audio)
-        latent = torch.cat([state.latent, z], dim=-1)
-        whole = latent.shape[-1] // self.config.coarse_stride * self.config.coarse_stride
-        state.latent = latent[..., whole:]
-        if whole == 0:
-            return [torch.zeros(audio.shape[0], 0, dtype=torch.int64, device=audio.device)
-                    for _ in self.config.vq_strides]
-        return self.model.quantizer(latent[..., :whole])[1]
+        codes, state.latent = quantize_whole_frames(self.model, state.latent, self.body.push(state.body, audio))
+        return codes
 
     def _row(self, codes: List[torch.Tensor], i: int) -> List[torch.Tensor]:
         return [c[i : i + 1] for c in codes]

@@ -10,7 +10,7 @@ Shapes: activations are (B, C, T) with T in frames of the layer's own rate.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,10 +40,12 @@ def conv_shape(layer: nn.Conv1d) -> dict:
     return {"groups": layer.groups, "stride": layer.stride[0], "dilation": layer.dilation[0]}
 
 
-def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layers`` in order; on the Triton backend, fold each snake (and a final tanh) into its conv."""
-    if current_backend() != "triton":
-        return layers(x)
+def fold_layers(layers: nn.Sequential) -> Iterator[Tuple[nn.Module, Optional[torch.Tensor], Optional[str]]]:
+    """The layers of ``layers`` as (layer, snake alpha before it, activation after it).
+
+    Each snake directly before a conv becomes that conv's ``alpha``, and a tanh directly after a conv its
+    ``activation``; every other layer comes alone: ``(layer, None, None)``.
+    """
     items = list(layers)
     i = 0
     while i < len(items):
@@ -51,14 +53,21 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
             alpha, i = layer.alpha, i + 1
             layer = items[i]
+        tanh = isinstance(layer, nn.Conv1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
+        yield layer, alpha, "tanh" if tanh else None
+        i += 2 if tanh else 1
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layers`` in order; on the Triton backend, fold each snake (and a final tanh) into its conv."""
+    if current_backend() != "triton":
+        return layers(x)
+    for layer, alpha, activation in fold_layers(layers):
         if isinstance(layer, nn.Conv1d):
-            tanh = i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
-            x = conv(x, layer.weight, layer.bias, padding=layer.padding[0], alpha=alpha,
-                     activation="tanh" if tanh else None, **conv_shape(layer))
-            i += 2 if tanh else 1
+            x = conv(x, layer.weight, layer.bias, padding=layer.padding[0], alpha=alpha, activation=activation,
+                     **conv_shape(layer))
         else:
             x = layer(x)
-            i += 1
     return x
 
 

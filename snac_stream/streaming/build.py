@@ -7,28 +7,16 @@ from typing import List
 from torch import nn
 
 from ..model.attention import LocalMHA
-from ..model.layers import Decoder, DecoderBlock, Encoder, EncoderBlock, NoiseBlock, ResidualUnit, Snake1d
+from ..model.layers import (Decoder, DecoderBlock, Encoder, EncoderBlock, NoiseBlock, ResidualUnit, Snake1d,
+                            fold_layers)
 from .ops import Blockwise, Chain, ConvTranspose, Noise, Pointwise, SlidingWindow, StreamOp
 
 
 def _sequence(layers: nn.Sequential, channels: int) -> Chain:
     """Ops for a Sequential, each snake folded into the conv after it and a final tanh into the conv before."""
-    items = list(layers)
     ops: List[StreamOp] = []
-    i = 0
-    while i < len(items):
-        layer = items[i]
-        if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
-            layer, alpha, i = items[i + 1], layer.alpha, i + 1
-        else:
-            alpha = None
-        if isinstance(layer, nn.Conv1d):
-            tanh = i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
-            op: StreamOp = SlidingWindow.conv(layer, alpha, "tanh" if tanh else None)
-            i += 1 + tanh
-        else:
-            op = stream_op(layer, channels)
-            i += 1
+    for layer, alpha, activation in fold_layers(layers):
+        op = SlidingWindow.conv(layer, alpha, activation) if isinstance(layer, nn.Conv1d) else stream_op(layer, channels)
         ops.append(op)
         channels = op.out_channels
     return Chain(ops)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,22 @@ def _on_backend(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def quantize_whole_frames(model: SNAC, latent: torch.Tensor, z: Optional[torch.Tensor]
+                          ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Quantize the whole coarse frames of ``cat(latent, z)``: (codes per level (B, t_i), leftover latent).
+
+    ``latent`` (B, D, L) holds the frames of a coarse frame not yet whole; the VQ's stride pooling is aligned
+    to absolute frame 0, so only whole groups of ``coarse_stride`` latent frames can be quantized.
+    """
+    if z is not None and z.shape[-1]:
+        latent = torch.cat([latent, z], dim=-1) if latent.shape[-1] else z
+    group = model.config.coarse_stride
+    whole = latent.shape[-1] // group * group
+    if whole == 0:
+        return [latent.new_zeros(latent.shape[0], 0, dtype=torch.int64) for _ in range(model.n_codebooks)], latent
+    return model.quantizer(latent[..., :whole])[1], latent[..., whole:]
 
 
 class _Stream:
@@ -94,13 +110,7 @@ class StreamingEncoder(_Stream):
                                   dtype=self.model.dtype)
 
     def _quantize(self, z: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        if z is not None and z.shape[-1]:
-            self.latent = torch.cat([self.latent, z], dim=-1) if self.latent.shape[-1] else z
-        whole = self.latent.shape[-1] // self.group * self.group
-        if whole == 0:
-            return self._no_codes()
-        _, codes = self.model.quantizer(self.latent[..., :whole])
-        self.latent = self.latent[..., whole:]
+        codes, self.latent = quantize_whole_frames(self.model, self.latent, z)
         return codes
 
     def _no_codes(self) -> List[torch.Tensor]:
