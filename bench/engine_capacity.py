@@ -1,13 +1,16 @@
 """Stream engines: step latency against concurrent streams, and how many real-time streams fit.
 
     python bench/engine_capacity.py [--kind decode|encode] [--preset 24khz] [--streams 1 8 64 ...]
-                                    [--device cuda] [--reference] [--json out.json] [--plot out.png]
+                                    [--device cuda] [--step-mode auto|rows|buckets|graphs]
+                                    [--reference] [--json out.json] [--plot out.png]
 
 For each stream count N the engine holds N streams past their warm-up and runs ``--steps`` batched steps;
 each step decodes (or encodes) one step (2048 samples at 24 kHz) for every stream. A stream is real time when a step
 finishes inside the audio it produces; capacity is the largest N whose p95 step latency meets that.
+On CUDA each step's GPU time is also taken from CUDA events (``gpu_*`` columns) and the peak memory is
+reported; with ``--step-mode graphs`` (the CUDA default) the bucket's graph is captured before timing.
 ``--reference`` also times the reference ``snac`` package in the same run: an Orpheus-style window (decode
-4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights; eager execution.
+4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 
 
-def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None) -> dict:
+def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
+            profile: bool = False) -> dict:
     device = model.device
-    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, backend=backend)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, backend=backend,
+                                                                  step_mode=step_mode)
     cfg = model.config
     total_steps = engine.warmup_steps + steps + 2
     frames = total_steps * engine.step_frames
@@ -43,22 +52,57 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
                                               generator=gen).to(device) for s in cfg.vq_strides])
         else:
             engine.submit(sid, (torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device))
-    for _ in range(engine.warmup_steps + 2):  # warm-up, then one batched step to warm the kernels
+    for _ in range(engine.warmup_steps):  # the streams' warm-up, outside the batch
         engine.step()
-    times = []
+    sync(device)
+    start = time.perf_counter()
+    engine.step()  # first batched step: compiles kernels, captures the bucket's graph
+    sync(device)
+    first_ms = 1e3 * (time.perf_counter() - start)
+    times, gpu = [], []
     for _ in range(steps):
         sync(device)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
         start = time.perf_counter()
         engine.step()
+        if cuda:
+            end.record()
         sync(device)
         times.append(time.perf_counter() - start)
-    times.sort()
+        if cuda:
+            gpu.append(begin.elapsed_time(end) / 1e3)
     budget = engine.step_samples / cfg.sampling_rate
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return {"streams": streams, "p50_ms": 1e3 * q(0.5), "p95_ms": 1e3 * q(0.95), "p99_ms": 1e3 * q(0.99),
-            "budget_ms": 1e3 * budget, "realtime": q(0.95) <= budget,
-            "aggregate_rtf": streams * budget / statistics.median(times),
-            "state_bytes_per_stream": engine.state_bytes_per_stream}
+    row = {"streams": streams, **percentiles(times, ""), "budget_ms": 1e3 * budget,
+           "realtime": percentiles(times, "")["p95_ms"] <= 1e3 * budget,
+           "aggregate_rtf": streams * budget / statistics.median(times), "first_batched_step_ms": first_ms,
+           "state_bytes_per_stream": engine.state_bytes_per_stream, "step_mode": engine.step_mode}
+    if cuda:
+        row.update(percentiles(gpu, "gpu_"))
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                engine.step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        print(f"profile, {streams} streams, {engine.step_mode}: {len(kernels) / 5:.0f} kernels per step, "
+              f"{sum(e.device_time for e in kernels) / 5 / 1e3:.3f} ms kernel time per step")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=12, max_name_column_width=60))
+    return row
+
+
+def percentiles(times: list, prefix: str) -> dict:
+    """p50/p95/p99 in ms of a list of seconds."""
+    ordered = sorted(times)
+    q = lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))]  # noqa: E731
+    return {f"{prefix}p{p}_ms": 1e3 * q(p / 100) for p in (50, 95, 99)}
 
 
 def reference_rows(model: SNAC) -> dict:
@@ -89,7 +133,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="auto (default), triton or torch")
+    parser.add_argument("--step-mode", default="auto", choices=["auto", "rows", "buckets", "graphs"],
+                        help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of 5 steps per stream count")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -98,18 +145,22 @@ def main() -> None:
     model = SNAC.from_config(args.preset).to(device).eval()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
-            "backend": model.resolved_backend(args.backend), "kind": args.kind}
-    print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, {meta['date']}, "
-          f"commit {meta['commit']}")
-    print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |")
-    print("|---|---|---|---|---|---|---|")
+            "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode}
+    cuda = device.type == "cuda"
+    print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
+          f"{args.step_mode}, {meta['date']}, commit {meta['commit']}")
+    print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |"
+          + (" GPU p50 (ms) | GPU p95 | peak GiB | first step (ms) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if cuda else ""))
     rows = []
     with torch.inference_mode():
         for n in args.streams:
-            r = measure(model, args.kind, n, args.steps, args.backend)
+            r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile)
             rows.append(r)
-            print(f"| {n} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['budget_ms']:.1f} "
-                  f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |", flush=True)
+            extra = (f" {r['gpu_p50_ms']:.3f} | {r['gpu_p95_ms']:.3f} | {r['peak_memory_gib']:.2f} "
+                     f"| {r['first_batched_step_ms']:.0f} |" if cuda else "")
+            print(f"| {n} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['budget_ms']:.1f} "
+                  f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |" + extra, flush=True)
     capacity = max([r["streams"] for r in rows if r["realtime"]], default=0)
     print(f"capacity (largest measured N with p95 inside the budget): {capacity} streams; "
           f"state per stream: {rows[0]['state_bytes_per_stream'] / 1024:.1f} KiB")

@@ -7,15 +7,27 @@ single batched pass, so N streams cost one kernel sequence.
 
 A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
 their steady shapes) run outside the batch, together with the streams that opened at the same step; after
-that the stream joins the batch, where every row is in the same phase. Rows never mix: every layer acts on each batch row alone, the noise is keyed per row, and a closed
-slot's row is zeroed before reuse. Every stream's output equals its own ``StreamingDecoder`` /
-``StreamingEncoder`` (and so offline ``decode`` / ``encode``).
+that the stream joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
+each batch row alone, the noise is keyed per row, and a closed slot's row is zeroed before reuse. Every
+stream's output equals its own ``StreamingDecoder`` / ``StreamingEncoder`` (and so offline ``decode`` /
+``encode``).
+
+How the batched step runs (``step_mode``):
+
+- ``rows``: gather the rows of the streams with a step queued, advance them, write them back. Least work;
+  the default on CPU.
+- ``buckets``: advance the first ``k`` slots in place, ``k`` the smallest power of two (or ``max_streams``)
+  covering every stream with a step queued; rows without one are computed on placeholder input and masked
+  out of the state update. Every tensor stays where it is, so the pass has fixed shapes and addresses.
+- ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
+  instead of hundreds). The default on CUDA. ``capture_graphs()`` captures every bucket up front; otherwise
+  a bucket is captured the first time it is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,8 +35,20 @@ from .model.functional import use_backend
 from .model.snac import SNAC
 from .streaming.build import stream_op
 from .streaming.codec import StreamingEncoder, quantize_whole_frames
-from .streaming.ops import (assign_rows, batch_positions, row_state, select_rows, stack_states, state_bytes,
-                            state_shapes, zero_rows)
+from .streaming.ops import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
+                            select_rows, stack_states, state_bytes, state_shapes, zero_rows)
+
+STEP_MODES = ("auto", "rows", "buckets", "graphs")
+
+
+def _as_list(x: Any) -> List[torch.Tensor]:
+    """A step's inputs or outputs (a tensor or a list of per-level tensors) as a list."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _first(x: Any, rows: int) -> Any:
+    """The first ``rows`` rows (views) of a step's inputs or outputs."""
+    return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
 
 
 class EngineFull(RuntimeError):
@@ -49,9 +73,16 @@ class StreamEngine:
     fresh stream's state is (``_init_state``) and how a stream ends (``_finish``).
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {step_mode!r}")
+        if step_mode == "auto":
+            step_mode = "graphs" if model.device.type == "cuda" else "rows"
+        if step_mode == "graphs" and model.device.type != "cuda":
+            raise ValueError(f"step_mode='graphs' needs the model on a CUDA device, it is on {model.device}")
+        self.step_mode = step_mode
         self.model = model
         self.config = model.config
         self.max_streams = max_streams
@@ -64,6 +95,13 @@ class StreamEngine:
         self._batch = batch_positions(zero_rows(steady, max_streams), max_streams, model.device)
         self._slots: Dict[int, _Slot] = {}
         self._free: List[int] = list(range(max_streams))
+        # Bucket passes read fixed input buffers and a row mask (rows with a step queued).
+        self.buckets = sorted({1 << i for i in range(max_streams.bit_length()) if 1 << i < max_streams} | {max_streams})
+        if step_mode != "rows":
+            self._inputs = self._stack([self._zero_step()] * max_streams)
+            self._mask = torch.zeros(max_streams, dtype=torch.bool, device=model.device)
+        self._graphs: Dict[int, Tuple[Any, Any]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if step_mode == "graphs" else None
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _init_state(self, batch: int) -> Any:
@@ -132,10 +170,7 @@ class StreamEngine:
         with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
             batched = sorted(s.sid for s in self._slots.values() if s.state is None and s.queue)
             if batched:
-                rows = torch.tensor(batched, device=self.model.device)
-                sub = select_rows(self._batch, rows)
-                outputs = self._advance(sub, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
-                self._batch = assign_rows(self._batch, rows, sub)
+                outputs = self._step_batch(batched, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
                 for i, sid in enumerate(batched):
                     out[sid] = self._row(outputs, i)
                     self._slots[sid].steps += 1
@@ -171,6 +206,66 @@ class StreamEngine:
         self._slot(sid)
         self._release(sid)
 
+    def capture_graphs(self) -> None:
+        """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
+        if self.step_mode != "graphs":
+            raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
+        with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
+            for k in self.buckets:
+                if k not in self._graphs:
+                    self._graphs[k] = self._capture(k)
+
+    # ---- batched steps --------------------------------------------------------------------------
+    def _step_batch(self, sids: List[int], inputs: Any) -> Any:
+        """Advance the batch rows ``sids`` (ascending) by one step of ``inputs`` (one row each, same order);
+        returns the outputs of those rows, in that order."""
+        rows = torch.tensor(sids, device=self.model.device)
+        if self.step_mode == "rows":
+            sub = select_rows(self._batch, rows)
+            outputs = self._advance(sub, inputs)
+            self._batch = assign_rows(self._batch, rows, sub)
+            return outputs
+        bucket = next(k for k in self.buckets if k > sids[-1])
+        for buffer, part in zip(_as_list(self._inputs), _as_list(inputs)):
+            buffer.index_copy_(0, rows, part)
+        self._mask.zero_()
+        self._mask.index_fill_(0, rows, True)
+        if self.step_mode == "graphs":
+            if bucket not in self._graphs:
+                self._graphs[bucket] = self._capture(bucket)
+            graph, outputs = self._graphs[bucket]
+            graph.replay()
+        else:
+            outputs = self._bucket_pass(bucket)
+        # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
+        picked = [o.index_select(0, rows) for o in _as_list(outputs)]
+        return picked if isinstance(outputs, list) else picked[0]
+
+    def _bucket_pass(self, bucket: int) -> Any:
+        """Advance the first ``bucket`` rows in place; rows off the mask keep their state."""
+        rows = first_rows(self._batch, bucket)
+        work = rebound_copy(rows)
+        outputs = self._advance(work, _first(self._inputs, bucket))
+        blend_rows_(rows, work, self._mask[:bucket])
+        return outputs
+
+    def _capture(self, bucket: int) -> Tuple[Any, Any]:
+        """A CUDA graph of ``_bucket_pass(bucket)`` and its output tensors."""
+        device = self.model.device
+        mask = self._mask.clone()
+        self._mask.zero_()  # the warm-up passes run for real: with an empty mask they change no state
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the kernels and settles the allocator before capture
+                self._bucket_pass(bucket)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outputs = self._bucket_pass(bucket)
+        self._mask.copy_(mask)
+        return graph, outputs
+
     # ---- internals ------------------------------------------------------------------------------
     def _slot(self, sid: int) -> _Slot:
         slot = self._slots.get(sid)
@@ -199,9 +294,9 @@ class DecodeEngine(StreamEngine):
     One step is ``step_frames`` coarse frames in (``submit``), ``step_samples`` samples out (``step``).
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
         self.body = stream_op(model.decoder, model.latent_dim)
-        super().__init__(model, max_streams, backend)
+        super().__init__(model, max_streams, backend, step_mode)
 
     def _init_state(self, batch: int) -> Any:
         return self.body.init_state(batch, self.model.device, self.model.dtype)
@@ -261,11 +356,11 @@ class EncodeEngine(StreamEngine):
     while the stream's first frames wait for their look-ahead). ``close`` pads as offline ``encode`` does.
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
         # One single-stream encoder ends every stream (padding, flush), on the same op graph as the batch.
         self._closer = StreamingEncoder(model, 1, backend=backend)
         self.body = self._closer.body
-        super().__init__(model, max_streams, backend)
+        super().__init__(model, max_streams, backend, step_mode)
 
     def _init_state(self, batch: int) -> Any:
         latent = torch.zeros(batch, self.model.latent_dim, 0, device=self.model.device, dtype=self.model.dtype)

@@ -28,15 +28,6 @@ AUDIO_TOL = 1e-4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def exact_torch_gpu():
-    """PyTorch's own GPU convs and matmuls in full fp32 (TF32 is on by default for cuDNN convs)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _model(name: str, backend: str) -> SNAC:
     torch.manual_seed(0)
     model = SNAC(**STRUCTURES[name], backend=backend).eval()

@@ -49,16 +49,22 @@ def steps_of(codes: List[torch.Tensor], start: int, count: int, engine: DecodeEn
     return [c[:, start * c.shape[1] // frames : (start + count) * c.shape[1] // frames] for c in codes]
 
 
-events = st.lists(st.tuples(st.sampled_from(["open", "submit", "step", "step", "close"]), st.integers(0, 5),
-                            st.integers(1, 3)), min_size=5, max_size=40)
+events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close"]),
+                            st.integers(0, 5), st.integers(1, 6)), min_size=15, max_size=50)
 
 
+# "buckets" is the pass that "graphs" captures on CUDA: testing it here tests the graph's body.
+CPU_STEP_MODES = ["rows", "buckets"]
+
+
+@pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
 @pytest.mark.parametrize("name", list(STRUCTURES))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=events, max_streams=st.integers(1, 4))
-def test_streams_opening_and_closing_at_random_equal_offline(name: str, script, max_streams: int) -> None:
+@given(script=events, max_streams=st.integers(1, 5))
+def test_streams_opening_and_closing_at_random_equal_offline(name: str, step_mode: str, script,
+                                                             max_streams: int) -> None:
     model = model_for(name)
-    engine = DecodeEngine(model, max_streams)
+    engine = DecodeEngine(model, max_streams, step_mode=step_mode)
     open_: Dict[int, dict] = {}  # sid -> {codes, sent, out}
     done: List[dict] = []
     serial = 0
@@ -72,16 +78,19 @@ def test_streams_opening_and_closing_at_random_equal_offline(name: str, script, 
                     continue
                 sid = engine.open()
                 serial += 1
-                open_[sid] = {"codes": random_codes(model, 6, engine, serial), "sent": 0, "out": []}
+                open_[sid] = {"codes": random_codes(model, 10, engine, serial), "sent": 0, "out": []}
             elif action == "submit" and sids:
                 s = open_[sids[pick % len(sids)]]
-                n = min(count, 6 - s["sent"])
+                n = min(count, 10 - s["sent"])
                 engine.submit(sids[pick % len(sids)], steps_of(s["codes"], s["sent"], n, engine))
                 s["sent"] += n
             elif action == "step":
                 for sid, audio in engine.step().items():
                     open_[sid]["out"].append(audio)
             elif action == "drain" or (action == "close" and sids):
+                while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
+                    for sid, out in engine.step().items():
+                        open_[sid]["out"].append(out)
                 for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
                     s = open_.pop(sid)
                     s["out"].append(engine.close(sid))
@@ -97,9 +106,10 @@ def test_streams_opening_and_closing_at_random_equal_offline(name: str, script, 
             assert (got - want).abs().max().item() <= AUDIO_TOL
 
 
-def test_a_broken_stream_does_not_touch_the_others() -> None:
+@pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
+def test_a_broken_stream_does_not_touch_the_others(step_mode: str) -> None:
     model = model_for("24khz")
-    engine = DecodeEngine(model, 3)
+    engine = DecodeEngine(model, 3, step_mode=step_mode)
     sids = [engine.open() for _ in range(3)]
     codes = [random_codes(model, 8, engine, seed) for seed in range(3)]
     outs: Dict[int, list] = {sid: [] for sid in sids}
@@ -168,18 +178,25 @@ def test_limits_and_errors() -> None:
 
 
 def test_triton_backend_engine_matches_offline() -> None:
-    """Per-stream noise positions go through the fused kernel (CPU: Triton's interpreter)."""
+    """Per-stream noise positions go through the fused kernel (CPU: Triton's interpreter; CUDA: in graphs)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = copy.deepcopy(model_for("24khz")).to(device)
-    engine = DecodeEngine(model, 2, backend="triton")
-    codes = [[c.to(device) for c in random_codes(model, 5, engine, s)] for s in (11, 12)]
+    engine = DecodeEngine(model, 3, backend="triton", step_mode="graphs" if device.type == "cuda" else "buckets")
+    steps = engine.warmup_steps + 4
+    codes = [[c.to(device) for c in random_codes(model, steps, engine, s)] for s in (11, 12, 13)]
     sids = [engine.open() for _ in codes]
     outs: Dict[int, list] = {sid: [] for sid in sids}
     with torch.no_grad():
         engine.submit(sids[0], codes[0])
         outs[sids[0]].extend(engine.step().values())  # the streams are one step apart
         engine.submit(sids[1], codes[1])
-        while engine.pending(sids[0]) or engine.pending(sids[1]):
+        # The third stream goes idle inside the bucket for a few steps, then resumes.
+        engine.submit(sids[2], steps_of(codes[2], 0, engine.warmup_steps + 1, engine))
+        for _ in range(engine.warmup_steps + 3):
+            for sid, audio in engine.step().items():
+                outs[sid].append(audio)
+        engine.submit(sids[2], steps_of(codes[2], engine.warmup_steps + 1, steps - engine.warmup_steps - 1, engine))
+        while any(engine.pending(sid) for sid in sids):
             for sid, audio in engine.step().items():
                 outs[sid].append(audio)
         model.backend = "torch"
@@ -188,18 +205,71 @@ def test_triton_backend_engine_matches_offline() -> None:
             assert (got - model.decode(c)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the captured pass is tested on "
+                    "the CPU as step_mode='buckets'")
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_graph_replay_equals_eager(engine_type) -> None:
+    """Full-size 24 kHz model: every output of the replayed graphs equals the same bucket pass run eagerly."""
+    torch.manual_seed(0)
+    model = SNAC.from_config("24khz").cuda().eval()
+    engines = {mode: engine_type(model, 5, step_mode=mode) for mode in ("graphs", "buckets")}
+    engines["graphs"].capture_graphs()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(5)
+    steps = engines["graphs"].warmup_steps + 6
+    inputs = []
+    for i in range(5):
+        if engine_type is DecodeEngine:
+            inputs.append([torch.randint(0, cfg.codebook_size, (1, steps * cfg.coarse_stride // s), generator=gen).cuda()
+                           for s in cfg.vq_strides])
+        else:
+            inputs.append((torch.randn(1, 1, steps * engines["graphs"].step_samples + 333, generator=gen) * 0.3).cuda())
+    outs = {mode: {} for mode in engines}
+    with torch.inference_mode():
+        for mode, engine in engines.items():
+            sids = [engine.open() for _ in range(5)]
+            for i, sid in enumerate(sids):
+                if i == 3:
+                    continue  # opens later: a warm-up beside the batch, then a join mid-stream
+                engine.submit(sid, inputs[i])
+            for t in range(steps + 3):
+                if t == 2:
+                    engine.submit(sids[3], inputs[3])
+                if t == 4:
+                    outs[mode][sids[4]] = [engine.close(sids[4])]  # a slot inside the bucket goes free
+                for sid, out in engine.step().items():
+                    outs[mode].setdefault(sid, []).append(out)
+            for sid in sids[:4]:
+                outs[mode][sid].append(engine.close(sid))
+    for sid in outs["buckets"]:
+        for a, b in zip(outs["graphs"][sid], outs["buckets"][sid]):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                assert torch.equal(x, y), f"stream {sid}: graph replay differs from the eager pass"
+    # And each stream still equals its own offline result.
+    for i in range(4):
+        got = outs["graphs"][i]
+        if engine_type is DecodeEngine:
+            want = model.decode(inputs[i])
+            assert (torch.cat(got, dim=-1) - want).abs().max().item() <= 1e-4
+        else:
+            want = model.encode(inputs[i])
+            assert all(torch.equal(torch.cat([o[k] for o in got], dim=-1), want[k]) for k in range(len(want)))
+
+
 # ---- encode ---------------------------------------------------------------------------------------
 
-enc_events = st.lists(st.tuples(st.sampled_from(["open", "submit", "submit", "step", "step", "close"]),
-                                st.integers(0, 5), st.integers(1, 5000)), min_size=5, max_size=40)
+enc_events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close"]),
+                                st.integers(0, 5), st.integers(1, 12000)), min_size=15, max_size=50)
 
 
+@pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
 @pytest.mark.parametrize("name", list(STRUCTURES))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(script=enc_events, max_streams=st.integers(1, 3))
-def test_encode_streams_at_random_equal_offline(name: str, script, max_streams: int) -> None:
+def test_encode_streams_at_random_equal_offline(name: str, step_mode: str, script, max_streams: int) -> None:
     model = model_for(name)
-    engine = EncodeEngine(model, max_streams)
+    engine = EncodeEngine(model, max_streams, step_mode=step_mode)
     open_: Dict[int, dict] = {}
     done: List[dict] = []
     serial = 0
@@ -208,7 +278,7 @@ def test_encode_streams_at_random_equal_offline(name: str, script, max_streams: 
             sids = sorted(open_)
             if action == "open" and len(open_) < max_streams:
                 serial += 1
-                audio = torch.randn(1, 1, 3 * engine.step_samples + serial * 101,
+                audio = torch.randn(1, 1, 5 * engine.step_samples + serial * 101,
                                     generator=torch.Generator().manual_seed(serial)) * 0.3
                 open_[engine.open()] = {"audio": audio, "sent": 0, "out": []}
             elif action == "submit" and sids:
@@ -221,6 +291,9 @@ def test_encode_streams_at_random_equal_offline(name: str, script, max_streams: 
                 for sid, codes in engine.step().items():
                     open_[sid]["out"].append(codes)
             elif action == "drain" or (action == "close" and sids):
+                while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
+                    for sid, out in engine.step().items():
+                        open_[sid]["out"].append(out)
                 for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
                     s = open_.pop(sid)
                     s["out"].append(engine.close(sid))
@@ -235,9 +308,10 @@ def test_encode_streams_at_random_equal_offline(name: str, script, max_streams: 
             assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_encode_engine_isolates_a_garbage_stream() -> None:
+@pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
+def test_encode_engine_isolates_a_garbage_stream(step_mode: str) -> None:
     model = model_for("24khz")
-    engine = EncodeEngine(model, 2)
+    engine = EncodeEngine(model, 2, step_mode=step_mode)
     a, b = engine.open(), engine.open()
     audio = torch.randn(1, 1, 6 * engine.step_samples, generator=torch.Generator().manual_seed(3)) * 0.3
     outs = []

@@ -7,7 +7,7 @@ References are computed on the same device in plain fp32 (TF32 off).
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -27,16 +27,6 @@ needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU; the CPU tests in this file run the same kernels under Triton's interpreter",
 )
-
-
-@pytest.fixture(autouse=True)
-def _fp32_reference() -> Iterator[None]:
-    """Plain fp32 torch references: cuBLAS and cuDNN would otherwise use TF32 on GPU."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture
@@ -332,14 +322,9 @@ def real_case() -> Tuple[VectorQuantize, torch.Tensor, torch.Tensor, torch.Tenso
     """A full-size level and its fp32 reference: (quantizer, z, z_e_ref, codes_ref)."""
     vq = _quantizer(REAL["D"], REAL["N"], REAL["d"], seed=61)
     z = _randn(REAL["B"], REAL["D"], REAL["T"], seed=62)
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            z_e_ref = vq.in_proj(z)
-            idx_ref = vq.nearest(z_e_ref)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with torch.no_grad():  # full fp32: see conftest's full_fp32_torch
+        z_e_ref = vq.in_proj(z)
+        idx_ref = vq.nearest(z_e_ref)
     return vq, z, z_e_ref, idx_ref
 
 

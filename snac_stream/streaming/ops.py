@@ -274,7 +274,7 @@ class Noise(StreamOp):
         if x.shape[-1] == 0:
             return x
         y = self.block.apply_at(x, state.position)
-        state.position += x.shape[-1]
+        state.position = state.position + x.shape[-1]  # rebinds: a batch's position tensor is never written in place
         return y
 
     def flush(self, state: _CounterState) -> Optional[torch.Tensor]:
@@ -368,7 +368,8 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
 
 
 def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
-    """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``; returns the updated state.
+    """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
+    updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
 
     Tensors must agree in shape beyond the batch dim: the streams are in the same phase. Counters take the
     sub-state's values, which are the same for every stream in that phase.
@@ -378,13 +379,45 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
             position = src.position
             if not isinstance(position, torch.Tensor):  # a single stream's noise position
                 position = torch.full((len(rows),), position, dtype=torch.int64, device=dst.position.device)
-            return _CounterState(dst.position.index_copy(0, rows, position))
+            return _CounterState(dst.position.index_copy_(0, rows, position))
         if isinstance(dst, torch.Tensor):
             if dst.shape[1:] != src.shape[1:]:
                 raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
-            return dst.index_copy(0, rows, src.to(dst.dtype))
+            return dst.index_copy_(0, rows, src.to(dst.dtype))
         return src
     return _map_state(put, state, sub)
+
+
+def first_rows(state: Any, count: int) -> Any:
+    """The first ``count`` rows of a batched state as views: writes to them write the batch."""
+    def head(v: Any) -> Any:
+        if isinstance(v, _CounterState):
+            return _CounterState(v.position[:count])
+        return v[:count] if isinstance(v, torch.Tensor) else v
+    return _map_state(head, state)
+
+
+def rebound_copy(state: Any) -> Any:
+    """The same tensors in new containers: a push rebinds the copy's fields and leaves ``state`` as it was."""
+    return _map_state(lambda v: _CounterState(v.position) if isinstance(v, _CounterState) else v, state)
+
+
+def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
+    """In place: rows of ``state`` where ``mask`` (B,) is set take ``new``'s values, the others keep theirs.
+
+    ``new`` is ``state`` advanced by a push of a ``rebound_copy``; counters are left alone (every row is in
+    the same phase). No host synchronisation, so the blend can be captured in a CUDA graph.
+    """
+    def blend(dst: Any, src: Any) -> Any:
+        if isinstance(dst, _CounterState):
+            dst, src = dst.position, src.position
+        if isinstance(dst, torch.Tensor) and src is not dst:
+            if dst.shape != src.shape:
+                raise ValueError(f"a push changed a state tensor's shape {tuple(dst.shape)} -> {tuple(src.shape)}: "
+                                 "the rows are not in their steady phase")
+            dst.copy_(torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src, dst))
+        return dst
+    _map_state(blend, state, new)
 
 
 def stack_states(states: Sequence[Any]) -> Any:
