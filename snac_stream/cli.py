@@ -2,13 +2,18 @@
 
     snac-stream encode IN.wav OUT.npz [--model M] [--device D] [--quiet]
     snac-stream decode IN.npz OUT.wav [--model M] [--device D] [--noise-seed N] [--float] [--quiet]
+    snac-stream live [--input-device D | --input FILE] [--output-device D | --output FILE] [--model M]
+                     [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
+    snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
 
 ``--model`` takes a hub id (``hubertsiuzdak/snac_24khz``), a preset name (``24khz``) or a local checkpoint
 directory. Each subcommand is one ``add_*_parser`` function registering its options and one ``run_*``
-function doing the work; new subcommands (a server, demos) add a pair and an entry in ``COMMANDS``.
+function doing the work; new subcommands add a pair and an entry in ``COMMANDS``. ``live`` and
+``play-tokens`` are the live demos (``demos/live_codec.py``, ``demos/play_tokens.py``); their loops, devices and
+codec transports live in ``snac_stream.live`` and ``snac_stream.audio_io``.
 
-Expected failures (missing files, bad checkpoints, offline hub, corrupt codes, model mismatch, unusable
-device) print a single ``error: ...`` line to stderr and exit with status 2.
+Expected failures (missing files, bad checkpoints, offline hub, corrupt codes or token streams, model mismatch,
+unusable torch or sound device, unsupported sample rate) print a single ``error: ...`` line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, audio_io, live
 from .audio import WRITE_FORMATS, load_audio, save_audio, to_tensor
 from .codesfile import config_differences, load_codes, save_codes
 from .config import HUB_IDS
 from .model import SNAC
+from .tokens import LAYOUTS, get_layout
 
 DEFAULT_MODEL = HUB_IDS["24khz"]
 EXIT_ERROR = 2
@@ -251,8 +258,213 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- live ----------------------------------------------------------------------------------------------
+def _add_device_options(p: argparse.ArgumentParser, directions: Sequence[str]) -> None:
+    for kind in directions:
+        p.add_argument(f"--{kind}-device", default=None, metavar="NAME|INDEX",
+                       help=f"{kind} sound device: index or (part of) its name (default: the system default)")
+    p.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    p.add_argument("--device-rate", type=_positive_int, default=None, metavar="HZ",
+                   help="open the sound device(s) at this rate (default: the model's rate if the device "
+                        "takes it, else the device's default rate; audio is resampled to and from the model)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is often fastest for the small pushes of "
+                        "live streaming on a busy machine")
+    p.add_argument("--buffer", type=float, default=100.0, metavar="MS",
+                   help="output jitter buffer: audio queued before playback starts or resumes after an "
+                        "underrun (default: 100 ms)")
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def add_live_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "live", help="microphone -> codec -> speaker, live",
+        description="Stream the microphone through the streaming encoder and decoder to the speaker, showing "
+                    "the measured latency (a sample's capture to its playback), bitrate, token rate, dropped "
+                    "blocks and underruns. --input/--output replace the devices with files.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, preset (24khz, 32khz, 44khz) or checkpoint directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--block", type=_positive_int, default=480, metavar="SAMPLES",
+                   help="samples per block at the model's rate (default: 480, 20 ms at 24 kHz)")
+    p.add_argument("--lookahead", type=_non_negative_int, default=None, metavar="SAMPLES",
+                   help="decoder latency dial: samples of look-ahead before audio is emitted (default: exact "
+                        "decoding; smaller is earlier and approximate)")
+    p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read audio from a file, not a device")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the decoded audio to a file (.wav is 32-bit float), not a device")
+    p.add_argument("--realtime", action="store_true", help="with --input: release the file at its real pace")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of input")
+    p.add_argument("--save-input", type=Path, default=None, metavar="FILE",
+                   help="also write the audio the encoder received (at the model's rate) to FILE")
+    _add_device_options(p, ("input", "output"))
+    _add_common_options(p)
+    p.set_defaults(func=run_live)
+
+
+def _listed_devices(args: argparse.Namespace) -> bool:
+    """Handle --list-devices and --threads; returns True when the command is done."""
+    if args.list_devices:
+        print(audio_io.list_devices())
+        return True
+    if args.buffer < 0:
+        raise CLIError(f"--buffer must be >= 0 ms, got {args.buffer}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return False
+
+
+def _make_sink(args: argparse.Namespace, rate: int, block: int, on_play) -> "audio_io.DeviceSink | audio_io.FileSink":
+    if args.output is not None:
+        return audio_io.FileSink(args.output, rate, on_play=on_play)
+    device = audio_io.find_device(args.output_device, "output")
+    dev_rate = audio_io.device_rate(device, "output", rate, args.device_rate)
+    return audio_io.DeviceSink(device, rate, dev_rate, block, prebuffer=round(args.buffer * rate / 1000),
+                               on_play=on_play)
+
+
+def _check_audio_output(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    if path.suffix.lower() not in WRITE_FORMATS:
+        raise CLIError(f"cannot write {path}: unsupported suffix {path.suffix or '(none)'!r}; "
+                       f"use one of {', '.join(WRITE_FORMATS)}")
+    _check_output(path)
+
+
+def _status_printer(args: argparse.Namespace):
+    tty = sys.stderr.isatty()
+
+    def show(stats) -> None:
+        if not args.quiet:
+            # A refreshed line on a terminal; one line per update when stderr is a file or a pipe.
+            print(("\r" if tty else "") + stats.status(), end="" if tty else "\n", file=sys.stderr, flush=True)
+    return show
+
+
+def run_live(args: argparse.Namespace) -> int:
+    if _listed_devices(args):
+        return 0
+    if args.realtime and args.input is None:
+        raise CLIError("--realtime paces an --input file; the microphone is real time already")
+    if args.input is not None and not args.input.exists():
+        raise FileNotFoundError(f"input audio file not found: {args.input}")
+    _check_audio_output(args.output)
+    _check_audio_output(args.save_input)
+    if args.seconds is not None and args.seconds <= 0:
+        raise CLIError(f"--seconds must be positive, got {args.seconds}")
+    device = resolve_device(args.device)
+    # Devices are checked before the model loads, so a wrong name fails in a moment.
+    if args.input is None:
+        in_device = audio_io.find_device(args.input_device, "input")
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    model = load_model(args.model, device)
+    rate = model.sampling_rate
+    codec = live.InProcessCodec(model, lookahead_samples=args.lookahead)
+    meter = live.LatencyMeter(rate)
+    if args.input is not None:
+        source = audio_io.FileSource(args.input, rate, args.block, realtime=args.realtime)
+        where_in = f"{args.input}" + (" (real-time pace)" if args.realtime else "")
+    else:
+        in_rate = audio_io.device_rate(in_device, "input", rate, args.device_rate)
+        source = audio_io.DeviceSource(in_device, rate, in_rate, args.block)
+        where_in = f"input device {in_device}" + (f" at {in_rate} Hz, resampled" if in_rate != rate else "")
+    sink = _make_sink(args, rate, args.block, meter.played)
+    where_out = (f"{args.output}" if args.output is not None else
+                 "output device" + (f" at {sink.device_rate} Hz, resampled" if sink.device_rate != rate else ""))
+    saved: List = []
+    _say(args, f"model   {model.name} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
+               f"algorithmic latency {codec.latency_samples} samples ({codec.latency_samples / rate * 1000:.0f} ms"
+               + (", exact decoding)" if args.lookahead is None else f", decoder look-ahead {codec.decoder.lookahead_samples})"))
+    _say(args, f"live    {where_in} -> {where_out}, blocks of {args.block} samples; Ctrl-C stops")
+    stats = live.run_codec(source, codec, sink, latency=meter,
+                           max_samples=None if args.seconds is None else round(args.seconds * rate),
+                           tee=saved.append if args.save_input is not None else None,
+                           on_status=_status_printer(args),
+                           on_start=lambda: _say(args, "started (streams open)"))
+    if sys.stderr.isatty() and not args.quiet:
+        print(file=sys.stderr)
+    if args.save_input is not None and saved:
+        save_audio(args.save_input, np.concatenate(saved), rate, subtype="FLOAT" if args.save_input.suffix.lower() == ".wav" else None)
+    summary = meter.summary()
+    lat = (f"latency median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max {summary[2] * 1000:.0f})"
+           if summary else "latency n/a")
+    _say(args, f"summary {stats.audio_seconds:.2f} s in, {stats.produced} samples out; {lat}; "
+               f"{stats.bitrate / 1000:.2f} kbps, {stats.token_rate:.1f} tokens/s; dropped blocks "
+               f"{stats.dropped_blocks}, underruns {stats.underruns}")
+    if args.output is not None:
+        _say(args, f"wrote   {args.output}")
+    return 0
+
+
+# ---- play-tokens ---------------------------------------------------------------------------------------
+def add_play_tokens_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "play-tokens", help="LLM token stream -> speaker, as the tokens arrive",
+        description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file or "
+                    "stdin) as it arrives: each coarse frame is decoded as soon as its last token is in. "
+                    "Reports the time to first audio and underruns.")
+    p.add_argument("tokens", nargs="?", default="-", help="token file, or - for stdin (default: -)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--layout", default="orpheus", choices=LAYOUTS, help="token layout (default: orpheus)")
+    p.add_argument("--token-offset", type=_non_negative_int, default=0,
+                   help="subtracted from integer ids (128266 for raw Orpheus LLM vocabulary ids; default: 0)")
+    p.add_argument("--lookahead", type=_non_negative_int, default=None, metavar="SAMPLES",
+                   help="decoder latency dial (default: exact decoding; 0 is the earliest, approximate)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the audio to a file (.wav is 32-bit float), not a device")
+    _add_device_options(p, ("output",))
+    _add_common_options(p)
+    p.set_defaults(func=run_play_tokens)
+
+
+def run_play_tokens(args: argparse.Namespace) -> int:
+    if _listed_devices(args):
+        return 0
+    _check_audio_output(args.output)
+    from_stdin = args.tokens == "-"
+    if not from_stdin and not Path(args.tokens).is_file():
+        raise FileNotFoundError(f"token file not found: {args.tokens}")
+    device = resolve_device(args.device)
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    model = load_model(args.model, device)
+    layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
+    rate = model.sampling_rate
+    decoder = live.InProcessTokenDecoder(model, layout, lookahead_samples=args.lookahead)
+    sink = _make_sink(args, rate, 480 * rate // 24000, None)
+    _say(args, f"model   {model.name} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
+               f"tokens per coarse frame), decoder latency "
+               f"{decoder.decoder.latency_samples if args.lookahead is None else decoder.decoder.lookahead_samples}"
+               f" samples; reading {'stdin' if from_stdin else args.tokens}")
+    parser = live.TokenTextParser(source="stdin" if from_stdin else str(args.tokens))
+    fd = sys.stdin.fileno() if from_stdin else os.open(args.tokens, os.O_RDONLY)
+    try:
+        stats = live.run_token_playback(
+            live.read_text_chunks(fd), parser, decoder, sink,
+            on_first_audio=lambda st: _say(args, f"first audio: {st.samples} samples, {st.tokens} tokens in"))
+    finally:
+        if not from_stdin:
+            os.close(fd)
+    ttfa = stats.time_to_first_audio
+    _say(args, f"summary {stats.tokens} tokens -> {stats.samples} samples ({stats.samples / rate:.2f} s); time to "
+               f"first audio {'n/a' if ttfa is None else f'{ttfa * 1000:.0f} ms'} (first token in -> first sample "
+               f"{'written' if args.output is not None else 'played'}); underruns {stats.underruns}")
+    if args.output is not None:
+        _say(args, f"wrote   {args.output}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------------
-COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_encode_parser, add_decode_parser]
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
+    add_encode_parser, add_decode_parser, add_live_parser, add_play_tokens_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_ERROR
     try:
         return args.func(args)
-    except (CLIError, FileNotFoundError, ValueError, OSError) as exc:
+    except (CLIError, FileNotFoundError, ValueError, OSError, audio_io.AudioIOError) as exc:
         # Messages may carry a hint on a second line; keep the report to one line.
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         print(f"error: {message}", file=sys.stderr)

@@ -37,6 +37,7 @@ __all__ = [
     "TokenParser",
     "depth_first_order",
     "parse_custom_tokens",
+    "format_custom_tokens",
     "get_layout",
     "LAYOUTS",
     "ORPHEUS_CUSTOM_TOKEN_BASE",
@@ -108,6 +109,19 @@ def parse_custom_tokens(text: str) -> List[int]:
             )
         ids.append(n - ORPHEUS_CUSTOM_TOKEN_BASE)
     return ids
+
+
+def format_custom_tokens(ids: Sequence[int], per_line: int = 7) -> str:
+    """Position-offset ids -> ``<custom_token_N>`` text (``N = id + 10``), ``per_line`` tokens per line.
+
+    The inverse of :func:`parse_custom_tokens`; 7 per line puts one Orpheus coarse frame on each line.
+    """
+    ids = [int(i) for i in ids]
+    if any(i < 0 for i in ids):
+        raise ValueError("token ids must be >= 0")
+    tokens = [f"<custom_token_{i + ORPHEUS_CUSTOM_TOKEN_BASE}>" for i in ids]
+    lines = ["".join(tokens[k : k + per_line]) for k in range(0, len(tokens), max(1, per_line))]
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
