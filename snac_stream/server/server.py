@@ -9,8 +9,9 @@ the tick loop sleeps on an event: no busy waiting.
 
 Bounds (see :class:`ServerOptions`): a session's unprocessed input (``max_backlog_s``) -- past it the server
 stops reading that socket, so a client sending faster than the engine computes is slowed by TCP flow
-control; its queued output (``max_output_bytes``) -- past it the client is dropped as a slow consumer; the
-message size (``max_frame_bytes``); the number of sessions (``max_sessions``); and ``idle_timeout_s``.
+control; its queued output -- past half of ``max_output_bytes`` the server stops reading too, and a client
+whose output does not move for ``idle_timeout_s``, or whose queue passes the whole bound, is dropped as a slow
+consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions``); and ``idle_timeout_s``.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class _Session:
         self.out.append(message)
         self.out_bytes += len(message)
         self.out_ready.set()
-        if self.out_bytes > self.server.options.max_output_bytes:
+        # After flush the rest is bounded (backlog + codec latency) and may come as one large frame.
+        if self.out_bytes > self.server.options.max_output_bytes and self.flush_at is None:
             self.server._fail(self, ProtocolError(
                 "slow_consumer", f"the client is not reading: over {self.server.options.max_output_bytes} bytes "
                                  "of output queued"), drop_queue=True)
@@ -191,8 +193,17 @@ class _Session:
                     return
                 self.out_bytes -= len(item)
                 await self.ws.send(item)
+                self.progress.set()
         except ConnectionClosed:
             pass
+
+
+async def _close_or_abort(ws: ServerConnection, code: int, reason: str, timeout_s: float = 1.0) -> None:
+    """Send a close frame; drop the TCP connection if the peer does not answer in time."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout_s)
+    except (asyncio.TimeoutError, ConnectionClosed, OSError):
+        ws.transport.abort()
 
 
 class SNACServer:
@@ -216,7 +227,8 @@ class SNACServer:
         self.step_samples = self.decoder.step_samples
         self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
                         for kind in ("encode", "decode", "roundtrip")}
-        self.stats: Dict[str, Any] = {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0}
+        self.stats: Dict[str, Any] = {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0,
+                                      "max_backlog": 0}
         self._sessions: Set[_Session] = set()
         self._numbers = 0
         # [engine]
@@ -225,6 +237,7 @@ class SNACServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine")
         self._commands: List[Tuple[Callable[[List[Any]], Any], Optional[asyncio.Future]]] = []
         self._wake: Optional[asyncio.Event] = None
+        self._changed = asyncio.Event()
         self._ticker: Optional[asyncio.Task] = None
         self._server: Optional[Server] = None
         self.port: Optional[int] = None
@@ -232,6 +245,7 @@ class SNACServer:
     # ---- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> "SNACServer":
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
         self._ticker = asyncio.create_task(self._tick_loop())
         origins: Optional[List[Any]] = None
         if "*" not in self.options.allowed_origins:
@@ -275,6 +289,16 @@ class SNACServer:
     def active_sessions(self) -> int:
         return len(self._sessions)
 
+    async def wait_sessions(self, at_most: int) -> None:
+        """Return once no more than ``at_most`` sessions hold a slot."""
+        while len(self._sessions) > at_most:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _drop(self, session: _Session) -> None:
+        self._sessions.discard(session)
+        self._changed.set()
+
     def _check_request(self, connection: ServerConnection, request: Any) -> None:
         # The bearer header is an alternative to hello.auth; remember it for the hello check.
         header = request.headers.get("Authorization", "")
@@ -305,9 +329,6 @@ class SNACServer:
             if await self._read_loop(session):
                 await self._call(lambda events: self._finish(session, events))
                 self.stats["completed"] += 1
-            if not session.dead:
-                session.out.append((_CLOSE, 1000, "done"))
-                session.out_ready.set()
         except ProtocolError as exc:
             self._fail(session, exc)
         except ConnectionClosed:
@@ -319,8 +340,11 @@ class SNACServer:
             if opened and not session.dead:
                 self._release(session)
             session.dead = True
-            self._sessions.discard(session)
+            self._drop(session)
             if session.writer is not None:
+                # Ends the writer after what is queued (a no-op close if an error close is queued first).
+                session.out.append((_CLOSE, 1000, "done"))
+                session.out_ready.set()
                 try:
                     await session.writer
                 except asyncio.CancelledError:
@@ -387,11 +411,18 @@ class SNACServer:
     async def _read_loop(self, session: _Session) -> bool:
         """Read until flush (returns True) or close (False)."""
         limit = self._backlog_limit(session.kind)
+        out_limit = self.options.max_output_bytes // 2
         while True:
-            # Backpressure: stop reading while the engine is behind; TCP flow control slows the client.
-            while session.received - session.consumed > limit and not session.dead:
+            # Backpressure: stop reading while the engine is behind or the client is slow to read its output;
+            # TCP flow control then slows the client down.
+            while not session.dead and (session.received - session.consumed > limit or session.out_bytes > out_limit):
                 session.progress.clear()
-                await session.progress.wait()
+                try:
+                    await asyncio.wait_for(session.progress.wait(), self.options.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    if session.out_bytes > out_limit:  # no output went out for a whole idle timeout
+                        raise ProtocolError("slow_consumer", f"the client has not read its output for "
+                                                             f"{self.options.idle_timeout_s:g} s") from None
             if session.dead:
                 return False
             message = await self._recv(session)
@@ -414,6 +445,7 @@ class SNACServer:
                 self._on_tokens(session, message, now)
             else:
                 self._on_audio(session, message, now)
+            self.stats["max_backlog"] = max(self.stats["max_backlog"], session.received - session.consumed)
 
     def _on_audio(self, session: _Session, payload: bytes, now: float) -> None:
         samples = decode_audio(payload, session.hello.sample_format)  # type: ignore[union-attr]
@@ -444,7 +476,7 @@ class SNACServer:
         session.error = error
         if session in self._sessions:
             self._release(session)
-            self._sessions.discard(session)
+            self._drop(session)
         if drop_queue:
             session.out.clear()
             session.out_bytes = 0
@@ -456,7 +488,7 @@ class SNACServer:
         if drop_queue and session.writer is not None:
             # The writer is stuck in a send to a client that does not read: close from here.
             session.writer.cancel()
-            asyncio.ensure_future(session.ws.close(error.close_code, error.code))
+            asyncio.ensure_future(_close_or_abort(session.ws, error.close_code, error.code))
 
     def _release(self, session: _Session) -> None:
         session.dead = True
@@ -483,14 +515,13 @@ class SNACServer:
             commands, self._commands = self._commands, []
             events, results, busy = await loop.run_in_executor(self._executor, self._tick, commands)
             self.stats["ticks"] += 1
-            touched: Set[_Session] = set()
             for session, item in events:
-                touched.add(session)
                 if isinstance(item, ProtocolError):
                     self._fail(session, item)
                 else:
                     session.enqueue(item)
-            for session in touched:
+            # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
+            for session in self._sessions:
                 session.progress.set()
             for (_, future), result in zip(commands, results):
                 if future is not None and not future.done():
