@@ -5,6 +5,12 @@
     snac-stream live [--input-device D | --input FILE] [--output-device D | --output FILE] [--model M]
                      [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
     snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
+    snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
+                      [--max-sessions N] [--token T] [--allow-origin O] ...
+    snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--device D] [--json P]
+
+``serve`` runs the websocket server (protocol in docs/protocol.md); ``bench-latency`` runs N real-time
+roundtrip clients against an in-process server on loopback and prints end-to-end latency percentiles.
 
 ``--model`` takes a hub id (``hubertsiuzdak/snac_24khz``), a preset name (``24khz``) or a local checkpoint
 directory. Each subcommand is one ``add_*_parser`` function registering its options and one ``run_*``
@@ -32,7 +38,7 @@ import torch
 from . import __version__, audio_io, live
 from .audio import WRITE_FORMATS, load_audio, save_audio, to_tensor
 from .codesfile import config_differences, load_codes, save_codes
-from .config import HUB_IDS
+from .config import HUB_IDS, PRESETS
 from .model import SNAC
 from .tokens import LAYOUTS, get_layout
 
@@ -202,6 +208,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
 def run_decode(args: argparse.Namespace) -> int:
     suffix = args.output.suffix.lower()
     if suffix not in WRITE_FORMATS:
@@ -273,15 +286,6 @@ def _add_device_options(p: argparse.ArgumentParser, directions: Sequence[str]) -
     p.add_argument("--buffer", type=float, default=100.0, metavar="MS",
                    help="output jitter buffer: audio queued before playback starts or resumes after an "
                         "underrun (default: 100 ms)")
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-    return value
-
-
 def add_live_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "live", help="microphone -> codec -> speaker, live",
@@ -462,14 +466,153 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# ---- serve / bench-latency ------------------------------------------------------------------------------
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, preset (24khz, 32khz, 44khz) or checkpoint directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --model preset with random weights instead of loading a checkpoint "
+                        "(benchmarking only: the audio is noise; reported as such to clients)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
+                   help="compute path (default: the model's, auto = Triton on CUDA, PyTorch elsewhere)")
+
+
+def _server_model(args: argparse.Namespace, device: torch.device) -> SNAC:
+    if args.random_weights:
+        preset = args.model.lower().removeprefix("hubertsiuzdak/").removeprefix("snac_")
+        if preset not in PRESETS:
+            raise CLIError(f"--random-weights needs a preset name ({', '.join(PRESETS)}), got {args.model!r}")
+        torch.manual_seed(0)
+        model = SNAC.from_config(PRESETS[preset]).to(device).eval()
+        model.name = preset
+        return model
+    return load_model(args.model, device).eval()
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="websocket server: encode, decode and roundtrip sessions",
+        description="Serve one model over websockets (protocol: docs/protocol.md). Binds to 127.0.0.1 unless "
+                    "--host says otherwise; a non-loopback address needs --token (or $SNAC_STREAM_TOKEN).")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_non_negative_int, default=8765, help="TCP port (default: 8765; 0 picks one)")
+    p.add_argument("--max-sessions", type=_positive_int, default=8,
+                   help="concurrent sessions; more are refused with server_full (default: 8)")
+    p.add_argument("--max-frame-bytes", type=_positive_int, default=1 << 20,
+                   help="largest message accepted, in bytes (default: 1048576)")
+    p.add_argument("--idle-timeout", type=_positive_float, default=30.0,
+                   help="seconds without a message before a session is closed (default: 30)")
+    p.add_argument("--max-backlog", type=_positive_float, default=2.0,
+                   help="seconds of unprocessed input per session before the server stops reading it (default: 2)")
+    p.add_argument("--max-output-bytes", type=_positive_int, default=4 << 20,
+                   help="queued output per session before a client that does not read is dropped (default: 4 MiB)")
+    p.add_argument("--token", default=None,
+                   help="auth token clients must present (hello.auth or 'Authorization: Bearer'); "
+                        "default: $SNAC_STREAM_TOKEN")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser Origin allowed besides loopback pages (repeatable; '*' allows any)")
+    _add_common_options(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .server import ServerOptions, SNACServer
+    from .server.server import TOKEN_ENV
+
+    options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
+                            max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
+                            max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
+                            token=args.token or os.environ.get(TOKEN_ENV) or None,
+                            allowed_origins=args.allow_origin, backend=args.backend)
+    try:
+        options.check()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    device = resolve_device(args.device)
+    model = _server_model(args, device)
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    async def main() -> None:
+        async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights) as server:
+            cfg = model.config
+            _say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on {device} at "
+                       f"{server.url}: {cfg.sampling_rate} Hz, step {server.step_samples} samples, algorithmic "
+                       f"latency (samples) {server.latency}; up to {options.max_sessions} sessions"
+                       f"{', token required' if options.token else ''}")
+            await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def add_bench_latency_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench-latency", help="end-to-end latency of N real-time roundtrip clients on loopback",
+        description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
+                    "roundtrip clients, and print p50/p95/p99 of the end-to-end latency per output sample split "
+                    "into algorithmic delay, server time (queue + compute) and transport, plus errors and the "
+                    "process's memory over time.")
+    _add_model_options(p)
+    p.add_argument("--clients", type=_positive_int, default=4, help="concurrent clients (default: 4)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, help="seconds of audio per client (default: 10)")
+    p.add_argument("--chunk-ms", type=_positive_float, default=20.0,
+                   help="milliseconds of audio per client message (default: 20)")
+    p.add_argument("--sample-format", default="pcm16", choices=["pcm16", "float32"])
+    p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
+    _add_common_options(p)
+    p.set_defaults(func=run_bench_latency)
+
+
+def run_bench_latency(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .server.latency import run_latency_bench
+
+    if args.json is not None:
+        _check_output(args.json)
+    device = resolve_device(args.device)
+    model = _server_model(args, device)
+    report = asyncio.run(run_latency_bench(
+        model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
+        sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
+        backend=args.backend, say=lambda line: _say(args, line)))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        _say(args, f"wrote   {args.json}")
+    return 0 if report["errors"] == 0 else 1
+
+
 # ---- entry point ---------------------------------------------------------------------------------------
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
-    add_encode_parser, add_decode_parser, add_live_parser, add_play_tokens_parser]
+    add_encode_parser, add_decode_parser, add_live_parser, add_play_tokens_parser, add_serve_parser,
+    add_bench_latency_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="snac-stream", description="SNAC neural audio codec: encode audio to codes and decode them back.")
+        prog="snac-stream", description="SNAC neural audio codec: encode audio to codes and decode them back, "
+                                        "or serve streams over websockets.")
     parser.add_argument("--version", action="version", version=f"snac-stream {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:

@@ -1,0 +1,280 @@
+"""Asyncio client for the snac-stream websocket server (protocol v1, ``docs/protocol.md``).
+
+Low level: :class:`Session` (``await Session.open(url, kind, ...)``, then ``send_audio`` / ``send_tokens``,
+``flush``, and ``receive`` for output frames and ``done``). High level: :func:`encode`, :func:`decode` and
+:func:`roundtrip` stream a whole signal (optionally paced in real time) and return a :class:`StreamResult`;
+:func:`latency_breakdown` splits a paced roundtrip's per-sample latency into algorithmic delay, server time
+and transport.
+
+Example::
+
+    result = await roundtrip("ws://127.0.0.1:8765", audio, chunk_samples=480, realtime=True)
+    result.audio          # float32 (T,) decoded samples, as many as were sent
+    result.tokens         # int64 (N,) token ids in the session's layout
+    latency_breakdown(result)  # {"total": ..., "algorithmic": ..., "server": ..., "transport": ...} seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from .server.protocol import (PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, Ready, encode_audio,
+                              encode_tokens)
+
+__all__ = ["ServerError", "Session", "StreamResult", "encode", "decode", "roundtrip", "latency_breakdown"]
+
+
+class ServerError(Exception):
+    """The server reported an error (``code`` as in the protocol's error table) and closed the session."""
+
+    def __init__(self, code: str, message: str, close_code: Optional[int] = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.close_code = code, message, close_code
+
+
+class Session:
+    """One open websocket session (after the hello/ready exchange)."""
+
+    def __init__(self, ws: ClientConnection, hello: Hello, ready: Ready):
+        self.ws, self.hello, self.ready = ws, hello, ready
+        self.sent = 0  # input items sent (samples, or tokens for decode)
+
+    @classmethod
+    async def open(cls, url: str, kind: str, *, sample_format: str = "pcm16", sample_rate: Optional[int] = None,
+                   token_layout: str = "interleaved", token_offset: int = 0, auth: Optional[str] = None,
+                   **connect_kwargs: Any) -> "Session":
+        """Connect, send ``hello`` and wait for ``ready``; raises :class:`ServerError` if refused.
+
+        ``connect_kwargs`` go to :func:`websockets.asyncio.client.connect` (``origin``, ``additional_headers``,
+        ``max_queue``, ``sock``, ...). Compression is off unless given: audio barely compresses.
+        """
+        hello = Hello(kind=kind, sample_format=sample_format, sample_rate=sample_rate, token_layout=token_layout,
+                      token_offset=token_offset, auth=auth)
+        connect_kwargs.setdefault("compression", None)
+        connect_kwargs.setdefault("max_size", None)
+        ws = await connect(url, **connect_kwargs)
+        try:
+            await ws.send(hello.to_json())
+            message = await _recv_json(ws)
+            return cls(ws, hello, Ready.parse(message))
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def send_audio(self, samples: Union[np.ndarray, bytes]) -> None:
+        """Send float samples (T,) in [-1, 1] (converted to the session's sample format) or raw payload bytes."""
+        payload = samples if isinstance(samples, (bytes, bytearray)) else encode_audio(samples, self.hello.sample_format)
+        await self.ws.send(payload)
+        self.sent += len(payload) // (2 if self.hello.sample_format == "pcm16" else 4)
+
+    async def send_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
+        """Send token ids (int32 on the wire) in the session's layout."""
+        payload = encode_tokens(tokens)
+        await self.ws.send(payload)
+        self.sent += len(payload) // 4
+
+    async def flush(self) -> None:
+        """End of stream: the server sends the rest, then ``done``, then closes."""
+        await self.ws.send(json.dumps({"type": "flush"}))
+
+    async def close(self) -> None:
+        """Abandon the stream without flushing and close the socket."""
+        try:
+            await self.ws.send(json.dumps({"type": "close"}))
+        except ConnectionClosed:
+            pass
+        await self.ws.close()
+
+    async def receive(self) -> Union[OutputFrame, Dict[str, Any]]:
+        """The next output frame, or the ``done`` message; raises :class:`ServerError` on ``error``."""
+        message = await _recv_or_error(self.ws)
+        if isinstance(message, str):
+            parsed = json.loads(message)
+            if parsed.get("type") == "error":
+                raise ServerError(parsed.get("code", "?"), parsed.get("message", ""), await _close_code(self.ws))
+            return parsed
+        return OutputFrame.unpack(message, self.hello.sample_format)
+
+
+async def _recv_or_error(ws: ClientConnection) -> Union[str, bytes]:
+    try:
+        return await ws.recv()
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise ServerError("closed", f"connection closed ({rcvd.code if rcvd else 'no close frame'}"
+                                    f"{': ' + rcvd.reason if rcvd and rcvd.reason else ''})",
+                          rcvd.code if rcvd else None) from exc
+
+
+async def _recv_json(ws: ClientConnection) -> Dict[str, Any]:
+    message = await _recv_or_error(ws)
+    if not isinstance(message, str):
+        raise ServerError("protocol", "expected a JSON text message, got a binary frame")
+    parsed = json.loads(message)
+    if parsed.get("type") == "error":
+        raise ServerError(parsed.get("code", "?"), parsed.get("message", ""), await _close_code(ws))
+    return parsed
+
+
+async def _close_code(ws: ClientConnection) -> Optional[int]:
+    """The close code that follows an error message (waits briefly for the closing handshake)."""
+    try:
+        await asyncio.wait_for(ws.wait_closed(), 5.0)
+    except asyncio.TimeoutError:
+        return None
+    return ws.close_code
+
+
+@dataclass
+class StreamResult:
+    """What a whole-stream helper collected.
+
+    ``frames``: (receive time in ``time.perf_counter`` seconds, frame) for every output frame, in order.
+    ``t0``: for real-time paced input, the instant the first sample would have been captured minus nothing:
+    sample ``i`` counts as captured at ``t0 + (i + 1) / sample_rate``; None when sent as fast as possible.
+    """
+
+    ready: Ready
+    audio: np.ndarray
+    tokens: np.ndarray
+    frames: List[Tuple[float, OutputFrame]]
+    done: Dict[str, Any]
+    t0: Optional[float] = None
+    sent: int = 0
+    send_times: List[Tuple[int, float]] = field(default_factory=list)  # (input items sent so far, time)
+
+
+async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime: bool = False,
+                  keep_frames: bool = True, **hello: Any) -> StreamResult:
+    """Send ``pieces`` (audio samples or token ids) while receiving, then flush; collect the output."""
+    session = await Session.open(url, kind, **hello)
+    rate = session.ready.sample_rate
+    result = StreamResult(session.ready, np.zeros(0, np.float32), np.zeros(0, np.int64), [], {})
+    send_audio = kind != "decode"
+
+    async def sender() -> None:
+        t0 = time.perf_counter()
+        result.t0 = t0 if realtime else None
+        for piece in pieces:
+            if realtime:
+                # A piece is sent when its last sample has been captured.
+                delay = t0 + (session.sent + len(piece)) / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if send_audio:
+                await session.send_audio(piece)
+            else:
+                await session.send_tokens(piece)
+            result.send_times.append((session.sent, time.perf_counter()))
+        await session.flush()
+        result.sent = session.sent
+
+    audio: List[np.ndarray] = []
+    tokens: List[np.ndarray] = []
+    task = asyncio.create_task(sender())
+    try:
+        while True:
+            try:
+                item = await session.receive()
+            except ServerError:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if not isinstance(exc, ConnectionClosed):
+                        raise exc  # a local failure explains the closed socket better
+                raise
+            now = time.perf_counter()
+            if isinstance(item, dict):
+                if item.get("type") == "done":
+                    result.done = item
+                    break
+                continue
+            if item.payload_kind == PAYLOAD_AUDIO:
+                if item.start != sum(a.size for a in audio):
+                    raise ServerError("protocol", f"audio frame starts at {item.start}, expected "
+                                                  f"{sum(a.size for a in audio)}")
+                audio.append(item.data)
+            elif item.payload_kind == PAYLOAD_TOKENS:
+                tokens.append(item.data)
+            if keep_frames:
+                result.frames.append((now, item))
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+        await session.ws.close()
+    result.audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+    result.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    return result
+
+
+def _chunks(data: np.ndarray, sizes: Union[int, Sequence[int]]) -> List[np.ndarray]:
+    """Split ``data`` into consecutive pieces: a fixed size, or the given sizes cycled."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"chunk sizes must be positive, got {sizes}")
+    out, pos, k = [], 0, 0
+    while pos < data.shape[0]:
+        n = sizes[k % len(sizes)]
+        out.append(data[pos : pos + n])
+        pos, k = pos + n, k + 1
+    return out
+
+
+async def encode(url: str, audio: np.ndarray, *, chunk_samples: Union[int, Sequence[int]] = 480,
+                 realtime: bool = False, **hello: Any) -> StreamResult:
+    """Stream mono float audio (T,) at the model's rate; ``result.tokens`` are the ids in ``token_layout``."""
+    return await _stream(url, "encode", _chunks(np.asarray(audio, np.float32), chunk_samples), realtime=realtime,
+                         **hello)
+
+
+async def decode(url: str, tokens: Union[Sequence[int], np.ndarray], *,
+                 chunk_tokens: Union[int, Sequence[int]] = 7, **hello: Any) -> StreamResult:
+    """Stream token ids in ``token_layout`` (e.g. ``"orpheus"``); ``result.audio`` is float32 (T,)."""
+    return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens), **hello)
+
+
+async def roundtrip(url: str, audio: np.ndarray, *, chunk_samples: Union[int, Sequence[int]] = 480,
+                    realtime: bool = False, **hello: Any) -> StreamResult:
+    """Stream audio through the codec and back: ``result.audio`` (as many samples as sent) and ``result.tokens``."""
+    return await _stream(url, "roundtrip", _chunks(np.asarray(audio, np.float32), chunk_samples),
+                         realtime=realtime, **hello)
+
+
+def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.ndarray]:
+    """Per output sample of a real-time paced roundtrip: latency and its parts, in seconds.
+
+    For output sample ``i`` in a frame received at ``t_recv`` with header fields ``input_end``, ``server_us``:
+
+    * ``total = t_recv - (t0 + (i + 1) / rate)``: from capturing input sample ``i`` to receiving its output;
+    * ``algorithmic = (input_end - (i + 1)) / rate``: waiting for the input the output depends on (the codec's
+      look-ahead, the engine's step and the client's chunk size);
+    * ``server = server_us``: from the server receiving that input to the output being ready (queue + compute);
+    * ``transport = total - algorithmic - server``: sending, the network and the client's own scheduling.
+
+    Frames of the end-of-stream flush are left out (their input ends with the flush, not with capture).
+    ``decimate`` keeps every n-th sample.
+    """
+    if result.t0 is None:
+        raise ValueError("latency needs a real-time paced stream (realtime=True)")
+    rate = result.ready.sample_rate
+    parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("total", "algorithmic", "server", "transport")}
+    for t_recv, frame in result.frames:
+        if frame.payload_kind != PAYLOAD_AUDIO or frame.final:
+            continue
+        i = np.arange(frame.start, frame.start + frame.data.shape[0], decimate, dtype=np.float64)
+        total = t_recv - (result.t0 + (i + 1) / rate)
+        algorithmic = (frame.input_end - (i + 1)) / rate
+        server = np.full_like(i, frame.server_us / 1e6)
+        parts["total"].append(total)
+        parts["algorithmic"].append(algorithmic)
+        parts["server"].append(server)
+        parts["transport"].append(total - algorithmic - server)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

@@ -1,0 +1,164 @@
+"""End-to-end latency benchmark: N concurrent real-time roundtrip clients against an in-process server.
+
+Each client streams the same kind of signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when
+its last sample would have been captured, for ``duration_s``; every output sample's latency is split into
+algorithmic delay, server time and transport (:func:`snac_stream.client.latency_breakdown`). The server's
+resident memory is sampled while the clients run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import client as ws_client
+from ..model.snac import SNAC
+from .server import ServerOptions, SNACServer
+
+PARTS = ("total", "algorithmic", "server", "transport")
+
+
+def bench_signal(samples: int, rate: int, seed: int) -> np.ndarray:
+    """Mono float32 (samples,): three sines and a little noise, about -10 dBFS."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / rate
+    x = sum(0.2 * np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(80, 2000, 3), rng.uniform(0, 6.3, 3)))
+    return np.clip(x + 0.02 * rng.standard_normal(samples), -0.9, 0.9).astype(np.float32)
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: Dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def _stats(values: np.ndarray) -> Dict[str, float]:
+    if not values.size:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": 1e3 * p50, "p95": 1e3 * p95, "p99": 1e3 * p99, "max": 1e3 * float(values.max())}
+
+
+async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
+                            sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
+                            backend: Optional[str] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB)."""
+    rate = model.config.sampling_rate
+    chunk = max(1, round(rate * chunk_ms / 1000))
+    options = ServerOptions(port=0, max_sessions=clients, idle_timeout_s=max(30.0, duration_s), backend=backend)
+    server = SNACServer(model, options, model_name=model_name, random_weights=random_weights)
+    step_s = server.step_samples / rate
+    samples = int(duration_s * rate)
+    rss: List[List[float]] = []
+    results: List[Any] = []
+    async with server:
+        say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
+            f"{model.device}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip algorithmic "
+            f"latency {server.latency['roundtrip']} samples ({1e3 * server.latency['roundtrip'] / rate:.1f} ms)")
+        say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
+            f"{sample_format}")
+        start = time.perf_counter()
+        stop = asyncio.Event()
+
+        async def sample_rss() -> None:
+            while not stop.is_set():
+                value = _rss_bytes()
+                if value is not None:
+                    rss.append([round(time.perf_counter() - start, 2), round(value / 2**20, 1)])
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+
+        async def one(k: int) -> Any:
+            # Clients start spread over one step, as independent callers would; not a synchronisation.
+            await asyncio.sleep(k * step_s / clients)
+            audio = bench_signal(samples, rate, seed=k)
+            try:
+                return await ws_client.roundtrip(server.url, audio, chunk_samples=chunk, realtime=True,
+                                                 sample_format=sample_format, sample_rate=rate)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                return exc
+
+        sampler = asyncio.create_task(sample_rss())
+        results = await asyncio.gather(*(one(k) for k in range(clients)))
+        stop.set()
+        await sampler
+        wall = time.perf_counter() - start
+        server_errors = dict(server.stats["errors"])
+    errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    good = [r for r in results if not isinstance(r, BaseException)]
+    parts: Dict[str, List[np.ndarray]] = {p: [] for p in PARTS}
+    drift = []
+    short = 0
+    for r in good:
+        if r.audio.size != samples:
+            short += 1
+        b = ws_client.latency_breakdown(r, decimate=16)
+        for p in PARTS:
+            parts[p].append(b[p])
+        n = b["total"].size
+        if n >= 8:  # latency growth across the stream: a server that falls behind drifts upwards
+            drift.append(float(np.median(b["total"][-n // 4:]) - np.median(b["total"][: n // 4])))
+    merged = {p: np.concatenate(v) if v else np.zeros(0) for p, v in parts.items()}
+    latency = {p: _stats(merged[p]) for p in PARTS}
+    overhead = merged["server"] + merged["transport"]
+    keeps_up = (not errors and not server_errors and short == 0 and overhead.size > 0
+                and float(np.percentile(overhead, 99)) < step_s)
+    steady = [m for t, m in rss if t >= min(5.0, wall / 3)]
+    report: Dict[str, Any] = {
+        "model": model_name, "random_weights": random_weights, "device": str(model.device),
+        "backend": model.resolved_backend(backend), "sample_rate": rate, "sample_format": sample_format,
+        "clients": clients, "duration_s": duration_s, "chunk_samples": chunk, "step_samples": server.step_samples,
+        "algorithmic_latency_samples": server.latency["roundtrip"], "wall_s": round(wall, 2),
+        "latency_ms": latency, "server_plus_transport_p99_ms": _stats(overhead)["p99"],
+        "drift_ms_max": 1e3 * max(drift) if drift else None,
+        "keeps_up": keeps_up, "errors": len(errors) + short, "error_messages": errors[:10],
+        "server_errors": server_errors, "incomplete_streams": short,
+        "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
+        "machine": machine_info(model.device),
+    }
+    say("latency (ms) per output sample, all clients:   p50      p95      p99      max")
+    for p in PARTS:
+        s = latency[p]
+        say(f"  {p:<12}                               {s['p50']:8.1f} {s['p95']:8.1f} {s['p99']:8.1f} {s['max']:8.1f}")
+    say(f"errors  {report['errors']} (server: {server_errors or 'none'}); keeps up in real time: "
+        f"{'yes' if keeps_up else 'NO'} (p99 server + transport {report['server_plus_transport_p99_ms']:.1f} ms "
+        f"vs a {1e3 * step_s:.1f} ms step; latency drift {report['drift_ms_max'] or 0:.1f} ms)")
+    if rss:
+        say(f"memory  server process RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB (max {max(m for _, m in rss):.0f}; "
+            f"growth after warm-up {report['rss_growth_mib']} MiB)")
+    return report

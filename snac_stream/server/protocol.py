@@ -1,0 +1,294 @@
+"""The snac-stream websocket protocol, version 1: message types, binary frame layouts, error codes.
+
+Shared by the server (:mod:`snac_stream.server.server`) and the client (:mod:`snac_stream.client`), so the
+encoding of every message lives here once. The normative description is ``docs/protocol.md``.
+
+Summary:
+
+* The client opens with a JSON text ``hello`` (session kind, sample format, sample rate, token layout, auth);
+  the server answers ``ready`` (model, rates, step size, token layout, algorithmic latency, limits).
+* Client -> server binary frames carry raw payload only: audio samples (PCM16 LE or float32 LE, mono) for
+  ``encode`` / ``roundtrip``, int32 LE token ids for ``decode``. Their order gives their stream positions.
+* Server -> client binary frames start with a 32-byte header (:data:`HEADER`): payload kind, the stream
+  position of the first item, the input count that completed the step which produced it, and server-side
+  timings; the payload is samples (in the session's sample format) or int32 LE tokens.
+* JSON text for control (``flush``, ``close``), ``done`` and ``error`` (then the server closes the socket
+  with the close code of :data:`ERRORS`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+KINDS: Tuple[str, ...] = ("encode", "decode", "roundtrip")
+SAMPLE_FORMATS: Dict[str, np.dtype] = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+TOKEN_DTYPE = np.dtype("<i4")
+DEFAULT_LAYOUT = "interleaved"
+
+# Server -> client binary frame header, little-endian:
+#   u8  payload kind (PAYLOAD_AUDIO or PAYLOAD_TOKENS)
+#   u8  flags: bit 0 (FLAG_FINAL) set on frames produced by the end-of-stream flush
+#   2x  reserved (zero)
+#   u64 start      stream position of the first item (output sample index, or output token index)
+#   u64 input_end  input items (samples, or tokens for decode) received when the step that produced this
+#                  frame became runnable: the frame depends on no input at or after this position
+#   u32 count      items in the payload
+#   u32 server_us  microseconds from the server receiving the input frame that completed that step to this
+#                  frame being ready to send (queueing + compute)
+#   u32 compute_us microseconds of engine compute in the pass that produced the frame
+HEADER = struct.Struct("<BB2xQQIII")
+HEADER_BYTES = HEADER.size  # 32: the payload stays 4-byte aligned
+PAYLOAD_AUDIO = 1
+PAYLOAD_TOKENS = 2
+FLAG_FINAL = 1
+
+# error code -> websocket close code. 1003: a data type the server does not accept here; 1007: payload
+# that is malformed for its type; 1008: a protocol or policy violation; 1009: too big; 1011: internal;
+# 1013: try again later.
+ERRORS: Dict[str, int] = {
+    "bad_data_type": 1003,      # text where binary is expected, binary before hello
+    "bad_audio": 1007,          # odd PCM16 byte count, float32 not a multiple of 4 bytes, NaN/inf
+    "bad_tokens": 1007,         # byte count not a multiple of 4, out-of-range or misplaced token ids
+    "bad_hello": 1008,          # malformed hello, unknown kind/format/layout, message before hello
+    "unsupported_version": 1008,
+    "bad_sample_rate": 1008,    # hello's sample_rate is not the model's
+    "unauthorized": 1008,       # missing or wrong auth token
+    "unknown_message": 1008,    # JSON with an unknown type, or not an object
+    "idle_timeout": 1008,       # nothing received for idle_timeout_s
+    "slow_consumer": 1008,      # the client stopped reading; its output queue hit its bound
+    "frame_too_big": 1009,      # a message over max_frame_bytes
+    "internal_error": 1011,
+    "server_full": 1013,        # every session slot is taken
+}
+
+
+class ProtocolError(Exception):
+    """A failure the peer is told about: an ``error`` message with ``code``, then close code ``close_code``."""
+
+    def __init__(self, code: str, message: str):
+        if code not in ERRORS:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def close_code(self) -> int:
+        return ERRORS[self.code]
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "error", "code": self.code, "message": self.message})
+
+
+# ---- JSON messages ----------------------------------------------------------------------------------
+def dumps(message: Dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+def parse_json(text: str) -> Dict[str, Any]:
+    """A text frame -> its JSON object with a string ``type``; raises :class:`ProtocolError`."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise ProtocolError("bad_data_type", "text frames must be JSON control messages; send audio and tokens "
+                                             "as binary frames") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("unknown_message", "a JSON message must be an object with a string 'type'")
+    return message
+
+
+@dataclass
+class Hello:
+    """The client's first message.
+
+    ``sample_rate`` (Hz) is optional; when given it must equal the model's (the server does not resample).
+    ``token_offset`` is added to every token id (e.g. 128266 for raw Orpheus LLM ids).
+    """
+
+    kind: str
+    sample_format: str = "pcm16"
+    sample_rate: Optional[int] = None
+    token_layout: str = DEFAULT_LAYOUT
+    token_offset: int = 0
+    auth: Optional[str] = None
+    protocol: int = PROTOCOL_VERSION
+
+    _FIELDS = ("type", "protocol", "kind", "sample_format", "sample_rate", "token_layout", "token_offset", "auth")
+
+    def to_json(self) -> str:
+        message = {"type": "hello", **{k: v for k, v in asdict(self).items() if v is not None}}
+        return dumps(message)
+
+    @classmethod
+    def parse(cls, message: Dict[str, Any]) -> "Hello":
+        """Validate a parsed ``hello`` object (the layout name is checked against the model later)."""
+        if message.get("type") != "hello":
+            raise ProtocolError("bad_hello", f"the first message must be a hello, got type {message.get('type')!r}")
+        unknown = sorted(set(message) - set(cls._FIELDS))
+        if unknown:
+            raise ProtocolError("bad_hello", f"unknown hello field(s): {', '.join(unknown)}")
+        protocol = message.get("protocol", PROTOCOL_VERSION)
+        if protocol != PROTOCOL_VERSION:
+            raise ProtocolError("unsupported_version",
+                                f"protocol version {protocol!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+        kind = message.get("kind")
+        if kind not in KINDS:
+            raise ProtocolError("bad_hello", f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        fmt = message.get("sample_format", "pcm16")
+        if fmt not in SAMPLE_FORMATS:
+            raise ProtocolError("bad_hello", f"sample_format must be one of {', '.join(SAMPLE_FORMATS)}, got {fmt!r}")
+        rate = message.get("sample_rate")
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0):
+            raise ProtocolError("bad_hello", f"sample_rate must be a positive integer (Hz), got {rate!r}")
+        layout = message.get("token_layout", DEFAULT_LAYOUT)
+        if not isinstance(layout, str):
+            raise ProtocolError("bad_hello", f"token_layout must be a string, got {layout!r}")
+        offset = message.get("token_offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**30:
+            raise ProtocolError("bad_hello", f"token_offset must be an integer in [0, 2**30), got {offset!r}")
+        auth = message.get("auth")
+        if auth is not None and not isinstance(auth, str):
+            raise ProtocolError("bad_hello", "auth must be a string")
+        return cls(kind=kind, sample_format=fmt, sample_rate=rate, token_layout=layout, token_offset=offset,
+                   auth=auth, protocol=protocol)
+
+
+@dataclass
+class Ready:
+    """The server's answer to a valid hello: what the session streams and how fast.
+
+    Sample counts are at ``sample_rate``; ``step_samples`` of input (``step_frames`` coarse frames,
+    ``step_frames * frame_tokens`` tokens) is the unit the engine computes in. ``algorithmic_latency_samples``
+    is the worst case, over output positions, of (input needed before an output item can be computed) minus
+    (its own position): the codec's look-ahead and the step granularity, with no compute time.
+    """
+
+    kind: str
+    model: str
+    sample_rate: int
+    sample_format: str
+    hop_samples: int
+    frame_samples: int
+    step_samples: int
+    step_frames: int
+    n_codebooks: int
+    codebook_size: int
+    token_layout: Dict[str, Any]
+    algorithmic_latency_samples: int
+    limits: Dict[str, Any]
+    session: int
+    server: str
+    protocol: int = PROTOCOL_VERSION
+    header_bytes: int = HEADER_BYTES
+    random_weights: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return dumps({"type": "ready", **asdict(self)})
+
+    @classmethod
+    def parse(cls, message: Dict[str, Any]) -> "Ready":
+        if message.get("type") != "ready":
+            raise ValueError(f"expected a ready message, got {message.get('type')!r}")
+        fields = {k: v for k, v in message.items() if k != "type"}
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+# ---- binary frames ----------------------------------------------------------------------------------
+@dataclass
+class OutputFrame:
+    """A server -> client binary frame: header fields plus the payload array (samples or token ids)."""
+
+    payload_kind: int
+    start: int
+    input_end: int
+    server_us: int
+    compute_us: int
+    data: np.ndarray
+    flags: int = 0
+
+    @property
+    def final(self) -> bool:
+        """Produced by the end-of-stream flush (padding and tail), not by a streaming step."""
+        return bool(self.flags & FLAG_FINAL)
+
+    def pack(self) -> bytes:
+        count = int(self.data.shape[0])
+        head = HEADER.pack(self.payload_kind, self.flags, self.start, self.input_end, count, _u32(self.server_us),
+                           _u32(self.compute_us))
+        return head + self.data.tobytes()
+
+    @classmethod
+    def unpack(cls, frame: Union[bytes, bytearray, memoryview], sample_format: str) -> "OutputFrame":
+        """Parse a frame; audio payloads are returned as float32 samples (T,) in [-1, 1]."""
+        if len(frame) < HEADER_BYTES:
+            raise ValueError(f"binary frame of {len(frame)} bytes is shorter than the {HEADER_BYTES}-byte header")
+        kind, flags, start, input_end, count, server_us, compute_us = HEADER.unpack_from(frame)
+        body = memoryview(frame)[HEADER_BYTES:]
+        if kind == PAYLOAD_AUDIO:
+            data = decode_audio(body, sample_format)
+        elif kind == PAYLOAD_TOKENS:
+            data = decode_tokens(body)
+        else:
+            raise ValueError(f"unknown payload kind {kind}")
+        if data.shape[0] != count:
+            raise ValueError(f"frame header says {count} items, payload holds {data.shape[0]}")
+        return cls(kind, start, input_end, server_us, compute_us, data, flags)
+
+
+def _u32(value: int) -> int:
+    return max(0, min(int(value), 2**32 - 1))
+
+
+def encode_audio(samples: np.ndarray, sample_format: str) -> bytes:
+    """Float samples (T,) in [-1, 1] -> payload bytes: PCM16 LE (rounded, saturated) or float32 LE."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if sample_format == "pcm16":
+        scaled = np.rint(np.nan_to_num(samples.astype(np.float64), nan=0.0) * 32768.0)
+        return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+    if sample_format == "float32":
+        return samples.astype("<f4").tobytes()
+    raise ValueError(f"unknown sample format {sample_format!r}")
+
+
+def decode_audio(payload: Union[bytes, bytearray, memoryview], sample_format: str) -> np.ndarray:
+    """Payload bytes -> float32 samples (T,); raises :class:`ProtocolError` ``bad_audio`` on malformed data.
+
+    PCM16 is scaled by 1/32768 (-32768 -> -1.0), as :func:`snac_stream.audio.pcm16_to_float` does.
+    """
+    dtype = SAMPLE_FORMATS.get(sample_format)
+    if dtype is None:
+        raise ValueError(f"unknown sample format {sample_format!r}")
+    nbytes = memoryview(payload).nbytes
+    if nbytes % dtype.itemsize:
+        raise ProtocolError("bad_audio", f"{sample_format} audio needs a multiple of {dtype.itemsize} bytes per "
+                                         f"frame, got {nbytes}")
+    raw = np.frombuffer(payload, dtype=dtype)
+    if sample_format == "pcm16":
+        return raw.astype(np.float32) / np.float32(32768.0)
+    if not np.isfinite(raw).all():
+        raise ProtocolError("bad_audio", "float32 audio holds NaN or infinite samples")
+    return raw.astype(np.float32)
+
+
+def encode_tokens(tokens: Any) -> bytes:
+    """Token ids -> int32 LE payload bytes."""
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < -(2**31) or ids.max() >= 2**31):
+        raise ValueError("token ids must fit in int32")
+    return ids.astype(TOKEN_DTYPE).tobytes()
+
+
+def decode_tokens(payload: Union[bytes, bytearray, memoryview]) -> np.ndarray:
+    """int32 LE payload -> int64 token ids (N,); raises :class:`ProtocolError` ``bad_tokens`` on a ragged size."""
+    nbytes = memoryview(payload).nbytes
+    if nbytes % TOKEN_DTYPE.itemsize:
+        raise ProtocolError("bad_tokens", f"tokens are int32: a frame needs a multiple of 4 bytes, got {nbytes}")
+    return np.frombuffer(payload, dtype=TOKEN_DTYPE).astype(np.int64)

@@ -1,0 +1,675 @@
+"""The websocket server: one model, a decode and an encode engine, many sessions.
+
+One asyncio event loop owns the sockets; the engines live in one worker thread (torch releases the GIL while
+it computes) and are touched only there. The loop turns each client message into a *command* (submit
+audio, submit codes, open, finish, abort) and wakes the tick loop; a tick runs the queued commands in order
+and then one engine step for every stream with a whole step queued (encode first, so a roundtrip's fresh
+codes are decoded in the same tick), and hands the output frames back to the loop. While nothing is queued
+the tick loop sleeps on an event: no busy waiting.
+
+Bounds (see :class:`ServerOptions`): a session's unprocessed input (``max_backlog_s``) -- past it the server
+stops reading that socket, so a client sending faster than the engine computes is slowed by TCP flow
+control; its queued output -- past half of ``max_output_bytes`` the server stops reading too, and a client
+whose output does not move for ``idle_timeout_s``, or whose queue passes the whole bound, is dropped as a slow
+consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions``); and ``idle_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import ipaddress
+import logging
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from .. import __version__
+from ..engine import DecodeEngine, EncodeEngine, EngineFull
+from ..model.snac import SNAC
+from ..streaming.build import stream_op
+from ..tokens import TokenLayout, TokenParser, get_layout
+from .protocol import (FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, ProtocolError, Ready,
+                       decode_audio, decode_tokens, dumps, encode_audio, parse_json)
+
+log = logging.getLogger("snac_stream.server")
+
+TOKEN_ENV = "SNAC_STREAM_TOKEN"
+# Browsers send an Origin header; other clients do not (None). Default: pages served from this machine.
+LOOPBACK_ORIGINS: Tuple[Union[str, re.Pattern, None], ...] = (
+    re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"), None)
+
+
+@dataclass
+class ServerOptions:
+    """Limits and security settings.
+
+    ``token``: a shared secret clients present in ``hello.auth`` or an ``Authorization: Bearer`` header;
+    required when ``host`` is not a loopback address. ``allowed_origins``: exact Origin values (or ``"*"``)
+    browsers may connect from, besides loopback pages.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_sessions: int = 8
+    max_frame_bytes: int = 1 << 20
+    idle_timeout_s: float = 30.0
+    max_backlog_s: float = 2.0
+    max_output_bytes: int = 4 << 20
+    token: Optional[str] = None
+    allowed_origins: Sequence[str] = ()
+    backend: Optional[str] = None
+
+    def check(self) -> None:
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_frame_bytes < 1024:
+            raise ValueError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.idle_timeout_s <= 0 or self.max_backlog_s <= 0:
+            raise ValueError("idle_timeout_s and max_backlog_s must be positive")
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(f"binding to {self.host!r} (not a loopback address) requires an auth token: pass "
+                             f"--token or set {TOKEN_ENV}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname, "" or "0.0.0.0"-like wildcard: assume reachable from outside
+
+
+# ---- algorithmic latency (pure arithmetic on the stream ops' emission counts) -------------------------
+def algorithmic_latency(model: SNAC, kind: str, step_frames: int) -> int:
+    """Worst-case algorithmic delay in samples of a session ``kind`` whose input arrives in whole steps.
+
+    * ``decode``: how far an output sample trails the audio its received coarse frames describe
+      (``input_end * frame_samples / frame_tokens - (i + 1)``);
+    * ``encode``: from the end of a coarse frame to the input count at which its tokens come out;
+    * ``roundtrip``: from capturing sample ``i`` to the input count at which output sample ``i`` comes out.
+    """
+    cfg = model.config
+    F, cs, S = cfg.frame_samples, cfg.coarse_stride, step_frames * cfg.frame_samples
+    horizon = 64 // step_frames + 8  # steps; the emission pattern is periodic long before this
+    enc = stream_op(model.encoder, 1)
+    dec = stream_op(model.decoder, model.latent_dim)
+    enc_frames = lambda n: enc.emitted(n) // cs  # noqa: E731  coarse frames final after n samples
+    dec_samples = lambda k: dec.emitted(k * cs)  # noqa: E731  samples final after k coarse frames
+    worst = 0
+    if kind == "decode":
+        for m in range(1, horizon):
+            before, after = dec_samples((m - 1) * step_frames), dec_samples(m * step_frames)
+            if after > before:
+                worst = max(worst, m * S - before - 1)
+    elif kind == "encode":
+        done = 0
+        for m in range(1, horizon):
+            frames = enc_frames(m * S)
+            for j in range(done, frames):
+                worst = max(worst, m * S - (j + 1) * F)
+            done = frames
+    elif kind == "roundtrip":
+        before = 0
+        for m in range(1, horizon):
+            after = dec_samples(enc_frames(m * S) // step_frames * step_frames)
+            if after > before:
+                worst = max(worst, m * S - before - 1)
+            before = after
+    else:
+        raise ValueError(f"unknown session kind {kind!r}")
+    return worst
+
+
+# ---- sessions -----------------------------------------------------------------------------------------
+_CLOSE = object()  # writer sentinel: close the socket after what is queued
+
+
+class _Session:
+    """One client. Fields marked [engine] are touched only in the engine thread, [loop] only on the loop."""
+
+    def __init__(self, server: "SNACServer", ws: ServerConnection, number: int):
+        self.server, self.ws, self.number = server, ws, number
+        self.hello: Optional[Hello] = None
+        self.layout: Optional[TokenLayout] = None
+        self.parser: Optional[TokenParser] = None  # [loop] decode sessions
+        self.received = 0  # [loop] input items (samples, or tokens for decode) received
+        self.consumed = 0  # [engine] input items stepped through the engine
+        self.flush_at: Optional[Tuple[int, float]] = None  # [loop -> engine] (received, time) at flush
+        # [engine]
+        self.sid_enc: Optional[int] = None
+        self.sid_dec: Optional[int] = None
+        self.enc_markers: Deque[Tuple[int, float]] = collections.deque()  # (input_end, t_recv) per queued step
+        self.dec_markers: Deque[Tuple[int, float]] = collections.deque()
+        self.code_buf: Optional[List[torch.Tensor]] = None  # codes short of a whole decoder step
+        self.audio_pos = 0
+        self.token_pos = 0
+        # [loop]
+        self.out: Deque[Any] = collections.deque()
+        self.out_bytes = 0
+        self.out_ready = asyncio.Event()
+        self.progress = asyncio.Event()
+        self.dead = False
+        self.error: Optional[ProtocolError] = None
+        self.writer: Optional[asyncio.Task] = None
+
+    @property
+    def kind(self) -> str:
+        return self.hello.kind if self.hello else "?"
+
+    # ---- loop side --------------------------------------------------------------------------------------
+    def enqueue(self, message: Union[bytes, str]) -> None:
+        if self.dead:
+            return
+        self.out.append(message)
+        self.out_bytes += len(message)
+        self.out_ready.set()
+        # After flush the rest is bounded (backlog + codec latency) and may come as one large frame.
+        if self.out_bytes > self.server.options.max_output_bytes and self.flush_at is None:
+            self.server._fail(self, ProtocolError(
+                "slow_consumer", f"the client is not reading: over {self.server.options.max_output_bytes} bytes "
+                                 "of output queued"), drop_queue=True)
+
+    async def write_loop(self) -> None:
+        try:
+            while True:
+                while not self.out:
+                    self.out_ready.clear()
+                    await self.out_ready.wait()
+                item = self.out.popleft()
+                if isinstance(item, tuple) and item[0] is _CLOSE:
+                    await self.ws.close(item[1], item[2])
+                    return
+                self.out_bytes -= len(item)
+                await self.ws.send(item)
+                self.progress.set()
+        except ConnectionClosed:
+            pass
+
+
+async def _close_or_abort(ws: ServerConnection, code: int, reason: str, timeout_s: float = 1.0) -> None:
+    """Send a close frame; drop the TCP connection if the peer does not answer in time."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout_s)
+    except (asyncio.TimeoutError, ConnectionClosed, OSError):
+        ws.transport.abort()
+
+
+class SNACServer:
+    """A websocket server streaming one model to many sessions.
+
+    Use ``async with SNACServer(model, options) as server:`` (or :meth:`start` / :meth:`stop`); ``server.port``
+    is the bound port (``options.port = 0`` picks a free one).
+    """
+
+    def __init__(self, model: SNAC, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
+                 random_weights: bool = False):
+        self.options = options or ServerOptions()
+        self.options.check()
+        self.model = model.eval()
+        self.model_name = model_name or getattr(model, "name", None) or "snac"
+        self.random_weights = random_weights
+        n = self.options.max_sessions
+        self.decoder = DecodeEngine(model, n, backend=self.options.backend)
+        self.encoder = EncodeEngine(model, n, backend=self.options.backend)
+        self.step_frames = self.decoder.step_frames
+        self.step_samples = self.decoder.step_samples
+        self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
+                        for kind in ("encode", "decode", "roundtrip")}
+        self.stats: Dict[str, Any] = {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0,
+                                      "max_backlog": 0}
+        self._sessions: Set[_Session] = set()
+        self._numbers = 0
+        # [engine]
+        self._by_enc: Dict[int, _Session] = {}
+        self._by_dec: Dict[int, _Session] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine")
+        self._commands: List[Tuple[Callable[[List[Any]], Any], Optional[asyncio.Future]]] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._changed = asyncio.Event()
+        self._ticker: Optional[asyncio.Task] = None
+        self._server: Optional[Server] = None
+        self.port: Optional[int] = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> "SNACServer":
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._ticker = asyncio.create_task(self._tick_loop())
+        origins: Optional[List[Any]] = None
+        if "*" not in self.options.allowed_origins:
+            origins = [*LOOPBACK_ORIGINS, *self.options.allowed_origins]
+        self._server = await serve(
+            self._handle, self.options.host, self.options.port, origins=origins, compression=None,
+            # The library refuses (close 1009) anything far beyond our own limit, which we report in JSON.
+            max_size=2 * self.options.max_frame_bytes + 1024, max_queue=4,
+            process_request=self._check_request)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> "SNACServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "call start() first"
+        await self._server.serve_forever()
+
+    @property
+    def url(self) -> str:
+        host = self.options.host
+        return f"ws://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    async def wait_sessions(self, at_most: int) -> None:
+        """Return once no more than ``at_most`` sessions hold a slot."""
+        while len(self._sessions) > at_most:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _drop(self, session: _Session) -> None:
+        self._sessions.discard(session)
+        self._changed.set()
+
+    def _check_request(self, connection: ServerConnection, request: Any) -> None:
+        # The bearer header is an alternative to hello.auth; remember it for the hello check.
+        header = request.headers.get("Authorization", "")
+        connection.bearer = header[7:] if header.startswith("Bearer ") else None  # type: ignore[attr-defined]
+        return None
+
+    # ---- connection handler (event loop) -------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._numbers += 1
+        session = _Session(self, ws, self._numbers)
+        opened = False
+        try:
+            hello = Hello.parse(parse_json(await self._recv(session, expect_text=True)))
+            self._check_hello(ws, hello)
+            if len(self._sessions) >= self.options.max_sessions:
+                raise ProtocolError("server_full", f"all {self.options.max_sessions} sessions are in use; "
+                                                   "try again later")
+            session.hello = hello
+            session.layout = get_layout(hello.token_layout, self.model.config, token_offset=hello.token_offset)
+            if hello.kind == "decode":
+                session.parser = session.layout.parser()
+            self._sessions.add(session)
+            self.stats["sessions"] += 1
+            await self._call(lambda events: self._open(session))
+            opened = True
+            session.writer = asyncio.create_task(session.write_loop())
+            session.enqueue(self._ready(session).to_json())
+            if await self._read_loop(session):
+                await self._call(lambda events: self._finish(session, events))
+                self.stats["completed"] += 1
+        except ProtocolError as exc:
+            self._fail(session, exc)
+        except ConnectionClosed:
+            pass  # abrupt disconnect: nothing to tell; the slot is freed below
+        except Exception as exc:  # a bug: tell the client, keep serving the others
+            log.exception("session %d failed", session.number)
+            self._fail(session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}"))
+        finally:
+            if opened and not session.dead:
+                self._release(session)
+            session.dead = True
+            self._drop(session)
+            if session.writer is not None:
+                # Ends the writer after what is queued (a no-op close if an error close is queued first).
+                session.out.append((_CLOSE, 1000, "done"))
+                session.out_ready.set()
+                try:
+                    await session.writer
+                except asyncio.CancelledError:
+                    pass
+            elif session.error is not None:  # failed before the writer started: send the error directly
+                try:
+                    await ws.send(session.error.to_json())
+                    await ws.close(session.error.close_code, session.error.code)
+                except ConnectionClosed:
+                    pass
+
+    def _check_hello(self, ws: ServerConnection, hello: Hello) -> None:
+        token = self.options.token
+        if token:
+            presented = hello.auth or getattr(ws, "bearer", None) or ""
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                raise ProtocolError("unauthorized", "missing or wrong auth token")
+        rate = self.model.config.sampling_rate
+        if hello.sample_rate is not None and hello.sample_rate != rate:
+            raise ProtocolError("bad_sample_rate", f"this model runs at {rate} Hz, the hello says "
+                                                   f"{hello.sample_rate} Hz; resample on the client")
+        try:
+            get_layout(hello.token_layout, self.model.config, token_offset=hello.token_offset)
+        except ValueError as exc:
+            raise ProtocolError("bad_hello", str(exc)) from None
+
+    def _ready(self, session: _Session) -> Ready:
+        cfg, layout, hello = self.model.config, session.layout, session.hello
+        assert layout is not None and hello is not None
+        opts = self.options
+        return Ready(
+            kind=hello.kind, model=self.model_name, sample_rate=cfg.sampling_rate, sample_format=hello.sample_format,
+            hop_samples=cfg.hop_length, frame_samples=cfg.frame_samples, step_samples=self.step_samples,
+            step_frames=self.step_frames, n_codebooks=cfg.n_codebooks, codebook_size=cfg.codebook_size,
+            token_layout={"name": layout.name, "frame_tokens": layout.frame_tokens,
+                          "token_offset": layout.token_offset, "order": [list(o) for o in layout.order],
+                          "id_offsets": [layout.id_offset(p) for p in range(layout.frame_tokens)]},
+            algorithmic_latency_samples=self.latency[hello.kind],
+            limits={"max_frame_bytes": opts.max_frame_bytes, "idle_timeout_s": opts.idle_timeout_s,
+                    "max_backlog_samples": self._backlog_limit(hello.kind) if hello.kind != "decode" else None,
+                    "max_backlog_tokens": self._backlog_limit(hello.kind) if hello.kind == "decode" else None,
+                    "max_output_bytes": opts.max_output_bytes, "max_sessions": opts.max_sessions},
+            session=session.number, server=f"snac-stream {__version__}", random_weights=self.random_weights)
+
+    def _backlog_limit(self, kind: str) -> int:
+        """Unprocessed input items (samples, or tokens for decode) past which the server stops reading."""
+        steps = max(1, math.ceil(self.options.max_backlog_s * self.model.config.sampling_rate / self.step_samples))
+        if kind == "decode":
+            return steps * self.step_frames * len(get_layout("interleaved", self.model.config).order)
+        return steps * self.step_samples
+
+    async def _recv(self, session: _Session, expect_text: bool = False) -> Union[str, bytes]:
+        try:
+            message = await asyncio.wait_for(session.ws.recv(), self.options.idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError("idle_timeout", f"nothing received for {self.options.idle_timeout_s:g} s") from None
+        if len(message) > self.options.max_frame_bytes:
+            raise ProtocolError("frame_too_big", f"a message of {len(message)} bytes is over the limit of "
+                                                 f"{self.options.max_frame_bytes} bytes")
+        if expect_text and not isinstance(message, str):
+            raise ProtocolError("bad_data_type", "the first message must be a JSON text hello, got a binary frame")
+        return message
+
+    async def _read_loop(self, session: _Session) -> bool:
+        """Read until flush (returns True) or close (False)."""
+        limit = self._backlog_limit(session.kind)
+        out_limit = self.options.max_output_bytes // 2
+        while True:
+            # Backpressure: stop reading while the engine is behind or the client is slow to read its output;
+            # TCP flow control then slows the client down.
+            while not session.dead and (session.received - session.consumed > limit or session.out_bytes > out_limit):
+                session.progress.clear()
+                try:
+                    await asyncio.wait_for(session.progress.wait(), self.options.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    if session.out_bytes > out_limit:  # no output went out for a whole idle timeout
+                        raise ProtocolError("slow_consumer", f"the client has not read its output for "
+                                                             f"{self.options.idle_timeout_s:g} s") from None
+            if session.dead:
+                return False
+            message = await self._recv(session)
+            if session.dead:
+                return False
+            now = time.perf_counter()
+            if isinstance(message, str):
+                control = parse_json(message)
+                if control["type"] == "flush":
+                    if session.parser is not None and session.parser.pending:
+                        raise ProtocolError("bad_tokens", f"the stream ended inside a coarse frame: "
+                                                          f"{session.parser.pending} tokens left over")
+                    session.flush_at = (session.received, now)
+                    return True
+                if control["type"] == "close":
+                    return False
+                raise ProtocolError("unknown_message", f"unknown message type {control['type']!r}; "
+                                                       "after ready the client sends binary frames, flush or close")
+            if session.kind == "decode":
+                self._on_tokens(session, message, now)
+            else:
+                self._on_audio(session, message, now)
+            self.stats["max_backlog"] = max(self.stats["max_backlog"], session.received - session.consumed)
+
+    def _on_audio(self, session: _Session, payload: bytes, now: float) -> None:
+        samples = decode_audio(payload, session.hello.sample_format)  # type: ignore[union-attr]
+        if not samples.size:
+            return
+        session.received += samples.size
+        end = session.received
+        audio = torch.from_numpy(samples).view(1, 1, -1)
+        self._post(lambda events: self._submit_audio(session, audio, end, now))
+
+    def _on_tokens(self, session: _Session, payload: bytes, now: float) -> None:
+        ids = decode_tokens(payload)
+        try:
+            codes = session.parser.push(torch.from_numpy(ids))  # type: ignore[union-attr]
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError("bad_tokens", str(exc)) from None
+        session.received += ids.size
+        end = session.received
+        if codes[0].shape[-1]:
+            self._post(lambda events: self._feed_decoder(session, codes, (end, now)))
+
+    def _fail(self, session: _Session, error: ProtocolError, drop_queue: bool = False) -> None:
+        """Report ``error`` to the client, close with its code, free the slot at once."""
+        if session.dead:
+            return
+        self.stats["errors"][error.code] += 1
+        log.info("session %d (%s): %s: %s", session.number, session.kind, error.code, error.message)
+        session.error = error
+        if session in self._sessions:
+            self._release(session)
+            self._drop(session)
+        if drop_queue:
+            session.out.clear()
+            session.out_bytes = 0
+        session.out.append(error.to_json())
+        session.out.append((_CLOSE, error.close_code, error.code))
+        session.out_ready.set()
+        session.dead = True
+        session.progress.set()
+        if drop_queue and session.writer is not None:
+            # The writer is stuck in a send to a client that does not read: close from here.
+            session.writer.cancel()
+            asyncio.ensure_future(_close_or_abort(session.ws, error.close_code, error.code))
+
+    def _release(self, session: _Session) -> None:
+        session.dead = True
+        session.progress.set()
+        self._post(lambda events: self._abort(session))
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+    def _post(self, command: Callable[[List[Any]], Any], future: Optional[asyncio.Future] = None) -> None:
+        self._commands.append((command, future))
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _call(self, command: Callable[[List[Any]], Any]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._post(command, future)
+        return await future
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            commands, self._commands = self._commands, []
+            events, results, busy = await loop.run_in_executor(self._executor, self._tick, commands)
+            self.stats["ticks"] += 1
+            for session, item in events:
+                if isinstance(item, ProtocolError):
+                    self._fail(session, item)
+                else:
+                    session.enqueue(item)
+            # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
+            for session in self._sessions:
+                session.progress.set()
+            for (_, future), result in zip(commands, results):
+                if future is not None and not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            if busy:
+                self._wake.set()
+
+    def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]]
+              ) -> Tuple[List[Tuple[_Session, Any]], List[Any], bool]:
+        """Run the commands, then one step of each engine. Returns (events, command results, more queued)."""
+        events: List[Tuple[_Session, Any]] = []
+        results: List[Any] = []
+        for command, _ in commands:
+            try:
+                results.append(command(events))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
+                results.append(exc)
+        t0 = time.perf_counter()
+        enc_out = self.encoder.step() if any(self.encoder.pending(sid) for sid in self._by_enc) else {}
+        t_enc = time.perf_counter() - t0
+        for sid, codes in enc_out.items():
+            session = self._by_enc[sid]
+            marker = session.enc_markers.popleft()
+            session.consumed += self.step_samples
+            self._guard(session, events, lambda: self._emit_codes(session, codes, marker, t_enc, events))
+        t1 = time.perf_counter()
+        dec_out = self.decoder.step() if any(self.decoder.pending(sid) for sid in self._by_dec) else {}
+        t_dec = time.perf_counter() - t1
+        for sid, audio in dec_out.items():
+            session = self._by_dec[sid]
+            marker = session.dec_markers.popleft()
+            if session.kind == "decode":
+                session.consumed += self.step_frames * session.layout.frame_tokens  # type: ignore[union-attr]
+            compute = t_dec + (t_enc if session.kind == "roundtrip" else 0.0)
+            self._guard(session, events, lambda: self._emit_audio(session, audio, marker, compute, events))
+        busy = (any(self.encoder.pending(sid) for sid in self._by_enc)
+                or any(self.decoder.pending(sid) for sid in self._by_dec))
+        return events, results, busy
+
+    def _guard(self, session: _Session, events: List[Any], work: Callable[[], None]) -> None:
+        """Run one session's share of a tick; a failure ends that session only."""
+        try:
+            work()
+        except ProtocolError as exc:
+            self._abort(session)
+            events.append((session, exc))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("session %d failed in the engine", session.number)
+            self._abort(session)
+            events.append((session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}")))
+
+    def _open(self, session: _Session) -> None:
+        try:
+            if session.kind in ("encode", "roundtrip"):
+                session.sid_enc = self.encoder.open()
+                self._by_enc[session.sid_enc] = session
+            if session.kind in ("decode", "roundtrip"):
+                session.sid_dec = self.decoder.open()
+                self._by_dec[session.sid_dec] = session
+        except EngineFull:
+            self._abort(session)
+            raise ProtocolError("server_full", "no free engine slot; try again later") from None
+
+    def _abort(self, session: _Session) -> None:
+        if session.sid_enc is not None:
+            self._by_enc.pop(session.sid_enc, None)
+            self.encoder.abort(session.sid_enc)
+            session.sid_enc = None
+        if session.sid_dec is not None:
+            self._by_dec.pop(session.sid_dec, None)
+            self.decoder.abort(session.sid_dec)
+            session.sid_dec = None
+
+    def _submit_audio(self, session: _Session, audio: torch.Tensor, end: int, t_recv: float) -> None:
+        if session.sid_enc is None:
+            return
+        self.encoder.submit(session.sid_enc, audio)
+        for _ in range((end - audio.shape[-1]) // self.step_samples, end // self.step_samples):
+            session.enc_markers.append((end, t_recv))
+
+    def _feed_decoder(self, session: _Session, codes: List[torch.Tensor], marker: Tuple[int, float]) -> None:
+        """Buffer codes and queue every whole decoder step, each tagged with ``marker``."""
+        if session.sid_dec is None:
+            return
+        buf = codes if session.code_buf is None else [torch.cat(p, dim=-1) for p in zip(session.code_buf, codes)]
+        frames = buf[0].shape[-1]
+        whole = frames // self.step_frames * self.step_frames
+        if whole:
+            self.decoder.submit(session.sid_dec, [c[:, : whole * c.shape[-1] // frames] for c in buf])
+            session.dec_markers.extend([marker] * (whole // self.step_frames))
+        session.code_buf = [c[:, whole * c.shape[-1] // frames:] for c in buf] if frames else None
+
+    def _emit_codes(self, session: _Session, codes: List[torch.Tensor], marker: Tuple[int, float],
+                    compute_s: float, events: List[Any], final: bool = False) -> None:
+        if not codes[0].shape[-1]:
+            return
+        tokens = session.layout.to_flat([c.cpu() for c in codes])[0].numpy()  # type: ignore[union-attr]
+        events.append((session, self._frame(PAYLOAD_TOKENS, session.token_pos, marker, compute_s,
+                                            tokens.astype("<i4"), final)))
+        session.token_pos += tokens.size
+        if session.kind == "roundtrip":
+            self._feed_decoder(session, codes, marker)
+
+    def _emit_audio(self, session: _Session, audio: torch.Tensor, marker: Tuple[int, float], compute_s: float,
+                    events: List[Any], limit: Optional[int] = None, final: bool = False) -> None:
+        samples = audio.reshape(-1).float().cpu().numpy()
+        if limit is not None:
+            samples = samples[: max(0, limit - session.audio_pos)]
+        if not samples.size:
+            return
+        data = np.frombuffer(encode_audio(samples, session.hello.sample_format),  # type: ignore[union-attr]
+                             dtype="<i2" if session.hello.sample_format == "pcm16" else "<f4")  # type: ignore
+        events.append((session, self._frame(PAYLOAD_AUDIO, session.audio_pos, marker, compute_s, data, final)))
+        session.audio_pos += samples.size
+
+    @staticmethod
+    def _frame(kind: int, start: int, marker: Tuple[int, float], compute_s: float, data: np.ndarray,
+               final: bool) -> bytes:
+        server_us = (time.perf_counter() - marker[1]) * 1e6
+        return OutputFrame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
+                           FLAG_FINAL if final else 0).pack()
+
+    def _finish(self, session: _Session, events: List[Any]) -> None:
+        """End of stream: pad and run the rest (as offline encode/decode would), send it and ``done``."""
+        assert session.flush_at is not None
+        marker = session.flush_at
+        t0 = time.perf_counter()
+        if session.sid_enc is not None:
+            codes = self.encoder.close(session.sid_enc)
+            self._by_enc.pop(session.sid_enc, None)
+            session.sid_enc = None
+            session.enc_markers.clear()
+            self._emit_codes(session, codes, marker, time.perf_counter() - t0, events, final=True)
+        if session.sid_dec is not None:
+            if session.code_buf is not None and session.code_buf[0].shape[-1]:
+                self._abort(session)
+                raise ProtocolError("bad_tokens", f"the stream ended inside a decoder step: "
+                                                  f"{session.code_buf[0].shape[-1]} coarse frames left over; this "
+                                                  f"model decodes whole steps of {self.step_frames} frames")
+            audio = self.decoder.close(session.sid_dec)
+            self._by_dec.pop(session.sid_dec, None)
+            session.sid_dec = None
+            session.dec_markers.clear()
+            limit = session.flush_at[0] if session.kind == "roundtrip" else None
+            self._emit_audio(session, audio, marker, time.perf_counter() - t0, events, limit=limit, final=True)
+        done: Dict[str, Any] = {"type": "done", "input_items": session.flush_at[0],
+                                "output_samples": session.audio_pos, "output_tokens": session.token_pos}
+        events.append((session, dumps(done)))

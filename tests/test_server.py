@@ -1,0 +1,392 @@
+"""The websocket server and client over real sockets on 127.0.0.1: exactness, limits, errors, security.
+
+Small random-weight models keep this fast: the 24 kHz structure (step = one coarse frame) with narrow layers,
+and the 44 kHz structure (attention, step = four coarse frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any, Awaitable, Callable, Dict, List
+
+import numpy as np
+import pytest
+import torch
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from snac_stream import PRESETS, SNAC
+from snac_stream import client as ws_client
+from snac_stream.cli import main
+from snac_stream.server import ServerOptions, SNACServer
+from snac_stream.server.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
+from snac_stream.server.server import is_loopback
+from snac_stream.tokens import get_layout
+
+AUDIO_TOL = 1e-5
+STRUCTURES = {
+    "24k": {**PRESETS["24khz"].to_dict(), "encoder_dim": 8, "decoder_dim": 64},
+    "44k": {**PRESETS["44khz"].to_dict(), "encoder_dim": 4, "decoder_dim": 64},
+}
+_MODELS: Dict[str, SNAC] = {}
+
+
+def model_for(name: str) -> SNAC:
+    if name not in _MODELS:
+        torch.manual_seed(3)
+        _MODELS[name] = SNAC(**STRUCTURES[name]).eval()
+    return _MODELS[name]
+
+
+def signal(samples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / 24000
+    x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 1500) * t) + 0.05 * rng.standard_normal(samples)
+    return np.clip(x, -0.9, 0.9).astype(np.float32)
+
+
+def offline(model: SNAC, audio: np.ndarray):
+    with torch.inference_mode():
+        codes = model.encode(torch.from_numpy(audio).view(1, 1, -1))
+        return codes, model.decode(codes)[0, 0].numpy()
+
+
+def serve(model: SNAC, test: Callable[[SNACServer], Awaitable[Any]], **options: Any) -> Any:
+    """Run ``test(server)`` against a server on an ephemeral loopback port."""
+    async def run() -> Any:
+        async with SNACServer(model, ServerOptions(port=0, **options)) as server:
+            return await asyncio.wait_for(test(server), 120)
+    return asyncio.run(run())
+
+
+def random_chunks(rng: np.random.Generator, n: int, top: int) -> List[int]:
+    return [int(c) for c in rng.integers(1, top, size=n)]
+
+
+# ---- exactness ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["24k", "44k"])
+@pytest.mark.parametrize("sample_format", ["float32", "pcm16"])
+def test_roundtrip_equals_offline_for_random_chunkings(name: str, sample_format: str) -> None:
+    model = model_for(name)
+    rng = np.random.default_rng(hash((name, sample_format)) % 2**32)
+    audio = signal(int(rng.integers(20000, 40000)), seed=1)
+    if sample_format == "pcm16":  # what the server sees
+        audio = np.frombuffer(encode_audio(audio, "pcm16"), "<i2").astype(np.float32) / 32768
+    codes, expected = offline(model, audio)
+    chunks = random_chunks(rng, 16, 5000) + [1, 2, 3]
+
+    async def test(server: SNACServer):
+        return await ws_client.roundtrip(server.url, audio, chunk_samples=chunks, sample_format=sample_format)
+
+    result = serve(model, test)
+    flat = get_layout("interleaved", model.config).to_flat(codes)[0].numpy()
+    np.testing.assert_array_equal(result.tokens, flat)
+    assert result.audio.shape == audio.shape  # trimmed to what was sent
+    tol = AUDIO_TOL if sample_format == "float32" else 1 / 32768 + AUDIO_TOL
+    assert np.abs(result.audio - expected[: audio.size]).max() <= tol
+    assert result.done == {"type": "done", "input_items": audio.size, "output_samples": audio.size,
+                           "output_tokens": flat.size}
+
+
+@pytest.mark.parametrize("name", ["24k", "44k"])
+def test_encode_tokens_equal_offline(name: str) -> None:
+    model = model_for(name)
+    rng = np.random.default_rng(5)
+    audio = signal(30001, seed=2)
+    codes, _ = offline(model, audio)
+
+    async def test(server: SNACServer):
+        return await ws_client.encode(server.url, audio, chunk_samples=random_chunks(rng, 9, 7000),
+                                      sample_format="float32", token_layout="interleaved-offsets", token_offset=7)
+
+    result = serve(model, test)
+    layout = get_layout("interleaved-offsets", model.config, token_offset=7)
+    np.testing.assert_array_equal(result.tokens, layout.to_flat(codes)[0].numpy())
+    assert result.audio.size == 0
+
+
+def test_decode_orpheus_tokens_equal_offline() -> None:
+    model = model_for("24k")
+    rng = np.random.default_rng(6)
+    frames = 23
+    codes = [torch.from_numpy(rng.integers(0, 4096, (1, frames * r))) for r in (1, 2, 4)]
+    layout = get_layout("orpheus", model.config, token_offset=128266)  # raw Orpheus LLM vocabulary ids
+    tokens = layout.to_flat(codes)[0].numpy()
+    with torch.inference_mode():
+        expected = model.decode(codes)[0, 0].numpy()
+
+    async def test(server: SNACServer):
+        return await ws_client.decode(server.url, tokens, chunk_tokens=random_chunks(rng, 11, 20),
+                                      sample_format="float32", token_layout="orpheus", token_offset=128266)
+
+    result = serve(model, test)
+    assert result.audio.shape == expected.shape
+    assert np.abs(result.audio - expected).max() <= AUDIO_TOL
+
+
+def test_announced_algorithmic_latency_is_the_measured_worst_case() -> None:
+    """Sending whole steps, the largest input_end - (i + 1) over streamed (non-flush) samples is what ready says."""
+    model = model_for("24k")
+    audio = signal(2048 * 30, seed=3)
+
+    async def test(server: SNACServer):
+        return await ws_client.roundtrip(server.url, audio, chunk_samples=server.step_samples)
+
+    result = serve(model, test)
+    worst = 0
+    for _, frame in result.frames:
+        if frame.payload_kind == 1 and not frame.final:
+            first = frame.start  # the earliest sample of a frame waited longest
+            assert frame.input_end >= frame.start + frame.data.size  # causal
+            worst = max(worst, frame.input_end - (first + 1))
+    assert worst == result.ready.algorithmic_latency_samples
+    assert result.ready.step_samples == 2048 and result.ready.header_bytes == HEADER_BYTES
+
+
+# ---- errors, limits -------------------------------------------------------------------------------------
+async def _expect_error(server: SNACServer, script: Callable[[Any], Awaitable[None]], code: str,
+                        hello: Dict[str, Any] | None = None) -> None:
+    """Open a raw connection, run ``script(ws)``, expect an ``error`` with ``code`` and its close code."""
+    async with connect(server.url, compression=None, max_size=None) as ws:
+        if hello is not None:
+            await ws.send(json.dumps({"type": "hello", **hello}))
+            ready = json.loads(await ws.recv())
+            assert ready["type"] == "ready", ready
+        await script(ws)
+        message = None
+        while True:  # skip output frames already on their way
+            message = await asyncio.wait_for(ws.recv(), 30)
+            if isinstance(message, str):
+                break
+        error = json.loads(message)
+        assert error["type"] == "error" and error["code"] == code, error
+        assert error["message"]
+        await ws.wait_closed()
+        assert ws.close_code == ERRORS[code]
+
+
+def _send(*messages: Any) -> Callable[[Any], Awaitable[None]]:
+    async def script(ws: Any) -> None:
+        for m in messages:
+            await ws.send(m)
+    return script
+
+
+AUDIO_HELLO = {"kind": "roundtrip", "sample_format": "pcm16"}
+ORPHEUS_HELLO = {"kind": "decode", "token_layout": "orpheus"}
+BAD_CASES = {
+    "binary_before_hello": (None, _send(b"\x00\x01"), "bad_data_type"),
+    "control_before_hello": (None, _send(json.dumps({"type": "flush"})), "bad_hello"),
+    "unknown_kind": (None, _send(json.dumps({"type": "hello", "kind": "transcode"})), "bad_hello"),
+    "wrong_version": (None, _send(json.dumps({"type": "hello", "kind": "encode", "protocol": 9})),
+                      "unsupported_version"),
+    "wrong_sample_rate": (None, _send(json.dumps({"type": "hello", "kind": "encode", "sample_rate": 16000})),
+                          "bad_sample_rate"),
+    "text_instead_of_audio": (AUDIO_HELLO, _send(encode_audio(np.zeros(100), "pcm16"), "0.1 0.2 0.3"),
+                              "bad_data_type"),
+    "odd_pcm16_bytes": (AUDIO_HELLO, _send(encode_audio(np.zeros(100), "pcm16"), b"\x00" * 7), "bad_audio"),
+    "nan_float32": ({"kind": "encode", "sample_format": "float32"},
+                    _send(np.array([0.1, np.nan], "<f4").tobytes()), "bad_audio"),
+    "oversized_frame": (AUDIO_HELLO, _send(b"\x00" * 40000), "frame_too_big"),
+    "unknown_message": (AUDIO_HELLO, _send(json.dumps({"type": "rewind"})), "unknown_message"),
+    "token_out_of_range": ({"kind": "decode"}, _send(encode_tokens([1, 2, 5000])), "bad_tokens"),
+    "misplaced_orpheus_token": (ORPHEUS_HELLO, _send(encode_tokens([5, 4096 + 5, 5])), "bad_tokens"),
+    "ragged_token_bytes": ({"kind": "decode"}, _send(b"\x01\x00\x00"), "bad_tokens"),
+    "flush_inside_a_frame": ({"kind": "decode"}, _send(encode_tokens([1, 2, 3]), json.dumps({"type": "flush"})),
+                             "bad_tokens"),
+}
+
+
+def test_bad_clients_get_errors_and_free_their_slot_while_a_healthy_session_stays_exact() -> None:
+    model = model_for("24k")
+    audio = signal(2048 * 24, seed=4)
+    codes, expected = offline(model, audio)
+    pieces = np.array_split(audio, len(BAD_CASES) + 2)
+
+    async def test(server: SNACServer):
+        healthy = await ws_client.Session.open(server.url, "roundtrip", sample_format="float32")
+        received: List[np.ndarray] = []
+        done: Dict[str, Any] = {}
+
+        async def reader() -> None:
+            while True:
+                item = await healthy.receive()
+                if isinstance(item, dict):
+                    done.update(item)
+                    return
+                if item.payload_kind == 1:
+                    received.append(item.data)
+
+        reading = asyncio.create_task(reader())
+        await healthy.send_audio(pieces[0])
+        for i, (hello, script, code) in enumerate(BAD_CASES.values()):
+            # max_sessions=2: a bad session that kept its slot would make the next one fail with server_full.
+            await _expect_error(server, script, code, hello)
+            await server.wait_sessions(1)
+            await healthy.send_audio(pieces[i + 1])
+        # An abrupt disconnect mid-stream (no close handshake) frees the slot too.
+        raw = await connect(server.url, compression=None)
+        await raw.send(json.dumps({"type": "hello", **AUDIO_HELLO}))
+        await raw.recv()
+        await raw.send(encode_audio(audio[:5000], "pcm16"))
+        raw.transport.abort()
+        await server.wait_sessions(1)
+        await healthy.send_audio(pieces[-1])
+        await healthy.flush()
+        await reading
+        return np.concatenate(received), done, dict(server.stats["errors"])
+
+    out, done, errors = serve(model, test, max_sessions=2, max_frame_bytes=32768)
+    assert np.abs(out - expected[: audio.size]).max() <= AUDIO_TOL
+    assert done["output_samples"] == audio.size
+    assert sum(errors.values()) == len(BAD_CASES)
+
+
+def test_idle_session_is_closed() -> None:
+    async def test(server: SNACServer):
+        await _expect_error(server, _send(encode_audio(np.zeros(3000), "pcm16")), "idle_timeout", AUDIO_HELLO)
+        await _expect_error(server, _send(), "idle_timeout")  # no hello either
+        await server.wait_sessions(0)
+
+    serve(model_for("24k"), test, idle_timeout_s=0.5)
+
+
+def test_full_server_refuses_then_accepts_once_a_slot_is_free() -> None:
+    model = model_for("24k")
+
+    async def test(server: SNACServer):
+        first = await ws_client.Session.open(server.url, "encode")
+        with pytest.raises(ws_client.ServerError) as refused:
+            await ws_client.Session.open(server.url, "decode")
+        await first.close()
+        await server.wait_sessions(0)
+        second = await ws_client.Session.open(server.url, "decode")
+        await second.close()
+        return refused.value
+
+    refused = serve(model, test, max_sessions=1)
+    assert refused.code == "server_full" and refused.close_code == 1013
+
+
+def test_client_that_stops_reading_is_dropped_and_others_continue() -> None:
+    model = model_for("24k")
+    audio = signal(2048 * 12, seed=8)
+    _, expected = offline(model, audio)
+
+    async def test(server: SNACServer):
+        # A tiny receive buffer and no library-side queue: the server's output backs up quickly.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        stalled = await ws_client.Session.open(server.url, "roundtrip", sample_format="float32", sock=sock,
+                                               max_queue=1)
+        chunk = encode_audio(signal(4096, seed=9), "float32")
+
+        async def flood() -> None:
+            try:
+                while True:
+                    await stalled.ws.send(chunk)  # waits while the server applies backpressure
+            except ConnectionClosed:
+                pass
+
+        flooding = asyncio.create_task(flood())
+        await server.wait_sessions(0)  # the stalled session is dropped (its slot freed) ...
+        result = await ws_client.roundtrip(server.url, audio, chunk_samples=1000, sample_format="float32")
+        flooding.cancel()
+        stalled.ws.transport.abort()
+        return result, dict(server.stats["errors"])
+
+    result, errors = serve(model, test, max_sessions=1, max_output_bytes=64 * 1024, max_backlog_s=0.5,
+                           idle_timeout_s=2.0)
+    assert errors == {"slow_consumer": 1}  # ... for not reading, and the next session is exact
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
+def test_fast_sender_is_throttled_with_bounded_backlog() -> None:
+    model = model_for("24k")
+    audio = signal(24000 * 8, seed=10)
+    _, expected = offline(model, audio)
+
+    async def test(server: SNACServer):
+        result = await ws_client.roundtrip(server.url, audio, chunk_samples=8000, sample_format="float32")
+        return result, server.stats["max_backlog"]
+
+    result, backlog = serve(model, test, max_backlog_s=0.2)
+    limit = 3 * 2048  # 0.2 s rounded up to whole steps
+    assert 0 < backlog <= limit + 8000  # never more than the limit plus one message
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
+# ---- security -------------------------------------------------------------------------------------------
+def test_token_is_required_when_set_in_hello_or_header() -> None:
+    model = model_for("24k")
+
+    async def test(server: SNACServer):
+        codes = []
+        for auth in (None, "wrong"):
+            with pytest.raises(ws_client.ServerError) as exc:
+                await ws_client.Session.open(server.url, "encode", auth=auth)
+            codes.append((exc.value.code, exc.value.close_code))
+        ok = await ws_client.Session.open(server.url, "encode", auth="s3cret")
+        await ok.close()
+        ok = await ws_client.Session.open(server.url, "encode",
+                                          additional_headers={"Authorization": "Bearer s3cret"})
+        await ok.close()
+        return codes
+
+    assert serve(model, test, token="s3cret") == [("unauthorized", 1008)] * 2
+
+
+def test_non_loopback_bind_needs_a_token() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
+    with pytest.raises(ValueError, match="token"):
+        ServerOptions(host="0.0.0.0").check()
+    ServerOptions(host="0.0.0.0", token="t").check()
+    assert main(["serve", "--host", "0.0.0.0", "--model", "24khz", "--random-weights"]) == 2
+
+
+def test_browser_origins_are_checked() -> None:
+    model = model_for("24k")
+
+    async def test(server: SNACServer):
+        outcome = {}
+        for origin in ("http://localhost:3000", "http://127.0.0.1", "https://app.example", "https://evil.example"):
+            try:
+                async with connect(server.url, origin=origin):
+                    outcome[origin] = "open"
+            except InvalidStatus as exc:
+                outcome[origin] = exc.response.status_code
+        return outcome
+
+    outcome = serve(model, test, allowed_origins=["https://app.example"])
+    assert outcome == {"http://localhost:3000": "open", "http://127.0.0.1": "open", "https://app.example": "open",
+                       "https://evil.example": 403}
+
+
+# ---- protocol pieces, command line ----------------------------------------------------------------------
+def test_output_frame_round_trips_through_its_header() -> None:
+    frame = OutputFrame(1, 123, 4567, 89, 10, np.array([0.5, -0.25], np.float32), flags=1)
+    back = OutputFrame.unpack(frame.pack(), "float32")
+    assert (back.payload_kind, back.start, back.input_end, back.server_us, back.compute_us, back.final) == \
+        (1, 123, 4567, 89, 10, True)
+    np.testing.assert_array_equal(back.data, frame.data)
+    assert len(frame.pack()) == HEADER_BYTES + 8
+
+
+def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
+    torch.manual_seed(0)
+    ckpt = SNAC(**STRUCTURES["24k"]).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    status = main(["bench-latency", "--model", str(ckpt), "--clients", "2", "--duration", "1.5", "--device", "cpu",
+                   "--json", str(out), "--quiet"])
+    report = json.loads(out.read_text())
+    assert status == 0 and report["errors"] == 0 and report["clients"] == 2
+    for part in ("total", "algorithmic", "server", "transport"):
+        assert set(report["latency_ms"][part]) == {"p50", "p95", "p99", "max"}
+        assert report["latency_ms"][part]["p50"] >= 0 or part == "transport"
+    assert report["latency_ms"]["algorithmic"]["max"] <= 1e3 * (report["algorithmic_latency_samples"]
+                                                                 + report["chunk_samples"]) / 24000
+    assert report["rss_mib"] and report["machine"]["cpu_count"]
