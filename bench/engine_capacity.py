@@ -42,7 +42,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, backend=backend,
                                                                   step_mode=step_mode)
     cfg = model.config
-    total_steps = engine.warmup_steps + steps + 2
+    total_steps = engine.warmup_steps + steps + 2 + (5 if profile else 0)  # queued input for every step run
     frames = total_steps * engine.step_frames
     gen = torch.Generator(device="cpu").manual_seed(streams)
     sids = [engine.open() for _ in range(streams)]
@@ -81,6 +81,15 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     if cuda:
         row.update(percentiles(gpu, "gpu_"))
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if engine.step_mode == "graphs":  # the captured pass alone: GPU time of one step's kernels
+        graph, _ = engine._graphs[max(engine._graphs)]
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        sync(device)
+        row["replay_gpu_ms"] = begin.elapsed_time(end) / 20
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -137,28 +146,36 @@ def main() -> None:
                         help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 5 steps per stream count")
+    parser.add_argument("--plain-tiles", action="store_true",
+                        help="dense-conv tiles from the plain rule, without the small-launch fill (comparison)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.plain_tiles:
+        from snac_stream.kernels import tuning
+
+        tuning._programs_wanted = lambda device: 0
     torch.manual_seed(0)
     model = SNAC.from_config(args.preset).to(device).eval()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
-            "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode}
+            "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
+            "tiles": "plain" if args.plain_tiles else "fill"}
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
-          f"{args.step_mode}, {meta['date']}, commit {meta['commit']}")
+          f"{args.step_mode}, {meta['tiles']} tiles, {meta['date']}, commit {meta['commit']}")
     print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |"
-          + (" GPU p50 (ms) | GPU p95 | peak GiB | first step (ms) |" if cuda else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if cuda else ""))
+          + (" GPU p50 (ms) | GPU p95 | peak GiB | first step (ms) | graph replay GPU (ms) |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if cuda else ""))
     rows = []
     with torch.inference_mode():
         for n in args.streams:
             r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile)
             rows.append(r)
             extra = (f" {r['gpu_p50_ms']:.3f} | {r['gpu_p95_ms']:.3f} | {r['peak_memory_gib']:.2f} "
-                     f"| {r['first_batched_step_ms']:.0f} |" if cuda else "")
+                     f"| {r['first_batched_step_ms']:.0f} | {r.get('replay_gpu_ms', float('nan')):.3f} |"
+                     if cuda else "")
             print(f"| {n} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['budget_ms']:.1f} "
                   f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |" + extra, flush=True)
     capacity = max([r["streams"] for r in rows if r["realtime"]], default=0)

@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import os
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -57,6 +58,10 @@ def describe_machine(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes); ``$SNAC_STREAM_COMMIT`` overrides it for
+    copies of a working tree whose git metadata is not the source's (a remote benchmark machine)."""
+    if os.environ.get("SNAC_STREAM_COMMIT"):
+        return os.environ["SNAC_STREAM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -382,7 +382,7 @@ def snake_conv(
         return out
 
     cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
-                        dilation=dilation, length=t_out)
+                        dilation=dilation, length=t_out, batch=batch)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
     grid = (n_o_blocks * cdiv(t_out, cfg.blocks["BLOCK_T"]), batch)
     _check_grid(batch, 1)

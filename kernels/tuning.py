@@ -119,23 +119,54 @@ def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
     return cfg
 
 
+def _fill_gpu(cfg: LaunchConfig, key: ShapeKey, length: int, batch: int, programs_wanted: int) -> LaunchConfig:
+    """Smaller dense-conv tiles for launches too small to occupy the GPU (a streaming step of a few streams:
+    C_out = 512, 32 frames is 4 programs with 128 x 64 tiles). The time tile shrinks to the output length, then
+    the channel tile and then the time tile halve, down to 16 (``tl.dot``'s minimum), until there are
+    ``programs_wanted`` programs.
+    The reduction step is kept: each output's sum runs in the same order whatever the tiling."""
+    def programs(bo: int, bt: int) -> int:
+        return -(-key.c_out // bo) * -(-length // bt) * batch
+
+    block_o, block_t = cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]
+    if programs(block_o, block_t) >= programs_wanted:
+        return cfg
+    block_t = min(block_t, _pow2_in(length, 16, block_t))
+
+    while block_o > 16 and programs(block_o, block_t) < programs_wanted:
+        block_o //= 2
+    while block_t > 16 and programs(block_o, block_t) < programs_wanted:
+        block_t //= 2
+    if (block_o, block_t) == (cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]):
+        return cfg
+    return replace(cfg, blocks={**cfg.blocks, "BLOCK_O": block_o, "BLOCK_T": block_t})
+
+
+@functools.lru_cache(maxsize=16)
+def _programs_wanted(device: torch.device) -> int:
+    """Two programs per streaming multiprocessor."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
-                  dilation: int, length: int) -> LaunchConfig:
+                  dilation: int, length: int, batch: int = 1) -> LaunchConfig:
     """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
-    producing ``length`` output frames."""
+    producing ``length`` output frames for each of ``batch`` rows."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     key = ShapeKey(kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
     cfg: Optional[LaunchConfig] = TABLE.get(key)
     if cfg is None:
-        return _default(key, length)
+        wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
+        return _default(key, length, batch, wanted)
     return _fit_dwconv(cfg, dilation * (kernel_size - 1)) if kernel == DWCONV else cfg
 
 
 @functools.lru_cache(maxsize=4096)
-def _default(key: ShapeKey, length: int) -> LaunchConfig:
+def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 0) -> LaunchConfig:
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
     if key.kernel == CONV:
-        return _default_conv(key, length)
+        cfg = _default_conv(key, length)
+        return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg
     raise ValueError(f"unknown kernel {key.kernel!r}")
