@@ -114,6 +114,32 @@ def percentiles(times: list, prefix: str) -> dict:
     return {f"{prefix}p{p}_ms": 1e3 * q(p / 100) for p in (50, 95, 99)}
 
 
+def accuracy(model: SNAC, kind: str) -> dict:
+    """How far the model's precision moves offline results from the default ``tf32x3``: audio max error and
+    SNR (decode), or the fraction of codes that differ (encode). Random inputs, 4 x 2 s."""
+    cfg, device = model.config, model.device
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    precision = model.precision
+    frames = int(2 * cfg.sampling_rate) // cfg.pad_multiple * cfg.pad_multiple // cfg.frame_samples
+    with torch.inference_mode():
+        if kind == "decode":
+            codes = [torch.randint(0, cfg.codebook_size, (4, frames * cfg.coarse_stride // s), generator=gen).to(device)
+                     for s in cfg.vq_strides]
+            got = model.decode(codes)
+            model.precision = "tf32x3"
+            want = model.decode(codes)
+            model.precision = precision
+            snr = 10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean().clamp_min(1e-30))
+            return {"max_abs_error": (got - want).abs().max().item(), "snr_db": snr.item()}
+        audio = (torch.randn(4, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device)
+        got = model.encode(audio)
+        model.precision = "tf32x3"
+        want = model.encode(audio)
+        model.precision = precision
+        differ = sum(int((a != b).sum()) for a, b in zip(got, want))
+        return {"codes_differing": differ, "codes": sum(c.numel() for c in want)}
+
+
 def reference_rows(model: SNAC) -> dict:
     import snac as reference
 
@@ -146,6 +172,8 @@ def main() -> None:
                         help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 5 steps per stream count")
+    parser.add_argument("--precision", default="tf32x3", choices=["tf32x3", "ieee", "tf32"],
+                        help="products of the Triton dense convs (default tf32x3, about fp32)")
     parser.add_argument("--plain-tiles", action="store_true",
                         help="dense-conv tiles from the plain rule, without the small-launch fill (comparison)")
     parser.add_argument("--json", type=Path)
@@ -158,13 +186,19 @@ def main() -> None:
         tuning._programs_wanted = lambda device: 0
     torch.manual_seed(0)
     model = SNAC.from_config(args.preset).to(device).eval()
+    model.precision = args.precision
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
-            "tiles": "plain" if args.plain_tiles else "fill"}
+            "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision}
+    if args.precision != "tf32x3":
+        meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
-          f"{args.step_mode}, {meta['tiles']} tiles, {meta['date']}, commit {meta['commit']}")
+          f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision}, {meta['date']}, "
+          f"commit {meta['commit']}")
+    if "accuracy_vs_tf32x3" in meta:
+        print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")
     print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |"
           + (" GPU p50 (ms) | GPU p95 | peak GiB | first step (ms) | graph replay GPU (ms) |" if cuda else ""))
     print("|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if cuda else ""))

@@ -167,7 +167,7 @@ class StreamEngine:
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""
         out: Dict[int, Any] = {}
-        with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
+        with torch.inference_mode(), self.model.compute(self.backend):
             batched = sorted(s.sid for s in self._slots.values() if s.state is None and s.queue)
             if batched:
                 outputs = self._step_batch(batched, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
@@ -195,7 +195,7 @@ class StreamEngine:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
         slot = self._slot(sid)
         try:
-            with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
+            with torch.inference_mode(), self.model.compute(self.backend):
                 state = slot.state if slot.state is not None else row_state(self._batch, sid)
                 return self._finish(slot, state)
         finally:
@@ -210,7 +210,7 @@ class StreamEngine:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
         if self.step_mode != "graphs":
             raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
-        with torch.inference_mode(), use_backend(self.model.resolved_backend(self.backend)):
+        with torch.inference_mode(), self.model.compute(self.backend):
             for k in self.buckets:
                 if k not in self._graphs:
                     self._graphs[k] = self._capture(k)

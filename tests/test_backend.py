@@ -126,3 +126,49 @@ def test_gpu_full_size_triton_matches_torch(preset: str) -> None:
         step = cfg.pad_multiple // cfg.frame_samples
         out = torch.cat([dec.push(c) for c in _split(codes_ref, frames, [step])] + [dec.flush()], -1)
         assert (out - audio_ref).abs().max().item() <= AUDIO_TOL
+
+
+def test_precision_reaches_the_dense_conv_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.precision`` is what the Triton dense convs get, offline and streaming; bad values refused."""
+    from snac_stream.kernels import conv as kernels
+
+    seen: List[str] = []
+    original = kernels.snake_conv
+    monkeypatch.setattr(kernels, "snake_conv", lambda *a, **k: seen.append(k["precision"]) or original(*a, **k))
+    model = _model("dense", "triton")
+    cfg = model.config
+    codes = [torch.randint(0, cfg.codebook_size, (1, 2 * cfg.pad_multiple // cfg.hop_length // s)).to(DEVICE)
+             for s in cfg.vq_strides]
+    with torch.no_grad():
+        for precision in ("tf32", "ieee"):
+            model.precision = precision
+            seen.clear()
+            model.decode(codes)
+            dec = model.streaming_decoder()
+            dec.push(codes)
+            dec.flush()
+            assert seen and set(seen) == {precision}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.precision = "fp16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SNAC(**STRUCTURES["dense"], precision="bf16")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tf32_precision_is_faster_arithmetic_not_another_model() -> None:
+    """Full-size 24 kHz decode at precision "tf32": close to fp32, but measurably less so than the default."""
+    torch.manual_seed(0)
+    model = SNAC.from_config("24khz").cuda().eval()
+    cfg = model.config
+    codes = [torch.randint(0, cfg.codebook_size, (2, 16 * cfg.coarse_stride // s), device="cuda")
+             for s in cfg.vq_strides]
+    with torch.no_grad():
+        model.backend = "torch"
+        ref = model.decode(codes)
+        model.backend = "triton"
+        default = model.decode(codes)
+        model.precision = "tf32"
+        fast = model.decode(codes)
+    err_default, err_fast = (default - ref).abs().max().item(), (fast - ref).abs().max().item()
+    assert err_default <= AUDIO_TOL and err_default < err_fast <= 5e-2, (err_default, err_fast)

@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")
+# Products inside the Triton dense convs: "tf32x3" (three TF32 products, about fp32 accuracy; the default),
+# "ieee" (fp32 FMAs, slowest) or "tf32" (one TF32 product: fastest, about 1e-3 relative error, the precision
+# PyTorch's own cuDNN convs use by default).
+PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default="tf32x3")
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,13 +64,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(backend: str) -> Iterator[None]:
-    """Run the enclosed model calls on a resolved backend (``"torch"`` or ``"triton"``)."""
-    token = _BACKEND.set(backend)
+def use_backend(backend: str, precision: str = "tf32x3") -> Iterator[None]:
+    """Run the enclosed model calls on a resolved backend (``"torch"`` or ``"triton"``), the Triton dense
+    convs with ``precision`` (one of ``PRECISIONS``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    tokens = _BACKEND.set(backend), _PRECISION.set(precision)
     try:
         yield
     finally:
-        _BACKEND.reset(token)
+        _BACKEND.reset(tokens[0])
+        _PRECISION.reset(tokens[1])
 
 
 def current_backend() -> str:
@@ -160,5 +169,5 @@ def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context,
     y = kernels.snake_conv(x, weight, bias, alpha=alpha, stride=stride, dilation=dilation, padding=padding,
                            context=context, length=length, residual=residual, residual_context=residual_context,
                            residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
-                           activation=activation)
+                           activation=activation, precision=_PRECISION.get())
     return snake(y, alpha_out) if alpha_out is not None else y  # dense + snake epilogue: non-depthwise models only

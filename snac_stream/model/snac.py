@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import PRESETS, SNACConfig
 from . import checkpoint
-from .functional import BACKENDS, resolve_backend, use_backend
+from .functional import BACKENDS, PRECISIONS, resolve_backend, use_backend
 from .layers import NOISE_MODES, Decoder, Encoder, NoiseBlock
 from .vq import ResidualVectorQuantize
 
@@ -33,7 +33,9 @@ class SNAC(nn.Module):
     as the reference), or ``"off"``.
 
     ``backend`` picks the compute path: ``"auto"`` (default: the Triton kernels on CUDA, PyTorch elsewhere),
-    ``"triton"`` or ``"torch"`` (the reference arithmetic, bit for bit).
+    ``"triton"`` or ``"torch"`` (the reference arithmetic, bit for bit). ``precision`` sets the products of
+    the Triton dense convs: ``"tf32x3"`` (default, about fp32), ``"ieee"`` or ``"tf32"`` (fastest, about 1e-3
+    relative error; PyTorch's own default for cuDNN convs). The PyTorch backend follows PyTorch's TF32 flags.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class SNAC(nn.Module):
         noise_mode: str = "deterministic",
         noise_seed: int = 0,
         backend: str = "auto",
+        precision: str = "tf32x3",
     ):
         super().__init__()
         self.config = SNACConfig(
@@ -83,6 +86,7 @@ class SNAC(nn.Module):
         self.noise_mode = noise_mode
         self.noise_seed = noise_seed
         self.backend = backend
+        self.precision = precision
         self.name: Optional[str] = None  # where the weights came from, if loaded
 
     # ---- construction ---------------------------------------------------------------------------
@@ -149,6 +153,20 @@ class SNAC(nn.Module):
         """The backend calls run on now: ``backend`` (or the model's) resolved against the model's device."""
         return resolve_backend(backend or self._backend, self.device)
 
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self._precision = precision
+
+    def compute(self, backend: Optional[str] = None) -> ContextManager[None]:
+        """The context every model call runs in: ``backend`` (or the model's), resolved, and the precision."""
+        return use_backend(self.resolved_backend(backend), self._precision)
+
     # ---- noise ----------------------------------------------------------------------------------
     @property
     def noise_mode(self) -> str:
@@ -187,7 +205,7 @@ class SNAC(nn.Module):
     def encode(self, audio: torch.Tensor) -> List[torch.Tensor]:
         """(B, 1, T) float audio -> codes: ``n_codebooks`` int64 tensors (B, T_i), coarse first."""
         audio = self.check_audio(audio)
-        with use_backend(self.resolved_backend()):
+        with self.compute():
             z = self.encoder(self.preprocess(audio))
             _, codes = self.quantizer(z)
         return codes
@@ -195,14 +213,14 @@ class SNAC(nn.Module):
     def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Codes (as ``encode`` returns) -> (B, 1, T_latent * hop_length) audio in [-1, 1]."""
         codes = self.check_codes(codes)
-        with use_backend(self.resolved_backend()):
+        with self.compute():
             return self.decoder(self.quantizer.from_codes(codes))
 
     def forward(self, audio: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(B, 1, T) audio -> (reconstruction trimmed to T samples, codes)."""
         audio = self.check_audio(audio)
         length = audio.shape[-1]
-        with use_backend(self.resolved_backend()):
+        with self.compute():
             z = self.encoder(self.preprocess(audio))
             z_q, codes = self.quantizer(z)
             return self.decoder(z_q)[..., :length], codes

@@ -12,7 +12,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..model.functional import use_backend
 from ..model.snac import SNAC
 from .build import stream_op
 from .ops import StreamOp, clone_state
@@ -37,7 +36,7 @@ def _on_backend(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: "_Stream", *args: Any, **kwargs: Any) -> Any:
-        with use_backend(self.model.resolved_backend(self.backend)):
+        with self.model.compute(self.backend):
             return method(self, *args, **kwargs)
 
     return wrapper
