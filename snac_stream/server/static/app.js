@@ -30,7 +30,7 @@ window.snac = snac;
 
 const $ = (id) => document.getElementById(id);
 let ctx = null, ws = null, micStream = null, micSource = null, capture = null, playback = null;
-let rate = 0, t0 = Infinity, stopTimer = null, renderTimer = null, opened = false;
+let rate = 0, t0 = Infinity, opened = false;
 let chunks = [];      // {start, n, frame}: capture frame of each sent chunk's first sample
 let split = [];       // {t, total, algorithmic, server, transport} per received audio frame (ms)
 let e2e = [];         // {t, graph} mic-to-speaker through the page (ms)
@@ -343,7 +343,6 @@ function teardown() {
   if (ws) { const w = ws; ws = null; w.onclose = null; try { w.close(1000); } catch (e) { /* closed */ } }
   if (playback) { playback.port.onmessage = null; playback.disconnect(); playback = null; }
   if (ctx) { ctx.close(); ctx = null; }
-  if (stopTimer) { clearTimeout(stopTimer); stopTimer = null; }
 }
 
 function toBase64(parts) {
@@ -355,7 +354,7 @@ function toBase64(parts) {
 // ---- boot -------------------------------------------------------------------------------------------------
 $('toggle').onclick = () => (snac.state === 'streaming' || snac.state === 'connecting' ? stop() : start());
 $('endpoint').textContent = wsUrl();
-renderTimer = setInterval(render, 200);
+setInterval(render, 200);
 loadConfig().then((cfg) => {
   snac.config = cfg;
   $('model').textContent = `${cfg.model}${cfg.random_weights ? ' (RANDOM WEIGHTS: the output is noise)' : ''}, `
