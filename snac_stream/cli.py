@@ -6,10 +6,11 @@
                      [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
     snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
-                      [--max-sessions N] [--token T] [--allow-origin O] ...
+                      [--max-sessions N] [--token T] [--allow-origin O] [--no-web] ...
     snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--device D] [--json P]
 
-``serve`` runs the websocket server (protocol in docs/protocol.md); ``bench-latency`` runs N real-time
+``serve`` runs the websocket server (protocol in docs/protocol.md) and serves the browser client page on the
+same port (``GET /``; ``--no-web`` turns it off); ``bench-latency`` runs N real-time
 roundtrip clients against an in-process server on loopback and prints end-to-end latency percentiles.
 
 ``--model`` takes a hub id (``hubertsiuzdak/snac_24khz``), a preset name (``24khz``) or a local checkpoint
@@ -524,6 +525,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                         "default: $SNAC_STREAM_TOKEN")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser Origin allowed besides loopback pages (repeatable; '*' allows any)")
+    p.add_argument("--no-web", action="store_true",
+                   help="do not serve the browser page (GET /) on the websocket port")
     _add_common_options(p)
     p.set_defaults(func=run_serve)
 
@@ -532,14 +535,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from .server import ServerOptions, SNACServer
+    from .server import ServerOptions, SNACServer, web
     from .server.server import TOKEN_ENV
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
-                            allowed_origins=args.allow_origin, backend=args.backend)
+                            allowed_origins=args.allow_origin, backend=args.backend, web=not args.no_web)
     try:
         options.check()
     except ValueError as exc:
@@ -556,6 +559,8 @@ def run_serve(args: argparse.Namespace) -> int:
                        f"{server.url}: {cfg.sampling_rate} Hz, step {server.step_samples} samples, algorithmic "
                        f"latency (samples) {server.latency}; up to {options.max_sessions} sessions"
                        f"{', token required' if options.token else ''}")
+            if options.web:
+                _say(args, f"browser client (mic -> codec -> speaker): {web.page_url(server)}")
             await server.serve_forever()
 
     try:

@@ -1,4 +1,5 @@
-"""The build maps the repository's kernels/ folder into the snac_stream namespace, and only there."""
+"""The build maps the repository's kernels/ folder into the snac_stream namespace, and only there, and ships
+the browser client's static files."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ def test_installed_package_exposes_kernels_inside_the_namespace(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_wheel_places_kernels_under_snac_stream(tmp_path: Path) -> None:
-    """A normal (non-editable) build: the wheel holds snac_stream/kernels/*.py and no top-level kernels/."""
+    """A normal (non-editable) build: the wheel holds snac_stream/kernels/*.py and no top-level kernels/, and
+    the page served by ``snac-stream serve``."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("snac_stream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "snac_stream/kernels/conv.py" in names and "snac_stream/kernels/codebook.py" in names
     assert not any(name.startswith("kernels/") for name in names)
+    # The browser client ships with the server.
+    for name in ("index.html", "app.js", "worklet.js"):
+        assert f"snac_stream/server/static/{name}" in names

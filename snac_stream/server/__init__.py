@@ -1,5 +1,5 @@
-"""Websocket serving: the protocol (:mod:`.protocol`), the server (:mod:`.server`) and the latency benchmark
-(:mod:`.latency`). The client is :mod:`snac_stream.client`."""
+"""Websocket serving: the protocol (:mod:`.protocol`), the server (:mod:`.server`), the browser client it serves
+(:mod:`.web`, files in ``static/``) and the latency benchmark (:mod:`.latency`). The client is :mod:`snac_stream.client`."""
 
 from .protocol import PROTOCOL_VERSION, ProtocolError
 from .server import ServerOptions, SNACServer, algorithmic_latency

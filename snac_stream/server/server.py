@@ -38,6 +38,7 @@ from ..engine import DecodeEngine, EncodeEngine, EngineFull
 from ..model.snac import SNAC
 from ..streaming.build import stream_op
 from ..tokens import TokenLayout, TokenParser, get_layout
+from . import web
 from .protocol import (FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, ProtocolError, Ready,
                        decode_audio, decode_tokens, dumps, encode_audio, parse_json)
 
@@ -68,6 +69,7 @@ class ServerOptions:
     token: Optional[str] = None
     allowed_origins: Sequence[str] = ()
     backend: Optional[str] = None
+    web: bool = True  # serve the browser page (snac_stream/server/web.py) on plain HTTP GETs
 
     def check(self) -> None:
         if self.max_sessions < 1:
@@ -299,7 +301,9 @@ class SNACServer:
         self._sessions.discard(session)
         self._changed.set()
 
-    def _check_request(self, connection: ServerConnection, request: Any) -> None:
+    def _check_request(self, connection: ServerConnection, request: Any) -> Any:
+        if self.options.web and not web.is_websocket_request(request):
+            return web.respond(self, connection, request)
         # The bearer header is an alternative to hello.auth; remember it for the hello check.
         header = request.headers.get("Authorization", "")
         connection.bearer = header[7:] if header.startswith("Bearer ") else None  # type: ignore[attr-defined]

@@ -1,0 +1,101 @@
+"""The browser client: static page, scripts and a small JSON config, served on the websocket port.
+
+HTTP ``GET`` requests that are not websocket upgrades are answered here (``SNACServer`` calls
+:func:`respond` from its ``process_request`` hook), so one port serves both the page and the protocol:
+
+* ``/`` (``/index.html``), ``/app.js``, ``/worklet.js``: the page (files in ``static/``, shipped as package
+  data); it captures the microphone, streams a ``roundtrip`` session and plays the decoded audio back;
+* ``/config.json``: what the page needs before it opens the websocket: the model's sample rate (the page
+  creates its ``AudioContext`` at that rate, so no resampling happens in JavaScript), the announced
+  algorithmic latencies, and whether a given page origin (``?origin=``) passes the server's Origin check,
+  so a refused handshake can be explained (a browser does not see the HTTP 403 of a refused websocket).
+
+Everything is same-origin and offline: no external assets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from .server import SNACServer
+
+STATIC_DIR = Path(__file__).with_name("static")
+# path -> (file in STATIC_DIR, content type)
+FILES: Dict[str, Tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
+}
+# The page only talks to its own origin (http and its websocket); no inline scripts, no third parties.
+CSP = "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+
+
+def is_websocket_request(request: Request) -> bool:
+    """Whether ``request`` asks for a websocket upgrade (then the websocket handshake handles it)."""
+    return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
+
+
+def origin_allowed(server: "SNACServer", origin: str) -> bool:
+    """Whether a browser page at ``origin`` passes the server's websocket Origin check (same rule as the handshake)."""
+    from .server import LOOPBACK_ORIGINS  # here: server.py imports this module
+
+    allowed = server.options.allowed_origins
+    if "*" in allowed or origin in allowed:
+        return True
+    return any(isinstance(p, re.Pattern) and p.fullmatch(origin) for p in LOOPBACK_ORIGINS)
+
+
+def page_url(server: "SNACServer") -> str:
+    """The browser page's address: the websocket URL with ``http``."""
+    return "http" + server.url[2:] + "/"
+
+
+def config(server: "SNACServer", origin: Optional[str]) -> Dict[str, object]:
+    """The JSON the page reads before it connects."""
+    cfg = server.model.config
+    return {
+        "server": f"snac-stream {__version__}", "protocol": 1, "model": server.model_name,
+        "random_weights": server.random_weights, "sample_rate": cfg.sampling_rate,
+        "step_samples": server.step_samples, "codebook_size": cfg.codebook_size,
+        "algorithmic_latency_samples": dict(server.latency), "max_sessions": server.options.max_sessions,
+        "token_required": bool(server.options.token),
+        "origin": origin, "origin_allowed": None if origin is None else origin_allowed(server, origin),
+    }
+
+
+def respond(server: "SNACServer", connection: ServerConnection, request: Request) -> Response:
+    """The HTTP response to a plain (non-websocket) ``GET``: a static file, the config, or 404."""
+    url = urlsplit(request.path)
+    if url.path == "/config.json":
+        origin = parse_qs(url.query).get("origin", [None])[0]
+        return _response(connection, 200, json.dumps(config(server, origin)).encode(), "application/json")
+    entry = FILES.get(url.path)
+    if entry is None:
+        return _response(connection, 404, f"not found: {url.path}\n".encode(), "text/plain; charset=utf-8")
+    name, content_type = entry
+    return _response(connection, 200, (STATIC_DIR / name).read_bytes(), content_type)
+
+
+def _response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
+    response = connection.respond(status, "")  # websockets' own response: Date, Server, Connection: close
+    headers = response.headers
+    for name in ("Content-Type", "Content-Length"):
+        del headers[name]
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"  # the page must match the server that serves it
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Content-Security-Policy"] = CSP
+    return dataclasses.replace(response, body=body)
