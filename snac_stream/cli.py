@@ -6,8 +6,9 @@
                      [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
     snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
-                      [--max-sessions N] [--token T] [--allow-origin O] ...
-    snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--device D] [--json P]
+                      [--max-sessions N] [--token T] [--allow-origin O] [--threads N] ...
+    snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--threads N]
+                              [--device D] [--json P]
 
 ``serve`` runs the websocket server (protocol in docs/protocol.md); ``bench-latency`` runs N real-time
 roundtrip clients against an in-process server on loopback and prints end-to-end latency percentiles.
@@ -477,6 +478,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "(benchmarking only: the audio is noise; reported as such to clients)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="compute path (default: the model's, auto = Triton on CUDA, PyTorch elsewhere)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads of the engine worker (default: torch's count less one core for the "
+                        "event loop, at least 1)")
 
 
 def _server_model(args: argparse.Namespace, device: torch.device) -> SNAC:
@@ -539,7 +543,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
-                            allowed_origins=args.allow_origin, backend=args.backend)
+                            allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads)
     try:
         options.check()
     except ValueError as exc:
@@ -596,7 +600,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     report = asyncio.run(run_latency_bench(
         model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
         sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
-        backend=args.backend, say=lambda line: _say(args, line)))
+        backend=args.backend, threads=args.threads, say=lambda line: _say(args, line)))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         _say(args, f"wrote   {args.json}")
