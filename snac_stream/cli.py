@@ -337,6 +337,12 @@ def _server_token(args: argparse.Namespace) -> Optional[str]:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
+def _server_line(args: argparse.Namespace, ready) -> str:
+    """What a demo says about the server it streams through (from its ``ready`` message)."""
+    return (f"server  {args.server}: {ready.model} ({ready.sample_rate} Hz"
+            f"{', RANDOM WEIGHTS' if ready.random_weights else ''}), {ready.server}")
+
+
 def _listed_devices(args: argparse.Namespace) -> bool:
     """Handle --list-devices and --threads; returns True when the command is done."""
     if args.list_devices:
@@ -402,8 +408,7 @@ def run_live(args: argparse.Namespace) -> int:
         codec = WebSocketCodec(args.server, token=token)
         ready = codec.ready
         rate = ready.sample_rate
-        _say(args, f"server  {args.server}: {ready.model} ({rate} Hz{', RANDOM WEIGHTS' if ready.random_weights else ''}"
-                   f"), {ready.server}; algorithmic latency {codec.latency_samples} samples "
+        _say(args, f"{_server_line(args, ready)}; algorithmic latency {codec.latency_samples} samples "
                    f"({codec.latency_samples / rate * 1000:.0f} ms, exact decoding)")
     else:
         model = load_model(args.model, device)
@@ -498,9 +503,8 @@ def run_play_tokens(args: argparse.Namespace) -> int:
         decoder = WebSocketTokenDecoder(args.server, args.layout, token_offset=args.token_offset, token=token)
         ready = decoder.ready
         rate = ready.sample_rate
-        _say(args, f"server  {args.server}: {ready.model} ({rate} Hz{', RANDOM WEIGHTS' if ready.random_weights else ''}"
-                   f"), layout {args.layout} ({ready.token_layout['frame_tokens']} tokens per coarse frame), decoder "
-                   f"latency {ready.algorithmic_latency_samples} samples; {where}")
+        _say(args, f"{_server_line(args, ready)}, layout {args.layout} ({ready.token_layout['frame_tokens']} tokens "
+                   f"per coarse frame), decoder latency {ready.algorithmic_latency_samples} samples; {where}")
     else:
         model = load_model(args.model, device)
         layout = get_layout(args.layout, model.config, token_offset=args.token_offset)

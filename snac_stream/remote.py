@@ -106,7 +106,9 @@ class _RemoteSession:
 
     def send(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a send on the loop; raises the error that ended the session, if one came first."""
-        self._raise_pending()
+        if self._failed is not None:
+            coro.close()  # never run: the session is over
+            self._raise_pending()
         try:
             self._loop.run(coro)
         except BaseException as exc:

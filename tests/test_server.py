@@ -389,6 +389,18 @@ def test_output_frame_round_trips_through_its_header() -> None:
     assert len(frame.pack()) == HEADER_BYTES + 8
 
 
+def test_a_connection_closed_from_the_client_side_says_why() -> None:
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    class Closed:  # a connection whose keepalive ping went unanswered, as websockets reports it
+        async def recv(self) -> None:
+            raise ConnectionClosedError(None, Close(1011, "keepalive ping timeout"))
+
+    with pytest.raises(ws_client.ServerError, match=r"no close frame; closed here with 1011: keepalive ping timeout"):
+        asyncio.run(ws_client._recv_or_error(Closed()))  # type: ignore[arg-type]
+
+
 def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
     torch.manual_seed(0)
     ckpt = SNAC(**STRUCTURES["24k"]).save_pretrained(tmp_path / "tiny")

@@ -650,7 +650,8 @@ class SNACServer:
         pieces = self._take_inbox(session)
         if not pieces:
             return
-        codes = pieces[0][0] if len(pieces) == 1 else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))]
+        codes = (pieces[0][0] if len(pieces) == 1
+                 else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
         marks, frames = [], 0
         for piece, end, t_recv in pieces:
             frames += piece[0].shape[-1]
