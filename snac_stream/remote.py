@@ -51,9 +51,21 @@ class _LoopThread:
         """Run ``coro`` on the loop and wait for its result (its exception is raised here)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop (e.g. a connection's keepalive task), then stop and close it."""
         if self.loop.is_closed():
             return
+
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(cancel_rest(), timeout)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -156,12 +168,12 @@ class _RemoteSession:
     def close(self) -> None:
         if self._loop.loop.is_closed():
             return
-        if not self._receiver.done():
-            try:
-                self._loop.run(self.session.close(), CONNECT_TIMEOUT_S)
-            except BaseException:  # noqa: BLE001 - closing a session that is already gone
-                pass
-            self._receiver.cancel()
+        # After done or an error only the socket is left to close; otherwise tell the server we leave.
+        ending = self.session.ws.close() if self._receiver.done() else self.session.close()
+        try:
+            self._loop.run(ending, CONNECT_TIMEOUT_S)
+        except BaseException:  # noqa: BLE001 - closing a session that is already gone
+            pass
         self._loop.close()
 
 
