@@ -4,10 +4,13 @@
     snac-stream decode IN.npz OUT.wav [--model M] [--device D] [--noise-seed N] [--float] [--quiet]
     snac-stream live [--input-device D | --input FILE] [--output-device D | --output FILE] [--model M]
                      [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
+                     [--server ws://HOST:PORT [--token T]]
     snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
+                            [--server ws://HOST:PORT [--token T]]
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
-                      [--max-sessions N] [--token T] [--allow-origin O] [--no-web] ...
-    snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--device D] [--json P]
+                      [--max-sessions N] [--token T] [--allow-origin O] [--threads N] [--no-web] ...
+    snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--threads N]
+                              [--device D] [--json P]
 
 ``serve`` runs the websocket server (protocol in docs/protocol.md) and serves the browser client page on the
 same port (``GET /``; ``--no-web`` turns it off); ``bench-latency`` runs N real-time
@@ -17,10 +20,13 @@ roundtrip clients against an in-process server on loopback and prints end-to-end
 directory. Each subcommand is one ``add_*_parser`` function registering its options and one ``run_*``
 function doing the work; new subcommands add a pair and an entry in ``COMMANDS``. ``live`` and
 ``play-tokens`` are the live demos (``demos/live_codec.py``, ``demos/play_tokens.py``); their loops, devices and
-codec transports live in ``snac_stream.live`` and ``snac_stream.audio_io``.
+codec transports live in ``snac_stream.live`` and ``snac_stream.audio_io``. With ``--server`` they stream through
+a running ``serve`` (roundtrip and decode sessions; transports in ``snac_stream.remote``) instead of a model
+loaded here.
 
 Expected failures (missing files, bad checkpoints, offline hub, corrupt codes or token streams, model mismatch,
-unusable torch or sound device, unsupported sample rate) print a single ``error: ...`` line to stderr and exit with status 2.
+unusable torch or sound device, unsupported sample rate, a ``--server`` that is unreachable or refuses the
+session) print a single ``error: ...`` line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -307,9 +313,35 @@ def add_live_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of input")
     p.add_argument("--save-input", type=Path, default=None, metavar="FILE",
                    help="also write the audio the encoder received (at the model's rate) to FILE")
+    _add_server_options(p, "roundtrip")
     _add_device_options(p, ("input", "output"))
     _add_common_options(p)
     p.set_defaults(func=run_live)
+
+
+def _add_server_options(p: argparse.ArgumentParser, session: str) -> None:
+    p.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                   help=f"stream through a running 'snac-stream serve' ({session} session) instead of a model "
+                        "in this process; the server's model is used and --model is ignored")
+    p.add_argument("--token", default=None,
+                   help="auth token for --server (default: $SNAC_STREAM_TOKEN)")
+
+
+def _server_token(args: argparse.Namespace) -> Optional[str]:
+    if args.server is None:
+        if args.token is not None:
+            raise CLIError("--token goes with --server")
+        return None
+    if args.lookahead is not None:
+        raise CLIError("--lookahead sets the in-process decoder; a server decodes exactly")
+    from .server.server import TOKEN_ENV
+    return args.token or os.environ.get(TOKEN_ENV) or None
+
+
+def _server_line(args: argparse.Namespace, ready) -> str:
+    """What a demo says about the server it streams through (from its ``ready`` message)."""
+    return (f"server  {args.server}: {ready.model} ({ready.sample_rate} Hz"
+            f"{', RANDOM WEIGHTS' if ready.random_weights else ''}), {ready.server}")
 
 
 def _listed_devices(args: argparse.Namespace) -> bool:
@@ -363,15 +395,39 @@ def run_live(args: argparse.Namespace) -> int:
     _check_audio_output(args.save_input)
     if args.seconds is not None and args.seconds <= 0:
         raise CLIError(f"--seconds must be positive, got {args.seconds}")
-    device = resolve_device(args.device)
+    token = _server_token(args)
+    device = resolve_device(args.device) if args.server is None else None
     # Devices are checked before the model loads, so a wrong name fails in a moment.
     if args.input is None:
         in_device = audio_io.find_device(args.input_device, "input")
     if args.output is None:
         audio_io.find_device(args.output_device, "output")
-    model = load_model(args.model, device)
-    rate = model.sampling_rate
-    codec = live.InProcessCodec(model, lookahead_samples=args.lookahead)
+    codec: "live.CodecTransport"
+    if args.server is not None:
+        from .remote import WebSocketCodec
+
+        codec = WebSocketCodec(args.server, token=token)
+        ready = codec.ready
+        rate = ready.sample_rate
+        _say(args, f"{_server_line(args, ready)}; algorithmic latency {codec.latency_samples} samples "
+                   f"({codec.latency_samples / rate * 1000:.0f} ms, exact decoding)")
+    else:
+        model = load_model(args.model, device)
+        rate = model.sampling_rate
+        codec = live.InProcessCodec(model, lookahead_samples=args.lookahead)
+        _say(args, f"model   {model.name} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
+                   f"algorithmic latency {codec.latency_samples} samples ({codec.latency_samples / rate * 1000:.0f} "
+                   f"ms" + (", exact decoding)" if args.lookahead is None else
+                            f", decoder look-ahead {codec.decoder.lookahead_samples})"))
+    try:
+        return _run_live_codec(args, codec, rate, in_device if args.input is None else None)
+    finally:
+        close = getattr(codec, "close", None)
+        if close is not None:  # a remote session left open by an error (a no-op after flush)
+            close()
+
+
+def _run_live_codec(args: argparse.Namespace, codec: "live.CodecTransport", rate: int, in_device) -> int:
     meter = live.LatencyMeter(rate)
     if args.input is not None:
         source = audio_io.FileSource(args.input, rate, args.block, realtime=args.realtime)
@@ -384,9 +440,6 @@ def run_live(args: argparse.Namespace) -> int:
     where_out = (f"{args.output}" if args.output is not None else
                  "output device" + (f" at {sink.device_rate} Hz, resampled" if sink.device_rate != rate else ""))
     saved: List = []
-    _say(args, f"model   {model.name} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
-               f"algorithmic latency {codec.latency_samples} samples ({codec.latency_samples / rate * 1000:.0f} ms"
-               + (", exact decoding)" if args.lookahead is None else f", decoder look-ahead {codec.decoder.lookahead_samples})"))
     _say(args, f"live    {where_in} -> {where_out}, blocks of {args.block} samples; Ctrl-C stops")
     stats = live.run_codec(source, codec, sink, latency=meter,
                            max_samples=None if args.seconds is None else round(args.seconds * rate),
@@ -425,6 +478,7 @@ def add_play_tokens_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder latency dial (default: exact decoding; 0 is the earliest, approximate)")
     p.add_argument("--output", type=Path, default=None, metavar="FILE",
                    help="write the audio to a file (.wav is 32-bit float), not a device")
+    _add_server_options(p, "decode")
     _add_device_options(p, ("output",))
     _add_common_options(p)
     p.set_defaults(func=run_play_tokens)
@@ -437,18 +491,31 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     from_stdin = args.tokens == "-"
     if not from_stdin and not Path(args.tokens).is_file():
         raise FileNotFoundError(f"token file not found: {args.tokens}")
-    device = resolve_device(args.device)
+    token = _server_token(args)
+    device = resolve_device(args.device) if args.server is None else None
     if args.output is None:
         audio_io.find_device(args.output_device, "output")
-    model = load_model(args.model, device)
-    layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
-    rate = model.sampling_rate
-    decoder = live.InProcessTokenDecoder(model, layout, lookahead_samples=args.lookahead)
+    where = f"reading {'stdin' if from_stdin else args.tokens}"
+    decoder: "live.TokenTransport"
+    if args.server is not None:
+        from .remote import WebSocketTokenDecoder
+
+        # The layout's shape comes from the server's model (said in ready); only its name and offset are ours.
+        decoder = WebSocketTokenDecoder(args.server, args.layout, token_offset=args.token_offset, token=token)
+        ready = decoder.ready
+        rate = ready.sample_rate
+        _say(args, f"{_server_line(args, ready)}, layout {args.layout} ({ready.token_layout['frame_tokens']} tokens "
+                   f"per coarse frame), decoder latency {ready.algorithmic_latency_samples} samples; {where}")
+    else:
+        model = load_model(args.model, device)
+        layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
+        rate = model.sampling_rate
+        decoder = live.InProcessTokenDecoder(model, layout, lookahead_samples=args.lookahead)
+        _say(args, f"model   {model.name} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
+                   f"tokens per coarse frame), decoder latency "
+                   f"{decoder.decoder.latency_samples if args.lookahead is None else decoder.decoder.lookahead_samples}"
+                   f" samples; {where}")
     sink = _make_sink(args, rate, 480 * rate // 24000, None)
-    _say(args, f"model   {model.name} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
-               f"tokens per coarse frame), decoder latency "
-               f"{decoder.decoder.latency_samples if args.lookahead is None else decoder.decoder.lookahead_samples}"
-               f" samples; reading {'stdin' if from_stdin else args.tokens}")
     parser = live.TokenTextParser(source="stdin" if from_stdin else str(args.tokens))
     fd = sys.stdin.fileno() if from_stdin else os.open(args.tokens, os.O_RDONLY)
     try:
@@ -458,6 +525,9 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     finally:
         if not from_stdin:
             os.close(fd)
+        close = getattr(decoder, "close", None)
+        if close is not None:  # a remote session left open by an error (a no-op after flush)
+            close()
     ttfa = stats.time_to_first_audio
     _say(args, f"summary {stats.tokens} tokens -> {stats.samples} samples ({stats.samples / rate:.2f} s); time to "
                f"first audio {'n/a' if ttfa is None else f'{ttfa * 1000:.0f} ms'} (first token in -> first sample "
@@ -478,6 +548,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "(benchmarking only: the audio is noise; reported as such to clients)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="compute path (default: the model's, auto = Triton on CUDA, PyTorch elsewhere)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads of the engine worker (default: torch's count less one core for the "
+                        "event loop, at least 1)")
 
 
 def _server_model(args: argparse.Namespace, device: torch.device) -> SNAC:
@@ -542,7 +615,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
-                            allowed_origins=args.allow_origin, backend=args.backend, web=not args.no_web)
+                            allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads,
+                            web=not args.no_web)
     try:
         options.check()
     except ValueError as exc:
@@ -601,7 +675,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     report = asyncio.run(run_latency_bench(
         model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
         sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
-        backend=args.backend, say=lambda line: _say(args, line)))
+        backend=args.backend, threads=args.threads, say=lambda line: _say(args, line)))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         _say(args, f"wrote   {args.json}")

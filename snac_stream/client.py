@@ -108,10 +108,12 @@ async def _recv_or_error(ws: ClientConnection) -> Union[str, bytes]:
     try:
         return await ws.recv()
     except ConnectionClosed as exc:
-        rcvd = exc.rcvd
-        raise ServerError("closed", f"connection closed ({rcvd.code if rcvd else 'no close frame'}"
-                                    f"{': ' + rcvd.reason if rcvd and rcvd.reason else ''})",
-                          rcvd.code if rcvd else None) from exc
+        rcvd, sent = exc.rcvd, exc.sent
+        if rcvd is not None:
+            why = f"{rcvd.code}{': ' + rcvd.reason if rcvd.reason else ''}"
+        else:  # closed from this side, e.g. the keepalive ping went unanswered: say why
+            why = "no close frame" + (f"; closed here with {sent.code}: {sent.reason}" if sent and sent.reason else "")
+        raise ServerError("closed", f"connection closed ({why})", rcvd.code if rcvd else None) from exc
 
 
 async def _recv_json(ws: ClientConnection) -> Dict[str, Any]:

@@ -9,8 +9,8 @@ Two loops, each a plain function over a source, a *codec transport* and a sink (
   :class:`TokenTransport` and plays the audio, measuring the time to first audio.
 
 The transports are the seam between the loops and the codec: :class:`InProcessCodec` and
-:class:`InProcessTokenDecoder` run the streaming encoder/decoder in this process; a transport that talks to a
-server implements the same two or three methods. Stream positions are sample counts at the model's rate.
+:class:`InProcessTokenDecoder` run the streaming encoder/decoder in this process; :mod:`snac_stream.remote`
+implements the same methods over a websocket server's roundtrip and decode sessions. Stream positions are sample counts at the model's rate.
 """
 
 from __future__ import annotations

@@ -366,6 +366,19 @@ def test_browser_origins_are_checked() -> None:
                        "https://evil.example": 403}
 
 
+def test_engine_threads_apply_to_the_worker_only() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        ServerOptions(threads=0).check()
+    caller = torch.get_num_threads()
+
+    async def test(server: SNACServer):
+        return server.threads, await server._call(lambda events: torch.get_num_threads())
+
+    assert serve(model_for("24k"), test, threads=1) == (1, 1)
+    assert torch.get_num_threads() == caller  # the caller's (and the event loop's) threads are left alone
+    assert main(["serve", "--threads", "0", "--model", "24khz", "--random-weights"]) == 2
+
+
 # ---- protocol pieces, command line ----------------------------------------------------------------------
 def test_output_frame_round_trips_through_its_header() -> None:
     frame = OutputFrame(1, 123, 4567, 89, 10, np.array([0.5, -0.25], np.float32), flags=1)
@@ -376,14 +389,26 @@ def test_output_frame_round_trips_through_its_header() -> None:
     assert len(frame.pack()) == HEADER_BYTES + 8
 
 
+def test_a_connection_closed_from_the_client_side_says_why() -> None:
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    class Closed:  # a connection whose keepalive ping went unanswered, as websockets reports it
+        async def recv(self) -> None:
+            raise ConnectionClosedError(None, Close(1011, "keepalive ping timeout"))
+
+    with pytest.raises(ws_client.ServerError, match=r"no close frame; closed here with 1011: keepalive ping timeout"):
+        asyncio.run(ws_client._recv_or_error(Closed()))  # type: ignore[arg-type]
+
+
 def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
     torch.manual_seed(0)
     ckpt = SNAC(**STRUCTURES["24k"]).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "bench.json"
     status = main(["bench-latency", "--model", str(ckpt), "--clients", "2", "--duration", "1.5", "--device", "cpu",
-                   "--json", str(out), "--quiet"])
+                   "--threads", "1", "--json", str(out), "--quiet"])
     report = json.loads(out.read_text())
-    assert status == 0 and report["errors"] == 0 and report["clients"] == 2
+    assert status == 0 and report["errors"] == 0 and report["clients"] == 2 and report["engine_threads"] == 1
     for part in ("total", "algorithmic", "server", "transport"):
         assert set(report["latency_ms"][part]) == {"p50", "p95", "p99", "max"}
         assert report["latency_ms"][part]["p50"] >= 0 or part == "transport"

@@ -74,11 +74,16 @@ def _stats(values: np.ndarray) -> Dict[str, float]:
 
 async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
                             sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
-                            backend: Optional[str] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB)."""
+                            backend: Optional[str] = None, threads: Optional[int] = None,
+                            say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB).
+
+    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`).
+    """
     rate = model.config.sampling_rate
     chunk = max(1, round(rate * chunk_ms / 1000))
-    options = ServerOptions(port=0, max_sessions=clients, idle_timeout_s=max(30.0, duration_s), backend=backend)
+    options = ServerOptions(port=0, max_sessions=clients, idle_timeout_s=max(30.0, duration_s), backend=backend,
+                            threads=threads)
     server = SNACServer(model, options, model_name=model_name, random_weights=random_weights)
     step_s = server.step_samples / rate
     samples = int(duration_s * rate)
@@ -87,7 +92,8 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
     async with server:
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
             f"{model.device}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip algorithmic "
-            f"latency {server.latency['roundtrip']} samples ({1e3 * server.latency['roundtrip'] / rate:.1f} ms)")
+            f"latency {server.latency['roundtrip']} samples ({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
+            f"{server.threads} engine thread{'s' if server.threads > 1 else ''}")
         say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
             f"{sample_format}")
         start = time.perf_counter()
@@ -149,6 +155,7 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         "keeps_up": keeps_up, "errors": len(errors) + short, "error_messages": errors[:10],
         "server_errors": server_errors, "incomplete_streams": short,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
+        "engine_threads": server.threads, "ticks": server.stats["ticks"],
         "machine": machine_info(model.device),
     }
     say("latency (ms) per output sample, all clients:   p50      p95      p99      max")

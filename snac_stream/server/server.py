@@ -1,11 +1,16 @@
 """The websocket server: one model, a decode and an encode engine, many sessions.
 
 One asyncio event loop owns the sockets; the engines live in one worker thread (torch releases the GIL while
-it computes) and are touched only there. The loop turns each client message into a *command* (submit
-audio, submit codes, open, finish, abort) and wakes the tick loop; a tick runs the queued commands in order
-and then one engine step for every stream with a whole step queued (encode first, so a roundtrip's fresh
-codes are decoded in the same tick), and hands the output frames back to the loop. While nothing is queued
-the tick loop sleeps on an event: no busy waiting.
+it computes) and are touched only there. The loop puts each client message's input in its session's inbox
+and turns the rest (open, finish, abort) into *commands*; a tick runs the queued commands in order -- a
+session's whole inbox goes to its engine as one submit, however many messages arrived -- and then one engine
+step for every stream with a whole step queued (encode first, so a roundtrip's fresh codes are decoded in the
+same tick), and hands the output frames back to the loop. While nothing is queued the tick loop sleeps on an
+event: no busy waiting.
+
+Threads: the worker runs torch with ``threads`` intra-op threads (default: torch's count less one core, at
+least 1), so the event loop, which serves every socket, keeps a core; torch's threads competing with it for
+every core make each step slower than one thread does (bench/RESULTS.md, server section).
 
 Bounds (see :class:`ServerOptions`): a session's unprocessed input (``max_backlog_s``) -- past it the server
 stops reading that socket, so a client sending faster than the engine computes is slowed by TCP flow
@@ -22,6 +27,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +62,8 @@ class ServerOptions:
 
     ``token``: a shared secret clients present in ``hello.auth`` or an ``Authorization: Bearer`` header;
     required when ``host`` is not a loopback address. ``allowed_origins``: exact Origin values (or ``"*"``)
-    browsers may connect from, besides loopback pages.
+    browsers may connect from, besides loopback pages. ``threads``: torch intra-op threads of the engine
+    worker (``None``: :func:`default_engine_threads`).
     """
 
     host: str = "127.0.0.1"
@@ -69,6 +76,7 @@ class ServerOptions:
     token: Optional[str] = None
     allowed_origins: Sequence[str] = ()
     backend: Optional[str] = None
+    threads: Optional[int] = None
     web: bool = True  # serve the browser page (snac_stream/server/web.py) on plain HTTP GETs
 
     def check(self) -> None:
@@ -78,9 +86,17 @@ class ServerOptions:
             raise ValueError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.idle_timeout_s <= 0 or self.max_backlog_s <= 0:
             raise ValueError("idle_timeout_s and max_backlog_s must be positive")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"binding to {self.host!r} (not a loopback address) requires an auth token: pass "
                              f"--token or set {TOKEN_ENV}")
+
+
+def default_engine_threads() -> int:
+    """Torch intra-op threads for the engine worker: torch's default less one core for the event loop."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
 
 
 def is_loopback(host: str) -> bool:
@@ -149,6 +165,9 @@ class _Session:
         self.received = 0  # [loop] input items (samples, or tokens for decode) received
         self.consumed = 0  # [engine] input items stepped through the engine
         self.flush_at: Optional[Tuple[int, float]] = None  # [loop -> engine] (received, time) at flush
+        # [loop -> engine] input not yet submitted: (samples or codes, input count after it, receive time).
+        # The loop appends, the worker pops (both atomic on a deque).
+        self.inbox: Deque[Tuple[Any, int, float]] = collections.deque()
         # [engine]
         self.sid_enc: Optional[int] = None
         self.sid_dec: Optional[int] = None
@@ -225,6 +244,9 @@ class SNACServer:
         n = self.options.max_sessions
         self.decoder = DecodeEngine(model, n, backend=self.options.backend)
         self.encoder = EncodeEngine(model, n, backend=self.options.backend)
+        for engine in (self.decoder, self.encoder):
+            if engine.step_mode == "graphs":  # CUDA: capture every batch bucket now, not in a session's step
+                engine.capture_graphs()
         self.step_frames = self.decoder.step_frames
         self.step_samples = self.decoder.step_samples
         self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
@@ -236,7 +258,10 @@ class SNACServer:
         # [engine]
         self._by_enc: Dict[int, _Session] = {}
         self._by_dec: Dict[int, _Session] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine")
+        self.threads = self.options.threads or default_engine_threads()
+        # torch's thread count is per thread: set it in the worker, leaving the caller's alone.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine",
+                                            initializer=torch.set_num_threads, initargs=(self.threads,))
         self._commands: List[Tuple[Callable[[List[Any]], Any], Optional[asyncio.Future]]] = []
         self._wake: Optional[asyncio.Event] = None
         self._changed = asyncio.Event()
@@ -456,9 +481,7 @@ class SNACServer:
         if not samples.size:
             return
         session.received += samples.size
-        end = session.received
-        audio = torch.from_numpy(samples).view(1, 1, -1)
-        self._post(lambda events: self._submit_audio(session, audio, end, now))
+        self._deliver(session, samples, now, self._submit_audio)
 
     def _on_tokens(self, session: _Session, payload: bytes, now: float) -> None:
         ids = decode_tokens(payload)
@@ -467,9 +490,16 @@ class SNACServer:
         except (ValueError, TypeError) as exc:
             raise ProtocolError("bad_tokens", str(exc)) from None
         session.received += ids.size
-        end = session.received
         if codes[0].shape[-1]:
-            self._post(lambda events: self._feed_decoder(session, codes, (end, now)))
+            self._deliver(session, codes, now, self._submit_codes)
+
+    def _deliver(self, session: _Session, item: Any, now: float, drain: Callable[[_Session], None]) -> None:
+        """Queue one message's input; the first item of an empty inbox posts the command that drains it, so a
+        tick submits everything that arrived since the last one at once (one engine call per session, not one
+        per message)."""
+        session.inbox.append((item, session.received, now))
+        if len(session.inbox) == 1:
+            self._post(lambda events: drain(session))
 
     def _fail(self, session: _Session, error: ProtocolError, drop_queue: bool = False) -> None:
         """Report ``error`` to the client, close with its code, free the slot at once."""
@@ -602,23 +632,57 @@ class SNACServer:
             self.decoder.abort(session.sid_dec)
             session.sid_dec = None
 
-    def _submit_audio(self, session: _Session, audio: torch.Tensor, end: int, t_recv: float) -> None:
-        if session.sid_enc is None:
-            return
-        self.encoder.submit(session.sid_enc, audio)
-        for _ in range((end - audio.shape[-1]) // self.step_samples, end // self.step_samples):
-            session.enc_markers.append((end, t_recv))
+    @staticmethod
+    def _take_inbox(session: _Session) -> List[Tuple[Any, int, float]]:
+        pieces = []
+        while session.inbox:
+            pieces.append(session.inbox.popleft())
+        return pieces
 
-    def _feed_decoder(self, session: _Session, codes: List[torch.Tensor], marker: Tuple[int, float]) -> None:
-        """Buffer codes and queue every whole decoder step, each tagged with ``marker``."""
+    def _submit_audio(self, session: _Session) -> None:
+        """Submit the session's queued audio as one piece; each step it completes is tagged with the
+        (input count, receive time) of the message that completed it."""
+        pieces = self._take_inbox(session)
+        if session.sid_enc is None or not pieces:
+            return
+        audio = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+        self.encoder.submit(session.sid_enc, torch.from_numpy(audio).view(1, 1, -1))
+        done = (pieces[0][1] - pieces[0][0].size) // self.step_samples
+        for _, end, t_recv in pieces:
+            session.enc_markers.extend([(end, t_recv)] * (end // self.step_samples - done))
+            done = end // self.step_samples
+
+    def _submit_codes(self, session: _Session) -> None:
+        """Feed the session's queued codes (a decode session's parsed tokens) to the decoder at once."""
+        pieces = self._take_inbox(session)
+        if not pieces:
+            return
+        codes = (pieces[0][0] if len(pieces) == 1
+                 else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
+        marks, frames = [], 0
+        for piece, end, t_recv in pieces:
+            frames += piece[0].shape[-1]
+            marks.append((frames, (end, t_recv)))
+        self._feed_decoder(session, codes, marks)
+
+    def _feed_decoder(self, session: _Session, codes: List[torch.Tensor],
+                      marks: Sequence[Tuple[int, Tuple[int, float]]]) -> None:
+        """Buffer codes and queue every whole decoder step. ``marks``: (coarse frames of ``codes`` up to the
+        end of one input piece, that piece's marker), ascending; a step is tagged with the marker of the piece
+        that completed it."""
         if session.sid_dec is None:
             return
+        held = 0 if session.code_buf is None else session.code_buf[0].shape[-1]
         buf = codes if session.code_buf is None else [torch.cat(p, dim=-1) for p in zip(session.code_buf, codes)]
         frames = buf[0].shape[-1]
         whole = frames // self.step_frames * self.step_frames
         if whole:
             self.decoder.submit(session.sid_dec, [c[:, : whole * c.shape[-1] // frames] for c in buf])
-            session.dec_markers.extend([marker] * (whole // self.step_frames))
+            done = 0
+            for upto, marker in marks:
+                steps = (held + upto) // self.step_frames
+                session.dec_markers.extend([marker] * (steps - done))
+                done = steps
         session.code_buf = [c[:, whole * c.shape[-1] // frames:] for c in buf] if frames else None
 
     def _emit_codes(self, session: _Session, codes: List[torch.Tensor], marker: Tuple[int, float],
@@ -630,7 +694,7 @@ class SNACServer:
                                             tokens.astype("<i4"), final)))
         session.token_pos += tokens.size
         if session.kind == "roundtrip":
-            self._feed_decoder(session, codes, marker)
+            self._feed_decoder(session, codes, [(codes[0].shape[-1], marker)])
 
     def _emit_audio(self, session: _Session, audio: torch.Tensor, marker: Tuple[int, float], compute_s: float,
                     events: List[Any], limit: Optional[int] = None, final: bool = False) -> None:
