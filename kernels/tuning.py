@@ -120,26 +120,15 @@ def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
 
 
 def _fill_gpu(cfg: LaunchConfig, key: ShapeKey, length: int, batch: int, programs_wanted: int) -> LaunchConfig:
-    """Smaller dense-conv tiles for launches too small to occupy the GPU (a streaming step of a few streams:
-    C_out = 512, 32 frames is 4 programs with 128 x 64 tiles). The time tile shrinks to the output length, then
-    the channel tile and then the time tile halve, down to 16 (``tl.dot``'s minimum), until there are
-    ``programs_wanted`` programs.
-    The reduction step is kept: each output's sum runs in the same order whatever the tiling."""
-    def programs(bo: int, bt: int) -> int:
-        return -(-key.c_out // bo) * -(-length // bt) * batch
-
-    block_o, block_t = cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]
-    if programs(block_o, block_t) >= programs_wanted:
+    """The smallest dense-conv tile (16 x 16, ``tl.dot``'s minimum) for launches whose plain tiles give fewer
+    than ``programs_wanted`` programs (a streaming step of a few streams: C_out = 512, 32 frames is 4 programs
+    with 128 x 64 tiles). Two variants per layer shape, plain or smallest, whatever the batch: every new
+    tile shape is a kernel compilation, and a server sees many batch sizes. The reduction step is kept, so
+    each output's sum runs in the same order whatever the tiling."""
+    programs = -(-key.c_out // cfg.blocks["BLOCK_O"]) * -(-length // cfg.blocks["BLOCK_T"]) * batch
+    if programs >= programs_wanted:
         return cfg
-    block_t = min(block_t, _pow2_in(length, 16, block_t))
-
-    while block_o > 16 and programs(block_o, block_t) < programs_wanted:
-        block_o //= 2
-    while block_t > 16 and programs(block_o, block_t) < programs_wanted:
-        block_t //= 2
-    if (block_o, block_t) == (cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]):
-        return cfg
-    return replace(cfg, blocks={**cfg.blocks, "BLOCK_O": block_o, "BLOCK_T": block_t})
+    return replace(cfg, blocks={**cfg.blocks, "BLOCK_O": 16, "BLOCK_T": 16})
 
 
 @functools.lru_cache(maxsize=16)

@@ -206,6 +206,18 @@ class StreamEngine:
         self._slot(sid)
         self._release(sid)
 
+    def warm_up(self) -> None:
+        """Run one stream of placeholder input through every phase (warm-up, batch, close) before serving, so
+        that the GPU kernels of each shape are compiled then and not during a client's step. Needs an idle
+        engine; leaves it as it was (the slot is zeroed on close)."""
+        if self._slots:
+            raise RuntimeError("warm_up needs an engine with no open streams")
+        sid = self.open()
+        self._slot(sid).queue.extend(self._zero_step() for _ in range(self.warmup_steps + 2))
+        while self.pending(sid):
+            self.step()
+        self.close(sid)
+
     def capture_graphs(self) -> None:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
         if self.step_mode != "graphs":

@@ -349,3 +349,25 @@ def test_streams_opening_together_share_one_pass_per_step(engine_type) -> None:
         for _ in range(steps):
             assert set(engine.step()) == set(sids)
     assert len(passes) == steps
+
+
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_warm_up_leaves_the_engine_as_it_was(engine_type) -> None:
+    model = model_for("24khz")
+    engine = engine_type(model, 2, step_mode="buckets")
+    before = copy.deepcopy(engine._batch)
+    with torch.no_grad():
+        engine.warm_up()
+        assert engine.active_streams == 0
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(before)))
+        sid = engine.open()
+        with pytest.raises(RuntimeError, match="no open streams"):
+            engine.warm_up()
+        engine.abort(sid)
+
+
+def _tensors(state) -> List[torch.Tensor]:
+    from snac_stream.streaming.ops import _map_state
+    found: List[torch.Tensor] = []
+    _map_state(lambda v: found.append(getattr(v, "position", v)) if not isinstance(v, int) else None, state)
+    return [t for t in found if isinstance(t, torch.Tensor)]

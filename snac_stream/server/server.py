@@ -245,7 +245,8 @@ class SNACServer:
         self.decoder = DecodeEngine(model, n, backend=self.options.backend)
         self.encoder = EncodeEngine(model, n, backend=self.options.backend)
         for engine in (self.decoder, self.encoder):
-            if engine.step_mode == "graphs":  # CUDA: capture every batch bucket now, not in a session's step
+            if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
+                engine.warm_up()
                 engine.capture_graphs()
         self.step_frames = self.decoder.step_frames
         self.step_samples = self.decoder.step_samples
