@@ -5,7 +5,7 @@
     snac-stream live [--input-device D | --input FILE] [--output-device D | --output FILE] [--model M]
                      [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
                      [--server ws://HOST:PORT [--token T]]
-    snac-stream play-tokens [TOKENS|-] [--output-device D | --output FILE] [--model M] [--layout L]
+    snac-stream play-tokens [TOKENS|-|ws://URL] [--output-device D | --output FILE] [--model M] [--layout L]
                             [--server ws://HOST:PORT [--token T]]
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
                       [--max-sessions N] [--token T] [--allow-origin O] [--threads N] [--no-web] ...
@@ -465,10 +465,14 @@ def _run_live_codec(args: argparse.Namespace, codec: "live.CodecTransport", rate
 def add_play_tokens_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "play-tokens", help="LLM token stream -> speaker, as the tokens arrive",
-        description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file or "
-                    "stdin) as it arrives: each coarse frame is decoded as soon as its last token is in. "
-                    "Reports the time to first audio and underruns.")
-    p.add_argument("tokens", nargs="?", default="-", help="token file, or - for stdin (default: -)")
+        description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file, "
+                    "stdin or a websocket) as it arrives: each coarse frame is decoded as soon as its last token "
+                    "is in. Reports the time to first audio and underruns.")
+    p.add_argument("tokens", nargs="?", default="-",
+                   help="token file, - for stdin (default), or a ws:// URL streaming tokens (text messages, or "
+                        "binary messages of int32 LE ids) until it closes")
+    p.add_argument("--source-token", default=None, metavar="T",
+                   help="bearer token for a ws:// token source (sent as an Authorization header)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
     p.add_argument("--layout", default="orpheus", choices=LAYOUTS, help="token layout (default: orpheus)")
@@ -489,7 +493,8 @@ def run_play_tokens(args: argparse.Namespace) -> int:
         return 0
     _check_audio_output(args.output)
     from_stdin = args.tokens == "-"
-    if not from_stdin and not Path(args.tokens).is_file():
+    from_websocket = args.tokens.startswith(("ws://", "wss://"))
+    if not from_stdin and not from_websocket and not Path(args.tokens).is_file():
         raise FileNotFoundError(f"token file not found: {args.tokens}")
     token = _server_token(args)
     device = resolve_device(args.device) if args.server is None else None
@@ -517,13 +522,19 @@ def run_play_tokens(args: argparse.Namespace) -> int:
                    f" samples; {where}")
     sink = _make_sink(args, rate, 480 * rate // 24000, None)
     parser = live.TokenTextParser(source="stdin" if from_stdin else str(args.tokens))
-    fd = sys.stdin.fileno() if from_stdin else os.open(args.tokens, os.O_RDONLY)
+    fd = None if from_websocket else sys.stdin.fileno() if from_stdin else os.open(args.tokens, os.O_RDONLY)
+    if fd is None:
+        from .remote import token_text_from_websocket
+
+        chunks = token_text_from_websocket(args.tokens, token=args.source_token)
+    else:
+        chunks = live.read_text_chunks(fd)
     try:
         stats = live.run_token_playback(
-            live.read_text_chunks(fd), parser, decoder, sink,
+            chunks, parser, decoder, sink,
             on_first_audio=lambda st: _say(args, f"first audio: {st.samples} samples, {st.tokens} tokens in"))
     finally:
-        if not from_stdin:
+        if fd is not None and not from_stdin:
             os.close(fd)
         close = getattr(decoder, "close", None)
         if close is not None:  # a remote session left open by an error (a no-op after flush)
@@ -535,8 +546,6 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     if args.output is not None:
         _say(args, f"wrote   {args.output}")
     return 0
-
-
 
 
 # ---- serve / bench-latency ------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ The demo loops are synchronous (a capture loop, a sound device callback) and the
 thread-safe queue filled by a receiver task), so the time a sample spends on the network and in the server
 is part of the latency the demos measure. Stream positions are sample counts at the server model's rate.
 
+:func:`token_text_from_websocket` is a token *source*: an LLM server (or anything) that streams tokens over a
+websocket, read as they arrive.
+
 Failures (server unreachable, refused -- full, bad token --, or an error during the stream) raise
 :class:`RemoteError`, an ``OSError`` whose message names the server and the protocol error code; a
 ``bad_tokens`` error from a decode session raises ``ValueError`` like the in-process decoder.
@@ -22,7 +25,7 @@ import asyncio
 import math
 import queue
 import threading
-from typing import Any, Coroutine, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Coroutine, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -236,3 +239,35 @@ class WebSocketTokenDecoder:
 
     def close(self) -> None:
         self._remote.close()
+
+
+def token_text_from_websocket(url: str, *, token: Optional[str] = None) -> Iterator[str]:
+    """Token text from a websocket as it arrives, until the peer closes the connection.
+
+    Text messages are passed on as they are (``<custom_token_N>`` text or integer ids); binary messages are
+    little-endian int32 token ids, passed on as integers separated by spaces. ``token`` is sent as an
+    ``Authorization: Bearer`` header. A connection that cannot be opened, or that ends in an error rather
+    than a normal close, raises :class:`RemoteError`.
+    """
+    from websockets.exceptions import ConnectionClosedError, WebSocketException
+    from websockets.sync.client import connect
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        ws = connect(url, additional_headers=headers, open_timeout=CONNECT_TIMEOUT_S)
+    except (OSError, WebSocketException, TimeoutError) as exc:
+        raise RemoteError(f"cannot read tokens from {url}: {exc}") from None
+    with ws:
+        while True:
+            try:
+                message = ws.recv()
+            except ConnectionClosedError as exc:
+                raise RemoteError(f"the token stream from {url} ended with an error: {exc}") from None
+            except WebSocketException:  # a normal close: the end of the stream
+                return
+            if isinstance(message, str):
+                yield message
+            else:
+                if len(message) % 4:
+                    raise ValueError(f"a binary message from {url} is {len(message)} bytes, not whole int32 ids")
+                yield " ".join(map(str, np.frombuffer(message, dtype="<i4").tolist())) + " "

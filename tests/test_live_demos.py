@@ -217,6 +217,66 @@ def test_play_tokens_integer_ids_from_file(ckpt, model, tmp_path, capsys) -> Non
         assert np.abs(got - model.decode(codes)[0, 0].numpy()).max() < 1e-5
 
 
+class _TokenSource:
+    """A websocket server on 127.0.0.1 that sends each connection ``messages``, then closes (or aborts)."""
+
+    def __init__(self, messages, abort: bool = False) -> None:
+        import threading
+
+        from websockets.sync.server import serve
+
+        def handler(ws) -> None:
+            self.auth = ws.request.headers.get("Authorization")
+            for message in messages:
+                ws.send(message)
+            if abort:
+                ws.socket.close()  # no close frame: the stream ends in an error
+
+        self.auth = None
+        self.server = serve(handler, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join(5)
+
+
+def test_play_tokens_from_a_websocket_source(ckpt, model, tmp_path, capsys) -> None:
+    """Tokens streamed by a websocket peer (text pieces split mid-token, and binary int32 ids) play as offline."""
+    gen = torch.Generator().manual_seed(5)
+    codes = [torch.randint(0, 4096, (1, 6 * r), generator=gen) for r in (1, 2, 4)]
+    text = "".join(f"<custom_token_{i + 10}>" for i in OrpheusLayout().to_flat(codes)[0].tolist())
+    ids = OrpheusLayout().to_flat(codes)[0].numpy().astype("<i4")
+    with torch.inference_mode():
+        want = model.decode(codes)[0, 0].numpy()
+    for messages in ([text[i : i + 50] for i in range(0, len(text), 50)],  # pieces split inside tokens
+                     [ids[:10].tobytes(), ids[10:].tobytes()]):
+        source = _TokenSource(messages)
+        try:
+            out = tmp_path / "ws.wav"
+            rc, err = run_cli(["play-tokens", source.url, "--model", str(ckpt), "--output", str(out),
+                               "--source-token", "s3cret"], capsys)
+        finally:
+            source.close()
+        assert rc == 0, err
+        assert source.auth == "Bearer s3cret"
+        got, _ = sf.read(out, dtype="float32")
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+    # A source that cannot be reached, or that breaks off, is one error line.
+    rc, err = run_cli(["play-tokens", "ws://127.0.0.1:9", "--model", str(ckpt), "--output",
+                       str(tmp_path / "x.wav")], capsys)
+    assert rc == 2 and "cannot read tokens from ws://127.0.0.1:9" in err
+    source = _TokenSource([text[:70]], abort=True)
+    try:
+        rc, err = run_cli(["play-tokens", source.url, "--model", str(ckpt), "--output", str(tmp_path / "y.wav")],
+                          capsys)
+    finally:
+        source.close()
+    assert rc == 2 and "ended with an error" in err, err
+
+
 FRAME = "".join(f"<custom_token_{10 + p * 4096}>" for p in range(7))  # one valid Orpheus frame (all codes 0)
 
 
