@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import snac
 import torch
 from torch import nn
@@ -206,3 +207,27 @@ def random_codes(config: Dict[str, Any], batch: int, coarse_frames: int, seed: i
         torch.randint(0, config["codebook_size"], (batch, coarse_frames * coarse // s), generator=gen)
         for s in config["vq_strides"]
     ]
+
+
+def offline_codec(model, audio: np.ndarray) -> np.ndarray:
+    """Offline ``decode(encode(audio))`` of a mono float array, trimmed to its length."""
+    from snac_stream.audio import to_tensor
+
+    with torch.inference_mode():
+        return model.decode(model.encode(to_tensor(audio)))[0, 0, : audio.shape[0]].numpy()
+
+
+def run_cli(argv, capsys) -> Tuple[int, str]:
+    """Run the command line in process: (exit status, stderr)."""
+    from snac_stream.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def single_error(err: str) -> str:
+    """The one ``error:`` line, which must end the output (progress lines may come before it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]

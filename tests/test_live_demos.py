@@ -26,9 +26,10 @@ import soundfile as sf
 import torch
 
 from snac_stream import PRESETS, SNAC
-from snac_stream.audio import load_audio, to_tensor
-from snac_stream.cli import main
+from snac_stream.audio import load_audio
 from snac_stream.tokens import OrpheusLayout
+
+from helpers import offline_codec, run_cli, single_error
 
 from virtual_audio import MIC_DEVICE, MIC_SINK, SPEAKER_DEVICE, VirtualAudio, missing_tools
 
@@ -66,22 +67,7 @@ def make_clip(seconds: float = 1.5, seed: int = 0) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * (200 * t + 400 * t**2)) + 0.1 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def offline_codec(model: SNAC, audio: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model.decode(model.encode(to_tensor(audio)))[0, 0, : audio.shape[0]].numpy()
 
-
-def run_cli(argv, capsys) -> Tuple[int, str]:
-    rc = main(argv)
-    return rc, capsys.readouterr().err
-
-
-def single_error(err: str) -> str:
-    """The one ``error:`` line, which must end the output (progress lines may come before it)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ import soundfile as sf
 import torch
 
 from snac_stream import PRESETS, SNAC
-from snac_stream.audio import to_tensor
-from snac_stream.cli import main
 from snac_stream.remote import RemoteError, WebSocketCodec
 from snac_stream.server import ServerOptions, SNACServer
 from snac_stream.server.protocol import encode_audio
 from snac_stream.tokens import OrpheusLayout
+
+from helpers import offline_codec, run_cli, single_error
 
 RATE = 24000
 SMALL_24KHZ = dataclasses.replace(PRESETS["24khz"], encoder_dim=8, decoder_dim=64)
@@ -78,21 +78,7 @@ def clip(seconds: float, seed: int) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * (200 * t + 400 * t**2)) + 0.1 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def offline_codec(model: SNAC, audio: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model.decode(model.encode(to_tensor(audio)))[0, 0, : audio.shape[0]].numpy()
 
-
-def run_cli(argv, capsys) -> tuple:
-    rc = main(argv)
-    return rc, capsys.readouterr().err
-
-
-def single_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    return errors[0]
 
 
 def free_port() -> int:
