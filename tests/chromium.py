@@ -95,7 +95,9 @@ class Chromium:
         self.executable = executable or find_chromium()
         if self.executable is None:
             raise FileNotFoundError("no chromium/chrome executable on PATH")
-        self._profile = tempfile.TemporaryDirectory(prefix="snac-chromium-")
+        # Chromium helper processes can still write the profile after the browser exits: its removal is best
+        # effort (a leftover scratch folder under /tmp), never a test failure.
+        self._profile = tempfile.TemporaryDirectory(prefix="snac-chromium-", ignore_cleanup_errors=True)
         args = [self.executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
                 "--disable-component-update", "--disable-dev-shm-usage",
