@@ -105,19 +105,21 @@ def _snake_dwconv_kernel(
                  mask=c_mask[:, None] & t_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
-    conv_stride, dilation, padding, n_o_blocks,
+    conv_stride, dilation, padding, n_o_blocks, n_cols, crop, T_keep,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
-    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, PHASES: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item.
+    """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
+    BLOCK_T (batch item, frame) pairs: columns ``n < n_cols = B * T_out`` run over ``b = n // T_out``,
+    ``t = n % T_out``, so layers with a few frames per stream (a streaming step) still fill the tile.
 
     The reduction runs over r = c * K + k < R = C_in * K (input channel c, tap k), the weight's own memory
     order, in steps of BLOCK_R: each step gathers its input tile im2col-style from the virtual padded
@@ -127,14 +129,25 @@ def _snake_conv_kernel(
     constant: a fixed trip count the pipeliner can schedule (and a loop the interpreter can run).
     Consecutive programs share a time tile (output channels vary fastest), so the input tile is reused
     from L2.
+
+    PHASES > 1: the output channel ``co`` of this conv is phase ``co % PHASES`` of channel ``co // PHASES``
+    (the bias is per channel), stored at sample ``t * PHASES + co % PHASES - crop`` when in ``[0, T_keep)``:
+    a transposed conv computed as a conv over input frames (see :func:`snake_conv_transpose`).
     """
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
     pid_o = pid % n_o_blocks
     pid_t = pid // n_o_blocks
 
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    if FLAT:
+        t_valid = cols < n_cols
+        offs_t = cols % T_out
+        pid_b = (cols // T_out).to(tl.int64)[None, :]  # per column, broadcast against the rows
+    else:
+        t_valid = cols < T_out
+        offs_t = cols
+        pid_b = tl.program_id(1).to(tl.int64)
     o_mask = offs_o < C_out
     o_rows = offs_o.to(tl.int64)[:, None]
     ctx_b = ctx_ptr + pid_b * s_cb
@@ -147,31 +160,39 @@ def _snake_conv_kernel(
         c = offs_r // K
         c_rows = c.to(tl.int64)[:, None]
         u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
-        v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T, r_mask[:, None],
-                           HAS_CTX)
+        v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                           r_mask[:, None] & t_valid[None, :], HAS_CTX)
         if HAS_ALPHA:
             v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
         w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(w, v, acc, input_precision=PRECISION)
 
+    channel = offs_o // PHASES if PHASES > 1 else offs_o
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
+        acc += tl.load(bias_ptr + channel, mask=o_mask, other=0.0)[:, None]
     if HAS_NOISE:
         # Same Philox stream as model.noise.positional_randn: keyed by the absolute frame, not the tile.
-        if NOISE_ROWS:  # one start per batch row: independent streams batched together
+        if NOISE_ROWS and FLAT:  # one start per batch row: independent streams batched together
+            start = tl.load(noise_rows_ptr + pid_b, mask=t_valid[None, :], other=0)
+        elif NOISE_ROWS:
             start = tl.load(noise_rows_ptr + pid_b)
         else:
             start = noise_start
-        acc *= tl.randn(noise_seed, start + offs_t.to(tl.int64))[None, :]
+        acc *= tl.randn(noise_seed, start + offs_t.to(tl.int64)[None, :])
     if HAS_RES:
         acc += load_ctx_chunk(rctx_ptr + pid_b * s_rcb, res_ptr + pid_b * s_rb, o_rows * s_rcc, o_rows * s_rc,
-                              s_rct, s_rt, (offs_t + res_offset)[None, :], L_res, T_res, o_mask[:, None],
-                              HAS_RES_CTX)
+                              s_rct, s_rt, (offs_t + res_offset)[None, :], L_res, T_res,
+                              o_mask[:, None] & t_valid[None, :], HAS_RES_CTX)
     if TANH:
         acc = tanh(acc)
 
-    out_mask = o_mask[:, None] & (offs_t < T_out)[None, :]
-    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+    out_mask = o_mask[:, None] & t_valid[None, :]
+    if PHASES > 1:
+        pos = offs_t[None, :] * PHASES + (offs_o % PHASES)[:, None] - crop
+        out_mask &= (pos >= 0) & (pos < T_keep)
+        tl.store(out_ptr + pid_b * s_ob + channel.to(tl.int64)[:, None] * s_oc + pos * s_ot, acc, mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,11 +402,101 @@ def snake_conv(
                        padding=padding, reduce=True, activation=activation)
         return out
 
+    _launch_conv(src, weight, bias, alpha, out, t_out=t_out, stride=stride, dilation=dilation, padding=padding,
+                 res=res, residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
+                 activation=activation, precision=precision)
+    return out
+
+
+def snake_conv_transpose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: int,
+    alpha: Optional[torch.Tensor] = None,
+    padding: int = 0,
+    context: Optional[torch.Tensor] = None,
+    crop: int = 0,
+    length: Optional[int] = None,
+    precision: Optional[str] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``) of
+    ``snake(cat([context, x]))``, on tensor cores, with the bias fused and no overlap-add pass.
+
+    Each output frame ``j`` of a 2-tap conv over the input frames (``padding`` virtual zeros at both ends)
+    yields samples ``[j * s, (j + 1) * s)``: ``z[j*s + r] = W[:, :, s + r] . xp[j] + W[:, :, r] . xp[j + 1]``.
+    With ``padding=1`` this is the full transposed conv (``(T + 1) * s`` samples); a streaming call passes the
+    previous input frame as ``context`` and ``padding=0``. The result is ``z[crop : crop + length]``: the
+    transposed conv's own padding ``p`` is ``crop=p``.
+
+    Args:
+        x: (B, C_in, T) input frames; context: (B, C_in, L) frames before them, or None.
+        weight: the transposed conv's weight (C_in, C_out, 2s) rearranged as a conv over input frames,
+            (C_out * s, C_in, 2): output channel ``o * s + r`` is phase ``r`` of channel ``o``, its tap 0
+            ``W[:, o, s + r]`` and tap 1 ``W[:, o, r]`` (``snac_stream.model.functional.phase_weight``).
+        bias: (C_out,) or None.
+        alpha: per-input-channel snake parameter, or None.
+        length: samples to return (default: all after ``crop``).
+        precision, out: as :func:`snake_conv`; ``out`` is (B, C_out, length).
+
+    Returns:
+        (B, C_out, length) samples at the output rate.
+    """
+    src = chunk_input("x", x, context, "context")
+    batch, c_in, _ = x.shape
+    device = x.device
+    _check_int("stride", stride, 1, 2**16)
+    check_tensor("weight", weight, 3, device)
+    if weight.shape[1] != c_in or weight.shape[2] != 2 or weight.shape[0] % stride:
+        raise ValueError(f"weight must have shape (C_out * {stride}, {c_in}, 2) (phase form), "
+                         f"got {tuple(weight.shape)}")
+    c_out = weight.shape[0] // stride
+    bias = _optional("bias", bias, (c_out,), device)
+    alpha = per_channel("alpha", alpha, c_in, device)
+    frames = output_length(src.total, padding, 2, 1, 1, None)
+    _check_int("crop", crop, 0, 2**31)
+    most = max(0, frames * stride - crop)
+    if length is None:
+        length = most
+    elif isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= most:
+        raise ValueError(f"length must be an int in [0, {most}] ({frames} frames of {stride} samples, crop {crop}), "
+                         f"got {length!r}")
+    out = output_buffer(out, (batch, c_out, length), device, x=x, context=context)
+    if out.numel() == 0:
+        return out
+    last = (crop + length - 1) // stride  # the last frame holding a returned sample
+    _launch_conv(src, weight.contiguous(), bias, alpha, out, t_out=last + 1, padding=padding,
+                 precision=_precision(precision, device), phases=stride, crop=crop)
+    return out
+
+
+def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:
+    """Whether a dense launch tiles (batch row, frame) pairs rather than each row's frames: when a row has
+    at most half a tile of frames (a streaming step of many streams), most of each tile would be masked."""
+    return batch > 1 and 2 * t_out <= block_t
+
+
+def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                 out: torch.Tensor, *, t_out: int, stride: int = 1, dilation: int = 1, padding: int = 0,
+                 res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
+                 noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None, precision: str,
+                 phases: int = 1, crop: int = 0) -> None:
+    """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels
+    (with ``phases > 1``, channel ``co`` is phase ``co % phases`` of ``out``'s channel ``co // phases``)."""
+    batch, c_in = src.x.shape[:2]
+    c_out, _, kernel_size = weight.shape
+    device = out.device
     cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
                         dilation=dilation, length=t_out, batch=batch)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
-    grid = (n_o_blocks * cdiv(t_out, cfg.blocks["BLOCK_T"]), batch)
-    _check_grid(batch, 1)
+    flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
+    n_cols = batch * t_out if flat else t_out
+    grid = (n_o_blocks * cdiv(n_cols, cfg.blocks["BLOCK_T"]), 1 if flat else batch)
+    _check_grid(grid[1], 1)
+    if n_cols >= 2**31:
+        raise ValueError(f"batch x frames ({batch} x {t_out}) must stay below 2**31")
     # Absent optional tensors are passed as ``out`` (never read: their HAS_* flag is off).
     if res is not None:
         res_ptrs, res_strides = res.pointer_args(), res.stride_args()
@@ -400,13 +511,13 @@ def snake_conv(
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out,
-        c_out, src.length_ctx, x.shape[-1], t_out, *res_sizes, *noise,
-        stride, dilation, padding, n_o_blocks,
+        c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
+        stride, dilation, padding, n_o_blocks, n_cols, crop, out.shape[-1],
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=precision, FLAT=flat, PHASES=phases, **cfg.blocks, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return out

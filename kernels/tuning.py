@@ -91,8 +91,11 @@ def _default_dwconv(key: ShapeKey, length: int) -> LaunchConfig:
         block_t = _pow2_in(max(length + halo, 2 * halo), 16, 1024)
         return LaunchConfig({"BLOCK_C": _pow2_in(key.c_in, 1, 64), "BLOCK_T": block_t, "WINDOW": 1})
     # Measured on an H100 (C = 512, T = 65536, K = 7, dilation 1/3/9): 4 x 1024 tiles with 4 warps run at
-    # 81-89% of the copy bandwidth; more channels per tile spill or shuffle more.
-    return LaunchConfig({"BLOCK_C": 4, "BLOCK_T": 1024 if length > 2048 else 512, "WINDOW": 1}, num_warps=4)
+    # 81-89% of the copy bandwidth; more channels per tile spill or shuffle more. Short launches (a streaming
+    # step: a few to a few hundred frames per stream) take the time tile they need and more channels, about
+    # 2K elements, rather than a tile of mostly masked lanes.
+    block_t = _pow2_in(length + halo, 32, 1024 if length > 2048 else 512)
+    return LaunchConfig({"BLOCK_C": max(4, min(64, 2048 // block_t)), "BLOCK_T": block_t, "WINDOW": 1}, num_warps=4)
 
 
 def _default_conv(key: ShapeKey, length: int) -> LaunchConfig:

@@ -657,7 +657,7 @@ def add_bench_latency_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench-latency", help="end-to-end latency of N real-time roundtrip clients on loopback",
         description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
-                    "roundtrip clients, and print p50/p95/p99 of the end-to-end latency per output sample split "
+                    "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per output sample split "
                     "into algorithmic delay, server time (queue + compute) and transport, plus errors and the "
                     "process's memory over time.")
     _add_model_options(p)
@@ -666,6 +666,9 @@ def add_bench_latency_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-ms", type=_positive_float, default=20.0,
                    help="milliseconds of audio per client message (default: 20)")
     p.add_argument("--sample-format", default="pcm16", choices=["pcm16", "float32"])
+    p.add_argument("--client-processes", type=int, default=None, metavar="N",
+                   help="worker processes running the clients, as remote callers would (default: half the cores "
+                        "less one, at least 1; 0 runs them in the server's process)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
     _add_common_options(p)
     p.set_defaults(func=run_bench_latency)
@@ -679,12 +682,15 @@ def run_bench_latency(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_output(args.json)
+    if args.client_processes is not None and args.client_processes < 0:
+        raise CLIError(f"--client-processes must be 0 or more, got {args.client_processes}")
     device = resolve_device(args.device)
     model = _server_model(args, device)
     report = asyncio.run(run_latency_bench(
         model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
         sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
-        backend=args.backend, threads=args.threads, say=lambda line: _say(args, line)))
+        backend=args.backend, threads=args.threads, client_processes=args.client_processes,
+        say=lambda line: _say(args, line)))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         _say(args, f"wrote   {args.json}")

@@ -415,3 +415,6 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
     assert report["latency_ms"]["algorithmic"]["max"] <= 1e3 * (report["algorithmic_latency_samples"]
                                                                  + report["chunk_samples"]) / 24000
     assert report["rss_mib"] and report["machine"]["cpu_count"]
+    # The clients ran in a worker process; the server's ticks were timed, each holding its engine steps.
+    assert report["client_processes"] == 1 and report["ticks"] > 0
+    assert 0 < report["engine_step_ms"]["p50"] <= report["tick_ms"]["p50"] <= report["tick_ms"]["max"]

@@ -18,7 +18,8 @@ import contextvars
 import functools
 import importlib.util
 import os
-from typing import Iterator, Optional
+import weakref
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +172,82 @@ def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context,
                            residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
                            activation=activation, precision=_PRECISION.get())
     return snake(y, alpha_out) if alpha_out is not None else y  # dense + snake epilogue: non-depthwise models only
+
+
+def conv_transpose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: int,
+    alpha: Optional[torch.Tensor] = None,
+    context: Optional[torch.Tensor] = None,
+    padding: int = 0,
+    crop: int = 0,
+    length: Optional[int] = None,
+) -> torch.Tensor:
+    """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``, ``weight`` of shape
+    (C_in, C_out, 2s)) of ``snake(cat(context, x))``, both backends computing it the same way.
+
+    Output frame ``j`` of a 2-tap conv over the input frames (zero-padded by ``padding`` frames at both ends)
+    yields samples ``[j*s, (j+1)*s)``: ``z[j*s + r] = W[:, :, s+r] . xp[j] + W[:, :, r] . xp[j+1]``. With
+    ``padding=1`` that is the whole transposed conv, before its own padding ``p`` crops it (``crop=p``);
+    streaming passes the previous input frame as ``context``. Unlike ``conv_transpose1d`` this needs no
+    overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before.
+
+    Args:
+        x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
+        crop / length: return samples ``crop .. crop + length - 1`` of ``z`` (default: all after ``crop``).
+
+    Returns:
+        (B, C_out, length) samples at the output rate.
+    """
+    if weight.dim() != 3 or weight.shape[-1] != 2 * stride:
+        raise ValueError(f"weight must have shape (C_in, C_out, {2 * stride}), got {tuple(weight.shape)}")
+    phase = _phase_weight(weight)
+    if current_backend() == "triton":
+        from ..kernels import conv as kernels
+
+        return kernels.snake_conv_transpose(x, phase, bias, stride=stride, alpha=alpha, padding=padding,
+                                            context=context, crop=crop, length=length, precision=_PRECISION.get())
+    xin = x if context is None or context.shape[-1] == 0 else torch.cat([context, x], dim=-1)
+    if padding:
+        xin = F.pad(xin, (padding, padding))
+    if alpha is not None:
+        xin = snake(xin, alpha)
+    b, c_out = x.shape[0], weight.shape[1]
+    frames = xin.shape[-1] - 1
+    z = F.conv1d(xin, phase, None if bias is None else bias.repeat_interleave(stride))  # (B, C_out * s, frames)
+    z = z.view(b, c_out, stride, frames).transpose(2, 3).reshape(b, c_out, frames * stride)
+    end = z.shape[-1] if length is None else crop + length
+    if crop < 0 or end > z.shape[-1] or end < crop:
+        raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {z.shape[-1]}")
+    return z[..., crop:end]
+
+
+# Phase-form weights of transposed convs (see ``kernels.conv.phase_weight``), made once per weight tensor and
+# remade when it changes (moved, loaded in place): a CUDA-graph replay must not redo it every step.
+_PHASE_WEIGHTS: Dict[int, Tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    key = id(weight)
+    hit = _PHASE_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight.data_ptr() and hit[2] == weight._version:
+        return hit[3]
+    with torch.no_grad():
+        phase = phase_weight(weight)
+    _PHASE_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _PHASE_WEIGHTS.pop(k, None)), weight.data_ptr(),
+                           weight._version, phase)
+    return phase
+
+
+def phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A transposed conv's weight (C_in, C_out, 2s) as the weight (C_out * s, C_in, 2) of the same layer
+    written as a conv over input frames (see ``conv_transpose``): output channel ``o * s + r`` is phase ``r``
+    of channel ``o``; its tap 0 reads the previous frame (``W[:, o, s + r]``), tap 1 the current one
+    (``W[:, o, r]``)."""
+    c_in, c_out, kernel_size = weight.shape
+    s = kernel_size // 2
+    taps = torch.stack([weight[:, :, s:], weight[:, :, :s]], dim=-1)  # (C_in, C_out, s, 2)
+    return taps.permute(1, 2, 0, 3).reshape(c_out * s, c_in, 2).contiguous()

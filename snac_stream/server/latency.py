@@ -3,18 +3,23 @@
 Each client streams the same kind of signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when
 its last sample would have been captured, for ``duration_s``; every output sample's latency is split into
 algorithmic delay, server time and transport (:func:`snac_stream.client.latency_breakdown`). The server's
-resident memory is sampled while the clients run.
+resident memory and its ticks (engine steps) are measured while the clients run.
+
+The clients run in worker processes by default, as remote callers would: in the server's own process,
+tens of clients' websocket traffic would compete with the server for the interpreter lock and the
+benchmark would measure itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import multiprocessing
 import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -65,7 +70,71 @@ def _rss_bytes() -> Optional[int]:
     return psutil.Process().memory_info().rss
 
 
-def _stats(values: np.ndarray) -> Dict[str, float]:
+def default_client_processes(clients: int) -> int:
+    """Worker processes for ``clients`` benchmark clients: half the cores less one (the server keeps an
+    event loop and an engine thread busy), at least one, at most one per client."""
+    return max(1, min(clients, (os.cpu_count() or 2) // 2 - 1))
+
+
+async def _run_clients(url: str, ks: Sequence[int], clients: int, samples: int, rate: int, chunk: int,
+                       sample_format: str, step_s: float) -> List[Any]:
+    """Clients ``ks`` (of ``clients``), each started ``k / clients`` of a step after the others' origin, as
+    independent callers would (not a synchronisation). A failed client's result is its exception."""
+    async def one(k: int) -> Any:
+        await asyncio.sleep(k * step_s / clients)
+        audio = bench_signal(samples, rate, seed=k)
+        try:
+            return await ws_client.roundtrip(url, audio, chunk_samples=chunk, realtime=True,
+                                             sample_format=sample_format, sample_rate=rate)
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            return exc
+
+    return list(await asyncio.gather(*(one(k) for k in ks)))
+
+
+def _client_process(conn: Any, url: str, ks: Sequence[int], *args: Any) -> None:
+    """A worker process: report ready (imports done), wait for the go, run clients ``ks``, send the results
+    back (exceptions as "Type: message" strings)."""
+    conn.send("ready")
+    conn.recv()
+    results = asyncio.run(_run_clients(url, ks, *args))
+    conn.send([f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r for r in results])
+    conn.close()
+
+
+async def _clients_in_processes(processes: int, url: str, clients: int, *args: Any) -> List[Any]:
+    """Run the clients spread over ``processes`` spawned workers; results in client order."""
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    shares = [list(range(i, clients, processes)) for i in range(processes)]
+    workers = []
+    try:
+        for ks in shares:
+            parent, child = context.Pipe()
+            proc = context.Process(target=_client_process, args=(child, url, ks, clients, *args), daemon=True)
+            proc.start()
+            child.close()
+            workers.append((proc, parent))
+        for _, conn in workers:  # everyone imported and ready: the clients' start times are comparable
+            await loop.run_in_executor(None, conn.recv)
+        for _, conn in workers:
+            conn.send("go")
+        per_worker = [await loop.run_in_executor(None, conn.recv) for _, conn in workers]
+    finally:
+        for proc, conn in workers:
+            conn.close()
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    results: List[Any] = [None] * clients
+    for ks, got in zip(shares, per_worker):
+        for k, r in zip(ks, got):
+            results[k] = RuntimeError(r) if isinstance(r, str) else r
+    return results
+
+
+def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
     if not values.size:
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
@@ -75,11 +144,19 @@ def _stats(values: np.ndarray) -> Dict[str, float]:
 async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
                             sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
+                            client_processes: Optional[int] = None,
                             say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB).
 
-    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`).
+    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`). ``client_processes``:
+    worker processes running the clients (default :func:`default_client_processes`; 0 runs them in this
+    process, beside the server).
     """
+    if client_processes is None:
+        client_processes = default_client_processes(clients)
+    if client_processes < 0:
+        raise ValueError(f"client_processes must be >= 0, got {client_processes}")
+    client_processes = min(client_processes, clients)
     rate = model.config.sampling_rate
     chunk = max(1, round(rate * chunk_ms / 1000))
     options = ServerOptions(port=0, max_sessions=clients, idle_timeout_s=max(30.0, duration_s), backend=backend,
@@ -95,7 +172,8 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
             f"latency {server.latency['roundtrip']} samples ({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
             f"{server.threads} engine thread{'s' if server.threads > 1 else ''}")
         say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
-            f"{sample_format}")
+            f"{sample_format}, " + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
+                                    if client_processes else "in the server's process"))
         start = time.perf_counter()
         stop = asyncio.Event()
 
@@ -109,18 +187,12 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
                 except asyncio.TimeoutError:
                     pass
 
-        async def one(k: int) -> Any:
-            # Clients start spread over one step, as independent callers would; not a synchronisation.
-            await asyncio.sleep(k * step_s / clients)
-            audio = bench_signal(samples, rate, seed=k)
-            try:
-                return await ws_client.roundtrip(server.url, audio, chunk_samples=chunk, realtime=True,
-                                                 sample_format=sample_format, sample_rate=rate)
-            except Exception as exc:  # noqa: BLE001 - counted and reported
-                return exc
-
         sampler = asyncio.create_task(sample_rss())
-        results = await asyncio.gather(*(one(k) for k in range(clients)))
+        args = (clients, samples, rate, chunk, sample_format, step_s)
+        if client_processes:
+            results = await _clients_in_processes(client_processes, server.url, *args)
+        else:
+            results = await _run_clients(server.url, range(clients), *args)
         stop.set()
         await sampler
         wall = time.perf_counter() - start
@@ -155,7 +227,8 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         "keeps_up": keeps_up, "errors": len(errors) + short, "error_messages": errors[:10],
         "server_errors": server_errors, "incomplete_streams": short,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
-        "engine_threads": server.threads, "ticks": server.stats["ticks"],
+        "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
+        "tick_ms": _stats(np.asarray(server.stats["tick_s"])), "engine_step_ms": _stats(np.asarray(server.stats["step_s"])),
         "machine": machine_info(model.device),
     }
     say("latency (ms) per output sample, all clients:   p50      p95      p99      max")
@@ -165,6 +238,9 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
     say(f"errors  {report['errors']} (server: {server_errors or 'none'}); keeps up in real time: "
         f"{'yes' if keeps_up else 'NO'} (p99 server + transport {report['server_plus_transport_p99_ms']:.1f} ms "
         f"vs a {1e3 * step_s:.1f} ms step; latency drift {report['drift_ms_max'] or 0:.1f} ms)")
+    tick, step = report["tick_ms"], report["engine_step_ms"]
+    say(f"ticks   {report['ticks']}: p50 {tick['p50']:.1f} ms, p99 {tick['p99']:.1f} ms, max {tick['max']:.1f} ms "
+        f"(engine steps in them: p50 {step['p50']:.1f} ms, p99 {step['p99']:.1f} ms)")
     if rss:
         say(f"memory  server process RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB (max {max(m for _, m in rss):.0f}; "
             f"growth after warm-up {report['rss_growth_mib']} MiB)")

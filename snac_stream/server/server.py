@@ -94,6 +94,8 @@ class ServerOptions:
                              f"--token or set {TOKEN_ENV}")
 
 
+_TICKS_KEPT = 100_000  # tick durations kept for statistics (about 2 hours of 85 ms steps)
+
 def default_engine_threads() -> int:
     """Torch intra-op threads for the engine worker: torch's default less one core for the event loop."""
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
@@ -252,8 +254,10 @@ class SNACServer:
         self.step_samples = self.decoder.step_samples
         self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
                         for kind in ("encode", "decode", "roundtrip")}
+        # tick_s / step_s: the latest ticks' durations and the engine steps' share of them, in seconds.
         self.stats: Dict[str, Any] = {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0,
-                                      "max_backlog": 0}
+                                      "max_backlog": 0, "tick_s": collections.deque(maxlen=_TICKS_KEPT),
+                                      "step_s": collections.deque(maxlen=_TICKS_KEPT)}
         self._sessions: Set[_Session] = set()
         self._numbers = 0
         # [engine]
@@ -570,6 +574,7 @@ class SNACServer:
     def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]]
               ) -> Tuple[List[Tuple[_Session, Any]], List[Any], bool]:
         """Run the commands, then one step of each engine. Returns (events, command results, more queued)."""
+        start = time.perf_counter()
         events: List[Tuple[_Session, Any]] = []
         results: List[Any] = []
         for command, _ in commands:
@@ -597,6 +602,9 @@ class SNACServer:
             self._guard(session, events, lambda: self._emit_audio(session, audio, marker, compute, events))
         busy = (any(self.encoder.pending(sid) for sid in self._by_enc)
                 or any(self.decoder.pending(sid) for sid in self._by_dec))
+        if enc_out or dec_out:
+            self.stats["tick_s"].append(time.perf_counter() - start)
+            self.stats["step_s"].append(t_enc + t_dec)
         return events, results, busy
 
     def _guard(self, session: _Session, events: List[Any], work: Callable[[], None]) -> None:

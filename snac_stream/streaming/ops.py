@@ -162,64 +162,58 @@ class SlidingWindow(StreamOp):
 
 @dataclass
 class _TransposedState:
-    tail: torch.Tensor  # the previous frame's contribution to the next frame's outputs (B, C_out, s)
+    context: torch.Tensor  # the last input frame (B, C_in, 1): the first tap of the next output frame
     to_skip: int  # leading outputs the offline padding crops away
     received: int = 0
 
 
 class ConvTranspose(StreamOp):
-    """``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any padding.
+    """Snake (optional) and ``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any
+    padding ``p <= s`` and output padding up to ``p``.
 
-    Input frame ``i`` writes ``2s`` full outputs ``[i*s, i*s + 2s)``: its first half completes outputs
-    ``[i*s, (i+1)*s)`` together with the second half of frame ``i - 1`` (the overlap tail kept as state).
-    Each frame's ``2s`` outputs are one matrix product, which stays fast for the few frames of a chunk
-    (PyTorch's CPU transposed convolution falls back to a slow path below ~32 frames). The offline layer
-    crops ``p`` outputs on the left and keeps ``T*s`` in total.
+    Written as a 2-tap conv over input frames (``functional.conv_transpose``): input frame ``i`` completes
+    outputs ``[i*s, (i+1)*s)`` together with frame ``i - 1``, kept as the state. The offline layer crops
+    ``p`` outputs on the left; the flush adds the last frame's tail up to the offline length.
     """
 
-    def __init__(self, conv: nn.ConvTranspose1d):
+    def __init__(self, conv: nn.ConvTranspose1d, alpha: Optional[torch.Tensor] = None):
         self.conv = conv
+        self.alpha = alpha
         self.stride = conv.stride[0]
         self.pad = conv.padding[0]
+        self.extra = conv.output_padding[0]
         if conv.kernel_size[0] != 2 * self.stride or conv.dilation[0] != 1 or conv.groups != 1:
             raise ValueError("streaming ConvTranspose expects kernel 2*stride, dilation 1, groups 1")
-        if self.pad > self.stride:
-            raise ValueError("streaming ConvTranspose expects padding <= stride")
+        if self.pad > self.stride or self.extra > self.pad:
+            raise ValueError("streaming ConvTranspose expects padding <= stride and output_padding <= padding")
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _TransposedState:
-        return _TransposedState(torch.zeros(batch, self.out_channels, self.stride, device=device, dtype=dtype),
-                                self.pad)
+        # A zero frame is the offline layer's left padding (snake(0) = 0).
+        return _TransposedState(torch.zeros(batch, self.in_channels, 1, device=device, dtype=dtype), self.pad)
 
-    def _emit(self, state: _TransposedState, y: torch.Tensor) -> torch.Tensor:
-        """Add the bias to completed outputs (B, C_out, L) and drop what the offline padding crops."""
-        bias = self.conv.bias
-        if bias is not None:
-            y = y + bias[:, None]
-        skip = min(state.to_skip, y.shape[-1])
+    def _run(self, state: _TransposedState, x: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+        skip = min(state.to_skip, x.shape[-1] * self.stride)
+        y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride, alpha=self.alpha,
+                           context=state.context, crop=skip, length=length)
         state.to_skip -= skip
-        return y[..., skip:]
+        return y
 
     def push(self, state: _TransposedState, x: torch.Tensor) -> torch.Tensor:
-        b, c, n = x.shape
-        if n == 0:
+        if x.shape[-1] == 0:
             return self.empty(x)
-        state.received += n
-        s, out = self.stride, self.out_channels
-        # (B, n, C_in) @ (C_in, C_out * 2s) -> every frame's 2s outputs per output channel.
-        frames = (x.transpose(1, 2) @ self.conv.weight.reshape(c, out * 2 * s)).view(b, n, out, 2 * s)
-        head, tail = frames[..., :s], frames[..., s:]
-        overlap = torch.cat([state.tail.unsqueeze(1), tail[:, :-1]], dim=1)
-        state.tail = tail[:, -1].contiguous()  # a copy: do not keep the whole product alive
-        y = (head + overlap).permute(0, 2, 1, 3).reshape(b, out, n * s)
-        return self._emit(state, y)
+        state.received += x.shape[-1]
+        y = self._run(state, x)
+        state.context = x[..., -1:].clone()  # a copy: do not keep the whole chunk alive
+        return y
 
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
         if state.received == 0:
             return None
-        # The last frame's second half, up to the offline length T*s: p outputs after the skip.
-        return self._emit(state, state.tail[..., : self.pad])
+        # The right padding's frame: the last input frame's tail, up to the offline length (T+1)s - 2p + extra.
+        keep = self.stride - self.pad + self.extra - state.to_skip
+        return self._run(state, torch.zeros_like(state.context), max(0, keep))
 
     def emitted(self, n: int) -> int:
         return max(0, n * self.stride - self.pad)
