@@ -109,12 +109,12 @@ def _snake_dwconv_kernel(
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
-    conv_stride, dilation, padding, n_o_blocks, n_cols, crop, T_keep,
+    conv_stride, dilation, padding, n_o_blocks, n_cols,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
-    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, PHASES: tl.constexpr,
+    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
@@ -130,9 +130,6 @@ def _snake_conv_kernel(
     Consecutive programs share a time tile (output channels vary fastest), so the input tile is reused
     from L2.
 
-    PHASES > 1: the output channel ``co`` of this conv is phase ``co % PHASES`` of channel ``co // PHASES``
-    (the bias is per channel), stored at sample ``t * PHASES + co % PHASES - crop`` when in ``[0, T_keep)``:
-    a transposed conv computed as a conv over input frames (see :func:`snake_conv_transpose`).
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -167,9 +164,8 @@ def _snake_conv_kernel(
         w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(w, v, acc, input_precision=PRECISION)
 
-    channel = offs_o // PHASES if PHASES > 1 else offs_o
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=o_mask, other=0.0)[:, None]
+        acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
     if HAS_NOISE:
         # Same Philox stream as model.noise.positional_randn: keyed by the absolute frame, not the tile.
         if NOISE_ROWS and FLAT:  # one start per batch row: independent streams batched together
@@ -187,12 +183,7 @@ def _snake_conv_kernel(
         acc = tanh(acc)
 
     out_mask = o_mask[:, None] & t_valid[None, :]
-    if PHASES > 1:
-        pos = offs_t[None, :] * PHASES + (offs_o % PHASES)[:, None] - crop
-        out_mask &= (pos >= 0) & (pos < T_keep)
-        tl.store(out_ptr + pid_b * s_ob + channel.to(tl.int64)[:, None] * s_oc + pos * s_ot, acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,70 +399,6 @@ def snake_conv(
     return out
 
 
-def snake_conv_transpose(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    stride: int,
-    alpha: Optional[torch.Tensor] = None,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    crop: int = 0,
-    length: Optional[int] = None,
-    precision: Optional[str] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``) of
-    ``snake(cat([context, x]))``, on tensor cores, with the bias fused and no overlap-add pass.
-
-    Each output frame ``j`` of a 2-tap conv over the input frames (``padding`` virtual zeros at both ends)
-    yields samples ``[j * s, (j + 1) * s)``: ``z[j*s + r] = W[:, :, s + r] . xp[j] + W[:, :, r] . xp[j + 1]``.
-    With ``padding=1`` this is the full transposed conv (``(T + 1) * s`` samples); a streaming call passes the
-    previous input frame as ``context`` and ``padding=0``. The result is ``z[crop : crop + length]``: the
-    transposed conv's own padding ``p`` is ``crop=p``.
-
-    Args:
-        x: (B, C_in, T) input frames; context: (B, C_in, L) frames before them, or None.
-        weight: the transposed conv's weight (C_in, C_out, 2s) rearranged as a conv over input frames,
-            (C_out * s, C_in, 2): output channel ``o * s + r`` is phase ``r`` of channel ``o``, its tap 0
-            ``W[:, o, s + r]`` and tap 1 ``W[:, o, r]`` (``snac_stream.model.functional.phase_weight``).
-        bias: (C_out,) or None.
-        alpha: per-input-channel snake parameter, or None.
-        length: samples to return (default: all after ``crop``).
-        precision, out: as :func:`snake_conv`; ``out`` is (B, C_out, length).
-
-    Returns:
-        (B, C_out, length) samples at the output rate.
-    """
-    src = chunk_input("x", x, context, "context")
-    batch, c_in, _ = x.shape
-    device = x.device
-    _check_int("stride", stride, 1, 2**16)
-    check_tensor("weight", weight, 3, device)
-    if weight.shape[1] != c_in or weight.shape[2] != 2 or weight.shape[0] % stride:
-        raise ValueError(f"weight must have shape (C_out * {stride}, {c_in}, 2) (phase form), "
-                         f"got {tuple(weight.shape)}")
-    c_out = weight.shape[0] // stride
-    bias = _optional("bias", bias, (c_out,), device)
-    alpha = per_channel("alpha", alpha, c_in, device)
-    frames = output_length(src.total, padding, 2, 1, 1, None)
-    _check_int("crop", crop, 0, 2**31)
-    most = max(0, frames * stride - crop)
-    if length is None:
-        length = most
-    elif isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= most:
-        raise ValueError(f"length must be an int in [0, {most}] ({frames} frames of {stride} samples, crop {crop}), "
-                         f"got {length!r}")
-    out = output_buffer(out, (batch, c_out, length), device, x=x, context=context)
-    if out.numel() == 0:
-        return out
-    last = (crop + length - 1) // stride  # the last frame holding a returned sample
-    _launch_conv(src, weight.contiguous(), bias, alpha, out, t_out=last + 1, padding=padding,
-                 precision=_precision(precision, device), phases=stride, crop=crop)
-    return out
-
-
 def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:
     """Whether a dense launch tiles (batch row, frame) pairs rather than each row's frames: when a row has
     at most half a tile of frames (a streaming step of many streams), most of each tile would be masked."""
@@ -481,10 +408,9 @@ def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:
 def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
                  out: torch.Tensor, *, t_out: int, stride: int = 1, dilation: int = 1, padding: int = 0,
                  res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
-                 noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None, precision: str,
-                 phases: int = 1, crop: int = 0) -> None:
-    """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels
-    (with ``phases > 1``, channel ``co`` is phase ``co % phases`` of ``out``'s channel ``co // phases``)."""
+                 noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None,
+                 precision: str) -> None:
+    """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
@@ -512,12 +438,12 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out,
         c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
-        stride, dilation, padding, n_o_blocks, n_cols, crop, out.shape[-1],
+        stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, FLAT=flat, PHASES=phases, **cfg.blocks, num_warps=cfg.num_warps,
+        PRECISION=precision, FLAT=flat, **cfg.blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

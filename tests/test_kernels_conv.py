@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from snac_stream.kernels import common, tuning
-from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_conv_transpose, snake_dwconv
-from snac_stream.model.functional import phase_weight
+from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv
 from snac_stream.model.layers import snake
 from snac_stream.model.noise import positional_randn
 
@@ -328,63 +327,6 @@ def test_conv_rows_sharing_tiles(frames: int, stride: int) -> None:
         assert_close(got[row:row + 1], ref_conv(x[row:row + 1], w, b, **one, **kwargs), rel=2e-5)
 
 
-def ref_conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                       stride: int) -> Tensor:
-    """SNAC's upsampling layer (snake, then ConvTranspose1d with kernel 2s), in PyTorch."""
-    h = x if alpha is None else snake(x, alpha)
-    return F.conv_transpose1d(h, weight, bias, stride=stride, padding=math.ceil(stride / 2),
-                              output_padding=stride % 2)
-
-
-@pytest.mark.parametrize("stride,batch,frames", [(2, 1, 40), (3, 2, 17), (4, 3, 5), (8, 2, 11)])
-def test_conv_transpose_offline(stride: int, batch: int, frames: int) -> None:
-    """The upsampling conv as a 2-tap conv over input frames: padding 1, crop p and the offline length give
-    ``ConvTranspose1d(kernel 2s, stride s, padding ceil(s/2), output_padding s % 2)`` of the snake."""
-    c_in, c_out = 24, 10
-    x, w, b, a = rand(batch, c_in, frames), rand(c_in, c_out, 2 * stride, scale=0.3), rand(c_out), alphas(c_in)
-    p = math.ceil(stride / 2)
-    length = (frames + 1) * stride - 2 * p + stride % 2
-    out = poisoned(batch, c_out, length)
-    got = snake_conv_transpose(x, phase_weight(w), b, stride=stride, alpha=a, padding=1, crop=p, length=length,
-                               out=out)
-    assert_close(got, ref_conv_transpose(x, w, b, a, stride))
-
-
-@pytest.mark.parametrize("stride", [2, 8])
-def test_conv_transpose_streaming_chunks_reproduce_offline(stride: int) -> None:
-    """Random chunks, each with the previous input frame as context, the first cropping the offline padding,
-    and a zero frame at the end, reproduce the offline layer (no overlap-add state)."""
-    gen = random.Random(stride)
-    batch, c_in, c_out, frames = 2, 16, 12, 60
-    x, w, b, a = rand(batch, c_in, frames), rand(c_in, c_out, 2 * stride, scale=0.3), rand(c_out), alphas(c_in)
-    phase, p = phase_weight(w), math.ceil(stride / 2)
-    offline = ref_conv_transpose(x, w, b, a, stride)
-    context, skip, pieces, start = torch.zeros(batch, c_in, 1, device=DEVICE), p, [], 0
-    while start < frames:
-        chunk = x[..., start:start + gen.randint(1, 9)]
-        start += chunk.shape[-1]
-        pieces.append(snake_conv_transpose(chunk, phase, b, stride=stride, alpha=a, context=context, crop=skip))
-        skip, context = 0, chunk[..., -1:]
-    tail = stride - p + stride % 2
-    pieces.append(snake_conv_transpose(torch.zeros_like(context), phase, b, stride=stride, alpha=a,
-                                       context=context, length=tail))
-    assert_close(torch.cat(pieces, dim=-1), offline)
-
-
-def test_conv_transpose_bad_inputs() -> None:
-    x, phase = rand(1, 8, 5), phase_weight(rand(8, 6, 8))
-    with pytest.raises(ValueError, match=r"weight must have shape \(C_out \* 4, 8, 2\)"):
-        snake_conv_transpose(x, rand(8, 6, 8), stride=4)  # not in phase form
-    with pytest.raises(ValueError, match=r"weight must have shape \(C_out \* 4, 8, 2\)"):
-        snake_conv_transpose(x, phase_weight(rand(7, 6, 8)), stride=4)  # 7 input channels, x has 8
-    with pytest.raises(ValueError, match=r"weight must have shape \(C_out \* 5, 8, 2\)"):
-        snake_conv_transpose(x, phase, stride=5)  # 24 phase channels are no multiple of 5
-    with pytest.raises(ValueError, match=r"length must be an int in \[0, 22\]"):
-        snake_conv_transpose(x, phase, stride=4, padding=1, crop=2, length=23)
-    with pytest.raises(ValueError, match="stride must be an int"):
-        snake_conv_transpose(x, phase, stride=0)
-
-
 def test_conv_precisions_accepted() -> None:
     x, w = rand(1, 16, 40), rand(16, 16, 1, scale=0.25)
     ref = ref_conv(x, w)
@@ -580,29 +522,20 @@ def test_gpu_first_and_last_convs_noise() -> None:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("c_in,stride,frames", [(1024, 8, 512), (256, 4, 8192), (128, 2, 32768)])
-def test_gpu_conv_transpose_real_size(c_in: int, stride: int, frames: int) -> None:
-    c_out = c_in // 2
-    x, w = rand(1, c_in, frames), rand(c_in, c_out, 2 * stride, scale=(c_in * 2) ** -0.5)
-    b, a, p = rand(c_out), alphas(c_in), math.ceil(stride / 2)
-    length = (frames + 1) * stride - 2 * p + stride % 2
-    got = snake_conv_transpose(x, phase_weight(w), b, stride=stride, alpha=a, padding=1, crop=p, length=length)
-    assert_close(got, ref_conv_transpose(x, w, b, a, stride), rel=GPU_REL)
-
-
-@gpu
-@needs_cuda
 def test_gpu_streaming_step_of_many_streams() -> None:
     """The launches of a batched streaming step (512 streams, a few to tens of frames each): the decoder's
-    input 1x1 conv and first upsampler (tiles spanning rows) and a dilated depthwise unit (short tiles)."""
+    input 1x1 conv and a noise block (tiles spanning rows, per-row noise positions) and a dilated depthwise
+    unit (short tiles)."""
     batch = 512
     x, w, b = rand(batch, 768, 4), rand(1024, 768, 1, scale=768 ** -0.5), rand(1024)
     assert_close(snake_conv(x, w, b), ref_conv(x, w, b), rel=GPU_REL)
-    x, w, b, a = rand(batch, 1024, 4), rand(1024, 512, 16, scale=2048 ** -0.5), rand(512), alphas(1024)
-    ctx = rand(batch, 1024, 1)
-    got = snake_conv_transpose(x, phase_weight(w), b, stride=8, alpha=a, context=ctx)
-    # The offline layer over the 5 frames: its samples 4..35 are the 4 new frames' 32.
-    assert_close(got, ref_conv_transpose(torch.cat([ctx, x], dim=-1), w, b, a, 8)[..., 4:36], rel=GPU_REL)
+    x, w = rand(batch, 512, 32), rand(512, 512, 1, scale=512 ** -0.5)
+    starts = torch.arange(batch, device=DEVICE) * 1000 + 7
+    got = snake_conv(x, w, residual=x, noise_seed=5, noise_start=starts)
+    for row in (0, 1, 255, 511):
+        one = x[row:row + 1]
+        assert_close(got[row:row + 1], ref_conv(one, w, residual=one, noise_seed=5, noise_start=int(starts[row])),
+                     rel=GPU_REL)
     ctx, x, w, b = rand(batch, 512, 54), rand(batch, 512, 32), rand(512, 1, 7, scale=0.4), rand(512)
     a, a_out = alphas(512), alphas(512)
     kwargs = dict(alpha=a, dilation=9, context=ctx, alpha_out=a_out)

@@ -6,6 +6,8 @@ widths, plus odd strides without depthwise convs; one run uses the full-size 24 
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Dict, List, Sequence
 
 import pytest
@@ -14,6 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
+from snac_stream.model.functional import conv_transpose
+from snac_stream.streaming.ops import ConvTranspose
 
 AUDIO_TOL = 1e-5
 
@@ -318,3 +322,44 @@ def test_lookahead_dial(name: str) -> None:
             assert (early[..., :tail] - exact[..., :tail]).abs().max() > 0 or lookahead == full
     with pytest.raises(ValueError, match="lookahead_samples"):
         model.streaming_decoder(lookahead_samples=-1)
+
+
+@pytest.mark.parametrize("stride,batch,frames", [(2, 1, 40), (3, 2, 17), (4, 3, 5), (8, 2, 11)])
+def test_upsampling_as_a_two_tap_conv_matches_conv_transpose(stride: int, batch: int, frames: int) -> None:
+    """SNAC's upsampling layer written as a 2-tap conv over input frames (padding 1, crop p, the offline
+    length) equals ``ConvTranspose1d(kernel 2s, stride s, padding ceil(s/2), output_padding s % 2)``."""
+    torch.manual_seed(stride)
+    layer = torch.nn.ConvTranspose1d(24, 10, 2 * stride, stride, padding=math.ceil(stride / 2),
+                                     output_padding=stride % 2)
+    x = torch.randn(batch, 24, frames)
+    want = layer(x)
+    with torch.no_grad():
+        got = conv_transpose(x, layer.weight, layer.bias, stride=stride, padding=1, crop=layer.padding[0],
+                             length=want.shape[-1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        conv_transpose(x, layer.weight, layer.bias, stride=stride, padding=1, length=(frames + 1) * stride + 1)
+
+
+@pytest.mark.parametrize("stride", [2, 3, 8])
+def test_streaming_upsampling_for_random_chunks(stride: int) -> None:
+    """The streaming op (the previous input frame as its whole state) reproduces the offline layer for random
+    chunk sizes, batch rows kept apart."""
+    gen = random.Random(stride)
+    torch.manual_seed(stride)
+    layer = torch.nn.ConvTranspose1d(16, 12, 2 * stride, stride, padding=math.ceil(stride / 2),
+                                     output_padding=stride % 2)
+    x = torch.randn(2, 16, 60)
+    op = ConvTranspose(layer)
+    state = op.init_state(2, x.device, x.dtype)
+    pieces, start = [], 0
+    with torch.no_grad():
+        want = layer(x)
+        while start < x.shape[-1]:
+            n = gen.randint(1, 9)
+            pieces.append(op.push(state, x[..., start:start + n]))
+            start += n
+        pieces.append(op.flush(state))
+    got = torch.cat(pieces, dim=-1)
+    assert op.emitted(x.shape[-1]) + stride - op.pad + op.extra == want.shape[-1]  # the pushes, then the flush
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

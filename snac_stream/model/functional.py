@@ -180,20 +180,21 @@ def conv_transpose(
     bias: Optional[torch.Tensor] = None,
     *,
     stride: int,
-    alpha: Optional[torch.Tensor] = None,
     context: Optional[torch.Tensor] = None,
     padding: int = 0,
     crop: int = 0,
     length: Optional[int] = None,
 ) -> torch.Tensor:
     """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``, ``weight`` of shape
-    (C_in, C_out, 2s)) of ``snake(cat(context, x))``, both backends computing it the same way.
+    (C_in, C_out, 2s)) of ``cat(context, x)``, the same on both backends.
 
     Output frame ``j`` of a 2-tap conv over the input frames (zero-padded by ``padding`` frames at both ends)
     yields samples ``[j*s, (j+1)*s)``: ``z[j*s + r] = W[:, :, s+r] . xp[j] + W[:, :, r] . xp[j+1]``. With
     ``padding=1`` that is the whole transposed conv, before its own padding ``p`` crops it (``crop=p``);
     streaming passes the previous input frame as ``context``. Unlike ``conv_transpose1d`` this needs no
-    overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before.
+    overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before, and every
+    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32: on an H100 it ran a
+    2048-stream engine step's upsampling in about half the time of the Triton dense-conv kernel).
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
@@ -204,29 +205,24 @@ def conv_transpose(
     """
     if weight.dim() != 3 or weight.shape[-1] != 2 * stride:
         raise ValueError(f"weight must have shape (C_in, C_out, {2 * stride}), got {tuple(weight.shape)}")
-    phase = _phase_weight(weight)
-    if current_backend() == "triton":
-        from ..kernels import conv as kernels
-
-        return kernels.snake_conv_transpose(x, phase, bias, stride=stride, alpha=alpha, padding=padding,
-                                            context=context, crop=crop, length=length, precision=_PRECISION.get())
     xin = x if context is None or context.shape[-1] == 0 else torch.cat([context, x], dim=-1)
     if padding:
         xin = F.pad(xin, (padding, padding))
-    if alpha is not None:
-        xin = snake(xin, alpha)
-    b, c_out = x.shape[0], weight.shape[1]
+    b, c_in, c_out = x.shape[0], weight.shape[0], weight.shape[1]
     frames = xin.shape[-1] - 1
-    z = F.conv1d(xin, phase, None if bias is None else bias.repeat_interleave(stride))  # (B, C_out * s, frames)
-    z = z.view(b, c_out, stride, frames).transpose(2, 3).reshape(b, c_out, frames * stride)
-    end = z.shape[-1] if length is None else crop + length
-    if crop < 0 or end > z.shape[-1] or end < crop:
-        raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {z.shape[-1]}")
+    end = frames * stride if length is None else crop + length
+    if crop < 0 or end > frames * stride or end < crop:
+        raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
+    # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
+    pairs = xin.unfold(-1, 2, 1).permute(0, 2, 1, 3).reshape(b * frames, 2 * c_in)
+    w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
+    z = pairs @ w if bias is None else torch.addmm(bias.repeat_interleave(stride), pairs, w)
+    z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
     return z[..., crop:end]
 
 
-# Phase-form weights of transposed convs (see ``kernels.conv.phase_weight``), made once per weight tensor and
-# remade when it changes (moved, loaded in place): a CUDA-graph replay must not redo it every step.
+# Phase-form weights of transposed convs (``phase_weight``), made once per weight tensor and remade when it
+# changes (moved, loaded in place): a CUDA-graph replay must not redo it every step.
 _PHASE_WEIGHTS: Dict[int, Tuple[weakref.ref, int, int, torch.Tensor]] = {}
 
 
@@ -246,7 +242,7 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
     """A transposed conv's weight (C_in, C_out, 2s) as the weight (C_out * s, C_in, 2) of the same layer
     written as a conv over input frames (see ``conv_transpose``): output channel ``o * s + r`` is phase ``r``
     of channel ``o``; its tap 0 reads the previous frame (``W[:, o, s + r]``), tap 1 the current one
-    (``W[:, o, r]``)."""
+    (``W[:, o, r]``). Made once per weight tensor (``_phase_weight``): a CUDA-graph replay must not redo it."""
     c_in, c_out, kernel_size = weight.shape
     s = kernel_size // 2
     taps = torch.stack([weight[:, :, s:], weight[:, :, :s]], dim=-1)  # (C_in, C_out, s, 2)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
-from .functional import conv, conv_transpose, current_backend, snake
+from .functional import conv, current_backend, snake
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")
@@ -43,15 +43,14 @@ def conv_shape(layer: nn.Conv1d) -> dict:
 def fold_layers(layers: nn.Sequential) -> Iterator[Tuple[nn.Module, Optional[torch.Tensor], Optional[str]]]:
     """The layers of ``layers`` as (layer, snake alpha before it, activation after it).
 
-    Each snake directly before a conv (or transposed conv) becomes that conv's ``alpha``, and a tanh directly
-    after a conv its ``activation``; every other layer comes alone: ``(layer, None, None)``.
+    Each snake directly before a conv becomes that conv's ``alpha``, and a tanh directly after a conv its
+    ``activation``; every other layer comes alone: ``(layer, None, None)``.
     """
     items = list(layers)
     i = 0
     while i < len(items):
         layer, alpha = items[i], None
-        if (isinstance(layer, Snake1d) and i + 1 < len(items)
-                and isinstance(items[i + 1], (nn.Conv1d, nn.ConvTranspose1d))):
+        if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
             alpha, i = layer.alpha, i + 1
             layer = items[i]
         tanh = isinstance(layer, nn.Conv1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
@@ -67,19 +66,9 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, nn.Conv1d):
             x = conv(x, layer.weight, layer.bias, padding=layer.padding[0], alpha=alpha, activation=activation,
                      **conv_shape(layer))
-        elif isinstance(layer, nn.ConvTranspose1d):
-            x = upsample(layer, x, alpha)
         else:
             x = layer(x)
     return x
-
-
-def upsample(layer: nn.ConvTranspose1d, x: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``layer(snake(x))`` through ``functional.conv_transpose`` (SNAC's kernel ``2s``, stride ``s``): the
-    offline form of the streaming upsampler. (B, C_in, T) -> (B, C_out, (T + 1) s - 2p + output_padding)."""
-    s, p, extra = layer.stride[0], layer.padding[0], layer.output_padding[0]
-    return conv_transpose(x, layer.weight, layer.bias, stride=s, alpha=alpha, padding=1, crop=p,
-                          length=(x.shape[-1] + 1) * s - 2 * p + extra)
 
 
 class NoiseBlock(nn.Module):

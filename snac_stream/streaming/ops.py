@@ -168,17 +168,16 @@ class _TransposedState:
 
 
 class ConvTranspose(StreamOp):
-    """Snake (optional) and ``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any
-    padding ``p <= s`` and output padding up to ``p``.
+    """``nn.ConvTranspose1d`` with kernel ``2s``, stride ``s`` (SNAC's upsampling), any padding ``p <= s`` and
+    output padding up to ``p``.
 
     Written as a 2-tap conv over input frames (``functional.conv_transpose``): input frame ``i`` completes
     outputs ``[i*s, (i+1)*s)`` together with frame ``i - 1``, kept as the state. The offline layer crops
     ``p`` outputs on the left; the flush adds the last frame's tail up to the offline length.
     """
 
-    def __init__(self, conv: nn.ConvTranspose1d, alpha: Optional[torch.Tensor] = None):
+    def __init__(self, conv: nn.ConvTranspose1d):
         self.conv = conv
-        self.alpha = alpha
         self.stride = conv.stride[0]
         self.pad = conv.padding[0]
         self.extra = conv.output_padding[0]
@@ -190,13 +189,13 @@ class ConvTranspose(StreamOp):
         self.out_channels = conv.out_channels
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _TransposedState:
-        # A zero frame is the offline layer's left padding (snake(0) = 0).
+        # A zero frame is the offline layer's left padding.
         return _TransposedState(torch.zeros(batch, self.in_channels, 1, device=device, dtype=dtype), self.pad)
 
     def _run(self, state: _TransposedState, x: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         skip = min(state.to_skip, x.shape[-1] * self.stride)
-        y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride, alpha=self.alpha,
-                           context=state.context, crop=skip, length=length)
+        y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride,
+                                      context=state.context, crop=skip, length=length)
         state.to_skip -= skip
         return y
 
