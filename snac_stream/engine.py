@@ -22,12 +22,17 @@ How the batched step runs (``step_mode``):
 - ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
   instead of hundreds). The default on CUDA. ``capture_graphs()`` captures every bucket up front; otherwise
   a bucket is captured the first time it is needed.
+
+Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device
+in one copy; ``output_device="cpu"`` likewise returns a step's outputs with one copy for all streams. A server
+feeding a GPU engine from the network would otherwise pay a host-device copy, and a synchronisation, per
+stream and step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,6 +54,13 @@ def _as_list(x: Any) -> List[torch.Tensor]:
 def _first(x: Any, rows: int) -> Any:
     """The first ``rows`` rows (views) of a step's inputs or outputs."""
     return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
+
+
+def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Concatenate along the batch and move to ``device``: one copy when the pieces share a device."""
+    if len({p.device for p in pieces}) > 1:
+        pieces = [p.to(device) for p in pieces]
+    return torch.cat(list(pieces), dim=0).to(device, non_blocking=True)
 
 
 class EngineFull(RuntimeError):
@@ -73,7 +85,8 @@ class StreamEngine:
     fresh stream's state is (``_init_state``) and how a stream ends (``_finish``).
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
+                 output_device: Optional[Union[str, torch.device]] = None):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         if step_mode not in STEP_MODES:
@@ -84,6 +97,7 @@ class StreamEngine:
             raise ValueError(f"step_mode='graphs' needs the model on a CUDA device, it is on {model.device}")
         self.step_mode = step_mode
         self.model = model
+        self.output_device = model.device if output_device is None else torch.device(output_device)
         self.config = model.config
         self.max_streams = max_streams
         self.backend = backend
@@ -171,6 +185,7 @@ class StreamEngine:
             batched = sorted(s.sid for s in self._slots.values() if s.state is None and s.queue)
             if batched:
                 outputs = self._step_batch(batched, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
+                outputs = self._to_output(outputs)
                 for i, sid in enumerate(batched):
                     out[sid] = self._row(outputs, i)
                     self._slots[sid].steps += 1
@@ -181,7 +196,7 @@ class StreamEngine:
                     warming.setdefault(slot.steps, []).append(slot)
             for group in warming.values():
                 state = group[0].state if len(group) == 1 else stack_states([slot.state for slot in group])
-                outputs = self._advance(state, self._stack([slot.queue.pop(0) for slot in group]))
+                outputs = self._to_output(self._advance(state, self._stack([slot.queue.pop(0) for slot in group])))
                 for i, slot in enumerate(group):
                     out[slot.sid] = outputs if len(group) == 1 else self._row(outputs, i)
                     if len(group) > 1:
@@ -197,7 +212,7 @@ class StreamEngine:
         try:
             with torch.inference_mode(), self.model.compute(self.backend):
                 state = slot.state if slot.state is not None else row_state(self._batch, sid)
-                return self._finish(slot, state)
+                return self._to_output(self._finish(slot, state))
         finally:
             self._release(sid)
 
@@ -279,6 +294,19 @@ class StreamEngine:
         return graph, outputs
 
     # ---- internals ------------------------------------------------------------------------------
+    def _queue_device(self, x: Any) -> torch.device:
+        """Where submitted input waits for its step: on the CPU if it came from there, else the model's device."""
+        device = x.device if isinstance(x, torch.Tensor) else self.model.device
+        return device if device.type == "cpu" else self.model.device
+
+    def _to_output(self, outputs: Any) -> Any:
+        """A step's outputs on ``output_device`` (one copy per tensor for all streams)."""
+        if self.output_device == self.model.device:
+            return outputs
+        if isinstance(outputs, (list, tuple)):
+            return [o.to(self.output_device) for o in outputs]
+        return outputs.to(self.output_device)
+
     def _slot(self, sid: int) -> _Slot:
         slot = self._slots.get(sid)
         if slot is None:
@@ -306,9 +334,10 @@ class DecodeEngine(StreamEngine):
     One step is ``step_frames`` coarse frames in (``submit``), ``step_samples`` samples out (``step``).
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
+                 output_device: Optional[Union[str, torch.device]] = None):
         self.body = stream_op(model.decoder, model.latent_dim)
-        super().__init__(model, max_streams, backend, step_mode)
+        super().__init__(model, max_streams, backend, step_mode, output_device)
 
     def _init_state(self, batch: int) -> Any:
         return self.body.init_state(batch, self.model.device, self.model.dtype)
@@ -318,7 +347,7 @@ class DecodeEngine(StreamEngine):
                             device=self.model.device) for s in self.config.vq_strides]
 
     def _stack(self, steps: List[Any]) -> Any:
-        return [torch.cat(level, dim=0) for level in zip(*steps)]
+        return [_cat_to(level, self.model.device) for level in zip(*steps)]
 
     def _advance(self, state: Any, codes: Any) -> torch.Tensor:
         return self.body.push(state, self.model.quantizer.from_codes(codes))
@@ -332,7 +361,8 @@ class DecodeEngine(StreamEngine):
     def submit(self, sid: int, codes: Sequence[torch.Tensor]) -> None:
         """Queue codes for stream ``sid``: (1, t_i) per level, whole steps (``step_frames`` coarse frames)."""
         slot = self._slot(sid)
-        codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True)
+        first = codes[0] if isinstance(codes, (list, tuple)) and codes else None
+        codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True, device=self._queue_device(first))
         if codes[0].shape[0] != 1:
             raise ValueError(f"submit takes one stream's codes (batch 1), got a batch of {codes[0].shape[0]}")
         frames = codes[0].shape[-1]
@@ -344,7 +374,7 @@ class DecodeEngine(StreamEngine):
 
     def _finish(self, slot: _Slot, state: Any) -> torch.Tensor:
         """(1, 1, n): the queued steps and the tail."""
-        parts = [self._advance(state, codes) for codes in slot.queue]
+        parts = [self._advance(state, self._stack([codes])) for codes in slot.queue]
         if slot.steps or slot.queue:
             tail = self.body.flush(state)
             if tail is not None:
@@ -368,11 +398,12 @@ class EncodeEngine(StreamEngine):
     while the stream's first frames wait for their look-ahead). ``close`` pads as offline ``encode`` does.
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto"):
+    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
+                 output_device: Optional[Union[str, torch.device]] = None):
         # One single-stream encoder ends every stream (padding, flush), on the same op graph as the batch.
         self._closer = StreamingEncoder(model, 1, backend=backend)
         self.body = self._closer.body
-        super().__init__(model, max_streams, backend, step_mode)
+        super().__init__(model, max_streams, backend, step_mode, output_device)
 
     def _init_state(self, batch: int) -> Any:
         latent = torch.zeros(batch, self.model.latent_dim, 0, device=self.model.device, dtype=self.model.dtype)
@@ -382,7 +413,7 @@ class EncodeEngine(StreamEngine):
         return torch.zeros(1, 1, self.step_samples, device=self.model.device, dtype=self.model.dtype)
 
     def _stack(self, steps: List[Any]) -> Any:
-        return torch.cat(steps, dim=0)
+        return _cat_to(steps, self.model.device)
 
     def _advance(self, state: _EncodeState, audio: torch.Tensor) -> List[torch.Tensor]:
         codes, state.latent = quantize_whole_frames(self.model, state.latent, self.body.push(state.body, audio))
@@ -397,11 +428,12 @@ class EncodeEngine(StreamEngine):
     def submit(self, sid: int, audio: torch.Tensor) -> None:
         """Buffer (1, 1, n) float samples for stream ``sid``; whole steps are queued for ``step``."""
         slot = self._slot(sid)
-        audio = self.model.check_audio(audio) if audio.shape[-1] else audio
+        device = self._queue_device(audio)
+        audio = self.model.check_audio(audio, device) if audio.shape[-1] else audio.to(device)
         if audio.shape[0] != 1:
             raise ValueError(f"submit takes one stream's audio (batch 1), got a batch of {audio.shape[0]}")
         slot.received += audio.shape[-1]
-        buffered = torch.cat([slot.partial, audio], dim=-1) if slot.partial is not None else audio
+        buffered = torch.cat([slot.partial.to(device), audio], dim=-1) if slot.partial is not None else audio
         whole = buffered.shape[-1] // self.step_samples * self.step_samples
         for j in range(0, whole, self.step_samples):
             slot.queue.append(buffered[..., j : j + self.step_samples])

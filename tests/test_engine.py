@@ -205,15 +205,41 @@ def test_triton_backend_engine_matches_offline() -> None:
             assert (got - model.decode(c)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_outputs_on_another_device(engine_type) -> None:
+    """``output_device`` moves every output, of batched steps, warm-up steps and close, there (the GPU test
+    runs a CUDA engine with host outputs; here a CPU engine with outputs on the shape-only meta device)."""
+    model = model_for("24khz")
+    engine = engine_type(model, 3, output_device="meta")
+    sids = [engine.open() for _ in range(2)]
+    steps = engine.warmup_steps + 2
+    for sid in sids:
+        if engine_type is DecodeEngine:
+            engine.submit(sid, random_codes(model, steps, engine, seed=sid))
+        else:
+            engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples) * 0.1)
+    seen = []
+    for _ in range(steps):
+        for out in engine.step().values():
+            seen += out if isinstance(out, list) else [out]
+    final = engine.close(sids[0])
+    seen += final if isinstance(final, list) else [final]
+    assert len(seen) >= 2 * steps and {t.device.type for t in seen} == {"meta"}
+    assert model.device.type == "cpu"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the captured pass is tested on "
                     "the CPU as step_mode='buckets'")
 @pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
 def test_graph_replay_equals_eager(engine_type) -> None:
-    """Full-size 24 kHz model: every output of the replayed graphs equals the same bucket pass run eagerly."""
+    """Full-size 24 kHz model: every output of the replayed graphs equals the same bucket pass run eagerly,
+    and an engine fed from the host with outputs to the host (``output_device="cpu"``, as the server runs it)
+    gives the same results."""
     torch.manual_seed(0)
     model = SNAC.from_config("24khz").cuda().eval()
     engines = {mode: engine_type(model, 5, step_mode=mode) for mode in ("graphs", "buckets")}
+    engines["host"] = engine_type(model, 5, step_mode="graphs", output_device="cpu")
     engines["graphs"].capture_graphs()
     cfg = model.config
     gen = torch.Generator().manual_seed(5)
@@ -229,23 +255,28 @@ def test_graph_replay_equals_eager(engine_type) -> None:
     with torch.inference_mode():
         for mode, engine in engines.items():
             sids = [engine.open() for _ in range(5)]
+            feed = ((lambda x: [c.cpu() for c in x] if isinstance(x, list) else x.cpu()) if mode == "host"
+                    else (lambda x: x))
             for i, sid in enumerate(sids):
                 if i == 3:
                     continue  # opens later: a warm-up beside the batch, then a join mid-stream
-                engine.submit(sid, inputs[i])
+                engine.submit(sid, feed(inputs[i]))
             for t in range(steps + 3):
                 if t == 2:
-                    engine.submit(sids[3], inputs[3])
+                    engine.submit(sids[3], feed(inputs[3]))
                 if t == 4:
                     outs[mode][sids[4]] = [engine.close(sids[4])]  # a slot inside the bucket goes free
                 for sid, out in engine.step().items():
                     outs[mode].setdefault(sid, []).append(out)
             for sid in sids[:4]:
                 outs[mode][sid].append(engine.close(sid))
-    for sid in outs["buckets"]:
-        for a, b in zip(outs["graphs"][sid], outs["buckets"][sid]):
-            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
-                assert torch.equal(x, y), f"stream {sid}: graph replay differs from the eager pass"
+    for other, what in (("buckets", "the eager pass"), ("host", "the host-fed engine")):
+        assert outs[other].keys() == outs["graphs"].keys()
+        for sid in outs[other]:
+            for a, b in zip(outs["graphs"][sid], outs[other][sid], strict=True):
+                for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], strict=True):
+                    assert y.device.type == ("cpu" if other == "host" else "cuda")
+                    assert torch.equal(x.cpu(), y.cpu()), f"stream {sid}: graph replay differs from {what}"
     # And each stream still equals its own offline result.
     for i in range(4):
         got = outs["graphs"][i]

@@ -247,8 +247,9 @@ class SNAC(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def check_audio(self, audio: Any) -> torch.Tensor:
-        """Validate (B, 1, T) float audio and move it to the model's device and dtype."""
+    def check_audio(self, audio: Any, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Validate (B, 1, T) float audio and move it to ``device`` (default: the model's) and the model's
+        dtype."""
         if not isinstance(audio, torch.Tensor):
             raise TypeError(f"audio must be a torch.Tensor of shape (B, 1, T), got {type(audio).__name__}")
         if not audio.is_floating_point():
@@ -265,13 +266,15 @@ class SNAC(nn.Module):
             )
         if audio.shape[0] < 1 or audio.shape[-1] < 1:
             raise ValueError(f"audio is empty: shape {tuple(audio.shape)}")
-        audio = audio.to(device=self.device, dtype=self.dtype)
+        audio = audio.to(device=self.device if device is None else device, dtype=self.dtype)
         if not torch.isfinite(audio).all():
             raise ValueError("audio contains NaN or infinite samples")
         return audio
 
-    def check_codes(self, codes: Any, *, whole_windows: bool = True, allow_empty: bool = False) -> List[torch.Tensor]:
-        """Validate a list of (B, T_i) integer codes with consistent lengths; move them to the model's device.
+    def check_codes(self, codes: Any, *, whole_windows: bool = True, allow_empty: bool = False,
+                    device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """Validate a list of (B, T_i) integer codes with consistent lengths; move them to ``device`` (default:
+        the model's).
 
         ``whole_windows``: with local attention, the decoder needs a whole number of attention windows.
         ``allow_empty``: accept zero frames (a streaming push may carry none).
@@ -288,7 +291,7 @@ class SNAC(nn.Module):
                 raise TypeError(f"codes[{level}] must be an integer tensor, got {c.dtype}")
             if c.dim() != 2:
                 raise ValueError(f"codes[{level}] must have shape (B, T_{level}), got {tuple(c.shape)}")
-            checked.append(c.to(device=self.device, dtype=torch.int64))
+            checked.append(c.to(device=self.device if device is None else device, dtype=torch.int64))
         batch, frames = checked[0].shape
         coarse = self.vq_strides[0]
         for level, (c, stride) in enumerate(zip(checked, self.vq_strides)):

@@ -244,8 +244,9 @@ class SNACServer:
         self.model_name = model_name or getattr(model, "name", None) or "snac"
         self.random_weights = random_weights
         n = self.options.max_sessions
-        self.decoder = DecodeEngine(model, n, backend=self.options.backend)
-        self.encoder = EncodeEngine(model, n, backend=self.options.backend)
+        # Outputs come back on the host in one copy per step (they are sent from there anyway).
+        self.decoder = DecodeEngine(model, n, backend=self.options.backend, output_device="cpu")
+        self.encoder = EncodeEngine(model, n, backend=self.options.backend, output_device="cpu")
         for engine in (self.decoder, self.encoder):
             if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
                 engine.warm_up()
