@@ -222,16 +222,21 @@ class StreamEngine:
         self._release(sid)
 
     def warm_up(self) -> None:
-        """Run one stream of placeholder input through every phase (warm-up, batch, close) before serving, so
-        that the GPU kernels of each shape are compiled then and not during a client's step. Needs an idle
-        engine; leaves it as it was (the slot is zeroed on close)."""
+        """Run placeholder streams through every phase (warm-up, batch, close) before serving, so that the GPU
+        kernels of each shape are compiled then and not during a client's step. Streams that open together
+        warm up as one batch, whose size picks the kernels' tiles: groups of 1, 2 and ``max_streams`` streams
+        reach every tile variant (see ``kernels.tuning``). Needs an idle engine; leaves it as it was (slots
+        are zeroed on close)."""
         if self._slots:
             raise RuntimeError("warm_up needs an engine with no open streams")
-        sid = self.open()
-        self._slot(sid).queue.extend(self._zero_step() for _ in range(self.warmup_steps + 2))
-        while self.pending(sid):
-            self.step()
-        self.close(sid)
+        for size in sorted({1, min(2, self.max_streams), self.max_streams}):
+            sids = [self.open() for _ in range(size)]
+            for sid in sids:
+                self._slot(sid).queue.extend(self._zero_step() for _ in range(self.warmup_steps + 2))
+            while self.pending(sids[0]):
+                self.step()
+            for sid in sids:
+                self.close(sid)
 
     def capture_graphs(self) -> None:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""

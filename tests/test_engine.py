@@ -383,12 +383,19 @@ def test_streams_opening_together_share_one_pass_per_step(engine_type) -> None:
 
 
 @pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
-def test_warm_up_leaves_the_engine_as_it_was(engine_type) -> None:
+def test_warm_up_leaves_the_engine_as_it_was(engine_type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up runs groups of 1, 2 and all streams (every tile variant a server will meet), then leaves the
+    engine empty and zeroed."""
     model = model_for("24khz")
-    engine = engine_type(model, 2, step_mode="buckets")
+    engine = engine_type(model, 3, step_mode="buckets")
     before = copy.deepcopy(engine._batch)
+    groups: List[int] = []
+    advance = engine._advance
+    monkeypatch.setattr(engine, "_advance", lambda state, inputs: (groups.append(engine.active_streams),
+                                                                    advance(state, inputs))[1])
     with torch.no_grad():
         engine.warm_up()
+        assert sorted(set(groups)) == [1, 2, 3]
         assert engine.active_streams == 0
         assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(before)))
         sid = engine.open()

@@ -53,13 +53,17 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["commit"] = os.environ.get("SNAC_STREAM_COMMIT") or _git_commit()  # the variable: for copies without git
+    return info
+
+
+def _git_commit() -> Optional[str]:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                        text=True, timeout=5).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
+        return None
 
 
 def _rss_bytes() -> Optional[int]:
