@@ -226,7 +226,7 @@ class StreamEngine:
         kernels of each shape are compiled then and not during a client's step. Streams that open together
         warm up as one batch, whose size picks the kernels' tiles: groups of 1, 2 and ``max_streams`` streams
         reach every tile variant (see ``kernels.tuning``). Needs an idle engine; leaves it as it was (slots
-        are zeroed on close)."""
+        are zeroed when freed)."""
         if self._slots:
             raise RuntimeError("warm_up needs an engine with no open streams")
         for size in sorted({1, min(2, self.max_streams), self.max_streams}):
@@ -235,8 +235,9 @@ class StreamEngine:
                 self._slot(sid).queue.extend(self._zero_step() for _ in range(self.warmup_steps + 2))
             while self.pending(sids[0]):
                 self.step()
-            for sid in sids:
-                self.close(sid)
+            self.close(sids[0])  # the end of a stream: one is enough
+            for sid in sids[1:]:
+                self.abort(sid)
 
     def capture_graphs(self) -> None:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
