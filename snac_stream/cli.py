@@ -456,6 +456,10 @@ def _run_live_codec(args: argparse.Namespace, codec: "live.CodecTransport", rate
     _say(args, f"summary {stats.audio_seconds:.2f} s in, {stats.produced} samples out; {lat}; "
                f"{stats.bitrate / 1000:.2f} kbps, {stats.token_rate:.1f} tokens/s; dropped blocks "
                f"{stats.dropped_blocks}, underruns {stats.underruns}")
+    warnings = getattr(codec, "warnings", [])
+    if warnings:
+        _say(args, f"server  {len(warnings)} warning{'s' if len(warnings) > 1 else ''}; the last: "
+                   f"{warnings[-1].get('message', warnings[-1])}")
     if args.output is not None:
         _say(args, f"wrote   {args.output}")
     return 0
@@ -574,14 +578,19 @@ def _server_model(args: argparse.Namespace, device: torch.device) -> SNAC:
     return load_model(args.model, device).eval()
 
 
-def _positive_float(text: str) -> float:
+def _positive_float(text: str, zero: bool = False) -> float:
+    what = "a number >= 0" if zero else "a positive number"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (value >= 0 if zero else value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    return _positive_float(text, zero=True)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -607,6 +616,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                         "default: $SNAC_STREAM_TOKEN")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser Origin allowed besides loopback pages (repeatable; '*' allows any)")
+    p.add_argument("--behind-warning", type=_non_negative_float, default=1.0, metavar="SECONDS",
+                   help="warn an encode or roundtrip session (JSON 'warning', code 'behind') when its output "
+                        "answers input received more than this long ago (default: 1; 0: never)")
     p.add_argument("--no-web", action="store_true",
                    help="do not serve the browser page (GET /) on the websocket port")
     _add_common_options(p)
@@ -625,7 +637,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
                             allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads,
-                            web=not args.no_web)
+                            web=not args.no_web, behind_warning_s=args.behind_warning)
     try:
         options.check()
     except ValueError as exc:

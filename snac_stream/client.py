@@ -152,6 +152,7 @@ class StreamResult:
     t0: Optional[float] = None
     sent: int = 0
     send_times: List[Tuple[int, float]] = field(default_factory=list)  # (input items sent so far, time)
+    warnings: List[Dict[str, Any]] = field(default_factory=list)  # the server's "warning" messages, in order
 
 
 async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime: bool = False,
@@ -197,6 +198,8 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
                 if item.get("type") == "done":
                     result.done = item
                     break
+                if item.get("type") == "warning":
+                    result.warnings.append(item)
                 continue
             if item.payload_kind == PAYLOAD_AUDIO:
                 if item.start != sum(a.size for a in audio):

@@ -25,7 +25,7 @@ import asyncio
 import math
 import queue
 import threading
-from typing import Any, Coroutine, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Coroutine, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -95,6 +95,7 @@ class _RemoteSession:
             raise self._error(exc, "cannot open a session on") from None
         self._done = False
         self._failed: Optional[BaseException] = None  # the error that ended the session, once received
+        self.warnings: List[Dict[str, Any]] = []  # the server's "warning" messages (appended by the loop thread)
         self._receiver = asyncio.run_coroutine_threadsafe(self._receive(), self._loop.loop)
 
     def _error(self, exc: BaseException, doing: str = "") -> Exception:
@@ -113,6 +114,8 @@ class _RemoteSession:
                     if item.get("type") == "done":
                         self._output.put(_DONE)
                         return
+                    if item.get("type") == "warning":
+                        self.warnings.append(item)
                     continue
                 self._output.put(item)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -201,6 +204,11 @@ class WebSocketCodec:
         self.sample_rate: int = ready.sample_rate
         self.bits_per_token: float = math.log2(ready.codebook_size)
         self.latency_samples: int = ready.algorithmic_latency_samples
+
+    @property
+    def warnings(self) -> List[Dict[str, Any]]:
+        """The server's warnings so far (``code`` ``behind``: it is slower than this session's input)."""
+        return list(self._remote.warnings)
 
     def push(self, audio: np.ndarray) -> Tuple[np.ndarray, int]:
         if audio.shape[0]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from typing import Any, Awaitable, Callable, Dict, List
 
 import numpy as np
@@ -377,6 +378,71 @@ def test_engine_threads_apply_to_the_worker_only() -> None:
     assert serve(model_for("24k"), test, threads=1) == (1, 1)
     assert torch.get_num_threads() == caller  # the caller's (and the event loop's) threads are left alone
     assert main(["serve", "--threads", "0", "--model", "24khz", "--random-weights"]) == 2
+
+
+def _slow_engines(server: SNACServer, seconds: float) -> None:
+    """Make every engine step of ``server`` take ``seconds`` longer: a server slower than real time."""
+    for engine in (server.encoder, server.decoder):
+        step = engine.step
+        engine.step = lambda step=step: (time.sleep(seconds), step())[1]  # type: ignore[method-assign]
+
+
+def test_a_server_slower_than_real_time_warns_audio_sessions_and_keeps_serving() -> None:
+    """A real-time roundtrip on a server whose steps take 0.25 s per 85 ms of audio falls behind: it gets a
+    'behind' warning (at most one per 5 s) and still its complete output; a decode session, whose tokens may
+    come faster than real time on purpose, and a server with the warning off get none."""
+    model = model_for("24k")
+    audio = (np.random.default_rng(3).standard_normal(36000) * 0.1).astype(np.float32)  # 1.5 s
+    rng = np.random.default_rng(4)
+    tokens = get_layout("orpheus", model.config).to_flat(
+        [torch.from_numpy(rng.integers(0, 4096, (1, 8 * r))) for r in (1, 2, 4)])[0].numpy()
+
+    async def test(server: SNACServer):
+        _slow_engines(server, 0.25)
+        talk = await ws_client.roundtrip(server.url, audio, realtime=True, sample_format="float32")
+        play = await ws_client.decode(server.url, tokens, token_layout="orpheus")
+        return talk, play, server.stats["behind_warnings"]
+
+    talk, play, counted = serve(model, test, behind_warning_s=0.3)
+    assert 1 <= len(talk.warnings) <= 2 and counted == len(talk.warnings)
+    first = talk.warnings[0]
+    assert first["type"] == "warning" and first["code"] == "behind" and first["lag_ms"] > 300
+    assert "behind the input" in first["message"]
+    assert talk.audio.shape == audio.shape and talk.done["output_samples"] == audio.size
+    assert play.warnings == [] and play.audio.size
+
+    async def quiet(server: SNACServer):
+        _slow_engines(server, 0.25)
+        return await ws_client.roundtrip(server.url, audio[:12000], realtime=True)
+
+    assert serve(model, quiet, behind_warning_s=0).warnings == []
+    with pytest.raises(ValueError, match="behind_warning_s"):
+        ServerOptions(behind_warning_s=-1).check()
+
+
+def test_a_failing_engine_step_ends_its_sessions_and_the_server_goes_on() -> None:
+    """An engine step that fails as a whole (a device fault, say) ends the sessions on that engine with
+    internal_error and frees their slots; the next session is served exactly."""
+    model = model_for("24k")
+    audio = (np.random.default_rng(5).standard_normal(9000) * 0.1).astype(np.float32)
+    _, expected = offline(model, audio)
+
+    async def test(server: SNACServer):
+        step = server.encoder.step
+
+        def broken() -> Any:
+            raise RuntimeError("device fault")
+
+        server.encoder.step = broken  # type: ignore[method-assign]
+        with pytest.raises(ws_client.ServerError) as failed:
+            await ws_client.roundtrip(server.url, audio, sample_format="float32")
+        server.encoder.step = step  # type: ignore[method-assign]
+        await server.wait_sessions(0)
+        return failed.value, await ws_client.roundtrip(server.url, audio, sample_format="float32")
+
+    error, result = serve(model, test, max_sessions=1)
+    assert error.code == "internal_error" and error.close_code == 1011 and "RuntimeError" in error.message
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
 
 
 def test_a_started_server_keeps_its_long_lived_objects_out_of_full_collections() -> None:

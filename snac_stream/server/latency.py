@@ -230,6 +230,7 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         "drift_ms_max": 1e3 * max(drift) if drift else None,
         "keeps_up": keeps_up, "errors": len(errors) + short, "error_messages": errors[:10],
         "server_errors": server_errors, "incomplete_streams": short,
+        "behind_warnings": sum(len(r.warnings) for r in good),
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "tick_ms": _stats(np.asarray(server.stats["tick_s"])), "engine_step_ms": _stats(np.asarray(server.stats["step_s"])),
@@ -239,7 +240,8 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
     for p in PARTS:
         s = latency[p]
         say(f"  {p:<12}                               {s['p50']:8.1f} {s['p95']:8.1f} {s['p99']:8.1f} {s['max']:8.1f}")
-    say(f"errors  {report['errors']} (server: {server_errors or 'none'}); keeps up in real time: "
+    say(f"errors  {report['errors']} (server: {server_errors or 'none'}; 'behind' warnings: "
+        f"{report['behind_warnings']}); keeps up in real time: "
         f"{'yes' if keeps_up else 'NO'} (p99 server + transport {report['server_plus_transport_p99_ms']:.1f} ms "
         f"vs a {1e3 * step_s:.1f} ms step; latency drift {report['drift_ms_max'] or 0:.1f} ms)")
     tick, step = report["tick_ms"], report["engine_step_ms"]

@@ -79,6 +79,9 @@ class ServerOptions:
     backend: Optional[str] = None
     threads: Optional[int] = None
     web: bool = True  # serve the browser page (snac_stream/server/web.py) on plain HTTP GETs
+    # Warn an audio-input session (encode, roundtrip) whose output answers input received more than this many
+    # seconds earlier: the server is slower than that session's input. 0: never.
+    behind_warning_s: float = 1.0
 
     def check(self) -> None:
         if self.max_sessions < 1:
@@ -87,6 +90,8 @@ class ServerOptions:
             raise ValueError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.idle_timeout_s <= 0 or self.max_backlog_s <= 0:
             raise ValueError("idle_timeout_s and max_backlog_s must be positive")
+        if not self.behind_warning_s >= 0:
+            raise ValueError(f"behind_warning_s must be >= 0, got {self.behind_warning_s}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
@@ -96,6 +101,8 @@ class ServerOptions:
 
 
 _TICKS_KEPT = 100_000  # tick durations kept for statistics (about 2 hours of 85 ms steps)
+_BEHIND_REPEAT_S = 5.0  # at most one "behind" warning per session this often
+
 
 def default_engine_threads() -> int:
     """Torch intra-op threads for the engine worker: torch's default less one core for the event loop."""
@@ -179,6 +186,7 @@ class _Session:
         self.code_buf: Optional[List[torch.Tensor]] = None  # codes short of a whole decoder step
         self.audio_pos = 0
         self.token_pos = 0
+        self.warned_at: Optional[float] = None  # last "behind" warning
         # [loop]
         self.out: Deque[Any] = collections.deque()
         self.out_bytes = 0
@@ -258,7 +266,8 @@ class SNACServer:
                         for kind in ("encode", "decode", "roundtrip")}
         # tick_s / step_s: the latest ticks' durations and the engine steps' share of them, in seconds.
         self.stats: Dict[str, Any] = {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0,
-                                      "max_backlog": 0, "tick_s": collections.deque(maxlen=_TICKS_KEPT),
+                                      "max_backlog": 0, "behind_warnings": 0,
+                                      "tick_s": collections.deque(maxlen=_TICKS_KEPT),
                                       "step_s": collections.deque(maxlen=_TICKS_KEPT)}
         self._sessions: Set[_Session] = set()
         self._numbers = 0
@@ -591,7 +600,7 @@ class SNACServer:
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
                 results.append(exc)
         t0 = time.perf_counter()
-        enc_out = self.encoder.step() if any(self.encoder.pending(sid) for sid in self._by_enc) else {}
+        enc_out = self._step_engine(self.encoder, self._by_enc, events)
         t_enc = time.perf_counter() - t0
         for sid, codes in enc_out.items():
             session = self._by_enc[sid]
@@ -599,7 +608,7 @@ class SNACServer:
             session.consumed += self.step_samples
             self._guard(session, events, lambda: self._emit_codes(session, codes, marker, t_enc, events))
         t1 = time.perf_counter()
-        dec_out = self.decoder.step() if any(self.decoder.pending(sid) for sid in self._by_dec) else {}
+        dec_out = self._step_engine(self.decoder, self._by_dec, events)
         t_dec = time.perf_counter() - t1
         for sid, audio in dec_out.items():
             session = self._by_dec[sid]
@@ -614,6 +623,22 @@ class SNACServer:
             self.stats["tick_s"].append(time.perf_counter() - start)
             self.stats["step_s"].append(t_enc + t_dec)
         return events, results, busy
+
+    def _step_engine(self, engine: Union[EncodeEngine, DecodeEngine], sessions: Dict[int, _Session],
+                     events: List[Any]) -> Dict[int, Any]:
+        """One step of ``engine`` if any of its streams has input queued. A failure of the step as a whole (not
+        of one stream's input, which the engines refuse at submit) ends every session on that engine with
+        ``internal_error`` and frees their slots; the server goes on serving."""
+        if not any(engine.pending(sid) for sid in sessions):
+            return {}
+        try:
+            return engine.step()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("engine step failed; ending the %d sessions on it", len(sessions))
+            for session in list(sessions.values()):
+                self._abort(session)
+                events.append((session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}")))
+            return {}
 
     def _guard(self, session: _Session, events: List[Any], work: Callable[[], None]) -> None:
         """Run one session's share of a tick; a failure ends that session only."""
@@ -706,12 +731,30 @@ class SNACServer:
                     compute_s: float, events: List[Any], final: bool = False) -> None:
         if not codes[0].shape[-1]:
             return
+        if not final:
+            self._check_behind(session, marker, events)
         tokens = session.layout.to_flat([c.cpu() for c in codes])[0].numpy()  # type: ignore[union-attr]
         events.append((session, self._frame(PAYLOAD_TOKENS, session.token_pos, marker, compute_s,
                                             tokens.astype("<i4"), final)))
         session.token_pos += tokens.size
         if session.kind == "roundtrip":
             self._feed_decoder(session, codes, [(codes[0].shape[-1], marker)])
+
+    def _check_behind(self, session: _Session, marker: Tuple[int, float], events: List[Any]) -> None:
+        """Warn an audio-input session whose output now answers input received over ``behind_warning_s`` ago:
+        the engine is slower than that input (an overloaded server, or a client sending faster than real
+        time) and the delay grows while it lasts. At most once per ``_BEHIND_REPEAT_S``."""
+        limit, now = self.options.behind_warning_s, time.perf_counter()
+        lag = now - marker[1]
+        recently = session.warned_at is not None and now - session.warned_at < _BEHIND_REPEAT_S
+        if not limit or lag <= limit or recently:
+            return
+        session.warned_at = now
+        self.stats["behind_warnings"] += 1
+        events.append((session, dumps({
+            "type": "warning", "code": "behind", "lag_ms": round(1e3 * lag),
+            "message": f"output is {lag:.1f} s behind the input it answers: the server is slower than this "
+                       f"session's input"})))
 
     def _emit_audio(self, session: _Session, audio: torch.Tensor, marker: Tuple[int, float], compute_s: float,
                     events: List[Any], limit: Optional[int] = None, final: bool = False) -> None:

@@ -174,6 +174,7 @@ function onText(text) {
     if (playback) playback.port.postMessage({ type: 'end' });
     return;
   }
+  if (m.type === 'warning') return warn(`Server: ${m.message}`);
   if (m.type === 'error') {
     const hints = {
       server_full: `All ${snac.config ? snac.config.max_sessions : ''} session slots of the server are in use; try again later.`,
