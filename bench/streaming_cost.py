@@ -14,8 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import os
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from snac_stream import PRESETS, SNAC
+from snac_stream.server.latency import source_commit
 
 
 def sync(device: torch.device) -> None:
@@ -58,18 +57,8 @@ def describe_machine(device: torch.device) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes); ``$SNAC_STREAM_COMMIT`` overrides it for
-    copies of a working tree whose git metadata is not the source's (a remote benchmark machine)."""
-    if os.environ.get("SNAC_STREAM_COMMIT"):
-        return os.environ["SNAC_STREAM_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The checkout's commit, as every report of this project names it (``$SNAC_STREAM_COMMIT`` first)."""
+    return source_commit() or "unknown"
 
 
 def measure(preset: str, seconds: float, repeats: int, device: torch.device) -> dict:

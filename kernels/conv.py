@@ -129,7 +129,6 @@ def _snake_conv_kernel(
     constant: a fixed trip count the pipeliner can schedule (and a loop the interpreter can run).
     Consecutive programs share a time tile (output channels vary fastest), so the input tile is reused
     from L2.
-
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks

@@ -669,16 +669,16 @@ def add_bench_latency_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench-latency", help="end-to-end latency of N real-time roundtrip clients on loopback",
         description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
-                    "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per output sample split "
-                    "into algorithmic delay, server time (queue + compute) and transport, plus errors and the "
-                    "process's memory over time.")
+                    "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per "
+                    "output sample split into algorithmic delay, server time (queue + compute) and transport, plus "
+                    "errors, the server's tick times and the process's memory over time.")
     _add_model_options(p)
     p.add_argument("--clients", type=_positive_int, default=4, help="concurrent clients (default: 4)")
     p.add_argument("--duration", type=_positive_float, default=10.0, help="seconds of audio per client (default: 10)")
     p.add_argument("--chunk-ms", type=_positive_float, default=20.0,
                    help="milliseconds of audio per client message (default: 20)")
     p.add_argument("--sample-format", default="pcm16", choices=["pcm16", "float32"])
-    p.add_argument("--client-processes", type=int, default=None, metavar="N",
+    p.add_argument("--client-processes", type=_non_negative_int, default=None, metavar="N",
                    help="worker processes running the clients, as remote callers would (default: half the cores "
                         "less one, at least 1; 0 runs them in the server's process)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
@@ -694,8 +694,6 @@ def run_bench_latency(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_output(args.json)
-    if args.client_processes is not None and args.client_processes < 0:
-        raise CLIError(f"--client-processes must be 0 or more, got {args.client_processes}")
     device = resolve_device(args.device)
     model = _server_model(args, device)
     report = asyncio.run(run_latency_bench(

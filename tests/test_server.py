@@ -434,8 +434,8 @@ def test_a_failing_engine_step_ends_its_sessions_and_the_server_goes_on() -> Non
             raise RuntimeError("device fault")
 
         server.encoder.step = broken  # type: ignore[method-assign]
-        with pytest.raises(ws_client.ServerError) as failed:
-            await ws_client.roundtrip(server.url, audio, sample_format="float32")
+        with pytest.raises(ws_client.ServerError) as failed:  # paced: steps run before the end of the stream
+            await ws_client.roundtrip(server.url, audio, sample_format="float32", realtime=True)
         server.encoder.step = step  # type: ignore[method-assign]
         await server.wait_sessions(0)
         return failed.value, await ws_client.roundtrip(server.url, audio, sample_format="float32")

@@ -53,17 +53,25 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    info["commit"] = os.environ.get("SNAC_STREAM_COMMIT") or _git_commit()  # the variable: for copies without git
+    info["commit"] = source_commit()
     return info
 
 
-def _git_commit() -> Optional[str]:
+def source_commit() -> Optional[str]:
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or None outside git;
+    ``$SNAC_STREAM_COMMIT`` overrides it for copies of a working tree whose git metadata is not the source's
+    (a remote benchmark machine)."""
+    if os.environ.get("SNAC_STREAM_COMMIT"):
+        return os.environ["SNAC_STREAM_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _rss_bytes() -> Optional[int]:
@@ -233,7 +241,7 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         "behind_warnings": sum(len(r.warnings) for r in good),
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
-        "tick_ms": _stats(np.asarray(server.stats["tick_s"])), "engine_step_ms": _stats(np.asarray(server.stats["step_s"])),
+        "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
         "machine": machine_info(model.device),
     }
     say("latency (ms) per output sample, all clients:   p50      p95      p99      max")
