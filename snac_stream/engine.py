@@ -58,9 +58,15 @@ def _first(x: Any, rows: int) -> Any:
 
 def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Concatenate along the batch and move to ``device``: one copy when the pieces share a device."""
-    if len({p.device for p in pieces}) > 1:
-        pieces = [p.to(device) for p in pieces]
-    return torch.cat(list(pieces), dim=0).to(device, non_blocking=True)
+    try:
+        batch = torch.cat(list(pieces), dim=0)
+    except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
+        batch = torch.cat([p.to(device) for p in pieces], dim=0)
+    return batch.to(device, non_blocking=True)
+
+
+def _sid(slot: "_Slot") -> int:
+    return slot.sid
 
 
 class EngineFull(RuntimeError):
@@ -81,7 +87,7 @@ class StreamEngine:
     """The slot pool and batched stepping shared by :class:`DecodeEngine` and :class:`EncodeEngine`.
 
     Subclasses say what one step of input is (``_stack`` several streams' steps into a batch), how a batched
-    state advances by one step (``_advance``), how to split the batched output per stream (``_row``), what a
+    state advances by one step (``_advance``), how to split the batched output per stream (``_rows``), what a
     fresh stream's state is (``_init_state``) and how a stream ends (``_finish``).
     """
 
@@ -111,8 +117,10 @@ class StreamEngine:
         self._free: List[int] = list(range(max_streams))
         # Bucket passes read fixed input buffers and a row mask (rows with a step queued).
         self.buckets = sorted({1 << i for i in range(max_streams.bit_length()) if 1 << i < max_streams} | {max_streams})
+        self._last_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)  # see _row_index
         if step_mode != "rows":
-            self._inputs = self._stack([self._zero_step()] * max_streams)
+            stacked = self._stack([self._zero_step()] * max_streams)
+            self._inputs = [t.contiguous() for t in stacked] if isinstance(stacked, list) else stacked.contiguous()
             self._mask = torch.zeros(max_streams, dtype=torch.bool, device=model.device)
         self._graphs: Dict[int, Tuple[Any, Any]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if step_mode == "graphs" else None
@@ -131,7 +139,8 @@ class StreamEngine:
     def _advance(self, state: Any, inputs: Any) -> Any:
         raise NotImplementedError
 
-    def _row(self, outputs: Any, i: int) -> Any:
+    def _rows(self, outputs: Any) -> List[Any]:
+        """A batched step's outputs split per row (views, one call per tensor rather than per stream)."""
         raise NotImplementedError
 
     def _full_step(self, outputs: Any) -> bool:
@@ -149,7 +158,7 @@ class StreamEngine:
         previous = None
         with torch.inference_mode(), use_backend("torch"):
             for step in range(1, 256):
-                out = self._advance(state, self._zero_step())
+                out = self._advance(state, self._stack([self._zero_step()]))
                 shapes = state_shapes(state)
                 if self._full_step(out) and shapes == previous:
                     return step - 1, state
@@ -181,24 +190,29 @@ class StreamEngine:
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""
         out: Dict[int, Any] = {}
-        with torch.inference_mode(), self.model.compute(self.backend):
-            batched = sorted(s.sid for s in self._slots.values() if s.state is None and s.queue)
-            if batched:
-                outputs = self._step_batch(batched, self._stack([self._slots[sid].queue.pop(0) for sid in batched]))
-                outputs = self._to_output(outputs)
-                for i, sid in enumerate(batched):
-                    out[sid] = self._row(outputs, i)
-                    self._slots[sid].steps += 1
-            # Warming-up streams that opened together are in the same phase: one pass for each such group.
-            warming: Dict[int, List[_Slot]] = {}
-            for slot in self._slots.values():
-                if slot.state is not None and slot.queue:
+        # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
+        batched: List[_Slot] = []
+        warming: Dict[int, List[_Slot]] = {}  # streams that opened together warm up together
+        for slot in self._slots.values():
+            if slot.queue:
+                if slot.state is None:
+                    batched.append(slot)
+                else:
                     warming.setdefault(slot.steps, []).append(slot)
+        with torch.inference_mode(), self.model.compute(self.backend):
+            if batched:
+                batched.sort(key=_sid)
+                outputs = self._step_batch([slot.sid for slot in batched],
+                                           self._stack([slot.queue.pop(0) for slot in batched]))
+                for slot, row in zip(batched, self._rows(self._to_output(outputs))):
+                    out[slot.sid] = row
+                    slot.steps += 1
             for group in warming.values():
                 state = group[0].state if len(group) == 1 else stack_states([slot.state for slot in group])
                 outputs = self._to_output(self._advance(state, self._stack([slot.queue.pop(0) for slot in group])))
-                for i, slot in enumerate(group):
-                    out[slot.sid] = outputs if len(group) == 1 else self._row(outputs, i)
+                rows = [outputs] if len(group) == 1 else self._rows(outputs)
+                for i, (slot, row) in enumerate(zip(group, rows)):
+                    out[slot.sid] = row
                     if len(group) > 1:
                         slot.state = row_state(state, i)
                     slot.steps += 1
@@ -225,19 +239,25 @@ class StreamEngine:
         """Run placeholder streams through every phase (warm-up, batch, close) before serving, so that the GPU
         kernels of each shape are compiled then and not during a client's step. Streams that open together
         warm up as one batch, whose size picks the kernels' tiles: groups of 1, 2 and ``max_streams`` streams
-        reach every tile variant (see ``kernels.tuning``). Needs an idle engine; leaves it as it was (slots
-        are zeroed when freed)."""
+        reach every tile variant (see ``kernels.tuning``). One stream of each group closes with a step still
+        queued and (encoder) a partial step buffered, as a client's stream ends: its close runs the eager
+        single-stream passes a close runs. Needs an idle engine; leaves it as it was (slots are zeroed when
+        freed)."""
         if self._slots:
             raise RuntimeError("warm_up needs an engine with no open streams")
         for size in sorted({1, min(2, self.max_streams), self.max_streams}):
             sids = [self.open() for _ in range(size)]
             for sid in sids:
-                self._slot(sid).queue.extend(self._zero_step() for _ in range(self.warmup_steps + 2))
-            while self.pending(sids[0]):
+                self._queue_placeholder(sid, self.warmup_steps + 3)
+            while self.pending(sids[0]) > 1:
                 self.step()
             self.close(sids[0])  # the end of a stream: one is enough
             for sid in sids[1:]:
                 self.abort(sid)
+
+    def _queue_placeholder(self, sid: int, steps: int) -> None:
+        """Queue ``steps`` steps of placeholder input for stream ``sid`` (``warm_up``)."""
+        self._slot(sid).queue.extend(self._zero_step() for _ in range(steps))
 
     def capture_graphs(self) -> None:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
@@ -252,7 +272,7 @@ class StreamEngine:
     def _step_batch(self, sids: List[int], inputs: Any) -> Any:
         """Advance the batch rows ``sids`` (ascending) by one step of ``inputs`` (one row each, same order);
         returns the outputs of those rows, in that order."""
-        rows = torch.tensor(sids, device=self.model.device)
+        rows, changed = self._row_index(sids)
         if self.step_mode == "rows":
             sub = select_rows(self._batch, rows)
             outputs = self._advance(sub, inputs)
@@ -261,8 +281,9 @@ class StreamEngine:
         bucket = next(k for k in self.buckets if k > sids[-1])
         for buffer, part in zip(_as_list(self._inputs), _as_list(inputs)):
             buffer.index_copy_(0, rows, part)
-        self._mask.zero_()
-        self._mask.index_fill_(0, rows, True)
+        if changed:
+            self._mask.zero_()
+            self._mask.index_fill_(0, rows, True)
         if self.step_mode == "graphs":
             if bucket not in self._graphs:
                 self._graphs[bucket] = self._capture(bucket)
@@ -273,6 +294,16 @@ class StreamEngine:
         # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
         picked = [o.index_select(0, rows) for o in _as_list(outputs)]
         return picked if isinstance(outputs, list) else picked[0]
+
+    def _row_index(self, sids: List[int]) -> Tuple[torch.Tensor, bool]:
+        """``sids`` as an index tensor on the model's device, and whether they differ from the last step's:
+        a steady set of streams reuses the tensor and the row mask (no host-to-device copy per step)."""
+        key = tuple(sids)
+        if key == self._last_rows[0]:
+            return self._last_rows[1], False
+        rows = torch.tensor(sids, device=self.model.device)
+        self._last_rows = (key, rows)
+        return rows, True
 
     def _bucket_pass(self, bucket: int) -> Any:
         """Advance the first ``bucket`` rows in place; rows off the mask keep their state."""
@@ -297,6 +328,7 @@ class StreamEngine:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             outputs = self._bucket_pass(bucket)
         self._mask.copy_(mask)
+        self._last_rows = ((), None)  # the passes above ran with an empty mask
         return graph, outputs
 
     # ---- internals ------------------------------------------------------------------------------
@@ -343,23 +375,26 @@ class DecodeEngine(StreamEngine):
     def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
                  output_device: Optional[Union[str, torch.device]] = None):
         self.body = stream_op(model.decoder, model.latent_dim)
+        step_frames = model.config.pad_multiple // model.config.frame_samples
+        self._level_widths = [step_frames * model.config.coarse_stride // s for s in model.config.vq_strides]
         super().__init__(model, max_streams, backend, step_mode, output_device)
 
     def _init_state(self, batch: int) -> Any:
         return self.body.init_state(batch, self.model.device, self.model.dtype)
 
+    # A queued step is one (1, sum(level_widths)) tensor: the step's codes of every level side by side, so
+    # stacking thousands of streams is one concatenation, not one per level.
     def _zero_step(self) -> Any:
-        return [torch.zeros(1, self.step_frames * self.config.coarse_stride // s, dtype=torch.int64,
-                            device=self.model.device) for s in self.config.vq_strides]
+        return torch.zeros(1, sum(self._level_widths), dtype=torch.int64, device=self.model.device)
 
     def _stack(self, steps: List[Any]) -> Any:
-        return [_cat_to(level, self.model.device) for level in zip(*steps)]
+        return list(_cat_to(steps, self.model.device).split(self._level_widths, dim=1))
 
     def _advance(self, state: Any, codes: Any) -> torch.Tensor:
         return self.body.push(state, self.model.quantizer.from_codes(codes))
 
-    def _row(self, audio: torch.Tensor, i: int) -> torch.Tensor:
-        return audio[i : i + 1]
+    def _rows(self, audio: torch.Tensor) -> List[torch.Tensor]:
+        return list(audio.split(1))
 
     def _full_step(self, audio: torch.Tensor) -> bool:
         return audio.shape[-1] == self.step_samples
@@ -374,9 +409,12 @@ class DecodeEngine(StreamEngine):
         frames = codes[0].shape[-1]
         if frames % self.step_frames:
             raise ValueError(f"submit whole steps of {self.step_frames} coarse frames, got {frames}")
-        for j in range(0, frames, self.step_frames):
-            slot.queue.append([c[:, j * c.shape[1] // frames : (j + self.step_frames) * c.shape[1] // frames]
-                               for c in codes])
+        steps = frames // self.step_frames
+        if not steps:
+            return
+        # (1, steps, width) per level, side by side: row j of the result is step j's queue item.
+        merged = torch.cat([c.reshape(steps, w) for c, w in zip(codes, self._level_widths)], dim=1)
+        slot.queue.extend(merged.split(1))
 
     def _finish(self, slot: _Slot, state: Any) -> torch.Tensor:
         """(1, 1, n): the queued steps and the tail."""
@@ -425,8 +463,8 @@ class EncodeEngine(StreamEngine):
         codes, state.latent = quantize_whole_frames(self.model, state.latent, self.body.push(state.body, audio))
         return codes
 
-    def _row(self, codes: List[torch.Tensor], i: int) -> List[torch.Tensor]:
-        return [c[i : i + 1] for c in codes]
+    def _rows(self, codes: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+        return [list(levels) for levels in zip(*(c.split(1) for c in codes))]
 
     def _full_step(self, codes: List[torch.Tensor]) -> bool:
         return codes[0].shape[-1] == self.step_frames
@@ -445,6 +483,11 @@ class EncodeEngine(StreamEngine):
             slot.queue.append(buffered[..., j : j + self.step_samples])
         slot.partial = buffered[..., whole:]
 
+    def _queue_placeholder(self, sid: int, steps: int) -> None:
+        """Whole steps and half a step more, which stays buffered (``close`` pads it)."""
+        self.submit(sid, torch.zeros(1, 1, steps * self.step_samples + self.step_samples // 2,
+                                     device=self.model.device, dtype=self.model.dtype))
+
     def _finish(self, slot: _Slot, state: _EncodeState) -> List[torch.Tensor]:
         """The codes of the queued steps, the buffered remainder and the padded end of the stream."""
         closer = self._closer
@@ -454,6 +497,11 @@ class EncodeEngine(StreamEngine):
             slot.partial.shape[-1] if slot.partial is not None else 0)
         parts = [closer.push(chunk) for chunk in slot.queue]
         if slot.partial is not None and slot.partial.shape[-1]:
-            parts.append(closer.push(slot.partial))
+            # The remainder and the zeros flush would pad it with (offline encode pads to a multiple of
+            # pad_multiple = step_samples) as one whole step: the shapes of every other step, so closing a
+            # stream compiles no kernel for a length met only once.
+            tail = slot.partial.to(self.model.device)
+            pad = tail.new_zeros(1, 1, self.step_samples - tail.shape[-1])
+            parts.append(closer.push(torch.cat([tail, pad], dim=-1)))
         parts.append(closer.flush())
         return [torch.cat([p[level] for p in parts], dim=-1) for level in range(self.model.n_codebooks)]

@@ -409,3 +409,50 @@ def _tensors(state) -> List[torch.Tensor]:
     found: List[torch.Tensor] = []
     _map_state(lambda v: found.append(getattr(v, "position", v)) if not isinstance(v, int) else None, state)
     return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_a_stream_closing_after_warm_up_meets_no_new_layer_shape(engine_type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU server warms its engines up before serving; a layer shape first met later compiles Triton kernels
+    while every session waits (seconds). Streams of any length that end with steps queued and (encoder) a
+    partial step buffered must run only conv shapes that ``warm_up`` ran."""
+    from snac_stream.model import functional
+
+    model = model_for("24khz")
+    engine = engine_type(model, 3, step_mode="buckets")
+    seen: set = set()
+
+    def describe(name: str, value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        return type(value).__name__ if name == "noise_start" else value  # a position, not a shape
+
+    def recorder(name: str, fn):
+        def call(*args, **kwargs):
+            seen.add((name, tuple(describe("", a) for a in args),
+                      tuple(sorted((k, describe(k, v)) for k, v in kwargs.items()))))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(functional, "conv", recorder("conv", functional.conv))
+    monkeypatch.setattr(functional, "conv_transpose", recorder("conv_transpose", functional.conv_transpose))
+    cfg, gen = model.config, torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        engine.warm_up()
+        warm, closing = set(seen), set()
+        for queued, extra in [(0, 1), (1, 777), (2, engine.step_samples - 1), (1, 0)]:
+            steps = engine.warmup_steps + 2 + queued
+            sid = engine.open()
+            if engine_type is DecodeEngine:
+                engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, steps * engine.step_frames
+                                                                            * cfg.coarse_stride // s), generator=gen)
+                                    for s in cfg.vq_strides])
+            else:
+                engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples + extra, generator=gen) * 0.3)
+            while engine.pending(sid) > queued:
+                engine.step()
+            seen.clear()
+            engine.close(sid)
+            closing |= seen
+    assert closing, "the recorder saw no conv"
+    assert closing <= warm, f"shapes first met at a close: {sorted(closing - warm)}"

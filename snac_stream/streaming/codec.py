@@ -139,8 +139,11 @@ class StreamingEncoder(_Stream):
         if self.received == 0:
             return self._no_codes()
         pad = -self.received % self.config.pad_multiple
-        zeros = torch.zeros(self.batch_size, 1, pad, device=self.model.device, dtype=self.model.dtype)
-        head = self._quantize(self.body.push(self.state, zeros))
+        if pad:
+            zeros = torch.zeros(self.batch_size, 1, pad, device=self.model.device, dtype=self.model.dtype)
+            head = self._quantize(self.body.push(self.state, zeros))
+        else:
+            head = self._no_codes()
         tail = self._quantize(self.body.flush(self.state))
         if self.latent.shape[-1]:
             raise AssertionError("encoder ended between coarse frames; padding arithmetic is off")
