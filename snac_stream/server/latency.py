@@ -226,8 +226,12 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
     merged = {p: np.concatenate(v) if v else np.zeros(0) for p, v in parts.items()}
     latency = {p: _stats(merged[p]) for p in PARTS}
     overhead = merged["server"] + merged["transport"]
-    keeps_up = (not errors and not server_errors and short == 0 and overhead.size > 0
-                and float(np.percentile(overhead, 99)) < step_s)
+    warnings = sum(len(r.warnings) for r in good)
+    # Keeping up is a rate: every stream complete, no error, no 'behind' warning and no latency growth of a
+    # step or more across the streams. The tail (p99 of server + transport within one step) is its own verdict.
+    keeps_up = (not errors and not server_errors and short == 0 and overhead.size > 0 and warnings == 0
+                and bool(drift) and max(drift) < step_s)
+    tail_within_step = overhead.size > 0 and float(np.percentile(overhead, 99)) < step_s
     steady = [m for t, m in rss if t >= min(5.0, wall / 3)]
     report: Dict[str, Any] = {
         "model": model_name, "random_weights": random_weights, "device": str(model.device),
@@ -236,9 +240,9 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         "algorithmic_latency_samples": server.latency["roundtrip"], "wall_s": round(wall, 2),
         "latency_ms": latency, "server_plus_transport_p99_ms": _stats(overhead)["p99"],
         "drift_ms_max": 1e3 * max(drift) if drift else None,
-        "keeps_up": keeps_up, "errors": len(errors) + short, "error_messages": errors[:10],
-        "server_errors": server_errors, "incomplete_streams": short,
-        "behind_warnings": sum(len(r.warnings) for r in good),
+        "keeps_up": keeps_up, "p99_within_step": tail_within_step, "errors": len(errors) + short,
+        "error_messages": errors[:10], "server_errors": server_errors, "incomplete_streams": short,
+        "behind_warnings": warnings,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
@@ -249,9 +253,10 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         s = latency[p]
         say(f"  {p:<12}                               {s['p50']:8.1f} {s['p95']:8.1f} {s['p99']:8.1f} {s['max']:8.1f}")
     say(f"errors  {report['errors']} (server: {server_errors or 'none'}; 'behind' warnings: "
-        f"{report['behind_warnings']}); keeps up in real time: "
-        f"{'yes' if keeps_up else 'NO'} (p99 server + transport {report['server_plus_transport_p99_ms']:.1f} ms "
-        f"vs a {1e3 * step_s:.1f} ms step; latency drift {report['drift_ms_max'] or 0:.1f} ms)")
+        f"{report['behind_warnings']})")
+    say(f"verdict keeps up in real time: {'yes' if keeps_up else 'NO'} (latency drift {report['drift_ms_max'] or 0:.1f} ms "
+        f"across the streams, a step is {1e3 * step_s:.1f} ms); p99 server + transport within one step: "
+        f"{'yes' if tail_within_step else 'no'} ({report['server_plus_transport_p99_ms']:.1f} ms)")
     tick, step = report["tick_ms"], report["engine_step_ms"]
     say(f"ticks   {report['ticks']}: p50 {tick['p50']:.1f} ms, p99 {tick['p99']:.1f} ms, max {tick['max']:.1f} ms "
         f"(engine steps in them: p50 {step['p50']:.1f} ms, p99 {step['p99']:.1f} ms)")
