@@ -24,7 +24,7 @@ instead of silently shifting every later code to the wrong level.
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -207,6 +207,7 @@ class TokenLayout:
         self.frame_tokens: int = len(order)
         # Positions of each level sorted by index: gathering frame columns in this order yields the level's
         # codes in time order.
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _flat_tables
         self._level_positions: Tuple[List[int], ...] = tuple(
             [p for _, p in sorted((index, p) for p, (lvl, index) in enumerate(order) if lvl == level)]
             for level in range(self.n_levels)
@@ -253,18 +254,20 @@ class TokenLayout:
                     f"codes[{i}] has {c.shape[1]} codes; level {i} has {r} per coarse frame, so "
                     f"{frames} coarse frames need {frames * r}"
                 )
-            bad = (c < 0) | (c >= self.codebook_size)
-            if bool(bad.any()):
-                row, col = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(
-                    f"codes[{i}][{row}, {col}] = {int(c[row, col])} is outside the codebook [0, {self.codebook_size})"
-                )
         device = levels[0].device
-        out = torch.empty(batch, frames, self.frame_tokens, dtype=torch.int64, device=device)
-        for level, (c, r) in enumerate(zip(levels, self.codes_per_frame)):
-            out[:, :, self._level_positions[level]] = c.to(device).reshape(batch, frames, r)
-        out += self._offset_tensor(device)
-        return out.reshape(batch, frames * self.frame_tokens)
+        # The levels side by side per frame (level-major columns), checked at once, then put in stream order
+        # by one gather: a server converts every stream's codes every step, so few tensor ops per call.
+        frame_codes = torch.cat([c.to(device).reshape(batch, frames, r) for c, r in zip(levels, self.codes_per_frame)],
+                                dim=2)
+        if bool(((frame_codes < 0) | (frame_codes >= self.codebook_size)).any()):
+            for i, c in enumerate(levels):
+                bad = (c < 0) | (c >= self.codebook_size)
+                if bool(bad.any()):
+                    row, col = (int(v) for v in bad.nonzero()[0])
+                    raise ValueError(f"codes[{i}][{row}, {col}] = {int(c[row, col])} is outside the codebook "
+                                     f"[0, {self.codebook_size})")
+        order, offsets = self._flat_tables(device)
+        return (frame_codes[:, :, order] + offsets).reshape(batch, frames * self.frame_tokens)
 
     def from_flat(self, tokens: TokensLike) -> List[torch.Tensor]:
         """Tokens (B, N) or (N,) of whole coarse frames -> per-level codes ``codes[i]`` (B, N / frame_tokens * r_i).
@@ -288,7 +291,21 @@ class TokenLayout:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _offset_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.token_offset + o for o in self.offsets], dtype=torch.int64, device=device)
+        return self._flat_tables(device)[1]
+
+    def _flat_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(order, offsets) on ``device``, made once per device: stream position ``p`` of a frame holds
+        level-major column ``order[p]`` (the levels' codes of the frame side by side) plus ``offsets[p]``."""
+        tables = self._tables.get(device)
+        if tables is None:
+            columns = [p for positions in self._level_positions for p in positions]  # level-major -> position
+            order = [0] * self.frame_tokens
+            for column, position in enumerate(columns):
+                order[position] = column
+            tables = (torch.tensor(order, dtype=torch.int64, device=device),
+                      torch.tensor([self.token_offset + o for o in self.offsets], dtype=torch.int64, device=device))
+            self._tables[device] = tables
+        return tables
 
     def _split(self, tokens: torch.Tensor) -> List[torch.Tensor]:
         """Validated (B, F * frame_tokens) tokens -> per-level codes."""
