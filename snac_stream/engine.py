@@ -31,6 +31,7 @@ stream and step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -375,9 +376,12 @@ class DecodeEngine(StreamEngine):
     def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
                  output_device: Optional[Union[str, torch.device]] = None):
         self.body = stream_op(model.decoder, model.latent_dim)
-        step_frames = model.config.pad_multiple // model.config.frame_samples
-        self._level_widths = [step_frames * model.config.coarse_stride // s for s in model.config.vq_strides]
         super().__init__(model, max_streams, backend, step_mode, output_device)
+
+    @functools.cached_property
+    def _level_widths(self) -> List[int]:
+        """Codes per step of each level."""
+        return [self.step_frames * self.config.coarse_stride // s for s in self.config.vq_strides]
 
     def _init_state(self, batch: int) -> Any:
         return self.body.init_state(batch, self.model.device, self.model.dtype)

@@ -205,9 +205,9 @@ class TokenLayout:
         self.order: Tuple[Tuple[int, int], ...] = order
         self.offsets: Tuple[int, ...] = tuple(_check_int("offsets[i]", o, 0) for o in offsets)
         self.frame_tokens: int = len(order)
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _flat_tables
         # Positions of each level sorted by index: gathering frame columns in this order yields the level's
         # codes in time order.
-        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # see _flat_tables
         self._level_positions: Tuple[List[int], ...] = tuple(
             [p for _, p in sorted((index, p) for p, (lvl, index) in enumerate(order) if lvl == level)]
             for level in range(self.n_levels)
