@@ -57,13 +57,14 @@ def _first(x: Any, rows: int) -> Any:
     return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
 
 
-def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Concatenate along the batch and move to ``device``: one copy when the pieces share a device."""
+def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) -> torch.Tensor:
+    """Concatenate (along the batch by default) and move to ``device``: one copy when the pieces share a
+    device."""
     try:
-        batch = torch.cat(list(pieces), dim=0)
+        joined = torch.cat(list(pieces), dim=dim)
     except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
-        batch = torch.cat([p.to(device) for p in pieces], dim=0)
-    return batch.to(device, non_blocking=True)
+        joined = torch.cat([p.to(device) for p in pieces], dim=dim)
+    return joined.to(device, non_blocking=True)
 
 
 def _sid(slot: "_Slot") -> int:
@@ -190,7 +191,15 @@ class StreamEngine:
 
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""
-        out: Dict[int, Any] = {}
+        return {sid: row for sids, outputs in self.step_groups() for sid, row in zip(sids, self._rows(outputs))}
+
+    def step_groups(self) -> List[Tuple[List[int], Any]]:
+        """Run one queued step of every stream that has one; returns the outputs batched as they were computed:
+        ``(stream ids, outputs)`` pairs whose output row ``i`` belongs to stream ``ids[i]`` (one pair for the
+        batch, one per group of warming streams). A caller that handles outputs per batch rather than per
+        stream (the server converting thousands of streams' outputs every step) starts here; :meth:`step`
+        splits them."""
+        groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
         batched: List[_Slot] = []
         warming: Dict[int, List[_Slot]] = {}  # streams that opened together warm up together
@@ -203,23 +212,22 @@ class StreamEngine:
         with torch.inference_mode(), self.model.compute(self.backend):
             if batched:
                 batched.sort(key=_sid)
-                outputs = self._step_batch([slot.sid for slot in batched],
-                                           self._stack([slot.queue.pop(0) for slot in batched]))
-                for slot, row in zip(batched, self._rows(self._to_output(outputs))):
-                    out[slot.sid] = row
+                sids = [slot.sid for slot in batched]
+                outputs = self._step_batch(sids, self._stack([slot.queue.pop(0) for slot in batched]))
+                groups.append((sids, self._to_output(outputs)))
+                for slot in batched:
                     slot.steps += 1
             for group in warming.values():
                 state = group[0].state if len(group) == 1 else stack_states([slot.state for slot in group])
-                outputs = self._to_output(self._advance(state, self._stack([slot.queue.pop(0) for slot in group])))
-                rows = [outputs] if len(group) == 1 else self._rows(outputs)
-                for i, (slot, row) in enumerate(zip(group, rows)):
-                    out[slot.sid] = row
+                outputs = self._advance(state, self._stack([slot.queue.pop(0) for slot in group]))
+                groups.append(([slot.sid for slot in group], self._to_output(outputs)))
+                for i, slot in enumerate(group):
                     if len(group) > 1:
                         slot.state = row_state(state, i)
                     slot.steps += 1
                     if slot.steps >= self.warmup_steps:
                         self._join(slot)
-        return out
+        return groups
 
     def close(self, sid: int) -> Any:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
@@ -405,20 +413,30 @@ class DecodeEngine(StreamEngine):
 
     def submit(self, sid: int, codes: Sequence[torch.Tensor]) -> None:
         """Queue codes for stream ``sid``: (1, t_i) per level, whole steps (``step_frames`` coarse frames)."""
-        slot = self._slot(sid)
+        self.submit_many([sid], codes)
+
+    def submit_many(self, sids: Sequence[int], codes: Sequence[torch.Tensor]) -> None:
+        """Queue codes for several streams at once: row ``j`` of each level's (len(sids), t_i) tensor goes to
+        stream ``sids[j]``; whole steps (``step_frames`` coarse frames), the same number for every stream.
+        Checked as one batch: a bad code refuses the whole call and queues nothing."""
+        slots = [self._slot(sid) for sid in sids]
+        if len(set(sids)) != len(slots):
+            raise ValueError(f"a stream appears more than once in {list(sids)}")
         first = codes[0] if isinstance(codes, (list, tuple)) and codes else None
         codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True, device=self._queue_device(first))
-        if codes[0].shape[0] != 1:
-            raise ValueError(f"submit takes one stream's codes (batch 1), got a batch of {codes[0].shape[0]}")
+        if codes[0].shape[0] != len(slots):
+            raise ValueError(f"codes for {len(slots)} streams need a batch of {len(slots)} rows, "
+                             f"got {codes[0].shape[0]}")
         frames = codes[0].shape[-1]
         if frames % self.step_frames:
             raise ValueError(f"submit whole steps of {self.step_frames} coarse frames, got {frames}")
         steps = frames // self.step_frames
         if not steps:
             return
-        # (1, steps, width) per level, side by side: row j of the result is step j's queue item.
-        merged = torch.cat([c.reshape(steps, w) for c, w in zip(codes, self._level_widths)], dim=1)
-        slot.queue.extend(merged.split(1))
+        # (streams, steps, width) per level, side by side: [j, k] is stream j's queue item for its step k.
+        merged = torch.cat([c.reshape(len(slots), steps, w) for c, w in zip(codes, self._level_widths)], dim=2)
+        for slot, items in zip(slots, merged.split(1)):
+            slot.queue.extend(items[0].split(1))
 
     def _finish(self, slot: _Slot, state: Any) -> torch.Tensor:
         """(1, 1, n): the queued steps and the tail."""
@@ -475,17 +493,38 @@ class EncodeEngine(StreamEngine):
 
     def submit(self, sid: int, audio: torch.Tensor) -> None:
         """Buffer (1, 1, n) float samples for stream ``sid``; whole steps are queued for ``step``."""
-        slot = self._slot(sid)
-        device = self._queue_device(audio)
-        audio = self.model.check_audio(audio, device) if audio.shape[-1] else audio.to(device)
-        if audio.shape[0] != 1:
-            raise ValueError(f"submit takes one stream's audio (batch 1), got a batch of {audio.shape[0]}")
-        slot.received += audio.shape[-1]
-        buffered = torch.cat([slot.partial.to(device), audio], dim=-1) if slot.partial is not None else audio
-        whole = buffered.shape[-1] // self.step_samples * self.step_samples
-        for j in range(0, whole, self.step_samples):
-            slot.queue.append(buffered[..., j : j + self.step_samples])
-        slot.partial = buffered[..., whole:]
+        self.submit_many([sid], [audio])
+
+    def submit_many(self, sids: Sequence[int], audio: Sequence[torch.Tensor]) -> None:
+        """Buffer ``audio[j]`` ((1, 1, n_j) float samples, any n_j) for stream ``sids[j]``, checked and moved
+        as one piece. A bad piece refuses the whole call and buffers nothing."""
+        slots = [self._slot(sid) for sid in sids]
+        if len(set(sids)) != len(slots):
+            raise ValueError(f"a stream appears more than once in {list(sids)}")
+        if len(audio) != len(slots):
+            raise ValueError(f"{len(slots)} streams need {len(slots)} audio pieces, got {len(audio)}")
+        for piece in audio:
+            self.model.check_audio_shape(piece, allow_empty=True)
+            if piece.shape[0] != 1:
+                raise ValueError(f"submit takes one stream's audio (batch 1) per piece, got a batch of "
+                                 f"{piece.shape[0]}")
+        if not slots:
+            return
+        device = self._queue_device(audio[0])
+        joined = audio[0].to(device) if len(audio) == 1 else _cat_to(audio, device, dim=-1)
+        if joined.shape[-1]:
+            joined = self.model.check_audio(joined, device)
+        start = 0
+        for slot, piece in zip(slots, audio):
+            n = piece.shape[-1]
+            new, start = joined[..., start : start + n], start + n
+            slot.received += n
+            held = slot.partial
+            buffered = torch.cat([held.to(device), new], dim=-1) if held is not None and held.shape[-1] else new
+            whole = buffered.shape[-1] // self.step_samples * self.step_samples
+            for j in range(0, whole, self.step_samples):
+                slot.queue.append(buffered[..., j : j + self.step_samples])
+            slot.partial = buffered[..., whole:]
 
     def _queue_placeholder(self, sid: int, steps: int) -> None:
         """Whole steps and half a step more, which stays buffered (``close`` pads it)."""

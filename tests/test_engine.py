@@ -49,6 +49,18 @@ def steps_of(codes: List[torch.Tensor], start: int, count: int, engine: DecodeEn
     return [c[:, start * c.shape[1] // frames : (start + count) * c.shape[1] // frames] for c in codes]
 
 
+def run_step(engine, batched: bool) -> Dict[int, object]:
+    """One engine step as {sid: output}: through ``step()``, or through ``step_groups()`` split here by its
+    contract (row ``i`` of a group's outputs belongs to its ``i``-th stream)."""
+    if not batched:
+        return engine.step()
+    out: Dict[int, object] = {}
+    for sids, outputs in engine.step_groups():
+        for i, sid in enumerate(sids):
+            out[sid] = [o[i : i + 1] for o in outputs] if isinstance(outputs, list) else outputs[i : i + 1]
+    return out
+
+
 events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close"]),
                             st.integers(0, 5), st.integers(1, 6)), min_size=15, max_size=50)
 
@@ -79,17 +91,23 @@ def test_streams_opening_and_closing_at_random_equal_offline(name: str, step_mod
                 sid = engine.open()
                 serial += 1
                 open_[sid] = {"codes": random_codes(model, 10, engine, serial), "sent": 0, "out": []}
+            elif action == "submit" and sids and pick % 3 == 2:  # the same steps to every stream in one call
+                n = min([count] + [10 - open_[sid]["sent"] for sid in sids])
+                parts = [steps_of(open_[sid]["codes"], open_[sid]["sent"], n, engine) for sid in sids]
+                engine.submit_many(sids, [torch.cat(level, dim=0) for level in zip(*parts)])
+                for sid in sids:
+                    open_[sid]["sent"] += n
             elif action == "submit" and sids:
                 s = open_[sids[pick % len(sids)]]
                 n = min(count, 10 - s["sent"])
                 engine.submit(sids[pick % len(sids)], steps_of(s["codes"], s["sent"], n, engine))
                 s["sent"] += n
             elif action == "step":
-                for sid, audio in engine.step().items():
+                for sid, audio in run_step(engine, batched=pick % 2 == 1).items():
                     open_[sid]["out"].append(audio)
             elif action == "drain" or (action == "close" and sids):
                 while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
-                    for sid, out in engine.step().items():
+                    for sid, out in run_step(engine, batched=count % 2 == 1).items():
                         open_[sid]["out"].append(out)
                 for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
                     s = open_.pop(sid)
@@ -288,6 +306,39 @@ def test_graph_replay_equals_eager(engine_type) -> None:
             assert all(torch.equal(torch.cat([o[k] for o in got], dim=-1), want[k]) for k in range(len(want)))
 
 
+def test_submit_many_checks_the_whole_call_before_queueing_anything() -> None:
+    """A bad row or piece, a repeated stream or a row count that does not match refuses the call for every
+    stream in it: nothing is queued or buffered, and the streams go on as if it never came."""
+    model = model_for("24khz")
+    dec = DecodeEngine(model, 3)
+    sids = [dec.open() for _ in range(3)]
+    codes = [torch.cat(level, dim=0) for level in zip(*(random_codes(model, 2, dec, seed) for seed in range(3)))]
+    bad = [c.clone() for c in codes]
+    bad[2][1, 3] = model.codebook_size  # stream 1's code out of range
+    with pytest.raises(ValueError, match="codebook range"):
+        dec.submit_many(sids, bad)
+    with pytest.raises(ValueError, match="more than once"):
+        dec.submit_many([sids[0], sids[0], sids[1]], codes)
+    with pytest.raises(ValueError, match="3 rows"):
+        dec.submit_many(sids, [c[:2] for c in codes])
+    assert [dec.pending(sid) for sid in sids] == [0, 0, 0]
+    dec.submit_many(sids, codes)
+    assert [dec.pending(sid) for sid in sids] == [2, 2, 2]
+
+    enc = EncodeEngine(model, 3)
+    sids = [enc.open() for _ in range(3)]
+    pieces = [torch.randn(1, 1, n, generator=torch.Generator().manual_seed(n)) * 0.1 for n in (5000, 1, 2048)]
+    with pytest.raises(ValueError, match="NaN"):
+        enc.submit_many(sids, [pieces[0], torch.full((1, 1, 7), float("nan")), pieces[2]])
+    with pytest.raises(ValueError, match="batch 1"):
+        enc.submit_many(sids, [pieces[0], pieces[1], pieces[2].expand(2, 1, -1)])
+    with pytest.raises(ValueError, match="3 audio pieces"):
+        enc.submit_many(sids, pieces[:2])
+    assert [enc.pending(sid) for sid in sids] == [0, 0, 0] and all(enc._slots[sid].received == 0 for sid in sids)
+    enc.submit_many(sids, pieces)
+    assert [enc.pending(sid) for sid in sids] == [5000 // enc.step_samples, 0, 2048 // enc.step_samples]
+
+
 # ---- encode ---------------------------------------------------------------------------------------
 
 enc_events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close"]),
@@ -312,6 +363,13 @@ def test_encode_streams_at_random_equal_offline(name: str, step_mode: str, scrip
                 audio = torch.randn(1, 1, 5 * engine.step_samples + serial * 101,
                                     generator=torch.Generator().manual_seed(serial)) * 0.3
                 open_[engine.open()] = {"audio": audio, "sent": 0, "out": []}
+            elif action == "submit" and sids and pick % 3 == 2:  # every stream a different length, one call
+                chunks = []
+                for i, sid in enumerate(sids):
+                    s = open_[sid]
+                    chunks.append(s["audio"][..., s["sent"] : s["sent"] + (count * (i + 1)) % 9000])
+                    s["sent"] += chunks[-1].shape[-1]
+                engine.submit_many(sids, chunks)
             elif action == "submit" and sids:
                 sid = sids[pick % len(sids)]
                 s = open_[sid]
@@ -319,11 +377,11 @@ def test_encode_streams_at_random_equal_offline(name: str, step_mode: str, scrip
                 engine.submit(sid, chunk)
                 s["sent"] += chunk.shape[-1]
             elif action == "step":
-                for sid, codes in engine.step().items():
+                for sid, codes in run_step(engine, batched=pick % 2 == 1).items():
                     open_[sid]["out"].append(codes)
             elif action == "drain" or (action == "close" and sids):
                 while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
-                    for sid, out in engine.step().items():
+                    for sid, out in run_step(engine, batched=count % 2 == 1).items():
                         open_[sid]["out"].append(out)
                 for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
                     s = open_.pop(sid)

@@ -7,6 +7,7 @@ and the 44 kHz structure (attention, step = four coarse frames).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import time
@@ -125,6 +126,147 @@ def test_decode_orpheus_tokens_equal_offline() -> None:
     result = serve(model, test)
     assert result.audio.shape == expected.shape
     assert np.abs(result.audio - expected).max() <= AUDIO_TOL
+
+
+def _as_received(audio: np.ndarray, sample_format: str) -> np.ndarray:
+    """The samples the server decodes from ``audio`` sent in ``sample_format``."""
+    if sample_format == "float32":
+        return audio
+    return np.frombuffer(encode_audio(audio, "pcm16"), "<i2").astype(np.float32) / 32768
+
+
+def test_concurrent_sessions_of_every_kind_layout_and_format_are_each_exact() -> None:
+    """Each tick converts its sessions' outputs per batch (tokens once per layout, PCM once per sample format)
+    and submits every session's audio in one call: a mix of kinds, layouts and formats running at once,
+    started at different times (some warming up while others are in the batch), each equals its own offline
+    result."""
+    model = model_for("24k")
+    rng = np.random.default_rng(11)
+    specs = [("roundtrip", "pcm16", "interleaved", 0), ("roundtrip", "float32", "orpheus", 128266),
+             ("encode", "float32", "interleaved-offsets", 7), ("roundtrip", "float32", "interleaved", 0),
+             ("decode", "pcm16", "orpheus", 10), ("encode", "pcm16", "interleaved", 0),
+             ("decode", "float32", "interleaved", 0), ("roundtrip", "pcm16", "orpheus", 0)]
+    inputs = []
+    for i, (kind, fmt, _, _) in enumerate(specs):
+        if kind == "decode":
+            inputs.append([torch.from_numpy(rng.integers(0, 4096, (1, 17 * r))) for r in (1, 2, 4)])
+        else:
+            inputs.append(_as_received(signal(int(rng.integers(9000, 30000)), seed=20 + i), fmt))
+    chunkings = [random_chunks(rng, 12, 4000) for _ in specs]
+
+    async def one(i: int) -> Any:
+        kind, fmt, name, offset = specs[i]
+        await asyncio.sleep(0.01 * i)
+        hello = dict(sample_format=fmt, token_layout=name, token_offset=offset)
+        if kind == "decode":
+            tokens = get_layout(name, model.config, token_offset=offset).to_flat(inputs[i])[0].numpy()
+            return await ws_client.decode(server_url, tokens, chunk_tokens=chunkings[i], **hello)
+        stream = ws_client.encode if kind == "encode" else ws_client.roundtrip
+        return await stream(server_url, inputs[i], chunk_samples=chunkings[i], realtime=True, **hello)
+
+    async def test(server: SNACServer):
+        nonlocal server_url
+        server_url = server.url
+        _slow_engines(server, 0.01)  # input of several sessions arrives during each step
+        submit_many, emit = server.encoder.submit_many, server._emit_codes
+        server.encoder.submit_many = lambda sids, pieces: (  # type: ignore[method-assign]
+            shared["submit"].append(len(sids)), submit_many(sids, pieces))[1]
+        server._emit_codes = lambda sessions, *args, **kw: (  # type: ignore[method-assign]
+            shared["emit"].append(collections.Counter((s.layout.name, s.layout.token_offset) for s in sessions)),
+            emit(sessions, *args, **kw))[1]
+        return await asyncio.gather(*(one(i) for i in range(len(specs))))
+
+    server_url = ""
+    shared: Dict[str, List[Any]] = {"submit": [], "emit": []}
+    results = serve(model, test)
+    # The batched paths ran: one submit for several sessions; one step's codes going out in several layouts,
+    # several sessions to a layout.
+    assert max(shared["submit"]) >= 3
+    assert max(len(layouts) for layouts in shared["emit"]) >= 2
+    assert max(max(layouts.values()) for layouts in shared["emit"]) >= 2
+    for (kind, fmt, name, offset), given, result in zip(specs, inputs, results):
+        tol = AUDIO_TOL if fmt == "float32" else 1 / 32768 + AUDIO_TOL
+        layout = get_layout(name, model.config, token_offset=offset)
+        if kind == "decode":
+            with torch.inference_mode():
+                expected = model.decode(given)[0, 0].numpy()
+            assert result.audio.shape == expected.shape
+            assert np.abs(result.audio - expected).max() <= tol
+            continue
+        codes, expected = offline(model, given)
+        np.testing.assert_array_equal(result.tokens, layout.to_flat(codes)[0].numpy())
+        if kind == "roundtrip":
+            assert result.audio.shape == given.shape
+            assert np.abs(result.audio - expected[: given.size]).max() <= tol
+        else:
+            assert result.audio.size == 0
+
+
+def test_a_session_whose_input_the_engine_refuses_ends_alone() -> None:
+    """All sessions' audio goes to the engine in one call; when the engine refuses one session's part, the
+    call is retried one session at a time, so that session ends (internal_error) and the others, submitted in
+    the same ticks, stay exact."""
+    model = model_for("24k")
+    audio = [signal(12000 + 1000 * i, seed=30 + i) for i in range(3)]
+
+    async def test(server: SNACServer):
+        submit_many, submit = server.encoder.submit_many, server.encoder.submit
+        victim: List[int] = []
+
+        def refuse(sids, pieces):
+            time.sleep(0.03)  # a slow submit: the sessions' chunks (29 ms each) pile up for the next one
+            if victim and victim[0] in sids:
+                shared.append(len(sids))
+                raise ValueError("refused")
+            return submit_many(sids, pieces)
+
+        def refuse_one(sid, piece):
+            if victim and sid == victim[0]:
+                raise ValueError("refused")
+            return submit(sid, piece)
+
+        server.encoder.submit_many, server.encoder.submit = refuse, refuse_one  # type: ignore[method-assign]
+
+        async def victim_session() -> Any:
+            await asyncio.sleep(0.1)  # the healthy sessions are streaming by then
+            victim.append(server.encoder._free[0])  # the slot this session will take
+            return await ws_client.roundtrip(server.url, audio[2], chunk_samples=700, sample_format="float32",
+                                             realtime=True)
+
+        healthy = [ws_client.roundtrip(server.url, a, chunk_samples=700, sample_format="float32", realtime=True)
+                   for a in audio[:2]]
+        return await asyncio.gather(*healthy, victim_session(), return_exceptions=True)
+
+    shared: List[int] = []  # sessions in each refused call
+    *good, failed = serve(model, test)
+    assert max(shared) >= 2  # refused with a healthy session in the same call
+    assert isinstance(failed, ws_client.ServerError) and failed.code == "internal_error"
+    assert "ValueError" in failed.message
+    for given, result in zip(audio, good):
+        _, expected = offline(model, given)
+        assert np.abs(result.audio - expected[: given.size]).max() <= AUDIO_TOL
+
+
+def test_a_stream_end_runs_its_backlog_through_the_batched_steps() -> None:
+    """A client that sends faster than real time and flushes leaves whole steps queued; they go through the
+    batched steps (shared with every other session) before the stream's end runs the padded rest at batch 1:
+    each engine's close finds nothing queued. The result is exact."""
+    model = model_for("24k")
+    audio = signal(20 * 2048 + 777, seed=40)
+    queued_at_close: List[int] = []
+
+    async def test(server: SNACServer):
+        for engine in (server.encoder, server.decoder):
+            close = engine.close
+            engine.close = lambda sid, engine=engine, close=close: (  # type: ignore[method-assign]
+                queued_at_close.append(engine.pending(sid)), close(sid))[1]
+        _slow_engines(server, 0.01)  # the input arrives well before the steps are done
+        return await ws_client.roundtrip(server.url, audio, chunk_samples=4096, sample_format="float32")
+
+    result = serve(model, test)
+    assert queued_at_close == [0, 0]
+    _, expected = offline(model, audio)
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
 
 
 def test_announced_algorithmic_latency_is_the_measured_worst_case() -> None:
@@ -383,8 +525,8 @@ def test_engine_threads_apply_to_the_worker_only() -> None:
 def _slow_engines(server: SNACServer, seconds: float) -> None:
     """Make every engine step of ``server`` take ``seconds`` longer: a server slower than real time."""
     for engine in (server.encoder, server.decoder):
-        step = engine.step
-        engine.step = lambda step=step: (time.sleep(seconds), step())[1]  # type: ignore[method-assign]
+        step = engine.step_groups
+        engine.step_groups = lambda step=step: (time.sleep(seconds), step())[1]  # type: ignore[method-assign]
 
 
 def test_a_server_slower_than_real_time_warns_audio_sessions_and_keeps_serving() -> None:
@@ -428,15 +570,15 @@ def test_a_failing_engine_step_ends_its_sessions_and_the_server_goes_on() -> Non
     _, expected = offline(model, audio)
 
     async def test(server: SNACServer):
-        step = server.encoder.step
+        step = server.encoder.step_groups
 
         def broken() -> Any:
             raise RuntimeError("device fault")
 
-        server.encoder.step = broken  # type: ignore[method-assign]
+        server.encoder.step_groups = broken  # type: ignore[method-assign]
         with pytest.raises(ws_client.ServerError) as failed:  # paced: steps run before the end of the stream
             await ws_client.roundtrip(server.url, audio, sample_format="float32", realtime=True)
-        server.encoder.step = step  # type: ignore[method-assign]
+        server.encoder.step_groups = step  # type: ignore[method-assign]
         await server.wait_sessions(0)
         return failed.value, await ws_client.roundtrip(server.url, audio, sample_format="float32")
 

@@ -250,6 +250,16 @@ class SNAC(nn.Module):
     def check_audio(self, audio: Any, device: Optional[torch.device] = None) -> torch.Tensor:
         """Validate (B, 1, T) float audio and move it to ``device`` (default: the model's) and the model's
         dtype."""
+        self.check_audio_shape(audio)
+        audio = audio.to(device=self.device if device is None else device, dtype=self.dtype)
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        return audio
+
+    @staticmethod
+    def check_audio_shape(audio: Any, allow_empty: bool = False) -> None:
+        """The type and shape half of :meth:`check_audio` (no pass over the samples): a float (B, 1, T)
+        tensor; ``allow_empty``: T may be 0."""
         if not isinstance(audio, torch.Tensor):
             raise TypeError(f"audio must be a torch.Tensor of shape (B, 1, T), got {type(audio).__name__}")
         if not audio.is_floating_point():
@@ -264,12 +274,8 @@ class SNAC(nn.Module):
                 f"audio must be mono with shape (B, 1, T), got {audio.shape[1]} channels; mix down first "
                 "(audio.mean(dim=1, keepdim=True))"
             )
-        if audio.shape[0] < 1 or audio.shape[-1] < 1:
+        if audio.shape[0] < 1 or (audio.shape[-1] < 1 and not allow_empty):
             raise ValueError(f"audio is empty: shape {tuple(audio.shape)}")
-        audio = audio.to(device=self.device if device is None else device, dtype=self.dtype)
-        if not torch.isfinite(audio).all():
-            raise ValueError("audio contains NaN or infinite samples")
-        return audio
 
     def check_codes(self, codes: Any, *, whole_windows: bool = True, allow_empty: bool = False,
                     device: Optional[torch.device] = None) -> List[torch.Tensor]:

@@ -249,12 +249,18 @@ def _u32(value: int) -> int:
 
 def encode_audio(samples: np.ndarray, sample_format: str) -> bytes:
     """Float samples (T,) in [-1, 1] -> payload bytes: PCM16 LE (rounded, saturated) or float32 LE."""
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    return audio_payload(np.asarray(samples).reshape(-1), sample_format).tobytes()
+
+
+def audio_payload(samples: np.ndarray, sample_format: str) -> np.ndarray:
+    """Float samples in [-1, 1], any shape (e.g. (B, T): many streams converted at once) -> the payload's
+    little-endian array of the same shape: int16 PCM (rounded, saturated; NaN -> 0) or float32."""
+    samples = np.asarray(samples, dtype=np.float32)
     if sample_format == "pcm16":
         scaled = np.rint(np.nan_to_num(samples.astype(np.float64), nan=0.0) * 32768.0)
-        return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+        return np.clip(scaled, -32768, 32767).astype("<i2")
     if sample_format == "float32":
-        return samples.astype("<f4").tobytes()
+        return samples.astype("<f4")
     raise ValueError(f"unknown sample format {sample_format!r}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import hmac
 import ipaddress
@@ -47,7 +48,7 @@ from ..streaming.build import stream_op
 from ..tokens import TokenLayout, TokenParser, get_layout
 from . import web
 from .protocol import (FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, ProtocolError, Ready,
-                       decode_audio, decode_tokens, dumps, encode_audio, parse_json)
+                       audio_payload, decode_audio, decode_tokens, dumps, parse_json)
 
 log = logging.getLogger("snac_stream.server")
 
@@ -162,6 +163,7 @@ def algorithmic_latency(model: SNAC, kind: str, step_frames: int) -> int:
 
 # ---- sessions -----------------------------------------------------------------------------------------
 _CLOSE = object()  # writer sentinel: close the socket after what is queued
+_LATER = object()  # a command's result: not done yet, run it again next tick
 
 
 class _Session:
@@ -279,6 +281,7 @@ class SNACServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine",
                                             initializer=torch.set_num_threads, initargs=(self.threads,))
         self._commands: List[Tuple[Callable[[List[Any]], Any], Optional[asyncio.Future]]] = []
+        self._input_ready: List[_Session] = []  # [loop -> engine] sessions whose inbox has input since last tick
         self._wake: Optional[asyncio.Event] = None
         self._changed = asyncio.Event()
         self._ticker: Optional[asyncio.Task] = None
@@ -503,7 +506,7 @@ class SNACServer:
         if not samples.size:
             return
         session.received += samples.size
-        self._deliver(session, samples, now, self._submit_audio)
+        self._deliver(session, samples, now)
 
     def _on_tokens(self, session: _Session, payload: bytes, now: float) -> None:
         ids = decode_tokens(payload)
@@ -513,15 +516,17 @@ class SNACServer:
             raise ProtocolError("bad_tokens", str(exc)) from None
         session.received += ids.size
         if codes[0].shape[-1]:
-            self._deliver(session, codes, now, self._submit_codes)
+            self._deliver(session, codes, now)
 
-    def _deliver(self, session: _Session, item: Any, now: float, drain: Callable[[_Session], None]) -> None:
-        """Queue one message's input; the first item of an empty inbox posts the command that drains it, so a
-        tick submits everything that arrived since the last one at once (one engine call per session, not one
-        per message)."""
+    def _deliver(self, session: _Session, item: Any, now: float) -> None:
+        """Queue one message's input; the first item of an empty inbox marks the session for the next tick,
+        which submits everything that arrived since the last one at once (one engine call for all sessions'
+        audio, not one per message)."""
         session.inbox.append((item, session.received, now))
         if len(session.inbox) == 1:
-            self._post(lambda events: drain(session))
+            self._input_ready.append(session)
+            assert self._wake is not None
+            self._wake.set()
 
     def _fail(self, session: _Session, error: ProtocolError, drop_queue: bool = False) -> None:
         """Report ``error`` to the client, close with its code, free the slot at once."""
@@ -569,7 +574,8 @@ class SNACServer:
             await self._wake.wait()
             self._wake.clear()
             commands, self._commands = self._commands, []
-            events, results, busy = await loop.run_in_executor(self._executor, self._tick, commands)
+            ready, self._input_ready = self._input_ready, []
+            events, results, busy = await loop.run_in_executor(self._executor, self._tick, commands, ready)
             self.stats["ticks"] += 1
             for session, item in events:
                 if isinstance(item, ProtocolError):
@@ -579,8 +585,11 @@ class SNACServer:
             # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
             for session in self._sessions:
                 session.progress.set()
-            for (_, future), result in zip(commands, results):
-                if future is not None and not future.done():
+            for (command, future), result in zip(commands, results):
+                if result is _LATER:
+                    self._commands.append((command, future))
+                    busy = True
+                elif future is not None and not future.done():
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
@@ -588,69 +597,83 @@ class SNACServer:
             if busy:
                 self._wake.set()
 
-    def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]]
+    def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]], ready: Sequence[_Session]
               ) -> Tuple[List[Tuple[_Session, Any]], List[Any], bool]:
-        """Run the commands, then one step of each engine. Returns (events, command results, more queued)."""
+        """Submit the input of the ``ready`` sessions, run the commands (a stream's end comes after its last
+        input), then one step of each engine. Returns (events, command results, more queued)."""
         start = time.perf_counter()
         events: List[Tuple[_Session, Any]] = []
         results: List[Any] = []
+        self._submit_audio([session for session in ready if session.kind != "decode"], events)
+        for session in ready:
+            if session.kind == "decode":
+                self._guard(session, events, functools.partial(self._submit_codes, session))
         for command, _ in commands:
             try:
                 results.append(command(events))
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
                 results.append(exc)
         t0 = time.perf_counter()
-        enc_out = self._step_engine(self.encoder, self._by_enc, events)
+        enc_groups = self._step_engine(self.encoder, self._by_enc, events)
         t_enc = time.perf_counter() - t0
-        for sid, codes in enc_out.items():
-            session = self._by_enc[sid]
-            marker = session.enc_markers.popleft()
-            session.consumed += self.step_samples
-            self._guard(session, events, lambda: self._emit_codes(session, codes, marker, t_enc, events))
+        for sids, codes in enc_groups:
+            sessions = [self._by_enc[sid] for sid in sids]
+            markers = []
+            for session in sessions:
+                markers.append(session.enc_markers.popleft())
+                session.consumed += self.step_samples
+            self._emit_codes(sessions, codes, markers, t_enc, events)
         t1 = time.perf_counter()
-        dec_out = self._step_engine(self.decoder, self._by_dec, events)
+        dec_groups = self._step_engine(self.decoder, self._by_dec, events)
         t_dec = time.perf_counter() - t1
-        for sid, audio in dec_out.items():
-            session = self._by_dec[sid]
-            marker = session.dec_markers.popleft()
-            if session.kind == "decode":
-                session.consumed += self.step_frames * session.layout.frame_tokens  # type: ignore[union-attr]
-            compute = t_dec + (t_enc if session.kind == "roundtrip" else 0.0)
-            self._guard(session, events, lambda: self._emit_audio(session, audio, marker, compute, events))
+        for sids, audio in dec_groups:
+            sessions = [self._by_dec[sid] for sid in sids]
+            markers, compute = [], []
+            for session in sessions:
+                markers.append(session.dec_markers.popleft())
+                if session.kind == "decode":
+                    session.consumed += self.step_frames * session.layout.frame_tokens  # type: ignore[union-attr]
+                compute.append(t_dec + (t_enc if session.kind == "roundtrip" else 0.0))
+            self._emit_audio(sessions, audio, markers, compute, events)
         busy = (any(self.encoder.pending(sid) for sid in self._by_enc)
                 or any(self.decoder.pending(sid) for sid in self._by_dec))
-        if enc_out or dec_out:
+        if enc_groups or dec_groups:
             self.stats["tick_s"].append(time.perf_counter() - start)
             self.stats["step_s"].append(t_enc + t_dec)
         return events, results, busy
 
     def _step_engine(self, engine: Union[EncodeEngine, DecodeEngine], sessions: Dict[int, _Session],
-                     events: List[Any]) -> Dict[int, Any]:
-        """One step of ``engine`` if any of its streams has input queued. A failure of the step as a whole (not
-        of one stream's input, which the engines refuse at submit) ends every session on that engine with
-        ``internal_error`` and frees their slots; the server goes on serving."""
+                     events: List[Any]) -> List[Tuple[List[int], Any]]:
+        """One step of ``engine`` if any of its streams has input queued: its outputs as batched rows
+        (``step_groups``; every session's output is converted per batch, not per session). A failure of the step
+        as a whole (not of one stream's input, which the engines refuse at submit) ends every session on that
+        engine with ``internal_error`` and frees their slots; the server goes on serving."""
         if not any(engine.pending(sid) for sid in sessions):
-            return {}
+            return []
         try:
-            return engine.step()
+            return engine.step_groups()
         except Exception as exc:  # noqa: BLE001
             log.exception("engine step failed; ending the %d sessions on it", len(sessions))
             for session in list(sessions.values()):
                 self._abort(session)
                 events.append((session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}")))
-            return {}
+            return []
 
     def _guard(self, session: _Session, events: List[Any], work: Callable[[], None]) -> None:
         """Run one session's share of a tick; a failure ends that session only."""
         try:
             work()
-        except ProtocolError as exc:
-            self._abort(session)
-            events.append((session, exc))
         except Exception as exc:  # noqa: BLE001
-            log.exception("session %d failed in the engine", session.number)
-            self._abort(session)
-            events.append((session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}")))
+            self._session_failed(session, events, exc)
+
+    def _session_failed(self, session: _Session, events: List[Any], exc: Exception) -> None:
+        """End ``session`` (slots freed at once) after ``exc`` in its share of a tick; the error goes to its
+        client with the tick's events."""
+        if not isinstance(exc, ProtocolError):
+            log.error("session %d failed in the engine", session.number, exc_info=exc)
+            exc = ProtocolError("internal_error", f"internal error: {type(exc).__name__}")
+        self._abort(session)
+        events.append((session, exc))
 
     def _open(self, session: _Session) -> None:
         try:
@@ -681,18 +704,34 @@ class SNACServer:
             pieces.append(session.inbox.popleft())
         return pieces
 
-    def _submit_audio(self, session: _Session) -> None:
-        """Submit the session's queued audio as one piece; each step it completes is tagged with the
-        (input count, receive time) of the message that completed it."""
-        pieces = self._take_inbox(session)
-        if session.sid_enc is None or not pieces:
+    def _submit_audio(self, sessions: Sequence[_Session], events: List[Any]) -> None:
+        """Submit each session's queued audio, all sessions in one engine call; each step a session's audio
+        completes is tagged with the (input count, receive time) of the message that completed it."""
+        members: List[Tuple[_Session, List[Tuple[Any, int, float]], np.ndarray]] = []
+        for session in sessions:
+            pieces = self._take_inbox(session)
+            if session.sid_enc is not None and pieces:
+                audio = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+                members.append((session, pieces, audio))
+        if not members:
             return
-        audio = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
-        self.encoder.submit(session.sid_enc, torch.from_numpy(audio).view(1, 1, -1))
-        done = (pieces[0][1] - pieces[0][0].size) // self.step_samples
-        for _, end, t_recv in pieces:
-            session.enc_markers.extend([(end, t_recv)] * (end // self.step_samples - done))
-            done = end // self.step_samples
+        try:
+            self.encoder.submit_many([m[0].sid_enc for m in members],  # type: ignore[misc]
+                                     [torch.from_numpy(m[2]).view(1, 1, -1) for m in members])
+        except Exception:  # noqa: BLE001 - refused as a whole: one by one, so that only a session at fault ends
+            accepted = []
+            for member in members:
+                try:
+                    self.encoder.submit(member[0].sid_enc, torch.from_numpy(member[2]).view(1, 1, -1))
+                    accepted.append(member)
+                except Exception as exc:  # noqa: BLE001
+                    self._session_failed(member[0], events, exc)
+            members = accepted
+        for session, pieces, _ in members:
+            done = (pieces[0][1] - pieces[0][0].size) // self.step_samples
+            for _, end, t_recv in pieces:
+                session.enc_markers.extend([(end, t_recv)] * (end // self.step_samples - done))
+                done = end // self.step_samples
 
     def _submit_codes(self, session: _Session) -> None:
         """Feed the session's queued codes (a decode session's parsed tokens) to the decoder at once."""
@@ -705,40 +744,81 @@ class SNACServer:
         for piece, end, t_recv in pieces:
             frames += piece[0].shape[-1]
             marks.append((frames, (end, t_recv)))
-        self._feed_decoder(session, codes, marks)
+        self._feed_decoder([session], codes, [marks])
 
-    def _feed_decoder(self, session: _Session, codes: List[torch.Tensor],
-                      marks: Sequence[Tuple[int, Tuple[int, float]]]) -> None:
-        """Buffer codes and queue every whole decoder step. ``marks``: (coarse frames of ``codes`` up to the
-        end of one input piece, that piece's marker), ascending; a step is tagged with the marker of the piece
-        that completed it."""
-        if session.sid_dec is None:
-            return
-        held = 0 if session.code_buf is None else session.code_buf[0].shape[-1]
-        buf = codes if session.code_buf is None else [torch.cat(p, dim=-1) for p in zip(session.code_buf, codes)]
-        frames = buf[0].shape[-1]
-        whole = frames // self.step_frames * self.step_frames
-        if whole:
-            self.decoder.submit(session.sid_dec, [c[:, : whole * c.shape[-1] // frames] for c in buf])
-            done = 0
-            for upto, marker in marks:
-                steps = (held + upto) // self.step_frames
-                session.dec_markers.extend([marker] * (steps - done))
-                done = steps
-        session.code_buf = [c[:, whole * c.shape[-1] // frames:] for c in buf] if frames else None
+    def _feed_decoder(self, sessions: Sequence[_Session], codes: List[torch.Tensor],
+                      marks: Sequence[Sequence[Tuple[int, Tuple[int, float]]]]) -> None:
+        """Buffer codes and queue every whole decoder step. Row ``j`` of ``codes`` (per level
+        (len(sessions), t_i)) belongs to ``sessions[j]``; ``marks[j]``: (coarse frames of that row up to the end
+        of one input piece, that piece's marker), ascending; a step is tagged with the marker of the piece that
+        completed it. Sessions holding the same number of buffered frames go to the decoder as one batch."""
+        by_held: Dict[int, List[int]] = {}
+        for j, session in enumerate(sessions):
+            if session.sid_dec is not None:
+                by_held.setdefault(0 if session.code_buf is None else session.code_buf[0].shape[-1], []).append(j)
+        for held, rows in by_held.items():
+            members = [sessions[j] for j in rows]
+            part = codes if len(rows) == len(sessions) else [c[rows] for c in codes]
+            if held:
+                part = [torch.cat([torch.cat(buffered, dim=0), new], dim=-1)
+                        for buffered, new in zip(zip(*(m.code_buf for m in members)), part)]  # type: ignore
+            frames = part[0].shape[-1]
+            whole = frames // self.step_frames * self.step_frames
+            if whole:
+                self.decoder.submit_many([m.sid_dec for m in members],  # type: ignore[misc]
+                                         [c[:, : whole * c.shape[-1] // frames] for c in part])
+                for j, member in zip(rows, members):
+                    done = 0
+                    for upto, marker in marks[j]:
+                        steps = (held + upto) // self.step_frames
+                        member.dec_markers.extend([marker] * (steps - done))
+                        done = steps
+            rest = [c[:, whole * c.shape[-1] // frames:] for c in part] if whole < frames else None
+            for i, member in enumerate(members):
+                member.code_buf = None if rest is None else [c[i : i + 1] for c in rest]
 
-    def _emit_codes(self, session: _Session, codes: List[torch.Tensor], marker: Tuple[int, float],
-                    compute_s: float, events: List[Any], final: bool = False) -> None:
+    def _emit_codes(self, sessions: Sequence[_Session], codes: List[torch.Tensor],
+                    markers: Sequence[Tuple[int, float]], compute_s: float, events: List[Any],
+                    final: bool = False) -> None:
+        """Send row ``j`` of ``codes`` (per level (len(sessions), t_i), on the host) to ``sessions[j]`` as
+        tokens, converted once per token layout in use; a roundtrip session's codes go on to the decoder."""
         if not codes[0].shape[-1]:
             return
-        if not final:
-            self._check_behind(session, marker, events)
-        tokens = session.layout.to_flat([c.cpu() for c in codes])[0].numpy()  # type: ignore[union-attr]
-        events.append((session, self._frame(PAYLOAD_TOKENS, session.token_pos, marker, compute_s,
-                                            tokens.astype("<i4"), final)))
-        session.token_pos += tokens.size
-        if session.kind == "roundtrip":
-            self._feed_decoder(session, codes, [(codes[0].shape[-1], marker)])
+        by_layout: Dict[Tuple[str, int], List[int]] = {}
+        for j, session in enumerate(sessions):
+            layout = session.layout
+            by_layout.setdefault((layout.name, layout.token_offset), []).append(j)  # type: ignore[union-attr]
+        tokens: List[Any] = [None] * len(sessions)
+        for rows in by_layout.values():
+            part = codes if len(rows) == len(sessions) else [c[rows] for c in codes]
+            try:
+                flat = sessions[rows[0]].layout.to_flat(part).numpy().astype("<i4")  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - ends the sessions of this layout only
+                for j in rows:
+                    self._session_failed(sessions[j], events, exc)
+                continue
+            for i, j in enumerate(rows):
+                tokens[j] = flat[i]
+        roundtrip: List[int] = []
+        for j, session in enumerate(sessions):
+            if tokens[j] is None:
+                continue
+            if not final:
+                self._check_behind(session, markers[j], events)
+            events.append((session, self._frame(PAYLOAD_TOKENS, session.token_pos, markers[j], compute_s,
+                                                tokens[j], final)))
+            session.token_pos += tokens[j].size
+            if session.kind == "roundtrip":
+                roundtrip.append(j)
+        if not roundtrip:
+            return
+        members = [sessions[j] for j in roundtrip]
+        part = codes if len(roundtrip) == len(sessions) else [c[roundtrip] for c in codes]
+        try:
+            self._feed_decoder(members, part, [[(part[0].shape[-1], markers[j])] for j in roundtrip])
+        except Exception as exc:  # noqa: BLE001 - codes made by the encoder: a bug, not the clients' doing
+            for member in members:
+                self._session_failed(member, events, exc)
 
     def _check_behind(self, session: _Session, marker: Tuple[int, float], events: List[Any]) -> None:
         """Warn an audio-input session whose output now answers input received over ``behind_warning_s`` ago:
@@ -756,17 +836,30 @@ class SNACServer:
             "message": f"output is {lag:.1f} s behind the input it answers: the server is slower than this "
                        f"session's input"})))
 
-    def _emit_audio(self, session: _Session, audio: torch.Tensor, marker: Tuple[int, float], compute_s: float,
-                    events: List[Any], limit: Optional[int] = None, final: bool = False) -> None:
-        samples = audio.reshape(-1).float().cpu().numpy()
-        if limit is not None:
-            samples = samples[: max(0, limit - session.audio_pos)]
-        if not samples.size:
-            return
-        data = np.frombuffer(encode_audio(samples, session.hello.sample_format),  # type: ignore[union-attr]
-                             dtype="<i2" if session.hello.sample_format == "pcm16" else "<f4")  # type: ignore
-        events.append((session, self._frame(PAYLOAD_AUDIO, session.audio_pos, marker, compute_s, data, final)))
-        session.audio_pos += samples.size
+    def _emit_audio(self, sessions: Sequence[_Session], audio: torch.Tensor, markers: Sequence[Tuple[int, float]],
+                    compute_s: Sequence[float], events: List[Any], final: bool = False) -> None:
+        """Send row ``j`` of ``audio`` (len(sessions), 1, n) to ``sessions[j]``, converted to each sample format
+        once for all sessions using it. A roundtrip whose input has ended gets no more samples than it sent
+        (the rest decodes the end padding)."""
+        samples = audio.reshape(len(sessions), -1).float().cpu().numpy()
+        by_format: Dict[str, List[int]] = {}
+        for j, session in enumerate(sessions):
+            by_format.setdefault(session.hello.sample_format, []).append(j)  # type: ignore[union-attr]
+        payloads: List[Any] = [None] * len(sessions)
+        for fmt, rows in by_format.items():
+            data = audio_payload(samples if len(rows) == len(sessions) else samples[rows], fmt)
+            for i, j in enumerate(rows):
+                payloads[j] = data[i]
+        for j, session in enumerate(sessions):
+            data = payloads[j]
+            if session.flush_at is not None and session.kind == "roundtrip":
+                data = data[: max(0, session.flush_at[0] - session.audio_pos)]
+            if not data.size:
+                continue
+            # A roundtrip's decoder steps made of its encoder's end codes are end-of-stream output too.
+            events.append((session, self._frame(PAYLOAD_AUDIO, session.audio_pos, markers[j], compute_s[j], data,
+                                                final or markers[j] is session.flush_at)))
+            session.audio_pos += data.size
 
     @staticmethod
     def _frame(kind: int, start: int, marker: Tuple[int, float], compute_s: float, data: np.ndarray,
@@ -775,18 +868,25 @@ class SNACServer:
         return OutputFrame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
                            FLAG_FINAL if final else 0).pack()
 
-    def _finish(self, session: _Session, events: List[Any]) -> None:
-        """End of stream: pad and run the rest (as offline encode/decode would), send it and ``done``."""
+    def _finish(self, session: _Session, events: List[Any]) -> Any:
+        """End of stream: pad and run the rest (as offline encode/decode would), send it and ``done``. Each
+        engine's close comes once the whole steps queued for the session (a roundtrip's decoder: including
+        those the encoder's close completes) have gone through the batched steps shared with every session;
+        until then this returns ``_LATER``, and runs again next tick."""
         assert session.flush_at is not None
         marker = session.flush_at
         t0 = time.perf_counter()
         if session.sid_enc is not None:
+            if self.encoder.pending(session.sid_enc):
+                return _LATER
             codes = self.encoder.close(session.sid_enc)
             self._by_enc.pop(session.sid_enc, None)
             session.sid_enc = None
             session.enc_markers.clear()
-            self._emit_codes(session, codes, marker, time.perf_counter() - t0, events, final=True)
+            self._emit_codes([session], codes, [marker], time.perf_counter() - t0, events, final=True)
         if session.sid_dec is not None:
+            if self.decoder.pending(session.sid_dec):
+                return _LATER
             if session.code_buf is not None and session.code_buf[0].shape[-1]:
                 self._abort(session)
                 raise ProtocolError("bad_tokens", f"the stream ended inside a decoder step: "
@@ -796,8 +896,7 @@ class SNACServer:
             self._by_dec.pop(session.sid_dec, None)
             session.sid_dec = None
             session.dec_markers.clear()
-            limit = session.flush_at[0] if session.kind == "roundtrip" else None
-            self._emit_audio(session, audio, marker, time.perf_counter() - t0, events, limit=limit, final=True)
+            self._emit_audio([session], audio, [marker], [time.perf_counter() - t0], events, final=True)
         done: Dict[str, Any] = {"type": "done", "input_items": session.flush_at[0],
                                 "output_samples": session.audio_pos, "output_tokens": session.token_pos}
         events.append((session, dumps(done)))
