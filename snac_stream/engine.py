@@ -40,9 +40,9 @@ import torch
 from .model.functional import use_backend
 from .model.snac import SNAC
 from .streaming.build import stream_op
-from .streaming.codec import StreamingEncoder, quantize_whole_frames
+from .streaming.codec import StreamingEncoder, flush_codes, quantize_whole_frames
 from .streaming.ops import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
-                            select_rows, stack_states, state_bytes, state_shapes, zero_rows)
+                            select_rows, stack_states, state_batch, state_bytes, state_shapes, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
@@ -83,6 +83,7 @@ class _Slot:
     steps: int = 0  # steps run
     received: int = 0  # input samples submitted (encoder)
     partial: Optional[torch.Tensor] = None  # samples short of a whole step (encoder)
+    ended: bool = False  # the input has ended (encoder: ``end_input``)
 
 
 class StreamEngine:
@@ -151,6 +152,14 @@ class StreamEngine:
 
     def _finish(self, slot: _Slot, state: Any) -> Any:
         raise NotImplementedError
+
+    def _flush_rows(self, state: Any) -> Any:
+        """The end of streams whose steps have all run: their codec's flush, for a batched ``state``."""
+        raise NotImplementedError
+
+    def _ends_in_batch(self, slot: _Slot) -> bool:
+        """Whether the stream's end is its flush alone, run on its batch row (``close_many``)."""
+        return slot.state is None and not slot.queue
 
     # ---- layout ---------------------------------------------------------------------------------
     def _derive_warmup(self) -> tuple[int, Any]:
@@ -239,6 +248,35 @@ class StreamEngine:
         finally:
             self._release(sid)
 
+    def close_many(self, sids: Sequence[int]) -> List[Tuple[List[int], Any]]:
+        """End several streams, each as :meth:`close` would; returns their outputs as :meth:`step_groups`
+        does. The streams in the batch with only their flush left (every step run; an encoder stream's input
+        ended by ``end_input``) end in one batched pass, the others one at a time: a server ending many
+        streams at once pays one pass, not one per stream."""
+        slots = [self._slot(sid) for sid in sids]
+        if len(set(sids)) != len(slots):
+            raise ValueError(f"a stream appears more than once in {list(sids)}")
+        together = sorted(slot.sid for slot in slots if self._ends_in_batch(slot))
+        groups: List[Tuple[List[int], Any]] = []
+        try:
+            if together:
+                rows = together
+                if self.step_mode != "rows":  # bucket-sized batches: the kernels warm_up compiled
+                    size = next(k for k in self.buckets if k >= len(rows))
+                    rows = rows + rows[:1] * (size - len(rows))
+                with torch.inference_mode(), self.model.compute(self.backend):
+                    state = select_rows(self._batch, torch.tensor(rows, device=self.model.device))
+                    groups.append((together, _first(self._to_output(self._flush_rows(state)), len(together))))
+                for sid in together:
+                    self._release(sid)
+            ending = set(together)
+            groups.extend(([slot.sid], self.close(slot.sid)) for slot in slots if slot.sid not in ending)
+        finally:  # ended or failed, every stream of the call is gone
+            for sid in sids:
+                if sid in self._slots:
+                    self._release(sid)
+        return groups
+
     def abort(self, sid: int) -> None:
         """Drop stream ``sid`` without running the rest (a failed or vanished client)."""
         self._slot(sid)
@@ -263,6 +301,10 @@ class StreamEngine:
             self.close(sids[0])  # the end of a stream: one is enough
             for sid in sids[1:]:
                 self.abort(sid)
+        if self.step_mode != "rows":  # close_many's batched flush, at every bucket size it uses
+            with torch.inference_mode(), self.model.compute(self.backend):
+                for k in self.buckets:
+                    self._flush_rows(select_rows(self._batch, torch.arange(k, device=self.model.device)))
 
     def _queue_placeholder(self, sid: int, steps: int) -> None:
         """Queue ``steps`` steps of placeholder input for stream ``sid`` (``warm_up``)."""
@@ -442,12 +484,17 @@ class DecodeEngine(StreamEngine):
         """(1, 1, n): the queued steps and the tail."""
         parts = [self._advance(state, self._stack([codes])) for codes in slot.queue]
         if slot.steps or slot.queue:
-            tail = self.body.flush(state)
-            if tail is not None:
-                parts.append(tail)
+            parts.append(self._flush_rows(state))
         if not parts:
             return torch.zeros(1, 1, 0, device=self.model.device, dtype=self.model.dtype)
         return torch.cat(parts, dim=-1)
+
+    def _flush_rows(self, state: Any) -> torch.Tensor:
+        """(B, 1, n): the decoder's tail."""
+        tail = self.body.flush(state)
+        if tail is None:
+            return torch.zeros(state_batch(state), 1, 0, device=self.model.device, dtype=self.model.dtype)
+        return tail
 
 
 @dataclass
@@ -501,6 +548,9 @@ class EncodeEngine(StreamEngine):
         slots = [self._slot(sid) for sid in sids]
         if len(set(sids)) != len(slots):
             raise ValueError(f"a stream appears more than once in {list(sids)}")
+        for slot in slots:
+            if slot.ended:
+                raise ValueError(f"stream {slot.sid}'s input has ended (end_input): it takes no more audio")
         if len(audio) != len(slots):
             raise ValueError(f"{len(slots)} streams need {len(slots)} audio pieces, got {len(audio)}")
         for piece in audio:
@@ -525,6 +575,28 @@ class EncodeEngine(StreamEngine):
             for j in range(0, whole, self.step_samples):
                 slot.queue.append(buffered[..., j : j + self.step_samples])
             slot.partial = buffered[..., whole:]
+
+    def end_input(self, sid: int) -> int:
+        """The end of stream ``sid``'s audio: its buffered remainder, padded with zeros to a whole step (as
+        offline ``encode`` pads the end), is queued as its last step, to run in the batched step like any
+        other; ``close`` or ``close_many`` after it has only the codec's flush left to run. Returns the steps
+        queued (0 or 1). The stream takes no more audio."""
+        slot = self._slot(sid)
+        slot.ended = True
+        tail = slot.partial
+        if tail is None or not tail.shape[-1]:
+            return 0
+        pad = self.step_samples - tail.shape[-1]
+        slot.queue.append(torch.cat([tail, tail.new_zeros(1, 1, pad)], dim=-1))
+        slot.received += pad  # counted as input, as the padding offline encode adds
+        slot.partial = tail[..., :0]
+        return 1
+
+    def _ends_in_batch(self, slot: _Slot) -> bool:
+        return super()._ends_in_batch(slot) and (slot.partial is None or not slot.partial.shape[-1])
+
+    def _flush_rows(self, state: _EncodeState) -> List[torch.Tensor]:
+        return flush_codes(self.model, self.body, state.body, state.latent)
 
     def _queue_placeholder(self, sid: int, steps: int) -> None:
         """Whole steps and half a step more, which stays buffered (``close`` pads it)."""

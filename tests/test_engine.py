@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
 from snac_stream.streaming.ops import select_rows
+from snac_stream.streaming.ops import state_batch as state_rows
 
 AUDIO_TOL = 1e-5
 STRUCTURES = {
@@ -58,6 +59,18 @@ def run_step(engine, batched: bool) -> Dict[int, object]:
     for sids, outputs in engine.step_groups():
         for i, sid in enumerate(sids):
             out[sid] = [o[i : i + 1] for o in outputs] if isinstance(outputs, list) else outputs[i : i + 1]
+    return out
+
+
+def close_streams(engine, sids: List[int], batched: bool) -> Dict[int, object]:
+    """End streams ``sids`` as {sid: rest of its output}: ``close`` one by one, or one ``close_many``."""
+    if not batched:
+        return {sid: engine.close(sid) for sid in sids}
+    out: Dict[int, object] = {}
+    for group, outputs in engine.close_many(sids):
+        for i, sid in enumerate(group):
+            out[sid] = [o[i : i + 1] for o in outputs] if isinstance(outputs, list) else outputs[i : i + 1]
+    assert sorted(out) == sorted(sids)
     return out
 
 
@@ -109,9 +122,10 @@ def test_streams_opening_and_closing_at_random_equal_offline(name: str, step_mod
                 while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
                     for sid, out in run_step(engine, batched=count % 2 == 1).items():
                         open_[sid]["out"].append(out)
-                for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
+                closing = sids if action == "drain" else sids[pick % len(sids):][: 1 + count % 3]
+                for sid, rest in close_streams(engine, closing, batched=count % 2 == 0).items():
                     s = open_.pop(sid)
-                    s["out"].append(engine.close(sid))
+                    s["out"].append(rest)
                     s["codes"] = steps_of(s["codes"], 0, s["sent"], engine)
                     done.append(s)
         for s in done:
@@ -306,6 +320,49 @@ def test_graph_replay_equals_eager(engine_type) -> None:
             assert all(torch.equal(torch.cat([o[k] for o in got], dim=-1), want[k]) for k in range(len(want)))
 
 
+@pytest.mark.parametrize("engine_type", ["decode", "encode"])
+def test_streams_ending_together_share_one_flush(engine_type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams in the batch whose steps have all run (an encoder's input ended with ``end_input``, its padded
+    remainder stepped) end in one batched flush, padded to a bucket size; a stream still warming up ends on
+    its own. Every stream's output equals offline, and its slot is free afterwards."""
+    model = model_for("24khz")
+    engine = (DecodeEngine if engine_type == "decode" else EncodeEngine)(model, 8, step_mode="buckets")
+    sids = [engine.open() for _ in range(4)]
+    steps = engine.warmup_steps + 3
+    inputs = []
+    for i, sid in enumerate(sids[:3]):
+        if engine_type == "decode":
+            inputs.append(random_codes(model, steps, engine, seed=i))
+        else:
+            inputs.append(torch.randn(1, 1, steps * engine.step_samples - 100 * (i + 1),
+                                      generator=torch.Generator().manual_seed(i)) * 0.3)
+        engine.submit(sid, inputs[-1])
+        if engine_type == "encode":
+            engine.end_input(sid)
+    outs: Dict[int, list] = {sid: [] for sid in sids}
+    with torch.no_grad():
+        while any(engine.pending(sid) for sid in sids):
+            for sid, out in engine.step().items():
+                outs[sid].append(out)
+        late = inputs[0] if engine_type == "encode" else steps_of(inputs[0], 0, 1, engine)
+        engine.submit(sids[3], late)  # still warming up: ends alone
+        flushes: List[int] = []
+        flush_rows = engine._flush_rows
+        monkeypatch.setattr(engine, "_flush_rows", lambda state: (flushes.append(state_rows(state)),
+                                                                   flush_rows(state))[1])
+        rests = close_streams(engine, sids, batched=True)
+    assert flushes[0] == 4  # three streams, padded to the bucket of 4; then the warming stream's own flush
+    assert engine.active_streams == 0
+    for sid, given in zip(sids, inputs + [late]):
+        if engine_type == "decode":
+            got = torch.cat(outs[sid] + [rests[sid]], dim=-1)
+            want = model.decode(given)
+            assert got.shape == want.shape and (got - want).abs().max().item() <= AUDIO_TOL
+        else:
+            got = [torch.cat([o[level] for o in outs[sid] + [rests[sid]]], dim=-1) for level in range(3)]
+            assert all(torch.equal(g, w) for g, w in zip(got, model.encode(given)))
+
+
 def test_submit_many_checks_the_whole_call_before_queueing_anything() -> None:
     """A bad row or piece, a repeated stream or a row count that does not match refuses the call for every
     stream in it: nothing is queued or buffered, and the streams go on as if it never came."""
@@ -341,7 +398,8 @@ def test_submit_many_checks_the_whole_call_before_queueing_anything() -> None:
 
 # ---- encode ---------------------------------------------------------------------------------------
 
-enc_events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close"]),
+enc_events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close",
+                                                 "end"]),
                                 st.integers(0, 5), st.integers(1, 12000)), min_size=15, max_size=50)
 
 
@@ -363,14 +421,18 @@ def test_encode_streams_at_random_equal_offline(name: str, step_mode: str, scrip
                 audio = torch.randn(1, 1, 5 * engine.step_samples + serial * 101,
                                     generator=torch.Generator().manual_seed(serial)) * 0.3
                 open_[engine.open()] = {"audio": audio, "sent": 0, "out": []}
-            elif action == "submit" and sids and pick % 3 == 2:  # every stream a different length, one call
+            elif action == "end" and sids:  # the input ends; the padded remainder is queued as a step
+                open_[sids[pick % len(sids)]]["ended"] = True
+                engine.end_input(sids[pick % len(sids)])
+            elif action == "submit" and [sid for sid in sids if not open_[sid].get("ended")] and pick % 3 == 2:
+                sids = [sid for sid in sids if not open_[sid].get("ended")]  # every stream a different length
                 chunks = []
                 for i, sid in enumerate(sids):
                     s = open_[sid]
                     chunks.append(s["audio"][..., s["sent"] : s["sent"] + (count * (i + 1)) % 9000])
                     s["sent"] += chunks[-1].shape[-1]
                 engine.submit_many(sids, chunks)
-            elif action == "submit" and sids:
+            elif action == "submit" and sids and not open_[sids[pick % len(sids)]].get("ended"):
                 sid = sids[pick % len(sids)]
                 s = open_[sid]
                 chunk = s["audio"][..., s["sent"] : s["sent"] + count]
@@ -383,9 +445,10 @@ def test_encode_streams_at_random_equal_offline(name: str, step_mode: str, scrip
                 while action == "drain" and any(engine.pending(sid) for sid in sids):  # run the batch dry
                     for sid, out in run_step(engine, batched=count % 2 == 1).items():
                         open_[sid]["out"].append(out)
-                for sid in (sids if action == "drain" else sids[pick % len(sids):][:1]):
+                closing = sids if action == "drain" else sids[pick % len(sids):][: 1 + count % 3]
+                for sid, rest in close_streams(engine, closing, batched=count % 2 == 0).items():
                     s = open_.pop(sid)
-                    s["out"].append(engine.close(sid))
+                    s["out"].append(rest)
                     done.append(s)
         for s in done:
             got = [torch.cat([o[level] for o in s["out"]], dim=-1) for level in range(model.n_codebooks)]

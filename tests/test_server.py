@@ -249,22 +249,24 @@ def test_a_session_whose_input_the_engine_refuses_ends_alone() -> None:
 
 def test_a_stream_end_runs_its_backlog_through_the_batched_steps() -> None:
     """A client that sends faster than real time and flushes leaves whole steps queued; they go through the
-    batched steps (shared with every other session) before the stream's end runs the padded rest at batch 1:
-    each engine's close finds nothing queued. The result is exact."""
+    batched steps (shared with every other session), the padded remainder too, before the stream's end:
+    each engine's close finds nothing queued and ends the stream in its batched flush. The result is exact."""
     model = model_for("24k")
     audio = signal(20 * 2048 + 777, seed=40)
     queued_at_close: List[int] = []
+    alone: List[int] = []  # streams ended one at a time
 
     async def test(server: SNACServer):
         for engine in (server.encoder, server.decoder):
-            close = engine.close
-            engine.close = lambda sid, engine=engine, close=close: (  # type: ignore[method-assign]
-                queued_at_close.append(engine.pending(sid)), close(sid))[1]
+            close_many, close = engine.close_many, engine.close
+            engine.close_many = lambda sids, engine=engine, close_many=close_many: (  # type: ignore[method-assign]
+                queued_at_close.extend(engine.pending(sid) for sid in sids), close_many(sids))[1]
+            engine.close = lambda sid, close=close: (alone.append(sid), close(sid))[1]  # type: ignore[method-assign]
         _slow_engines(server, 0.01)  # the input arrives well before the steps are done
         return await ws_client.roundtrip(server.url, audio, chunk_samples=4096, sample_format="float32")
 
     result = serve(model, test)
-    assert queued_at_close == [0, 0]
+    assert queued_at_close == [0, 0] and alone == []
     _, expected = offline(model, audio)
     assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
 

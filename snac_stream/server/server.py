@@ -1,12 +1,14 @@
 """The websocket server: one model, a decode and an encode engine, many sessions.
 
 One asyncio event loop owns the sockets; the engines live in one worker thread (torch releases the GIL while
-it computes) and are touched only there. The loop puts each client message's input in its session's inbox
-and turns the rest (open, finish, abort) into *commands*; a tick runs the queued commands in order -- a
-session's whole inbox goes to its engine as one submit, however many messages arrived -- and then one engine
-step for every stream with a whole step queued (encode first, so a roundtrip's fresh codes are decoded in the
-same tick), and hands the output frames back to the loop. While nothing is queued the tick loop sleeps on an
-event: no busy waiting.
+it computes) and are touched only there. The loop puts each client message's input in its session's inbox,
+marks flushed sessions as ending, and turns the rest (open, abort) into *commands*. A tick submits every
+session's inbox in one engine call (however many sessions and messages), runs the commands, ends the streams
+whose queued steps have all run (all of them in one batched flush per engine), then runs one engine step for
+every stream with a whole step queued (encode first, so a roundtrip's fresh codes are decoded in the same
+tick), and hands the output frames back to the loop. Outputs are converted per batch: tokens once per token
+layout, PCM once per sample format, so the host work of a tick grows slowly with the number of sessions.
+While nothing is queued the tick loop sleeps on an event: no busy waiting.
 
 Threads: the worker runs torch with ``threads`` intra-op threads (default: torch's count less one core, at
 least 1), so the event loop, which serves every socket, keeps a core; torch's threads competing with it for
@@ -163,7 +165,6 @@ def algorithmic_latency(model: SNAC, kind: str, step_frames: int) -> int:
 
 # ---- sessions -----------------------------------------------------------------------------------------
 _CLOSE = object()  # writer sentinel: close the socket after what is queued
-_LATER = object()  # a command's result: not done yet, run it again next tick
 
 
 class _Session:
@@ -177,6 +178,7 @@ class _Session:
         self.received = 0  # [loop] input items (samples, or tokens for decode) received
         self.consumed = 0  # [engine] input items stepped through the engine
         self.flush_at: Optional[Tuple[int, float]] = None  # [loop -> engine] (received, time) at flush
+        self.ended: Optional[asyncio.Future] = None  # [loop] resolved once the stream's end has been sent
         # [loop -> engine] input not yet submitted: (samples or codes, input count after it, receive time).
         # The loop appends, the worker pops (both atomic on a deque).
         self.inbox: Deque[Tuple[Any, int, float]] = collections.deque()
@@ -282,6 +284,8 @@ class SNACServer:
                                             initializer=torch.set_num_threads, initargs=(self.threads,))
         self._commands: List[Tuple[Callable[[List[Any]], Any], Optional[asyncio.Future]]] = []
         self._input_ready: List[_Session] = []  # [loop -> engine] sessions whose inbox has input since last tick
+        self._end_requests: List[_Session] = []  # [loop -> engine] sessions flushed since last tick
+        self._ending: List[_Session] = []  # [engine] flushed sessions whose end is not sent yet
         self._wake: Optional[asyncio.Event] = None
         self._changed = asyncio.Event()
         self._ticker: Optional[asyncio.Task] = None
@@ -381,8 +385,9 @@ class SNACServer:
             session.writer = asyncio.create_task(session.write_loop())
             session.enqueue(self._ready(session).to_json())
             if await self._read_loop(session):
-                await self._call(lambda events: self._finish(session, events))
-                self.stats["completed"] += 1
+                await self._end_stream(session)
+                if not session.dead:  # not failed on the way
+                    self.stats["completed"] += 1
         except ProtocolError as exc:
             self._fail(session, exc)
         except ConnectionClosed:
@@ -575,7 +580,9 @@ class SNACServer:
             self._wake.clear()
             commands, self._commands = self._commands, []
             ready, self._input_ready = self._input_ready, []
-            events, results, busy = await loop.run_in_executor(self._executor, self._tick, commands, ready)
+            ending, self._end_requests = self._end_requests, []
+            events, results, ended, busy = await loop.run_in_executor(self._executor, self._tick, commands, ready,
+                                                                      ending)
             self.stats["ticks"] += 1
             for session, item in events:
                 if isinstance(item, ProtocolError):
@@ -585,11 +592,11 @@ class SNACServer:
             # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
             for session in self._sessions:
                 session.progress.set()
+            for session in ended:
+                if session.ended is not None and not session.ended.done():
+                    session.ended.set_result(None)
             for (command, future), result in zip(commands, results):
-                if result is _LATER:
-                    self._commands.append((command, future))
-                    busy = True
-                elif future is not None and not future.done():
+                if future is not None and not future.done():
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
@@ -597,10 +604,11 @@ class SNACServer:
             if busy:
                 self._wake.set()
 
-    def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]], ready: Sequence[_Session]
-              ) -> Tuple[List[Tuple[_Session, Any]], List[Any], bool]:
-        """Submit the input of the ``ready`` sessions, run the commands (a stream's end comes after its last
-        input), then one step of each engine. Returns (events, command results, more queued)."""
+    def _tick(self, commands: List[Tuple[Callable[[List[Any]], Any], Any]], ready: Sequence[_Session],
+              ending: Sequence[_Session]) -> Tuple[List[Tuple[_Session, Any]], List[Any], List[_Session], bool]:
+        """Submit the input of the ``ready`` sessions, run the commands, take the new ``ending`` sessions (a
+        stream's end comes after its last input), end the streams that are ready to, then one step of each
+        engine. Returns (events, command results, sessions whose end is sent, more to do)."""
         start = time.perf_counter()
         events: List[Tuple[_Session, Any]] = []
         results: List[Any] = []
@@ -613,6 +621,11 @@ class SNACServer:
                 results.append(command(events))
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
                 results.append(exc)
+        for session in ending:
+            if session.sid_enc is not None and self.encoder.end_input(session.sid_enc):
+                session.enc_markers.append(session.flush_at)  # type: ignore[arg-type]
+            self._ending.append(session)
+        ended = self._end_streams(events) if self._ending else []
         t0 = time.perf_counter()
         enc_groups = self._step_engine(self.encoder, self._by_enc, events)
         t_enc = time.perf_counter() - t0
@@ -635,12 +648,12 @@ class SNACServer:
                     session.consumed += self.step_frames * session.layout.frame_tokens  # type: ignore[union-attr]
                 compute.append(t_dec + (t_enc if session.kind == "roundtrip" else 0.0))
             self._emit_audio(sessions, audio, markers, compute, events)
-        busy = (any(self.encoder.pending(sid) for sid in self._by_enc)
+        busy = (bool(self._ending) or any(self.encoder.pending(sid) for sid in self._by_enc)
                 or any(self.decoder.pending(sid) for sid in self._by_dec))
-        if enc_groups or dec_groups:
+        if enc_groups or dec_groups or ended:
             self.stats["tick_s"].append(time.perf_counter() - start)
             self.stats["step_s"].append(t_enc + t_dec)
-        return events, results, busy
+        return events, results, ended, busy
 
     def _step_engine(self, engine: Union[EncodeEngine, DecodeEngine], sessions: Dict[int, _Session],
                      events: List[Any]) -> List[Tuple[List[int], Any]]:
@@ -803,10 +816,11 @@ class SNACServer:
         for j, session in enumerate(sessions):
             if tokens[j] is None:
                 continue
-            if not final:
+            end = final or markers[j] is session.flush_at  # output of the stream's padded end
+            if not end:
                 self._check_behind(session, markers[j], events)
             events.append((session, self._frame(PAYLOAD_TOKENS, session.token_pos, markers[j], compute_s,
-                                                tokens[j], final)))
+                                                tokens[j], end)))
             session.token_pos += tokens[j].size
             if session.kind == "roundtrip":
                 roundtrip.append(j)
@@ -856,7 +870,7 @@ class SNACServer:
                 data = data[: max(0, session.flush_at[0] - session.audio_pos)]
             if not data.size:
                 continue
-            # A roundtrip's decoder steps made of its encoder's end codes are end-of-stream output too.
+            # Steps tagged with the flush's marker decode the stream's padded end: end-of-stream output too.
             events.append((session, self._frame(PAYLOAD_AUDIO, session.audio_pos, markers[j], compute_s[j], data,
                                                 final or markers[j] is session.flush_at)))
             session.audio_pos += data.size
@@ -868,35 +882,71 @@ class SNACServer:
         return OutputFrame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
                            FLAG_FINAL if final else 0).pack()
 
-    def _finish(self, session: _Session, events: List[Any]) -> Any:
-        """End of stream: pad and run the rest (as offline encode/decode would), send it and ``done``. Each
-        engine's close comes once the whole steps queued for the session (a roundtrip's decoder: including
-        those the encoder's close completes) have gone through the batched steps shared with every session;
-        until then this returns ``_LATER``, and runs again next tick."""
-        assert session.flush_at is not None
-        marker = session.flush_at
+    # ---- stream ends ----------------------------------------------------------------------------------------
+    async def _end_stream(self, session: _Session) -> None:
+        """[loop] After a flush: hand the session to the engine thread's stream ends; returns once its end
+        (or an error) is queued for the client."""
+        session.ended = asyncio.get_running_loop().create_future()
+        self._end_requests.append(session)
+        assert self._wake is not None
+        self._wake.set()
+        await session.ended
+
+    def _end_streams(self, events: List[Any]) -> List[_Session]:
+        """End the flushed sessions whose queued steps have all run (padded as offline encode/decode would),
+        every session ending in this tick in one batched pass per engine (``close_many``); a roundtrip's
+        decoder ends once the steps its encoder's end completed have run too. Sends the rest of the output
+        and ``done``; returns the sessions whose end is sent (or that failed on the way)."""
         t0 = time.perf_counter()
-        if session.sid_enc is not None:
-            if self.encoder.pending(session.sid_enc):
-                return _LATER
-            codes = self.encoder.close(session.sid_enc)
-            self._by_enc.pop(session.sid_enc, None)
-            session.sid_enc = None
-            session.enc_markers.clear()
-            self._emit_codes([session], codes, [marker], time.perf_counter() - t0, events, final=True)
-        if session.sid_dec is not None:
-            if self.decoder.pending(session.sid_dec):
-                return _LATER
-            if session.code_buf is not None and session.code_buf[0].shape[-1]:
-                self._abort(session)
-                raise ProtocolError("bad_tokens", f"the stream ended inside a decoder step: "
-                                                  f"{session.code_buf[0].shape[-1]} coarse frames left over; this "
-                                                  f"model decodes whole steps of {self.step_frames} frames")
-            audio = self.decoder.close(session.sid_dec)
-            self._by_dec.pop(session.sid_dec, None)
-            session.sid_dec = None
-            session.dec_markers.clear()
-            self._emit_audio([session], audio, [marker], [time.perf_counter() - t0], events, final=True)
-        done: Dict[str, Any] = {"type": "done", "input_items": session.flush_at[0],
-                                "output_samples": session.audio_pos, "output_tokens": session.token_pos}
-        events.append((session, dumps(done)))
+        closing = [s for s in self._ending if s.sid_enc is not None and not self.encoder.pending(s.sid_enc)]
+        if closing:
+            for sids, codes in self._close_many(self.encoder, self._by_enc, closing, events):
+                sessions = [self._by_enc.pop(sid) for sid in sids]
+                for session in sessions:
+                    session.sid_enc = None
+                    session.enc_markers.clear()
+                self._emit_codes(sessions, codes, [s.flush_at for s in sessions],  # type: ignore[misc]
+                                 time.perf_counter() - t0, events, final=True)
+        closing = []
+        for session in self._ending:
+            if session.sid_enc is None and session.sid_dec is not None and not self.decoder.pending(session.sid_dec):
+                if session.code_buf is not None and session.code_buf[0].shape[-1]:
+                    self._session_failed(session, events, ProtocolError(
+                        "bad_tokens", f"the stream ended inside a decoder step: {session.code_buf[0].shape[-1]} "
+                                      f"coarse frames left over; this model decodes whole steps of "
+                                      f"{self.step_frames} frames"))
+                else:
+                    closing.append(session)
+        t1 = time.perf_counter()
+        if closing:
+            for sids, audio in self._close_many(self.decoder, self._by_dec, closing, events):
+                sessions = [self._by_dec.pop(sid) for sid in sids]
+                for session in sessions:
+                    session.sid_dec = None
+                    session.dec_markers.clear()
+                self._emit_audio(sessions, audio, [s.flush_at for s in sessions],  # type: ignore[misc]
+                                 [time.perf_counter() - t1] * len(sessions), events, final=True)
+        ended = [s for s in self._ending if s.sid_enc is None and s.sid_dec is None]
+        if ended:
+            self._ending = [s for s in self._ending if s.sid_enc is not None or s.sid_dec is not None]
+        for session in ended:
+            assert session.flush_at is not None
+            events.append((session, dumps({"type": "done", "input_items": session.flush_at[0],
+                                           "output_samples": session.audio_pos, "output_tokens": session.token_pos})))
+        return ended
+
+    def _close_many(self, engine: Union[EncodeEngine, DecodeEngine], by_sid: Dict[int, _Session],
+                    sessions: List[_Session], events: List[Any]) -> List[Tuple[List[int], Any]]:
+        """``engine.close_many`` for these sessions' streams; a failure ends those sessions only."""
+        sids = [s.sid_enc if engine is self.encoder else s.sid_dec for s in sessions]
+        try:
+            return engine.close_many(sids)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
+            for sid, session in zip(sids, sessions):
+                by_sid.pop(sid, None)  # type: ignore[arg-type]
+                if engine is self.encoder:
+                    session.sid_enc = None
+                else:
+                    session.sid_dec = None
+                self._session_failed(session, events, exc)
+            return []

@@ -58,6 +58,15 @@ def quantize_whole_frames(model: SNAC, latent: torch.Tensor, z: Optional[torch.T
     return model.quantizer(latent[..., :whole])[1], latent[..., whole:]
 
 
+def flush_codes(model: SNAC, body: StreamOp, state: Any, latent: torch.Tensor) -> List[torch.Tensor]:
+    """The last codes of encoder streams whose input (padded as offline ``encode`` pads it) has all been
+    pushed: the body's tail, quantized with the ``latent`` frames held back. Per level (B, t_i)."""
+    codes, rest = quantize_whole_frames(model, latent, body.flush(state))
+    if rest.shape[-1]:
+        raise AssertionError("encoder ended between coarse frames; padding arithmetic is off")
+    return codes
+
+
 class _Stream:
     """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag."""
 
@@ -144,9 +153,8 @@ class StreamingEncoder(_Stream):
             head = self._quantize(self.body.push(self.state, zeros))
         else:
             head = self._no_codes()
-        tail = self._quantize(self.body.flush(self.state))
-        if self.latent.shape[-1]:
-            raise AssertionError("encoder ended between coarse frames; padding arithmetic is off")
+        tail = flush_codes(self.model, self.body, self.state, self.latent)
+        self.latent = self.latent[..., :0]
         return [torch.cat(pair, dim=-1) for pair in zip(head, tail)]
 
 

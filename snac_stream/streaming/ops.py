@@ -467,6 +467,11 @@ def state_bytes(state: Any) -> int:
     return total
 
 
+def state_batch(state: Any) -> int:
+    """The number of streams (batch rows) ``state`` holds."""
+    return _first_tensor(state).shape[0]
+
+
 def _first_tensor(state: Any) -> torch.Tensor:
     found: List[torch.Tensor] = []
     _map_state(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, state)
