@@ -15,11 +15,12 @@ accumulation is always fp32.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .common import (ChunkInput, cdiv, check_tensor, chunk_input, interpreting, load_ctx_chunk, output_buffer,
                      output_length, per_channel, snake, tanh, use_fast_sin, window_tap)
@@ -107,14 +108,14 @@ def _snake_dwconv_kernel(
 
 @triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
 def _snake_conv_kernel(
-    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr,
+    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
     conv_stride, dilation, padding, n_o_blocks, n_cols,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
-    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
+    FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
@@ -129,6 +130,11 @@ def _snake_conv_kernel(
     constant: a fixed trip count the pipeliner can schedule (and a loop the interpreter can run).
     Consecutive programs share a time tile (output channels vary fastest), so the input tile is reused
     from L2.
+
+    SPLIT: fp32-accurate products from operands split before the kernel (``x_ptr`` / ``xlo_ptr`` and
+    ``w_ptr`` / ``wlo_ptr``: tf32-exact high parts and the rests, see ``_snake_split_kernel``), as three
+    tf32 products of tiles that go from memory to the tensor cores untouched; the snake and the context
+    are then already applied.
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -148,6 +154,7 @@ def _snake_conv_kernel(
     o_rows = offs_o.to(tl.int64)[:, None]
     ctx_b = ctx_ptr + pid_b * s_cb
     x_b = x_ptr + pid_b * s_xb
+    xlo_b = xlo_ptr + pid_b * s_xb
 
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -161,7 +168,16 @@ def _snake_conv_kernel(
         if HAS_ALPHA:
             v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
         w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(w, v, acc, input_precision=PRECISION)
+        if SPLIT:  # small terms first, as tf32x3 sums them
+            v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                                  r_mask[:, None] & t_valid[None, :], HAS_CTX)
+            w_lo = tl.load(wlo_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :],
+                           other=0.0)
+            acc = tl.dot(w_lo, v, acc, input_precision="tf32")
+            acc = tl.dot(w, v_lo, acc, input_precision="tf32")
+            acc = tl.dot(w, v, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(w, v, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
@@ -183,6 +199,35 @@ def _snake_conv_kernel(
 
     out_mask = o_mask[:, None] & t_valid[None, :]
     tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+
+
+@triton.jit
+def _tf32_high(v):
+    """``v`` rounded to the nearest tf32 value (10 mantissa bits; ties away from zero), kept in fp32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _snake_split_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
+                        s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
+                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+    """The first ``N`` frames of ``v = snake(cat([context, x], time))`` as ``hi + lo``, each (B, C, N)
+    contiguous: ``hi`` exactly representable in tf32, ``lo = v - hi``. One program per (row, time block)."""
+    row = tl.program_id(0)
+    b = (row // C).to(tl.int64)
+    c = (row % C).to(tl.int64)
+    u = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = u < N
+    v = load_ctx_chunk(ctx_ptr + b * s_cb, x_ptr + b * s_xb, c * s_cc, c * s_xc, s_ct, s_xt, u, L, T, mask,
+                       HAS_CTX)
+    if HAS_ALPHA:
+        v = snake(v, tl.load(alpha_ptr + c), FAST_SIN)
+    hi = _tf32_high(v)
+    at = row.to(tl.int64) * N + u
+    tl.store(hi_ptr + at, hi, mask=mask)
+    tl.store(lo_ptr + at, v - hi, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,6 +356,7 @@ def snake_conv(
     noise_start: Union[int, torch.Tensor] = 0,
     activation: Optional[str] = None,
     precision: Optional[str] = None,
+    split: Optional[bool] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense conv1d of ``snake(cat([context, x]))`` with a fused epilogue, computed on tensor cores.
@@ -336,6 +382,10 @@ def snake_conv(
         activation: None or ``"tanh"``.
         precision: ``tl.dot`` input precision, ``"ieee"``, ``"tf32"`` or ``"tf32x3"``; None picks ``"tf32x3"``
             on CUDA (fp32-accurate) and ``"ieee"`` in the interpreter.
+        split: with ``"tf32x3"``, split the operands into tf32 high parts and rests before the product (one
+            pass over the input that also applies the snake and joins the context; the weight's split is
+            kept while the weight is unchanged), so that the tiles reach the tensor cores as loaded: much
+            faster for K > 1, where the product gathers each input frame K times. None: for K > 1.
         out: optional (B, C_out, T_out) buffer to write (any strides, not overlapping the inputs).
 
     Returns:
@@ -392,10 +442,50 @@ def snake_conv(
                        padding=padding, reduce=True, activation=activation)
         return out
 
+    rests = None
+    if precision == "tf32x3" and (kernel_size > 1 if split is None else split):
+        # Only the frames the outputs read (a streaming call's input may run past them).
+        frames = min(src.total, max(1, (t_out - 1) * stride + dilation * (kernel_size - 1) + 1 - padding))
+        x_hi, x_lo = _snake_split(src, alpha, frames)
+        src, alpha = ChunkInput(x_hi, x_hi, 0, False), None
+        weight, w_lo = _split_weight(weight)
+        rests = (x_lo, w_lo)
     _launch_conv(src, weight, bias, alpha, out, t_out=t_out, stride=stride, dilation=dilation, padding=padding,
                  res=res, residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
-                 activation=activation, precision=precision)
+                 activation=activation, precision=precision, rests=rests)
     return out
+
+
+_SPLIT_BLOCK_T = 1024
+_WEIGHT_SPLITS = WeakIdKeyDictionary()  # weight -> (its version, hi, lo)
+
+
+def _snake_split(src: ChunkInput, alpha: Optional[torch.Tensor], frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``frames`` frames of ``snake(cat([context, x]))`` as (hi, lo), each (B, C, frames) contiguous."""
+    batch, channels = src.x.shape[:2]
+    hi = torch.empty(batch, channels, frames, device=src.x.device, dtype=torch.float32)
+    lo = torch.empty_like(hi)
+    grid = (batch * channels, cdiv(frames, _SPLIT_BLOCK_T))
+    _check_grid(grid[1], 1)
+    _snake_split_kernel[grid](
+        *src.pointer_args(), alpha if alpha is not None else hi, hi, lo, channels, src.length_ctx,
+        src.x.shape[-1], frames, *src.stride_args(), HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
+        FAST_SIN=use_fast_sin(src.x.device), BLOCK_T=_SPLIT_BLOCK_T, num_warps=4)
+    return hi, lo
+
+
+def _split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) of a contiguous fp32 weight, as ``_snake_split_kernel`` splits the input: computed once and
+    kept while the weight is alive and unchanged (its version counter)."""
+    kept = _WEIGHT_SPLITS.get(weight)
+    if kept is not None and kept[0] == weight._version:
+        return kept[1], kept[2]
+    with torch.no_grad():
+        bits = weight.detach().view(torch.int32)
+        hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
+        lo = weight.detach() - hi
+    _WEIGHT_SPLITS[weight] = (weight._version, hi, lo)
+    return hi, lo
 
 
 def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:
@@ -408,8 +498,10 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
                  out: torch.Tensor, *, t_out: int, stride: int = 1, dilation: int = 1, padding: int = 0,
                  res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
                  noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None,
-                 precision: str) -> None:
-    """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels."""
+                 precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels.
+    ``rests``: (input rest, weight rest) of operands split for the SPLIT products (``src.x`` and ``weight``
+    then hold the high parts)."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
@@ -435,7 +527,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         noise = (noise_seed, 0, noise_start) if noise_rows else (noise_seed, noise_start, out)
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
-        *res_ptrs, out,
+        *res_ptrs, out, *(rests if rests is not None else (out, out)),
         c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
         stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
@@ -443,6 +535,6 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, FLAT=flat, **cfg.blocks, num_warps=cfg.num_warps,
+        PRECISION=precision, FLAT=flat, SPLIT=rests is not None, **cfg.blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

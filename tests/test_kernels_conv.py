@@ -191,24 +191,30 @@ def test_dwconv_streaming_chunks_reproduce_offline() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# "tf32x3" takes the split-operand path for K > 1 (``split``); the interpreter's products are exact fp32 either way.
+PRECISION_PATHS = [None, "tf32x3"]
+
+
+@pytest.mark.parametrize("precision", PRECISION_PATHS)
 @pytest.mark.parametrize("stride", [2, 3, 4, 8])
-def test_conv_strided_downsampling(stride: int) -> None:
+def test_conv_strided_downsampling(stride: int, precision: Optional[str]) -> None:
     """SNAC's encoder downsampling: snake, then kernel 2s, stride s, padding ceil(s/2); odd lengths."""
     c_in, c_out, frames = 12, 20, 203
     k, pad = 2 * stride, math.ceil(stride / 2)
     x, w, b, a = rand(2, c_in, frames), rand(c_out, c_in, k, scale=0.2), rand(c_out), alphas(c_in)
     t_out = (frames + 2 * pad - k) // stride + 1
     out = poisoned(2, c_out, t_out)
-    got = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad, out=out)
+    got = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad, out=out, precision=precision)
     assert_close(got, ref_conv(x, w, b, alpha=a, stride=stride, padding=pad))
 
 
+@pytest.mark.parametrize("precision", PRECISION_PATHS)
 @pytest.mark.parametrize("ctx_len,length", [(0, None), (3, None), (7, 4), (13, 1)])
-def test_conv_strided_streaming_context(ctx_len: int, length: Optional[int]) -> None:
+def test_conv_strided_streaming_context(ctx_len: int, length: Optional[int], precision: Optional[str]) -> None:
     c_in, c_out, stride = 8, 17, 3
     ctx, x = rand(1, c_in, ctx_len), rand(1, c_in, 29)
     w, a = rand(c_out, c_in, 2 * stride, scale=0.3), alphas(c_in)
-    got = snake_conv(x, w, alpha=a, stride=stride, context=ctx, length=length)
+    got = snake_conv(x, w, alpha=a, stride=stride, context=ctx, length=length, precision=precision)
     assert_close(got, ref_conv(x, w, alpha=a, stride=stride, context=ctx, length=length))
 
 
@@ -267,8 +273,9 @@ def test_conv_decoder_output_single_channel_tanh() -> None:
     assert_close(got, ref_conv(x, w, b, alpha=a, padding=3, activation="tanh"))
 
 
+@pytest.mark.parametrize("precision", PRECISION_PATHS)
 @pytest.mark.parametrize("c_in", [10, 24])
-def test_conv_epilogue_order_all_at_once(c_in: int) -> None:
+def test_conv_epilogue_order_all_at_once(c_in: int, precision: Optional[str]) -> None:
     """bias, then noise, then residual, then tanh, with context on both the input and the residual; a dilated
     k=7 conv whose reduction (C_in * 7) is one partial step or several."""
     c_out = 18
@@ -277,17 +284,19 @@ def test_conv_epilogue_order_all_at_once(c_in: int) -> None:
     r_ctx, res = rand(1, c_out, 3), rand(1, c_out, 40)
     kwargs = dict(alpha=a, dilation=2, context=ctx, length=30, residual=res, residual_context=r_ctx,
                   residual_offset=2, noise_seed=7, noise_start=100, activation="tanh")
-    assert_close(snake_conv(x, w, b, **kwargs), ref_conv(x, w, b, **kwargs), rel=2e-5)
+    assert_close(snake_conv(x, w, b, precision=precision, **kwargs), ref_conv(x, w, b, **kwargs), rel=2e-5)
 
 
+@pytest.mark.parametrize("precision", PRECISION_PATHS)
 @pytest.mark.parametrize("c_in,c_out,k,stride,pad", [(6, 10, 8, 4, 2), (32, 3, 7, 1, 3)])
-def test_conv_streaming_chunks_reproduce_offline(c_in: int, c_out: int, k: int, stride: int, pad: int) -> None:
+def test_conv_streaming_chunks_reproduce_offline(c_in: int, c_out: int, k: int, stride: int, pad: int,
+                                                 precision: Optional[str]) -> None:
     """A strided conv and a k=7 conv fed in random chunks with their input cache as context reproduce the
     offline output."""
     gen = random.Random(1)
     frames = 230
     x, w, b, a = rand(1, c_in, frames), rand(c_out, c_in, k, scale=0.3), rand(c_out), alphas(c_in)
-    offline = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad)
+    offline = snake_conv(x, w, b, alpha=a, stride=stride, padding=pad, precision=precision)
     cache = torch.zeros(1, c_in, pad, device=DEVICE)
     pieces: List[torch.Tensor] = []
     start = 0
@@ -298,13 +307,15 @@ def test_conv_streaming_chunks_reproduce_offline(c_in: int, c_out: int, k: int, 
             chunk = torch.cat([chunk, torch.zeros(1, c_in, pad, device=DEVICE)], dim=-1)
         total = cache.shape[-1] + chunk.shape[-1]
         count = max(0, (total - k) // stride + 1)
-        pieces.append(snake_conv(chunk, w, b, alpha=a, stride=stride, context=cache, length=count))
+        pieces.append(snake_conv(chunk, w, b, alpha=a, stride=stride, context=cache, length=count,
+                                 precision=precision))
         cache = torch.cat([cache, chunk], dim=-1)[..., count * stride:]
     assert_close(torch.cat(pieces, dim=-1), offline)
 
 
+@pytest.mark.parametrize("precision", PRECISION_PATHS)
 @pytest.mark.parametrize("frames,stride", [(3, 1), (8, 1), (9, 2)])
-def test_conv_rows_sharing_tiles(frames: int, stride: int) -> None:
+def test_conv_rows_sharing_tiles(frames: int, stride: int, precision: Optional[str]) -> None:
     """A streaming step of several streams: a few frames per row, so tiles span (row, frame) pairs. Every
     row's own context, residual context and noise position stay its own: each row equals the same conv on
     that row alone and the PyTorch reference."""
@@ -317,14 +328,48 @@ def test_conv_rows_sharing_tiles(frames: int, stride: int) -> None:
     w, b, a = rand(c_out, c_in, 3, scale=0.3), rand(c_out), alphas(c_in)
     r_ctx, res = rand(batch, c_out, 2), rand(batch, c_out, t_out)
     starts = torch.tensor([0, 7, 2**33 + 1, 50, 3], device=DEVICE)
-    kwargs = dict(alpha=a, stride=stride, residual_offset=1, noise_seed=11)
+    kwargs = dict(alpha=a, stride=stride, residual_offset=1, noise_seed=11, precision=precision)
     got = snake_conv(x, w, b, context=ctx, residual=res, residual_context=r_ctx, noise_start=starts,
                      out=poisoned(batch, c_out, t_out), **kwargs)
     for row in range(batch):
         one = dict(context=ctx[row:row + 1], residual=res[row:row + 1], residual_context=r_ctx[row:row + 1],
                    noise_start=int(starts[row]))
         assert_close(got[row:row + 1], snake_conv(x[row:row + 1], w, b, **one, **kwargs), rel=1e-6)
-        assert_close(got[row:row + 1], ref_conv(x[row:row + 1], w, b, **one, **kwargs), rel=2e-5)
+        reference = {k: v for k, v in kwargs.items() if k != "precision"}
+        assert_close(got[row:row + 1], ref_conv(x[row:row + 1], w, b, **one, **reference), rel=2e-5)
+
+
+def test_split_operands_are_a_tf32_high_part_and_the_exact_rest() -> None:
+    """The split path's operands: ``hi`` has no bits below tf32's 10-bit mantissa, ``hi + lo`` is the snaked
+    input (context joined) exactly, and ``|lo|`` is at most half a tf32 unit of ``hi``; the weight's split is
+    the same rule, kept until the weight changes in place."""
+    from snac_stream.kernels.common import chunk_input
+    from snac_stream.kernels.conv import _snake_split, _split_weight
+
+    ctx, x, a = rand(2, 5, 3, scale=3.0), rand(2, 5, 1500, scale=3.0), alphas(5)
+    hi, lo = _snake_split(chunk_input("x", x, ctx, "context"), a.view(-1).contiguous(), 1400)
+    v = snake(torch.cat([ctx, x], dim=-1), a)[..., :1400]
+    assert hi.shape == lo.shape == (2, 5, 1400) and hi.is_contiguous() and lo.is_contiguous()
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+    assert torch.equal(hi + lo, hi.double().add(lo.double()).float())  # hi + lo is exact in fp32
+    assert_close(hi + lo, v, rel=1e-6)
+    assert (lo.abs() <= hi.abs() * 2.0**-11).all()
+    w = rand(7, 5, 4)
+    w_hi, w_lo = _split_weight(w)
+    assert ((w_hi.view(torch.int32) & 0x1FFF) == 0).all() and torch.equal(w_hi + w_lo, w)
+    assert _split_weight(w)[0] is w_hi  # kept
+    w.mul_(2.0)
+    assert torch.equal(_split_weight(w)[0], w_hi * 2.0)  # an in-place change is seen
+
+
+def test_conv_split_products_equal_the_plain_ones() -> None:
+    """Split and unsplit tf32x3 give the same conv (in the interpreter both are fp32 products), for a strided
+    conv with context, padding and a residual, and for a 1x1 conv split on request."""
+    ctx, x, w, b, a = rand(2, 9, 4), rand(2, 9, 61), rand(14, 9, 6, scale=0.3), rand(14), alphas(9)
+    kwargs = dict(alpha=a, stride=3, context=ctx, residual=rand(2, 14, 21), precision="tf32x3")
+    assert_close(snake_conv(x, w, b, split=True, **kwargs), snake_conv(x, w, b, split=False, **kwargs), rel=1e-6)
+    w1 = rand(14, 9, 1, scale=0.3)
+    assert_close(snake_conv(x, w1, alpha=a, split=True, precision="tf32x3"), ref_conv(x, w1, alpha=a))
 
 
 def test_conv_precisions_accepted() -> None:
