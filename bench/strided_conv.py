@@ -5,7 +5,8 @@
 Times, in one process (CUDA-event medians, ``triton.testing.do_bench``), ``kernels.conv.snake_conv`` with and
 without its fused snake in each ``tl.dot`` precision (tf32x3 with its operands split before the product, the
 default for K > 1, and without), cuDNN in fp32 and TF32, and one cuBLAS product of the same size; the largest
-error of each tf32x3 path against cuDNN fp32 (no TF32) relative to the output's largest magnitude; then a sweep
+error of each tf32x3 path and of cuDNN fp32 (no TF32) against a float64 conv, relative to the output's largest
+magnitude; then a sweep
 of tilings for the stride-8 384->768 shape (tf32x3, snake on, the default path).
 """
 import argparse
@@ -42,19 +43,22 @@ def main() -> None:
         pad = (s + 1) // 2 if s > 1 else 0
         flops = 2 * co * ci * k * ((T + 2 * pad - k) // s + 1)
         print(f"--- {name}: {flops/1e9:.1f} GFLOP", flush=True)
+        h = x.double() + torch.sin(a.double().view(1, -1, 1) * x.double()) ** 2 / (a.double().view(1, -1, 1) + 1e-9)
+        want = torch.nn.functional.conv1d(h, w.double(), b.double(), stride=s, padding=pad)
+        torch.backends.cudnn.allow_tf32 = False
+        got = torch.nn.functional.conv1d(h.float(), w, b, stride=s, padding=pad)
+        res[f"{name} cudnn fp32 rel err"] = err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        print(f"{name} cudnn fp32: max error / max |output| vs float64 = {err:.2e}", flush=True)
+        torch.backends.cudnn.allow_tf32 = True
         for split in (True, False):
             tag = "tf32x3 split" if split else "tf32x3 unsplit"
             t(f"{name} triton snake {tag}",
               lambda: conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, precision="tf32x3", split=split))
             t(f"{name} triton nosnake {tag}",
               lambda: conv.snake_conv(x, w, b, stride=s, padding=pad, precision="tf32x3", split=split))
-            torch.backends.cudnn.allow_tf32 = False
-            h = x + torch.sin(a.view(1, -1, 1) * x) ** 2 / (a.view(1, -1, 1) + 1e-9)
-            want = torch.nn.functional.conv1d(h, w, b, stride=s, padding=pad)
             got = conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, precision="tf32x3", split=split)
-            res[f"{name} {tag} rel err"] = err = ((got - want).abs().max() / want.abs().max()).item()
-            print(f"{name} {tag}: max error / max |output| vs cuDNN fp32 = {err:.2e}", flush=True)
-            torch.backends.cudnn.allow_tf32 = True
+            res[f"{name} {tag} rel err"] = err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            print(f"{name} {tag}: max error / max |output| vs float64 = {err:.2e}", flush=True)
         for prec in ("tf32", "ieee"):
             t(f"{name} triton snake {prec}", lambda: conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, precision=prec))
             t(f"{name} triton nosnake {prec}", lambda: conv.snake_conv(x, w, b, stride=s, padding=pad, precision=prec))
