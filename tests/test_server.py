@@ -589,6 +589,34 @@ def test_a_failing_engine_step_ends_its_sessions_and_the_server_goes_on() -> Non
     assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
 
 
+def test_a_failing_stream_end_ends_its_session_and_frees_its_slots() -> None:
+    """A flush that fails in the engine (after the engine freed the streams' slots, as ``close_many`` does)
+    ends that session with internal_error, frees its decoder slot too, and the next session is exact."""
+    model = model_for("24k")
+    audio = (np.random.default_rng(6).standard_normal(9000) * 0.1).astype(np.float32)
+    _, expected = offline(model, audio)
+
+    async def test(server: SNACServer):
+        close_many = server.encoder.close_many
+
+        def broken(sids: Any) -> Any:
+            close_many(sids)
+            raise RuntimeError("flush failed")
+
+        server.encoder.close_many = broken  # type: ignore[method-assign]
+        with pytest.raises(ws_client.ServerError) as failed:
+            await ws_client.roundtrip(server.url, audio, sample_format="float32")
+        server.encoder.close_many = close_many  # type: ignore[method-assign]
+        await server.wait_sessions(0)
+        active = server.encoder.active_streams, server.decoder.active_streams
+        return failed.value, active, await ws_client.roundtrip(server.url, audio, sample_format="float32")
+
+    error, active, result = serve(model, test, max_sessions=1)
+    assert error.code == "internal_error" and "RuntimeError" in error.message
+    assert active == (0, 0)
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
 def test_a_started_server_keeps_its_long_lived_objects_out_of_full_collections() -> None:
     """The model, engines and modules alive at start are frozen out of the cyclic collector's passes (a full
     pass over them stalls a tick) while the server runs: a full collection scans only what came after."""

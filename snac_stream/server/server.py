@@ -899,14 +899,9 @@ class SNACServer:
         and ``done``; returns the sessions whose end is sent (or that failed on the way)."""
         t0 = time.perf_counter()
         closing = [s for s in self._ending if s.sid_enc is not None and not self.encoder.pending(s.sid_enc)]
-        if closing:
-            for sids, codes in self._close_many(self.encoder, self._by_enc, closing, events):
-                sessions = [self._by_enc.pop(sid) for sid in sids]
-                for session in sessions:
-                    session.sid_enc = None
-                    session.enc_markers.clear()
-                self._emit_codes(sessions, codes, [s.flush_at for s in sessions],  # type: ignore[misc]
-                                 time.perf_counter() - t0, events, final=True)
+        for sessions, codes in self._close_many(self.encoder, closing, events):
+            self._emit_codes(sessions, codes, [s.flush_at for s in sessions],  # type: ignore[misc]
+                             time.perf_counter() - t0, events, final=True)
         closing = []
         for session in self._ending:
             if session.sid_enc is None and session.sid_dec is not None and not self.decoder.pending(session.sid_dec):
@@ -918,14 +913,9 @@ class SNACServer:
                 else:
                     closing.append(session)
         t1 = time.perf_counter()
-        if closing:
-            for sids, audio in self._close_many(self.decoder, self._by_dec, closing, events):
-                sessions = [self._by_dec.pop(sid) for sid in sids]
-                for session in sessions:
-                    session.sid_dec = None
-                    session.dec_markers.clear()
-                self._emit_audio(sessions, audio, [s.flush_at for s in sessions],  # type: ignore[misc]
-                                 [time.perf_counter() - t1] * len(sessions), events, final=True)
+        for sessions, audio in self._close_many(self.decoder, closing, events):
+            self._emit_audio(sessions, audio, [s.flush_at for s in sessions],  # type: ignore[misc]
+                             [time.perf_counter() - t1] * len(sessions), events, final=True)
         ended = [s for s in self._ending if s.sid_enc is None and s.sid_dec is None]
         if ended:
             self._ending = [s for s in self._ending if s.sid_enc is not None or s.sid_dec is not None]
@@ -935,18 +925,30 @@ class SNACServer:
                                            "output_samples": session.audio_pos, "output_tokens": session.token_pos})))
         return ended
 
-    def _close_many(self, engine: Union[EncodeEngine, DecodeEngine], by_sid: Dict[int, _Session],
-                    sessions: List[_Session], events: List[Any]) -> List[Tuple[List[int], Any]]:
-        """``engine.close_many`` for these sessions' streams; a failure ends those sessions only."""
-        sids = [s.sid_enc if engine is self.encoder else s.sid_dec for s in sessions]
-        try:
-            return engine.close_many(sids)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
-            for sid, session in zip(sids, sessions):
-                by_sid.pop(sid, None)  # type: ignore[arg-type]
-                if engine is self.encoder:
-                    session.sid_enc = None
-                else:
-                    session.sid_dec = None
-                self._session_failed(session, events, exc)
+    def _close_many(self, engine: Union[EncodeEngine, DecodeEngine], sessions: List[_Session],
+                    events: List[Any]) -> List[Tuple[List[_Session], Any]]:
+        """End these sessions' streams on ``engine`` (``close_many``) and detach them from it; returns the
+        outputs as (sessions, batched outputs) groups. A failure ends those sessions only."""
+        if not sessions:
             return []
+        encoder = engine is self.encoder
+        by_sid = self._by_enc if encoder else self._by_dec
+        sids = [s.sid_enc if encoder else s.sid_dec for s in sessions]
+        try:
+            groups = engine.close_many(sids)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
+            groups, failed = [], exc
+        else:
+            failed = None
+        for sid, session in zip(sids, sessions):  # every slot of the call is free now
+            by_sid.pop(sid, None)  # type: ignore[arg-type]
+            if encoder:
+                session.sid_enc = None
+                session.enc_markers.clear()
+            else:
+                session.sid_dec = None
+                session.dec_markers.clear()
+            if failed is not None:
+                self._session_failed(session, events, failed)
+        by_session = dict(zip(sids, sessions))
+        return [([by_session[sid] for sid in group], outputs) for group, outputs in groups]
