@@ -105,17 +105,21 @@ async def _run_clients(url: str, ks: Sequence[int], clients: int, samples: int, 
 
 
 def _client_process(conn: Any, url: str, ks: Sequence[int], *args: Any) -> None:
-    """A worker process: report ready (imports done), wait for the go, run clients ``ks``, send the results
-    back (exceptions as "Type: message" strings)."""
+    """A worker process: report ready (imports done), wait for the go, run clients ``ks``, report done, then
+    send the results back (exceptions as "Type: message" strings)."""
     conn.send("ready")
     conn.recv()
     results = asyncio.run(_run_clients(url, ks, *args))
+    conn.send("done")
     conn.send([f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r for r in results])
     conn.close()
 
 
-async def _clients_in_processes(processes: int, url: str, clients: int, *args: Any) -> List[Any]:
-    """Run the clients spread over ``processes`` spawned workers; results in client order."""
+async def _clients_in_processes(processes: int, url: str, clients: int, *args: Any,
+                                streams_done: Callable[[], None] = lambda: None) -> List[Any]:
+    """Run the clients spread over ``processes`` spawned workers; results in client order. ``streams_done``
+    is called once every client's stream has ended, before the results (every output sample's timing, a
+    few hundred MiB for a hundred clients) come into this process."""
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
     shares = [list(range(i, clients, processes)) for i in range(processes)]
@@ -131,6 +135,9 @@ async def _clients_in_processes(processes: int, url: str, clients: int, *args: A
             await loop.run_in_executor(None, conn.recv)
         for _, conn in workers:
             conn.send("go")
+        for _, conn in workers:
+            await loop.run_in_executor(None, conn.recv)  # "done"
+        streams_done()
         per_worker = [await loop.run_in_executor(None, conn.recv) for _, conn in workers]
     finally:
         for proc, conn in workers:
@@ -202,7 +209,8 @@ async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chu
         sampler = asyncio.create_task(sample_rss())
         args = (clients, samples, rate, chunk, sample_format, step_s)
         if client_processes:
-            results = await _clients_in_processes(client_processes, server.url, *args)
+            # The server's memory is sampled while the streams run, not while their results come in.
+            results = await _clients_in_processes(client_processes, server.url, *args, streams_done=stop.set)
         else:
             results = await _run_clients(server.url, range(clients), *args)
         stop.set()
