@@ -504,19 +504,24 @@ def test_streams_opening_together_share_one_pass_per_step(engine_type) -> None:
 
 
 @pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
-def test_warm_up_leaves_the_engine_as_it_was(engine_type, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Warm-up runs groups of 1, 2 and all streams (every tile variant a server will meet), then leaves the
-    engine empty and zeroed."""
-    model = model_for("24khz")
+@pytest.mark.parametrize("name", ["24khz", "44khz"])
+def test_warm_up_leaves_the_engine_as_it_was(engine_type, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up runs groups of 1, 2 and all streams (every tile variant a server will meet) and the batched
+    flush of ``close_many`` at every bucket size, then leaves the engine empty and zeroed."""
+    model = model_for(name)
     engine = engine_type(model, 3, step_mode="buckets")
     before = copy.deepcopy(engine._batch)
     groups: List[int] = []
-    advance = engine._advance
+    flushes: List[int] = []
+    advance, flush_rows = engine._advance, engine._flush_rows
     monkeypatch.setattr(engine, "_advance", lambda state, inputs: (groups.append(engine.active_streams),
                                                                     advance(state, inputs))[1])
+    monkeypatch.setattr(engine, "_flush_rows", lambda state: (flushes.append(state_rows(state)),
+                                                               flush_rows(state))[1])
     with torch.no_grad():
         engine.warm_up()
         assert sorted(set(groups)) == [1, 2, 3]
+        assert set(engine.buckets) <= set(flushes)
         assert engine.active_streams == 0
         assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(before)))
         sid = engine.open()
