@@ -6,8 +6,9 @@ attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream tha
 single batched pass, so N streams cost one kernel sequence.
 
 A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
-their steady shapes) run outside the batch, together with the streams that opened at the same step; after
-that the stream joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
+their steady shapes) run outside the batch, in a group with the streams whose first step ran in the same call
+(one batched state; a group splits when only some of its streams have a step queued); after that the group
+joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
 each batch row alone, the noise is keyed per row, and a closed slot's row is zeroed before reuse. Every
 stream's output equals its own ``StreamingDecoder`` / ``StreamingEncoder`` (and so offline ``decode`` /
 ``encode``).
@@ -42,7 +43,7 @@ from .model.snac import SNAC
 from .streaming.build import stream_op
 from .streaming.codec import StreamingEncoder, flush_codes, quantize_whole_frames
 from .streaming.ops import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
-                            select_rows, stack_states, state_batch, state_bytes, state_shapes, zero_rows)
+                            select_rows, state_batch, state_bytes, state_shapes, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
@@ -76,10 +77,20 @@ class EngineFull(RuntimeError):
 
 
 @dataclass
+class _Warming:
+    """Streams warming up together, outside the batch: one batched state, row ``i`` belonging to ``sids[i]``.
+    Streams whose first step runs in the same call start one; it splits when only some of them have a step
+    queued, and joins the batch as a whole (one copy per state tensor, not one per stream)."""
+    sids: List[int]
+    state: Any
+
+
+@dataclass
 class _Slot:
     sid: int
     queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first
-    state: Any = None  # own state while warming up; None once in the batch
+    fresh: bool = True  # no step run yet (its state is made with its group's)
+    group: Optional[_Warming] = None  # while warming up; None once in the batch
     steps: int = 0  # steps run
     received: int = 0  # input samples submitted (encoder)
     partial: Optional[torch.Tensor] = None  # samples short of a whole step (encoder)
@@ -159,7 +170,7 @@ class StreamEngine:
 
     def _ends_in_batch(self, slot: _Slot) -> bool:
         """Whether the stream's end is its flush alone, run on its batch row (``close_many``)."""
-        return slot.state is None and not slot.queue
+        return not slot.fresh and slot.group is None and not slot.queue
 
     # ---- layout ---------------------------------------------------------------------------------
     def _derive_warmup(self) -> tuple[int, Any]:
@@ -191,7 +202,7 @@ class StreamEngine:
         if not self._free:
             raise EngineFull(f"all {self.max_streams} stream slots are in use")
         sid = self._free.pop(0)
-        self._slots[sid] = _Slot(sid, state=self._init_state(1))
+        self._slots[sid] = _Slot(sid)
         return sid
 
     def pending(self, sid: int) -> int:
@@ -211,13 +222,16 @@ class StreamEngine:
         groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
         batched: List[_Slot] = []
-        warming: Dict[int, List[_Slot]] = {}  # streams that opened together warm up together
+        fresh: List[_Slot] = []
+        warming: Dict[int, _Warming] = {}  # by id: the groups with a step queued for at least one member
         for slot in self._slots.values():
             if slot.queue:
-                if slot.state is None:
+                if slot.fresh:
+                    fresh.append(slot)
+                elif slot.group is None:
                     batched.append(slot)
                 else:
-                    warming.setdefault(slot.steps, []).append(slot)
+                    warming[id(slot.group)] = slot.group
         with torch.inference_mode(), self.model.compute(self.backend):
             if batched:
                 batched.sort(key=_sid)
@@ -226,16 +240,22 @@ class StreamEngine:
                 groups.append((sids, self._to_output(outputs)))
                 for slot in batched:
                     slot.steps += 1
+            if fresh:
+                group = _Warming([slot.sid for slot in fresh], self._init_state(len(fresh)))
+                for slot in fresh:
+                    slot.fresh, slot.group = False, group
+                warming[id(group)] = group
             for group in warming.values():
-                state = group[0].state if len(group) == 1 else stack_states([slot.state for slot in group])
-                outputs = self._advance(state, self._stack([slot.queue.pop(0) for slot in group]))
-                groups.append(([slot.sid for slot in group], self._to_output(outputs)))
-                for i, slot in enumerate(group):
-                    if len(group) > 1:
-                        slot.state = row_state(state, i)
+                members = [self._slots[sid] for sid in group.sids]
+                if not all(slot.queue for slot in members):
+                    group = self._split(group, [i for i, slot in enumerate(members) if slot.queue])
+                    members = [self._slots[sid] for sid in group.sids]
+                outputs = self._advance(group.state, self._stack([slot.queue.pop(0) for slot in members]))
+                groups.append((list(group.sids), self._to_output(outputs)))
+                for slot in members:
                     slot.steps += 1
-                    if slot.steps >= self.warmup_steps:
-                        self._join(slot)
+                if members[0].steps >= self.warmup_steps:
+                    self._join(group)
         return groups
 
     def close(self, sid: int) -> Any:
@@ -243,7 +263,12 @@ class StreamEngine:
         slot = self._slot(sid)
         try:
             with torch.inference_mode(), self.model.compute(self.backend):
-                state = slot.state if slot.state is not None else row_state(self._batch, sid)
+                if slot.fresh:
+                    state = self._init_state(1)
+                elif slot.group is not None:
+                    state = self._leave_group(slot)
+                else:
+                    state = row_state(self._batch, sid)
                 return self._to_output(self._finish(slot, state))
         finally:
             self._release(sid)
@@ -279,7 +304,9 @@ class StreamEngine:
 
     def abort(self, sid: int) -> None:
         """Drop stream ``sid`` without running the rest (a failed or vanished client)."""
-        self._slot(sid)
+        slot = self._slot(sid)
+        if slot.group is not None:
+            self._leave_group(slot)
         self._release(sid)
 
     def warm_up(self) -> None:
@@ -402,11 +429,33 @@ class StreamEngine:
             raise KeyError(f"no open stream {sid!r}")
         return slot
 
-    def _join(self, slot: _Slot) -> None:
-        """Move a warmed-up stream into its batch row."""
-        rows = torch.tensor([slot.sid], device=self.model.device)
-        self._batch = assign_rows(self._batch, rows, slot.state)
-        slot.state = None
+    def _join(self, group: _Warming) -> None:
+        """Move a warmed-up group into its streams' batch rows."""
+        rows = torch.tensor(group.sids, device=self.model.device)
+        self._batch = assign_rows(self._batch, rows, group.state)
+        for sid in group.sids:
+            self._slots[sid].group = None
+
+    def _split(self, group: _Warming, rows: List[int]) -> _Warming:
+        """Rows ``rows`` of a warming group as a group of their own (returned); the others stay in ``group``."""
+        taken = set(rows)
+        rest = [i for i in range(len(group.sids)) if i not in taken]
+        device = self.model.device
+        moved = _Warming([group.sids[i] for i in rows], select_rows(group.state, torch.tensor(rows, device=device)))
+        group.sids = [group.sids[i] for i in rest]
+        group.state = select_rows(group.state, torch.tensor(rest, device=device))
+        for sid in moved.sids:
+            self._slots[sid].group = moved
+        return moved
+
+    def _leave_group(self, slot: _Slot) -> Any:
+        """Take a warming stream out of its group; returns its state (batch 1)."""
+        group = slot.group
+        assert group is not None
+        if len(group.sids) > 1:
+            group = self._split(group, [group.sids.index(slot.sid)])
+        slot.group = None
+        return group.state
 
     def _release(self, sid: int) -> None:
         del self._slots[sid]

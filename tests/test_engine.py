@@ -320,6 +320,51 @@ def test_graph_replay_equals_eager(engine_type) -> None:
             assert all(torch.equal(torch.cat([o[k] for o in got], dim=-1), want[k]) for k in range(len(want)))
 
 
+@pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
+def test_a_warming_group_splits_when_some_streams_wait(step_mode: str) -> None:
+    """Streams whose first step runs together warm up as one group; when only some of them have a step
+    queued the group splits, the waiting one warms up later on its own, a member leaving (aborted) takes its
+    row with it, and every stream that stays equals its offline decode."""
+    model = model_for("24khz")
+    engine = DecodeEngine(model, 4, step_mode=step_mode)
+    sids = [engine.open() for _ in range(4)]
+    steps = engine.warmup_steps + 3
+    codes = [random_codes(model, steps, engine, seed=10 + i) for i in range(4)]
+    outs: Dict[int, list] = {sid: [] for sid in sids}
+    sent = {sid: 0 for sid in sids}
+
+    def feed(which: List[int], n: int = 1) -> None:
+        for sid in which:
+            engine.submit(sid, steps_of(codes[sid], sent[sid], n, engine))
+            sent[sid] += n
+
+    def run() -> None:
+        for sid, out in engine.step().items():
+            outs[sid].append(out)
+
+    with torch.no_grad():
+        feed(sids)
+        run()  # one group of four
+        assert len({id(engine._slots[sid].group) for sid in sids}) == 1
+        feed(sids[:2])
+        run()  # sids[2:] wait: the group splits
+        assert engine._slots[sids[0]].group is engine._slots[sids[1]].group
+        assert engine._slots[sids[2]].group is not engine._slots[sids[0]].group
+        engine.abort(sids[3])  # leaves the waiting group
+        feed(sids[:3])
+        run()
+        feed(sids[:2], steps - 3)
+        feed(sids[2:3], steps - 2)
+        assert all(sent[sid] == steps for sid in sids[:3])
+        while any(engine.pending(sid) for sid in sids[:3]):
+            run()
+        assert all(engine._slots[sid].group is None for sid in sids[:3])  # all in the batch
+        for sid in sids[:3]:
+            got = torch.cat(outs[sid] + [engine.close(sid)], dim=-1)
+            want = model.decode(steps_of(codes[sid], 0, sent[sid], engine))
+            assert got.shape == want.shape and (got - want).abs().max().item() <= AUDIO_TOL
+
+
 @pytest.mark.parametrize("engine_type", ["decode", "encode"])
 def test_streams_ending_together_share_one_flush(engine_type, monkeypatch: pytest.MonkeyPatch) -> None:
     """Streams in the batch whose steps have all run (an encoder's input ended with ``end_input``, its padded

@@ -413,26 +413,12 @@ def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
     _map_state(blend, state, new)
 
 
-def stack_states(states: Sequence[Any]) -> Any:
-    """One batched state from single-stream states in the same phase (same shapes and counters)."""
-    def cat(first: Any, *rest: Any) -> Any:
-        if isinstance(first, _CounterState):
-            positions = [v.position for v in (first, *rest)]
-            return _CounterState(torch.tensor(positions, dtype=torch.int64, device=_device_of(states)))
-        if isinstance(first, torch.Tensor):
-            return torch.cat([first, *rest], dim=0)
-        return first
-    return _map_state(cat, states[0], *states[1:])
-
-
-def _device_of(states: Sequence[Any]) -> torch.device:
-    return _first_tensor(states[0]).device
-
-
 def row_state(state: Any, row: int) -> Any:
     """The state of one stream of a batch, as a single-stream state (batch 1, plain int noise position)."""
     def single(v: Any) -> Any:
-        return _CounterState(int(v.position[0])) if isinstance(v, _CounterState) else v
+        if not isinstance(v, _CounterState):
+            return v
+        return _CounterState(int(v.position[0]) if isinstance(v.position, torch.Tensor) else v.position)
     return _map_state(single, select_rows(state, torch.tensor([row], device=_first_tensor(state).device)))
 
 
