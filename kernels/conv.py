@@ -11,6 +11,11 @@ Both read their input as ``cat([context, x], time)`` with ``padding`` virtual ze
 inputs as ``context`` and ``padding=0``. Output frame ``j`` reads padded positions ``j*stride + k*dilation``,
 ``k = 0..K-1``. Shapes are (B, C, T) with T in frames of the layer's own rate; all tensors are float32 and
 accumulation is always fp32.
+
+In tf32x3 a dense conv with K > 1 first splits its operands into tf32 high parts and rests (one pass over
+the input that also applies the snake and joins the context; the weight's split is kept): the product then
+gathers each input frame K times straight from memory into the tensor cores, which an elementwise step on
+every loaded tile prevents (``snake_conv``'s ``split``; figures in bench/RESULTS.md).
 """
 
 from __future__ import annotations
