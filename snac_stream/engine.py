@@ -292,14 +292,13 @@ class StreamEngine:
                 with torch.inference_mode(), self.model.compute(self.backend):
                     state = select_rows(self._batch, torch.tensor(rows, device=self.model.device))
                     groups.append((together, _first(self._to_output(self._flush_rows(state)), len(together))))
-                for sid in together:
-                    self._release(sid)
+                self._release(*together)
             ending = set(together)
             groups.extend(([slot.sid], self.close(slot.sid)) for slot in slots if slot.sid not in ending)
         finally:  # ended or failed, every stream of the call is gone
-            for sid in sids:
-                if sid in self._slots:
-                    self._release(sid)
+            left = [sid for sid in sids if sid in self._slots]
+            if left:
+                self._release(*left)
         return groups
 
     def abort(self, sid: int) -> None:
@@ -457,12 +456,13 @@ class StreamEngine:
         slot.group = None
         return group.state
 
-    def _release(self, sid: int) -> None:
-        del self._slots[sid]
-        # Zero the row so nothing of this stream outlives it.
-        rows = torch.tensor([sid], device=self.model.device)
-        self._batch = assign_rows(self._batch, rows, zero_rows(select_rows(self._batch, rows), 1))
-        self._free.append(sid)
+    def _release(self, *sids: int) -> None:
+        for sid in sids:
+            del self._slots[sid]
+        # Zero the rows so nothing of these streams outlives them (one copy per state tensor for all).
+        rows = torch.tensor(sids, device=self.model.device)
+        self._batch = assign_rows(self._batch, rows, zero_rows(self._batch, len(sids)))
+        self._free.extend(sids)
         self._free.sort()
 
 

@@ -372,6 +372,7 @@ def test_streams_ending_together_share_one_flush(engine_type, monkeypatch: pytes
     its own. Every stream's output equals offline, and its slot is free afterwards."""
     model = model_for("24khz")
     engine = (DecodeEngine if engine_type == "decode" else EncodeEngine)(model, 8, step_mode="buckets")
+    empty = copy.deepcopy(engine._batch)
     sids = [engine.open() for _ in range(4)]
     steps = engine.warmup_steps + 3
     inputs = []
@@ -398,6 +399,7 @@ def test_streams_ending_together_share_one_flush(engine_type, monkeypatch: pytes
         rests = close_streams(engine, sids, batched=True)
     assert flushes[0] == 4  # three streams, padded to the bucket of 4; then the warming stream's own flush
     assert engine.active_streams == 0
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(empty)))  # rows zeroed
     for sid, given in zip(sids, inputs + [late]):
         if engine_type == "decode":
             got = torch.cat(outs[sid] + [rests[sid]], dim=-1)
