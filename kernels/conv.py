@@ -514,7 +514,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
     c_out, _, kernel_size = weight.shape
     device = out.device
     cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
-                        dilation=dilation, length=t_out, batch=batch)
+                        dilation=dilation, length=t_out, batch=batch, split=rests is not None)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
     flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
     n_cols = batch * t_out if flat else t_out

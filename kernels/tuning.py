@@ -60,16 +60,22 @@ def t_bucket(length: int) -> int:
     return min(65536, max(64, next_pow2(max(1, length))))
 
 
-# Measured entries (H100, tf32x3, `python bench/tune.py`, 2026-11-25): shapes of the 24 kHz model on 10 s of
-# audio where a sweep of 12 tilings beat the default rule by more than 5%. Keys absent here use the rule.
+# Measured entries (H200, `python bench/tune.py`, 2026-12-01; tf32x3, so the K > 1 shapes take the split-operand
+# path): shapes of the 24 kHz model on 10 s of audio where a sweep of 12 tilings beat the default rule by more than
+# 5%. Keys absent here use the rule. Most of the gains are launches the rule gives 16 x 16 tiles (``_fill_gpu``:
+# fewer programs than two per SM with plain tiles) where 64 x 64 tiles run 2-4x faster.
 TABLE: Dict[ShapeKey, LaunchConfig] = {
-    ShapeKey(CONV, "cuda", 1, 48, 7, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 32}, 4, 3),  # 64 -> 27 us
-    ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 127 -> 81 us
-    ShapeKey(CONV, "cuda", 48, 96, 4, 2, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 311 -> 256 us
-    ShapeKey(CONV, "cuda", 192, 192, 1, 1, 1, 32768): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 94 -> 86 us
-    ShapeKey(CONV, "cuda", 192, 384, 16, 8, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 594 -> 493 us
-    ShapeKey(CONV, "cuda", 384, 768, 16, 8, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 749 -> 562 us
-    ShapeKey(CONV, "cuda", 512, 512, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 84 -> 52 us
+    ShapeKey(CONV, "cuda", 192, 384, 16, 8, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 1045 -> 217 us
+    ShapeKey(CONV, "cuda", 384, 768, 16, 8, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 553 -> 218 us
+    ShapeKey(CONV, "cuda", 96, 192, 8, 4, 1, 32768): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 16}, 4, 3),  # 429 -> 248 us
+    ShapeKey(CONV, "cuda", 512, 512, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 237 -> 62 us
+    ShapeKey(CONV, "cuda", 48, 96, 4, 2, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 217 -> 185 us
+    ShapeKey(CONV, "cuda", 64, 64, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 185 -> 119 us
+    ShapeKey(CONV, "cuda", 1, 48, 7, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 182 -> 95 us
+    ShapeKey(CONV, "cuda", 384, 384, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 128 -> 54 us
+    ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 125 -> 80 us
+    ShapeKey(CONV, "cuda", 96, 96, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 105 -> 95 us
+    ShapeKey(CONV, "cuda", 768, 1024, 1, 1, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 98 -> 75 us
 }
 
 
@@ -98,7 +104,7 @@ def _default_dwconv(key: ShapeKey, length: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_C": max(4, min(64, 2048 // block_t)), "BLOCK_T": block_t, "WINDOW": 1}, num_warps=4)
 
 
-def _default_conv(key: ShapeKey, length: int) -> LaunchConfig:
+def _default_conv(key: ShapeKey, length: int, split: bool = False) -> LaunchConfig:
     reduction = key.c_in * key.kernel_size
     if key.backend == "interpreter":
         return LaunchConfig({"BLOCK_O": _pow2_in(key.c_out, 16, 128), "BLOCK_T": _pow2_in(length, 16, 512),
@@ -106,11 +112,14 @@ def _default_conv(key: ShapeKey, length: int) -> LaunchConfig:
     # Measured on an H100 (tf32x3): 128 x 64 tiles with 4 warps and 3 stages beat 128 x 128 with 8 warps by
     # 1.45x on a 1x1 conv (C = 1024, T = 8192) and match them on strided ones. Narrow outputs (C_out = 1
     # padded to 16) take longer time tiles and a shorter reduction step.
+    # Split operands load four tiles per reduction step (high parts and rests of both): every split shape of
+    # the 24 kHz model tuned best with 16-wide steps (H200, 2026-12-01; stride 8, 384 -> 768, 8192 frames:
+    # 1218 us with 16, 2150 with 32).
     block_o = _pow2_in(key.c_out, 16, 128)
     if block_o <= 32:
         return LaunchConfig({"BLOCK_O": block_o, "BLOCK_T": 128, "BLOCK_R": 16}, num_warps=8, num_stages=3)
     return LaunchConfig({"BLOCK_O": block_o, "BLOCK_T": 64 if block_o >= 128 else 128,
-                         "BLOCK_R": 32 if reduction >= 32 else 16}, num_warps=4, num_stages=3)
+                         "BLOCK_R": 32 if reduction >= 32 and not split else 16}, num_warps=4, num_stages=3)
 
 
 def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
@@ -141,24 +150,25 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
-                  dilation: int, length: int, batch: int = 1) -> LaunchConfig:
+                  dilation: int, length: int, batch: int = 1, split: bool = False) -> LaunchConfig:
     """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
-    producing ``length`` output frames for each of ``batch`` rows."""
+    producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
+    (the default rule steps its reduction differently)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     key = ShapeKey(kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
     cfg: Optional[LaunchConfig] = TABLE.get(key)
     if cfg is None:
         wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
-        return _default(key, length, batch, wanted)
+        return _default(key, length, batch, wanted, split)
     return _fit_dwconv(cfg, dilation * (kernel_size - 1)) if kernel == DWCONV else cfg
 
 
 @functools.lru_cache(maxsize=4096)
-def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 0) -> LaunchConfig:
+def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 0, split: bool = False) -> LaunchConfig:
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
     if key.kernel == CONV:
-        cfg = _default_conv(key, length)
+        cfg = _default_conv(key, length, split)
         return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg
     raise ValueError(f"unknown kernel {key.kernel!r}")

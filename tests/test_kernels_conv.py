@@ -470,6 +470,28 @@ def test_conv_small_tiles_from_table() -> None:
         del tuning.TABLE[key]
 
 
+def test_split_operands_step_the_reduction_by_16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense conv tells ``launch_config`` when its operands are split (tf32x3, K > 1), and the GPU rule
+    then steps the reduction 16 wide (four tiles per step) where plain operands take 32."""
+    from snac_stream.kernels import conv as conv_module
+    seen = []
+    original = conv_module.launch_config
+
+    def spy(kernel, **kw):
+        seen.append((kw["kernel_size"], kw["split"]))
+        return original(kernel, **kw)
+
+    monkeypatch.setattr(conv_module, "launch_config", spy)
+    x, a = rand(1, 16, 40), alphas(16)
+    for k in (3, 1):
+        w, b = rand(20, 16, k, scale=0.25), rand(20)
+        assert_close(snake_conv(x, w, b, alpha=a, precision="tf32x3"), ref_conv(x, w, b, alpha=a))
+    assert seen == [(3, True), (1, False)]
+    key = tuning.ShapeKey(tuning.CONV, "cuda", 384, 768, 16, 8, 1, 8192)
+    assert tuning._default_conv(key, 8192, split=True).blocks["BLOCK_R"] == 16
+    assert tuning._default_conv(key, 8192, split=False).blocks["BLOCK_R"] == 32
+
+
 @pytest.mark.parametrize("window", [1, 0])
 def test_dwconv_small_tiles_from_table(window: int) -> None:
     """Many tiles along channels and time, with a 54-frame halo: a 128-frame window tile emits 74 outputs."""
