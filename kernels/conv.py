@@ -137,7 +137,7 @@ def _snake_conv_kernel(
     from L2.
 
     SPLIT: fp32-accurate products from operands split before the kernel (``x_ptr`` / ``xlo_ptr`` and
-    ``w_ptr`` / ``wlo_ptr``: tf32-exact high parts and the rests, see ``_snake_split_kernel``), as three
+    ``w_ptr`` / ``wlo_ptr``: tf32-exact high parts and the rests, see ``_snake_pass_kernel``), as three
     tf32 products of tiles that go from memory to the tensor cores untouched; the snake and the context
     are then already applied.
     """
@@ -217,12 +217,13 @@ def _tf32_high(v):
 
 
 @triton.jit
-def _snake_split_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
-                        s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
-                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr,
-                        BLOCK_T: tl.constexpr):
-    """The first ``N`` frames of ``v = snake(cat([context, x], time))`` as ``hi + lo``, each (B, C, N)
-    contiguous: ``hi`` exactly representable in tf32, ``lo = v - hi``. One program per (row, time block)."""
+def _snake_pass_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
+                       s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
+                       HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """The first ``N`` frames of ``v = snake(cat([context, x], time))``, (B, C, N) contiguous: with SPLIT as
+    ``hi + lo``, ``hi`` exactly representable in tf32 and ``lo = v - hi``; without, ``v`` itself in ``hi``.
+    One program per (row, time block)."""
     row = tl.program_id(0)
     b = (row // C).to(tl.int64)
     c = (row % C).to(tl.int64)
@@ -232,10 +233,13 @@ def _snake_split_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
                        HAS_CTX)
     if HAS_ALPHA:
         v = snake(v, tl.load(alpha_ptr + c), FAST_SIN)
-    hi = _tf32_high(v)
     at = row.to(tl.int64) * N + u
-    tl.store(hi_ptr + at, hi, mask=mask)
-    tl.store(lo_ptr + at, v - hi, mask=mask)
+    if SPLIT:
+        hi = _tf32_high(v)
+        tl.store(hi_ptr + at, hi, mask=mask)
+        tl.store(lo_ptr + at, v - hi, mask=mask)
+    else:
+        tl.store(hi_ptr + at, v, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,7 +458,7 @@ def snake_conv(
     if precision == "tf32x3" and (kernel_size > 1 if split is None else split):
         # Only the frames the outputs read (a streaming call's input may run past them).
         frames = min(src.total, max(1, (t_out - 1) * stride + dilation * (kernel_size - 1) + 1 - padding))
-        x_hi, x_lo = _snake_split(src, alpha, frames)
+        x_hi, x_lo = _snake_pass(src, alpha, frames, split=True)
         src, alpha = ChunkInput(x_hi, x_hi, 0, False), None
         weight, w_lo = _split_weight(weight)
         rests = (x_lo, w_lo)
@@ -468,22 +472,41 @@ _SPLIT_BLOCK_T = 1024
 _WEIGHT_SPLITS = WeakIdKeyDictionary()  # weight -> (its version, hi, lo)
 
 
-def _snake_split(src: ChunkInput, alpha: Optional[torch.Tensor], frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The first ``frames`` frames of ``snake(cat([context, x]))`` as (hi, lo), each (B, C, frames) contiguous."""
+def _snake_pass(src: ChunkInput, alpha: Optional[torch.Tensor], frames: int,
+                split: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first ``frames`` frames of ``snake(cat([context, x]))``, (B, C, frames) contiguous: as (hi, lo)
+    with ``split``, else as (values, None)."""
     batch, channels = src.x.shape[:2]
     hi = torch.empty(batch, channels, frames, device=src.x.device, dtype=torch.float32)
-    lo = torch.empty_like(hi)
+    lo = torch.empty_like(hi) if split else None
     grid = (batch * channels, cdiv(frames, _SPLIT_BLOCK_T))
     _check_grid(grid[1], 1)
-    _snake_split_kernel[grid](
-        *src.pointer_args(), alpha if alpha is not None else hi, hi, lo, channels, src.length_ctx,
+    _snake_pass_kernel[grid](
+        *src.pointer_args(), alpha if alpha is not None else hi, hi, lo if split else hi, channels, src.length_ctx,
         src.x.shape[-1], frames, *src.stride_args(), HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
-        FAST_SIN=use_fast_sin(src.x.device), BLOCK_T=_SPLIT_BLOCK_T, num_warps=4)
+        FAST_SIN=use_fast_sin(src.x.device), SPLIT=split, BLOCK_T=_SPLIT_BLOCK_T, num_warps=4)
     return hi, lo
 
 
+def snake_activation(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``x + sin(alpha x)^2 / (alpha + 1e-9)`` in one pass: a snake that no conv absorbs (the one before a
+    decoder's transposed conv), where PyTorch takes five elementwise passes.
+
+    Args:
+        x: (B, C, T), any strides; alpha: (C,), (1, C, 1) or (C, 1).
+
+    Returns:
+        (B, C, T) contiguous.
+    """
+    src = chunk_input("x", x, None, "context")
+    alpha = per_channel("alpha", alpha, x.shape[1], x.device)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _snake_pass(src, alpha, x.shape[-1], split=False)[0]
+
+
 def _split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) of a contiguous fp32 weight, as ``_snake_split_kernel`` splits the input: computed once and
+    """(hi, lo) of a contiguous fp32 weight, as ``_snake_pass_kernel`` splits the input: computed once and
     kept while the weight is alive and unchanged (its version counter)."""
     kept = _WEIGHT_SPLITS.get(weight)
     if kept is not None and kept[0] == weight._version:

@@ -344,10 +344,10 @@ def test_split_operands_are_a_tf32_high_part_and_the_exact_rest() -> None:
     input (context joined) exactly, and ``|lo|`` is at most half a tf32 unit of ``hi``; the weight's split is
     the same rule, kept until the weight changes in place."""
     from snac_stream.kernels.common import chunk_input
-    from snac_stream.kernels.conv import _snake_split, _split_weight
+    from snac_stream.kernels.conv import _snake_pass, _split_weight
 
     ctx, x, a = rand(2, 5, 3, scale=3.0), rand(2, 5, 1500, scale=3.0), alphas(5)
-    hi, lo = _snake_split(chunk_input("x", x, ctx, "context"), a.view(-1).contiguous(), 1400)
+    hi, lo = _snake_pass(chunk_input("x", x, ctx, "context"), a.view(-1).contiguous(), 1400, split=True)
     v = snake(torch.cat([ctx, x], dim=-1), a)[..., :1400]
     assert hi.shape == lo.shape == (2, 5, 1400) and hi.is_contiguous() and lo.is_contiguous()
     assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
@@ -360,6 +360,24 @@ def test_split_operands_are_a_tf32_high_part_and_the_exact_rest() -> None:
     assert _split_weight(w)[0] is w_hi  # kept
     w.mul_(2.0)
     assert torch.equal(_split_weight(w)[0], w_hi * 2.0)  # an in-place change is seen
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1), (2, 5, 1029), (3, 2, 2500)])
+def test_snake_activation_matches_torch(shape: tuple) -> None:
+    """The standalone snake pass (the one before a transposed conv): any strides in, contiguous out, odd
+    lengths across its time blocks, alpha in any per-channel shape."""
+    from snac_stream.kernels.conv import snake_activation
+
+    b, c, t = shape
+    x = rand(b, t, c, scale=4.0).transpose(1, 2)  # non-contiguous, time stride != 1
+    a = alphas(c)
+    got = snake_activation(x, a)
+    assert got.shape == (b, c, t) and got.is_contiguous()
+    assert_close(got, snake(x, a), rel=1e-6)
+    assert torch.equal(snake_activation(x, a.view(c)), got)
+    assert snake_activation(x[..., :0], a).shape == (b, c, 0)
+    with pytest.raises(ValueError, match="one value per channel"):
+        snake_activation(x, alphas(c + 1))
 
 
 def test_conv_split_products_equal_the_plain_ones() -> None:

@@ -90,6 +90,15 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return x.reshape(shape)
 
 
+def snake_layer(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """A snake no conv absorbs (before a transposed conv): one Triton pass on the Triton backend."""
+    if current_backend() == "triton":
+        from ..kernels import conv as kernels
+
+        return kernels.snake_activation(x, alpha)
+    return snake(x, alpha)
+
+
 def conv(
     x: torch.Tensor,
     weight: torch.Tensor,

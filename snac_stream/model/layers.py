@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
-from .functional import conv, current_backend, snake
+from .functional import conv, current_backend, snake, snake_layer
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")
@@ -28,7 +28,7 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return snake(x, self.alpha)
+        return snake_layer(x, self.alpha)
 
 
 def conv1d(in_ch: int, out_ch: int, kernel_size: int, **kwargs) -> nn.Conv1d:

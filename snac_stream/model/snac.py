@@ -277,6 +277,22 @@ class SNAC(nn.Module):
         if audio.shape[0] < 1 or (audio.shape[-1] < 1 and not allow_empty):
             raise ValueError(f"audio is empty: shape {tuple(audio.shape)}")
 
+    def _check_code_range(self, codes: List[torch.Tensor]) -> None:
+        """Raise if a code lies outside [0, codebook_size): checked where the codes are (on the host for codes
+        from the host), with one device sync for codes on a GPU rather than two per level."""
+        nonempty = [c.reshape(-1) for c in codes if c.numel()]
+        if not nonempty:
+            return
+        if len({c.device for c in nonempty}) == 1:
+            low, high = torch.stack(torch.aminmax(torch.cat(nonempty).long())).tolist()
+            if 0 <= low and high < self.codebook_size:
+                return
+        for level, c in enumerate(codes):
+            outside = (c < 0) | (c >= self.codebook_size)
+            if outside.any():
+                raise ValueError(f"codes[{level}] holds {c[outside][0].item()}, outside the codebook range "
+                                 f"[0, {self.codebook_size})")
+
     def check_codes(self, codes: Any, *, whole_windows: bool = True, allow_empty: bool = False,
                     device: Optional[torch.device] = None) -> List[torch.Tensor]:
         """Validate a list of (B, T_i) integer codes with consistent lengths; move them to ``device`` (default:
@@ -297,7 +313,7 @@ class SNAC(nn.Module):
                 raise TypeError(f"codes[{level}] must be an integer tensor, got {c.dtype}")
             if c.dim() != 2:
                 raise ValueError(f"codes[{level}] must have shape (B, T_{level}), got {tuple(c.shape)}")
-            checked.append(c.to(device=self.device if device is None else device, dtype=torch.int64))
+            checked.append(c)
         batch, frames = checked[0].shape
         coarse = self.vq_strides[0]
         for level, (c, stride) in enumerate(zip(checked, self.vq_strides)):
@@ -307,11 +323,11 @@ class SNAC(nn.Module):
                     f"codes[{level}] has shape {tuple(c.shape)}, expected ({batch}, {expected}): level {level} "
                     f"holds {coarse // stride} codes per coarse frame and codes[0] has {frames} coarse frames"
                 )
-            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
-                bad = c[(c < 0) | (c >= self.codebook_size)][0].item()
-                raise ValueError(f"codes[{level}] holds {bad}, outside the codebook range [0, {self.codebook_size})")
+        self._check_code_range(checked)
         if frames == 0 and not allow_empty:
             raise ValueError("codes hold no frames")
+        target = self.device if device is None else device
+        checked = [c.to(device=target, dtype=torch.int64) for c in checked]
         window = self.attn_window_size
         if whole_windows and window and (frames * coarse) % window:
             step = math.lcm(coarse, window) // coarse
