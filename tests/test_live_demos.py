@@ -324,9 +324,12 @@ def test_live_mic_to_speaker(vaudio, ckpt, model, clip_wav, tmp_path) -> None:
     mic = vaudio.feed()  # the microphone is live (silence) before the demo opens it
     speaker_rec = vaudio.record(spk_raw)
     mic_rec = vaudio.record(mic_raw, MIC_SINK + ".monitor")
+    # 40 ms blocks: with 20 ms ones the demo's per-block Python work kept this 2-core machine near real time
+    # (file mode, as fast as it goes, one torch thread: 10 s of audio in about 9 s), and 7 of 10 runs here fell behind
+    # (underruns, dropped blocks); 6 of 6 kept up with 40 ms. 20 ms blocks are checked in file mode above.
     demo = subprocess.Popen(
         demo_cmd("live_codec.py", "--input-device", MIC_DEVICE, "--output-device", SPEAKER_DEVICE,
-                 "--model", str(ckpt), "--seconds", "3", "--buffer", "300", "--threads", "1",
+                 "--model", str(ckpt), "--seconds", "3", "--buffer", "300", "--threads", "1", "--block", "960",
                  "--save-input", str(heard)),
         env=vaudio.client_env(), stderr=subprocess.PIPE, text=True)
     try:
