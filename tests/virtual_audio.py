@@ -146,6 +146,19 @@ class VirtualAudio:
             recorder.kill()
             recorder.wait()
 
+    @staticmethod
+    def stop_recordings(*recorders: subprocess.Popen, timeout: float = 10.0) -> None:
+        """Stop several recorders at one instant (SIGINT to all, then wait for each): recordings started at
+        different moments end together, so positions counted from their ends share one clock."""
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)
+        for recorder in recorders:
+            try:
+                recorder.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                recorder.wait()
+
     def stop(self) -> None:
         process = getattr(self, "process", None)
         if process is not None and process.poll() is None:
