@@ -154,6 +154,32 @@ def test_precision_reaches_the_dense_conv_kernels(monkeypatch: pytest.MonkeyPatc
         SNAC(**STRUCTURES["dense"], precision="bf16")
 
 
+def test_decoder_snakes_run_as_one_triton_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton backend the snake before each transposed conv (no conv absorbs it) is one kernel pass,
+    offline and streaming; the torch backend keeps PyTorch's arithmetic."""
+    from snac_stream.kernels import conv as kernels
+
+    calls: List[tuple] = []
+    original = kernels.snake_activation
+    monkeypatch.setattr(kernels, "snake_activation", lambda x, a: calls.append(tuple(x.shape)) or original(x, a))
+    model = _model("attention", "triton")
+    cfg = model.config
+    codes = [torch.randint(0, cfg.codebook_size, (1, 2 * cfg.pad_multiple // cfg.hop_length // s)).to(DEVICE)
+             for s in cfg.vq_strides]
+    with torch.no_grad():
+        model.decode(codes)
+        assert len(calls) == len(cfg.decoder_rates)
+        calls.clear()
+        dec = model.streaming_decoder()
+        dec.push(codes)
+        dec.flush()
+        assert len(calls) >= len(cfg.decoder_rates)
+        calls.clear()
+        model.backend = "torch"
+        model.decode(codes)
+        assert not calls
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_tf32_precision_is_faster_arithmetic_not_another_model() -> None:
