@@ -296,9 +296,7 @@ class StreamEngine:
             ending = set(together)
             groups.extend(([slot.sid], self.close(slot.sid)) for slot in slots if slot.sid not in ending)
         finally:  # ended or failed, every stream of the call is gone
-            left = [sid for sid in sids if sid in self._slots]
-            if left:
-                self._release(*left)
+            self._release(*(sid for sid in sids if sid in self._slots))
         return groups
 
     def abort(self, sid: int) -> None:
@@ -457,6 +455,8 @@ class StreamEngine:
         return group.state
 
     def _release(self, *sids: int) -> None:
+        if not sids:
+            return
         for sid in sids:
             del self._slots[sid]
         # Zero the rows so nothing of these streams outlives them (one copy per state tensor for all).

@@ -139,19 +139,14 @@ class VirtualAudio:
 
     @staticmethod
     def stop_recording(recorder: subprocess.Popen, timeout: float = 10.0) -> None:
-        recorder.send_signal(signal.SIGINT)  # parecord finishes writing its buffer on SIGINT
-        try:
-            recorder.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            recorder.kill()
-            recorder.wait()
+        VirtualAudio.stop_recordings(recorder, timeout=timeout)
 
     @staticmethod
     def stop_recordings(*recorders: subprocess.Popen, timeout: float = 10.0) -> None:
         """Stop several recorders at one instant (SIGINT to all, then wait for each): recordings started at
         different moments end together, so positions counted from their ends share one clock."""
         for recorder in recorders:
-            recorder.send_signal(signal.SIGINT)
+            recorder.send_signal(signal.SIGINT)  # parecord finishes writing its buffer on SIGINT
         for recorder in recorders:
             try:
                 recorder.wait(timeout=timeout)
