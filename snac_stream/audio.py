@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -32,41 +32,93 @@ RESAMPLE_QUALITY = "VHQ"
 PathLike = Union[str, os.PathLike]
 
 
-def load_audio(path: PathLike, target_rate: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """Read an audio file as mono float32 samples, resampled to ``target_rate``.
+class AudioReader:
+    """An audio file read in blocks: mono float32 samples resampled to ``target_rate`` as they are read.
+
+    Memory stays at one block however long the file is. The blocks concatenate to exactly what
+    :func:`load_audio` returns (soxr's streaming resampler gives the same samples as its whole-signal call).
 
     Args:
         path: a wav, flac or ogg file (any other format libsndfile reads also works).
         target_rate: output rate in Hz; ``None`` keeps the file's own rate.
+        block_frames: frames of the file read per block.
 
-    Returns:
-        ``(audio, original_rate)``: audio is float32 of shape (T,) samples at ``target_rate`` (channels are
-        averaged), ``original_rate`` is the file's sample rate in Hz.
+    Raises (on opening):
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not readable audio or holds no samples.
+    """
+
+    def __init__(self, path: PathLike, target_rate: Optional[int] = None, block_frames: int = 1 << 18) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"audio file not found: {self.path}")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a directory, not an audio file")
+        try:
+            self._file = sf.SoundFile(str(self.path))
+        except (sf.LibsndfileError, RuntimeError) as exc:  # libsndfile errors are RuntimeErrors
+            reason = str(exc).rstrip(". ")
+            raise ValueError(f"cannot read audio from {self.path}: {reason}. Supported formats: {SUPPORTED_FORMATS}"
+                             ) from exc
+        if self._file.frames == 0 or self._file.channels == 0:
+            self._file.close()
+            raise ValueError(f"{self.path} holds no audio samples")
+        self.source_rate: int = int(self._file.samplerate)
+        self.target_rate: int = self.source_rate if target_rate is None else int(target_rate)
+        self.source_frames: int = int(self._file.frames)
+        self.block_frames = block_frames
+
+    @property
+    def duration_s(self) -> float:
+        return self.source_frames / self.source_rate
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Mono float32 blocks (n,) at ``target_rate``; the last one ends the resampler's output."""
+        resampler = None
+        if self.target_rate != self.source_rate:
+            resampler = soxr.ResampleStream(self.source_rate, self.target_rate, 1, dtype="float32",
+                                            quality=RESAMPLE_QUALITY)
+        produced = 0
+        self._file.seek(0)
+        while True:
+            data = self._file.read(self.block_frames, dtype="float32", always_2d=True)  # (n, C)
+            last = data.shape[0] < self.block_frames or self._file.tell() >= self.source_frames
+            block = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+            if not np.isfinite(block).all():
+                raise ValueError(f"{self.path} holds NaN or infinite samples")
+            if resampler is not None:
+                block = resampler.resample_chunk(np.ascontiguousarray(block), last=last)
+            produced += block.shape[0]
+            if last and produced == 0:
+                raise ValueError(f"{self.path} is too short to resample from {self.source_rate} Hz to "
+                                 f"{self.target_rate} Hz")
+            if block.shape[0]:
+                yield np.ascontiguousarray(block, dtype=np.float32)
+            if last:
+                return
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_audio(path: PathLike, target_rate: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """Read a whole audio file as mono float32 samples, resampled to ``target_rate``.
+
+    Returns ``(audio, original_rate)``: audio is float32 of shape (T,) samples at ``target_rate`` (channels
+    are averaged), ``original_rate`` is the file's sample rate in Hz. Long files: :class:`AudioReader`.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not readable audio, holds no samples, or holds NaN/infinite samples.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not an audio file")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError) as exc:  # libsndfile errors are RuntimeErrors
-        raise ValueError(
-            f"cannot read audio from {path}: {exc}. Supported formats: {SUPPORTED_FORMATS}"
-        ) from exc
-    if data.shape[0] == 0 or data.shape[1] == 0:
-        raise ValueError(f"{path} holds no audio samples")
-    audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(audio).all():
-        raise ValueError(f"{path} holds NaN or infinite samples")
-    audio = resample(audio, int(rate), target_rate) if target_rate is not None else audio
-    if audio.shape[0] == 0:
-        raise ValueError(f"{path} is too short to resample from {rate} Hz to {target_rate} Hz")
-    return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
+    with AudioReader(path, target_rate) as reader:
+        return np.concatenate(list(reader.blocks())), reader.source_rate
 
 
 def resample(audio: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
@@ -84,43 +136,70 @@ def resample(audio: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
     return soxr.resample(audio, in_rate, out_rate, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
 
 
-def save_audio(path: PathLike, audio: Any, rate: int, subtype: Optional[str] = None) -> Path:
-    """Write mono audio to ``path``; the container follows the suffix (.wav, .flac or .ogg).
+class AudioWriter:
+    """Mono audio written to ``path`` block by block; the container follows the suffix (.wav, .flac or .ogg).
 
     Args:
-        audio: float samples in [-1, 1], shape (T,), or a tensor/array of shape (1, T) or (1, 1, T).
         rate: sample rate in Hz.
         subtype: libsndfile subtype; default ``PCM_16`` for wav and flac, ``VORBIS`` for ogg. Pass
             ``"FLOAT"`` for 32-bit float wav (no quantisation, no clipping).
 
     Integer subtypes clip to [-1, 1] first: libsndfile would otherwise wrap out-of-range samples around.
+    Blocks are converted sample by sample, so the file is the same however the audio is cut into blocks.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in WRITE_FORMATS:
-        raise ValueError(
-            f"cannot write {path}: unsupported suffix {path.suffix or '(none)'!r}; use one of "
-            + ", ".join(WRITE_FORMATS)
-        )
-    container, default_subtype = WRITE_FORMATS[suffix]
-    subtype = (subtype or default_subtype).upper()
-    if not sf.check_format(container, subtype):
-        raise ValueError(f"cannot write {path}: {container} files do not support sample format {subtype}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise ValueError(f"sample rate must be a positive int, got {rate!r}")
+
+    def __init__(self, path: PathLike, rate: int, subtype: Optional[str] = None) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in WRITE_FORMATS:
+            raise ValueError(
+                f"cannot write {self.path}: unsupported suffix {self.path.suffix or '(none)'!r}; use one of "
+                + ", ".join(WRITE_FORMATS)
+            )
+        container, default_subtype = WRITE_FORMATS[suffix]
+        self.subtype = (subtype or default_subtype).upper()
+        if not sf.check_format(container, self.subtype):
+            raise ValueError(f"cannot write {self.path}: {container} files do not support sample format "
+                             f"{self.subtype}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise ValueError(f"sample rate must be a positive int, got {rate!r}")
+        self.samples_written = 0
+        try:
+            self._file = sf.SoundFile(str(self.path), "w", int(rate), 1, subtype=self.subtype, format=container)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise OSError(f"cannot write {self.path}: {exc}") from exc
+
+    def write(self, samples: np.ndarray) -> None:
+        """Append float samples (T,) in [-1, 1]."""
+        if self.subtype == "PCM_16":
+            # Quantise here rather than in libsndfile so that load_audio(save_audio(x)) == pcm16_to_float(x).
+            data: np.ndarray = np.frombuffer(float_to_pcm16(samples), dtype="<i2")
+        elif self.subtype in ("FLOAT", "DOUBLE"):
+            data = np.asarray(samples, dtype=np.float32)
+        else:
+            data = np.clip(samples, -1.0, 1.0)
+        try:
+            self._file.write(data)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise OSError(f"cannot write {self.path}: {exc}") from exc
+        self.samples_written += data.shape[0]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AudioWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def save_audio(path: PathLike, audio: Any, rate: int, subtype: Optional[str] = None) -> Path:
+    """Write mono audio (T,), (1, T) or (1, 1, T) in [-1, 1] to ``path`` at ``rate`` Hz; see :class:`AudioWriter`."""
     samples = _as_mono(audio)
-    if subtype == "PCM_16":
-        # Quantise here rather than in libsndfile so that load_audio(save_audio(x)) == pcm16_to_float(x).
-        data: np.ndarray = np.frombuffer(float_to_pcm16(samples), dtype="<i2")
-    elif subtype in ("FLOAT", "DOUBLE"):
-        data = samples
-    else:
-        data = np.clip(samples, -1.0, 1.0)
-    try:
-        sf.write(str(path), data, int(rate), format=container, subtype=subtype)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise OSError(f"cannot write {path}: {exc}") from exc
-    return path
+    with AudioWriter(path, rate, subtype) as writer:
+        writer.write(samples)
+    return writer.path
 
 
 def to_tensor(audio: np.ndarray) -> torch.Tensor:
