@@ -434,3 +434,43 @@ def test_hub_offline_env_in_fresh_process(tmp_path):
     populate_hub_cache(cache, HUB_ID, {"config.json": source / "config.json",
                                        "pytorch_model.bin": source / "pytorch_model.bin"})
     assert run() == {"config": SMALL}
+
+
+# ---- failing fast without the hub -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["16khz", "snac_48khz", "24kHz-typo"])
+def test_misspelled_preset_lists_the_presets(monkeypatch, name):
+    """A name with no '/' that is not a preset or a directory is never sent to the hub."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a misspelled preset reached the hub client")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(CheckpointError, match=r"unknown model .*24khz, 32khz, 44khz") as info:
+        SNAC.from_pretrained(name)
+    assert repr(name) in str(info.value)
+
+
+def test_unresolvable_hub_reads_only_the_cache(monkeypatch, tmp_path):
+    """A hub host that does not resolve: one look in the cache (no network request, no retries), then the
+    one-line error that names the way out."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.snac-stream-test.invalid")
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    with pytest.raises(CheckpointError) as info:
+        SNAC.from_pretrained(HUB_ID, cache_dir=str(tmp_path / "empty_cache"))
+    message = str(info.value)
+    assert calls == [True], calls
+    assert "\n" not in message and "cannot resolve hub.snac-stream-test.invalid" in message
+    assert f"hf download {HUB_ID} --local-dir DIR" in message and "HF_HUB_OFFLINE" in message

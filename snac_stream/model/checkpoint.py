@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -108,41 +110,74 @@ def find_weights(directory: Path) -> Path:
     raise CheckpointError(f"{directory} has config.json but no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def resolve_hub(name: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """Download (or find in the local cache) a hub checkpoint; return the directory holding its files."""
-    repo_id = HUB_IDS.get(name.lower().removeprefix("snac_"), name)
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached right now without waiting (offline mode, a host that does not resolve),
+    or ``None`` when a download may be tried. Saves the client's retries, which take half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the files are not in the local cache"
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"this machine is offline or cannot resolve {host} ({exc})"
+    return None
+
+
+def _download(repo_id: str, kwargs: dict) -> Path:
+    """Fetch config.json and a weight file of ``repo_id`` (or find them in the cache); their directory."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:  # older huggingface_hub
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # type: ignore[no-redef]
+    config_path = Path(hf_hub_download(repo_id, "config.json", **kwargs))
+    offline_miss: Exception | None = None
+    for filename in WEIGHT_FILES:
+        try:
+            hf_hub_download(repo_id, filename, **kwargs)
+            return config_path.parent
+        except LocalEntryNotFoundError as exc:  # not in the cache and no network: the file may still exist
+            offline_miss = exc
+        except EntryNotFoundError:
+            continue
+    if offline_miss is not None:
+        raise offline_miss
+    raise CheckpointError(f"hub repository {repo_id} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def resolve_hub(name: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """Download (or find in the local cache) a hub checkpoint; return the directory holding its files.
+
+    Without network access (``HF_HUB_OFFLINE=1``, or the hub's host does not resolve) only the local cache is
+    read, and a miss fails at once with one line that says what to do.
+    """
+    repo_id = HUB_IDS.get(name.lower().removeprefix("snac_"), name)
     kwargs = {"revision": revision, "cache_dir": cache_dir}
+    unreachable = _hub_unreachable()
     try:
-        config_path = Path(hf_hub_download(repo_id, "config.json", **kwargs))
-        offline_miss: Exception | None = None
-        for filename in WEIGHT_FILES:
-            try:
-                hf_hub_download(repo_id, filename, **kwargs)
-                break
-            except LocalEntryNotFoundError as exc:  # not in the cache and no network: the file may still exist
-                offline_miss = exc
-            except EntryNotFoundError:
-                continue
-        else:
-            if offline_miss is not None:
-                raise offline_miss
-            raise CheckpointError(f"hub repository {repo_id} has none of {', '.join(WEIGHT_FILES)}")
+        return _download(repo_id, {**kwargs, "local_files_only": unreachable is not None})
     except CheckpointError:
         raise
     except Exception as exc:  # offline, unknown repository, auth, ...
+        reason = unreachable or f"{type(exc).__name__}: {exc}".rstrip(". ")
         raise CheckpointError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
-            f"If this machine is offline, copy config.json and pytorch_model.bin of {repo_id} into a directory "
-            "on a machine with access (huggingface-cli download " + repo_id + " --local-dir DIR) and load that "
-            "directory instead: SNAC.from_pretrained('DIR') or --model DIR."
+            f"cannot fetch {repo_id!r} from the Hugging Face hub: {reason}. If this machine is offline, "
+            f"download the model where the hub is reachable (hf download {repo_id} --local-dir DIR, or its "
+            f"config.json and pytorch_model.bin) and load that directory: --model DIR or "
+            f"SNAC.from_pretrained('DIR'); HF_HUB_OFFLINE=1 makes loading use only the local cache."
         ) from exc
-    return config_path.parent
+
+
+def _check_name(name: str) -> None:
+    """A name with no ``/`` that is neither a directory nor a preset is a typo, not a hub id: say so at once."""
+    if "/" not in name and name.lower().removeprefix("snac_") not in HUB_IDS:
+        raise CheckpointError(
+            f"unknown model {name!r}: not a preset ({', '.join(HUB_IDS)}), a hub id (owner/name) or a "
+            "checkpoint directory"
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -164,5 +199,6 @@ def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_di
         raise CheckpointError(f"{path} is a file; pass the directory holding config.json and the weights")
     if _looks_like_path(str(name_or_dir)):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    _check_name(str(name_or_dir))
     directory = resolve_hub(str(name_or_dir), revision=revision, cache_dir=cache_dir)
     return read_config(directory), find_weights(directory)
