@@ -19,9 +19,9 @@ import torch
 from .. import audio_io
 from ..audio import save_audio
 from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, LatencyMeter, LiveStats,
-                    TokenTextParser, TokenTransport, read_text_chunks, run_codec, run_token_playback)
+                    TokenTransport, read_text_chunks, run_codec, run_token_playback)
 from ..loading import DEFAULT_MODEL, load_model, resolve_device
-from ..tokens import LAYOUTS, get_layout
+from ..tokens import LAYOUTS, TokenTextParser, get_layout
 from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output,
                      non_negative_int, positive_int, say)
 
