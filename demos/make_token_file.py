@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from snac_stream.audio import load_audio, to_tensor
-from snac_stream.cli import CLIError, DEFAULT_MODEL, load_model, resolve_device
+from snac_stream.loading import DEFAULT_MODEL, ModelLoadError, load_model, resolve_device
 from snac_stream.tokens import OrpheusLayout, format_custom_tokens
 
 
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.say is not None:
                 espeak = shutil.which("espeak-ng")
                 if espeak is None:
-                    raise CLIError("--say needs espeak-ng (apt-get install -y espeak-ng); or pass --audio FILE")
+                    raise FileNotFoundError("--say needs espeak-ng (apt-get install -y espeak-ng); "
+                                            "or pass --audio FILE")
                 path = Path(tmp) / "say.wav"
                 subprocess.run([espeak, "-w", str(path), args.say], check=True, capture_output=True)
             audio, _ = load_audio(path, model.sampling_rate)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         text = ("\n".join(" ".join(map(str, ids[k : k + 7])) for k in range(0, len(ids), 7)) + "\n" if args.ids
                 else format_custom_tokens(ids))
         args.output.write_text(text)
-    except (CLIError, OSError, ValueError, subprocess.CalledProcessError) as exc:
+    except (ModelLoadError, OSError, ValueError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {len(ids)} tokens ({len(ids) // 7} coarse frames, "

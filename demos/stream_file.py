@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from snac_stream import SNAC
 from snac_stream.audio import load_audio, save_audio
+from snac_stream.loading import DEFAULT_MODEL, ModelLoadError, load_model, resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--model", default="hubertsiuzdak/snac_24khz")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--chunk", type=int, default=480, help="samples per push (default 480: 20 ms at 24 kHz)")
     parser.add_argument("--lookahead", type=int, default=None,
                         help="decoder latency dial in samples (default: exact decoding)")
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.chunk < 1:
         parser.error("--chunk must be >= 1")
     try:
-        model = SNAC.from_pretrained(args.model, map_location=args.device)
+        model = load_model(args.model, resolve_device(args.device))
         samples, _ = load_audio(args.input, model.sampling_rate)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    audio = torch.from_numpy(samples).to(args.device).view(1, 1, -1)
+    audio = torch.from_numpy(samples).to(model.device).view(1, 1, -1)
     enc = model.streaming_encoder()
     dec = model.streaming_decoder(lookahead_samples=args.lookahead)
     levels = model.n_codebooks

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .model import SNAC
-from .tokens import ORPHEUS_CUSTOM_TOKEN_BASE, TokenLayout
+from .tokens import TokenLayout, TokenTextParser
 
 
 # ---- transports ----------------------------------------------------------------------------------------
@@ -123,76 +123,7 @@ class InProcessTokenDecoder:
             return _samples(self.decoder.flush())
 
 
-# ---- token text --------------------------------------------------------------------------------------------
-_TOKEN_RE = re.compile(r"<custom_token_(\d+)>|(\d+)|([\s,]+)")
-_PARTIAL_RE = re.compile(r"<(c(u(s(t(o(m(_(t(o(k(e(n(_\d*)?)?)?)?)?)?)?)?)?)?)?)?)?$")
-
-
-class TokenTextParser:
-    """Incremental reader of an Orpheus-style token stream, fed text as it arrives.
-
-    Accepts ``<custom_token_N>`` (id ``N - 10``, the convention of :func:`snac_stream.tokens.parse_custom_tokens`)
-    and bare integers (ids as they are; a layout's ``token_offset`` handles e.g. raw Orpheus LLM vocabulary
-    ids), separated by whitespace or commas. A token split across two chunks is held back until it is
-    complete. Anything else raises ``ValueError`` naming the line and column.
-    """
-
-    def __init__(self, source: str = "token stream") -> None:
-        self.source = source
-        self._pending = ""
-        self._line, self._col = 1, 1  # position of _pending[0]
-        self.count = 0  # tokens parsed so far
-        #: (line, column) of each token of the current :meth:`feed` result, for error messages downstream
-        self.positions: List[Tuple[int, int]] = []
-
-    def _advance(self, text: str) -> None:
-        newlines = text.count("\n")
-        if newlines:
-            self._line += newlines
-            self._col = len(text) - text.rfind("\n")
-        else:
-            self._col += len(text)
-
-    def where(self, line: int, col: int) -> str:
-        return f"line {line}, column {col} of {self.source}"
-
-    def feed(self, text: str, final: bool = False) -> List[int]:
-        """Ids of the tokens completed by ``text``; ``final`` marks the end of the stream."""
-        buf = self._pending + text
-        ids: List[int] = []
-        self.positions = []
-        pos = 0
-        while pos < len(buf):
-            match = _TOKEN_RE.match(buf, pos)
-            # A number that reaches the end of the buffer may continue in the next chunk ("12" + "34").
-            if match is not None and match.end() == len(buf) and not final and match.group(2) is not None:
-                break
-            if match is None:
-                if not final and _PARTIAL_RE.match(buf, pos):
-                    break
-                bad = re.match(r"\S{1,40}", buf[pos:])
-                raise ValueError(f"not a token at {self.where(self._line, self._col)}: "
-                                 f"{bad.group(0) if bad else buf[pos:pos + 20]!r} (expected <custom_token_N> "
-                                 "or an integer id, separated by whitespace or commas)")
-            custom, number = match.group(1), match.group(2)
-            if custom is not None or number is not None:
-                if custom is not None:
-                    value = int(custom)
-                    if value < ORPHEUS_CUSTOM_TOKEN_BASE:
-                        raise ValueError(f"{match.group(0)} at {self.where(self._line, self._col)} (token "
-                                         f"{self.count}) is an Orpheus control token, not audio")
-                    value -= ORPHEUS_CUSTOM_TOKEN_BASE
-                else:
-                    value = int(number)
-                ids.append(value)
-                self.positions.append((self._line, self._col))
-                self.count += 1
-            self._advance(match.group(0))
-            pos = match.end()
-        self._pending = buf[pos:]
-        return ids
-
-
+# ---- token text ----------------------------------------------------------------------------------------
 def read_text_chunks(fd: int, size: int = 65536) -> Iterator[str]:
     """UTF-8 text from a file descriptor as it arrives: each ``os.read`` returns what is available (a pipe
     delivers a writer's pieces as they are written), decoded incrementally so a split character is kept."""

@@ -19,6 +19,9 @@ One mechanism serves every layout: :class:`TokenLayout` is driven by a table wit
 Ids are range-checked position by position, so in layouts whose positions have disjoint id ranges
 (Orpheus, and between levels with ``level_offsets=True``) a dropped or inserted token is caught at once
 instead of silently shifting every later code to the wrong level.
+
+Token *text* has one grammar here: :func:`parse_custom_tokens` reads a whole ``<custom_token_N>`` text and
+:class:`TokenTextParser` a stream of such tokens and integer ids arriving in pieces (the live demos).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "InterleavedLayout",
     "OrpheusLayout",
     "TokenParser",
+    "TokenTextParser",
     "depth_first_order",
     "parse_custom_tokens",
     "format_custom_tokens",
@@ -52,7 +56,13 @@ TokensLike = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 ORPHEUS_CUSTOM_TOKEN_BASE = 10
 ORPHEUS_LLM_TOKEN_OFFSET = 128256 + ORPHEUS_CUSTOM_TOKEN_BASE
 
-_CUSTOM_TOKEN_RE = re.compile(r"<custom_token_(\d+)>")
+# The grammar of token text. An item is ``<custom_token_N>`` (id ``N - 10``), a bare integer id, or a run of
+# separators (whitespace, commas); :func:`parse_custom_tokens` admits custom tokens and whitespace only.
+_CUSTOM_TOKEN = r"<custom_token_(\d+)>"
+_CUSTOM_TOKEN_RE = re.compile(_CUSTOM_TOKEN)
+_TOKEN_TEXT_RE = re.compile(_CUSTOM_TOKEN + r"|(\d+)|([\s,]+)")
+# A proper prefix of ``<custom_token_N>`` at the end of the text: the rest may come with the next piece.
+_PARTIAL_CUSTOM_TOKEN_RE = re.compile(r"<(c(u(s(t(o(m(_(t(o(k(e(n(_\d*)?)?)?)?)?)?)?)?)?)?)?)?)?$")
 
 
 def depth_first_order(vq_strides: Sequence[int]) -> List[Tuple[int, int]]:
@@ -91,6 +101,7 @@ def parse_custom_tokens(text: str) -> List[int]:
     This is Orpheus' own convention: its decoder computes the code as ``int(N) - 10 - ((index % 7) * 4096)``.
     The result feeds an :class:`OrpheusLayout` with the default ``token_offset=0``. Whitespace between tokens
     is allowed; any other text, and control tokens (N < 10), raise ``ValueError``: strip them before parsing.
+    :class:`TokenTextParser` reads the same tokens from text arriving in pieces, and integer ids as well.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_custom_tokens expects a str, got {type(text).__name__}")
@@ -99,16 +110,7 @@ def parse_custom_tokens(text: str) -> List[int]:
         raise ValueError(
             f"text holds something other than <custom_token_N> tokens and whitespace: {leftover[:60]!r}"
         )
-    ids: List[int] = []
-    for match in _CUSTOM_TOKEN_RE.finditer(text):
-        n = int(match.group(1))
-        if n < ORPHEUS_CUSTOM_TOKEN_BASE:
-            raise ValueError(
-                f"{match.group(0)} (token {len(ids)}) is an Orpheus control token, not audio "
-                f"(audio tokens have N >= {ORPHEUS_CUSTOM_TOKEN_BASE})"
-            )
-        ids.append(n - ORPHEUS_CUSTOM_TOKEN_BASE)
-    return ids
+    return TokenTextParser(source="text").feed(text, final=True)
 
 
 def format_custom_tokens(ids: Sequence[int], per_line: int = 7) -> str:
@@ -122,6 +124,72 @@ def format_custom_tokens(ids: Sequence[int], per_line: int = 7) -> str:
     tokens = [f"<custom_token_{i + ORPHEUS_CUSTOM_TOKEN_BASE}>" for i in ids]
     lines = ["".join(tokens[k : k + per_line]) for k in range(0, len(tokens), max(1, per_line))]
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+class TokenTextParser:
+    """Incremental reader of an Orpheus-style token stream, fed text as it arrives.
+
+    Accepts ``<custom_token_N>`` (id ``N - 10``, the convention of :func:`parse_custom_tokens`) and bare
+    integers (ids as they are; a layout's ``token_offset`` handles e.g. raw Orpheus LLM vocabulary ids),
+    separated by whitespace or commas. A token split across two chunks is held back until it is complete.
+    Anything else, and control tokens (N < 10), raise ``ValueError`` naming the line and column.
+    """
+
+    def __init__(self, source: str = "token stream") -> None:
+        self.source = source
+        self._pending = ""
+        self._line, self._col = 1, 1  # position of _pending[0]
+        self.count = 0  # tokens parsed so far
+        #: (line, column) of each token of the current :meth:`feed` result, for error messages downstream
+        self.positions: List[Tuple[int, int]] = []
+
+    def _advance(self, text: str) -> None:
+        newlines = text.count("\n")
+        if newlines:
+            self._line += newlines
+            self._col = len(text) - text.rfind("\n")
+        else:
+            self._col += len(text)
+
+    def where(self, line: int, col: int) -> str:
+        """``line L, column C of SOURCE``, for messages."""
+        return f"line {line}, column {col} of {self.source}"
+
+    def feed(self, text: str, final: bool = False) -> List[int]:
+        """Ids of the tokens completed by ``text``; ``final`` marks the end of the stream."""
+        buf = self._pending + text
+        ids: List[int] = []
+        self.positions = []
+        pos = 0
+        while pos < len(buf):
+            match = _TOKEN_TEXT_RE.match(buf, pos)
+            # A number that reaches the end of the buffer may continue in the next chunk ("12" + "34").
+            if match is not None and match.end() == len(buf) and not final and match.group(2) is not None:
+                break
+            if match is None:
+                if not final and _PARTIAL_CUSTOM_TOKEN_RE.match(buf, pos):
+                    break
+                bad = re.match(r"\S{1,40}", buf[pos:])
+                raise ValueError(f"not a token at {self.where(self._line, self._col)}: "
+                                 f"{bad.group(0) if bad else buf[pos:pos + 20]!r} (expected <custom_token_N> "
+                                 "or an integer id, separated by whitespace or commas)")
+            custom, number = match.group(1), match.group(2)
+            if custom is not None or number is not None:
+                if custom is not None:
+                    value = int(custom)
+                    if value < ORPHEUS_CUSTOM_TOKEN_BASE:
+                        raise ValueError(f"{match.group(0)} at {self.where(self._line, self._col)} (token "
+                                         f"{self.count}) is an Orpheus control token, not audio")
+                    value -= ORPHEUS_CUSTOM_TOKEN_BASE
+                else:
+                    value = int(number)
+                ids.append(value)
+                self.positions.append((self._line, self._col))
+                self.count += 1
+            self._advance(match.group(0))
+            pos = match.end()
+        self._pending = buf[pos:]
+        return ids
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -179,7 +179,7 @@ def test_ogg_input(tiny_ckpt, speech_wav, tmp_path, capsys):
 
 def test_model_names_are_recorded_canonically(tiny_ckpt, tiny_model, speech_wav, tmp_path, monkeypatch, capsys):
     """Presets are recorded as hub ids and local directories as absolute paths, so decode finds them again."""
-    import snac_stream.cli as cli
+    import snac_stream.loading as cli
 
     requested = []
     real_from_pretrained = SNAC.from_pretrained

@@ -1,0 +1,302 @@
+"""The live demos: ``live`` (microphone -> codec -> speaker) and ``play-tokens`` (LLM token stream -> speaker).
+
+Their loops, devices and codec transports live in :mod:`snac_stream.live` and :mod:`snac_stream.audio_io`;
+with ``--server`` they stream through a running ``serve`` (transports in :mod:`snac_stream.remote`) instead
+of a model loaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import audio_io
+from ..audio import save_audio
+from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, LatencyMeter, LiveStats,
+                    TokenTransport, read_text_chunks, run_codec, run_token_playback)
+from ..loading import DEFAULT_MODEL, load_model, resolve_device
+from ..tokens import LAYOUTS, TokenTextParser, get_layout
+from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output,
+                     non_negative_int, positive_int, say)
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``live`` and ``play-tokens``."""
+    p = subparsers.add_parser(
+        "live", help="microphone -> codec -> speaker, live",
+        description="Stream the microphone through the streaming encoder and decoder to the speaker, showing "
+                    "the measured latency (a sample's capture to its playback), bitrate, token rate, dropped "
+                    "blocks and underruns. --input/--output replace the devices with files.")
+    add_model_option(p)
+    p.add_argument("--block", type=positive_int, default=480, metavar="SAMPLES",
+                   help="samples per block at the model's rate (default: 480, 20 ms at 24 kHz)")
+    p.add_argument("--lookahead", type=non_negative_int, default=None, metavar="SAMPLES",
+                   help="decoder latency dial: samples of look-ahead before audio is emitted (default: exact "
+                        "decoding; smaller is earlier and approximate)")
+    p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read audio from a file, not a device")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the decoded audio to a file (.wav is 32-bit float), not a device")
+    p.add_argument("--realtime", action="store_true", help="with --input: release the file at its real pace")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of input")
+    p.add_argument("--save-input", type=Path, default=None, metavar="FILE",
+                   help="also write the audio the encoder received (at the model's rate) to FILE")
+    _add_server_options(p, "roundtrip")
+    _add_device_options(p, ("input", "output"))
+    add_common_options(p)
+    p.set_defaults(func=run_live)
+
+    p = subparsers.add_parser(
+        "play-tokens", help="LLM token stream -> speaker, as the tokens arrive",
+        description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file, "
+                    "stdin or a websocket) as it arrives: each coarse frame is decoded as soon as its last token "
+                    "is in. Reports the time to first audio and underruns.")
+    p.add_argument("tokens", nargs="?", default="-",
+                   help="token file, - for stdin (default), or a ws:// URL streaming tokens (text messages, or "
+                        "binary messages of int32 LE ids) until it closes")
+    p.add_argument("--source-token", default=None, metavar="T",
+                   help="bearer token for a ws:// token source (sent as an Authorization header)")
+    add_model_option(p, help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--layout", default="orpheus", choices=LAYOUTS, help="token layout (default: orpheus)")
+    p.add_argument("--token-offset", type=non_negative_int, default=0,
+                   help="subtracted from integer ids (128266 for raw Orpheus LLM vocabulary ids; default: 0)")
+    p.add_argument("--lookahead", type=non_negative_int, default=None, metavar="SAMPLES",
+                   help="decoder latency dial (default: exact decoding; 0 is the earliest, approximate)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the audio to a file (.wav is 32-bit float), not a device")
+    _add_server_options(p, "decode")
+    _add_device_options(p, ("output",))
+    add_common_options(p)
+    p.set_defaults(func=run_play_tokens)
+
+
+def _add_server_options(p: argparse.ArgumentParser, session: str) -> None:
+    p.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                   help=f"stream through a running 'snac-stream serve' ({session} session) instead of a model "
+                        "in this process; the server's model is used and --model is ignored")
+    p.add_argument("--token", default=None,
+                   help="auth token for --server (default: $SNAC_STREAM_TOKEN)")
+
+
+def _add_device_options(p: argparse.ArgumentParser, directions: Sequence[str]) -> None:
+    for kind in directions:
+        p.add_argument(f"--{kind}-device", default=None, metavar="NAME|INDEX",
+                       help=f"{kind} sound device: index or (part of) its name (default: the system default)")
+    p.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    p.add_argument("--device-rate", type=positive_int, default=None, metavar="HZ",
+                   help="open the sound device(s) at this rate (default: the model's rate if the device "
+                        "takes it, else the device's default rate; audio is resampled to and from the model)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is often fastest for the small pushes of "
+                        "live streaming on a busy machine")
+    p.add_argument("--buffer", type=float, default=100.0, metavar="MS",
+                   help="output jitter buffer: audio queued before playback starts or resumes after an "
+                        "underrun (default: 100 ms)")
+
+
+# ---- live ----------------------------------------------------------------------------------------------
+def run_live(args: argparse.Namespace) -> int:
+    """Stream the microphone (or ``--input``) through the codec to the speaker (or ``--output``)."""
+    if _listed_devices(args):
+        return 0
+    if args.realtime and args.input is None:
+        raise CLIError("--realtime paces an --input file; the microphone is real time already")
+    if args.input is not None and not args.input.exists():
+        raise FileNotFoundError(f"input audio file not found: {args.input}")
+    _check_audio_output(args.output)
+    _check_audio_output(args.save_input)
+    if args.seconds is not None and args.seconds <= 0:
+        raise CLIError(f"--seconds must be positive, got {args.seconds}")
+    token = _server_token(args)
+    device = resolve_device(args.device) if args.server is None else None
+    # Devices are checked before the model loads, so a wrong name fails in a moment.
+    if args.input is None:
+        in_device = audio_io.find_device(args.input_device, "input")
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    codec: CodecTransport
+    if args.server is not None:
+        from ..remote import WebSocketCodec
+
+        codec = WebSocketCodec(args.server, token=token)
+        ready = codec.ready
+        rate = ready.sample_rate
+        say(args, f"{_server_line(args, ready)}; algorithmic latency {codec.latency_samples} samples "
+                  f"({codec.latency_samples / rate * 1000:.0f} ms, exact decoding)")
+    else:
+        model = load_model(args.model, device)
+        rate = model.sampling_rate
+        codec = InProcessCodec(model, lookahead_samples=args.lookahead)
+        say(args, f"model   {model.name} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
+                  f"algorithmic latency {codec.latency_samples} samples ({codec.latency_samples / rate * 1000:.0f} "
+                  f"ms" + (", exact decoding)" if args.lookahead is None else
+                           f", decoder look-ahead {codec.decoder.lookahead_samples})"))
+    try:
+        return _run_live_codec(args, codec, rate, in_device if args.input is None else None)
+    finally:
+        _close_remote(codec)
+
+
+def _run_live_codec(args: argparse.Namespace, codec: CodecTransport, rate: int, in_device) -> int:
+    meter = LatencyMeter(rate)
+    if args.input is not None:
+        source = audio_io.FileSource(args.input, rate, args.block, realtime=args.realtime)
+        where_in = f"{args.input}" + (" (real-time pace)" if args.realtime else "")
+    else:
+        in_rate = audio_io.device_rate(in_device, "input", rate, args.device_rate)
+        source = audio_io.DeviceSource(in_device, rate, in_rate, args.block)
+        where_in = f"input device {in_device}" + (f" at {in_rate} Hz, resampled" if in_rate != rate else "")
+    sink = _make_sink(args, rate, args.block, meter.played)
+    where_out = (f"{args.output}" if args.output is not None else
+                 "output device" + (f" at {sink.device_rate} Hz, resampled" if sink.device_rate != rate else ""))
+    saved: List[np.ndarray] = []
+    say(args, f"live    {where_in} -> {where_out}, blocks of {args.block} samples; Ctrl-C stops")
+    stats = run_codec(source, codec, sink, latency=meter,
+                      max_samples=None if args.seconds is None else round(args.seconds * rate),
+                      tee=saved.append if args.save_input is not None else None,
+                      on_status=_status_printer(args),
+                      on_start=lambda: say(args, "started (streams open)"))
+    if sys.stderr.isatty() and not args.quiet:
+        print(file=sys.stderr)
+    if args.save_input is not None and saved:
+        save_audio(args.save_input, np.concatenate(saved), rate, subtype="FLOAT" if args.save_input.suffix.lower() == ".wav" else None)
+    summary = meter.summary()
+    lat = (f"latency median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max {summary[2] * 1000:.0f})"
+           if summary else "latency n/a")
+    say(args, f"summary {stats.audio_seconds:.2f} s in, {stats.produced} samples out; {lat}; "
+              f"{stats.bitrate / 1000:.2f} kbps, {stats.token_rate:.1f} tokens/s; dropped blocks "
+              f"{stats.dropped_blocks}, underruns {stats.underruns}")
+    warnings = getattr(codec, "warnings", [])
+    if warnings:
+        say(args, f"server  {len(warnings)} warning{'s' if len(warnings) > 1 else ''}; the last: "
+                  f"{warnings[-1].get('message', warnings[-1])}")
+    if args.output is not None:
+        say(args, f"wrote   {args.output}")
+    return 0
+
+
+def _status_printer(args: argparse.Namespace) -> Callable[[LiveStats], None]:
+    tty = sys.stderr.isatty()
+
+    def show(stats: LiveStats) -> None:
+        if not args.quiet:
+            # A refreshed line on a terminal; one line per update when stderr is a file or a pipe.
+            print(("\r" if tty else "") + stats.status(), end="" if tty else "\n", file=sys.stderr, flush=True)
+    return show
+
+
+# ---- play-tokens ---------------------------------------------------------------------------------------
+def run_play_tokens(args: argparse.Namespace) -> int:
+    """Play a token stream (file, stdin or websocket) as it arrives."""
+    if _listed_devices(args):
+        return 0
+    _check_audio_output(args.output)
+    from_stdin = args.tokens == "-"
+    from_websocket = args.tokens.startswith(("ws://", "wss://"))
+    if not from_stdin and not from_websocket and not Path(args.tokens).is_file():
+        raise FileNotFoundError(f"token file not found: {args.tokens}")
+    token = _server_token(args)
+    device = resolve_device(args.device) if args.server is None else None
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    where = f"reading {'stdin' if from_stdin else args.tokens}"
+    decoder: TokenTransport
+    if args.server is not None:
+        from ..remote import WebSocketTokenDecoder
+
+        # The layout's shape comes from the server's model (said in ready); only its name and offset are ours.
+        decoder = WebSocketTokenDecoder(args.server, args.layout, token_offset=args.token_offset, token=token)
+        ready = decoder.ready
+        rate = ready.sample_rate
+        say(args, f"{_server_line(args, ready)}, layout {args.layout} ({ready.token_layout['frame_tokens']} tokens "
+                  f"per coarse frame), decoder latency {ready.algorithmic_latency_samples} samples; {where}")
+    else:
+        model = load_model(args.model, device)
+        layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
+        rate = model.sampling_rate
+        decoder = InProcessTokenDecoder(model, layout, lookahead_samples=args.lookahead)
+        say(args, f"model   {model.name} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
+                  f"tokens per coarse frame), decoder latency "
+                  f"{decoder.decoder.latency_samples if args.lookahead is None else decoder.decoder.lookahead_samples}"
+                  f" samples; {where}")
+    sink = _make_sink(args, rate, 480 * rate // 24000, None)
+    parser = TokenTextParser(source="stdin" if from_stdin else str(args.tokens))
+    fd = None if from_websocket else sys.stdin.fileno() if from_stdin else os.open(args.tokens, os.O_RDONLY)
+    if fd is None:
+        from ..remote import token_text_from_websocket
+
+        chunks = token_text_from_websocket(args.tokens, token=args.source_token)
+    else:
+        chunks = read_text_chunks(fd)
+    try:
+        stats = run_token_playback(
+            chunks, parser, decoder, sink,
+            on_first_audio=lambda st: say(args, f"first audio: {st.samples} samples, {st.tokens} tokens in"))
+    finally:
+        if fd is not None and not from_stdin:
+            os.close(fd)
+        _close_remote(decoder)
+    ttfa = stats.time_to_first_audio
+    say(args, f"summary {stats.tokens} tokens -> {stats.samples} samples ({stats.samples / rate:.2f} s); time to "
+              f"first audio {'n/a' if ttfa is None else f'{ttfa * 1000:.0f} ms'} (first token in -> first sample "
+              f"{'written' if args.output is not None else 'played'}); underruns {stats.underruns}")
+    if args.output is not None:
+        say(args, f"wrote   {args.output}")
+    return 0
+
+
+# ---- shared by both ------------------------------------------------------------------------------------
+def _listed_devices(args: argparse.Namespace) -> bool:
+    """Handle --list-devices and --threads; returns True when the command is done."""
+    if args.list_devices:
+        print(audio_io.list_devices())
+        return True
+    if args.buffer < 0:
+        raise CLIError(f"--buffer must be >= 0 ms, got {args.buffer}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return False
+
+
+def _check_audio_output(path: Optional[Path]) -> None:
+    if path is not None:
+        audio_suffix(path)
+        check_output(path)
+
+
+def _server_token(args: argparse.Namespace) -> Optional[str]:
+    if args.server is None:
+        if args.token is not None:
+            raise CLIError("--token goes with --server")
+        return None
+    if args.lookahead is not None:
+        raise CLIError("--lookahead sets the in-process decoder; a server decodes exactly")
+    from ..server.server import TOKEN_ENV
+    return args.token or os.environ.get(TOKEN_ENV) or None
+
+
+def _server_line(args: argparse.Namespace, ready) -> str:
+    """What a demo says about the server it streams through (from its ``ready`` message)."""
+    return (f"server  {args.server}: {ready.model} ({ready.sample_rate} Hz"
+            f"{', RANDOM WEIGHTS' if ready.random_weights else ''}), {ready.server}")
+
+
+def _make_sink(args: argparse.Namespace, rate: int, block: int,
+               on_play: Optional[audio_io.PlayCallback]) -> "audio_io.DeviceSink | audio_io.FileSink":
+    if args.output is not None:
+        return audio_io.FileSink(args.output, rate, on_play=on_play)
+    device = audio_io.find_device(args.output_device, "output")
+    dev_rate = audio_io.device_rate(device, "output", rate, args.device_rate)
+    return audio_io.DeviceSink(device, rate, dev_rate, block, prebuffer=round(args.buffer * rate / 1000),
+                               on_play=on_play)
+
+
+def _close_remote(transport: object) -> None:
+    close = getattr(transport, "close", None)
+    if close is not None:  # a remote session left open by an error (a no-op after flush)
+        close()

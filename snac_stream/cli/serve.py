@@ -1,0 +1,139 @@
+"""``serve`` (the websocket server and its browser page) and ``bench-latency`` (N real-time roundtrip clients
+against an in-process server on loopback)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..loading import load_model, resolve_device
+from .common import (CLIError, add_common_options, add_model_option, check_output, non_negative_float,
+                     non_negative_int, positive_float, positive_int, say)
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``serve`` and ``bench-latency``."""
+    p = subparsers.add_parser(
+        "serve", help="websocket server: encode, decode and roundtrip sessions",
+        description="Serve one model over websockets (protocol: docs/protocol.md). Binds to 127.0.0.1 unless "
+                    "--host says otherwise; a non-loopback address needs --token (or $SNAC_STREAM_TOKEN).")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=non_negative_int, default=8765, help="TCP port (default: 8765; 0 picks one)")
+    p.add_argument("--max-sessions", type=positive_int, default=8,
+                   help="concurrent sessions; more are refused with server_full (default: 8)")
+    p.add_argument("--max-frame-bytes", type=positive_int, default=1 << 20,
+                   help="largest message accepted, in bytes (default: 1048576)")
+    p.add_argument("--idle-timeout", type=positive_float, default=30.0,
+                   help="seconds without a message before a session is closed (default: 30)")
+    p.add_argument("--max-backlog", type=positive_float, default=2.0,
+                   help="seconds of unprocessed input per session before the server stops reading it (default: 2)")
+    p.add_argument("--max-output-bytes", type=positive_int, default=4 << 20,
+                   help="queued output per session before a client that does not read is dropped (default: 4 MiB)")
+    p.add_argument("--token", default=None,
+                   help="auth token clients must present (hello.auth or 'Authorization: Bearer'); "
+                        "default: $SNAC_STREAM_TOKEN")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser Origin allowed besides loopback pages (repeatable; '*' allows any)")
+    p.add_argument("--behind-warning", type=non_negative_float, default=1.0, metavar="SECONDS",
+                   help="warn an encode or roundtrip session (JSON 'warning', code 'behind') when its output "
+                        "answers input received more than this long ago (default: 1; 0: never)")
+    p.add_argument("--no-web", action="store_true",
+                   help="do not serve the browser page (GET /) on the websocket port")
+    add_common_options(p)
+    p.set_defaults(func=run_serve)
+
+    p = subparsers.add_parser(
+        "bench-latency", help="end-to-end latency of N real-time roundtrip clients on loopback",
+        description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
+                    "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per "
+                    "output sample split into algorithmic delay, server time (queue + compute) and transport, plus "
+                    "errors, the server's tick times and the process's memory over time.")
+    _add_model_options(p)
+    p.add_argument("--clients", type=positive_int, default=4, help="concurrent clients (default: 4)")
+    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds of audio per client (default: 10)")
+    p.add_argument("--chunk-ms", type=positive_float, default=20.0,
+                   help="milliseconds of audio per client message (default: 20)")
+    p.add_argument("--sample-format", default="pcm16", choices=["pcm16", "float32"])
+    p.add_argument("--client-processes", type=non_negative_int, default=None, metavar="N",
+                   help="worker processes running the clients, as remote callers would (default: half the cores "
+                        "less one, at least 1; 0 runs them in the server's process)")
+    p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
+    add_common_options(p)
+    p.set_defaults(func=run_bench_latency)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    add_model_option(p)
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --model preset with random weights instead of loading a checkpoint "
+                        "(benchmarking only: the audio is noise; reported as such to clients)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
+                   help="compute path (default: the model's, auto = Triton on CUDA, PyTorch elsewhere)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads of the engine worker (default: torch's count less one core for the "
+                        "event loop, at least 1)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve the model until interrupted."""
+    import asyncio
+    import logging
+
+    from ..server import ServerOptions, SNACServer, web
+    from ..server.server import TOKEN_ENV
+
+    options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
+                            max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
+                            max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
+                            token=args.token or os.environ.get(TOKEN_ENV) or None,
+                            allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads,
+                            web=not args.no_web, behind_warning_s=args.behind_warning)
+    try:
+        options.check()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, random_weights=args.random_weights).eval()
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    async def main() -> None:
+        async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights) as server:
+            cfg = model.config
+            say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on {device} at "
+                      f"{server.url}: {cfg.sampling_rate} Hz, step {server.step_samples} samples, algorithmic "
+                      f"latency (samples) {server.latency}; up to {options.max_sessions} sessions"
+                      f"{', token required' if options.token else ''}")
+            if options.web:
+                say(args, f"browser client (mic -> codec -> speaker): {web.page_url(server)}")
+            await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def run_bench_latency(args: argparse.Namespace) -> int:
+    """Run the loopback latency benchmark; exit status 1 if any client saw an error."""
+    import asyncio
+    import json
+
+    from ..server.latency import run_latency_bench
+
+    if args.json is not None:
+        check_output(args.json)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, random_weights=args.random_weights).eval()
+    report = asyncio.run(run_latency_bench(
+        model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
+        sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
+        backend=args.backend, threads=args.threads, client_processes=args.client_processes,
+        say=lambda line: say(args, line)))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        say(args, f"wrote   {args.json}")
+    return 0 if report["errors"] == 0 else 1
