@@ -49,12 +49,11 @@ from ..model.snac import SNAC
 from ..streaming.build import stream_op
 from ..tokens import TokenLayout, TokenParser, get_layout
 from . import web
-from .protocol import (FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, ProtocolError, Ready,
+from ..protocol import (TOKEN_ENV, FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, ProtocolError, Ready,
                        audio_payload, decode_audio, decode_tokens, dumps, parse_json)
 
 log = logging.getLogger("snac_stream.server")
 
-TOKEN_ENV = "SNAC_STREAM_TOKEN"
 # Browsers send an Origin header; other clients do not (None). Default: pages served from this machine.
 LOOPBACK_ORIGINS: Tuple[Union[str, re.Pattern, None], ...] = (
     re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"), None)
