@@ -24,9 +24,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from snac_stream import PRESETS, SNAC
 from snac_stream import client as ws_client
 from snac_stream.cli import main
-from snac_stream.server import ServerOptions, SNACServer
 from snac_stream.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
-from snac_stream.server.server import is_loopback
+from snac_stream.server import ServerOptions, SNACServer
+from snac_stream.server.options import is_loopback
 from snac_stream.tokens import get_layout
 
 AUDIO_TOL = 1e-5
