@@ -54,6 +54,7 @@ class SNACServer:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> "SNACServer":
+        """Start the engine worker and listen (on the running event loop)."""
         self.worker.start(self.gateway.take_events)
         self._server = await serve(
             self.gateway.handle, self.options.host, self.options.port, origins=handshake_origins(self.options),
@@ -70,6 +71,7 @@ class SNACServer:
         return self
 
     async def stop(self) -> None:
+        """Stop listening, close the connections, stop the worker."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -88,11 +90,13 @@ class SNACServer:
 
     @property
     def url(self) -> str:
+        """The websocket address (``ws://host:port``) once started."""
         host = self.options.host
         return f"ws://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     @property
     def active_sessions(self) -> int:
+        """Sessions holding a slot now."""
         return len(self.gateway.sessions)
 
     async def wait_sessions(self, at_most: int) -> None:

@@ -73,6 +73,7 @@ class Lane:
             self._by_sid[sid] = session
 
     def holds(self, session: Session) -> bool:
+        """Whether the session has a stream here (opened, not yet ended or aborted)."""
         return session in self._streams
 
     def pending(self, session: Session) -> int:

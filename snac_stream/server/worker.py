@@ -161,6 +161,7 @@ class Worker:
         self._ticker = asyncio.create_task(self._tick_loop())
 
     async def stop(self) -> None:
+        """Stop ticking and end the thread (after the tick under way)."""
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -182,9 +183,11 @@ class Worker:
         return await future
 
     async def open(self, session: Session) -> None:
+        """Open the session's engine streams; raises ``ProtocolError`` ``server_full`` if none is free."""
         await self.call(lambda events: self.engines.open(session))
 
     def abort(self, session: Session) -> None:
+        """Drop the session's engine streams in the next tick."""
         self.post(lambda events: self.engines.abort(session))
 
     def deliver(self, session: Session, item: Any, now: float) -> None:
