@@ -26,8 +26,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .server.protocol import (PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, Ready, encode_audio,
-                              encode_tokens)
+from .protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, Ready, encode_audio, encode_tokens
 
 __all__ = ["ServerError", "Session", "StreamResult", "encode", "decode", "roundtrip", "latency_breakdown"]
 

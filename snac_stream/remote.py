@@ -30,7 +30,7 @@ from typing import Any, Coroutine, Dict, Iterator, List, Optional, Sequence, Tup
 import numpy as np
 
 from .client import ServerError, Session
-from .server.protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS
+from .protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS
 
 T = TypeVar("T")
 

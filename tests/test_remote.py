@@ -21,9 +21,9 @@ import soundfile as sf
 import torch
 
 from snac_stream import PRESETS, SNAC
+from snac_stream.protocol import encode_audio
 from snac_stream.remote import RemoteError, WebSocketCodec
 from snac_stream.server import ServerOptions, SNACServer
-from snac_stream.server.protocol import encode_audio
 from snac_stream.tokens import OrpheusLayout
 
 from helpers import offline_codec, run_cli, single_error

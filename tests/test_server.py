@@ -10,6 +10,8 @@ import asyncio
 import collections
 import json
 import socket
+import subprocess
+import sys
 import time
 from typing import Any, Awaitable, Callable, Dict, List
 
@@ -22,9 +24,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from snac_stream import PRESETS, SNAC
 from snac_stream import client as ws_client
 from snac_stream.cli import main
+from snac_stream.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
 from snac_stream.server import ServerOptions, SNACServer
-from snac_stream.server.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
-from snac_stream.server.server import is_loopback
+from snac_stream.server.options import is_loopback
 from snac_stream.tokens import get_layout
 
 AUDIO_TOL = 1e-5
@@ -640,6 +642,14 @@ def test_output_frame_round_trips_through_its_header() -> None:
         (1, 123, 4567, 89, 10, True)
     np.testing.assert_array_equal(back.data, frame.data)
     assert len(frame.pack()) == HEADER_BYTES + 8
+
+
+def test_the_client_imports_neither_the_server_nor_the_engines() -> None:
+    """The wire protocol lives at the package level: a client process loads no serving code."""
+    check = ("import snac_stream.client, sys; "
+             "assert 'snac_stream.server' not in sys.modules and 'snac_stream.engine' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
 
 
 def test_a_connection_closed_from_the_client_side_says_why() -> None:

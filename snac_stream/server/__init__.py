@@ -1,7 +1,17 @@
-"""Websocket serving: the protocol (:mod:`.protocol`), the server (:mod:`.server`), the browser client it serves
-(:mod:`.web`, files in ``static/``) and the latency benchmark (:mod:`.latency`). The client is :mod:`snac_stream.client`."""
+"""Websocket serving. The wire protocol is :mod:`snac_stream.protocol` (shared with :mod:`snac_stream.client`).
 
-from .protocol import PROTOCOL_VERSION, ProtocolError
-from .server import ServerOptions, SNACServer, algorithmic_latency
+* :mod:`.app`: :class:`SNACServer`, wiring the parts below together;
+* :mod:`.connection`: the event loop side (handshake, hello, read loop, backpressure, output queues);
+* :mod:`.worker`: the engine side (the engines of one device, the thread that ticks them) over :mod:`.lanes`
+  (one per engine: the sessions' streams on it);
+* :mod:`.session`: one client's state, split by the thread that owns it;
+* :mod:`.options`: settings, auth and origin rules; :mod:`.stats`: the counters;
+* :mod:`.web`: the browser client served on the same port (files in ``static/``);
+* :mod:`.loadtest`: the ``bench-latency`` load test (clients against an in-process server).
+"""
 
-__all__ = ["PROTOCOL_VERSION", "ProtocolError", "ServerOptions", "SNACServer", "algorithmic_latency"]
+from ..protocol import PROTOCOL_VERSION, ProtocolError
+from .app import SNACServer
+from .options import ServerOptions
+
+__all__ = ["PROTOCOL_VERSION", "ProtocolError", "ServerOptions", "SNACServer"]

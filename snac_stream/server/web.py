@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Protocol, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from .. import __version__
-
-if TYPE_CHECKING:
-    from .server import SNACServer
+from .options import ServedModel, ServerOptions, origin_allowed
 
 STATIC_DIR = Path(__file__).with_name("static")
 # path -> (file in STATIC_DIR, content type)
@@ -47,40 +44,38 @@ def is_websocket_request(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
-def origin_allowed(server: "SNACServer", origin: str) -> bool:
-    """Whether a browser page at ``origin`` passes the server's websocket Origin check (same rule as the handshake)."""
-    from .server import LOOPBACK_ORIGINS  # here: server.py imports this module
+class _Listening(Protocol):
+    """A started server (:class:`~snac_stream.server.SNACServer`): all the page address needs is its URL."""
 
-    allowed = server.options.allowed_origins
-    if "*" in allowed or origin in allowed:
-        return True
-    return any(isinstance(p, re.Pattern) and p.fullmatch(origin) for p in LOOPBACK_ORIGINS)
+    @property
+    def url(self) -> str: ...
 
 
-def page_url(server: "SNACServer") -> str:
-    """The browser page's address: the websocket URL with ``http``."""
+def page_url(server: _Listening) -> str:
+    """The browser page's address: the (started) server's websocket URL with ``http``."""
     return "http" + server.url[2:] + "/"
 
 
-def config(server: "SNACServer", origin: Optional[str]) -> Dict[str, object]:
+def config(served: ServedModel, options: ServerOptions, origin: Optional[str]) -> Dict[str, object]:
     """The JSON the page reads before it connects."""
-    cfg = server.model.config
+    cfg = served.config
     return {
-        "server": f"snac-stream {__version__}", "protocol": 1, "model": server.model_name,
-        "random_weights": server.random_weights, "sample_rate": cfg.sampling_rate,
-        "step_samples": server.step_samples, "codebook_size": cfg.codebook_size,
-        "algorithmic_latency_samples": dict(server.latency), "max_sessions": server.options.max_sessions,
-        "token_required": bool(server.options.token),
-        "origin": origin, "origin_allowed": None if origin is None else origin_allowed(server, origin),
+        "server": f"snac-stream {__version__}", "protocol": 1, "model": served.name,
+        "random_weights": served.random_weights, "sample_rate": cfg.sampling_rate,
+        "step_samples": served.step_samples, "codebook_size": cfg.codebook_size,
+        "algorithmic_latency_samples": dict(served.latency), "max_sessions": options.max_sessions,
+        "token_required": bool(options.token),
+        "origin": origin, "origin_allowed": None if origin is None else origin_allowed(options, origin),
     }
 
 
-def respond(server: "SNACServer", connection: ServerConnection, request: Request) -> Response:
+def respond(served: ServedModel, options: ServerOptions, connection: ServerConnection,
+            request: Request) -> Response:
     """The HTTP response to a plain (non-websocket) ``GET``: a static file, the config, or 404."""
     url = urlsplit(request.path)
     if url.path == "/config.json":
         origin = parse_qs(url.query).get("origin", [None])[0]
-        return _response(connection, 200, json.dumps(config(server, origin)).encode(), "application/json")
+        return _response(connection, 200, json.dumps(config(served, options, origin)).encode(), "application/json")
     entry = FILES.get(url.path)
     if entry is None:
         return _response(connection, 404, f"not found: {url.path}\n".encode(), "text/plain; charset=utf-8")

@@ -26,7 +26,7 @@ import torch
 
 from .. import client as ws_client
 from ..model.snac import SNAC
-from .server import ServerOptions, SNACServer
+from . import ServerOptions, SNACServer
 
 PARTS = ("total", "algorithmic", "server", "transport")
 

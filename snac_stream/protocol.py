@@ -1,7 +1,8 @@
 """The snac-stream websocket protocol, version 1: message types, binary frame layouts, error codes.
 
-Shared by the server (:mod:`snac_stream.server.server`) and the client (:mod:`snac_stream.client`), so the
-encoding of every message lives here once. The normative description is ``docs/protocol.md``.
+Shared by the server (:mod:`snac_stream.server`) and the client (:mod:`snac_stream.client`), so the encoding
+of every message lives here once; it imports neither side (nor torch). The normative description is
+``docs/protocol.md``.
 
 Summary:
 
@@ -30,6 +31,8 @@ KINDS: Tuple[str, ...] = ("encode", "decode", "roundtrip")
 SAMPLE_FORMATS: Dict[str, np.dtype] = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 TOKEN_DTYPE = np.dtype("<i4")
 DEFAULT_LAYOUT = "interleaved"
+# The environment variable holding the shared auth token (``hello.auth``), read by the server and the clients.
+TOKEN_ENV = "SNAC_STREAM_TOKEN"
 
 # Server -> client binary frame header, little-endian:
 #   u8  payload kind (PAYLOAD_AUDIO or PAYLOAD_TOKENS)

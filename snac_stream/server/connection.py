@@ -1,0 +1,283 @@
+"""The connection side, on the event loop: handshake, hello check, the read loop, backpressure, output queues.
+
+Bounds (see :class:`~.options.ServerOptions`): a session's unprocessed input (``max_backlog_s``) -- past it
+the server stops reading that socket, so a client sending faster than the engine computes is slowed by TCP
+flow control; its queued output -- past half of ``max_output_bytes`` the server stops reading too, and a
+client whose output does not move for ``idle_timeout_s``, or whose queue passes the whole bound, is dropped
+as a slow consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions``); and
+``idle_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, Dict, Set, Union
+
+import torch
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from .. import __version__
+from ..protocol import Hello, ProtocolError, Ready, decode_audio, decode_tokens, parse_json
+from ..tokens import get_layout
+from .options import ServedModel, ServerOptions, token_accepted
+from .session import Events, Session
+from .worker import Worker
+
+log = logging.getLogger("snac_stream.server")
+
+
+async def _close_or_abort(ws: ServerConnection, code: int, reason: str, timeout_s: float = 1.0) -> None:
+    """Send a close frame; drop the TCP connection if the peer does not answer in time."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout_s)
+    except (asyncio.TimeoutError, ConnectionClosed, OSError):
+        ws.transport.abort()
+
+
+class Gateway:
+    """Serves each websocket connection as one session, its engine work done by ``worker``."""
+
+    def __init__(self, served: ServedModel, options: ServerOptions, worker: Worker, stats: Dict[str, Any]):
+        self.served = served
+        self.options = options
+        self.worker = worker
+        self.stats = stats
+        self.sessions: Set[Session] = set()
+        self._numbers = 0
+        self._changed = asyncio.Event()
+
+    async def wait_sessions(self, at_most: int) -> None:
+        """Return once no more than ``at_most`` sessions hold a slot."""
+        while len(self.sessions) > at_most:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _drop(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._changed.set()
+
+    @staticmethod
+    def check_request(connection: ServerConnection, request: Any) -> None:
+        """The websocket handshake's request hook: the bearer header is an alternative to ``hello.auth``;
+        remember it for the hello check."""
+        header = request.headers.get("Authorization", "")
+        connection.bearer = header[7:] if header.startswith("Bearer ") else None  # type: ignore[attr-defined]
+
+    # ---- one connection ---------------------------------------------------------------------------------
+    async def handle(self, ws: ServerConnection) -> None:
+        """The connection handler: hello, ready, input until flush or close, the stream's end."""
+        self._numbers += 1
+        session = Session(ws, self._numbers)
+        side = session.loop
+        opened = False
+        try:
+            hello = Hello.parse(parse_json(await self._recv(session, expect_text=True)))
+            self._check_hello(ws, hello)
+            if len(self.sessions) >= self.options.max_sessions:
+                raise ProtocolError("server_full", f"all {self.options.max_sessions} sessions are in use; "
+                                                   "try again later")
+            session.hello = hello
+            session.layout = get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
+            if hello.kind == "decode":
+                side.parser = session.layout.parser()
+            self.sessions.add(session)
+            self.stats["sessions"] += 1
+            await self.worker.open(session)
+            opened = True
+            side.writer = asyncio.create_task(side.write_loop())
+            self.send(session, self._ready(session).to_json())
+            if await self._read_loop(session):
+                await self.worker.end_stream(session)
+                if not side.dead:  # not failed on the way
+                    self.stats["completed"] += 1
+        except ProtocolError as exc:
+            self.fail(session, exc)
+        except ConnectionClosed:
+            pass  # abrupt disconnect: nothing to tell; the slot is freed below
+        except Exception as exc:  # a bug: tell the client, keep serving the others
+            log.exception("session %d failed", session.number)
+            self.fail(session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}"))
+        finally:
+            if opened and not side.dead:
+                self._release(session)
+            side.dead = True
+            self._drop(session)
+            if side.writer is not None:
+                # Ends the writer after what is queued (a no-op close if an error close is queued first).
+                side.queue_close(1000, "done")
+                try:
+                    await side.writer
+                except asyncio.CancelledError:
+                    pass
+            elif side.error is not None:  # failed before the writer started: send the error directly
+                try:
+                    await ws.send(side.error.to_json())
+                    await ws.close(side.error.close_code, side.error.code)
+                except ConnectionClosed:
+                    pass
+
+    def _check_hello(self, ws: ServerConnection, hello: Hello) -> None:
+        if not token_accepted(self.options, hello.auth or getattr(ws, "bearer", None)):
+            raise ProtocolError("unauthorized", "missing or wrong auth token")
+        rate = self.served.config.sampling_rate
+        if hello.sample_rate is not None and hello.sample_rate != rate:
+            raise ProtocolError("bad_sample_rate", f"this model runs at {rate} Hz, the hello says "
+                                                   f"{hello.sample_rate} Hz; resample on the client")
+        try:
+            get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
+        except ValueError as exc:
+            raise ProtocolError("bad_hello", str(exc)) from None
+
+    def _ready(self, session: Session) -> Ready:
+        served, layout, hello, opts = self.served, session.layout, session.hello, self.options
+        cfg = served.config
+        assert layout is not None and hello is not None
+        backlog = self._backlog_limit(hello.kind)
+        return Ready(
+            kind=hello.kind, model=served.name, sample_rate=cfg.sampling_rate, sample_format=hello.sample_format,
+            hop_samples=cfg.hop_length, frame_samples=cfg.frame_samples, step_samples=served.step_samples,
+            step_frames=served.step_frames, n_codebooks=cfg.n_codebooks, codebook_size=cfg.codebook_size,
+            token_layout={"name": layout.name, "frame_tokens": layout.frame_tokens,
+                          "token_offset": layout.token_offset, "order": [list(o) for o in layout.order],
+                          "id_offsets": [layout.id_offset(p) for p in range(layout.frame_tokens)]},
+            algorithmic_latency_samples=served.latency[hello.kind],
+            limits={"max_frame_bytes": opts.max_frame_bytes, "idle_timeout_s": opts.idle_timeout_s,
+                    "max_backlog_samples": backlog if hello.kind != "decode" else None,
+                    "max_backlog_tokens": backlog if hello.kind == "decode" else None,
+                    "max_output_bytes": opts.max_output_bytes, "max_sessions": opts.max_sessions},
+            session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights)
+
+    def _backlog_limit(self, kind: str) -> int:
+        """Unprocessed input items (samples, or tokens for decode) past which the server stops reading."""
+        served = self.served
+        steps = max(1, math.ceil(self.options.max_backlog_s * served.config.sampling_rate / served.step_samples))
+        if kind == "decode":
+            return steps * served.step_frames * len(get_layout("interleaved", served.config).order)
+        return steps * served.step_samples
+
+    async def _recv(self, session: Session, expect_text: bool = False) -> Union[str, bytes]:
+        try:
+            message = await asyncio.wait_for(session.loop.ws.recv(), self.options.idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError("idle_timeout", f"nothing received for {self.options.idle_timeout_s:g} s") from None
+        if len(message) > self.options.max_frame_bytes:
+            raise ProtocolError("frame_too_big", f"a message of {len(message)} bytes is over the limit of "
+                                                 f"{self.options.max_frame_bytes} bytes")
+        if expect_text and not isinstance(message, str):
+            raise ProtocolError("bad_data_type", "the first message must be a JSON text hello, got a binary frame")
+        return message
+
+    async def _read_loop(self, session: Session) -> bool:
+        """Read until flush (returns True) or close (False)."""
+        side = session.loop
+        limit = self._backlog_limit(session.kind)
+        out_limit = self.options.max_output_bytes // 2
+        while True:
+            # Backpressure: stop reading while the engine is behind or the client is slow to read its output;
+            # TCP flow control then slows the client down.
+            while not side.dead and (side.received - session.consumed > limit or side.out_bytes > out_limit):
+                side.progress.clear()
+                try:
+                    await asyncio.wait_for(side.progress.wait(), self.options.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    if side.out_bytes > out_limit:  # no output went out for a whole idle timeout
+                        raise ProtocolError("slow_consumer", f"the client has not read its output for "
+                                                             f"{self.options.idle_timeout_s:g} s") from None
+            if side.dead:
+                return False
+            message = await self._recv(session)
+            if side.dead:
+                return False
+            now = time.perf_counter()
+            if isinstance(message, str):
+                control = parse_json(message)
+                if control["type"] == "flush":
+                    if side.parser is not None and side.parser.pending:
+                        raise ProtocolError("bad_tokens", f"the stream ended inside a coarse frame: "
+                                                          f"{side.parser.pending} tokens left over")
+                    session.flush_at = (side.received, now)
+                    return True
+                if control["type"] == "close":
+                    return False
+                raise ProtocolError("unknown_message", f"unknown message type {control['type']!r}; "
+                                                       "after ready the client sends binary frames, flush or close")
+            if session.kind == "decode":
+                self._on_tokens(session, message, now)
+            else:
+                self._on_audio(session, message, now)
+            self.stats["max_backlog"] = max(self.stats["max_backlog"], side.received - session.consumed)
+
+    def _on_audio(self, session: Session, payload: bytes, now: float) -> None:
+        samples = decode_audio(payload, session.hello.sample_format)  # type: ignore[union-attr]
+        if not samples.size:
+            return
+        session.loop.received += samples.size
+        self.worker.deliver(session, samples, now)
+
+    def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
+        ids = decode_tokens(payload)
+        try:
+            codes = session.loop.parser.push(torch.from_numpy(ids))  # type: ignore[union-attr]
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError("bad_tokens", str(exc)) from None
+        session.loop.received += ids.size
+        if codes[0].shape[-1]:
+            self.worker.deliver(session, codes, now)
+
+    # ---- output and failures ----------------------------------------------------------------------------
+    def send(self, session: Session, message: Union[bytes, str]) -> None:
+        """Queue a message for the client; a client whose queue passes ``max_output_bytes`` is dropped."""
+        side = session.loop
+        if side.dead:
+            return
+        side.out.append(message)
+        side.out_bytes += len(message)
+        side.out_ready.set()
+        # After flush the rest is bounded (backlog + codec latency) and may come as one large frame.
+        if side.out_bytes > self.options.max_output_bytes and session.flush_at is None:
+            self.fail(session, ProtocolError(
+                "slow_consumer", f"the client is not reading: over {self.options.max_output_bytes} bytes "
+                                 "of output queued"), drop_queue=True)
+
+    def take_events(self, events: Events) -> None:
+        """A tick's events: messages to queue, errors that end their sessions."""
+        for session, item in events:
+            if isinstance(item, ProtocolError):
+                self.fail(session, item)
+            else:
+                self.send(session, item)
+        # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
+        for session in self.sessions:
+            session.loop.progress.set()
+
+    def fail(self, session: Session, error: ProtocolError, drop_queue: bool = False) -> None:
+        """Report ``error`` to the client, close with its code, free the slot at once."""
+        side = session.loop
+        if side.dead:
+            return
+        self.stats["errors"][error.code] += 1
+        log.info("session %d (%s): %s: %s", session.number, session.kind, error.code, error.message)
+        side.error = error
+        if session in self.sessions:
+            self._release(session)
+            self._drop(session)
+        if drop_queue:
+            side.out.clear()
+            side.out_bytes = 0
+        side.out.append(error.to_json())
+        side.queue_close(error.close_code, error.code)
+        side.dead = True
+        side.progress.set()
+        if drop_queue and side.writer is not None:
+            # The writer is stuck in a send to a client that does not read: close from here.
+            side.writer.cancel()
+            asyncio.ensure_future(_close_or_abort(side.ws, error.close_code, error.code))
+
+    def _release(self, session: Session) -> None:
+        session.loop.dead = True
+        session.loop.progress.set()
+        self.worker.abort(session)

@@ -1,0 +1,403 @@
+"""The engine lanes: one per engine, the sessions' streams on it. Engine thread only.
+
+:class:`Lane` is the mechanism every engine shares: a session's stream opens, takes input, runs in the
+batched step (outputs converted once per batch and sent as frames, each tagged with the marker of the input
+that completed its step), ends in one batched ``close_many`` with every other stream ending in the same
+tick, or is aborted. :class:`EncodeLane` (audio in, tokens out) and :class:`DecodeLane` (codes in, audio
+out) say what their input and output are. A roundtrip session holds a stream on both: the encode lane feeds
+its codes to the decode lane (:meth:`Lane.feeds`), and its decoder stream ends after its encoder stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..engine import DecodeEngine, EncodeEngine, StreamEngine
+from ..protocol import FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, OutputFrame, ProtocolError, audio_payload, dumps
+from .session import Events, Marker, Session
+
+log = logging.getLogger("snac_stream.server")
+
+BEHIND_REPEAT_S = 5.0  # at most one "behind" warning per session this often
+
+# Ends a session after a failure in its share of a tick (every stream of it, on every lane).
+Fail = Callable[[Session, Events, Exception], None]
+
+
+@dataclass
+class _Stream:
+    """A session's stream on one lane."""
+
+    sid: int
+    markers: Deque[Marker] = field(default_factory=collections.deque)  # one per queued step, oldest first
+    held: Optional[List[torch.Tensor]] = None  # input short of a whole step the lane keeps (decode: codes)
+
+
+class Lane:
+    """One engine and the streams of the sessions on it.
+
+    ``kinds``: the session kinds holding a stream here; ``input_kinds``: those whose client input comes here
+    (the others' comes from the lane upstream). ``step_items``: the input one engine step takes, in this
+    lane's unit (samples, or coarse frames).
+    """
+
+    kinds: Tuple[str, ...] = ()
+    input_kinds: Tuple[str, ...] = ()
+
+    def __init__(self, engine: StreamEngine, fail: Fail, step_items: int):
+        self.engine = engine
+        self.fail = fail
+        self.step_items = step_items
+        self.upstream: Optional[Lane] = None
+        self.downstream: Optional[Lane] = None
+        self._streams: Dict[Session, _Stream] = {}
+        self._by_sid: Dict[int, Session] = {}
+
+    def feeds(self, lane: "Lane") -> None:
+        """Send the output of sessions holding a stream on both lanes on to ``lane`` as its input."""
+        self.downstream, lane.upstream = lane, self
+
+    # ---- streams --------------------------------------------------------------------------------------
+    def open(self, session: Session) -> None:
+        """Open the session's stream here if its kind uses this lane; raises ``EngineFull``."""
+        if session.kind in self.kinds:
+            sid = self.engine.open()
+            self._streams[session] = _Stream(sid)
+            self._by_sid[sid] = session
+
+    def holds(self, session: Session) -> bool:
+        """Whether the session has a stream here (opened, not yet ended or aborted)."""
+        return session in self._streams
+
+    def pending(self, session: Session) -> int:
+        """Whole steps queued for the session's stream."""
+        return self.engine.pending(self._streams[session].sid)
+
+    def busy(self) -> bool:
+        """Whether any stream has a step queued."""
+        return any(self.engine.pending(sid) for sid in self._by_sid)
+
+    def abort(self, session: Session) -> None:
+        """Drop the session's stream (if any) without running the rest."""
+        stream = self._streams.pop(session, None)
+        if stream is not None:
+            self._by_sid.pop(stream.sid, None)
+            self.engine.abort(stream.sid)
+
+    # ---- input ----------------------------------------------------------------------------------------
+    def submit(self, sessions: Sequence[Session], events: Events) -> None:
+        """Submit the queued client input (``Session.take_inbox``) of ``sessions`` (of ``input_kinds``)."""
+        raise NotImplementedError
+
+    def feed(self, sessions: Sequence[Session], outputs: Any, marks: Sequence[Sequence[Tuple[int, Marker]]]) -> None:
+        """Take the lane upstream's output for ``sessions`` as their input."""
+        raise NotImplementedError(f"{type(self).__name__} takes no other lane's output")
+
+    def end_input(self, session: Session) -> None:
+        """The session's input has ended (flush): queue what the engine holds short of a step, if it does."""
+
+    def _mark_steps(self, session: Session, before: int, marks: Sequence[Tuple[int, Marker]]) -> None:
+        """Tag each step the new input completes with the marker of the piece that completed it. ``before``:
+        the stream's input (in ``step_items`` units) before it; ``marks``: (input up to the end of a piece,
+        counted from ``before``; that piece's marker), ascending."""
+        markers = self._streams[session].markers
+        done = before // self.step_items
+        for upto, marker in marks:
+            steps = (before + upto) // self.step_items
+            markers.extend([marker] * (steps - done))
+            done = steps
+
+    # ---- steps ----------------------------------------------------------------------------------------
+    def step(self, events: Events, carried_s: float = 0.0) -> Tuple[float, bool]:
+        """One engine step of every stream with a step queued, its outputs sent per batch. ``carried_s``: the
+        lane upstream's step time in this tick, part of the compute time of the sessions it fed. Returns
+        (seconds the step took, whether any stream stepped)."""
+        t0 = time.perf_counter()
+        groups = self._step_groups(events)
+        step_s = time.perf_counter() - t0
+        for sids, outputs in groups:
+            sessions = [self._by_sid[sid] for sid in sids]
+            markers, compute = [], []
+            for session in sessions:
+                markers.append(self._streams[session].markers.popleft())
+                if session.kind in self.input_kinds:
+                    session.consumed += self._input_per_step(session)
+                    compute.append(step_s)
+                else:
+                    compute.append(step_s + carried_s)
+            self.emit(sessions, outputs, markers, compute, events)
+        return step_s, bool(groups)
+
+    def _step_groups(self, events: Events) -> List[Tuple[List[int], Any]]:
+        """One step of the engine if any of its streams has input queued: its outputs as batched rows. A
+        failure of the step as a whole (not of one stream's input, which the engines refuse at submit) ends
+        every session on this lane with ``internal_error``; the server goes on serving."""
+        if not self.busy():
+            return []
+        try:
+            return self.engine.step_groups()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("engine step failed; ending the %d sessions on it", len(self._by_sid))
+            error = ProtocolError("internal_error", f"internal error: {type(exc).__name__}")
+            for session in list(self._by_sid.values()):
+                self.fail(session, events, error)
+            return []
+
+    def _input_per_step(self, session: Session) -> int:
+        """Client input items (samples, or tokens) one step consumes."""
+        raise NotImplementedError
+
+    # ---- output ---------------------------------------------------------------------------------------
+    def emit(self, sessions: Sequence[Session], outputs: Any, markers: Sequence[Marker], compute_s: Sequence[float],
+             events: Events, final: bool = False) -> None:
+        """Send row ``j`` of the batched ``outputs`` to ``sessions[j]`` as frames; ``final``: the stream's end."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _frame(kind: int, start: int, marker: Marker, compute_s: float, data: np.ndarray, final: bool) -> bytes:
+        server_us = (time.perf_counter() - marker[1]) * 1e6
+        return OutputFrame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
+                           FLAG_FINAL if final else 0).pack()
+
+    # ---- stream ends ----------------------------------------------------------------------------------
+    def end_streams(self, ending: Sequence[Session], events: Events) -> None:
+        """End the streams of the flushed ``ending`` sessions whose queued steps have all run (and whose
+        stream upstream has ended), all in one batched pass (``close_many``), and send the rest of their
+        output."""
+        closing = [s for s in ending if self.holds(s) and not self.pending(s)
+                   and not (self.upstream is not None and self.upstream.holds(s)) and self._ends_whole(s, events)]
+        t0 = time.perf_counter()
+        for sessions, outputs in self.close_many(closing, events):
+            self.emit(sessions, outputs, [s.flush_at for s in sessions],  # type: ignore[misc]
+                      [time.perf_counter() - t0] * len(sessions), events, final=True)
+
+    def _ends_whole(self, session: Session, events: Events) -> bool:
+        """Whether the stream may end here; if not, the session has been failed."""
+        return True
+
+    def close_many(self, sessions: List[Session], events: Events) -> List[Tuple[List[Session], Any]]:
+        """End these sessions' streams (``close_many``) and detach them; returns the outputs as (sessions,
+        batched outputs) groups. A failure ends those sessions only."""
+        if not sessions:
+            return []
+        sids = [self._streams[s].sid for s in sessions]
+        try:
+            groups = self.engine.close_many(sids)
+        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
+            groups, failed = [], exc
+        else:
+            failed = None
+        for sid, session in zip(sids, sessions):  # every slot of the call is free now
+            self._by_sid.pop(sid, None)
+            del self._streams[session]
+            if failed is not None:
+                self.fail(session, events, failed)
+        by_sid = dict(zip(sids, sessions))
+        return [([by_sid[sid] for sid in group], outputs) for group, outputs in groups]
+
+
+class EncodeLane(Lane):
+    """Audio in, tokens out: encode and roundtrip sessions. Their codes go on to the lane it feeds."""
+
+    kinds = ("encode", "roundtrip")
+    input_kinds = ("encode", "roundtrip")
+
+    def __init__(self, engine: EncodeEngine, fail: Fail, stats: Dict[str, Any], behind_warning_s: float):
+        super().__init__(engine, fail, engine.step_samples)
+        self.stats = stats
+        self.behind_warning_s = behind_warning_s
+
+    def submit(self, sessions: Sequence[Session], events: Events) -> None:
+        """Each session's queued audio, all sessions in one engine call."""
+        members: List[Tuple[Session, List[Any], torch.Tensor]] = []
+        for session in sessions:
+            pieces = session.take_inbox()
+            if self.holds(session) and pieces:
+                audio = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+                members.append((session, pieces, torch.from_numpy(audio).view(1, 1, -1)))
+        if not members:
+            return
+        try:
+            self.engine.submit_many([self._streams[m[0]].sid for m in members], [m[2] for m in members])
+        except Exception:  # noqa: BLE001 - refused as a whole: one by one, so that only a session at fault ends
+            accepted = []
+            for member in members:
+                try:
+                    self.engine.submit(self._streams[member[0]].sid, member[2])
+                    accepted.append(member)
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(member[0], events, exc)
+            members = accepted
+        for session, pieces, _ in members:
+            before = pieces[0][1] - pieces[0][0].size  # samples received before these pieces
+            self._mark_steps(session, before, [(end - before, (end, t_recv)) for _, end, t_recv in pieces])
+
+    def end_input(self, session: Session) -> None:
+        stream = self._streams.get(session)
+        if stream is not None and self.engine.end_input(stream.sid):  # type: ignore[attr-defined]
+            stream.markers.append(session.flush_at)  # type: ignore[arg-type]
+
+    def _input_per_step(self, session: Session) -> int:
+        return self.step_items
+
+    def emit(self, sessions: Sequence[Session], outputs: Any, markers: Sequence[Marker], compute_s: Sequence[float],
+             events: Events, final: bool = False) -> None:
+        """Codes (per level (len(sessions), t_i), on the host) as tokens, converted once per token layout in use;
+        a roundtrip session's codes go on to the decode lane."""
+        codes: List[torch.Tensor] = outputs
+        if not codes[0].shape[-1]:
+            return
+        by_layout: Dict[Tuple[str, int], List[int]] = {}
+        for j, session in enumerate(sessions):
+            layout = session.layout
+            by_layout.setdefault((layout.name, layout.token_offset), []).append(j)  # type: ignore[union-attr]
+        tokens: List[Any] = [None] * len(sessions)
+        for rows in by_layout.values():
+            part = codes if len(rows) == len(sessions) else [c[rows] for c in codes]
+            try:
+                flat = sessions[rows[0]].layout.to_flat(part).numpy().astype("<i4")  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - ends the sessions of this layout only
+                for j in rows:
+                    self.fail(sessions[j], events, exc)
+                continue
+            for i, j in enumerate(rows):
+                tokens[j] = flat[i]
+        onward: List[int] = []
+        for j, session in enumerate(sessions):
+            if tokens[j] is None:
+                continue
+            end = final or markers[j] is session.flush_at  # output of the stream's padded end
+            if not end:
+                self._check_behind(session, markers[j], events)
+            events.append((session, self._frame(PAYLOAD_TOKENS, session.engine.token_pos, markers[j], compute_s[j],
+                                                tokens[j], end)))
+            session.engine.token_pos += tokens[j].size
+            if self.downstream is not None and session.kind in self.downstream.kinds:
+                onward.append(j)
+        if not onward:
+            return
+        members = [sessions[j] for j in onward]
+        part = codes if len(onward) == len(sessions) else [c[onward] for c in codes]
+        try:
+            self.downstream.feed(members, part, [[(part[0].shape[-1], markers[j])] for j in onward])  # type: ignore
+        except Exception as exc:  # noqa: BLE001 - codes made by the encoder: a bug, not the clients' doing
+            for member in members:
+                self.fail(member, events, exc)
+
+    def _check_behind(self, session: Session, marker: Marker, events: Events) -> None:
+        """Warn an audio-input session whose output now answers input received over ``behind_warning_s`` ago:
+        the engine is slower than that input (an overloaded server, or a client sending faster than real
+        time) and the delay grows while it lasts. At most once per ``BEHIND_REPEAT_S``."""
+        limit, now = self.behind_warning_s, time.perf_counter()
+        lag = now - marker[1]
+        state = session.engine
+        recently = state.warned_at is not None and now - state.warned_at < BEHIND_REPEAT_S
+        if not limit or lag <= limit or recently:
+            return
+        state.warned_at = now
+        self.stats["behind_warnings"] += 1
+        events.append((session, dumps({
+            "type": "warning", "code": "behind", "lag_ms": round(1e3 * lag),
+            "message": f"output is {lag:.1f} s behind the input it answers: the server is slower than this "
+                       f"session's input"})))
+
+
+class DecodeLane(Lane):
+    """Codes in, audio out: decode sessions (their tokens, parsed on the loop) and roundtrip sessions (the
+    encode lane's codes). The engine takes whole steps; the lane holds the codes short of one."""
+
+    kinds = ("decode", "roundtrip")
+    input_kinds = ("decode",)
+
+    def __init__(self, engine: DecodeEngine, fail: Fail):
+        super().__init__(engine, fail, engine.step_frames)
+
+    def submit(self, sessions: Sequence[Session], events: Events) -> None:
+        """Each session's queued codes at once; a failure ends that session only."""
+        for session in sessions:
+            try:
+                self._submit_one(session)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(session, events, exc)
+
+    def _submit_one(self, session: Session) -> None:
+        pieces = session.take_inbox()
+        if not pieces:
+            return
+        codes = (pieces[0][0] if len(pieces) == 1
+                 else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
+        marks, frames = [], 0
+        for piece, end, t_recv in pieces:
+            frames += piece[0].shape[-1]
+            marks.append((frames, (end, t_recv)))
+        self.feed([session], codes, [marks])
+
+    def feed(self, sessions: Sequence[Session], outputs: Any, marks: Sequence[Sequence[Tuple[int, Marker]]]) -> None:
+        """Hold codes and queue every whole step. Row ``j`` of ``outputs`` (codes per level (len(sessions), t_i))
+        belongs to ``sessions[j]``; ``marks[j]``: (coarse frames of that row up to the end of one input piece, that
+        piece's marker), ascending. Sessions holding the same number of frames go to the engine as one batch."""
+        codes: List[torch.Tensor] = outputs
+        by_held: Dict[int, List[int]] = {}
+        for j, session in enumerate(sessions):
+            stream = self._streams.get(session)
+            if stream is not None:
+                by_held.setdefault(0 if stream.held is None else stream.held[0].shape[-1], []).append(j)
+        for held, rows in by_held.items():
+            streams = [self._streams[sessions[j]] for j in rows]
+            part = codes if len(rows) == len(sessions) else [c[rows] for c in codes]
+            if held:
+                part = [torch.cat([torch.cat(buffered, dim=0), new], dim=-1)
+                        for buffered, new in zip(zip(*(s.held for s in streams)), part)]  # type: ignore[misc]
+            frames = part[0].shape[-1]
+            whole = frames // self.step_items * self.step_items
+            if whole:
+                self.engine.submit_many([s.sid for s in streams],  # type: ignore[call-arg]
+                                        [c[:, : whole * c.shape[-1] // frames] for c in part])
+                for j in rows:
+                    self._mark_steps(sessions[j], held, marks[j])
+            rest = [c[:, whole * c.shape[-1] // frames:] for c in part] if whole < frames else None
+            for i, stream in enumerate(streams):
+                stream.held = None if rest is None else [c[i : i + 1] for c in rest]
+
+    def _ends_whole(self, session: Session, events: Events) -> bool:
+        held = self._streams[session].held
+        if held is not None and held[0].shape[-1]:
+            self.fail(session, events, ProtocolError(
+                "bad_tokens", f"the stream ended inside a decoder step: {held[0].shape[-1]} coarse frames left "
+                              f"over; this model decodes whole steps of {self.step_items} frames"))
+            return False
+        return True
+
+    def _input_per_step(self, session: Session) -> int:
+        return self.step_items * session.layout.frame_tokens  # type: ignore[union-attr]
+
+    def emit(self, sessions: Sequence[Session], outputs: Any, markers: Sequence[Marker], compute_s: Sequence[float],
+             events: Events, final: bool = False) -> None:
+        """Audio (len(sessions), 1, n), converted to each sample format once for all sessions using it. A
+        roundtrip whose input has ended gets no more samples than it sent (the rest decodes the end padding)."""
+        samples = outputs.reshape(len(sessions), -1).float().cpu().numpy()
+        by_format: Dict[str, List[int]] = {}
+        for j, session in enumerate(sessions):
+            by_format.setdefault(session.hello.sample_format, []).append(j)  # type: ignore[union-attr]
+        payloads: List[Any] = [None] * len(sessions)
+        for fmt, rows in by_format.items():
+            data = audio_payload(samples if len(rows) == len(sessions) else samples[rows], fmt)
+            for i, j in enumerate(rows):
+                payloads[j] = data[i]
+        for j, session in enumerate(sessions):
+            data, state = payloads[j], session.engine
+            if session.flush_at is not None and session.kind == "roundtrip":
+                data = data[: max(0, session.flush_at[0] - state.audio_pos)]
+            if not data.size:
+                continue
+            # Steps tagged with the flush's marker decode the stream's padded end: end-of-stream output too.
+            events.append((session, self._frame(PAYLOAD_AUDIO, state.audio_pos, markers[j], compute_s[j], data,
+                                                final or markers[j] is session.flush_at)))
+            state.audio_pos += data.size

@@ -1,0 +1,122 @@
+"""Server settings and the security rules that read them: limits, the auth token, allowed browser origins;
+and :class:`ServedModel`, what clients are told about the model.
+
+Nothing here touches a socket or an engine; the connection side (:mod:`.connection`) and the HTTP side
+(:mod:`.web`) both ask these functions, so the handshake and ``/config.json`` apply the same rules.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..config import SNACConfig
+from ..protocol import TOKEN_ENV
+
+# Browsers send an Origin header; other clients do not (None). Default: pages served from this machine.
+LOOPBACK_ORIGINS: Tuple[Union[str, re.Pattern, None], ...] = (
+    re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"), None)
+
+
+@dataclass
+class ServerOptions:
+    """Limits and security settings.
+
+    ``token``: a shared secret clients present in ``hello.auth`` or an ``Authorization: Bearer`` header;
+    required when ``host`` is not a loopback address. ``allowed_origins``: exact Origin values (or ``"*"``)
+    browsers may connect from, besides loopback pages. ``threads``: torch intra-op threads of the engine
+    worker (``None``: :func:`default_engine_threads`).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_sessions: int = 8
+    max_frame_bytes: int = 1 << 20
+    idle_timeout_s: float = 30.0
+    max_backlog_s: float = 2.0
+    max_output_bytes: int = 4 << 20
+    token: Optional[str] = None
+    allowed_origins: Sequence[str] = ()
+    backend: Optional[str] = None
+    threads: Optional[int] = None
+    web: bool = True  # serve the browser page (snac_stream/server/web.py) on plain HTTP GETs
+    # Warn an audio-input session (encode, roundtrip) whose output answers input received more than this many
+    # seconds earlier: the server is slower than that session's input. 0: never.
+    behind_warning_s: float = 1.0
+
+    def check(self) -> None:
+        """Raise ``ValueError`` on a setting out of range, or a non-loopback bind without a token."""
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_frame_bytes < 1024:
+            raise ValueError(f"max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.idle_timeout_s <= 0 or self.max_backlog_s <= 0:
+            raise ValueError("idle_timeout_s and max_backlog_s must be positive")
+        if not self.behind_warning_s >= 0:
+            raise ValueError(f"behind_warning_s must be >= 0, got {self.behind_warning_s}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(f"binding to {self.host!r} (not a loopback address) requires an auth token: pass "
+                             f"--token or set {TOKEN_ENV}")
+
+
+def default_engine_threads() -> int:
+    """Torch intra-op threads for the engine worker: torch's default less one core for the event loop."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname, "" or "0.0.0.0"-like wildcard: assume reachable from outside
+
+
+def token_accepted(options: ServerOptions, presented: Optional[str]) -> bool:
+    """Whether ``presented`` (from the hello or the bearer header) opens a session; any does without a token."""
+    if not options.token:
+        return True
+    # Constant time: the comparison reveals nothing about how much of a guess was right.
+    return hmac.compare_digest((presented or "").encode(), options.token.encode())
+
+
+def handshake_origins(options: ServerOptions) -> Optional[List[Union[str, re.Pattern, None]]]:
+    """The Origin values the websocket handshake accepts (``websockets``' ``origins``); None: any."""
+    if "*" in options.allowed_origins:
+        return None
+    return [*LOOPBACK_ORIGINS, *options.allowed_origins]
+
+
+def origin_allowed(options: ServerOptions, origin: str) -> bool:
+    """Whether a browser page at ``origin`` passes the websocket Origin check (the handshake's rule)."""
+    allowed = options.allowed_origins
+    if "*" in allowed or origin in allowed:
+        return True
+    return any(isinstance(p, re.Pattern) and p.fullmatch(origin) for p in LOOPBACK_ORIGINS)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What clients are told about the served model (``ready``, ``/config.json``).
+
+    ``latency``: the algorithmic latency in samples of each session kind; ``step_samples`` of audio
+    (``step_frames`` coarse frames) is the unit the engines compute in.
+    """
+
+    name: str
+    config: SNACConfig
+    step_frames: int
+    step_samples: int
+    latency: Dict[str, int]
+    random_weights: bool = False

@@ -1,0 +1,22 @@
+"""The server's counters, shared by the connection side (sessions, errors, backlog) and the engine worker
+(ticks, their durations, 'behind' warnings). A plain dict, so reports and benchmarks read it as JSON-able data."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Dict
+
+TICKS_KEPT = 100_000  # tick durations kept for statistics (a few hours of steps)
+
+
+def new_stats() -> Dict[str, Any]:
+    """Fresh counters.
+
+    ``sessions`` / ``completed``: sessions opened / ended by a flush without error; ``errors``: a Counter of
+    error codes sent; ``max_backlog``: the most unprocessed input items a session held; ``ticks``: worker
+    ticks; ``tick_s`` / ``step_s``: the latest ticks' durations and the engine steps' share of them, in
+    seconds; ``behind_warnings``: 'behind' warnings sent.
+    """
+    return {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0, "max_backlog": 0,
+            "behind_warnings": 0, "tick_s": collections.deque(maxlen=TICKS_KEPT),
+            "step_s": collections.deque(maxlen=TICKS_KEPT)}

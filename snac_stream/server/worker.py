@@ -1,0 +1,235 @@
+"""The engine side: the engines of one model on one device (:class:`EngineSet`) and the thread that runs them
+(:class:`Worker`).
+
+The engines are touched only in the worker thread (torch releases the GIL while it computes). The event
+loop puts each client message's input in its session's inbox (:meth:`Worker.deliver`), marks flushed
+sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A tick
+(:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
+and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one
+batched flush per engine), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are
+decoded in the same tick), and hands the output frames back to the loop. Outputs are converted per batch:
+tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with the
+number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..engine import DecodeEngine, EncodeEngine, EngineFull
+from ..model.snac import SNAC
+from ..protocol import ProtocolError, dumps
+from .lanes import DecodeLane, EncodeLane, Lane
+from .session import Events, Session
+
+log = logging.getLogger("snac_stream.server")
+
+# A unit of work for the engine thread; it may add events for the loop. Its result goes to whoever awaits it.
+Command = Callable[[Events], Any]
+
+
+class EngineSet:
+    """An encode and a decode engine for ``max_streams`` streams each, their lanes, and the streams ending.
+
+    Built on the caller's thread; afterwards touched only by the thread that runs :meth:`tick`.
+    """
+
+    def __init__(self, model: SNAC, max_streams: int, stats: Dict[str, Any], *, backend: Optional[str] = None,
+                 behind_warning_s: float = 0.0):
+        self.stats = stats
+        # Outputs come back on the host in one copy per step (they are sent from there anyway).
+        self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu")
+        self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu")
+        for engine in (self.decoder, self.encoder):
+            if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
+                engine.warm_up()
+                engine.capture_graphs()
+        self.step_frames = self.decoder.step_frames
+        self.step_samples = self.decoder.step_samples
+        self.encode = EncodeLane(self.encoder, self.fail, stats, behind_warning_s)
+        self.decode = DecodeLane(self.decoder, self.fail)
+        self.encode.feeds(self.decode)
+        self.lanes: Tuple[Lane, ...] = (self.encode, self.decode)  # step order: upstream first
+        self._ending: List[Session] = []  # flushed sessions whose end is not sent yet
+
+    def open(self, session: Session) -> None:
+        """Open the session's streams; ``server_full`` if an engine has no free slot."""
+        try:
+            for lane in self.lanes:
+                lane.open(session)
+        except EngineFull:
+            self.abort(session)
+            raise ProtocolError("server_full", "no free engine slot; try again later") from None
+
+    def abort(self, session: Session) -> None:
+        """Drop every stream of the session."""
+        for lane in self.lanes:
+            lane.abort(session)
+
+    def fail(self, session: Session, events: Events, exc: Exception) -> None:
+        """End ``session`` (streams dropped at once) after ``exc`` in its share of a tick; the error goes to its
+        client with the tick's events."""
+        if not isinstance(exc, ProtocolError):
+            log.error("session %d failed in the engine", session.number, exc_info=exc)
+            exc = ProtocolError("internal_error", f"internal error: {type(exc).__name__}")
+        self.abort(session)
+        events.append((session, exc))
+
+    def tick(self, commands: Sequence[Command], ready: Sequence[Session],
+             ending: Sequence[Session]) -> Tuple[Events, List[Any], List[Session], bool]:
+        """Submit the input of the ``ready`` sessions, run the commands, take the new ``ending`` sessions (a
+        stream's end comes after its last input), end the streams that are ready to, then one step of each
+        lane. Returns (events, command results, sessions whose end is sent, more to do)."""
+        start = time.perf_counter()
+        events: Events = []
+        results: List[Any] = []
+        for lane in self.lanes:
+            lane.submit([session for session in ready if session.kind in lane.input_kinds], events)
+        for command in commands:
+            try:
+                results.append(command(events))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                results.append(exc)
+        for session in ending:
+            for lane in self.lanes:
+                lane.end_input(session)
+            self._ending.append(session)
+        ended = self._end_streams(events) if self._ending else []
+        step_s, carried_s, stepped = 0.0, 0.0, False
+        for lane in self.lanes:
+            carried_s, ran = lane.step(events, carried_s)
+            step_s += carried_s
+            stepped = stepped or ran
+        busy = bool(self._ending) or any(lane.busy() for lane in self.lanes)
+        if stepped or ended:
+            self.stats["tick_s"].append(time.perf_counter() - start)
+            self.stats["step_s"].append(step_s)
+        return events, results, ended, busy
+
+    def _end_streams(self, events: Events) -> List[Session]:
+        """End the flushed sessions whose queued steps have all run (padded as offline encode/decode would),
+        lane by lane; a roundtrip's decoder ends once the steps its encoder's end completed have run too.
+        Sends ``done``; returns the sessions whose end is sent (or that failed on the way)."""
+        for lane in self.lanes:
+            lane.end_streams(self._ending, events)
+        ended = [s for s in self._ending if not any(lane.holds(s) for lane in self.lanes)]
+        if ended:
+            self._ending = [s for s in self._ending if any(lane.holds(s) for lane in self.lanes)]
+        for session in ended:
+            assert session.flush_at is not None
+            events.append((session, dumps({"type": "done", "input_items": session.flush_at[0],
+                                           "output_samples": session.engine.audio_pos,
+                                           "output_tokens": session.engine.token_pos})))
+        return ended
+
+
+class Worker:
+    """Runs an :class:`EngineSet` in its own thread, one tick at a time, and carries work between it and the
+    event loop: input, stream ends and commands in; events (via the sink given to :meth:`start`), ended
+    streams and command results out.
+
+    The thread runs torch with ``threads`` intra-op threads, so the event loop, which serves every socket,
+    keeps a core; torch's threads competing with it for every core make each step slower than one thread
+    does (bench/RESULTS.md, server section).
+    """
+
+    def __init__(self, engines: EngineSet, threads: int, stats: Dict[str, Any]):
+        self.engines = engines
+        self.threads = threads
+        self.stats = stats
+        # torch's thread count is per thread: set it in the worker, leaving the caller's alone.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+        self._commands: List[Tuple[Command, Optional[asyncio.Future]]] = []
+        self._input_ready: List[Session] = []  # sessions whose inbox has input since the last tick
+        self._end_requests: List[Session] = []  # sessions flushed since the last tick
+        self._wake: Optional[asyncio.Event] = None
+        self._ticker: Optional[asyncio.Task] = None
+        self._sink: Callable[[Events], None] = lambda events: None
+
+    # ---- event loop side ------------------------------------------------------------------------------
+    def start(self, sink: Callable[[Events], None]) -> None:
+        """Start ticking (on the running loop); ``sink`` takes each tick's events."""
+        self._sink = sink
+        self._wake = asyncio.Event()
+        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        """Stop ticking and end the thread (after the tick under way)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    def post(self, command: Command, future: Optional[asyncio.Future] = None) -> None:
+        """Run ``command`` in the next tick; its result (or exception) goes to ``future``."""
+        self._commands.append((command, future))
+        assert self._wake is not None
+        self._wake.set()
+
+    async def call(self, command: Command) -> Any:
+        """Run ``command`` in the engine thread and return its result."""
+        future = asyncio.get_running_loop().create_future()
+        self.post(command, future)
+        return await future
+
+    async def open(self, session: Session) -> None:
+        """Open the session's engine streams; raises ``ProtocolError`` ``server_full`` if none is free."""
+        await self.call(lambda events: self.engines.open(session))
+
+    def abort(self, session: Session) -> None:
+        """Drop the session's engine streams in the next tick."""
+        self.post(lambda events: self.engines.abort(session))
+
+    def deliver(self, session: Session, item: Any, now: float) -> None:
+        """Queue one message's input; the first item of an empty inbox marks the session for the next tick,
+        which submits everything that arrived since the last one at once (one engine call for all sessions'
+        audio, not one per message)."""
+        session.inbox.append((item, session.loop.received, now))
+        if len(session.inbox) == 1:
+            self._input_ready.append(session)
+            assert self._wake is not None
+            self._wake.set()
+
+    async def end_stream(self, session: Session) -> None:
+        """After a flush: hand the session to the engine thread's stream ends; returns once its end (or an
+        error) is queued for the client."""
+        session.loop.ended = asyncio.get_running_loop().create_future()
+        self._end_requests.append(session)
+        assert self._wake is not None
+        self._wake.set()
+        await session.loop.ended
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            commands, self._commands = self._commands, []
+            ready, self._input_ready = self._input_ready, []
+            ending, self._end_requests = self._end_requests, []
+            events, results, ended, busy = await loop.run_in_executor(
+                self._executor, self.engines.tick, [command for command, _ in commands], ready, ending)
+            self.stats["ticks"] += 1
+            self._sink(events)
+            for session in ended:
+                if session.loop.ended is not None and not session.loop.ended.done():
+                    session.loop.ended.set_result(None)
+            for (_, future), result in zip(commands, results):
+                if future is not None and not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            if busy:
+                self._wake.set()
