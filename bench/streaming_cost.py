@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from snac_stream import PRESETS, SNAC
-from snac_stream.server.latency import source_commit
+from snac_stream.server.loadtest import source_commit
 
 
 def sync(device: torch.device) -> None:

@@ -12,13 +12,13 @@ hub) are the model's own :class:`snac_stream.CheckpointError`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .config import HUB_IDS, PRESETS
 from .model import SNAC
+from .model.checkpoint import looks_like_path
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model", "resolve_device"]
 
@@ -72,7 +72,7 @@ def load_model(spec: str, device: torch.device, *, random_weights: bool = False)
         if not path.is_dir():
             raise ModelLoadError(f"--model {spec}: is a file; pass the checkpoint directory holding config.json")
         name = str(path.resolve())
-    elif _looks_like_path(spec):
+    elif looks_like_path(spec):
         raise ModelLoadError(f"--model {spec}: no such checkpoint directory")
     else:
         name = HUB_IDS.get(spec.lower().removeprefix("snac_"), spec)
@@ -90,8 +90,3 @@ def _random_model(spec: str, device: torch.device) -> SNAC:
     model.name = preset
     return model
 
-
-def _looks_like_path(spec: str) -> bool:
-    # Hub ids are "owner/name"; anything anchored or deeper is meant as a directory.
-    return (spec.startswith((".", "~")) or os.path.isabs(spec) or spec.count("/") > 1
-            or (os.sep != "/" and os.sep in spec))

@@ -170,10 +170,10 @@ def test_concurrent_sessions_of_every_kind_layout_and_format_are_each_exact() ->
         nonlocal server_url
         server_url = server.url
         _slow_engines(server, 0.01)  # input of several sessions arrives during each step
-        submit_many, emit = server.encoder.submit_many, server._emit_codes
+        submit_many, emit = server.encoder.submit_many, server.engines.encode.emit
         server.encoder.submit_many = lambda sids, pieces: (  # type: ignore[method-assign]
             shared["submit"].append(len(sids)), submit_many(sids, pieces))[1]
-        server._emit_codes = lambda sessions, *args, **kw: (  # type: ignore[method-assign]
+        server.engines.encode.emit = lambda sessions, *args, **kw: (  # type: ignore[method-assign]
             shared["emit"].append(collections.Counter((s.layout.name, s.layout.token_offset) for s in sessions)),
             emit(sessions, *args, **kw))[1]
         return await asyncio.gather(*(one(i) for i in range(len(specs))))
@@ -519,7 +519,7 @@ def test_engine_threads_apply_to_the_worker_only() -> None:
     caller = torch.get_num_threads()
 
     async def test(server: SNACServer):
-        return server.threads, await server._call(lambda events: torch.get_num_threads())
+        return server.threads, await server.worker.call(lambda events: torch.get_num_threads())
 
     assert serve(model_for("24k"), test, threads=1) == (1, 1)
     assert torch.get_num_threads() == caller  # the caller's (and the event loop's) threads are left alone

@@ -276,7 +276,7 @@ def _server_token(args: argparse.Namespace) -> Optional[str]:
         return None
     if args.lookahead is not None:
         raise CLIError("--lookahead sets the in-process decoder; a server decodes exactly")
-    from ..server.server import TOKEN_ENV
+    from ..protocol import TOKEN_ENV
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 

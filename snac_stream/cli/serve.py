@@ -82,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
 
     from ..server import ServerOptions, SNACServer, web
-    from ..server.server import TOKEN_ENV
+    from ..protocol import TOKEN_ENV
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             max_frame_bytes=args.max_frame_bytes, idle_timeout_s=args.idle_timeout,
@@ -122,7 +122,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from ..server.latency import run_latency_bench
+    from ..server.loadtest import run_latency_bench
 
     if args.json is not None:
         check_output(args.json)

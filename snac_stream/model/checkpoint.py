@@ -180,7 +180,7 @@ def _check_name(name: str) -> None:
         )
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """True for names that cannot be hub ids (``owner/name`` or a preset), so a typo is not sent to the hub."""
     return (
         os.path.isabs(name)
@@ -197,7 +197,7 @@ def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_di
         return read_config(path), find_weights(path)
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the directory holding config.json and the weights")
-    if _looks_like_path(str(name_or_dir)):
+    if looks_like_path(str(name_or_dir)):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     _check_name(str(name_or_dir))
     directory = resolve_hub(str(name_or_dir), revision=revision, cache_dir=cache_dir)

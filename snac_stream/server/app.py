@@ -9,7 +9,7 @@ every part reads :mod:`.options`.
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -19,7 +19,7 @@ from . import web
 from .connection import Gateway
 from .options import ServedModel, ServerOptions, default_engine_threads, handshake_origins
 from .stats import new_stats
-from .worker import Command, EngineSet, Worker
+from .worker import EngineSet, Worker
 
 
 class SNACServer:
@@ -107,17 +107,3 @@ class SNACServer:
         if self.options.web and not web.is_websocket_request(request):
             return web.respond(self.served, self.options, connection, request)
         return self.gateway.check_request(connection, request)
-
-    # ---- seams into the engine thread (tests) ---------------------------------------------------------------
-    async def _call(self, command: Command) -> Any:
-        """Run ``command`` in the engine thread; its result."""
-        return await self.worker.call(command)
-
-    @property
-    def _emit_codes(self) -> Callable[..., None]:
-        """The encode lane's output step (tests wrap it to see how a tick batches its sessions)."""
-        return self.engines.encode.emit
-
-    @_emit_codes.setter
-    def _emit_codes(self, emit: Callable[..., None]) -> None:
-        self.engines.encode.emit = emit  # type: ignore[method-assign]
