@@ -24,7 +24,7 @@ from .model import SNAC
 
 PathLike = Union[str, os.PathLike]
 
-BLOCK_SECONDS = 10.0  # audio per push: large enough that each push is efficient, small enough to stay bounded
+BLOCK_SECONDS = 2.0  # audio per push: long enough to keep each push efficient, short enough to keep memory low
 PROGRESS_AFTER_S = 5.0  # shorter files get no progress bar
 
 

@@ -100,3 +100,46 @@ def test_decode_file_rejects_a_batch(tmp_path, model):
     codes = [torch.zeros(2, 4 * cfg.vq_strides[0] // s, dtype=torch.int64) for s in cfg.vq_strides]
     with pytest.raises(ValueError, match="batch of 1"):
         decode_file(model, codes, tmp_path / "x.wav", progress=False)
+
+
+# ---- the command line on a long file: memory does not grow with the length ------------------------------
+
+_PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.stderr.write(proc.stderr)\n"
+)
+
+
+def _cli_peak_rss_mib(*argv: str) -> float:
+    """Run ``snac-stream ARGV`` in a fresh process; its peak resident memory in MiB (Linux: ru_maxrss in KiB)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "snac_stream.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    rc, peak_kib = proc.stdout.split()
+    assert rc == "0", proc.stderr
+    return int(peak_kib) / 1024
+
+
+def test_cli_long_file_in_bounded_memory(tmp_path):
+    """Encode and decode 4 minutes and 30 s of 22.05 kHz audio: the long file's peak memory is the short one's
+    (plus a margin for the codes it holds), far below what whole-signal activations would need."""
+    torch.manual_seed(0)
+    ckpt = SNAC.from_config(TINY["24khz"]).save_pretrained(tmp_path / "ckpt")
+    peaks = {}
+    for name, seconds in (("short", 30.0), ("long", 240.0)):
+        _noise_file(tmp_path / f"{name}.wav", seconds, 22050, 1, seed=11)
+        enc = _cli_peak_rss_mib("encode", str(tmp_path / f"{name}.wav"), str(tmp_path / f"{name}.npz"),
+                                "--model", str(ckpt), "--device", "cpu", "-q")
+        dec = _cli_peak_rss_mib("decode", str(tmp_path / f"{name}.npz"), str(tmp_path / f"{name}_out.wav"),
+                                "--device", "cpu", "-q")
+        info = sf.info(str(tmp_path / f"{name}_out.wav"))
+        assert info.frames == round(seconds * 24000) and info.samplerate == 24000
+        peaks[name] = (enc, dec)
+    for i, what in enumerate(("encode", "decode")):
+        short, long = peaks["short"][i], peaks["long"][i]
+        assert long < short + 100, f"{what}: peak RSS {long:.0f} MiB for 4 min vs {short:.0f} MiB for 30 s"
+        assert long < 1536, f"{what}: peak RSS {long:.0f} MiB"

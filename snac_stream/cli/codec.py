@@ -1,4 +1,5 @@
-"""``encode`` (audio file -> codes file) and ``decode`` (codes file -> audio file)."""
+"""``encode`` (audio file -> codes file) and ``decode`` (codes file -> audio file), any length in bounded memory
+(:mod:`snac_stream.files`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..audio import WRITE_FORMATS, load_audio, save_audio, to_tensor
+from ..audio import WRITE_FORMATS
 from ..codesfile import config_differences, load_codes, save_codes
+from ..files import decode_file, encode_file
 from ..loading import ModelLoadError, load_model, resolve_device
 from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output,
                      non_negative_int, say)
@@ -56,22 +58,21 @@ def run_encode(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - start
     cfg = model.config
 
-    audio, source_rate = load_audio(args.input, cfg.sampling_rate)
-    duration = audio.shape[0] / cfg.sampling_rate
     start = time.perf_counter()
-    with torch.inference_mode():
-        codes = model.encode(to_tensor(audio).to(device))
+    encoded = encode_file(model, args.input, progress=None if not args.quiet else False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     encode_s = time.perf_counter() - start
-    save_codes(args.output, codes, cfg, model_name=model.name, num_samples=audio.shape[0],
+    codes, source_rate, num_samples = encoded.codes, encoded.source_rate, encoded.num_samples
+    duration = num_samples / cfg.sampling_rate
+    save_codes(args.output, codes, cfg, model_name=model.name, num_samples=num_samples,
                source_sample_rate=source_rate)
 
     frames = [c.shape[-1] for c in codes]
     bits = sum(frames) * math.log2(cfg.codebook_size)
     rate_note = f"resampled to {cfg.sampling_rate} Hz" if source_rate != cfg.sampling_rate else "no resampling"
     say(args, f"input   {args.input}: {duration:.2f} s, {source_rate} Hz -> {rate_note} "
-              f"({audio.shape[0]} samples)")
+              f"({num_samples} samples)")
     say(args, f"model   {model.name} ({cfg.sampling_rate} Hz, {cfg.n_codebooks} levels x {cfg.codebook_size} "
               f"codes) on {device}, loaded in {load_s:.2f} s")
     say(args, f"codes   {' / '.join(map(str, frames))} per level (coarse first), {sum(frames)} in all")
@@ -115,12 +116,9 @@ def run_decode(args: argparse.Namespace) -> int:
     model.noise_seed = args.noise_seed
 
     start = time.perf_counter()
-    with torch.inference_mode():
-        audio = model.decode(codes_file.codes)[0, 0, : codes_file.num_samples]
-        audio = audio.float().cpu()
+    written = decode_file(model, codes_file.codes, args.output, num_samples=codes_file.num_samples,
+                          subtype="FLOAT" if args.float32 else None, progress=None if not args.quiet else False)
     decode_s = time.perf_counter() - start
-    subtype = "FLOAT" if args.float32 else None
-    save_audio(args.output, audio, codes_file.sample_rate, subtype=subtype)
 
     cfg = model.config
     duration = codes_file.duration_s
@@ -132,7 +130,7 @@ def run_decode(args: argparse.Namespace) -> int:
               f"loaded in {load_s:.2f} s, noise seed {args.noise_seed}")
     say(args, f"time    decode {decode_s:.2f} s, real-time factor {decode_s / duration:.3f} "
               f"(processing time / audio duration)")
-    say(args, f"wrote   {args.output}: {audio.shape[-1]} samples at {codes_file.sample_rate} Hz, "
+    say(args, f"wrote   {args.output}: {written} samples at {codes_file.sample_rate} Hz, "
               f"{'32-bit float' if args.float32 else WRITE_FORMATS[suffix][1]} ({_file_size(args.output)})")
     return 0
 
