@@ -6,8 +6,7 @@ Times, in one process (CUDA-event medians, ``triton.testing.do_bench``), ``kerne
 without its fused snake in each ``tl.dot`` precision (tf32x3 with its operands split before the product, the
 default for K > 1, and without), cuDNN in fp32 and TF32, and one cuBLAS product of the same size; the largest
 error of each tf32x3 path and of cuDNN fp32 (no TF32) against a float64 conv, relative to the output's largest
-magnitude; then a sweep
-of tilings for the stride-8 384->768 shape (tf32x3, snake on, the default path).
+magnitude; then a sweep of tilings for the stride-8 384->768 shape (tf32x3, snake on, the default path).
 """
 import argparse
 import itertools

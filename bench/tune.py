@@ -4,7 +4,8 @@
 
 Runs one offline encode and decode per preset with the Triton backend, records every ``snake_conv`` call,
 then times each distinct layer shape under a set of candidate configs (CUDA-event medians) and prints the
-winners as ``kernels/tuning.py`` TABLE entries, next to the default rule's time. Shapes run slowest first,
+winners as ``kernels/tuning.py`` TABLE entries; each shape's default and best times are printed as it
+finishes (and written to ``--json``), for bench/RESULTS.md rather than the code. Shapes run slowest first,
 so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the convs with more
 than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 """
@@ -99,12 +100,12 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "shapes": report}, f, indent=1)
         if best[1] is not None and best[0] < 0.95 * default_ms:
-            entries.append((key, best[1], default_ms, best[0]))
+            entries.append((key, best[1]))
     print("\n# TABLE entries (paste into kernels/tuning.py)")
-    for key, cfg, d, b in entries:
+    for key, cfg in entries:
         print(f"    ShapeKey({key.kernel!r}, 'cuda', {key.c_in}, {key.c_out}, {key.kernel_size}, {key.stride}, "
               f"{key.dilation}, {key.t_bucket}): LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, "
-              f"num_stages={cfg.num_stages}),  # {d * 1e3:.0f} -> {b * 1e3:.0f} us")
+              f"num_stages={cfg.num_stages}),")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Decode side, :func:`codebook_lookup`: codebook gather, the optional straight-thr
 (1x1 conv d -> D) and ``repeat_interleave`` along time, written straight into the output or accumulated into
 an existing buffer (sum of levels when decoding, residual update when encoding).
 
+The search's products (in_proj and the frame-codebook dot products) run at the caller's ``precision`` (see
+``precision.py``); the lookup's are d fp32 FMAs per output element at every precision.
+
 Shapes use B = batch, D = latent channels, d = codebook dimension, N = codebook size, T = frames at the
 level's rate (latent frames / stride). All floating point tensors are float32.
 """
@@ -20,26 +23,21 @@ from typing import Optional, Tuple, Union
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from .common import (cdiv, check_grid, check_shape, check_tensor, interpreting, next_pow2, output_buffer, pow2_in,
+                     resolve_precision)
 
 __all__ = [
     "LookupConfig",
     "NearestConfig",
-    "PRECISIONS",
     "codebook_lookup",
     "codebook_nearest",
     "lookup_config",
     "nearest_config",
 ]
 
-#: Precisions of the products in :func:`codebook_nearest`: fp32 FMAs, one TF32 tensor-core product, or three
-#: (Triton's tf32x3, close to fp32).
-PRECISIONS = ("ieee", "tf32", "tf32x3")
-
 # F.normalize's default eps: x / max(||x||, eps).
 _NORM_EPS = tl.constexpr(1e-12)
-# CUDA caps grid dimensions 1 and 2 at 65535 programs.
-_MAX_GRID_YZ = 65535
 # Triton's cap on the elements of one block (TRITON_MAX_TENSOR_NUMEL).
 _MAX_BLOCK_NUMEL = 1 << 20
 
@@ -183,11 +181,6 @@ def _lookup_kernel(
     tl.store(out_ptrs, acc, mask=mask)
 
 
-def _interpreting() -> bool:
-    """True when the kernels were defined under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return not isinstance(_nearest_kernel, JITFunction)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Launch configurations
 # --------------------------------------------------------------------------------------------------------------
@@ -217,23 +210,19 @@ class LookupConfig:
     num_warps: int = 4
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 def nearest_config(T: int, D: int, N: int) -> NearestConfig:
     """Launch configuration for :func:`codebook_nearest` on (B, D, T) latents and an N-entry codebook.
 
     On GPU: 64 frames x 128 codes per distance tile (one Hopper warpgroup, M = 64 as wgmma wants) and 64
-    channels per in_proj step; on an H100 at B=1, D=768, T=65,536, N=4096 this was the fastest of the tiles
-    tried (frames 32-128, codes 64-256, channels 32-128, 2-4 stages). Under the interpreter each block is a
-    numpy op whose cost is mostly Python overhead, so blocks are as large as the problem (capped by Triton's
-    block size limit).
+    channels per in_proj step, the fastest of the tiles tried at the real sizes (D = 768, N = 4096; frames
+    32-128, codes 64-256, channels 32-128, 2-4 stages). Under the interpreter each block is a numpy op whose
+    cost is mostly Python overhead, so blocks are as large as the problem (capped by Triton's block size
+    limit).
     """
-    if _interpreting():
-        block_t = _pow2_clamp(T, 16, 512)
-        return NearestConfig(block_t=block_t, block_k=_pow2_clamp(D, 16, _MAX_BLOCK_NUMEL // block_t),
-                             block_n=_pow2_clamp(N, 16, _MAX_BLOCK_NUMEL // block_t), num_warps=4, num_stages=1)
+    if interpreting():
+        block_t = pow2_in(T, 16, 512)
+        return NearestConfig(block_t=block_t, block_k=pow2_in(D, 16, _MAX_BLOCK_NUMEL // block_t),
+                             block_n=pow2_in(N, 16, _MAX_BLOCK_NUMEL // block_t), num_warps=4, num_stages=1)
     return NearestConfig(block_t=64, block_k=64, block_n=128, num_warps=4, num_stages=3)
 
 
@@ -242,12 +231,12 @@ def lookup_config(T_out: int, D: int) -> LookupConfig:
 
     The kernel is bound by the output's memory traffic: 256 frames x 16 channels per program keeps each row's
     store 1 KiB contiguous (16-byte vector stores) with many programs in flight; it was the fastest of the
-    tiles tried on an H100 (frames 128-512, channels 16-64). Large blocks under the interpreter (see
+    tiles tried (frames 128-512, channels 16-64). Large blocks under the interpreter (see
     :func:`nearest_config`).
     """
-    if _interpreting():
-        block_c = _pow2_clamp(D, 16, 1024)
-        return LookupConfig(block_o=_pow2_clamp(T_out, 16, _MAX_BLOCK_NUMEL // block_c), block_c=block_c)
+    if interpreting():
+        block_c = pow2_in(D, 16, 1024)
+        return LookupConfig(block_o=pow2_in(T_out, 16, _MAX_BLOCK_NUMEL // block_c), block_c=block_c)
     return LookupConfig(block_o=256, block_c=16, num_warps=4)
 
 
@@ -264,28 +253,19 @@ def _check_blocks(config: object, names: Tuple[str, ...], minimum: int) -> None:
             raise ValueError(f"{type(config).__name__}.{name} must be a power of two >= {minimum}, got {v!r}")
 
 
-def _alloc(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised output buffer (every element is written by the kernels)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _codebook(name: str, t: object, device: torch.device) -> torch.Tensor:
+    """A non-empty (N, d) float32 codebook on ``device``, made contiguous."""
+    t = check_tensor(name, t, 2, device)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    return t.contiguous()
 
 
-def _check_tensor(name: str, t: object, ndim: Union[int, Tuple[int, ...]],
-                  dtypes: Tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    ndims = (ndim,) if isinstance(ndim, int) else ndim
-    if t.dim() not in ndims:
-        want = " or ".join(f"{n}-D" for n in ndims)
-        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {want}, got {str(t.dtype).replace('torch.', '')}")
-    return t
-
-
-def _conv_weight(name: str, w: object, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) or Conv1d-style (rows, cols, 1) weight -> contiguous (rows, cols)."""
-    w = _check_tensor(name, w, (2, 3))
+def _conv_weight(name: str, w: object, rows: Optional[int], cols: int, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) or Conv1d-style (rows, cols, 1) weight as a contiguous (rows, cols) tensor; ``rows=None``
+    takes any number of rows."""
+    w = check_tensor(name, w, (2, 3), device)
+    rows = w.shape[0] if rows is None else rows
     if w.dim() == 3:
         if w.shape[2] != 1:
             raise ValueError(f"{name} must be a 1x1 conv weight (kernel size 1), got shape {tuple(w.shape)}")
@@ -295,27 +275,12 @@ def _conv_weight(name: str, w: object, rows: int, cols: int) -> torch.Tensor:
     return w.contiguous()
 
 
-def _check_devices(**tensors: Optional[torch.Tensor]) -> torch.device:
-    named = [(n, t) for n, t in tensors.items() if t is not None]
-    device = named[0][1].device
-    for n, t in named[1:]:
-        if t.device != device:
-            raise ValueError(f"{n} is on {t.device} but {named[0][0]} is on {device}; all tensors must share a device")
-    if device.type != "cuda" and not _interpreting():
+def _launch_device(device: torch.device) -> torch.device:
+    """``device``, if the kernels can run on it: CUDA, or any device under the interpreter."""
+    if device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
                          "importing snac_stream.kernels to run them on the CPU")
     return device
-
-
-def _resolve_precision(precision: Optional[str]) -> str:
-    if precision is None:
-        # The interpreter computes every product in fp32 anyway. On an H100 (B=1, D=768, T=65,536, N=4096)
-        # tf32x3 ran in 0.27 ms against 0.47 ms for ieee; plain tf32 (0.25 ms) flipped ~0.3% of the codes,
-        # tf32x3 one in 262,144 frames (two entries 7e-8 apart in fp64, a tie below fp32 resolution).
-        return "ieee" if _interpreting() else "tf32x3"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-    return precision
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,10 +307,11 @@ def codebook_nearest(
         in_bias: (d,) float32 ``in_proj`` bias.
         codebook_unit: (N, d) float32 L2-normalised codebook, ``F.normalize(codebook)``, computed once.
         codebook_sqnorm: (N,) float32 ``(codebook_unit ** 2).sum(1)``; computed here when None.
-        precision: arithmetic of in_proj and of the frame-codebook products: ``"ieee"`` (fp32 FMAs; the codes
-            of the fp32 reference), ``"tf32x3"`` (three TF32 tensor-core products, close to fp32: codes differ
-            from the reference only at ties below fp32 resolution) or ``"tf32"`` (one TF32 product, fastest;
-            ~0.3% of codes differ). None picks ``"ieee"`` under the interpreter and ``"tf32x3"`` on GPU.
+        precision: arithmetic of in_proj and of the frame-codebook products, one of ``PRECISIONS``
+            (``precision.py``): ``"ieee"`` (fp32 FMAs; the codes of the fp32 reference), ``"tf32x3"`` (three
+            TF32 tensor-core products, close to fp32: codes differ from the reference only at ties below fp32
+            resolution) or ``"tf32"`` (one TF32 product, fastest; ~0.3% of codes differ). None picks
+            ``"tf32x3"`` on GPU and ``"ieee"`` under the interpreter.
         return_projection: also return z_e, the in_proj output before normalisation (for the
             straight-through term of :func:`codebook_lookup`).
         config: launch configuration; :func:`nearest_config` when None.
@@ -354,45 +320,33 @@ def codebook_nearest(
         (B, T) int64 codes in [0, N), and with ``return_projection`` also (B, d, T) float32 z_e.
         Ties go to the lowest index, as in the reference; frames containing NaN get an unspecified code.
     """
-    z = _check_tensor("z", z, 3)
+    z = check_tensor("z", z, 3)
     B, D, T = z.shape
-    codebook_unit = _check_tensor("codebook_unit", codebook_unit, 2)
+    device = z.device
+    codebook_unit = _codebook("codebook_unit", codebook_unit, device)
     N, d = codebook_unit.shape
-    if N == 0 or d == 0:
-        raise ValueError(f"codebook_unit must be non-empty, got shape {tuple(codebook_unit.shape)}")
-    in_weight = _conv_weight("in_weight", in_weight, d, D)
-    in_bias = _check_tensor("in_bias", in_bias, 1)
-    if in_bias.shape[0] != d:
-        raise ValueError(f"in_bias must have shape ({d},) to match the codebook dimension, got {tuple(in_bias.shape)}")
-    if codebook_sqnorm is not None:
-        codebook_sqnorm = _check_tensor("codebook_sqnorm", codebook_sqnorm, 1)
-        if codebook_sqnorm.shape[0] != N:
-            raise ValueError(f"codebook_sqnorm must have shape ({N},), got {tuple(codebook_sqnorm.shape)}")
-    device = _check_devices(z=z, in_weight=in_weight, in_bias=in_bias, codebook_unit=codebook_unit,
-                            codebook_sqnorm=codebook_sqnorm)
-    precision = _resolve_precision(precision)
-    if B > _MAX_GRID_YZ:
-        raise ValueError(f"batch size {B} exceeds the kernel's grid limit of {_MAX_GRID_YZ}")
-
-    codebook_unit = codebook_unit.contiguous()
-    in_bias = in_bias.contiguous()
+    in_weight = _conv_weight("in_weight", in_weight, d, D, device)
+    in_bias = check_shape("in_bias", in_bias, (d,), device).contiguous()
     if codebook_sqnorm is None:
         codebook_sqnorm = codebook_unit.pow(2).sum(1)
-    codebook_sqnorm = codebook_sqnorm.contiguous()
+    codebook_sqnorm = check_shape("codebook_sqnorm", codebook_sqnorm, (N,), device).contiguous()
+    _launch_device(device)
+    precision = resolve_precision(precision, device)
 
-    indices = _alloc((B, T), torch.int64, device)
-    z_e = _alloc((B, d, T), torch.float32, device) if return_projection else None
+    indices = output_buffer(None, (B, T), device, torch.int64)
+    z_e = output_buffer(None, (B, d, T), device) if return_projection else None
     if B > 0 and T > 0:
         cfg = config or nearest_config(T, D, N)
         _check_blocks(cfg, ("block_t", "block_k", "block_n"), 16)
         ze_arg = z_e if z_e is not None else indices  # never written when STORE_ZE is False
         ze_strides = z_e.stride() if z_e is not None else (0, 0, 0)
-        grid = (triton.cdiv(T, cfg.block_t), B)
+        grid = (cdiv(T, cfg.block_t), B)
+        check_grid(grid, "batch size")
         _nearest_kernel[grid](
             z, in_weight, in_bias, codebook_unit, codebook_sqnorm, indices, ze_arg,
             T,
             *z.stride(), *indices.stride(), *ze_strides,
-            D=D, N=N, CB_DIM=d, CB_DIM_PAD=max(16, triton.next_power_of_2(d)),
+            D=D, N=N, CB_DIM=d, CB_DIM_PAD=max(16, next_pow2(d)),
             BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             PRECISION=precision, STORE_ZE=return_projection,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -431,59 +385,45 @@ def codebook_lookup(
             ``out += sign * result``, and returned. Without it a new tensor is returned.
         sign: scale of the result when accumulating (+1 to sum levels, -1 to subtract from a residual).
         check_range: verify on the host that every code lies in [0, N) and raise ValueError otherwise. This
-            reads the codes' min and max, a device synchronisation on CUDA (it made a T = 65,536, D = 768
-            lookup 0.25 ms instead of 0.10 ms on an H100); pass False for codes known to be valid (e.g. from
-            :func:`codebook_nearest`, or token ids the caller already checked). Unchecked out-of-range codes
+            reads the codes' min and max, a device synchronisation on CUDA that can cost more than the lookup
+            itself; pass False for codes known to be valid (e.g. from :func:`codebook_nearest`, or token ids
+            the caller already checked). Unchecked out-of-range codes
             are clamped into range, so they never read outside the codebook.
         config: launch configuration; :func:`lookup_config` when None.
 
     Returns:
         (B, D, T * repeat) float32: ``out`` when given, else a new tensor.
     """
-    indices = _check_tensor("indices", indices, 2, (torch.int64, torch.int32))
+    indices = check_tensor("indices", indices, 2, dtypes=(torch.int64, torch.int32))
     B, T = indices.shape
-    codebook = _check_tensor("codebook", codebook, 2)
+    device = indices.device
+    codebook = _codebook("codebook", codebook, device)
     N, d = codebook.shape
-    if N == 0 or d == 0:
-        raise ValueError(f"codebook must be non-empty, got shape {tuple(codebook.shape)}")
-    out_weight = _check_tensor("out_weight", out_weight, (2, 3))
+    out_weight = _conv_weight("out_weight", out_weight, None, d, device)
     D = out_weight.shape[0]
-    out_weight = _conv_weight("out_weight", out_weight, D, d)
-    out_bias = _check_tensor("out_bias", out_bias, 1)
-    if out_bias.shape[0] != D:
-        raise ValueError(f"out_bias must have shape ({D},) to match out_weight, got {tuple(out_bias.shape)}")
+    out_bias = check_shape("out_bias", out_bias, (D,), device).contiguous()
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be a positive int, got {repeat!r}")
     if isinstance(sign, bool) or not isinstance(sign, (int, float)):
         raise TypeError(f"sign must be a float, got {type(sign).__name__}")
     if z_e is not None:
-        z_e = _check_tensor("z_e", z_e, 3)
-        if tuple(z_e.shape) != (B, d, T):
-            raise ValueError(f"z_e must have shape (B, d, T) = {(B, d, T)}, got {tuple(z_e.shape)}")
-    if out is not None:
-        out = _check_tensor("out", out, 3)
-        if tuple(out.shape) != (B, D, T * repeat):
-            raise ValueError(f"out must have shape (B, D, T * repeat) = {(B, D, T * repeat)}, got {tuple(out.shape)}")
-    device = _check_devices(indices=indices, codebook=codebook, out_weight=out_weight, out_bias=out_bias,
-                            z_e=z_e, out=out)
-    if B > _MAX_GRID_YZ:
-        raise ValueError(f"batch size {B} exceeds the kernel's grid limit of {_MAX_GRID_YZ}")
+        check_shape("z_e", z_e, (B, d, T), device)
+    accumulate = out is not None
+    out = output_buffer(out, (B, D, T * repeat), device, indices=indices, codebook=codebook, out_weight=out_weight,
+                        out_bias=out_bias, z_e=z_e)
+    _launch_device(device)
     if check_range and indices.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(indices))
         if lo < 0 or hi >= N:
             raise ValueError(f"indices must lie in [0, {N}) for a codebook of {N} entries, got values in [{lo}, {hi}]")
 
-    codebook = codebook.contiguous()
-    out_bias = out_bias.contiguous()
-    accumulate = out is not None
-    if out is None:
-        out = _alloc((B, D, T * repeat), torch.float32, device)
     if B > 0 and T > 0 and D > 0:
         cfg = config or lookup_config(T * repeat, D)
         _check_blocks(cfg, ("block_o", "block_c"), 1)
         ze_arg = z_e if z_e is not None else out  # never read without STRAIGHT_THROUGH
         ze_strides = z_e.stride() if z_e is not None else (0, 0, 0)
-        grid = (triton.cdiv(T * repeat, cfg.block_o), triton.cdiv(D, cfg.block_c), B)
+        grid = (cdiv(T * repeat, cfg.block_o), cdiv(D, cfg.block_c), B)
+        check_grid(grid, "channel blocks", "batch size")
         _lookup_kernel[grid](
             indices, codebook, out_weight, out_bias, ze_arg, out,
             T, D, N, float(sign),

@@ -1,5 +1,5 @@
-"""Pieces shared by the convolution kernels: the snake activation, tanh, the "context + chunk" input
-addressing, and the host-side argument checks.
+"""Pieces shared by the kernels: the snake activation, tanh and the "context + chunk" input addressing of the
+convolutions, and the host-side argument checks, launch limits and precision of every kernel.
 
 The context + chunk convention: a conv kernel reads its input as the concatenation along time of an optional
 ``context`` (B, C, L), the streaming cache of earlier inputs, and ``x`` (B, C, T), the new chunk, with
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
+from .precision import DEFAULT_PRECISION, check_precision
+
 PRECISE_SIN_ENV = "SNAC_STREAM_PRECISE_SIN"
+# CUDA's limit on the 2nd and 3rd dimensions of a launch grid.
+MAX_GRID_YZ = 65535
 
 # 2*pi split in two for range reduction: _TWO_PI_HI has 8 significant bits, so n * _TWO_PI_HI is exact in fp32
 # for |n| < 2**16 (|alpha * x| < 4e5 rad) and the reduction loses only the rounding of n * _TWO_PI_LO.
@@ -124,29 +128,67 @@ def window_tap(v, k: tl.constexpr, DIL: tl.constexpr, BLOCK_T: tl.constexpr):
 # Plain-integer versions of triton.cdiv / triton.next_power_of_2, which cost microseconds per call on the host
 # and sit on every launch's path.
 def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
     return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     return 1 << max(0, n - 1).bit_length()
 
 
-def check_tensor(name: str, t: object, ndim: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Check that ``t`` is a float32 tensor of ``ndim`` dimensions (on ``device`` if given).
+def pow2_in(n: int, low: int, high: int) -> int:
+    """The power of two covering ``n``, clamped to [low, high]."""
+    return min(high, max(low, next_pow2(max(1, n))))
+
+
+def check_grid(grid: Tuple[int, ...], *names: str) -> None:
+    """Refuse a launch whose 2nd or 3rd grid dimension (named by ``names``, in order) exceeds CUDA's limit."""
+    for programs, name in zip(grid[1:], names):
+        if programs > MAX_GRID_YZ:
+            raise ValueError(f"{name} ({programs}) exceeds the kernel's grid limit of {MAX_GRID_YZ}")
+
+
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    """The ``tl.dot`` precision of a launch on ``device``: ``precision`` (one of ``PRECISIONS``), or for None
+    ``"tf32x3"`` on CUDA and ``"ieee"`` under the interpreter (whose products are fp32 whatever the precision)."""
+    if precision is None:
+        return DEFAULT_PRECISION if device.type == "cuda" and not interpreting() else "ieee"
+    return check_precision(precision)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, t: object, ndim: Union[int, Tuple[int, ...]], device: Optional[torch.device] = None,
+                 dtypes: Tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor:
+    """Check that ``t`` is a tensor of one of ``dtypes`` with ``ndim`` dimensions (or one of several), on
+    ``device`` if given, and return it.
 
     Kernels index time with 32-bit offsets (batch and channel offsets are 64-bit), so the last dimension's
     extent in elements must stay below 2**31.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(_dtype_name, dtypes))}, got {_dtype_name(t.dtype)}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in ndims:
+        count = " or ".join(map(str, ndims)) + (" dimension" if ndims == (1,) else " dimensions")
+        raise ValueError(f"{name} must be {' or '.join(f'{n}-D' for n in ndims)} ({count}), got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {device}")
-    if ndim and t.shape[-1] * max(1, t.stride(-1)) >= 2**31:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}; all tensors must share a device")
+    if t.dim() and t.shape[-1] * max(1, t.stride(-1)) >= 2**31:
         raise ValueError(f"{name} spans 2**31 elements or more along time; split it into chunks")
+    return t
+
+
+def check_shape(name: str, t: object, shape: Tuple[int, ...], device: Optional[torch.device] = None) -> torch.Tensor:
+    """A float32 tensor checked as by :func:`check_tensor` and against its exact ``shape``."""
+    check_tensor(name, t, len(shape), device)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     return t
 
 
@@ -224,14 +266,15 @@ def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
 
 
 def output_buffer(out: Optional[torch.Tensor], shape: Sequence[int], device: torch.device,
-                  **inputs: Optional[torch.Tensor]) -> torch.Tensor:
-    """A new float32 tensor of ``shape``, or the caller's ``out`` (any strides) checked against ``shape`` and
-    against sharing memory with any of ``inputs``: tiles would read elements other tiles already wrote."""
+                  dtype: torch.dtype = torch.float32, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """A new uninitialised tensor of ``shape`` and ``dtype`` (the kernel writes every element), or the caller's
+    ``out`` (any strides) checked against them and against sharing memory with any of ``inputs``: tiles
+    would read elements other tiles already wrote."""
     if out is None:
-        return torch.empty(tuple(shape), device=device, dtype=torch.float32)
-    check_tensor("out", out, len(shape), device)
+        return torch.empty(tuple(shape), device=device, dtype=dtype)
+    check_tensor("out", out, len(shape), device, (dtype,))
     if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+        raise ValueError(f"out has shape {tuple(out.shape)}, but out must have shape {tuple(shape)}")
     if out.numel():
         lo, hi = _byte_span(out)
         for name, t in inputs.items():

@@ -27,13 +27,12 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .common import (ChunkInput, cdiv, check_tensor, chunk_input, interpreting, load_ctx_chunk, output_buffer,
-                     output_length, per_channel, snake, tanh, use_fast_sin, window_tap)
+from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk,
+                     output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
+                     window_tap)
 from .tuning import CONV, DWCONV, launch_config
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")
 ACTIVATIONS = (None, "tanh")
-_MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
 
 
@@ -180,7 +179,7 @@ def _snake_conv_kernel(
                            other=0.0)
             # One step's three products summed from zero, then added to the running sum in fp32: the tensor
             # cores' own accumulation is not exact, and chained over the whole reduction it grew the error
-            # 20x (H200, R = 6144: 1.3e-5 against 6.2e-7, which equals tf32x3's and beats cuDNN fp32's).
+            # 20-fold (to well above tf32x3's and cuDNN fp32's).
             step = tl.dot(w_lo, v, tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32), input_precision="tf32")
             step = tl.dot(w, v_lo, step, input_precision="tf32")
             acc += tl.dot(w, v, step, input_precision="tf32")
@@ -247,21 +246,6 @@ def _snake_pass_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_grid(batch: int, blocks: int) -> None:
-    if batch > _MAX_GRID_YZ or blocks > _MAX_GRID_YZ:
-        raise ValueError(f"batch ({batch}) and channel blocks ({blocks}) must each be <= {_MAX_GRID_YZ}")
-
-
-def _optional(name: str, t: Optional[torch.Tensor], shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
-    """An optional parameter (bias) checked against its exact shape, made contiguous."""
-    if t is None:
-        return None
-    check_tensor(name, t, len(shape), device)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    return t.contiguous()
-
-
 def snake_dwconv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -298,7 +282,7 @@ def snake_dwconv(
         raise ValueError(f"weight must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
                          f"channels, got {tuple(weight.shape)}")
     kernel_size = weight.shape[2]
-    bias = _optional("bias", bias, (channels,), device)
+    bias = None if bias is None else check_shape("bias", bias, (channels,), device).contiguous()
     alpha = per_channel("alpha", alpha, channels, device)
     alpha_out = per_channel("alpha_out", alpha_out, channels, device)
     t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
@@ -323,7 +307,7 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
     grid = (cdiv(t_out, step), cdiv(channels, cfg.blocks["BLOCK_C"]), batch)
     if reduce and grid[1] != 1:
         raise AssertionError("a reducing launch must cover every channel in one tile")
-    _check_grid(batch, grid[1])
+    check_grid(grid, "channel blocks", "batch size")
     _snake_dwconv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         alpha_out if alpha_out is not None else out, out,
@@ -333,15 +317,6 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
         HAS_ALPHA_OUT=alpha_out is not None, FAST_SIN=use_fast_sin(out.device), REDUCE=reduce,
         TANH=activation == "tanh", **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-
-def _precision(precision: Optional[str], device: torch.device) -> str:
-    if precision is None:
-        # fp32-accurate on tensor cores (three tf32 products); the interpreter computes in plain fp32.
-        return "tf32x3" if device.type == "cuda" and not interpreting() else "ieee"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-    return precision
 
 
 def _check_int(name: str, v: object, low: int, high: int) -> int:
@@ -413,12 +388,12 @@ def snake_conv(
                          f"got {tuple(weight.shape)}")
     c_out, _, kernel_size = weight.shape
     weight = weight.contiguous()  # rows of C_in * K in (channel, tap) order: the kernel's reduction order
-    bias = _optional("bias", bias, (c_out,), device)
+    bias = None if bias is None else check_shape("bias", bias, (c_out,), device).contiguous()
     alpha = per_channel("alpha", alpha, c_in, device)
     t_out = output_length(src.total, padding, kernel_size, stride, dilation, length)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    precision = _precision(precision, device)
+    precision = resolve_precision(precision, device)
     if noise_seed is not None:
         _check_int("noise_seed", noise_seed, 0, 2**63)
         if isinstance(noise_start, torch.Tensor):
@@ -480,7 +455,7 @@ def _snake_pass(src: ChunkInput, alpha: Optional[torch.Tensor], frames: int,
     hi = torch.empty(batch, channels, frames, device=src.x.device, dtype=torch.float32)
     lo = torch.empty_like(hi) if split else None
     grid = (batch * channels, cdiv(frames, _SPLIT_BLOCK_T))
-    _check_grid(grid[1], 1)
+    check_grid(grid, "time blocks")
     _snake_pass_kernel[grid](
         *src.pointer_args(), alpha if alpha is not None else hi, hi, lo if split else hi, channels, src.length_ctx,
         src.x.shape[-1], frames, *src.stride_args(), HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
@@ -542,7 +517,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
     flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
     n_cols = batch * t_out if flat else t_out
     grid = (n_o_blocks * cdiv(n_cols, cfg.blocks["BLOCK_T"]), 1 if flat else batch)
-    _check_grid(grid[1], 1)
+    check_grid(grid, "batch size")
     if n_cols >= 2**31:
         raise ValueError(f"batch x frames ({batch} x {t_out}) must stay below 2**31")
     # Absent optional tensors are passed as ``out`` (never read: their HAS_* flag is off).

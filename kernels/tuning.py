@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .common import interpreting, next_pow2
+from .common import interpreting, pow2_in
 
 DWCONV = "snake_dwconv"
 CONV = "snake_conv"
@@ -57,65 +57,59 @@ class LaunchConfig:
 
 
 def t_bucket(length: int) -> int:
-    return min(65536, max(64, next_pow2(max(1, length))))
+    """``ShapeKey.t_bucket`` of a launch of ``length`` output frames."""
+    return pow2_in(length, 64, 65536)
 
 
 # Measured entries (H200, `python bench/tune.py`, 2026-12-01; tf32x3, so the K > 1 shapes take the split-operand
 # path): shapes of the 24 kHz model on 10 s of audio where a sweep of 12 tilings beat the default rule by more than
-# 5%. Keys absent here use the rule. Most of the gains are launches the rule gives 16 x 16 tiles (``_fill_gpu``:
-# fewer programs than two per SM with plain tiles) where 64 x 64 tiles run 2-4x faster.
+# 5%. Keys absent here use the rule. Most of them are launches the rule gives 16 x 16 tiles (``_fill_gpu``: fewer
+# programs than two per SM with plain tiles), which 64 x 64 tiles beat. Timings: bench/RESULTS.md.
 TABLE: Dict[ShapeKey, LaunchConfig] = {
-    ShapeKey(CONV, "cuda", 192, 384, 16, 8, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 1045 -> 217 us
-    ShapeKey(CONV, "cuda", 384, 768, 16, 8, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 553 -> 218 us
-    ShapeKey(CONV, "cuda", 96, 192, 8, 4, 1, 32768): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 16}, 4, 3),  # 429 -> 248 us
-    ShapeKey(CONV, "cuda", 512, 512, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 237 -> 62 us
-    ShapeKey(CONV, "cuda", 48, 96, 4, 2, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 217 -> 185 us
-    ShapeKey(CONV, "cuda", 64, 64, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),  # 185 -> 119 us
-    ShapeKey(CONV, "cuda", 1, 48, 7, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 182 -> 95 us
-    ShapeKey(CONV, "cuda", 384, 384, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 128 -> 54 us
-    ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 125 -> 80 us
-    ShapeKey(CONV, "cuda", 96, 96, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),  # 105 -> 95 us
-    ShapeKey(CONV, "cuda", 768, 1024, 1, 1, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),  # 98 -> 75 us
+    ShapeKey(CONV, "cuda", 192, 384, 16, 8, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),
+    ShapeKey(CONV, "cuda", 384, 768, 16, 8, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),
+    ShapeKey(CONV, "cuda", 96, 192, 8, 4, 1, 32768): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 16}, 4, 3),
+    ShapeKey(CONV, "cuda", 512, 512, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),
+    ShapeKey(CONV, "cuda", 48, 96, 4, 2, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),
+    ShapeKey(CONV, "cuda", 64, 64, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 16}, 4, 3),
+    ShapeKey(CONV, "cuda", 1, 48, 7, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
+    ShapeKey(CONV, "cuda", 384, 384, 1, 1, 1, 4096): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
+    ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
+    ShapeKey(CONV, "cuda", 96, 96, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),
+    ShapeKey(CONV, "cuda", 768, 1024, 1, 1, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
 }
-
-
-def _pow2_in(n: int, low: int, high: int) -> int:
-    """The power of two covering ``n``, clamped to [low, high]."""
-    return min(high, max(low, next_pow2(max(1, n))))
 
 
 def _default_dwconv(key: ShapeKey, length: int) -> LaunchConfig:
     halo = key.dilation * (key.kernel_size - 1)
     if key.c_out == 1 < key.c_in:  # reducing launch: one tile spans every channel
-        block_c = _pow2_in(key.c_in, 1, 256)
+        block_c = pow2_in(key.c_in, 1, 256)
         if key.backend == "interpreter":
-            block_t = _pow2_in(max(length + halo, 2 * halo), 16, 1024)
+            block_t = pow2_in(max(length + halo, 2 * halo), 16, 1024)
         else:  # about 8K elements a tile: the window stays in registers
-            block_t = max(_pow2_in(2 * halo, 16, 4096), 8192 // block_c)
+            block_t = max(pow2_in(2 * halo, 16, 4096), 8192 // block_c)
         return LaunchConfig({"BLOCK_C": block_c, "BLOCK_T": block_t, "WINDOW": 1}, num_warps=4)
     if key.backend == "interpreter":
-        block_t = _pow2_in(max(length + halo, 2 * halo), 16, 1024)
-        return LaunchConfig({"BLOCK_C": _pow2_in(key.c_in, 1, 64), "BLOCK_T": block_t, "WINDOW": 1})
-    # Measured on an H100 (C = 512, T = 65536, K = 7, dilation 1/3/9): 4 x 1024 tiles with 4 warps run at
-    # 81-89% of the copy bandwidth; more channels per tile spill or shuffle more. Short launches (a streaming
-    # step: a few to a few hundred frames per stream) take the time tile they need and more channels, about
-    # 2K elements, rather than a tile of mostly masked lanes.
-    block_t = _pow2_in(length + halo, 32, 1024 if length > 2048 else 512)
+        block_t = pow2_in(max(length + halo, 2 * halo), 16, 1024)
+        return LaunchConfig({"BLOCK_C": pow2_in(key.c_in, 1, 64), "BLOCK_T": block_t, "WINDOW": 1})
+    # Memory bound: long time tiles (4 x 1024 with 4 warps come closest to the copy bandwidth); more channels
+    # per tile spill or shuffle more. Short launches (a streaming step: a few to a few hundred frames per
+    # stream) take the time tile they need and more channels, about 2K elements, rather than a tile of mostly
+    # masked lanes.
+    block_t = pow2_in(length + halo, 32, 1024 if length > 2048 else 512)
     return LaunchConfig({"BLOCK_C": max(4, min(64, 2048 // block_t)), "BLOCK_T": block_t, "WINDOW": 1}, num_warps=4)
 
 
 def _default_conv(key: ShapeKey, length: int, split: bool = False) -> LaunchConfig:
     reduction = key.c_in * key.kernel_size
     if key.backend == "interpreter":
-        return LaunchConfig({"BLOCK_O": _pow2_in(key.c_out, 16, 128), "BLOCK_T": _pow2_in(length, 16, 512),
-                             "BLOCK_R": _pow2_in(reduction, 16, 128)})
-    # Measured on an H100 (tf32x3): 128 x 64 tiles with 4 warps and 3 stages beat 128 x 128 with 8 warps by
-    # 1.45x on a 1x1 conv (C = 1024, T = 8192) and match them on strided ones. Narrow outputs (C_out = 1
-    # padded to 16) take longer time tiles and a shorter reduction step.
+        return LaunchConfig({"BLOCK_O": pow2_in(key.c_out, 16, 128), "BLOCK_T": pow2_in(length, 16, 512),
+                             "BLOCK_R": pow2_in(reduction, 16, 128)})
+    # 128 x 64 tiles with 4 warps and 3 stages beat 128 x 128 with 8 warps on 1x1 convs and match them on
+    # strided ones. Narrow outputs (C_out = 1 padded to 16) take longer time tiles and a shorter reduction step.
     # Split operands load four tiles per reduction step (high parts and rests of both): every split shape of
-    # the 24 kHz model tuned best with 16-wide steps (H200, 2026-12-01; stride 8, 384 -> 768, 8192 frames:
-    # 1218 us with 16, 2150 with 32).
-    block_o = _pow2_in(key.c_out, 16, 128)
+    # the 24 kHz model tuned best with 16-wide steps.
+    block_o = pow2_in(key.c_out, 16, 128)
     if block_o <= 32:
         return LaunchConfig({"BLOCK_O": block_o, "BLOCK_T": 128, "BLOCK_R": 16}, num_warps=8, num_stages=3)
     return LaunchConfig({"BLOCK_O": block_o, "BLOCK_T": 64 if block_o >= 128 else 128,

@@ -20,6 +20,9 @@ from snac_stream.kernels.codebook import (
     codebook_lookup,
     codebook_nearest,
 )
+from snac_stream.kernels.common import interpreting, output_buffer
+from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS
+from snac_stream.model.functional import use_backend
 from snac_stream.model.vq import ResidualVectorQuantize, VectorQuantize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,11 +36,14 @@ needs_cuda = pytest.mark.skipif(
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fresh kernel outputs start as NaN (float) or -1 (int), so an unwritten element shows up."""
 
-    def alloc(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def alloc(out: Optional[torch.Tensor], shape: Tuple[int, ...], device: torch.device,
+              dtype: torch.dtype = torch.float32, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        if out is not None:
+            return output_buffer(out, shape, device, dtype, **inputs)
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(cbk, "_alloc", alloc)
+    monkeypatch.setattr(cbk, "output_buffer", alloc)
 
 
 def _quantizer(D: int, N: int, d: int, seed: int, stride: int = 1) -> VectorQuantize:
@@ -239,6 +245,40 @@ def test_residual_quantizer_encode_decode(strides: List[int]) -> None:
     torch.testing.assert_close(decoded, decoded_ref, rtol=0, atol=1e-5)
 
 
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's compile-time arguments, then launches the kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_backend_precision_reaches_the_nearest_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantizer's search launches with the precision of ``use_backend`` (the model's ``precision``);
+    the default is DEFAULT_PRECISION. The codes match the reference except with plain tf32 on a GPU (under the
+    interpreter every product is fp32)."""
+    spy = _LaunchSpy(cbk._nearest_kernel)
+    monkeypatch.setattr(cbk, "_nearest_kernel", spy)
+    torch.manual_seed(71)
+    rvq = ResidualVectorQuantize(32, 64, 8, [2, 1]).to(DEVICE).eval()
+    z = _randn(2, 32, 24, seed=72)
+    with torch.no_grad():
+        _, codes_ref = rvq(z)
+        for precision in (None, *PRECISIONS):
+            spy.launches.clear()
+            with use_backend("triton", *(() if precision is None else (precision,))):
+                _, codes = rvq(z)
+            assert [k["PRECISION"] for k in spy.launches] == [precision or DEFAULT_PRECISION] * 2
+            if precision != "tf32" or interpreting():
+                assert all(torch.equal(a, b) for a, b in zip(codes, codes_ref)), precision
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Input validation
 # ------------------------------------------------------------------------------------------------------------
@@ -304,7 +344,7 @@ def test_lookup_rejects_bad_inputs(args: tuple, kwargs: dict, exc: type, match: 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors are only rejected when CUDA kernels compile")
 def test_cpu_tensors_need_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cbk, "_interpreting", lambda: False)
+    monkeypatch.setattr(cbk, "interpreting", lambda: False)
     vq = VectorQuantize(16, 32, 8)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         codebook_nearest(torch.randn(1, 16, 4), *_nearest_args(vq))

@@ -1,14 +1,18 @@
-"""The model's convolutions as one function with two backends: PyTorch and the Triton kernels.
+"""The model's arithmetic with two backends, PyTorch and the Triton kernels: the modules call these functions
+and never ask which backend runs.
 
 ``conv`` is the single entry point the offline layers (on the Triton backend) and every streaming op call.
 Its input is the virtual concatenation of an optional ``context`` (the streaming cache of earlier inputs)
 and the new chunk ``x``: offline calls pass ``padding``, streaming calls pass the cache. Snake activations
 before and after the conv, the residual add, SNAC's noise multiply and the final tanh are folded into the
-same call, so the Triton backend runs each as one fused kernel.
+same call, so the Triton backend runs each as one fused kernel. ``codebook_nearest`` and ``codebook_lookup``
+are the residual quantizer's two halves (encode: nearest codebook entry; decode: the entry's latent
+contribution), one fused kernel each on the Triton backend.
 
 The backend of a call comes from ``use_backend`` (a context variable set by ``SNAC`` and the streaming
-objects for the duration of a call); PyTorch is the default, so modules called directly keep the reference
-arithmetic bit for bit.
+objects for the duration of a call), together with the precision of the Triton matrix products (the dense
+convs and the codebook search; see ``snac_stream.kernels.precision``). PyTorch is the default, so modules
+called directly keep the reference arithmetic bit for bit.
 """
 
 from __future__ import annotations
@@ -24,16 +28,13 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..kernels.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")
-# Products inside the Triton dense convs: "tf32x3" (three TF32 products, about fp32 accuracy; the default),
-# "ieee" (fp32 FMAs, slowest) or "tf32" (one TF32 product: fastest, about 1e-3 relative error, the precision
-# PyTorch's own cuDNN convs use by default).
-PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
-_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default="tf32x3")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default=DEFAULT_PRECISION)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,11 +66,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(backend: str, precision: str = "tf32x3") -> Iterator[None]:
-    """Run the enclosed model calls on a resolved backend (``"torch"`` or ``"triton"``), the Triton dense
-    convs with ``precision`` (one of ``PRECISIONS``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+def use_backend(backend: str, precision: str = DEFAULT_PRECISION) -> Iterator[None]:
+    """Run the enclosed model calls on a resolved backend (``"torch"`` or ``"triton"``), the Triton matrix
+    products (dense convs, codebook search) with ``precision`` (one of ``PRECISIONS``)."""
+    check_precision(precision)
     tokens = _BACKEND.set(backend), _PRECISION.set(precision)
     try:
         yield
@@ -79,6 +79,7 @@ def use_backend(backend: str, precision: str = "tf32x3") -> Iterator[None]:
 
 
 def current_backend() -> str:
+    """The backend of the enclosing ``use_backend``: ``"torch"`` (the default) or ``"triton"``."""
     return _BACKEND.get()
 
 
@@ -202,8 +203,8 @@ def conv_transpose(
     ``padding=1`` that is the whole transposed conv, before its own padding ``p`` crops it (``crop=p``);
     streaming passes the previous input frame as ``context``. Unlike ``conv_transpose1d`` this needs no
     overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before, and every
-    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32: on an H100 it ran a
-    2048-stream engine step's upsampling in about half the time of the Triton dense-conv kernel).
+    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32, faster there than the
+    Triton dense-conv kernel).
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
@@ -256,3 +257,69 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
     s = kernel_size // 2
     taps = torch.stack([weight[:, :, s:], weight[:, :, :s]], dim=-1)  # (C_in, C_out, s, 2)
     return taps.permute(1, 2, 0, 3).reshape(c_out * s, c_in, 2).contiguous()
+
+
+def codebook_nearest(z: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
+                     codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A quantizer level's encode: ``z_e = in_proj(z)`` and the codebook entry nearest to each frame of it.
+
+    Args:
+        z: (B, D, T) latents at the level's rate (already average-pooled by its stride).
+        in_weight: (d, D, 1) ``in_proj`` weight; in_bias: (d,).
+        codebook: (N, d) codebook (the raw embedding; entries are compared after L2 normalisation).
+
+    Returns:
+        (B, T) int64 codes and (B, d, T) ``z_e``. On the Triton backend, one fused kernel whose products run
+        at the ``use_backend`` precision.
+    """
+    if current_backend() == "triton":
+        from ..kernels import codebook as kernels
+
+        return kernels.codebook_nearest(z, in_weight, in_bias, F.normalize(codebook), return_projection=True,
+                                        precision=_PRECISION.get())
+    z_e = F.conv1d(z, in_weight, in_bias)
+    return nearest_entry(z_e, codebook), z_e
+
+
+def nearest_entry(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(B, d, T) projected latents -> (B, T) int64 index of the entry of the (N, d) codebook with the highest
+    cosine similarity: the reference's distance arithmetic, op for op, in PyTorch on every backend."""
+    B = z_e.shape[0]
+    encodings = F.normalize(z_e.transpose(1, 2).reshape(-1, z_e.shape[1]))
+    codebook = F.normalize(codebook)
+    dist = (
+        encodings.pow(2).sum(1, keepdim=True)
+        - 2 * encodings @ codebook.t()
+        + codebook.pow(2).sum(1, keepdim=True).t()
+    )
+    return (-dist).max(1)[1].reshape(B, -1)
+
+
+def codebook_lookup(indices: torch.Tensor, codebook: torch.Tensor, out_weight: torch.Tensor,
+                    out_bias: torch.Tensor, *, repeat: int = 1, z_e: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A quantizer level's latent contribution: ``out_proj(codebook[indices])`` repeated ``repeat`` times along
+    time; with ``z_e`` the reference's straight-through form ``out_proj(z_e + (codebook[indices] - z_e))``.
+
+    Args:
+        indices: (B, T) int64 codes, all in [0, N) (the model checks the codes it is given).
+        codebook: (N, d) codebook; out_weight: (D, d, 1) ``out_proj`` weight; out_bias: (D,).
+        repeat: the level's stride, in latent frames per code.
+        z_e: (B, d, T) ``in_proj`` output of the encoded frames (``codebook_nearest``), or None.
+        out: (B, D, T * repeat) latents to add the contribution to, in place, or None.
+
+    Returns:
+        (B, D, T * repeat): ``out`` when given, else a new tensor.
+    """
+    if current_backend() == "triton":
+        from ..kernels import codebook as kernels
+
+        return kernels.codebook_lookup(indices, codebook, out_weight, out_bias, repeat=repeat, z_e=z_e, out=out,
+                                       check_range=False)
+    z_q = F.embedding(indices, codebook).transpose(1, 2)
+    if z_e is not None:
+        z_q = z_e + (z_q - z_e)
+    y = F.conv1d(z_q, out_weight, out_bias)
+    if repeat > 1:
+        y = y.repeat_interleave(repeat, dim=-1)
+    return y if out is None else out.add_(y)

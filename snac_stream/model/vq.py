@@ -2,18 +2,19 @@
 
 Level ``i`` average-pools the residual over ``vq_strides[i]`` latent frames (aligned to frame 0), projects it
 to ``codebook_dim``, and picks the codebook entry of highest cosine similarity. The distance arithmetic is
-the reference's, op for op, so codes are identical to it on the same device.
+the reference's, op for op, so codes are identical to it on the same device. The arithmetic runs in
+``functional`` (PyTorch, or one fused Triton kernel per half on the Triton backend).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import current_backend
+from . import functional
 
 
 class VectorQuantize(nn.Module):
@@ -28,62 +29,32 @@ class VectorQuantize(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, D, T) residual -> ((B, D, T) quantized, (B, T / stride) codes)."""
-        if current_backend() == "triton":
-            return self._forward_triton(z)
         if self.stride > 1:
             z = F.avg_pool1d(z, self.stride, self.stride)
-        z_e = self.in_proj(z)
-        indices = self.nearest(z_e)
-        z_q = self.decode_code(indices)
+        indices, z_e = functional.codebook_nearest(z, self.in_proj.weight, self.in_proj.bias, self.codebook.weight)
         # The reference's straight-through estimator; kept in inference so the residual matches it bit for bit.
-        z_q = self.out_proj(z_e + (z_q - z_e))
-        if self.stride > 1:
-            z_q = z_q.repeat_interleave(self.stride, dim=-1)
-        return z_q, indices
-
-    def _forward_triton(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Fused: in_proj + normalise + nearest entry in one kernel, then gather + out_proj + repeat in another."""
-        from ..kernels import codebook as kernels
-
-        if self.stride > 1:
-            z = F.avg_pool1d(z, self.stride, self.stride)
-        indices, z_e = kernels.codebook_nearest(z, self.in_proj.weight, self.in_proj.bias,
-                                                F.normalize(self.codebook.weight), return_projection=True)
-        z_q = kernels.codebook_lookup(indices, self.codebook.weight, self.out_proj.weight, self.out_proj.bias,
-                                      repeat=self.stride, z_e=z_e, check_range=False)
+        z_q = self.from_codes(indices, z_e=z_e)
         return z_q, indices
 
     def nearest(self, z_e: torch.Tensor) -> torch.Tensor:
         """(B, codebook_dim, T) projected latents -> (B, T) int64 index of the closest codebook entry."""
-        B = z_e.shape[0]
-        encodings = F.normalize(z_e.transpose(1, 2).reshape(-1, z_e.shape[1]))
-        codebook = F.normalize(self.codebook.weight)
-        dist = (
-            encodings.pow(2).sum(1, keepdim=True)
-            - 2 * encodings @ codebook.t()
-            + codebook.pow(2).sum(1, keepdim=True).t()
-        )
-        return (-dist).max(1)[1].reshape(B, -1)
+        return functional.nearest_entry(z_e, self.codebook.weight)
 
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, T) codes -> (B, codebook_dim, T) codebook vectors."""
         return F.embedding(indices, self.codebook.weight).transpose(1, 2)
 
-    def from_codes(self, indices: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T) codes -> (B, D, T * stride) latent contribution (added into ``out`` when given)."""
-        if current_backend() == "triton":
-            from ..kernels import codebook as kernels
-
-            return kernels.codebook_lookup(indices, self.codebook.weight, self.out_proj.weight, self.out_proj.bias,
-                                           repeat=self.stride, out=out, check_range=False)
-        if out is not None:
-            return out.add_(self.from_codes(indices))
-        return self.out_proj(self.decode_code(indices)).repeat_interleave(self.stride, dim=-1)
+    def from_codes(self, indices: torch.Tensor, out: Optional[torch.Tensor] = None,
+                   z_e: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) codes -> (B, D, T * stride) latent contribution (added into ``out`` when given); with the
+        codes' (B, codebook_dim, T) ``z_e``, in the reference's straight-through form."""
+        return functional.codebook_lookup(indices, self.codebook.weight, self.out_proj.weight, self.out_proj.bias,
+                                          repeat=self.stride, z_e=z_e, out=out)
 
 
 class ResidualVectorQuantize(nn.Module):
     def __init__(self, input_dim: int = 512, codebook_size: int = 1024, codebook_dim: int = 8,
-                 vq_strides: List[int] = (1, 1, 1, 1)):
+                 vq_strides: Sequence[int] = (1, 1, 1, 1)):
         super().__init__()
         self.n_codebooks = len(vq_strides)
         self.codebook_dim = codebook_dim
@@ -105,14 +76,8 @@ class ResidualVectorQuantize(nn.Module):
         return z_q, codes
 
     def from_codes(self, codes: List[torch.Tensor]) -> torch.Tensor:
-        """Codes per level -> (B, D, T) quantized latents (sum of every level's contribution)."""
-        if current_backend() == "triton":  # accumulate every level in place, one kernel each
-            B, T = codes[0].shape[0], codes[0].shape[1] * self.quantizers[0].stride
-            z_q = torch.zeros(B, self.quantizers[0].out_proj.out_channels, T, device=codes[0].device)
-            for quantizer, indices in zip(self.quantizers, codes):
-                quantizer.from_codes(indices, out=z_q)
-            return z_q
-        z_q = 0.0
+        """Codes per level -> (B, D, T) quantized latents: every level's contribution, summed in place."""
+        z_q = None
         for quantizer, indices in zip(self.quantizers, codes):
-            z_q = z_q + quantizer.from_codes(indices)
+            z_q = quantizer.from_codes(indices, out=z_q)
         return z_q
