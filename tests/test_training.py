@@ -129,6 +129,25 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
 
 
+def test_codebooks_stay_in_use_while_training(data_dir):
+    """The from-scratch init keeps many codes in use: with DAC's init (every conv at std 0.02) the encoder
+    output is ~1e-6 and every level uses a single code from the first steps on."""
+    files, _ = data_mod.scan_audio_dir(data_dir)
+    sampler = data_mod.SegmentSampler(files, 16000, 1024, seed=0)
+    trainer = Trainer(TrainConfig(**FAST, data_dir=str(data_dir)), resolve_model_config(TINY), torch.device("cpu"))
+    probe = torch.from_numpy(sampler.batch(10**6, 4))
+
+    def codes_used():
+        with torch.no_grad():
+            return [len(torch.unique(c)) for c in quantize(trainer.model, trainer.model.encoder(probe))[1]]
+
+    assert codes_used()[0] >= 12
+    for step in range(30):
+        trainer.train_step(sampler.batch(step, 2))
+    used = codes_used()
+    assert used[0] >= 8 and used[1] >= 3, used
+
+
 def test_adversarial_step_trains_the_discriminator(data_dir, tmp_path):
     summary = train(TrainConfig(**{**FAST, "segment_length": 512}, data_dir=str(data_dir), steps=2,
                                 adversarial=True, disc_windows=(256, 128, 64), out=str(tmp_path / "gan")))

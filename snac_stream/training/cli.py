@@ -106,14 +106,20 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--lr-decay", type=float, default=d.lr_decay, metavar="GAMMA",
                    help="per-step exponential lr decay (DAC uses 0.999996; default 1 = constant)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="generator gradient norm clip (0 = off)")
-    g.add_argument("--mel-weight", type=float, default=d.mel_weight)
-    g.add_argument("--waveform-weight", type=float, default=d.waveform_weight)
-    g.add_argument("--commitment-weight", type=float, default=d.commitment_weight)
-    g.add_argument("--codebook-weight", type=float, default=d.codebook_weight)
+    g.add_argument("--mel-weight", type=float, default=d.mel_weight,
+                   help=f"multi-scale log-mel L1 (default {d.mel_weight}, as DAC)")
+    g.add_argument("--waveform-weight", type=float, default=d.waveform_weight,
+                   help=f"waveform L1 (default {d.waveform_weight})")
+    g.add_argument("--commitment-weight", type=float, default=d.commitment_weight,
+                   help=f"VQ commitment loss (default {d.commitment_weight})")
+    g.add_argument("--codebook-weight", type=float, default=d.codebook_weight,
+                   help=f"VQ codebook loss (default {d.codebook_weight})")
     g.add_argument("--adversarial", action="store_true",
                    help="add the multi-scale STFT discriminator (GAN + feature-matching losses)")
-    g.add_argument("--adversarial-weight", type=float, default=d.adversarial_weight)
-    g.add_argument("--feature-weight", type=float, default=d.feature_weight)
+    g.add_argument("--adversarial-weight", type=float, default=d.adversarial_weight,
+                   help=f"GAN generator loss (default {d.adversarial_weight})")
+    g.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                   help=f"feature-matching L1 (default {d.feature_weight})")
     g.add_argument("--gan-loss", choices=("lsgan", "hinge"), default=d.gan_loss)
     g.add_argument("--noise-mode", choices=("torch", "deterministic", "off"), default=d.noise_mode,
                    help="decoder noise while training (default torch: fresh Gaussian noise, as the reference)")

@@ -24,6 +24,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from ..config import SNACConfig
 from ..model import SNAC
 from ..model.functional import use_backend
+from ..model.layers import NoiseBlock, ResidualUnit
 
 _CONVS = (nn.Conv1d, nn.ConvTranspose1d)
 
@@ -61,20 +62,57 @@ def export_model(model: SNAC, device: torch.device | str = "cpu") -> SNAC:
     return plain.to(device).eval()
 
 
+def init_weights(model: SNAC, branch_std: float = 0.02, output_gain: float = 0.1) -> SNAC:
+    """Initialise a SNAC for training from scratch (in place; returns it).
+
+    Main-path convs (encoder and decoder stems, strided and transposed convs, the VQ projections) get
+    variance-preserving weights, normal with std ``1 / sqrt(fan_in)`` (fan_in: the inputs one output reads;
+    for a transposed conv of stride s, C_in * kernel / s); the convs inside residual units and noise blocks
+    get DAC's truncated normal of std ``branch_std``, so every residual unit starts near the identity; the
+    last decoder conv gets ``output_gain`` times the variance-preserving std, so the output starts quiet,
+    away from the tanh's saturation. Biases start at zero.
+
+    DAC's own init (truncated normal, std 0.02, on every conv) does not suit SNAC's depthwise layout: the
+    depthwise stems (fan_in 7) and narrow strided convs shrink the encoder output to about 1e-6 of the input,
+    so the first Adam step's bias updates (about lr each) swamp the signal, every frame's latent points the
+    same way and each codebook collapses to a single code.
+    """
+    residual_convs = set()
+    for module in model.modules():
+        if isinstance(module, ResidualUnit):
+            residual_convs.update(id(m) for m in module.modules() if isinstance(m, _CONVS))
+        if isinstance(module, NoiseBlock):
+            residual_convs.add(id(module.linear))
+    output_conv = [m for m in model.decoder.modules() if isinstance(m, nn.Conv1d)][-1]
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _CONVS):
+                continue
+            if id(module) in residual_convs:
+                nn.init.trunc_normal_(module.weight, std=branch_std)
+            else:
+                kernel = module.kernel_size[0]
+                if isinstance(module, nn.ConvTranspose1d):
+                    fan_in = module.in_channels * kernel / module.stride[0]
+                else:
+                    fan_in = module.in_channels // module.groups * kernel
+                std = fan_in ** -0.5 * (output_gain if module is output_conv else 1.0)
+                nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
 def build_training_model(config: SNACConfig, init_state: Dict[str, torch.Tensor] | None = None,
                          noise_mode: str = "torch") -> SNAC:
     """A SNAC of ``config`` on the PyTorch backend, in train mode with weight norm on every conv.
 
-    From scratch (``init_state`` None) the convs start as DAC initialises them (truncated normal, std 0.02,
-    zero bias); otherwise ``init_state`` (plain folded weights) is loaded.
+    From scratch (``init_state`` None) the weights start as ``init_weights`` sets them; otherwise
+    ``init_state`` (plain folded weights) is loaded.
     """
     model = SNAC.from_config(config, backend="torch", noise_mode=noise_mode)
     if init_state is None:
-        for module in model.modules():
-            if isinstance(module, nn.Conv1d):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_weights(model)
     else:
         model.load_state_dict(init_state)
     return add_weight_norm(model).train()

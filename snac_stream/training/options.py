@@ -69,8 +69,10 @@ class TrainConfig:
     grad_clip: float = 1000.0  # generator gradient norm clip (DAC: 1e3); 0 = off
     disc_grad_clip: float = 10.0  # discriminator gradient norm clip (DAC: 10); 0 = off
     # losses
-    mel_weight: float = 1.0
-    waveform_weight: float = 0.1
+    # DAC's weights (mel 15 against commitment 0.25, codebook 1); the waveform L1 at a tenth of the mel term.
+    # With the mel term at 1 the VQ losses dominate and every codebook collapses to a single code.
+    mel_weight: float = 15.0
+    waveform_weight: float = 1.5
     commitment_weight: float = 0.25
     codebook_weight: float = 1.0
     mel_fft_sizes: Tuple[int, ...] = (512, 1024, 2048)
