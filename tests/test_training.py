@@ -258,6 +258,15 @@ def test_espeak_generates_cached_speech_at_the_model_rate(tmp_path):
     assert [p.stat().st_mtime_ns for p in train_paths] == stamps
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_training_on_espeak_speech_evaluates_held_out_sentences(tmp_path):
+    summary = train(TrainConfig(**FAST, espeak=True, espeak_utterances=2, steps=1, out=str(tmp_path / "run")))
+    assert len(list((tmp_path / "run" / "espeak" / "train").glob("*.wav"))) == 2
+    assert len(list((tmp_path / "run" / "espeak" / "eval").glob("*.wav"))) == 1
+    assert summary["eval"]["items"] == 1 and 0 <= summary["stoi"] <= 1
+    assert summary["losses"]["loss"] > 0
+
+
 # ---- configs and errors -----------------------------------------------------------------------------------
 def test_mini_config_and_overrides():
     with torch.device("meta"):

@@ -11,7 +11,7 @@ status. Expected failures raise ``TrainingError`` (a ``ValueError``) with one me
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .options import CONFIG_NAMES, TrainConfig, TrainingError
 from .trainer import train

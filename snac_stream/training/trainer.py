@@ -27,7 +27,7 @@ from . import espeak as espeak_mod
 from .discriminator import MultiScaleSTFTDiscriminator
 from .evaluate import evaluate, require_pystoi
 from .losses import MultiScaleMelLoss, discriminator_loss, generator_losses
-from .modeling import build_training_model, export_model, folded_state_dict, training_forward
+from .modeling import build_training_model, export_model, training_forward
 from .options import TrainConfig, TrainingError, config_differences, resolve_device, resolve_model_config
 
 STATE_FILE = "train_state.pt"
@@ -229,9 +229,8 @@ def _data(opts: TrainConfig, config: SNACConfig, out: Optional[Path], say) -> Tu
         if len(skipped) > 5:
             say(f"skipped {len(skipped) - 5} more undecodable files")
         if opts.eval_dir is not None:
-            held, skipped_eval = data_mod.scan_audio_dir(opts.eval_dir, "eval directory")
             train_files += files
-            eval_files += held
+            eval_files += data_mod.scan_audio_dir(opts.eval_dir, "eval directory")[0]
         else:
             train, held = data_mod.split_holdout(files, opts.eval_items, opts.seed)
             train_files += train
