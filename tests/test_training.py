@@ -23,7 +23,7 @@ from snac_stream.training import (MINI_CONFIG, MultiScaleMelLoss, TrainConfig, T
                                   mel_filterbank, resolve_model_config, segment_samples, train, training_forward)
 from snac_stream.training import data as data_mod
 from snac_stream.training import espeak as espeak_mod
-from snac_stream.training.cli import add_train_parser, run_train
+from snac_stream.cli.train import add_parsers as add_train_parser, run_train
 from snac_stream.training.losses import hz_to_mel, mel_to_hz
 from snac_stream.training.modeling import build_training_model, export_model, quantize
 

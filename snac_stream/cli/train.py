@@ -1,11 +1,11 @@
-"""``snac-stream train``: argument parser and runner, for the main command line to register.
+"""``snac-stream train``: train or fine-tune a model (:mod:`snac_stream.training`).
 
     snac-stream train --out DIR (--data DIR | --espeak) [--config NAME|PATH] [--init DIR|PRESET]
                       [--encoder-dim N --decoder-dim N ...] [--steps N] [--batch-size N]
                       [--segment-length N] [--adversarial] [--bf16] [--device auto|cpu|cuda] [--resume]
 
-``add_train_parser(subparsers)`` registers the subcommand; ``run_train(args)`` runs it and returns the exit
-status. Expected failures raise ``TrainingError`` (a ``ValueError``) with one message.
+Expected failures raise ``TrainingError`` (a ``ValueError``), which the command line prints as one ``error:``
+line.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List
 
-from .options import CONFIG_NAMES, TrainConfig, TrainingError
-from .trainer import train
+from ..training.options import CONFIG_NAMES, TrainConfig, TrainingError
+from ..training.trainer import train
 
 _DEFAULTS = TrainConfig()
 
@@ -63,8 +63,8 @@ _OVERRIDES = {
 }
 
 
-def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``train`` on an ``argparse`` subparsers object; returns its parser."""
+def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train``; returns its parser."""
     d = _DEFAULTS
     p = subparsers.add_parser(
         "train",
@@ -182,4 +182,4 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_train_parser", "run_train", "config_from_args", "TrainingError"]
+__all__ = ["add_parsers", "run_train", "config_from_args", "TrainingError"]
