@@ -64,6 +64,8 @@ class _Warming:
 
 @dataclass
 class Slot:
+    """One stream's slot: its queued input and where its state is (its group's while warming up, then its
+    batch row, row ``sid``)."""
     sid: int
     queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first
     fresh: bool = True  # no step run yet (its state is made with its group's)
@@ -129,9 +131,11 @@ class StreamEngine:
         raise NotImplementedError
 
     def _stack(self, steps: List[Any]) -> Any:
+        """One queued step of several streams (one row each) as the batched input of ``_advance``."""
         raise NotImplementedError
 
     def _advance(self, state: Any, inputs: Any) -> Any:
+        """Advance a batched ``state`` (B rows) by one step of ``inputs`` (B rows); returns its outputs."""
         raise NotImplementedError
 
     def _rows(self, outputs: Any) -> List[Any]:

@@ -8,7 +8,7 @@ import torch
 
 from ..model.snac import SNACModel
 from ..streaming.build import encoder_op
-from ..streaming.ops import Codes
+from ..streaming.ops import Codes, no_codes
 from .base import StreamEngine, cat_to, Slot
 
 
@@ -96,9 +96,7 @@ class EncodeEngine(StreamEngine):
         return super()._ends_in_batch(slot) and (slot.partial is None or not slot.partial.shape[-1])
 
     def _no_output(self, rows: int) -> Codes:
-        """No codes: (rows, 0) int64 per level."""
-        return [torch.zeros(rows, 0, dtype=torch.int64, device=self.model.device)
-                for _ in range(self.config.n_codebooks)]
+        return no_codes(rows, self.config.n_codebooks, self.model.device)
 
     def _queue_placeholder(self, sid: int, steps: int) -> None:
         """Whole steps and half a step more, which stays buffered (``close`` pads it)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Generic, Hashable, Optional, Tuple, TypeVar
+from typing import Callable, ContextManager, Dict, Generic, Hashable, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -37,6 +37,14 @@ class CUDAGraphed(Generic[_Key, _Out]):
 
     def __contains__(self, key: _Key) -> bool:
         return key in self._graphs
+
+    def captured(self) -> List[_Key]:
+        """The keys captured so far."""
+        return list(self._graphs)
+
+    def graph(self, key: _Key) -> torch.cuda.CUDAGraph:
+        """The graph captured for ``key`` (to replay or time it alone)."""
+        return self._graphs[key][0]
 
     def capture(self, key: _Key) -> None:
         """Capture ``fn(key)`` now, unless it is captured already (or capturing is off)."""

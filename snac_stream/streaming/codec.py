@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
 from ..model.snac import SNACModel
 from .build import decoder_op, encoder_op
 from .latency import decoder_dial, decoder_latency_samples, encoder_latency
-from .ops import Codes, StreamOp, clone_state
+from .ops import Codes, StreamOp, clone_state, no_codes
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -81,8 +81,7 @@ class StreamingEncoder(_Stream):
         self.received = 0  # samples pushed
 
     def _no_codes(self) -> Codes:
-        return [torch.zeros(self.batch_size, 0, dtype=torch.int64, device=self.model.device)
-                for _ in range(self.config.n_codebooks)]
+        return no_codes(self.batch_size, self.config.n_codebooks, self.model.device)
 
     @_runs_on_backend
     def push(self, audio: torch.Tensor) -> Codes:
@@ -142,10 +141,13 @@ class StreamingDecoder(_Stream):
         self.exact_samples = 0  # samples the exact pipeline has produced
         self.emitted_samples = 0  # samples returned to the caller (>= exact_samples in early mode)
 
+    def _no_audio(self) -> torch.Tensor:
+        return torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+
     def _emit(self, exact: Optional[torch.Tensor]) -> torch.Tensor:
         """Return the part of freshly produced exact samples that was not already emitted early."""
         if exact is None:
-            exact = torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+            exact = self._no_audio()
         start = self.exact_samples
         self.exact_samples += exact.shape[-1]
         out = exact[..., max(0, self.emitted_samples - start):]
@@ -170,7 +172,7 @@ class StreamingDecoder(_Stream):
         """Samples up to ``lookahead_samples`` before the end of the received audio, as if the stream ended."""
         target = self.frames * self.frame_samples - self.lookahead_samples
         if target <= self.emitted_samples:
-            return torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+            return self._no_audio()
         state = clone_state(self.state)
         window = self.config.attn_window_size
         missing = -self.frames * self.config.coarse_stride % window if window else 0

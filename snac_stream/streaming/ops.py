@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,6 +33,11 @@ from ..model.layers import NoiseBlock, ResidualUnit, conv_shape
 from ..model.vq import ResidualVectorQuantize
 
 Codes = List[torch.Tensor]  # one (B, t_i) int64 tensor per codebook level, coarse first
+
+
+def no_codes(batch: int, levels: int, device: torch.device) -> Codes:
+    """Codes of no frame: ``levels`` tensors (batch, 0) int64."""
+    return [torch.zeros(batch, 0, dtype=torch.int64, device=device) for _ in range(levels)]
 
 
 class StreamOp:
@@ -239,13 +244,13 @@ class Chain(StreamOp):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> List[Any]:
         return [op.init_state(batch, device, dtype) for op in self.ops]
 
-    def push(self, state: List[Any], x: torch.Tensor) -> torch.Tensor:
+    def push(self, state: List[Any], x: torch.Tensor) -> Union[torch.Tensor, Codes]:
         for op, s in zip(self.ops, state):
             x = op.push(s, x)
         return x
 
-    def flush(self, state: List[Any]) -> Any:
-        tail: Any = None
+    def flush(self, state: List[Any]) -> Union[torch.Tensor, Codes, None]:
+        tail: Union[torch.Tensor, Codes, None] = None
         for op, s in zip(self.ops, state):
             pushed = op.push(s, tail) if tail is not None else None
             rest = op.flush(s)
@@ -351,7 +356,7 @@ class Quantize(Blockwise):
 
     def empty(self, like: torch.Tensor) -> Codes:
         """No codes: one (B, 0) int64 tensor per level, on ``like``'s device."""
-        return [like.new_zeros(like.shape[0], 0, dtype=torch.int64) for _ in range(self.out_channels)]
+        return no_codes(like.shape[0], self.out_channels, like.device)
 
     def flush(self, state: _BlockState) -> None:
         if state.pending.shape[-1]:
