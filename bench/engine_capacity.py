@@ -89,7 +89,8 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
         row.update(percentiles(gpu, "gpu_"))
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if engine.step_mode == "graphs":  # the captured pass alone: GPU time of one step's kernels
-        graph, _ = engine._graphs[max(engine._graphs)]
+        passes = engine._bucket_passes
+        graph = passes.graph(max(passes.captured()))
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(20):

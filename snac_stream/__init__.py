@@ -1,12 +1,12 @@
 """snac-stream: real-time streaming SNAC codec.
 
-``SNAC`` is the offline model (checkpoint-compatible with the official weights); ``SNAC.streaming_encoder``
-and ``SNAC.streaming_decoder`` give exact chunked counterparts.
+``SNAC`` is the codec (checkpoint-compatible with the official weights): offline ``encode`` / ``decode``, and
+``SNAC.streaming_encoder`` / ``SNAC.streaming_decoder``, their exact chunked counterparts.
 """
 
 from .config import HUB_IDS, PRESETS, SNACConfig
-from .model import SNAC, CheckpointError
-from .streaming import StreamingDecoder, StreamingEncoder
+from .model import CheckpointError
+from .streaming import SNAC, StreamingDecoder, StreamingEncoder
 from .tokens import InterleavedLayout, OrpheusLayout, TokenLayout, get_layout
 
 __version__ = "0.1.0"

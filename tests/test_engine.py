@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
-from snac_stream.streaming.ops import select_rows
-from snac_stream.streaming.ops import state_batch as state_rows
+from snac_stream.streaming.rows import select_rows
+from snac_stream.streaming.rows import state_batch as state_rows
 
 AUDIO_TOL = 1e-5
 STRUCTURES = {
@@ -158,7 +158,7 @@ def test_a_broken_stream_does_not_touch_the_others(step_mode: str) -> None:
         # A stream whose state went NaN (a failing stream) poisons only its own row.
         row = torch.tensor([sids[1]])
         poisoned = select_rows(engine._batch, row)
-        from snac_stream.streaming.ops import assign_rows
+        from snac_stream.streaming.rows import assign_rows
         nan_state = _fill(poisoned, float("nan"))
         engine._batch = assign_rows(engine._batch, row, nan_state)
         while engine.pending(sids[0]):
@@ -578,7 +578,7 @@ def test_warm_up_leaves_the_engine_as_it_was(engine_type, name: str, monkeypatch
 
 
 def _tensors(state) -> List[torch.Tensor]:
-    from snac_stream.streaming.ops import _map_state
+    from snac_stream.streaming.rows import _map_state
     found: List[torch.Tensor] = []
     _map_state(lambda v: found.append(getattr(v, "position", v)) if not isinstance(v, int) else None, state)
     return [t for t in found if isinstance(t, torch.Tensor)]

@@ -1,6 +1,6 @@
 """Offline SNAC model: layers, quantizer, checkpoints. Streaming builds on these modules."""
 
 from .checkpoint import CheckpointError
-from .snac import SNAC
+from .snac import SNACModel
 
-__all__ = ["SNAC", "CheckpointError"]
+__all__ = ["SNACModel", "CheckpointError"]

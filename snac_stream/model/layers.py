@@ -127,9 +127,10 @@ class ResidualUnit(nn.Module):
             conv1d(dim, dim, 1),
         )
 
-    def compute(self, x: torch.Tensor, *, context: Optional[torch.Tensor] = None, padding: int = 0,
-                length: Optional[int] = None) -> torch.Tensor:
-        """The unit as two fused convs over ``cat(context, x)`` zero-padded by ``padding``: (B, C, length).
+    def fused_forward(self, x: torch.Tensor, *, context: Optional[torch.Tensor] = None, padding: int = 0,
+                      length: Optional[int] = None) -> torch.Tensor:
+        """The unit as two fused convs over ``cat(context, x)`` zero-padded by ``padding`` frames on each side:
+        (B, C, T) input and (B, C, L) context -> (B, C, length) (default: every output the padded input gives).
 
         Output ``j`` is centred on input ``j + pad - padding``, which is also where its skip input sits, so
         the streaming cache of the dilated conv doubles as the residual delay line.
@@ -142,7 +143,7 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if current_backend() == "triton":
-            return self.compute(x, padding=self.pad)
+            return self.fused_forward(x, padding=self.pad)
         y = self.block(x)
         pad = (x.shape[-1] - y.shape[-1]) // 2
         if pad > 0:

@@ -1,4 +1,8 @@
-"""The SNAC codec: offline encode / decode, checkpoint-compatible with the official weights."""
+"""The SNAC codec's offline model: encode / decode, checkpoint-compatible with the official weights.
+
+The user-facing ``snac_stream.SNAC`` adds the streaming encoder and decoder on top of this class (in
+``snac_stream.streaming``): the model layer knows nothing of streaming.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +22,11 @@ from .functional import BACKENDS, PRECISIONS, resolve_backend, use_backend
 from .layers import NOISE_MODES, Decoder, Encoder, NoiseBlock
 from .vq import ResidualVectorQuantize
 
-if TYPE_CHECKING:  # streaming builds on the model, not the other way round
-    from ..streaming import StreamingDecoder, StreamingEncoder
+_Model = TypeVar("_Model", bound="SNACModel")
 
 
-class SNAC(nn.Module):
-    """Multi-Scale Neural Audio Codec.
+class SNACModel(nn.Module):
+    """Multi-Scale Neural Audio Codec, offline (whole signals in, whole signals out).
 
     Takes the reference ``snac.SNAC`` keyword arguments. Audio is (B, 1, T) float at ``sampling_rate``;
     codes are a list of ``n_codebooks`` int64 tensors (B, T_i), coarse first, ``T_i = T_latent / vq_strides[i]``.
@@ -91,7 +94,7 @@ class SNAC(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: SNACConfig | dict | str | os.PathLike, **kwargs: Any) -> "SNAC":
+    def from_config(cls: Type[_Model], config: SNACConfig | dict | str | os.PathLike, **kwargs: Any) -> _Model:
         """Build with random weights from a config object, dict, preset name (``"24khz"``) or config.json path."""
         if isinstance(config, (str, os.PathLike)):
             key = str(config).lower().removeprefix("snac_")
@@ -104,9 +107,9 @@ class SNAC(nn.Module):
         return cls(**config.to_dict(), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike, *, revision: Optional[str] = None,
+    def from_pretrained(cls: Type[_Model], name_or_dir: str | os.PathLike, *, revision: Optional[str] = None,
                         cache_dir: Optional[str] = None, map_location: str | torch.device = "cpu",
-                        **kwargs: Any) -> "SNAC":
+                        **kwargs: Any) -> _Model:
         """Load official-format weights from a local directory, a hub id or a preset name, in eval mode.
 
         Directories hold ``config.json`` and ``pytorch_model.bin`` or ``model.safetensors``; weight norm in
@@ -163,8 +166,9 @@ class SNAC(nn.Module):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self._precision = precision
 
-    def compute(self, backend: Optional[str] = None) -> ContextManager[None]:
-        """The context every model call runs in: ``backend`` (or the model's), resolved, and the precision."""
+    def on_backend(self, backend: Optional[str] = None) -> ContextManager[None]:
+        """The context every model call runs in: ``backend`` (or the model's), resolved against the model's
+        device, with the model's precision."""
         return use_backend(self.resolved_backend(backend), self._precision)
 
     # ---- noise ----------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class SNAC(nn.Module):
     def encode(self, audio: torch.Tensor) -> List[torch.Tensor]:
         """(B, 1, T) float audio -> codes: ``n_codebooks`` int64 tensors (B, T_i), coarse first."""
         audio = self.check_audio(audio)
-        with self.compute():
+        with self.on_backend():
             z = self.encoder(self.preprocess(audio))
             _, codes = self.quantizer(z)
         return codes
@@ -213,30 +217,17 @@ class SNAC(nn.Module):
     def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Codes (as ``encode`` returns) -> (B, 1, T_latent * hop_length) audio in [-1, 1]."""
         codes = self.check_codes(codes)
-        with self.compute():
+        with self.on_backend():
             return self.decoder(self.quantizer.from_codes(codes))
 
     def forward(self, audio: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(B, 1, T) audio -> (reconstruction trimmed to T samples, codes)."""
         audio = self.check_audio(audio)
         length = audio.shape[-1]
-        with self.compute():
+        with self.on_backend():
             z = self.encoder(self.preprocess(audio))
             z_q, codes = self.quantizer(z)
             return self.decoder(z_q)[..., :length], codes
-
-    # ---- streaming (implemented in snac_stream.streaming) ----------------------------------------
-    def streaming_encoder(self, batch_size: int = 1, **kwargs: Any) -> "StreamingEncoder":
-        """A stateful encoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""
-        from ..streaming import StreamingEncoder
-
-        return StreamingEncoder(self, batch_size=batch_size, **kwargs)
-
-    def streaming_decoder(self, batch_size: int = 1, **kwargs: Any) -> "StreamingDecoder":
-        """A stateful decoder for ``batch_size`` independent streams; see ``snac_stream.streaming``."""
-        from ..streaming import StreamingDecoder
-
-        return StreamingDecoder(self, batch_size=batch_size, **kwargs)
 
     # ---- input checks ---------------------------------------------------------------------------
     @property

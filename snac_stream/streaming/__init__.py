@@ -1,9 +1,12 @@
-"""Exact streaming: stateful chunked counterparts of the offline model.
+"""Exact streaming: stateful chunked counterparts of the offline model, and the user-facing ``SNAC``.
 
-``ops`` holds the per-layer mechanism (state objects, conv caches, overlap tails, delay lines);
-``build`` maps offline modules onto it; ``codec`` gives the user-facing encoder and decoder.
+``ops`` holds the per-layer mechanism (state objects, conv caches, overlap tails, delay lines, the
+quantizer); ``build`` maps offline modules onto it; ``latency`` derives every delay from the ops' emission
+counts; ``rows`` handles the batch rows of a state (one per stream, for the engine); ``codec`` gives the
+chunked encoder and decoder; ``snac`` the model class that offers them.
 """
 
 from .codec import StreamingDecoder, StreamingEncoder
+from .snac import SNAC
 
-__all__ = ["StreamingEncoder", "StreamingDecoder"]
+__all__ = ["SNAC", "StreamingEncoder", "StreamingDecoder"]

@@ -9,7 +9,8 @@ from torch import nn
 from ..model.attention import LocalMHA
 from ..model.layers import (Decoder, DecoderBlock, Encoder, EncoderBlock, NoiseBlock, ResidualUnit, Snake1d,
                             fold_layers)
-from .ops import Blockwise, Chain, ConvTranspose, Noise, Pointwise, SlidingWindow, StreamOp
+from ..model.snac import SNACModel
+from .ops import Blockwise, Chain, ConvTranspose, Noise, Pointwise, Quantize, SlidingWindow, StreamOp
 
 
 def _sequence(layers: nn.Sequential, channels: int) -> Chain:
@@ -43,3 +44,20 @@ def stream_op(module: nn.Module, channels: int) -> StreamOp:
     if isinstance(module, Decoder):
         return stream_op(module.model, channels)
     raise TypeError(f"no streaming counterpart for {type(module).__name__}")
+
+
+def encoder_op(model: SNACModel) -> Chain:
+    """The whole streaming encoder: (B, 1, n) samples -> ``Codes`` of the coarse frames now final.
+
+    The encoder body, then the quantizer; ``emitted(n)`` counts coarse frames after ``n`` samples.
+    """
+    quantize = Quantize(model.quantizer, model.config.coarse_stride, model.latent_dim)
+    return Chain([stream_op(model.encoder, 1), quantize])
+
+
+def decoder_op(model: SNACModel) -> StreamOp:
+    """The streaming decoder: (B, latent_dim, n) quantized latent frames -> (B, 1, m) samples now final.
+
+    ``emitted(n)`` counts samples after ``n`` latent frames (``vq_strides[0]`` latent frames a coarse frame).
+    """
+    return stream_op(model.decoder, model.latent_dim)

@@ -1,4 +1,4 @@
-"""Stateful chunked encoder and decoder, exact against offline ``SNAC.encode`` / ``SNAC.decode``.
+"""Stateful chunked encoder and decoder, exact against offline ``encode`` / ``decode``.
 
 Units: audio in samples at ``model.sampling_rate``; codes in coarse frames (one code of level 0, i.e.
 ``config.frame_samples`` samples of audio, ``vq_strides[0] // vq_strides[i]`` codes of level ``i``).
@@ -8,69 +8,36 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from ..model.snac import SNAC
-from .build import stream_op
-from .ops import StreamOp, clone_state
+from ..model.snac import SNACModel
+from .build import decoder_op, encoder_op
+from .latency import decoder_dial, decoder_latency_samples, encoder_latency
+from .ops import Codes, StreamOp, clone_state, no_codes
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def _first_input_count(op_emitted, target: int, upper: int) -> int:
-    """Smallest ``n`` with ``op_emitted(n) >= target`` (``op_emitted`` is non-decreasing)."""
-    lo, hi = 0, upper
-    while op_emitted(hi) < target:
-        hi *= 2
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if op_emitted(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _on_backend(method: Callable[..., Any]) -> Callable[..., Any]:
+def _runs_on_backend(method: _Method) -> _Method:
     """Run a push or flush on the stream's backend, resolved against the model's current device."""
 
     @functools.wraps(method)
     def wrapper(self: "_Stream", *args: Any, **kwargs: Any) -> Any:
-        with self.model.compute(self.backend):
+        with self.model.on_backend(self.backend):
             return method(self, *args, **kwargs)
 
-    return wrapper
-
-
-def quantize_whole_frames(model: SNAC, latent: torch.Tensor, z: Optional[torch.Tensor]
-                          ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Quantize the whole coarse frames of ``cat(latent, z)``: (codes per level (B, t_i), leftover latent).
-
-    ``latent`` (B, D, L) holds the frames of a coarse frame not yet whole; the VQ's stride pooling is aligned
-    to absolute frame 0, so only whole groups of ``coarse_stride`` latent frames can be quantized.
-    """
-    if z is not None and z.shape[-1]:
-        latent = torch.cat([latent, z], dim=-1) if latent.shape[-1] else z
-    group = model.config.coarse_stride
-    whole = latent.shape[-1] // group * group
-    if whole == 0:
-        return [latent.new_zeros(latent.shape[0], 0, dtype=torch.int64) for _ in range(model.n_codebooks)], latent
-    return model.quantizer(latent[..., :whole])[1], latent[..., whole:]
-
-
-def flush_codes(model: SNAC, body: StreamOp, state: Any, latent: torch.Tensor) -> List[torch.Tensor]:
-    """The last codes of encoder streams whose input (padded as offline ``encode`` pads it) has all been
-    pushed: the body's tail, quantized with the ``latent`` frames held back. Per level (B, t_i)."""
-    codes, rest = quantize_whole_frames(model, latent, body.flush(state))
-    if rest.shape[-1]:
-        raise AssertionError("encoder ended between coarse frames; padding arithmetic is off")
-    return codes
+    return wrapper  # type: ignore[return-value]
 
 
 class _Stream:
-    """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag."""
+    """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag.
 
-    def __init__(self, model: SNAC, batch_size: int, body: StreamOp, backend: Optional[str]):
+    ``body`` is the op chain the streams run; ``state`` its state for the batch.
+    """
+
+    def __init__(self, model: SNACModel, batch_size: int, body: StreamOp, backend: Optional[str]):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
@@ -98,35 +65,26 @@ class StreamingEncoder(_Stream):
     ``push((B, 1, n) float)`` returns the codes of every coarse frame whose inputs are now all known (a list
     of (B, t_i) int64 per level, possibly ``t_i == 0``); ``flush()`` pads the stream exactly as the offline
     ``encode`` pads it and returns the rest. Their concatenation equals ``model.encode(audio)``.
+
+    ``lookahead_samples``: samples beyond the end of a coarse frame that must arrive before its codes come
+    out; ``latency_samples``: the worst case from the first sample of a coarse frame to its codes.
     """
 
-    def __init__(self, model: SNAC, batch_size: int = 1, backend: Optional[str] = None):
-        self.group = model.config.coarse_stride  # latent frames quantized together
-        super().__init__(model, batch_size, stream_op(model.encoder, 1), backend)
-        frames = lambda n: self.body.emitted(n) // self.group  # noqa: E731
-        period = math.lcm(self.group, model.config.attn_window_size or 1) // self.group
-        starts = [_first_input_count(frames, j + 1, self.frame_samples) for j in range(2 * period + 2)]
-        # Samples beyond the end of coarse frame j that must arrive before its codes come out.
-        self.lookahead_samples: int = max(n - (j + 1) * self.frame_samples for j, n in enumerate(starts))
-        # Worst case, counted from the first sample of a coarse frame to the emission of its codes.
-        self.latency_samples: int = max(n - j * self.frame_samples for j, n in enumerate(starts))
+    def __init__(self, model: SNACModel, batch_size: int = 1, backend: Optional[str] = None):
+        super().__init__(model, batch_size, encoder_op(model), backend)
+        latency = encoder_latency(model)
+        self.lookahead_samples: int = latency.lookahead_samples
+        self.latency_samples: int = latency.latency_samples
 
     def reset(self) -> None:
         super().reset()
-        self.received = 0
-        self.latent = torch.zeros(self.batch_size, self.model.latent_dim, 0, device=self.model.device,
-                                  dtype=self.model.dtype)
+        self.received = 0  # samples pushed
 
-    def _quantize(self, z: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        codes, self.latent = quantize_whole_frames(self.model, self.latent, z)
-        return codes
+    def _no_codes(self) -> Codes:
+        return no_codes(self.batch_size, self.config.n_codebooks, self.model.device)
 
-    def _no_codes(self) -> List[torch.Tensor]:
-        return [torch.zeros(self.batch_size, 0, dtype=torch.int64, device=self.model.device)
-                for _ in range(self.config.n_codebooks)]
-
-    @_on_backend
-    def push(self, audio: torch.Tensor) -> List[torch.Tensor]:
+    @_runs_on_backend
+    def push(self, audio: torch.Tensor) -> Codes:
         """(B, 1, n) float samples -> codes of the coarse frames that just became final."""
         self._check_open()
         if isinstance(audio, torch.Tensor) and audio.dim() == 3 and audio.shape[-1] == 0:
@@ -135,10 +93,10 @@ class StreamingEncoder(_Stream):
         if audio.shape[0] != self.batch_size:
             raise ValueError(f"this encoder streams {self.batch_size} channels of audio, got a batch of {audio.shape[0]}")
         self.received += audio.shape[-1]
-        return self._quantize(self.body.push(self.state, audio))
+        return self.body.push(self.state, audio)
 
-    @_on_backend
-    def flush(self) -> List[torch.Tensor]:
+    @_runs_on_backend
+    def flush(self) -> Codes:
         """End of stream: pad as offline ``encode`` does and return the remaining codes.
 
         An empty stream returns empty codes (offline ``encode`` rejects empty audio).
@@ -148,14 +106,13 @@ class StreamingEncoder(_Stream):
         if self.received == 0:
             return self._no_codes()
         pad = -self.received % self.config.pad_multiple
+        parts = []
         if pad:
             zeros = torch.zeros(self.batch_size, 1, pad, device=self.model.device, dtype=self.model.dtype)
-            head = self._quantize(self.body.push(self.state, zeros))
-        else:
-            head = self._no_codes()
-        tail = flush_codes(self.model, self.body, self.state, self.latent)
-        self.latent = self.latent[..., :0]
-        return [torch.cat(pair, dim=-1) for pair in zip(head, tail)]
+            parts.append(self.body.push(self.state, zeros))
+        tail = self.body.flush(self.state)
+        parts.append(self._no_codes() if tail is None else tail)
+        return [torch.cat(levels, dim=-1) for levels in zip(*parts)]
 
 
 class StreamingDecoder(_Stream):
@@ -171,18 +128,12 @@ class StreamingDecoder(_Stream):
     future taken as the offline zero padding); those samples are then approximate and never revised.
     """
 
-    def __init__(self, model: SNAC, batch_size: int = 1, lookahead_samples: Optional[int] = None,
+    def __init__(self, model: SNACModel, batch_size: int = 1, lookahead_samples: Optional[int] = None,
                  backend: Optional[str] = None):
-        super().__init__(model, batch_size, stream_op(model.decoder, model.latent_dim), backend)
-        F = self.frame_samples
-        held = [k * F - self.body.emitted(k * self.config.coarse_stride) for k in range(1, 64)]
+        super().__init__(model, batch_size, decoder_op(model), backend)
         # Audio samples that received codes describe but the exact decoder cannot emit yet.
-        self.latency_samples: int = max(held)
-        if lookahead_samples is not None:
-            if not isinstance(lookahead_samples, int) or lookahead_samples < 0:
-                raise ValueError(f"lookahead_samples must be a non-negative int or None, got {lookahead_samples!r}")
-            lookahead_samples = min(lookahead_samples, self.latency_samples)
-        self.lookahead_samples: Optional[int] = lookahead_samples
+        self.latency_samples: int = decoder_latency_samples(model)
+        self.lookahead_samples: Optional[int] = decoder_dial(model, lookahead_samples)
 
     def reset(self) -> None:
         super().reset()
@@ -190,17 +141,20 @@ class StreamingDecoder(_Stream):
         self.exact_samples = 0  # samples the exact pipeline has produced
         self.emitted_samples = 0  # samples returned to the caller (>= exact_samples in early mode)
 
+    def _no_audio(self) -> torch.Tensor:
+        return torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+
     def _emit(self, exact: Optional[torch.Tensor]) -> torch.Tensor:
         """Return the part of freshly produced exact samples that was not already emitted early."""
         if exact is None:
-            exact = torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+            exact = self._no_audio()
         start = self.exact_samples
         self.exact_samples += exact.shape[-1]
         out = exact[..., max(0, self.emitted_samples - start):]
         self.emitted_samples += out.shape[-1]
         return out
 
-    @_on_backend
+    @_runs_on_backend
     def push(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Whole coarse frames of codes -> (B, 1, n) audio samples that became final."""
         self._check_open()
@@ -218,7 +172,7 @@ class StreamingDecoder(_Stream):
         """Samples up to ``lookahead_samples`` before the end of the received audio, as if the stream ended."""
         target = self.frames * self.frame_samples - self.lookahead_samples
         if target <= self.emitted_samples:
-            return torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
+            return self._no_audio()
         state = clone_state(self.state)
         window = self.config.attn_window_size
         missing = -self.frames * self.config.coarse_stride % window if window else 0
@@ -236,7 +190,7 @@ class StreamingDecoder(_Stream):
         self.emitted_samples += early.shape[-1]
         return early
 
-    @_on_backend
+    @_runs_on_backend
     def flush(self) -> torch.Tensor:
         """End of stream: the remaining samples (``frames * frame_samples`` in total)."""
         self._check_open()

@@ -6,6 +6,10 @@ whole receptive field has arrived. ``flush`` marks the end of the stream: the op
 zero padding the offline layer would, and returns the rest. Concatenating everything ``push`` and ``flush``
 return equals the offline layer's output for any chunking.
 
+Outputs are (B, C, m) tensors, except the last op of the encoder, ``Quantize``, whose outputs are codes: a
+list of (B, t_i) int64 tensors, one per level. It emits everything at ``push`` and nothing at ``flush``, so a
+``Chain`` ending with it passes its codes through and never concatenates them.
+
 The state of each op lives in a small object of its own (created by ``init_state``): the ops hold weights
 only, so one op serves any number of streams and a state can be reset or copied freely.
 
@@ -18,15 +22,22 @@ counts, and ``emitted(n)`` gives them in closed form so latencies are derived, n
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..model import functional
 from ..model.layers import NoiseBlock, ResidualUnit, conv_shape
+from ..model.vq import ResidualVectorQuantize
+
+Codes = List[torch.Tensor]  # one (B, t_i) int64 tensor per codebook level, coarse first
+
+
+def no_codes(batch: int, levels: int, device: torch.device) -> Codes:
+    """Codes of no frame: ``levels`` tensors (batch, 0) int64."""
+    return [torch.zeros(batch, 0, dtype=torch.int64, device=device) for _ in range(levels)]
 
 
 class StreamOp:
@@ -35,21 +46,23 @@ class StreamOp:
     out_channels: int
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """A fresh state for ``batch`` independent streams."""
         return None
 
     def push(self, state: Any, x: torch.Tensor) -> torch.Tensor:
         """Consume (B, C_in, n) and return the (B, C_out, m) outputs that became final."""
         raise NotImplementedError
 
-    def flush(self, state: Any) -> torch.Tensor:
-        """End of stream: apply the offline right padding and return the remaining outputs."""
+    def flush(self, state: Any) -> Optional[torch.Tensor]:
+        """End of stream: apply the offline right padding and return the remaining outputs (None: none)."""
         raise NotImplementedError
 
     def emitted(self, n: int) -> int:
-        """Outputs emitted in total after ``n`` inputs, before any flush."""
+        """Outputs (frames) emitted in total after ``n`` input frames, before any flush."""
         raise NotImplementedError
 
     def empty(self, like: torch.Tensor) -> torch.Tensor:
+        """No output: (B, C_out, 0) on ``like``'s device and dtype."""
         return like.new_zeros(like.shape[0], self.out_channels, 0)
 
 
@@ -90,13 +103,13 @@ class SlidingWindow(StreamOp):
 
     This covers every conv of SNAC and the fused residual unit. Output ``j`` is final once input
     ``j*s + span - p - 1`` has arrived. The state keeps the inputs not yet consumed (the cache), starting
-    with ``p`` zeros (the left padding); ``compute(x, context, length)`` reads ``cat(context, x)`` without
-    the caller building it, and returns ``length`` outputs.
+    with ``p`` zeros (the left padding); ``window_fn(x, context, length)`` reads ``cat(context, x)`` without
+    the caller building it, and returns ``length`` outputs: (B, C_in, n), (B, C_in, L) -> (B, C_out, length).
     """
 
-    def __init__(self, compute: Callable[..., torch.Tensor], *, span: int, stride: int, pad: int,
-                 in_channels: int, out_channels: int):
-        self.compute = compute
+    def __init__(self, window_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], *, span: int,
+                 stride: int, pad: int, in_channels: int, out_channels: int):
+        self.window_fn = window_fn
         self.span = span
         self.stride = stride
         self.pad = pad
@@ -111,21 +124,21 @@ class SlidingWindow(StreamOp):
             raise ValueError("streaming supports explicit zero padding only")
         shape = conv_shape(conv)
 
-        def compute(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
+        def window_fn(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
             return functional.conv(x, conv.weight, conv.bias, context=context, length=length, alpha=alpha,
                                    activation=activation, **shape)
 
         span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
-        return cls(compute, span=span, stride=conv.stride[0], pad=conv.padding[0],
+        return cls(window_fn, span=span, stride=conv.stride[0], pad=conv.padding[0],
                    in_channels=conv.in_channels, out_channels=conv.out_channels)
 
     @classmethod
     def residual_unit(cls, unit: ResidualUnit, channels: int) -> "SlidingWindow":
         """The whole residual unit; its cache is also the skip path's delay line."""
-        def compute(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
-            return unit.compute(x, context=context, length=length)
+        def window_fn(x: torch.Tensor, context: torch.Tensor, length: int) -> torch.Tensor:
+            return unit.fused_forward(x, context=context, length=length)
 
-        return cls(compute, span=2 * unit.pad + 1, stride=1, pad=unit.pad, in_channels=channels,
+        return cls(window_fn, span=2 * unit.pad + 1, stride=1, pad=unit.pad, in_channels=channels,
                    out_channels=channels)
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _WindowState:
@@ -133,7 +146,7 @@ class SlidingWindow(StreamOp):
 
     def _run(self, state: _WindowState, x: torch.Tensor, count: int) -> torch.Tensor:
         """Compute ``count`` outputs from ``cat(context, x)``; keep the inputs later outputs still need."""
-        y = self.compute(x, state.context, count) if count > 0 else self.empty(x)
+        y = self.window_fn(x, state.context, count) if count > 0 else self.empty(x)
         consumed = count * self.stride
         held = state.context.shape[-1]
         # Copies, never views: the caller may reuse the buffer it pushed.
@@ -219,7 +232,10 @@ class ConvTranspose(StreamOp):
 
 
 class Chain(StreamOp):
-    """Ops in sequence. On flush, each op's tail is pushed into the next op before that op is flushed."""
+    """Ops in sequence. On flush, each op's tail is pushed into the next op before that op is flushed.
+
+    Its state is the list of its ops' states; its outputs are its last op's (codes when that is ``Quantize``).
+    """
 
     def __init__(self, ops: Sequence[StreamOp]):
         self.ops = list(ops)
@@ -228,13 +244,13 @@ class Chain(StreamOp):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> List[Any]:
         return [op.init_state(batch, device, dtype) for op in self.ops]
 
-    def push(self, state: List[Any], x: torch.Tensor) -> torch.Tensor:
+    def push(self, state: List[Any], x: torch.Tensor) -> Union[torch.Tensor, Codes]:
         for op, s in zip(self.ops, state):
             x = op.push(s, x)
         return x
 
-    def flush(self, state: List[Any]) -> Optional[torch.Tensor]:
-        tail: Optional[torch.Tensor] = None
+    def flush(self, state: List[Any]) -> Union[torch.Tensor, Codes, None]:
+        tail: Union[torch.Tensor, Codes, None] = None
         for op, s in zip(self.ops, state):
             pushed = op.push(s, tail) if tail is not None else None
             rest = op.flush(s)
@@ -249,8 +265,13 @@ class Chain(StreamOp):
 
 
 @dataclass
-class _CounterState:
-    position: int = 0  # absolute index of the next frame
+class PositionState:
+    """The noise op's state: the absolute index of the next frame, which keys its noise.
+
+    An int for a single stream; batched states (``rows.batch_positions``) hold an int64 tensor (B,) instead,
+    one position per stream.
+    """
+    position: int | torch.Tensor = 0
 
 
 class Noise(StreamOp):
@@ -260,17 +281,17 @@ class Noise(StreamOp):
         self.block = block
         self.out_channels = channels
 
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> _CounterState:
-        return _CounterState()
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> PositionState:
+        return PositionState()
 
-    def push(self, state: _CounterState, x: torch.Tensor) -> torch.Tensor:
+    def push(self, state: PositionState, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == 0:
             return x
         y = self.block.apply_at(x, state.position)
         state.position = state.position + x.shape[-1]  # rebinds: a batch's position tensor is never written in place
         return y
 
-    def flush(self, state: _CounterState) -> Optional[torch.Tensor]:
+    def flush(self, state: PositionState) -> Optional[torch.Tensor]:
         return None
 
     def emitted(self, n: int) -> int:
@@ -319,146 +340,33 @@ class Blockwise(StreamOp):
         return n // self.size * self.size
 
 
+class Quantize(Blockwise):
+    """The residual VQ: (B, D, n) latent frames in, the codes of every coarse frame now whole out.
+
+    The quantizer's stride pooling is aligned to absolute frame 0, so latent frames are quantized in whole
+    coarse frames (``group = vq_strides[0]`` latent frames); the state holds those of the coarse frame not yet
+    whole. Outputs are ``Codes``: per level (B, t_i) int64, ``t_i = k * vq_strides[0] // vq_strides[i]`` for
+    ``k`` coarse frames; ``emitted`` counts coarse frames. It sits last in the encoder's chain. The encoder's
+    input is padded to whole coarse frames, so a flush with latent frames left over is a bug, not misuse.
+    """
+
+    def __init__(self, quantizer: ResidualVectorQuantize, group: int, latent_dim: int):
+        # Its "channels" out are the code levels, one (B, t_i) tensor each.
+        super().__init__(lambda z: quantizer(z)[1], group, latent_dim, quantizer.n_codebooks, "coarse frame")
+
+    def empty(self, like: torch.Tensor) -> Codes:
+        """No codes: one (B, 0) int64 tensor per level, on ``like``'s device."""
+        return no_codes(like.shape[0], self.out_channels, like.device)
+
+    def flush(self, state: _BlockState) -> None:
+        if state.pending.shape[-1]:
+            raise AssertionError("encoder ended between coarse frames; padding arithmetic is off")
+        return None
+
+    def emitted(self, n: int) -> int:
+        return n // self.size
+
+
 def clone_state(state: Any) -> Any:
-    """Independent copy of a (nested) op state, for look-ahead decoding and tests."""
+    """Independent copy of a (nested) op state (the decoder's early emission runs its flush on one)."""
     return copy.deepcopy(state)
-
-
-# ---- batch rows of a state: one row per independent stream ---------------------------------------------
-#
-# Tensors in a state have the batch (stream) on dim 0. Integer counters (inputs received, outputs produced)
-# only decide how many frames the next push emits; streams that receive the same number of frames per push
-# agree on that once they are past their start, so a batch keeps one set. The noise position is the
-# exception: it keys each stream's noise, so batched states hold it as an int64 tensor, one per row.
-
-
-def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
-    """Apply ``fn`` to the leaves of a (nested) state: tensors, counters and noise positions (``_CounterState``)."""
-    if isinstance(state, list):
-        return [_map_state(fn, s, *(o[i] for o in others)) for i, s in enumerate(state)]
-    if dataclasses.is_dataclass(state) and not isinstance(state, _CounterState):
-        return type(state)(**{f.name: _map_state(fn, getattr(state, f.name), *(getattr(o, f.name) for o in others))
-                              for f in dataclasses.fields(state)})
-    return fn(state, *others)
-
-
-def batch_positions(state: Any, batch: int, device: torch.device) -> Any:
-    """A batched state with per-row noise positions (int64 tensors) instead of one shared int."""
-    def per_row(v: Any) -> Any:
-        if isinstance(v, _CounterState):
-            return _CounterState(torch.full((batch,), v.position, dtype=torch.int64, device=device))
-        return v
-    return _map_state(per_row, state)
-
-
-def select_rows(state: Any, rows: torch.Tensor) -> Any:
-    """The sub-state of the streams in ``rows`` (a copy); counters are shared, noise positions per row."""
-    def pick(v: Any) -> Any:
-        if isinstance(v, _CounterState):
-            return _CounterState(pick(v.position))
-        return v.index_select(0, rows) if isinstance(v, torch.Tensor) else v
-    return _map_state(pick, state)
-
-
-def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
-    """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
-    updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
-
-    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. Counters take the
-    sub-state's values, which are the same for every stream in that phase.
-    """
-    def put(dst: Any, src: Any) -> Any:
-        if isinstance(dst, _CounterState):
-            position = src.position
-            if not isinstance(position, torch.Tensor):  # a single stream's noise position
-                position = torch.full((len(rows),), position, dtype=torch.int64, device=dst.position.device)
-            return _CounterState(dst.position.index_copy_(0, rows, position))
-        if isinstance(dst, torch.Tensor):
-            if dst.shape[1:] != src.shape[1:]:
-                raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
-            return dst.index_copy_(0, rows, src.to(dst.dtype))
-        return src
-    return _map_state(put, state, sub)
-
-
-def first_rows(state: Any, count: int) -> Any:
-    """The first ``count`` rows of a batched state as views: writes to them write the batch."""
-    def head(v: Any) -> Any:
-        if isinstance(v, _CounterState):
-            return _CounterState(v.position[:count])
-        return v[:count] if isinstance(v, torch.Tensor) else v
-    return _map_state(head, state)
-
-
-def rebound_copy(state: Any) -> Any:
-    """The same tensors in new containers: a push rebinds the copy's fields and leaves ``state`` as it was."""
-    return _map_state(lambda v: _CounterState(v.position) if isinstance(v, _CounterState) else v, state)
-
-
-def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
-    """In place: rows of ``state`` where ``mask`` (B,) is set take ``new``'s values, the others keep theirs.
-
-    ``new`` is ``state`` advanced by a push of a ``rebound_copy``; counters are left alone (every row is in
-    the same phase). No host synchronisation, so the blend can be captured in a CUDA graph.
-    """
-    def blend(dst: Any, src: Any) -> Any:
-        if isinstance(dst, _CounterState):
-            dst, src = dst.position, src.position
-        if isinstance(dst, torch.Tensor) and src is not dst:
-            if dst.shape != src.shape:
-                raise ValueError(f"a push changed a state tensor's shape {tuple(dst.shape)} -> {tuple(src.shape)}: "
-                                 "the rows are not in their steady phase")
-            dst.copy_(torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src, dst))
-        return dst
-    _map_state(blend, state, new)
-
-
-def row_state(state: Any, row: int) -> Any:
-    """The state of one stream of a batch, as a single-stream state (batch 1, plain int noise position)."""
-    def single(v: Any) -> Any:
-        if not isinstance(v, _CounterState):
-            return v
-        return _CounterState(int(v.position[0]) if isinstance(v.position, torch.Tensor) else v.position)
-    return _map_state(single, select_rows(state, torch.tensor([row], device=_first_tensor(state).device)))
-
-
-def zero_rows(state: Any, batch: int) -> Any:
-    """Same structure as ``state`` with ``batch`` rows of zeros in every tensor (noise positions 0; counters kept)."""
-    def zero(v: Any) -> Any:
-        if isinstance(v, _CounterState):
-            return _CounterState(zero(v.position) if isinstance(v.position, torch.Tensor) else 0)
-        return v.new_zeros(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) else v
-    return _map_state(zero, state)
-
-
-def state_shapes(state: Any) -> List[Any]:
-    """The shapes of a state's tensors, in order (counters left out)."""
-    shapes: List[Any] = []
-    _map_state(lambda v: shapes.append(tuple(v.shape)) if isinstance(v, torch.Tensor) else None, state)
-    return shapes
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes held by the tensors of a state."""
-    total = 0
-
-    def count(v: Any) -> Any:
-        nonlocal total
-        v = v.position if isinstance(v, _CounterState) else v
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        return v
-
-    _map_state(count, state)
-    return total
-
-
-def state_batch(state: Any) -> int:
-    """The number of streams (batch rows) ``state`` holds."""
-    return _first_tensor(state).shape[0]
-
-
-def _first_tensor(state: Any) -> torch.Tensor:
-    found: List[torch.Tensor] = []
-    _map_state(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, state)
-    return found[0]

@@ -1,49 +1,19 @@
-"""Many concurrent streams on one model: one batched step for all of them.
-
-``DecodeEngine`` (codes in, audio out) and ``EncodeEngine`` (audio in, codes out) own one model and a pool
-of ``max_streams`` stream slots. Streams open and close at any time; each ``step()`` runs one *step* (one
-attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream that has one queued, in a
-single batched pass, so N streams cost one kernel sequence.
-
-A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
-their steady shapes) run outside the batch, in a group with the streams whose first step ran in the same call
-(one batched state; a group splits when only some of its streams have a step queued); after that the group
-joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
-each batch row alone, the noise is keyed per row, and a closed slot's row is zeroed before reuse. Every
-stream's output equals its own ``StreamingDecoder`` / ``StreamingEncoder`` (and so offline ``decode`` /
-``encode``).
-
-How the batched step runs (``step_mode``):
-
-- ``rows``: gather the rows of the streams with a step queued, advance them, write them back. Least work;
-  the default on CPU.
-- ``buckets``: advance the first ``k`` slots in place, ``k`` the smallest power of two (or ``max_streams``)
-  covering every stream with a step queued; rows without one are computed on placeholder input and masked
-  out of the state update. Every tensor stays where it is, so the pass has fixed shapes and addresses.
-- ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
-  instead of hundreds). The default on CUDA. ``capture_graphs()`` captures every bucket up front; otherwise
-  a bucket is captured the first time it is needed.
-
-Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device
-in one copy; ``output_device="cpu"`` likewise returns a step's outputs with one copy for all streams. A server
-feeding a GPU engine from the network would otherwise pay a host-device copy, and a synchronisation, per
-stream and step.
-"""
+"""The slot pool and batched stepping shared by the decode and encode engines (see the package's doc)."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .model.functional import use_backend
-from .model.snac import SNAC
-from .streaming.build import stream_op
-from .streaming.codec import StreamingEncoder, flush_codes, quantize_whole_frames
-from .streaming.ops import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
-                            select_rows, state_batch, state_bytes, state_shapes, zero_rows)
+from ..model.functional import use_backend
+from ..model.snac import SNACModel
+from ..streaming.ops import StreamOp
+from ..streaming.rows import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
+                              select_rows, state_batch, state_bytes, state_shapes, zero_rows)
+from .graphs import CUDAGraphed
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
@@ -58,7 +28,14 @@ def _first(x: Any, rows: int) -> Any:
     return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
 
 
-def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) -> torch.Tensor:
+def _cat_time(parts: Sequence[Any]) -> Any:
+    """Consecutive outputs of one stream joined along time: audio (B, 1, n), or codes level by level."""
+    if isinstance(parts[0], list):
+        return [torch.cat(levels, dim=-1) for levels in zip(*parts)]
+    return torch.cat(list(parts), dim=-1)
+
+
+def cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) -> torch.Tensor:
     """Concatenate (along the batch by default) and move to ``device``: one copy when the pieces share a
     device."""
     try:
@@ -68,7 +45,7 @@ def _cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) 
     return joined.to(device, non_blocking=True)
 
 
-def _sid(slot: "_Slot") -> int:
+def _sid(slot: "Slot") -> int:
     return slot.sid
 
 
@@ -86,7 +63,9 @@ class _Warming:
 
 
 @dataclass
-class _Slot:
+class Slot:
+    """One stream's slot: its queued input and where its state is (its group's while warming up, then its
+    batch row, row ``sid``)."""
     sid: int
     queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first
     fresh: bool = True  # no step run yet (its state is made with its group's)
@@ -98,15 +77,16 @@ class _Slot:
 
 
 class StreamEngine:
-    """The slot pool and batched stepping shared by :class:`DecodeEngine` and :class:`EncodeEngine`.
+    """The slot pool and batched stepping shared by ``DecodeEngine`` and ``EncodeEngine``.
 
-    Subclasses say what one step of input is (``_stack`` several streams' steps into a batch), how a batched
-    state advances by one step (``_advance``), how to split the batched output per stream (``_rows``), what a
-    fresh stream's state is (``_init_state``) and how a stream ends (``_finish``).
+    ``body`` is the stream op every stream runs (one batched state for all of them). Subclasses say what one
+    step of input is (``_stack`` several streams' steps into a batch), how a batched state advances by one
+    step (``_advance``), how to split the batched output per stream (``_rows``), what no output is
+    (``_no_output``) and what a stream's input holds beyond its queued steps at its end (``_remainder``).
     """
 
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, model: SNACModel, body: StreamOp, max_streams: int, backend: Optional[str] = None,
+                 step_mode: str = "auto", output_device: Optional[Union[str, torch.device]] = None):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         if step_mode not in STEP_MODES:
@@ -117,6 +97,7 @@ class StreamEngine:
             raise ValueError(f"step_mode='graphs' needs the model on a CUDA device, it is on {model.device}")
         self.step_mode = step_mode
         self.model = model
+        self.body = body
         self.output_device = model.device if output_device is None else torch.device(output_device)
         self.config = model.config
         self.max_streams = max_streams
@@ -127,7 +108,7 @@ class StreamEngine:
         self.warmup_steps, steady = self._derive_warmup()
         # The batch holds every row in the steady shape; rows are zero until a stream joins.
         self._batch = batch_positions(zero_rows(steady, max_streams), max_streams, model.device)
-        self._slots: Dict[int, _Slot] = {}
+        self._slots: Dict[int, Slot] = {}
         self._free: List[int] = list(range(max_streams))
         # Bucket passes read fixed input buffers and a row mask (rows with a step queued).
         self.buckets = sorted({1 << i for i in range(max_streams.bit_length()) if 1 << i < max_streams} | {max_streams})
@@ -136,21 +117,25 @@ class StreamEngine:
             stacked = self._stack([self._zero_step()] * max_streams)
             self._inputs = [t.contiguous() for t in stacked] if isinstance(stacked, list) else stacked.contiguous()
             self._mask = torch.zeros(max_streams, dtype=torch.bool, device=model.device)
-        self._graphs: Dict[int, Tuple[Any, Any]] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if step_mode == "graphs" else None
+        # A bucket's pass, captured as a CUDA graph in "graphs" mode, run eagerly in "buckets" mode.
+        self._bucket_passes = CUDAGraphed(self._bucket_pass, model.device, enabled=step_mode == "graphs",
+                                          frozen=self._rows_masked_out)
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _init_state(self, batch: int) -> Any:
-        raise NotImplementedError
+        """The state of ``batch`` fresh streams."""
+        return self.body.init_state(batch, self.model.device, self.model.dtype)
 
     def _zero_step(self) -> Any:
         """One step of silence-like input for one stream (used to derive the warm-up)."""
         raise NotImplementedError
 
     def _stack(self, steps: List[Any]) -> Any:
+        """One queued step of several streams (one row each) as the batched input of ``_advance``."""
         raise NotImplementedError
 
     def _advance(self, state: Any, inputs: Any) -> Any:
+        """Advance a batched ``state`` (B rows) by one step of ``inputs`` (B rows); returns its outputs."""
         raise NotImplementedError
 
     def _rows(self, outputs: Any) -> List[Any]:
@@ -161,14 +146,27 @@ class StreamEngine:
         """Whether one stream's output of a step is a whole step (steady emission)."""
         raise NotImplementedError
 
-    def _finish(self, slot: _Slot, state: Any) -> Any:
+    def _no_output(self, rows: int) -> Any:
+        """The output of ``rows`` streams when there is none."""
         raise NotImplementedError
+
+    def _remainder(self, slot: Slot) -> List[Any]:
+        """Input of a closing stream beyond its queued steps, as whole steps (none by default)."""
+        return []
+
+    def _finish(self, slot: Slot, state: Any) -> Any:
+        """A closing stream's rest of output (batch 1): its queued steps, its remainder and its flush."""
+        parts = [self._advance(state, self._stack([step])) for step in slot.queue + self._remainder(slot)]
+        if slot.steps or parts:
+            parts.append(self._flush_rows(state))
+        return _cat_time(parts) if parts else self._no_output(1)
 
     def _flush_rows(self, state: Any) -> Any:
-        """The end of streams whose steps have all run: their codec's flush, for a batched ``state``."""
-        raise NotImplementedError
+        """The end of streams whose steps have all run: the body's flush, for a batched ``state``."""
+        tail = self.body.flush(state)
+        return self._no_output(state_batch(state)) if tail is None else tail
 
-    def _ends_in_batch(self, slot: _Slot) -> bool:
+    def _ends_in_batch(self, slot: Slot) -> bool:
         """Whether the stream's end is its flush alone, run on its batch row (``close_many``)."""
         return not slot.fresh and slot.group is None and not slot.queue
 
@@ -202,7 +200,7 @@ class StreamEngine:
         if not self._free:
             raise EngineFull(f"all {self.max_streams} stream slots are in use")
         sid = self._free.pop(0)
-        self._slots[sid] = _Slot(sid)
+        self._slots[sid] = Slot(sid)
         return sid
 
     def pending(self, sid: int) -> int:
@@ -221,8 +219,8 @@ class StreamEngine:
         splits them."""
         groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
-        batched: List[_Slot] = []
-        fresh: List[_Slot] = []
+        batched: List[Slot] = []
+        fresh: List[Slot] = []
         warming: Dict[int, _Warming] = {}  # by id: the groups with a step queued for at least one member
         for slot in self._slots.values():
             if slot.queue:
@@ -232,7 +230,7 @@ class StreamEngine:
                     batched.append(slot)
                 else:
                     warming[id(slot.group)] = slot.group
-        with torch.inference_mode(), self.model.compute(self.backend):
+        with torch.inference_mode(), self.model.on_backend(self.backend):
             if batched:
                 batched.sort(key=_sid)
                 sids = [slot.sid for slot in batched]
@@ -262,7 +260,7 @@ class StreamEngine:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
         slot = self._slot(sid)
         try:
-            with torch.inference_mode(), self.model.compute(self.backend):
+            with torch.inference_mode(), self.model.on_backend(self.backend):
                 if slot.fresh:
                     state = self._init_state(1)
                 elif slot.group is not None:
@@ -289,7 +287,7 @@ class StreamEngine:
                 if self.step_mode != "rows":  # bucket-sized batches: the kernels warm_up compiled
                     size = next(k for k in self.buckets if k >= len(rows))
                     rows = rows + rows[:1] * (size - len(rows))
-                with torch.inference_mode(), self.model.compute(self.backend):
+                with torch.inference_mode(), self.model.on_backend(self.backend):
                     state = select_rows(self._batch, torch.tensor(rows, device=self.model.device))
                     groups.append((together, _first(self._to_output(self._flush_rows(state)), len(together))))
                 self._release(*together)
@@ -326,7 +324,7 @@ class StreamEngine:
             for sid in sids[1:]:
                 self.abort(sid)
         if self.step_mode != "rows":  # close_many's batched flush, at every bucket size it uses
-            with torch.inference_mode(), self.model.compute(self.backend):
+            with torch.inference_mode(), self.model.on_backend(self.backend):
                 for k in self.buckets:
                     self._flush_rows(select_rows(self._batch, torch.arange(k, device=self.model.device)))
 
@@ -338,10 +336,9 @@ class StreamEngine:
         """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
         if self.step_mode != "graphs":
             raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
-        with torch.inference_mode(), self.model.compute(self.backend):
+        with torch.inference_mode(), self.model.on_backend(self.backend):
             for k in self.buckets:
-                if k not in self._graphs:
-                    self._graphs[k] = self._capture(k)
+                self._bucket_passes.capture(k)
 
     # ---- batched steps --------------------------------------------------------------------------
     def _step_batch(self, sids: List[int], inputs: Any) -> Any:
@@ -359,13 +356,7 @@ class StreamEngine:
         if changed:
             self._mask.zero_()
             self._mask.index_fill_(0, rows, True)
-        if self.step_mode == "graphs":
-            if bucket not in self._graphs:
-                self._graphs[bucket] = self._capture(bucket)
-            graph, outputs = self._graphs[bucket]
-            graph.replay()
-        else:
-            outputs = self._bucket_pass(bucket)
+        outputs = self._bucket_passes(bucket)
         # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
         picked = [o.index_select(0, rows) for o in _as_list(outputs)]
         return picked if isinstance(outputs, list) else picked[0]
@@ -388,23 +379,17 @@ class StreamEngine:
         blend_rows_(rows, work, self._mask[:bucket])
         return outputs
 
-    def _capture(self, bucket: int) -> Tuple[Any, Any]:
-        """A CUDA graph of ``_bucket_pass(bucket)`` and its output tensors."""
-        device = self.model.device
+    @contextlib.contextmanager
+    def _rows_masked_out(self) -> Iterator[None]:
+        """Bucket passes run inside leave every row's state as it was: the row mask is cleared meanwhile (the
+        passes before a graph's capture run for real)."""
         mask = self._mask.clone()
-        self._mask.zero_()  # the warm-up passes run for real: with an empty mask they change no state
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles the kernels and settles the allocator before capture
-                self._bucket_pass(bucket)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            outputs = self._bucket_pass(bucket)
-        self._mask.copy_(mask)
-        self._last_rows = ((), None)  # the passes above ran with an empty mask
-        return graph, outputs
+        self._mask.zero_()
+        try:
+            yield
+        finally:
+            self._mask.copy_(mask)
+            self._last_rows = ((), None)  # the passes ran with an empty mask
 
     # ---- internals ------------------------------------------------------------------------------
     def _queue_device(self, x: Any) -> torch.device:
@@ -420,7 +405,7 @@ class StreamEngine:
             return [o.to(self.output_device) for o in outputs]
         return outputs.to(self.output_device)
 
-    def _slot(self, sid: int) -> _Slot:
+    def _slot(self, sid: int) -> Slot:
         slot = self._slots.get(sid)
         if slot is None:
             raise KeyError(f"no open stream {sid!r}")
@@ -445,7 +430,7 @@ class StreamEngine:
             self._slots[sid].group = moved
         return moved
 
-    def _leave_group(self, slot: _Slot) -> Any:
+    def _leave_group(self, slot: Slot) -> Any:
         """Take a warming stream out of its group; returns its state (batch 1)."""
         group = slot.group
         assert group is not None
@@ -464,208 +449,3 @@ class StreamEngine:
         self._batch = assign_rows(self._batch, rows, zero_rows(self._batch, len(sids)))
         self._free.extend(sids)
         self._free.sort()
-
-
-class DecodeEngine(StreamEngine):
-    """Codes in, audio out, for up to ``max_streams`` independent streams at once.
-
-    One step is ``step_frames`` coarse frames in (``submit``), ``step_samples`` samples out (``step``).
-    """
-
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None):
-        self.body = stream_op(model.decoder, model.latent_dim)
-        super().__init__(model, max_streams, backend, step_mode, output_device)
-
-    @functools.cached_property
-    def _level_widths(self) -> List[int]:
-        """Codes per step of each level."""
-        return [self.step_frames * self.config.coarse_stride // s for s in self.config.vq_strides]
-
-    def _init_state(self, batch: int) -> Any:
-        return self.body.init_state(batch, self.model.device, self.model.dtype)
-
-    # A queued step is one (1, sum(level_widths)) tensor: the step's codes of every level side by side, so
-    # stacking thousands of streams is one concatenation, not one per level.
-    def _zero_step(self) -> Any:
-        return torch.zeros(1, sum(self._level_widths), dtype=torch.int64, device=self.model.device)
-
-    def _stack(self, steps: List[Any]) -> Any:
-        return list(_cat_to(steps, self.model.device).split(self._level_widths, dim=1))
-
-    def _advance(self, state: Any, codes: Any) -> torch.Tensor:
-        return self.body.push(state, self.model.quantizer.from_codes(codes))
-
-    def _rows(self, audio: torch.Tensor) -> List[torch.Tensor]:
-        return list(audio.split(1))
-
-    def _full_step(self, audio: torch.Tensor) -> bool:
-        return audio.shape[-1] == self.step_samples
-
-    def submit(self, sid: int, codes: Sequence[torch.Tensor]) -> None:
-        """Queue codes for stream ``sid``: (1, t_i) per level, whole steps (``step_frames`` coarse frames)."""
-        self.submit_many([sid], codes)
-
-    def submit_many(self, sids: Sequence[int], codes: Sequence[torch.Tensor]) -> None:
-        """Queue codes for several streams at once: row ``j`` of each level's (len(sids), t_i) tensor goes to
-        stream ``sids[j]``; whole steps (``step_frames`` coarse frames), the same number for every stream.
-        Checked as one batch: a bad code refuses the whole call and queues nothing."""
-        slots = [self._slot(sid) for sid in sids]
-        if len(set(sids)) != len(slots):
-            raise ValueError(f"a stream appears more than once in {list(sids)}")
-        first = codes[0] if isinstance(codes, (list, tuple)) and codes else None
-        codes = self.model.check_codes(codes, whole_windows=False, allow_empty=True, device=self._queue_device(first))
-        if codes[0].shape[0] != len(slots):
-            raise ValueError(f"codes for {len(slots)} streams need a batch of {len(slots)} rows, "
-                             f"got {codes[0].shape[0]}")
-        frames = codes[0].shape[-1]
-        if frames % self.step_frames:
-            raise ValueError(f"submit whole steps of {self.step_frames} coarse frames, got {frames}")
-        steps = frames // self.step_frames
-        if not steps:
-            return
-        # (streams, steps, width) per level, side by side: [j, k] is stream j's queue item for its step k.
-        merged = torch.cat([c.reshape(len(slots), steps, w) for c, w in zip(codes, self._level_widths)], dim=2)
-        for slot, items in zip(slots, merged.split(1)):
-            slot.queue.extend(items[0].split(1))
-
-    def _finish(self, slot: _Slot, state: Any) -> torch.Tensor:
-        """(1, 1, n): the queued steps and the tail."""
-        parts = [self._advance(state, self._stack([codes])) for codes in slot.queue]
-        if slot.steps or slot.queue:
-            parts.append(self._flush_rows(state))
-        if not parts:
-            return torch.zeros(1, 1, 0, device=self.model.device, dtype=self.model.dtype)
-        return torch.cat(parts, dim=-1)
-
-    def _flush_rows(self, state: Any) -> torch.Tensor:
-        """(B, 1, n): the decoder's tail."""
-        tail = self.body.flush(state)
-        if tail is None:
-            return torch.zeros(state_batch(state), 1, 0, device=self.model.device, dtype=self.model.dtype)
-        return tail
-
-
-@dataclass
-class _EncodeState:
-    body: Any  # the encoder's stream-op state
-    latent: torch.Tensor  # latent frames of a coarse frame not yet whole (B, D, L)
-
-
-class EncodeEngine(StreamEngine):
-    """Audio in, codes out, for up to ``max_streams`` independent streams at once.
-
-    ``submit`` takes any number of samples; each ``step`` encodes one step (``step_samples`` samples) of
-    every stream that has one buffered and returns its codes (a list of (1, t_i) per level, possibly empty
-    while the stream's first frames wait for their look-ahead). ``close`` pads as offline ``encode`` does.
-    """
-
-    def __init__(self, model: SNAC, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None):
-        # One single-stream encoder ends every stream (padding, flush), on the same op graph as the batch.
-        self._closer = StreamingEncoder(model, 1, backend=backend)
-        self.body = self._closer.body
-        super().__init__(model, max_streams, backend, step_mode, output_device)
-
-    def _init_state(self, batch: int) -> Any:
-        latent = torch.zeros(batch, self.model.latent_dim, 0, device=self.model.device, dtype=self.model.dtype)
-        return _EncodeState(self.body.init_state(batch, self.model.device, self.model.dtype), latent)
-
-    def _zero_step(self) -> Any:
-        return torch.zeros(1, 1, self.step_samples, device=self.model.device, dtype=self.model.dtype)
-
-    def _stack(self, steps: List[Any]) -> Any:
-        return _cat_to(steps, self.model.device)
-
-    def _advance(self, state: _EncodeState, audio: torch.Tensor) -> List[torch.Tensor]:
-        codes, state.latent = quantize_whole_frames(self.model, state.latent, self.body.push(state.body, audio))
-        return codes
-
-    def _rows(self, codes: List[torch.Tensor]) -> List[List[torch.Tensor]]:
-        return [list(levels) for levels in zip(*(c.split(1) for c in codes))]
-
-    def _full_step(self, codes: List[torch.Tensor]) -> bool:
-        return codes[0].shape[-1] == self.step_frames
-
-    def submit(self, sid: int, audio: torch.Tensor) -> None:
-        """Buffer (1, 1, n) float samples for stream ``sid``; whole steps are queued for ``step``."""
-        self.submit_many([sid], [audio])
-
-    def submit_many(self, sids: Sequence[int], audio: Sequence[torch.Tensor]) -> None:
-        """Buffer ``audio[j]`` ((1, 1, n_j) float samples, any n_j) for stream ``sids[j]``, checked and moved
-        as one piece. A bad piece refuses the whole call and buffers nothing."""
-        slots = [self._slot(sid) for sid in sids]
-        if len(set(sids)) != len(slots):
-            raise ValueError(f"a stream appears more than once in {list(sids)}")
-        for slot in slots:
-            if slot.ended:
-                raise ValueError(f"stream {slot.sid}'s input has ended (end_input): it takes no more audio")
-        if len(audio) != len(slots):
-            raise ValueError(f"{len(slots)} streams need {len(slots)} audio pieces, got {len(audio)}")
-        for piece in audio:
-            self.model.check_audio_shape(piece, allow_empty=True)
-            if piece.shape[0] != 1:
-                raise ValueError(f"submit takes one stream's audio (batch 1) per piece, got a batch of "
-                                 f"{piece.shape[0]}")
-        if not slots:
-            return
-        device = self._queue_device(audio[0])
-        joined = audio[0].to(device) if len(audio) == 1 else _cat_to(audio, device, dim=-1)
-        if joined.shape[-1]:
-            joined = self.model.check_audio(joined, device)
-        start = 0
-        for slot, piece in zip(slots, audio):
-            n = piece.shape[-1]
-            new, start = joined[..., start : start + n], start + n
-            slot.received += n
-            held = slot.partial
-            buffered = torch.cat([held.to(device), new], dim=-1) if held is not None and held.shape[-1] else new
-            whole = buffered.shape[-1] // self.step_samples * self.step_samples
-            for j in range(0, whole, self.step_samples):
-                slot.queue.append(buffered[..., j : j + self.step_samples])
-            slot.partial = buffered[..., whole:]
-
-    def end_input(self, sid: int) -> int:
-        """The end of stream ``sid``'s audio: its buffered remainder, padded with zeros to a whole step (as
-        offline ``encode`` pads the end), is queued as its last step, to run in the batched step like any
-        other; ``close`` or ``close_many`` after it has only the codec's flush left to run. Returns the steps
-        queued (0 or 1). The stream takes no more audio."""
-        slot = self._slot(sid)
-        slot.ended = True
-        tail = slot.partial
-        if tail is None or not tail.shape[-1]:
-            return 0
-        pad = self.step_samples - tail.shape[-1]
-        slot.queue.append(torch.cat([tail, tail.new_zeros(1, 1, pad)], dim=-1))
-        slot.received += pad  # counted as input, as the padding offline encode adds
-        slot.partial = tail[..., :0]
-        return 1
-
-    def _ends_in_batch(self, slot: _Slot) -> bool:
-        return super()._ends_in_batch(slot) and (slot.partial is None or not slot.partial.shape[-1])
-
-    def _flush_rows(self, state: _EncodeState) -> List[torch.Tensor]:
-        return flush_codes(self.model, self.body, state.body, state.latent)
-
-    def _queue_placeholder(self, sid: int, steps: int) -> None:
-        """Whole steps and half a step more, which stays buffered (``close`` pads it)."""
-        self.submit(sid, torch.zeros(1, 1, steps * self.step_samples + self.step_samples // 2,
-                                     device=self.model.device, dtype=self.model.dtype))
-
-    def _finish(self, slot: _Slot, state: _EncodeState) -> List[torch.Tensor]:
-        """The codes of the queued steps, the buffered remainder and the padded end of the stream."""
-        closer = self._closer
-        closer.reset()
-        closer.state, closer.latent = state.body, state.latent
-        closer.received = slot.received - len(slot.queue) * self.step_samples - (
-            slot.partial.shape[-1] if slot.partial is not None else 0)
-        parts = [closer.push(chunk) for chunk in slot.queue]
-        if slot.partial is not None and slot.partial.shape[-1]:
-            # The remainder and the zeros flush would pad it with (offline encode pads to a multiple of
-            # pad_multiple = step_samples) as one whole step: the shapes of every other step, so closing a
-            # stream compiles no kernel for a length met only once.
-            tail = slot.partial.to(self.model.device)
-            pad = tail.new_zeros(1, 1, self.step_samples - tail.shape[-1])
-            parts.append(closer.push(torch.cat([tail, pad], dim=-1)))
-        parts.append(closer.flush())
-        return [torch.cat([p[level] for p in parts], dim=-1) for level in range(self.model.n_codebooks)]

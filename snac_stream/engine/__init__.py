@@ -1,0 +1,41 @@
+"""Many concurrent streams on one model: one batched step for all of them.
+
+Modules: ``base`` (the slot pool and batched stepping), ``decode`` and ``encode`` (the two engines),
+``graphs`` (a pass captured once per key as a CUDA graph and replayed).
+
+``DecodeEngine`` (codes in, audio out) and ``EncodeEngine`` (audio in, codes out) own one model and a pool
+of ``max_streams`` stream slots. Streams open and close at any time; each ``step()`` runs one *step* (one
+attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream that has one queued, in a
+single batched pass, so N streams cost one kernel sequence.
+
+A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
+their steady shapes) run outside the batch, in a group with the streams whose first step ran in the same call
+(one batched state; a group splits when only some of its streams have a step queued); after that the group
+joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
+each batch row alone, the noise is keyed per row, and a closed slot's row is zeroed before reuse. Every
+stream's output equals its own ``StreamingDecoder`` / ``StreamingEncoder`` (and so offline ``decode`` /
+``encode``).
+
+How the batched step runs (``step_mode``):
+
+- ``rows``: gather the rows of the streams with a step queued, advance them, write them back. Least work;
+  the default on CPU.
+- ``buckets``: advance the first ``k`` slots in place, ``k`` the smallest power of two (or ``max_streams``)
+  covering every stream with a step queued; rows without one are computed on placeholder input and masked
+  out of the state update. Every tensor stays where it is, so the pass has fixed shapes and addresses.
+- ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
+  instead of hundreds; ``graphs.CUDAGraphed``). The default on CUDA. ``capture_graphs()`` captures every
+  bucket up front; otherwise a bucket is captured the first time it is needed.
+
+Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device
+in one copy; ``output_device="cpu"`` likewise returns a step's outputs with one copy for all streams. A server
+feeding a GPU engine from the network would otherwise pay a host-device copy, and a synchronisation, per
+stream and step.
+"""
+
+
+from .base import STEP_MODES, EngineFull, StreamEngine
+from .decode import DecodeEngine
+from .encode import EncodeEngine
+
+__all__ = ["DecodeEngine", "EncodeEngine", "EngineFull", "StreamEngine", "STEP_MODES"]

@@ -1,0 +1,151 @@
+"""Batch rows of a stream-op state: one row per independent stream (the engine's toolkit).
+
+Tensors in a state have the batch (stream) on dim 0. Integer counters (inputs received, outputs produced)
+only decide how many frames the next push emits; streams that receive the same number of frames per push
+agree on that once they are past their start, so a batch keeps one set. The noise position is the
+exception: it keys each stream's noise, so batched states hold it as an int64 tensor (B,), one per row.
+
+States are the nested lists and dataclasses the ops of ``streaming.ops`` make (``StreamOp.init_state``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List
+
+import torch
+
+from .ops import PositionState
+
+
+def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
+    """Apply ``fn`` to the leaves of a (nested) state: tensors, counters and noise positions (``PositionState``);
+    ``others`` are states of the same structure whose matching leaves ``fn`` also receives."""
+    if isinstance(state, list):
+        return [_map_state(fn, s, *(o[i] for o in others)) for i, s in enumerate(state)]
+    if dataclasses.is_dataclass(state) and not isinstance(state, PositionState):
+        return type(state)(**{f.name: _map_state(fn, getattr(state, f.name), *(getattr(o, f.name) for o in others))
+                              for f in dataclasses.fields(state)})
+    return fn(state, *others)
+
+
+def batch_positions(state: Any, batch: int, device: torch.device) -> Any:
+    """A batched state with per-row noise positions (int64 tensors) instead of one shared int."""
+    def per_row(v: Any) -> Any:
+        if isinstance(v, PositionState):
+            return PositionState(torch.full((batch,), v.position, dtype=torch.int64, device=device))
+        return v
+    return _map_state(per_row, state)
+
+
+def select_rows(state: Any, rows: torch.Tensor) -> Any:
+    """The sub-state of the streams in ``rows`` (a copy); counters are shared, noise positions per row."""
+    def pick(v: Any) -> Any:
+        if isinstance(v, PositionState):
+            return PositionState(pick(v.position))
+        return v.index_select(0, rows) if isinstance(v, torch.Tensor) else v
+    return _map_state(pick, state)
+
+
+def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
+    """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
+    updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
+
+    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. Counters take the
+    sub-state's values, which are the same for every stream in that phase.
+    """
+    def put(dst: Any, src: Any) -> Any:
+        if isinstance(dst, PositionState):
+            position = src.position
+            if not isinstance(position, torch.Tensor):  # a single stream's noise position
+                position = torch.full((len(rows),), position, dtype=torch.int64, device=dst.position.device)
+            return PositionState(dst.position.index_copy_(0, rows, position))
+        if isinstance(dst, torch.Tensor):
+            if dst.shape[1:] != src.shape[1:]:
+                raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
+            return dst.index_copy_(0, rows, src.to(dst.dtype))
+        return src
+    return _map_state(put, state, sub)
+
+
+def first_rows(state: Any, count: int) -> Any:
+    """The first ``count`` rows of a batched state as views: writes to them write the batch."""
+    def head(v: Any) -> Any:
+        if isinstance(v, PositionState):
+            return PositionState(v.position[:count])
+        return v[:count] if isinstance(v, torch.Tensor) else v
+    return _map_state(head, state)
+
+
+def rebound_copy(state: Any) -> Any:
+    """The same tensors in new containers: a push rebinds the copy's fields and leaves ``state`` as it was."""
+    return _map_state(lambda v: PositionState(v.position) if isinstance(v, PositionState) else v, state)
+
+
+def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
+    """In place: rows of ``state`` where ``mask`` (B,) is set take ``new``'s values, the others keep theirs.
+
+    ``new`` is ``state`` advanced by a push of a ``rebound_copy``; counters are left alone (every row is in
+    the same phase). No host synchronisation, so the blend can be captured in a CUDA graph.
+    """
+    def blend(dst: Any, src: Any) -> Any:
+        if isinstance(dst, PositionState):
+            dst, src = dst.position, src.position
+        if isinstance(dst, torch.Tensor) and src is not dst:
+            if dst.shape != src.shape:
+                raise ValueError(f"a push changed a state tensor's shape {tuple(dst.shape)} -> {tuple(src.shape)}: "
+                                 "the rows are not in their steady phase")
+            dst.copy_(torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src, dst))
+        return dst
+    _map_state(blend, state, new)
+
+
+def row_state(state: Any, row: int) -> Any:
+    """The state of one stream of a batch, as a single-stream state (batch 1, plain int noise position)."""
+    def single(v: Any) -> Any:
+        if not isinstance(v, PositionState):
+            return v
+        return PositionState(int(v.position[0]) if isinstance(v.position, torch.Tensor) else v.position)
+    return _map_state(single, select_rows(state, torch.tensor([row], device=_first_tensor(state).device)))
+
+
+def zero_rows(state: Any, batch: int) -> Any:
+    """Same structure as ``state`` with ``batch`` rows of zeros in every tensor (noise positions 0; counters kept)."""
+    def zero(v: Any) -> Any:
+        if isinstance(v, PositionState):
+            return PositionState(zero(v.position) if isinstance(v.position, torch.Tensor) else 0)
+        return v.new_zeros(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) else v
+    return _map_state(zero, state)
+
+
+def state_shapes(state: Any) -> List[Any]:
+    """The shapes of a state's tensors, in order (counters left out)."""
+    shapes: List[Any] = []
+    _map_state(lambda v: shapes.append(tuple(v.shape)) if isinstance(v, torch.Tensor) else None, state)
+    return shapes
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of a state."""
+    total = 0
+
+    def count(v: Any) -> Any:
+        nonlocal total
+        v = v.position if isinstance(v, PositionState) else v
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        return v
+
+    _map_state(count, state)
+    return total
+
+
+def state_batch(state: Any) -> int:
+    """The number of streams (batch rows) ``state`` holds."""
+    return _first_tensor(state).shape[0]
+
+
+def _first_tensor(state: Any) -> torch.Tensor:
+    found: List[torch.Tensor] = []
+    _map_state(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, state)
+    return found[0]
