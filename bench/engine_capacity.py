@@ -34,6 +34,7 @@ from streaming_cost import commit, describe_machine, median_time, sync  # noqa: 
 
 from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
+from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
@@ -181,7 +182,7 @@ def main() -> None:
                         help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of 5 steps per stream count")
-    parser.add_argument("--precision", default="tf32x3", choices=["tf32x3", "ieee", "tf32"],
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                         help="products of the Triton dense convs (default tf32x3, about fp32)")
     parser.add_argument("--plain-tiles", action="store_true",
                         help="dense-conv tiles from the plain rule, without the small-launch fill (comparison)")

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import AudioReader, AudioWriter
-from .model import SNAC
+from .streaming import SNAC
 
 PathLike = Union[str, os.PathLike]
 

@@ -29,7 +29,8 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional, Protocol
 import numpy as np
 import torch
 
-from .model import SNAC
+from .streaming import SNAC
+from .streaming.latency import roundtrip_latency_samples
 from .tokens import TokenLayout, TokenTextParser
 
 
@@ -79,9 +80,7 @@ class InProcessCodec:
         self.bits_per_token: float = math.log2(model.config.codebook_size)
         self.encoder = model.streaming_encoder()
         self.decoder = model.streaming_decoder(lookahead_samples=lookahead_samples)
-        dial = self.decoder.lookahead_samples
-        self.latency_samples: int = self.encoder.lookahead_samples + (
-            self.decoder.latency_samples if dial is None else dial)
+        self.latency_samples: int = roundtrip_latency_samples(model, lookahead_samples)
 
     def _decode(self, codes: List[torch.Tensor]) -> Tuple[np.ndarray, int]:
         tokens = sum(c.shape[-1] for c in codes)

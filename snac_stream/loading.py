@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import HUB_IDS, PRESETS
-from .model import SNAC
+from .streaming import SNAC
 from .model.checkpoint import looks_like_path
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model", "resolve_device"]

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels.precision import DEFAULT_PRECISION, PRECISIONS, check_precision
+from ..kernels.precision import DEFAULT_PRECISION, check_precision
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
-from .functional import conv, current_backend, snake, snake_layer
+from .functional import conv, current_backend, snake_layer
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..config import PRESETS, SNACConfig
 from . import checkpoint
-from .functional import BACKENDS, PRECISIONS, resolve_backend, use_backend
+from ..kernels.precision import DEFAULT_PRECISION, check_precision
+from .functional import BACKENDS, resolve_backend, use_backend
 from .layers import NOISE_MODES, Decoder, Encoder, NoiseBlock
 from .vq import ResidualVectorQuantize
 
@@ -37,8 +38,8 @@ class SNACModel(nn.Module):
 
     ``backend`` picks the compute path: ``"auto"`` (default: the Triton kernels on CUDA, PyTorch elsewhere),
     ``"triton"`` or ``"torch"`` (the reference arithmetic, bit for bit). ``precision`` sets the products of
-    the Triton dense convs: ``"tf32x3"`` (default, about fp32), ``"ieee"`` or ``"tf32"`` (fastest, about 1e-3
-    relative error; PyTorch's own default for cuDNN convs). The PyTorch backend follows PyTorch's TF32 flags.
+    the Triton kernels (dense convs and codebook search): ``"tf32x3"`` (default, about fp32), ``"ieee"`` or
+    ``"tf32"`` (fastest, about 1e-3 relative error; PyTorch's own default for cuDNN convs). The PyTorch backend follows PyTorch's TF32 flags.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class SNACModel(nn.Module):
         noise_mode: str = "deterministic",
         noise_seed: int = 0,
         backend: str = "auto",
-        precision: str = "tf32x3",
+        precision: str = DEFAULT_PRECISION,
     ):
         super().__init__()
         self.config = SNACConfig(
@@ -162,9 +163,7 @@ class SNACModel(nn.Module):
 
     @precision.setter
     def precision(self, precision: str) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self._precision = precision
+        self._precision = check_precision(precision)
 
     def on_backend(self, backend: Optional[str] = None) -> ContextManager[None]:
         """The context every model call runs in: ``backend`` (or the model's), resolved against the model's

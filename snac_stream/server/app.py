@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from ..model.snac import SNAC
+from ..model.snac import SNACModel
 from ..streaming.latency import algorithmic_latency
 from . import web
 from .connection import Gateway
@@ -29,7 +29,7 @@ class SNACServer:
     is the bound port (``options.port = 0`` picks a free one).
     """
 
-    def __init__(self, model: SNAC, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
+    def __init__(self, model: SNACModel, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
                  random_weights: bool = False):
         self.options = options or ServerOptions()
         self.options.check()

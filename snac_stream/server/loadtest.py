@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import client as ws_client
-from ..model.snac import SNAC
+from ..model.snac import SNACModel
 from . import ServerOptions, SNACServer
 
 PARTS = ("total", "algorithmic", "server", "transport")
@@ -160,7 +160,7 @@ def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
     return {"p50": 1e3 * p50, "p95": 1e3 * p95, "p99": 1e3 * p99, "max": 1e3 * float(values.max())}
 
 
-async def run_latency_bench(model: SNAC, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
+async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
                             sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
                             client_processes: Optional[int] = None,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..engine import DecodeEngine, EncodeEngine, EngineFull
-from ..model.snac import SNAC
+from ..model.snac import SNACModel
 from ..protocol import ProtocolError, dumps
 from .lanes import DecodeLane, EncodeLane, Lane
 from .session import Events, Session
@@ -40,7 +40,7 @@ class EngineSet:
     Built on the caller's thread; afterwards touched only by the thread that runs :meth:`tick`.
     """
 
-    def __init__(self, model: SNAC, max_streams: int, stats: Dict[str, Any], *, backend: Optional[str] = None,
+    def __init__(self, model: SNACModel, max_streams: int, stats: Dict[str, Any], *, backend: Optional[str] = None,
                  behind_warning_s: float = 0.0):
         self.stats = stats
         # Outputs come back on the host in one copy per step (they are sent from there anyway).

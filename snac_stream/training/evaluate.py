@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Set
 import numpy as np
 import torch
 
-from ..model import SNAC
+from ..streaming import SNAC
 from .losses import MultiScaleMelLoss
 from .options import TrainingError
 

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..config import SNACConfig
-from ..model import SNAC
+from ..streaming import SNAC
 from ..model.functional import use_backend
 from ..model.layers import NoiseBlock, ResidualUnit
 

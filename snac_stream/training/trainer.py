@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SNACConfig
-from ..model import SNAC, CheckpointError
+from ..model import CheckpointError
+from ..streaming import SNAC
 from . import data as data_mod
 from . import espeak as espeak_mod
 from .discriminator import MultiScaleSTFTDiscriminator
