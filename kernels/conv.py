@@ -25,11 +25,11 @@ from typing import Optional, Tuple, Union
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk,
                      output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
                      window_tap)
+from .derived import DerivedTensors
 from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
@@ -444,7 +444,7 @@ def snake_conv(
 
 
 _SPLIT_BLOCK_T = 1024
-_WEIGHT_SPLITS = WeakIdKeyDictionary()  # weight -> (its version, hi, lo)
+_WEIGHT_SPLITS = DerivedTensors()  # weight -> (hi, lo)
 
 
 def _snake_pass(src: ChunkInput, alpha: Optional[torch.Tensor], frames: int,
@@ -482,16 +482,14 @@ def snake_activation(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def _split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) of a contiguous fp32 weight, as ``_snake_pass_kernel`` splits the input: computed once and
-    kept while the weight is alive and unchanged (its version counter)."""
-    kept = _WEIGHT_SPLITS.get(weight)
-    if kept is not None and kept[0] == weight._version:
-        return kept[1], kept[2]
-    with torch.no_grad():
-        bits = weight.detach().view(torch.int32)
-        hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
-        lo = weight.detach() - hi
-    _WEIGHT_SPLITS[weight] = (weight._version, hi, lo)
-    return hi, lo
+    kept while the weight is unchanged (:class:`DerivedTensors`)."""
+    return _WEIGHT_SPLITS.get(weight, _split)
+
+
+def _split(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    bits = weight.detach().view(torch.int32)
+    hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return hi, weight.detach() - hi
 
 
 def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:

@@ -22,12 +22,12 @@ import contextvars
 import functools
 import importlib.util
 import os
-import weakref
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.derived import DerivedTensors
 from ..kernels.precision import DEFAULT_PRECISION, check_precision
 from .noise import positional_randn
 
@@ -231,21 +231,13 @@ def conv_transpose(
     return z[..., crop:end]
 
 
-# Phase-form weights of transposed convs (``phase_weight``), made once per weight tensor and remade when it
-# changes (moved, loaded in place): a CUDA-graph replay must not redo it every step.
-_PHASE_WEIGHTS: Dict[int, Tuple[weakref.ref, int, int, torch.Tensor]] = {}
+# Phase-form weights of transposed convs, made once per weight and remade when it changes (moved, loaded in
+# place): a CUDA-graph replay must not redo them every step.
+_PHASE_WEIGHTS = DerivedTensors()
 
 
 def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    key = id(weight)
-    hit = _PHASE_WEIGHTS.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight.data_ptr() and hit[2] == weight._version:
-        return hit[3]
-    with torch.no_grad():
-        phase = phase_weight(weight)
-    _PHASE_WEIGHTS[key] = (weakref.ref(weight, lambda _, k=key: _PHASE_WEIGHTS.pop(k, None)), weight.data_ptr(),
-                           weight._version, phase)
-    return phase
+    return _PHASE_WEIGHTS.get(weight, phase_weight)
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:

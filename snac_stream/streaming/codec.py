@@ -21,11 +21,12 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def _runs_on_backend(method: _Method) -> _Method:
-    """Run a push or flush on the stream's backend, resolved against the model's current device."""
+    """Run a push or flush on the stream's backend, resolved against the model's current device, without
+    autograd: the state a stream keeps between pushes must not carry a growing graph."""
 
     @functools.wraps(method)
     def wrapper(self: "_Stream", *args: Any, **kwargs: Any) -> Any:
-        with self.model.on_backend(self.backend):
+        with self.model.on_backend(self.backend), torch.no_grad():
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
