@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from snac_stream.kernels import common, tuning
 from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv
-from snac_stream.model.layers import snake
+from snac_stream.model.functional import snake
 from snac_stream.model.noise import positional_randn
 
 Tensor = torch.Tensor
