@@ -307,6 +307,7 @@ def _bad_inputs(tmp: Path, data: Path):
         (dict(ok, out=str(tmp / "fresh"), resume=True), "nothing to resume"),
         (dict(ok, out=str(taken)), "already holds a training run"),
         (dict(ok, batch_size=0), "batch_size must be a positive integer"),
+        (dict(ok, max_minutes=0), "max_minutes must be a positive number"),
         (dict(ok, init=str(tmp / "no-such-ckpt")), "cannot load the checkpoint to fine-tune"),
     ]
 
@@ -325,6 +326,14 @@ def test_corrupt_resume_state_and_mismatched_init(tmp_path, data_dir, run2):
     with pytest.raises(TrainingError, match="does not fit the model config: .* has shape"):
         train(TrainConfig(**{**FAST, "overrides": {"decoder_dim": 64}}, data_dir=str(data_dir),
                           init=run2["model_dir"]))
+
+
+def test_time_budget_stops_evaluates_and_saves(tmp_path, data_dir):
+    """``max_minutes`` ends the run early as if its last step were the final one: evaluated and saved."""
+    summary = train(TrainConfig(**{**FAST, "steps": 10_000}, data_dir=str(data_dir), out=str(tmp_path / "run"),
+                                max_minutes=1e-6))
+    assert summary["steps"] == 1 and summary["eval"] is not None
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
 # ---- command line -----------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, metavar="N", help=f"total steps (default {d.steps})")
+    g.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop after M minutes of training (then evaluate and save as at the last step)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
     g.add_argument("--betas", type=_float_pair, default=d.betas, metavar="B1,B2", help="default 0.8,0.99")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
@@ -157,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model_config=args.config, overrides=overrides, init=args.init,
         data_dir=args.data, eval_dir=args.eval_data, espeak=args.espeak,
         espeak_utterances=args.espeak_utterances, espeak_dir=args.espeak_dir,
-        segment_length=args.segment_length, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        segment_length=args.segment_length, batch_size=args.batch_size, steps=args.steps, max_minutes=args.max_minutes, lr=args.lr,
         betas=tuple(args.betas), weight_decay=args.weight_decay, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
         mel_weight=args.mel_weight, waveform_weight=args.waveform_weight,
         commitment_weight=args.commitment_weight, codebook_weight=args.codebook_weight,

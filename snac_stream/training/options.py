@@ -62,6 +62,7 @@ class TrainConfig:
     batch_size: int = 24
     # optimisation
     steps: int = 10000
+    max_minutes: Optional[float] = None  # stop (evaluate and save) after this much training time
     lr: float = 6e-4
     betas: Tuple[float, float] = (0.8, 0.99)
     weight_decay: float = 0.01
@@ -110,6 +111,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise TrainingError(f"{name} must be a non-negative integer (0 = never/off), got {value!r}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
+            raise TrainingError(f"max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
         if not self.lr > 0:
             raise TrainingError(f"lr must be positive, got {self.lr!r}")
         if not 0 < self.lr_decay <= 1:

@@ -343,6 +343,9 @@ def train(opts: TrainConfig) -> Dict[str, Any]:
                 say(_format_eval(step, metrics))
             if out is not None and opts.save_every and step % opts.save_every == 0:
                 trainer.save(out)
+            if opts.max_minutes is not None and time.perf_counter() - started >= 60 * opts.max_minutes:
+                say(f"time budget of {opts.max_minutes:g} min reached at step {step}")
+                break
     except KeyboardInterrupt:
         if out is not None and trainer.step > start_step:
             trainer.save(out)
