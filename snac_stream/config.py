@@ -163,3 +163,9 @@ HUB_IDS: Dict[str, str] = {
     "32khz": "hubertsiuzdak/snac_32khz",
     "44khz": "hubertsiuzdak/snac_44khz",
 }
+
+# Models that ship inside the package (snac_stream/weights/NAME: config.json + model.safetensors) and load by
+# name without the hub. ``mini`` is snac-stream's own small 24 kHz model (docs/mini_model.md), trained with
+# ``snac-stream train``: not the official weights, so its codes mean nothing to models trained on those
+# (Orpheus TTS among them).
+BUNDLED_MODELS = ("mini",)

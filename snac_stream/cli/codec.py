@@ -14,7 +14,7 @@ from ..audio import WRITE_FORMATS
 from ..codesfile import config_differences, load_codes, save_codes
 from ..files import decode_file, encode_file
 from ..loading import ModelLoadError, load_model, resolve_device
-from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output,
+from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
                      non_negative_int, say)
 
 
@@ -73,7 +73,7 @@ def run_encode(args: argparse.Namespace) -> int:
     rate_note = f"resampled to {cfg.sampling_rate} Hz" if source_rate != cfg.sampling_rate else "no resampling"
     say(args, f"input   {args.input}: {duration:.2f} s, {source_rate} Hz -> {rate_note} "
               f"({num_samples} samples)")
-    say(args, f"model   {model.name} ({cfg.sampling_rate} Hz, {cfg.n_codebooks} levels x {cfg.codebook_size} "
+    say(args, f"model   {model_label(model)} ({cfg.sampling_rate} Hz, {cfg.n_codebooks} levels x {cfg.codebook_size} "
               f"codes) on {device}, loaded in {load_s:.2f} s")
     say(args, f"codes   {' / '.join(map(str, frames))} per level (coarse first), {sum(frames)} in all")
     say(args, f"bitrate {cfg.bitrate_bps / 1000:.2f} kbps nominal; {bits / duration / 1000:.2f} kbps for this "
@@ -126,7 +126,7 @@ def run_decode(args: argparse.Namespace) -> int:
     say(args, f"codes   {args.input}: {' / '.join(map(str, frames))} per level (coarse first), "
               f"{duration:.2f} s at {codes_file.sample_rate} Hz"
               + (f" (source was {codes_file.source_sample_rate} Hz)" if codes_file.source_sample_rate else ""))
-    say(args, f"model   {model.name} ({cfg.bitrate_bps / 1000:.2f} kbps nominal) on {device}, "
+    say(args, f"model   {model_label(model)} ({cfg.bitrate_bps / 1000:.2f} kbps nominal) on {device}, "
               f"loaded in {load_s:.2f} s, noise seed {args.noise_seed}")
     say(args, f"time    decode {decode_s:.2f} s, real-time factor {decode_s / duration:.3f} "
               f"(processing time / audio duration)")

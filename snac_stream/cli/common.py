@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..audio import WRITE_FORMATS
+from ..config import BUNDLED_MODELS
 from ..loading import DEFAULT_MODEL
 
 #: ``help`` of ``--model`` where it defaults to :data:`snac_stream.loading.DEFAULT_MODEL`.
@@ -93,3 +94,11 @@ def say(args: argparse.Namespace, line: str) -> None:
     """A progress line on stderr, unless ``--quiet``."""
     if not args.quiet:
         print(line, file=sys.stderr)
+
+
+def model_label(model) -> str:
+    """How progress lines name a model; a bundled one says that its codes are its own."""
+    if model.name in BUNDLED_MODELS:
+        return (f"{model.name} (bundled small model, not the official weights: its tokens are not "
+                "Orpheus-compatible)")
+    return model.name

@@ -22,7 +22,7 @@ from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, Laten
                     TokenTransport, read_text_chunks, run_codec, run_token_playback)
 from ..loading import DEFAULT_MODEL, load_model, resolve_device
 from ..tokens import LAYOUTS, TokenTextParser, get_layout
-from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output,
+from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
                      non_negative_int, positive_int, say)
 
 
@@ -132,7 +132,7 @@ def run_live(args: argparse.Namespace) -> int:
         model = load_model(args.model, device)
         rate = model.sampling_rate
         codec = InProcessCodec(model, lookahead_samples=args.lookahead)
-        say(args, f"model   {model.name} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
+        say(args, f"model   {model_label(model)} ({rate} Hz, {model.config.bitrate_bps / 1000:.2f} kbps) on {device}; "
                   f"algorithmic latency {codec.latency_samples} samples ({codec.latency_samples / rate * 1000:.0f} "
                   f"ms" + (", exact decoding)" if args.lookahead is None else
                            f", decoder look-ahead {codec.decoder.lookahead_samples})"))
@@ -220,7 +220,7 @@ def run_play_tokens(args: argparse.Namespace) -> int:
         layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
         rate = model.sampling_rate
         decoder = InProcessTokenDecoder(model, layout, lookahead_samples=args.lookahead)
-        say(args, f"model   {model.name} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
+        say(args, f"model   {model_label(model)} ({rate} Hz) on {device}, layout {layout.name} ({layout.frame_tokens} "
                   f"tokens per coarse frame), decoder latency "
                   f"{decoder.decoder.latency_samples if args.lookahead is None else decoder.decoder.lookahead_samples}"
                   f" samples; {where}")

@@ -18,9 +18,10 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..config import HUB_IDS, SNACConfig
+from ..config import BUNDLED_MODELS, HUB_IDS, SNACConfig
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "weights"
 _KEY_STYLES = {
     "legacy": (".weight_g", ".weight_v"),
     "parametrizations": (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
@@ -175,8 +176,8 @@ def _check_name(name: str) -> None:
     """A name with no ``/`` that is neither a directory nor a preset is a typo, not a hub id: say so at once."""
     if "/" not in name and name.lower().removeprefix("snac_") not in HUB_IDS:
         raise CheckpointError(
-            f"unknown model {name!r}: not a preset ({', '.join(HUB_IDS)}), a hub id (owner/name) or a "
-            "checkpoint directory"
+            f"unknown model {name!r}: not a preset ({', '.join(HUB_IDS)}), a bundled model "
+            f"({', '.join(BUNDLED_MODELS)}), a hub id (owner/name) or a checkpoint directory"
         )
 
 
@@ -191,7 +192,11 @@ def looks_like_path(name: str) -> bool:
 
 
 def locate(name_or_dir: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Tuple[SNACConfig, Path]:
-    """Config and weight file for a local checkpoint directory, a hub id, or a preset name (``24khz``)."""
+    """Config and weight file for a local checkpoint directory, a bundled model (``mini``), a hub id, or a
+    preset name (``24khz``)."""
+    if str(name_or_dir).lower() in BUNDLED_MODELS:
+        directory = BUNDLED_ROOT / str(name_or_dir).lower()
+        return read_config(directory), find_weights(directory)
     path = Path(name_or_dir)
     if path.is_dir():
         return read_config(path), find_weights(path)
