@@ -486,6 +486,10 @@ class _OggOpusEncoder:
             self._encode(frame)
             self.pending = self.pending[:0]
         self._encode(None)
+        # FFmpeg counts the zero padding above as audio and may add a packet wholly past the end; keep the
+        # packets that hold the end, so that the end trimming stays within the last page (RFC 7845).
+        end = self.pre_skip + self.samples_in * (OPUS_RATE // self.api_rate)
+        del self.packets[max(0, -(-end // self.frame48) - self.emitted_packets):]
         if not self.packets and self.emitted_packets == 0:
             # No audio at all: an empty stream still ends with an EOS page.
             return head + self._page([], self.pre_skip, _EOS)
