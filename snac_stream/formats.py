@@ -13,10 +13,11 @@ Both have ``push(...)`` and ``flush()`` (end of stream), and ``latency_samples``
 model's rate is the identity (no resampler, zero latency), so the codec's exactness carries through.
 
 Formats (:data:`FORMATS`): ``pcm16`` and ``float32`` (little-endian), G.711 ``mulaw`` and ``alaw`` (one byte
-a sample, ITU-T G.711 tables), ``opus`` (Opus in Ogg pages, RFC 7845, through PyAV's libopus; needs the
-``opus`` extra). Rates are 8000-48000 Hz; G.711 is *not* restricted to 8 kHz (the companding is sample by
-sample, so wideband G.711 works the same way) but 8000 is its default. Ogg Opus is 48 kHz by definition
-(RFC 7845): its ``sample_rate`` is 48000 whatever rate the model runs at.
+a sample, ITU-T G.711 tables), ``opus`` (Opus in Ogg pages, RFC 7845) and ``webm`` (Opus in WebM, as
+browsers record and play it), both through PyAV's libopus (the ``opus`` extra) with the containers written
+and parsed here, incrementally. Rates are 8000-48000 Hz; G.711 is *not* restricted to 8 kHz (the companding
+is sample by sample, so wideband G.711 works the same way) but 8000 is its default. Opus streams are 48 kHz
+by definition: their ``sample_rate`` is 48000 whatever rate the model runs at.
 
 Resampling is soxr's streaming resampler (:class:`soxr.ResampleStream`), whose output for any chunking is
 bit-identical to soxr's whole-signal ``soxr.resample`` at the same quality. Default quality ``"HQ"`` (20-bit):
@@ -67,6 +68,7 @@ _OPUS_API_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_BITRATES = (6000, 510000)
 _OPUS_FRAME_MS = (10, 20, 40, 60)
 _OPUS_APPLICATIONS = ("voip", "audio", "lowdelay")
+_OPUS_FORMATS = ("opus", "webm")
 RESAMPLE_QUALITIES = ("VHQ", "HQ", "MQ", "LQ")
 
 
@@ -102,6 +104,10 @@ FORMATS: Dict[str, FormatInfo] = {
                        "out: one frame (20 ms) of buffering + the encoder's look-ahead (6.5 ms; 2.5 ms with "
                        "application='lowdelay'), plus resampling unless the model's rate is an Opus rate "
                        "(8/12/16/24/48 kHz); in: 48 kHz -> model rate resampling, and the sender's page size"),
+    "webm": FormatInfo("webm", "Opus in WebM (as browsers' MediaRecorder writes it and Media Source Extensions "
+                       "play it): live segment and clusters, one block per packet; mono out, mono or stereo in; "
+                       "bitrate as opus", None, (OPUS_RATE, OPUS_RATE), OPUS_RATE,
+                       "as opus (no page buffering: each packet is sent as it is coded)"),
 }
 
 
@@ -128,9 +134,9 @@ def check_format(fmt: str, sample_rate: Optional[int] = None, *, model_rate: Opt
         if sample_rate is None:
             raise ValueError(f"{fmt} needs a sample_rate (or the model's rate as model_rate)")
     rate = _check_rate("sample_rate", sample_rate)
-    if fmt == "opus" and rate != OPUS_RATE:
-        raise ValueError(f"Ogg Opus streams are 48000 Hz by definition (RFC 7845), got sample_rate {rate}; "
-                         "omit sample_rate or pass 48000")
+    if fmt in _OPUS_FORMATS and rate != OPUS_RATE:
+        raise ValueError(f"Opus streams are 48000 Hz by definition (RFC 7845, WebM's A_OPUS), got sample_rate "
+                         f"{rate}; omit sample_rate or pass 48000")
     return fmt, rate
 
 
@@ -390,16 +396,20 @@ def _import_av() -> Any:
     try:
         import av
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the opus format needs PyAV: pip install 'snac-stream[opus]' (or pip install av)"
+        raise ImportError("the opus and webm formats need PyAV: pip install 'snac-stream[opus]' (or pip install av)"
                           ) from exc
     return av
 
 
-class _OggOpusEncoder:
-    """float32 at ``api_rate`` -> Ogg Opus bytes: one page per ``frames_per_page`` packets."""
+class _OpusEncoder:
+    """float32 at ``api_rate`` -> Opus packets in a container; subclasses write the container.
 
-    def __init__(self, api_rate: int, bitrate: int, frame_ms: int, application: str, serial: Optional[int],
-                 frames_per_page: int) -> None:
+    Frames of ``frame_ms`` are coded as they fill; :meth:`flush` pads the last one with zeros and drains the
+    encoder. ``end48`` is where the audio ends, in 48 kHz samples from the start of the decoded stream
+    (pre-skip included): what the container's end trimming must cut the decoded stream to.
+    """
+
+    def __init__(self, api_rate: int, bitrate: int, frame_ms: int, application: str) -> None:
         av = _import_av()
         self.av = av
         cc = av.CodecContext.create("libopus", "w")
@@ -412,6 +422,7 @@ class _OggOpusEncoder:
         cc.open()
         self.cc = cc
         self.api_rate = api_rate
+        self.frame_ms = frame_ms
         self.frame = api_rate * frame_ms // 1000
         self.frame48 = OPUS_RATE * frame_ms // 1000
         head = bytes(cc.extradata)
@@ -420,15 +431,70 @@ class _OggOpusEncoder:
         self.head = head
         self.pre_skip = struct.unpack_from("<H", head, 10)[0]  # 48 kHz samples
         self.lookahead = self.pre_skip * api_rate // OPUS_RATE  # encoder look-ahead at api_rate
+        self.pending = np.zeros(0, np.float32)
+        self.samples_in = 0
+        self.packets: List[bytes] = []  # coded, not yet written
+        self.frames_in = 0  # frames given to the encoder
+        self.written = 0  # packets written into the container
+        self.header_sent = False
+
+    @property
+    def end48(self) -> int:
+        return self.pre_skip + self.samples_in * (OPUS_RATE // self.api_rate)
+
+    def _encode(self, frame: Optional[np.ndarray]) -> None:
+        if frame is None:
+            packets = self.cc.encode(None)
+        else:
+            af = self.av.AudioFrame.from_ndarray(frame[None, :], format="flt", layout="mono")
+            af.sample_rate = self.api_rate
+            af.time_base = Fraction(1, self.api_rate)
+            af.pts = self.frames_in * self.frame
+            packets = self.cc.encode(af)
+            self.frames_in += 1
+        self.packets.extend(bytes(p) for p in packets)
+
+    def push(self, x: np.ndarray) -> bytes:
+        head = b"" if self.header_sent else self._headers()
+        self.header_sent = True
+        self.samples_in += x.shape[0]
+        buf = np.concatenate([self.pending, x]) if self.pending.shape[0] else x
+        whole = buf.shape[0] - buf.shape[0] % self.frame
+        for k in range(0, whole, self.frame):
+            self._encode(np.ascontiguousarray(buf[k:k + self.frame], np.float32))
+        self.pending = np.array(buf[whole:], np.float32)
+        return head + self._write(final=False)
+
+    def flush(self) -> bytes:
+        head = b"" if self.header_sent else self._headers()
+        self.header_sent = True
+        if self.pending.shape[0]:
+            frame = np.zeros(self.frame, np.float32)
+            frame[:self.pending.shape[0]] = self.pending
+            self._encode(frame)
+            self.pending = self.pending[:0]
+        self._encode(None)
+        # FFmpeg counts the zero padding above as audio and may add a packet wholly past the end; keep the
+        # packets that hold the end, so that the end trimming stays within the last packet (RFC 7845).
+        del self.packets[max(0, -(-self.end48 // self.frame48) - self.written):]
+        return head + self._write(final=True)
+
+    def _headers(self) -> bytes:
+        raise NotImplementedError
+
+    def _write(self, final: bool) -> bytes:
+        raise NotImplementedError
+
+
+class _OggOpusEncoder(_OpusEncoder):
+    """Ogg Opus (RFC 7845): one page per ``frames_per_page`` packets; the last page trims the end."""
+
+    def __init__(self, api_rate: int, bitrate: int, frame_ms: int, application: str, serial: Optional[int],
+                 frames_per_page: int) -> None:
+        super().__init__(api_rate, bitrate, frame_ms, application)
         self.serial = secrets.randbits(32) if serial is None else int(serial) & 0xFFFFFFFF
         self.frames_per_page = frames_per_page
         self.sequence = 0
-        self.pending = np.zeros(0, np.float32)
-        self.samples_in = 0
-        self.packets: List[bytes] = []  # not yet paged
-        self.packets_out = 0  # frames given to the encoder
-        self.emitted_packets = 0  # packets written into pages
-        self.header_sent = False
 
     def _page(self, packets: List[bytes], granule: int, flags: int) -> bytes:
         page = _ogg_page(packets, granule, self.serial, self.sequence, flags)
@@ -438,87 +504,231 @@ class _OggOpusEncoder:
     def _headers(self) -> bytes:
         vendor = b"snac-stream"
         tags = b"OpusTags" + struct.pack("<I", len(vendor)) + vendor + struct.pack("<I", 0)
-        self.header_sent = True
         return self._page([self.head], 0, _BOS) + self._page([tags], 0, 0)
 
-    def _encode(self, frame: Optional[np.ndarray]) -> None:
-        if frame is None:
-            packets = self.cc.encode(None)
-        else:
-            af = self.av.AudioFrame.from_ndarray(frame[None, :], format="flt", layout="mono")
-            af.sample_rate = self.api_rate
-            af.time_base = Fraction(1, self.api_rate)
-            af.pts = self.packets_out * self.frame
-            packets = self.cc.encode(af)
-            self.packets_out += 1
-        self.packets.extend(bytes(p) for p in packets)
-
-    def _pages(self, final: bool) -> bytes:
+    def _write(self, final: bool) -> bytes:
         out = bytearray()
-        done = self.emitted_packets
+        if final and not self.packets and self.written == 0:
+            return self._page([], self.pre_skip, _EOS)  # no audio at all: an empty stream still ends
         while len(self.packets) >= self.frames_per_page or (final and self.packets):
             group = self.packets[:self.frames_per_page]
             del self.packets[:len(group)]
-            done += len(group)
+            self.written += len(group)
             last = final and not self.packets
-            granule = done * self.frame48
-            if last:  # end trimming: the true length after the pre-skip
-                granule = self.pre_skip + self.samples_in * (OPUS_RATE // self.api_rate)
+            # Granule: 48 kHz samples up to the end of the page's last packet; on the last page the true end.
+            granule = self.end48 if last else self.written * self.frame48
             out += self._page(group, granule, _EOS if last else 0)
-        self.emitted_packets = done
         return bytes(out)
 
-    def push(self, x: np.ndarray) -> bytes:
-        head = b"" if self.header_sent else self._headers()
-        self.samples_in += x.shape[0]
-        buf = np.concatenate([self.pending, x]) if self.pending.shape[0] else x
-        whole = buf.shape[0] - buf.shape[0] % self.frame
-        for k in range(0, whole, self.frame):
-            self._encode(np.ascontiguousarray(buf[k:k + self.frame], np.float32))
-        self.pending = np.array(buf[whole:], np.float32)
-        return head + self._pages(final=False)
 
-    def flush(self) -> bytes:
-        head = b"" if self.header_sent else self._headers()
-        if self.pending.shape[0]:
-            frame = np.zeros(self.frame, np.float32)
-            frame[:self.pending.shape[0]] = self.pending
-            self._encode(frame)
-            self.pending = self.pending[:0]
-        self._encode(None)
-        # FFmpeg counts the zero padding above as audio and may add a packet wholly past the end; keep the
-        # packets that hold the end, so that the end trimming stays within the last page (RFC 7845).
-        end = self.pre_skip + self.samples_in * (OPUS_RATE // self.api_rate)
-        del self.packets[max(0, -(-end // self.frame48) - self.emitted_packets):]
-        if not self.packets and self.emitted_packets == 0:
-            # No audio at all: an empty stream still ends with an EOS page.
-            return head + self._page([], self.pre_skip, _EOS)
-        return head + self._pages(final=True)
+# ---- WebM (a Matroska subset) --------------------------------------------------------------------------------
+_EBML, _SEGMENT, _CLUSTER, _TRACKS = 0x1A45DFA3, 0x18538067, 0x1F43B675, 0x1654AE6B
+_TIMECODE, _SIMPLE_BLOCK, _BLOCK_GROUP, _BLOCK, _DISCARD_PADDING = 0xE7, 0xA3, 0xA0, 0xA1, 0x75A2
+_TRACK_ENTRY, _TRACK_NUMBER, _CODEC_ID, _CODEC_PRIVATE, _AUDIO, _CHANNELS = 0xAE, 0xD7, 0x86, 0x63A2, 0xE1, 0x9F
+_UNKNOWN_SIZE = b"\x01\xff\xff\xff\xff\xff\xff\xff"
 
 
-class _OggOpusDecoder:
-    """Ogg Opus bytes -> mono float32 at 48 kHz, pre-skip and end trimming applied (RFC 7845)."""
+def _ebml_id(element: int) -> bytes:
+    return element.to_bytes((element.bit_length() + 7) // 8, "big")
+
+
+def _ebml_size(n: int) -> bytes:
+    for length in range(1, 9):
+        if n < (1 << (7 * length)) - 1:
+            return (n | (1 << (7 * length))).to_bytes(length, "big")
+    raise ValueError("EBML element too large")
+
+
+def _ebml(element: int, payload: bytes) -> bytes:
+    return _ebml_id(element) + _ebml_size(len(payload)) + payload
+
+
+def _ebml_uint(element: int, value: int) -> bytes:
+    return _ebml(element, value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
+
+
+def _ebml_sint(element: int, value: int) -> bytes:
+    return _ebml(element, value.to_bytes(8, "big", signed=True))
+
+
+class _WebMOpusEncoder(_OpusEncoder):
+    """Opus in WebM for live streaming (as MediaRecorder writes it): segment and clusters of unknown size, one
+    SimpleBlock per packet, the last packet in a BlockGroup whose DiscardPadding trims the end."""
+
+    CLUSTER_MS = 5000
+
+    def __init__(self, api_rate: int, bitrate: int, frame_ms: int, application: str) -> None:
+        super().__init__(api_rate, bitrate, frame_ms, application)
+        self.cluster_start: Optional[int] = None
+
+    def _headers(self) -> bytes:
+        header = _ebml(_EBML, _ebml_uint(0x4286, 1) + _ebml_uint(0x42F7, 1) + _ebml_uint(0x42F2, 4)
+                       + _ebml_uint(0x42F3, 8) + _ebml(0x4282, b"webm") + _ebml_uint(0x4287, 4)
+                       + _ebml_uint(0x4285, 2))
+        info = _ebml(0x1549A966, _ebml_uint(0x2AD7B1, 1000000) + _ebml(0x4D80, b"snac-stream")
+                     + _ebml(0x5741, b"snac-stream"))
+        audio = _ebml(_AUDIO, _ebml(0xB5, struct.pack(">d", float(OPUS_RATE))) + _ebml_uint(_CHANNELS, 1))
+        track = _ebml(_TRACK_ENTRY, _ebml_uint(_TRACK_NUMBER, 1) + _ebml_uint(0x73C5, 1) + _ebml_uint(0x83, 2)
+                      + _ebml(_CODEC_ID, b"A_OPUS") + _ebml(_CODEC_PRIVATE, self.head)
+                      + _ebml_uint(0x56AA, self.pre_skip * 1000000000 // OPUS_RATE)  # CodecDelay, ns
+                      + _ebml_uint(0x56BB, 80000000) + audio)  # SeekPreRoll 80 ms
+        return header + _ebml_id(_SEGMENT) + _UNKNOWN_SIZE + info + _ebml(_TRACKS, track)
+
+    def _write(self, final: bool) -> bytes:
+        out = bytearray()
+        while self.packets:
+            packet = self.packets.pop(0)
+            ms = self.written * self.frame_ms
+            if self.cluster_start is None or ms - self.cluster_start >= self.CLUSTER_MS:
+                self.cluster_start = ms
+                out += _ebml_id(_CLUSTER) + _UNKNOWN_SIZE + _ebml_uint(_TIMECODE, ms)
+            self.written += 1
+            block = b"\x81" + struct.pack(">h", ms - self.cluster_start)
+            padding = self.written * self.frame48 - self.end48
+            if final and not self.packets and padding > 0:
+                discard = padding * 1000000000 // OPUS_RATE  # ns
+                out += _ebml(_BLOCK_GROUP, _ebml(_BLOCK, block + b"\x00" + packet)
+                             + _ebml_sint(_DISCARD_PADDING, discard))
+            else:
+                out += _ebml(_SIMPLE_BLOCK, block + b"\x80" + packet)  # flags: keyframe
+        return bytes(out)
+
+
+def _vint(buf: Union[bytes, bytearray], pos: int, keep_marker: bool) -> Optional[Tuple[int, int]]:
+    """(value, length) of the EBML variable-size integer at ``pos``; None if the buffer ends inside it."""
+    if pos >= len(buf):
+        return None
+    first = buf[pos]
+    if first == 0:
+        raise ValueError("not a WebM stream: invalid EBML variable-size integer")
+    length = 9 - first.bit_length()
+    if pos + length > len(buf):
+        return None
+    value = int.from_bytes(buf[pos:pos + length], "big")
+    if not keep_marker:
+        value &= (1 << (7 * length)) - 1
+    return value, length
+
+
+class _WebMReader:
+    """WebM bytes in any chunks -> Opus packets (with their DiscardPadding in 48 kHz samples) of its first Opus
+    track. Segment and clusters may have unknown sizes (live streams); other elements are skipped."""
+
+    _ENTER = (_SEGMENT, _CLUSTER)
 
     def __init__(self) -> None:
-        self.av = _import_av()
-        self.reader = _OggReader()
-        self.packets = 0  # packets read, headers included
-        self.pre_skip = 0
-        self.channels = 1
-        self.cc: Any = None
-        self.decoded = 0  # samples (48 kHz) decoded, pre-skip included
-        self.emitted = 0  # samples emitted
+        self.buffer = bytearray()
+        self.skip = 0  # bytes of a skipped element still to come
+        self.head: Optional[bytes] = None
+        self.track: Optional[int] = None
+        self.seen_header = False
 
-    def _open(self, head: bytes) -> None:
+    def push(self, data: bytes) -> List[Tuple[bytes, int]]:
+        out: List[Tuple[bytes, int]] = []
+        self.buffer += data
+        while True:
+            if self.skip:
+                n = min(self.skip, len(self.buffer))
+                del self.buffer[:n]
+                self.skip -= n
+                if self.skip:
+                    return out
+            got_id = _vint(self.buffer, 0, keep_marker=True)
+            if got_id is None:
+                return out
+            element, id_len = got_id
+            if not self.seen_header:
+                if element != _EBML:
+                    raise ValueError(f"not a WebM stream: it starts with {bytes(self.buffer[:4])!r}, not an EBML header")
+                self.seen_header = True
+            got_size = _vint(self.buffer, id_len, keep_marker=False)
+            if got_size is None:
+                return out
+            size, size_len = got_size
+            unknown = size == (1 << (7 * size_len)) - 1
+            start = id_len + size_len
+            if element in self._ENTER:
+                del self.buffer[:start]  # descend: its children follow
+                continue
+            if unknown:
+                raise ValueError(f"WebM element 0x{element:X} has an unknown size (only segments and clusters may)")
+            if element in (_TRACKS, _SIMPLE_BLOCK, _BLOCK_GROUP):
+                if len(self.buffer) < start + size:
+                    return out
+                body = bytes(self.buffer[start:start + size])
+                del self.buffer[:start + size]
+                if element == _TRACKS:
+                    self._tracks(body)
+                else:
+                    packet = self._block(body, element == _SIMPLE_BLOCK)
+                    if packet is not None:
+                        out.append(packet)
+                continue
+            del self.buffer[:start]  # anything else: skipped, without buffering it
+            self.skip = size
+
+    @staticmethod
+    def _children(body: bytes) -> List[Tuple[int, bytes]]:
+        children, pos = [], 0
+        while pos < len(body):
+            got_id = _vint(body, pos, keep_marker=True)
+            got_size = _vint(body, pos + got_id[1], keep_marker=False) if got_id else None
+            if got_id is None or got_size is None or pos + got_id[1] + got_size[1] + got_size[0] > len(body):
+                raise ValueError("malformed WebM: a child element overruns its parent")
+            start = pos + got_id[1] + got_size[1]
+            children.append((got_id[0], body[start:start + got_size[0]]))
+            pos = start + got_size[0]
+        return children
+
+    def _tracks(self, body: bytes) -> None:
+        for element, entry in self._children(body):
+            if element != _TRACK_ENTRY or self.track is not None:
+                continue
+            fields = dict(self._children(entry))
+            if fields.get(_CODEC_ID) == b"A_OPUS":
+                self.track = int.from_bytes(fields.get(_TRACK_NUMBER, b"\x01"), "big")
+                self.head = fields.get(_CODEC_PRIVATE)
+                if self.head is None:
+                    raise ValueError("the WebM Opus track has no OpusHead (CodecPrivate)")
+        if self.track is None:
+            raise ValueError("the WebM stream has no Opus audio track")
+
+    def _block(self, body: bytes, simple: bool) -> Optional[Tuple[bytes, int]]:
+        discard = 0
+        if not simple:
+            fields = dict(self._children(body))
+            if _BLOCK not in fields:
+                return None
+            if _DISCARD_PADDING in fields:
+                ns = int.from_bytes(fields[_DISCARD_PADDING], "big", signed=True)
+                discard = max(0, round(ns * OPUS_RATE / 1e9))
+            body = fields[_BLOCK]
+        got = _vint(body, 0, keep_marker=False)
+        if got is None or self.track is None:
+            raise ValueError("malformed WebM: a block before the track list, or a truncated block")
+        track, length = got
+        if track != self.track:
+            return None  # another track (e.g. video)
+        flags = body[length + 2]
+        if flags & 0x06:
+            raise ValueError("laced WebM blocks are not supported")
+        return body[length + 3:], discard
+
+
+class _OpusDecoder:
+    """Opus packets -> mono float32 at 48 kHz (stereo averaged), pre-skip and end trimming applied."""
+
+    def __init__(self, head: bytes, what: str) -> None:
+        self.av = _import_av()
         if len(head) < 19 or head[:8] != b"OpusHead":
-            raise ValueError("not an Ogg Opus stream: the first packet is not an OpusHead header")
+            raise ValueError(f"not an {what} stream: no OpusHead header")
         version, channels, pre_skip, _rate, _gain, family = struct.unpack_from("<BBHIhB", head, 8)
         if version >> 4:
-            raise ValueError(f"unsupported Ogg Opus version {version}")
+            raise ValueError(f"unsupported Opus header version {version}")
         if channels not in (1, 2) or family != 0:
             raise ValueError(f"only mono or stereo Opus (mapping family 0) is supported, got {channels} channels "
                              f"with mapping family {family}")
-        self.channels, self.pre_skip = channels, pre_skip
+        self.pre_skip = pre_skip
         name = "opus" if "opus" in self.av.codecs_available else "libopus"
         cc = self.av.CodecContext.create(name, "r")
         # FFmpeg's decoders drop the pre-skip themselves when the header announces it; it is trimmed here
@@ -526,8 +736,11 @@ class _OggOpusDecoder:
         cc.extradata = head[:10] + b"\0\0" + head[12:]
         cc.open()
         self.cc = cc
+        self.decoded = 0  # samples (48 kHz) decoded, pre-skip included
+        self.emitted = 0  # samples emitted
 
-    def _decode(self, packet: bytes) -> np.ndarray:
+    def decode(self, packet: bytes, end: Optional[int] = None, discard: int = 0) -> np.ndarray:
+        """The packet's new samples; ``end`` (absolute) or ``discard`` (from its end) trim the stream's end."""
         chunks = []
         for frame in self.cc.decode(self.av.Packet(packet)):
             a = frame.to_ndarray()
@@ -535,29 +748,40 @@ class _OggOpusDecoder:
                 a = a.reshape(-1, frame.layout.nb_channels).T
             a = a.astype(np.float32) / np.float32(32768.0) if a.dtype.kind == "i" else a.astype(np.float32)
             chunks.append(a.mean(axis=0, dtype=np.float32) if a.shape[0] > 1 else a[0])
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        start = self.decoded
+        self.decoded += pcm.shape[0]
+        stop = self.decoded - discard
+        if end is not None:
+            stop = min(stop, max(end, self.pre_skip))
+        lo = max(self.pre_skip, self.emitted, start)
+        if stop <= lo:
+            return np.zeros(0, np.float32)
+        self.emitted = stop
+        return pcm[lo - start:stop - start]
+
+
+class _OggOpusDecoder:
+    """Ogg Opus bytes -> mono float32 at 48 kHz (RFC 7845: the end trimmed by the last page's granule)."""
+
+    def __init__(self) -> None:
+        _import_av()
+        self.reader = _OggReader()
+        self.packets = 0  # packets read, headers included
+        self.opus: Optional[_OpusDecoder] = None
 
     def push(self, data: bytes) -> np.ndarray:
         out = []
         for packet, granule, eos_end in self.reader.push(data):
             self.packets += 1
             if self.packets == 1:
-                self._open(packet)
-                continue
-            if self.packets == 2:
+                self.opus = _OpusDecoder(packet, "Ogg Opus")
+            elif self.packets == 2:
                 if packet[:8] != b"OpusTags":
                     raise ValueError("not an Ogg Opus stream: the second packet is not an OpusTags header")
-                continue
-            pcm = self._decode(packet)
-            start = self.decoded
-            self.decoded += pcm.shape[0]
-            end = self.decoded
-            if eos_end:
-                end = min(end, max(granule, self.pre_skip))
-            lo = max(self.pre_skip, self.emitted, start)
-            if end > lo:
-                out.append(pcm[lo - start:end - start])
-                self.emitted = end
+            else:
+                assert self.opus is not None
+                out.append(self.opus.decode(packet, end=granule if eos_end else None))
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def flush(self) -> None:
@@ -567,6 +791,29 @@ class _OggOpusDecoder:
             raise ValueError("the Ogg stream ends inside a packet that continues on a missing page")
         if 0 < self.packets < 2:
             raise ValueError("the Ogg Opus stream ends inside its headers")
+
+
+class _WebMOpusDecoder:
+    """WebM Opus bytes -> mono float32 at 48 kHz (the end trimmed by the last block's DiscardPadding)."""
+
+    def __init__(self) -> None:
+        _import_av()
+        self.reader = _WebMReader()
+        self.opus: Optional[_OpusDecoder] = None
+
+    def push(self, data: bytes) -> np.ndarray:
+        out = []
+        for packet, discard in self.reader.push(data):
+            if self.opus is None:
+                assert self.reader.head is not None
+                self.opus = _OpusDecoder(self.reader.head, "WebM Opus")
+            out.append(self.opus.decode(packet, discard=discard))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def flush(self) -> None:
+        if self.reader.skip or self.reader.buffer:
+            raise ValueError(f"the WebM stream ends inside an element "
+                             f"({self.reader.skip or len(self.reader.buffer)} bytes missing or left over)")
 
 
 # ---- public stream objects -----------------------------------------------------------------------------------
@@ -587,7 +834,7 @@ class _Base:
     @property
     def identity(self) -> bool:
         """True when samples pass through unchanged in time (no resampler, no frame buffering)."""
-        return self.latency_samples == 0 and self.format != "opus"
+        return self.latency_samples == 0 and self.format not in _OPUS_FORMATS
 
     def _check_open(self) -> None:
         if self.closed:
@@ -619,7 +866,7 @@ class InputDecoder(_Base):
     def __init__(self, fmt: str, sample_rate: Optional[int] = None, *, model_rate: int,
                  quality: str = "HQ") -> None:
         super().__init__(fmt, sample_rate, model_rate, quality)
-        self._opus = _OggOpusDecoder() if self.format == "opus" else None
+        self._opus: Any = {"opus": _OggOpusDecoder, "webm": _WebMOpusDecoder}.get(self.format, lambda: None)()
         self._width = self.info.bytes_per_sample or 0
         self._partial = b""
         self._resampler = _Resampler(self.sample_rate, self.model_rate, quality)
@@ -689,9 +936,9 @@ class OutputEncoder(_Base):
                  bitrate: int = 24000, frame_ms: int = 20, application: str = "audio", frames_per_page: int = 1,
                  serial: Optional[int] = None) -> None:
         super().__init__(fmt, sample_rate, model_rate, quality)
-        self._opus: Optional[_OggOpusEncoder] = None
+        self._opus: Optional[_OpusEncoder] = None
         codec_rate = self.sample_rate
-        if self.format == "opus":
+        if self.format in _OPUS_FORMATS:
             if isinstance(bitrate, bool) or not isinstance(bitrate, int) or not (
                     OPUS_BITRATES[0] <= bitrate <= OPUS_BITRATES[1]):
                 raise ValueError(f"Opus bitrate must be an int in {OPUS_BITRATES[0]}..{OPUS_BITRATES[1]} bits/s, "
@@ -705,7 +952,11 @@ class OutputEncoder(_Base):
                     1 <= frames_per_page <= 50):
                 raise ValueError(f"frames_per_page must be an int in 1..50, got {frames_per_page!r}")
             codec_rate = self.model_rate if self.model_rate in _OPUS_API_RATES else OPUS_RATE
-            self._opus = _OggOpusEncoder(codec_rate, bitrate, frame_ms, application, serial, frames_per_page)
+            if self.format == "opus":
+                self._opus = _OggOpusEncoder(codec_rate, bitrate, frame_ms, application, serial, frames_per_page)
+            else:
+                frames_per_page = 1  # WebM: one block per packet
+                self._opus = _WebMOpusEncoder(codec_rate, bitrate, frame_ms, application)
         self.codec_rate: int = codec_rate  # the rate the bytes are coded at (libopus' API rate for Opus)
         self.bitrate = bitrate if self._opus is not None else None
         self._resampler = _Resampler(self.model_rate, codec_rate, quality)

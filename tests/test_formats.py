@@ -18,6 +18,7 @@ from snac_stream.formats import (
     InputDecoder,
     OutputEncoder,
     _OggReader,
+    _WebMReader,
     alaw_decode,
     alaw_encode,
     check_format,
@@ -192,9 +193,9 @@ def metrics(x: np.ndarray, y: np.ndarray, edge: int = 2400):
     return corr, snr, best
 
 
-def opus_round_trip(x: np.ndarray, rng: np.random.Generator, **kwargs) -> tuple:
-    data = encode_all(OutputEncoder("opus", model_rate=MODEL_RATE, **kwargs), x, rng)
-    return data, decode_all(InputDecoder("opus", model_rate=MODEL_RATE), data, rng)
+def opus_round_trip(x: np.ndarray, rng: np.random.Generator, fmt: str = "opus", **kwargs) -> tuple:
+    data = encode_all(OutputEncoder(fmt, model_rate=MODEL_RATE, **kwargs), x, rng)
+    return data, decode_all(InputDecoder(fmt, model_rate=MODEL_RATE), data, rng)
 
 
 def speech() -> np.ndarray:
@@ -277,6 +278,70 @@ def test_opus_input_errors():
     assert InputDecoder("opus", model_rate=MODEL_RATE).flush().shape == (0,)  # an empty stream is fine
 
 
+def ffmpeg_webm(x48: np.ndarray) -> bytes:
+    """Opus in WebM written by FFmpeg's muxer (through PyAV), as a browser or another tool would send it."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        stream.bit_rate = 32000
+        for k in range(0, len(x48), 960):
+            frame = av.AudioFrame.from_ndarray(x48[None, k:k + 960], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = 48000, k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_webm_round_trip_and_ffmpeg_reads_it():
+    rng = np.random.default_rng(11)
+    x = speech()
+    data, y = opus_round_trip(x, rng, "webm")
+    assert len(y) == len(x)  # CodecDelay (pre-skip) and the last block's DiscardPadding applied
+    corr, snr, lag = metrics(x, y)
+    assert lag == 0 and corr >= 0.97 and snr >= 12.0, (corr, snr, lag)
+    assert data[:4] == b"\x1a\x45\xdf\xa3" and len(data) < len(opus_round_trip(x, rng)[0])  # less framing
+    # Same packets as Ogg Opus: the same decoded audio.
+    assert np.array_equal(y, opus_round_trip(x, rng, serial=1)[1])
+    # FFmpeg's demuxer and decoder read it: the exact length at 48 kHz, aligned.
+    with av.open(io.BytesIO(data)) as inp:
+        other = np.concatenate([f.to_ndarray().reshape(-1) for f in inp.decode(inp.streams.audio[0])])
+    assert len(other) == 2 * len(x)
+    corr, _, lag = metrics(soxr.resample(x, MODEL_RATE, 48000, quality="HQ"), other.astype(np.float32))
+    assert corr >= 0.97 and lag == 0
+    # Chunking invariance of the bytes.
+    again = encode_all(OutputEncoder("webm", model_rate=MODEL_RATE), x, np.random.default_rng(12), most=5)
+    assert again == data
+
+
+def test_webm_from_ffmpeg_read_incrementally():
+    x48 = signal(48000, 48000)
+    data = ffmpeg_webm(x48)
+    with av.open(io.BytesIO(data)) as inp:
+        reference = np.concatenate([f.to_ndarray().reshape(-1) for f in inp.decode(inp.streams.audio[0])])
+    for most in (1, 100, 10 ** 6):
+        y = decode_all(InputDecoder("webm", model_rate=48000), data, np.random.default_rng(most), most=most)
+        assert len(y) == len(x48) == len(reference)
+        assert np.abs(y - reference.astype(np.float32)).max() < 1e-3  # FFmpeg's own decode of the same packets
+    with pytest.raises(ValueError, match="not a WebM stream"):
+        InputDecoder("webm", model_rate=MODEL_RATE).push(b"OggS" + bytes(60))
+    dec = InputDecoder("webm", model_rate=MODEL_RATE)
+    dec.push(data[:-3])
+    with pytest.raises(ValueError, match="ends inside an element"):
+        dec.flush()
+
+
+def test_webm_output_latency():
+    enc = OutputEncoder("webm", model_rate=MODEL_RATE)
+    assert enc.latency_samples == 480 + 156
+    reader, x, packets = _WebMReader(), signal(MODEL_RATE), 0
+    for a in range(0, len(x), 101):
+        packets += len(reader.push(enc.push(x[a:a + 101])))
+        decodable = (packets * 960 - 312) // 2  # 48 kHz packets, less the pre-skip, at 24 kHz
+        assert decodable >= min(len(x), a + 101) - enc.latency_samples
+
+
 # ---- validation ----------------------------------------------------------------------------------------------
 def test_bad_combinations_raise_value_errors():
     with pytest.raises(ValueError, match="unknown audio format 'mp3'"):
@@ -284,8 +349,9 @@ def test_bad_combinations_raise_value_errors():
     for rate in (7999, 48001, 0, 16000.0, True):
         with pytest.raises(ValueError, match="sample_rate"):
             OutputEncoder("pcm16", rate, model_rate=MODEL_RATE)
-    with pytest.raises(ValueError, match="48000 Hz by definition"):
-        OutputEncoder("opus", 24000, model_rate=MODEL_RATE)
+    for fmt in ("opus", "webm"):
+        with pytest.raises(ValueError, match="48000 Hz by definition"):
+            OutputEncoder(fmt, 24000, model_rate=MODEL_RATE)
     for bitrate in (5999, 510001, 24000.0):
         with pytest.raises(ValueError, match="bitrate"):
             OutputEncoder("opus", model_rate=MODEL_RATE, bitrate=bitrate)
@@ -307,5 +373,5 @@ def test_bad_combinations_raise_value_errors():
         dec.push(b"\0\0")
     assert check_format("mulaw") == ("mulaw", 8000) and check_format("opus") == ("opus", 48000)
     assert check_format("pcm16", model_rate=MODEL_RATE) == ("pcm16", MODEL_RATE)
-    assert set(FORMATS) == {"pcm16", "float32", "mulaw", "alaw", "opus"}
+    assert set(FORMATS) == {"pcm16", "float32", "mulaw", "alaw", "opus", "webm"}
     assert all(isinstance(info.as_dict()["latency"], str) for info in FORMATS.values())
