@@ -639,7 +639,8 @@ class _WebMReader:
             element, id_len = got_id
             if not self.seen_header:
                 if element != _EBML:
-                    raise ValueError(f"not a WebM stream: it starts with {bytes(self.buffer[:4])!r}, not an EBML header")
+                    raise ValueError(f"not a WebM stream: it starts with {bytes(self.buffer[:4])!r}, not an EBML "
+                                     "header")
                 self.seen_header = True
             got_size = _vint(self.buffer, id_len, keep_marker=False)
             if got_size is None:

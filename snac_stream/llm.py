@@ -460,6 +460,49 @@ class _FrameDecoder:
         with torch.inference_mode():
             return _samples(self.decoder.flush())
 
+    def close(self) -> None:
+        pass
+
+
+class _TransportFrames:
+    """Ids checked by a local layout parser, whole coarse frames handed to a token transport (an object with
+    ``push(ids) -> samples`` and ``flush() -> samples``, e.g. :class:`snac_stream.remote.WebSocketTokenDecoder`
+    decoding on a ``snac-stream serve`` server, or :class:`snac_stream.live.InProcessTokenDecoder`)."""
+
+    def __init__(self, transport: Any, layout: TokenLayout) -> None:
+        self.transport = transport
+        self.parser = layout.parser()
+        self.frame_tokens = layout.frame_tokens
+        self.held: List[int] = []  # ids of the current partial frame
+        self.frames = 0
+
+    def _call(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+        try:
+            return np.asarray(fn(*args), dtype=np.float32)
+        except ValueError as exc:  # the decoder refused the tokens
+            raise LLMTokenError(f"the decoder refused the tokens: {exc}") from None
+        except OSError as exc:  # ConnectionError and snac_stream.remote.RemoteError
+            raise LLMConnectionError(f"the decoder failed: {exc}") from None
+
+    def push(self, ids: Sequence[int]) -> np.ndarray:
+        try:
+            codes = self.parser.push(torch.tensor(list(ids), dtype=torch.int64))
+        except ValueError as exc:
+            raise LLMTokenError(f"bad audio tokens from the LLM: {exc}") from None
+        joined = self.held + [int(i) for i in ids]
+        whole = len(joined) - len(joined) % self.frame_tokens
+        self.held = joined[whole:]
+        self.frames += codes[0].shape[-1]
+        return self._call(self.transport.push, joined[:whole]) if whole else np.zeros(0, np.float32)
+
+    def flush(self) -> np.ndarray:
+        return self._call(self.transport.flush)
+
+    def close(self) -> None:
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
+
 
 async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *, voice: Optional[str] = None,
                         prompt_format: Union[str, PromptFormat] = "orpheus",
@@ -468,6 +511,7 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
                         on_partial_frame: str = "error", api_key: Optional[str] = None, session: Any = None,
                         decode_in_thread: bool = True, connect_timeout: float = 10.0,
                         read_timeout: float = 60.0, stats: Optional[SpeechStats] = None,
+                        decoder: Any = None, decoder_url: Optional[str] = None,
                         ) -> AsyncIterator[SpeechChunk]:
     """Speak ``text`` through a TTS LLM at ``url`` (model ``model_name``) and ``snac_model``'s decoder.
 
@@ -488,16 +532,35 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
         decode_in_thread: run each decoder step in a worker thread so that the event loop (other sessions,
             a voice pipeline) keeps running while it computes.
         stats: a :class:`SpeechStats` to fill in (default: a new one, reachable as ``chunk.stats``).
+        decoder: decode somewhere else than in this process: a token transport (``push(ids) -> samples``,
+            ``flush() -> samples``, optional ``close()``), fed whole coarse frames; ``snac_model`` may then be
+            None (the layout defaults to Orpheus', the rate to the transport's ``sample_rate``).
+        decoder_url: shorthand for ``decoder=WebSocketTokenDecoder(decoder_url, "orpheus")``: a decode
+            session on a ``snac-stream serve`` server (``ws://host:port``).
     """
     if on_partial_frame not in ("error", "drop"):
         raise ValueError(f"on_partial_frame must be 'error' or 'drop', got {on_partial_frame!r}")
     prompt = get_prompt_format(prompt_format).format(text, voice)
     if layout is None:
-        layout = OrpheusLayout(snac_model.config)
-    frames = _FrameDecoder(snac_model, layout, lookahead_samples)
+        layout = OrpheusLayout(snac_model.config if snac_model is not None else None)
+    if decoder_url is not None:
+        if decoder is not None:
+            raise ValueError("pass decoder or decoder_url, not both")
+        from .remote import RemoteError, WebSocketTokenDecoder
+
+        try:
+            decoder = await asyncio.to_thread(WebSocketTokenDecoder, decoder_url, layout.name,
+                                              token_offset=layout.token_offset)
+        except (RemoteError, OSError) as exc:
+            raise LLMConnectionError(f"cannot open a decode session on {decoder_url}: {exc}") from exc
+    if decoder is None and snac_model is None:
+        raise ValueError("stream_speech needs snac_model, or a decoder / decoder_url that decodes elsewhere")
+    frames: Any = (_FrameDecoder(snac_model, layout, lookahead_samples) if decoder is None
+                   else _TransportFrames(decoder, layout))
+    rate = snac_model.sampling_rate if snac_model is not None else getattr(decoder, "sample_rate", 24000)
     extractor = AudioTokenText()
     if stats is None:
-        stats = SpeechStats(rate=snac_model.sampling_rate)
+        stats = SpeechStats(rate=rate)
     run: Callable[..., Any] = asyncio.to_thread if decode_in_thread else _call
     stats.requested_at = time.monotonic()
     position = 0
@@ -535,72 +598,80 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
         finally:
             await completion.aclose()  # on cancellation too: closes the HTTP connection at once
 
-    reader = asyncio.create_task(read())
-    failure: Optional[BaseException] = None
     try:
-        while True:
-            piece = await queue.get()
-            if piece is None:
-                break
-            if isinstance(piece, BaseException):
-                raise piece
-            stats.pieces += 1
-            if piece.finish_reason is not None:
-                stats.finish_reason = piece.finish_reason
-            if use_token_ids:
-                if piece.token_ids is None:
-                    if piece.text:
-                        raise LLMProtocolError("use_token_ids is set but the server sends no token ids (vLLM: "
-                                               "return_token_ids; llama.cpp: return_tokens)")
+        reader = asyncio.create_task(read())
+        failure: Optional[BaseException] = None
+        try:
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    break
+                if isinstance(piece, BaseException):
+                    raise piece
+                stats.pieces += 1
+                if piece.finish_reason is not None:
+                    stats.finish_reason = piece.finish_reason
+                if use_token_ids:
+                    if piece.token_ids is None:
+                        if piece.text:
+                            raise LLMProtocolError("use_token_ids is set but the server sends no token ids (vLLM: "
+                                                   "return_token_ids; llama.cpp: return_tokens)")
+                        continue
+                    # Raw vocabulary ids: <custom_token_N> is 128256 + N, so audio ids N - 10 are raw - 128266.
+                    ids = [i - ORPHEUS_LLM_TOKEN_OFFSET for i in piece.token_ids if i >= ORPHEUS_LLM_TOKEN_OFFSET]
+                    stats.skipped += len(piece.token_ids) - len(ids)
+                else:
+                    ids = extractor.feed(piece.text)
+                if not ids:
                     continue
-                # Raw vocabulary ids: <custom_token_N> is 128256 + N, so audio ids N - 10 are raw - 128266.
-                ids = [i - ORPHEUS_LLM_TOKEN_OFFSET for i in piece.token_ids if i >= ORPHEUS_LLM_TOKEN_OFFSET]
-                stats.skipped += len(piece.token_ids) - len(ids)
-            else:
-                ids = extractor.feed(piece.text)
-            if not ids:
-                continue
-            if stats.first_audio_token_s is None:
-                stats.first_audio_token_s = elapsed()
-            stats.tokens += len(ids)
-            audio = await run(frames.push, ids)
-            stats.frames = frames.frames
-            if audio.shape[0]:
-                yield chunk(audio)
-        if not use_token_ids:
-            ids = extractor.feed("", final=True)
-            if ids:
+                if stats.first_audio_token_s is None:
+                    stats.first_audio_token_s = elapsed()
                 stats.tokens += len(ids)
                 audio = await run(frames.push, ids)
                 stats.frames = frames.frames
                 if audio.shape[0]:
                     yield chunk(audio)
-        left = frames.parser.pending
-        if left and on_partial_frame == "error":
-            raise LLMTruncatedError(
-                f"the completion ended inside a coarse frame: {left} of its {layout.frame_tokens} tokens arrived "
-                f"(finish reason {stats.finish_reason!r}); the audio of the {frames.frames} whole frames was "
-                "delivered", left)
-        stats.dropped_tokens = left
-    except LLMStreamError as exc:
-        failure = exc
-    finally:
-        stats.skipped += extractor.skipped
-        stats.other_text = extractor.other_text
-        if not reader.done():
-            reader.cancel()  # we stop early (closed, cancelled, bad tokens): drop the connection
-        try:
-            await reader
-        except asyncio.CancelledError:
-            pass
-    # The frames that did complete: their tail (the stream as if it ended there), then any error.
-    if frames.frames:
-        tail = await run(frames.flush)
+            if not use_token_ids:
+                ids = extractor.feed("", final=True)
+                if ids:
+                    stats.tokens += len(ids)
+                    audio = await run(frames.push, ids)
+                    stats.frames = frames.frames
+                    if audio.shape[0]:
+                        yield chunk(audio)
+            left = frames.parser.pending
+            if left and on_partial_frame == "error":
+                raise LLMTruncatedError(
+                    f"the completion ended inside a coarse frame: {left} of its {layout.frame_tokens} tokens arrived "
+                    f"(finish reason {stats.finish_reason!r}); the audio of the {frames.frames} whole frames was "
+                    "delivered", left)
+            stats.dropped_tokens = left
+        except LLMStreamError as exc:
+            failure = exc
+        finally:
+            stats.skipped += extractor.skipped
+            stats.other_text = extractor.other_text
+            if not reader.done():
+                reader.cancel()  # we stop early (closed, cancelled, bad tokens): drop the connection
+            try:
+                await reader
+            except asyncio.CancelledError:
+                pass
+        # The frames that did complete: their tail (the stream as if it ended there), then any error.
+        if frames.frames:
+            try:
+                tail = await run(frames.flush)
+            except LLMStreamError as exc:
+                failure = failure or exc
+            else:
+                stats.finished_s = elapsed()
+                yield chunk(tail, final=True)
         stats.finished_s = elapsed()
-        yield chunk(tail, final=True)
-    stats.finished_s = elapsed()
-    if failure is not None:
-        raise failure
+        if failure is not None:
+            raise failure
+    finally:
+        if decoder is not None:  # a remote session: leave it (at once when stopped early)
+            await asyncio.to_thread(frames.close)
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:

@@ -275,3 +275,29 @@ def test_prompt_formats_and_urls():
     assert completions_url("https://h/v1/completions") == "https://h/v1/completions"
     with pytest.raises(ValueError, match="http"):
         completions_url("h:8000")
+
+
+# ---- decoding on a snac-stream server ----------------------------------------------------------------------
+def test_decoding_on_a_snac_stream_server(model, codes):
+    from snac_stream.server.server import ServerOptions, SNACServer
+
+    ids = token_ids(codes)
+    whole = split(format_custom_tokens(ids), seed=6)
+    cut = split(format_custom_tokens(ids[:7 * 3 + 2]), seed=7)  # ends inside a frame
+
+    async def scenario():
+        results = []
+        async with SNACServer(model, ServerOptions(port=0, threads=1, web=False, max_sessions=1)) as snac:
+            for pieces in (whole, cut):
+                async with SSEServer(Script(pieces)) as llm:
+                    results.append(await collect(llm.url, None, decoder_url=f"ws://127.0.0.1:{snac.port}"))
+        return results
+
+    (audio, chunks, error), (cut_audio, _, cut_error) = run(scenario())
+    assert error is None
+    expected = offline(model, codes)
+    assert audio.shape == expected.shape and np.abs(audio - expected).max() <= 1e-5
+    assert chunks[-1].stats.frames == len(ids) // 7 and chunks[-1].stats.rate == 24000
+    # The whole frames are decoded by the server, then the error.
+    assert isinstance(cut_error, LLMTruncatedError)
+    assert np.abs(cut_audio - offline(model, codes, frames=3)).max() <= 1e-5

@@ -158,3 +158,23 @@ def test_interruption_stops_audio_and_closes_the_llm_stream(model, codes):
     assert positions, "the interruption reached the end of the pipeline"
     after = [f for f in frames[positions[0]:] if isinstance(f, TTSAudioRawFrame)]
     assert not after, f"{len(after)} audio frames after the interruption"
+
+
+def test_decoding_on_a_snac_stream_server(model, codes, offline):
+    from snac_stream.server.server import ServerOptions, SNACServer
+
+    async def scenario():
+        async with SSEServer(Script(pieces(codes))) as server, \
+                SNACServer(model, ServerOptions(port=0, threads=1, web=False, max_sessions=1)) as snac:
+            tts = SNACOrpheusTTSService(base_url=server.url, llm_model="orpheus-test",
+                                        decoder_url=f"ws://127.0.0.1:{snac.port}")
+            collector = Collector()
+            worker, running = await start_pipeline(tts, collector, PipelineParams(audio_out_sample_rate=24000))
+            await worker.queue_frames([TTSSpeakFrame("Hello there."), EndFrame()])
+            await asyncio.wait_for(running, 30.0)
+            return collector.frames
+
+    got = pcm(asyncio.run(scenario()))
+    assert got.shape == offline.shape and np.abs(got - offline).max() <= 1.5 / 32768
+    with pytest.raises(ValueError, match="snac_model .* or decoder_url"):
+        SNACOrpheusTTSService(base_url="http://127.0.0.1:1", llm_model="m")

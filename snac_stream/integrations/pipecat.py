@@ -46,7 +46,9 @@ class SNACOrpheusTTSService(TTSService):
     Args:
         base_url: the LLM server (``http://host:port``, ``.../v1`` or ``.../v1/completions``).
         llm_model: the model name the server serves (the request's ``model``).
-        snac_model: a :class:`snac_stream.SNAC` (the 24 kHz model for Orpheus), in eval mode.
+        snac_model: a :class:`snac_stream.SNAC` (the 24 kHz model for Orpheus), in eval mode, decoding here.
+        decoder_url: instead of ``snac_model``: decode on a ``snac-stream serve`` server (``ws://host:port``),
+            one decode session per utterance.
         voice: the speaker (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).
         prompt_format: a :data:`snac_stream.llm.PROMPT_FORMATS` name or a template with ``{text}``/``{voice}``.
         params: sampling parameters (default: Orpheus' own).
@@ -61,12 +63,14 @@ class SNACOrpheusTTSService(TTSService):
     time to first audio, tokens, frames).
     """
 
-    def __init__(self, *, base_url: str, llm_model: str, snac_model: Any, voice: Optional[str] = "tara",
+    def __init__(self, *, base_url: str, llm_model: str, snac_model: Any = None, voice: Optional[str] = "tara",
                  prompt_format: Union[str, PromptFormat] = "orpheus", params: Optional[SamplingParams] = None,
                  layout: Optional[TokenLayout] = None, use_token_ids: bool = False,
                  lookahead_samples: Optional[int] = None, on_partial_frame: str = "drop",
                  api_key: Optional[str] = None, read_timeout: float = 60.0, aiohttp_session: Any = None,
-                 sample_rate: Optional[int] = None, **kwargs: Any) -> None:
+                 sample_rate: Optional[int] = None, decoder_url: Optional[str] = None, **kwargs: Any) -> None:
+        if (snac_model is None) == (decoder_url is None):
+            raise ValueError("pass snac_model (decode in this process) or decoder_url (a snac-stream server)")
         self._prompt_format = get_prompt_format(prompt_format)
         self._prompt_format.format("check", voice)  # an unknown voice fails here, not at the first reply
         super().__init__(sample_rate=sample_rate, push_start_frame=True, push_stop_frames=True,
@@ -83,6 +87,7 @@ class SNACOrpheusTTSService(TTSService):
         self._api_key = api_key
         self._read_timeout = read_timeout
         self._session = aiohttp_session
+        self._decoder_url = decoder_url
         self._streams: Set[Any] = set()
         self.last_stats: Optional[SpeechStats] = None
 
@@ -91,7 +96,7 @@ class SNACOrpheusTTSService(TTSService):
 
     @property
     def model_rate(self) -> int:
-        return int(self._snac.sampling_rate)
+        return int(self._snac.sampling_rate) if self._snac is not None else 24000  # Orpheus: the 24 kHz model
 
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame, None]:
         """Stream ``text``'s speech: one ``TTSAudioRawFrame`` per decoded piece, as soon as it decodes."""
@@ -106,7 +111,7 @@ class SNACOrpheusTTSService(TTSService):
             prompt_format=self._prompt_format, params=self._params, layout=self._layout,
             use_token_ids=self._use_token_ids, lookahead_samples=self._lookahead,
             on_partial_frame=self._on_partial_frame, api_key=self._api_key, session=self._session,
-            read_timeout=self._read_timeout, stats=stats)
+            read_timeout=self._read_timeout, stats=stats, decoder_url=self._decoder_url)
         self._streams.add(stream)
         first = True
         try:
