@@ -525,8 +525,9 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
         prompt_format: a :data:`PROMPT_FORMATS` name, a :class:`PromptFormat`, or a template with ``{text}``
             and ``{voice}``.
         layout: how tokens map to codes; default :class:`~snac_stream.tokens.OrpheusLayout` (24 kHz model).
-        use_token_ids: take audio tokens from the token ids the server sends (raw vocabulary ids; audio ids
-            start at 128266 for Orpheus) instead of the text; requests them.
+        use_token_ids: take audio tokens from the token ids the server sends instead of the text, and ask
+            for them: raw Orpheus vocabulary ids (audio ids from 128266 = ``<custom_token_10>``; smaller ids,
+            control and text tokens, are skipped).
         on_partial_frame: ``"error"`` (:class:`LLMTruncatedError` after the audio) or ``"drop"`` when the
             completion ends inside a coarse frame (e.g. at ``max_tokens``).
         decode_in_thread: run each decoder step in a worker thread so that the event loop (other sessions,
@@ -580,8 +581,9 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
     completion = stream_completion(url, model_name, prompt, params, api_key=api_key,
                                    request_token_ids=use_token_ids, session=session,
                                    connect_timeout=connect_timeout, read_timeout=read_timeout)
-    # A reader task drains the HTTP stream while the decoder computes, so that tokens are read (and their
-    # arrival timed) as they come, and an abrupt end loses nothing that already arrived.
+    # A reader task drains the HTTP stream while the decoder computes, so that pieces are read (and their
+    # arrival timed) as they come, not when the decoder is free. (A piece still in aiohttp's buffer when the
+    # connection breaks is lost: aiohttp raises the error before handing out what it buffered.)
     queue: "asyncio.Queue[Any]" = asyncio.Queue()
 
     async def read() -> None:
@@ -591,9 +593,7 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
                     stats.first_token_s = elapsed()
                 queue.put_nowait(piece)
             queue.put_nowait(None)
-        except LLMStreamError as exc:
-            queue.put_nowait(exc)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there in order
             queue.put_nowait(exc)
         finally:
             await completion.aclose()  # on cancellation too: closes the HTTP connection at once
