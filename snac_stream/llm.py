@@ -38,11 +38,10 @@ import numpy as np
 import torch
 
 from .tokens import (
-    ORPHEUS_CUSTOM_TOKEN_BASE,
+    AudioTokenText,
     ORPHEUS_LLM_TOKEN_OFFSET,
     OrpheusLayout,
     TokenLayout,
-    parse_custom_tokens,
 )
 
 __all__ = [
@@ -53,7 +52,6 @@ __all__ = [
     "CompletionPiece",
     "SpeechChunk",
     "SpeechStats",
-    "AudioTokenText",
     "LLMStreamError",
     "LLMConnectionError",
     "LLMHTTPError",
@@ -335,59 +333,6 @@ async def _read_events(response: Any, endpoint: str) -> AsyncIterator[Completion
             continue
         finished = finished or piece.finish_reason is not None
         yield piece
-
-
-# ---- audio tokens in text ----------------------------------------------------------------------------------
-_CUSTOM_TOKEN = re.compile(r"<custom_token_(\d+)>")
-_PARTIAL_TOKEN = re.compile(r"<(?:c(?:u(?:s(?:t(?:o(?:m(?:_(?:t(?:o(?:k(?:e(?:n(?:_\d*)?)?)?)?)?)?)?)?)?)?)?)?)?$")
-
-
-class AudioTokenText:
-    """Incremental ``<custom_token_N>`` extraction from LLM text, which may split a token between pieces.
-
-    Audio tokens (N >= 10) become ids ``N - 10`` (:func:`snac_stream.tokens.parse_custom_tokens`' convention,
-    the input of an :class:`~snac_stream.tokens.OrpheusLayout` with ``token_offset=0``). Orpheus' control
-    tokens (N < 10: start/end of speech, ...) and any other text (``<|eot_id|>``, whitespace) are skipped;
-    ``skipped`` counts them, ``other_text`` keeps the first 200 characters of non-whitespace text seen.
-
-    This is the one place that turns LLM text into ids; the strict file/CLI grammar lives in
-    :mod:`snac_stream.tokens` / :mod:`snac_stream.live`.
-    """
-
-    def __init__(self) -> None:
-        self._pending = ""
-        self.tokens = 0
-        self.skipped = 0
-        self.other_text = ""
-
-    def feed(self, text: str, final: bool = False) -> List[int]:
-        buf = self._pending + text
-        ids_text: List[str] = []
-        pos = 0
-        for match in _CUSTOM_TOKEN.finditer(buf):
-            self._other(buf[pos:match.start()])
-            if int(match.group(1)) >= ORPHEUS_CUSTOM_TOKEN_BASE:
-                ids_text.append(match.group(0))
-            else:
-                self.skipped += 1
-            pos = match.end()
-        rest = buf[pos:]
-        start = rest.rfind("<")
-        if not final and start >= 0 and _PARTIAL_TOKEN.match(rest, start):
-            self._other(rest[:start])
-            self._pending = rest[start:]  # may be the start of a token split between pieces
-        else:
-            self._other(rest)
-            self._pending = ""
-        ids = parse_custom_tokens("".join(ids_text)) if ids_text else []
-        self.tokens += len(ids)
-        return ids
-
-    def _other(self, text: str) -> None:
-        if text.strip():
-            self.skipped += 1
-            if len(self.other_text) < 200:
-                self.other_text = (self.other_text + text)[:200]
 
 
 # ---- speech --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "OrpheusLayout",
     "TokenParser",
     "TokenTextParser",
+    "AudioTokenText",
     "depth_first_order",
     "parse_custom_tokens",
     "format_custom_tokens",
@@ -190,6 +191,54 @@ class TokenTextParser:
             pos = match.end()
         self._pending = buf[pos:]
         return ids
+
+
+class AudioTokenText:
+    """Incremental ``<custom_token_N>`` extraction from LLM text, which may split a token between pieces.
+
+    Audio tokens (N >= 10) become ids ``N - 10`` (:func:`parse_custom_tokens`' convention, the input of an
+    :class:`OrpheusLayout` with ``token_offset=0``). Orpheus' control
+    tokens (N < 10: start/end of speech, ...) and any other text (``<|eot_id|>``, whitespace) are skipped;
+    ``skipped`` counts them, ``other_text`` keeps the first 200 characters of non-whitespace text seen.
+
+    The lenient reading of the grammar above, for LLM output; :class:`TokenTextParser` is the strict one.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self.tokens = 0
+        self.skipped = 0
+        self.other_text = ""
+
+    def feed(self, text: str, final: bool = False) -> List[int]:
+        """Ids of the audio tokens completed by ``text``; ``final`` marks the end of the stream."""
+        buf = self._pending + text
+        ids: List[int] = []
+        pos = 0
+        for match in _CUSTOM_TOKEN_RE.finditer(buf):
+            self._other(buf[pos:match.start()])
+            value = int(match.group(1))
+            if value >= ORPHEUS_CUSTOM_TOKEN_BASE:
+                ids.append(value - ORPHEUS_CUSTOM_TOKEN_BASE)
+            else:
+                self.skipped += 1
+            pos = match.end()
+        rest = buf[pos:]
+        start = rest.rfind("<")
+        if not final and start >= 0 and _PARTIAL_CUSTOM_TOKEN_RE.match(rest, start):
+            self._other(rest[:start])
+            self._pending = rest[start:]  # may be the start of a token split between pieces
+        else:
+            self._other(rest)
+            self._pending = ""
+        self.tokens += len(ids)
+        return ids
+
+    def _other(self, text: str) -> None:
+        if text.strip():
+            self.skipped += 1
+            if len(self.other_text) < 200:
+                self.other_text = (self.other_text + text)[:200]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -15,9 +15,9 @@ pytest.importorskip("aiohttp")
 from sse_server import Script, SSEServer  # noqa: E402
 
 from snac_stream import PRESETS, SNAC  # noqa: E402
+from snac_stream.tokens import AudioTokenText  # noqa: E402
 from snac_stream.llm import (  # noqa: E402
     PROMPT_FORMATS,
-    AudioTokenText,
     LLMConnectionError,
     LLMHTTPError,
     LLMProtocolError,
@@ -279,7 +279,7 @@ def test_prompt_formats_and_urls():
 
 # ---- decoding on a snac-stream server ----------------------------------------------------------------------
 def test_decoding_on_a_snac_stream_server(model, codes):
-    from snac_stream.server.server import ServerOptions, SNACServer
+    from snac_stream.server import ServerOptions, SNACServer
 
     ids = token_ids(codes)
     whole = split(format_custom_tokens(ids), seed=6)

@@ -161,7 +161,7 @@ def test_interruption_stops_audio_and_closes_the_llm_stream(model, codes):
 
 
 def test_decoding_on_a_snac_stream_server(model, codes, offline):
-    from snac_stream.server.server import ServerOptions, SNACServer
+    from snac_stream.server import ServerOptions, SNACServer
 
     async def scenario():
         async with SSEServer(Script(pieces(codes))) as server, \
