@@ -79,3 +79,50 @@ def test_random_checkpoint_errors(tmp_path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli(["random-checkpoint", str(empty), "--preset", "mini"], capsys)[0] == 0
+
+
+# ---- live --list-devices without devices ----------------------------------------------------------------
+class _FakeSoundDevice:
+    """Stands in for the sounddevice module on a machine with ``devices`` (dicts as PortAudio gives them)."""
+
+    def __init__(self, devices) -> None:
+        import sounddevice
+
+        self._devices = sounddevice.DeviceList(devices)
+        self.default = type("Default", (), {"device": [-1, -1]})()
+
+    def query_devices(self, device=None):
+        return self._devices if device is None else self._devices[device]
+
+
+def _device(name: str, inputs: int, outputs: int) -> dict:
+    return {"name": name, "index": 0, "hostapi": 0, "max_input_channels": inputs, "max_output_channels": outputs,
+            "default_low_input_latency": 0.01, "default_low_output_latency": 0.01,
+            "default_high_input_latency": 0.1, "default_high_output_latency": 0.1, "default_samplerate": 48000.0}
+
+
+@pytest.mark.parametrize("command", ["live", "play-tokens"])
+def test_list_devices_without_devices_says_how_to_get_virtual_ones(command, monkeypatch, capsys) -> None:
+    pytest.importorskip("sounddevice")
+    from snac_stream import audio_io
+    from snac_stream.cli import main
+
+    monkeypatch.setattr(audio_io, "sounddevice", lambda: _FakeSoundDevice([]))
+    assert main([command, "--list-devices"]) == 0
+    out = capsys.readouterr().out
+    assert "no input or output sound devices found" in out
+    assert "python tests/virtual_audio.py DIR" in out and "docs/live.md" in out
+    # A machine with a speaker but no microphone lists the speaker and says what is missing.
+    monkeypatch.setattr(audio_io, "sounddevice", lambda: _FakeSoundDevice([_device("speaker", 0, 2)]))
+    assert main([command, "--list-devices"]) == 0
+    out = capsys.readouterr().out
+    assert "speaker" in out and "no input sound devices found" in out and "output sound" not in out
+
+
+def test_live_without_devices_is_one_error_with_the_hint(monkeypatch, capsys) -> None:
+    pytest.importorskip("sounddevice")
+    from snac_stream import audio_io
+
+    monkeypatch.setattr(audio_io, "sounddevice", lambda: _FakeSoundDevice([]))
+    rc, err = run_cli(["live", "--model", "24khz", "--device", "cpu"], capsys)  # devices are checked first
+    assert rc == 2 and "no input sound devices found" in single_error(err) and "virtual_audio.py" in err
