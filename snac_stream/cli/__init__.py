@@ -3,7 +3,7 @@
     snac-stream encode IN.wav OUT.npz [--model M] [--device D] [--quiet]
     snac-stream decode IN.npz OUT.wav [--model M] [--device D] [--noise-seed N] [--float] [--quiet]
     snac-stream live [--input-device D | --input FILE] [--output-device D | --output FILE] [--model M]
-                     [--block N] [--lookahead N] [--seconds S] [--realtime] [--list-devices]
+                     [--block N] [--lookahead N] [--seconds S] [--as-fast-as-possible] [--list-devices]
                      [--server ws://HOST:PORT [--token T]]
     snac-stream play-tokens [TOKENS|-|ws://URL] [--output-device D | --output FILE] [--model M] [--layout L]
                             [--server ws://HOST:PORT [--token T]]

@@ -42,7 +42,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read audio from a file, not a device")
     p.add_argument("--output", type=Path, default=None, metavar="FILE",
                    help="write the decoded audio to a file (.wav is 32-bit float), not a device")
-    p.add_argument("--realtime", action="store_true", help="with --input: release the file at its real pace")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--as-fast-as-possible", dest="as_fast_as_possible", action="store_true",
+                      help="with --input: push the file as fast as the codec takes it instead of at its real "
+                           "pace (the default, as a microphone would); the delays shown are then queueing, "
+                           "not latency")
+    pace.add_argument("--realtime", action="store_true", help=argparse.SUPPRESS)  # the default now; kept as a no-op
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of input")
     p.add_argument("--save-input", type=Path, default=None, metavar="FILE",
                    help="also write the audio the encoder received (at the model's rate) to FILE")
@@ -104,8 +109,9 @@ def run_live(args: argparse.Namespace) -> int:
     """Stream the microphone (or ``--input``) through the codec to the speaker (or ``--output``)."""
     if _listed_devices(args):
         return 0
-    if args.realtime and args.input is None:
-        raise CLIError("--realtime paces an --input file; the microphone is real time already")
+    if (args.realtime or args.as_fast_as_possible) and args.input is None:
+        raise CLIError(f"--{'realtime' if args.realtime else 'as-fast-as-possible'} sets the pace of an --input "
+                       "file; the microphone is real time already")
     if args.input is not None and not args.input.exists():
         raise FileNotFoundError(f"input audio file not found: {args.input}")
     _check_audio_output(args.output)
@@ -143,10 +149,14 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def _run_live_codec(args: argparse.Namespace, codec: CodecTransport, rate: int, in_device) -> int:
-    meter = LatencyMeter(rate)
+    # An unpaced file arrives faster than real time: output waits in queues for input that came early, so
+    # the delays measured are queueing, not the latency a microphone would see.
+    paced = args.input is None or not args.as_fast_as_possible
+    meter = LatencyMeter(rate, label="latency" if paced else "queueing")
     if args.input is not None:
-        source = audio_io.FileSource(args.input, rate, args.block, realtime=args.realtime)
-        where_in = f"{args.input}" + (" (real-time pace)" if args.realtime else "")
+        source = audio_io.FileSource(args.input, rate, args.block, realtime=paced)
+        where_in = f"{args.input}" + (" (real-time pace; --as-fast-as-possible to skip the wait)" if paced else
+                                      " (as fast as possible: delays shown are queueing, not latency)")
     else:
         in_rate = audio_io.device_rate(in_device, "input", rate, args.device_rate)
         source = audio_io.DeviceSource(in_device, rate, in_rate, args.block)
@@ -166,12 +176,20 @@ def _run_live_codec(args: argparse.Namespace, codec: CodecTransport, rate: int, 
     if args.save_input is not None and saved:
         save_audio(args.save_input, np.concatenate(saved), rate, subtype="FLOAT" if args.save_input.suffix.lower() == ".wav" else None)
     summary = meter.summary()
-    lat = (f"latency median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max {summary[2] * 1000:.0f})"
-           if summary else "latency n/a")
+    lat = (f"{meter.label} median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max "
+           f"{summary[2] * 1000:.0f})" if summary else f"{meter.label} n/a")
+    if summary and not paced:
+        lat += " (input sent faster than real time: time waiting in queues, not latency)"
     say(args, f"summary {stats.audio_seconds:.2f} s in, {stats.produced} samples out; {lat}; "
               f"{stats.bitrate / 1000:.2f} kbps, {stats.token_rate:.1f} tokens/s; dropped blocks "
               f"{stats.dropped_blocks}, underruns {stats.underruns}")
     warnings = getattr(codec, "warnings", [])
+    behind = [w for w in warnings if isinstance(w, dict) and w.get("code") == "behind"]
+    if not paced and behind:
+        # Expected: the file went in faster than real time, so the server's output trails the input.
+        say(args, f"note    the server reported its output trailing the input {len(behind)} time"
+                  f"{'s' if len(behind) > 1 else ''}, as expected for a file sent faster than real time")
+        warnings = [w for w in warnings if w not in behind]
     if warnings:
         say(args, f"server  {len(warnings)} warning{'s' if len(warnings) > 1 else ''}; the last: "
                   f"{warnings[-1].get('message', warnings[-1])}")
