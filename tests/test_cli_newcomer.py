@@ -126,3 +126,114 @@ def test_live_without_devices_is_one_error_with_the_hint(monkeypatch, capsys) ->
     monkeypatch.setattr(audio_io, "sounddevice", lambda: _FakeSoundDevice([]))
     rc, err = run_cli(["live", "--model", "24khz", "--device", "cpu"], capsys)  # devices are checked first
     assert rc == 2 and "no input sound devices found" in single_error(err) and "virtual_audio.py" in err
+
+
+# ---- play-tokens --llm -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    import dataclasses
+
+    from snac_stream import PRESETS
+
+    torch.manual_seed(0)
+    return SNAC.from_config(dataclasses.replace(PRESETS["24khz"], encoder_dim=16, decoder_dim=64)).save_pretrained(
+        tmp_path_factory.mktemp("tiny24"))
+
+
+def _llm_run(script, argv, capsys):
+    """Serve ``script`` from a local SSE server (vLLM's wire format) while ``snac-stream`` runs ``argv`` (with
+    ``--llm URL`` appended) in a worker thread: (exit status, stderr, the server's request records)."""
+    import asyncio
+
+    from sse_server import SSEServer
+
+    from snac_stream.cli import main
+
+    async def scenario():
+        async with SSEServer(script) as server:
+            rc = await asyncio.to_thread(main, argv + ["--llm", server.url])
+            return rc, server.records
+
+    rc, records = asyncio.run(scenario())
+    return rc, capsys.readouterr().err, records
+
+
+def _served_codes(seed: int, frames: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 4096, (1, frames * r), generator=gen) for r in (1, 2, 4)]
+
+
+def test_play_tokens_from_an_llm_server_equals_offline_decode(tiny_ckpt, tmp_path, capsys) -> None:
+    from sse_server import Script
+
+    from snac_stream.tokens import OrpheusLayout, format_custom_tokens
+
+    codes = _served_codes(3, frames=6)
+    text = "<custom_token_1>" + format_custom_tokens(OrpheusLayout().to_flat(codes)[0].tolist()) + "<|eot_id|>"
+    pieces = [text[i : i + 13] for i in range(0, len(text), 13)]  # split inside tokens
+    out = tmp_path / "llm.wav"
+    rc, err, records = _llm_run(
+        Script(pieces, pause_s=0.002, first_pause_s=0.05),
+        ["play-tokens", "--model", str(tiny_ckpt), "--output", str(out), "--llm-model", "orpheus-test",
+         "--prompt", "Hello there.", "--voice", "leo", "--temperature", "0.4", "--top-p", "0.9",
+         "--max-tokens", "321", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    got, rate = sf.read(out, dtype="float32")
+    with torch.inference_mode():
+        expected = SNAC.from_pretrained(tiny_ckpt).decode(codes)[0, 0].numpy()
+    assert rate == RATE and got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    first = re.search(r"time to first token (\d+) ms, to first audio (\d+) ms", err)
+    assert first and 50 <= int(first.group(1)) <= int(first.group(2)), err
+    assert re.search(r"summary 42 audio tokens -> \d+ samples .*time to first token \d+ ms, time to first audio "
+                     r"\d+ ms", err), err
+    body = records[0].body
+    assert body["model"] == "orpheus-test" and body["prompt"].startswith("<custom_token_3><|begin_of_text|>leo: Hello")
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.4, 0.9, 321)
+
+
+def test_play_tokens_llm_errors_keep_the_audio(tiny_ckpt, tmp_path, capsys) -> None:
+    from sse_server import Script
+
+    from snac_stream.tokens import OrpheusLayout, format_custom_tokens
+
+    argv = ["play-tokens", "--model", str(tiny_ckpt), "--llm-model", "m", "--prompt", "Hi.", "--device", "cpu"]
+    # HTTP 500 at the start: one error line, nothing written.
+    out = tmp_path / "none.wav"
+    rc, err, _ = _llm_run(Script([], status=500, error_body='{"message": "model overloaded"}'),
+                          argv + ["--output", str(out)], capsys)
+    assert rc == 2 and "HTTP 500" in single_error(err) and "model overloaded" in err
+    assert not out.exists()
+    # The completion ends inside the fifth frame: the 4 whole frames' audio is written, then one error line.
+    codes = _served_codes(4, frames=6)
+    ids = OrpheusLayout().to_flat(codes)[0].tolist()
+    pieces = [format_custom_tokens(ids[i : i + 7]) for i in range(0, 28, 7)] + [format_custom_tokens(ids[28:31])]
+    out = tmp_path / "part.wav"
+    rc, err, _ = _llm_run(Script(pieces), argv + ["--output", str(out)], capsys)
+    assert rc == 2 and "ended inside a coarse frame: 3 of its 7 tokens" in single_error(err)
+    got, _ = sf.read(out, dtype="float32")
+    with torch.inference_mode():
+        expected = SNAC.from_pretrained(tiny_ckpt).decode([c[:, : 4 * r] for c, r in zip(codes, (1, 2, 4))])
+    assert np.abs(got - expected[0, 0].numpy()).max() < 1e-5
+    assert "s of audio before the error" in err
+
+
+def test_play_tokens_llm_usage_errors(tiny_ckpt, tmp_path, capsys) -> None:
+    out = ["--output", str(tmp_path / "o.wav")]
+    for argv, needle in [
+        (["play-tokens", "t.txt", "--llm", "http://127.0.0.1:9", "--llm-model", "m", "--prompt", "x"],
+         "drop the token source"),
+        (["play-tokens", "--llm", "http://127.0.0.1:9", "--prompt", "x"], "needs --llm-model"),
+        (["play-tokens", "--llm", "http://127.0.0.1:9", "--llm-model", "m"], "needs --prompt"),
+        (["play-tokens", "--llm", "ftp://x", "--llm-model", "m", "--prompt", "x"], "must be an http(s):// URL"),
+        (["play-tokens", "--llm", "http://127.0.0.1:9", "--llm-model", "m", "--prompt", "x", "--voice", "bob"],
+         "unknown voice 'bob'"),
+        (["play-tokens", "--llm", "http://127.0.0.1:9", "--llm-model", "m", "--prompt", "x", "--prompt-format",
+          "nope"], "unknown prompt format"),
+        (["play-tokens", "-", "--prompt", "x"], "--prompt goes with --llm URL"),
+    ]:
+        rc, err = run_cli(argv + out, capsys)
+        assert rc == 2 and needle in single_error(err), (argv, err)
+    # Unreachable endpoint: one line after the model loaded.
+    rc, err = run_cli(["play-tokens", "--llm", "http://127.0.0.1:9", "--llm-model", "m", "--prompt", "x",
+                       "--model", str(tiny_ckpt), "--device", "cpu"] + out, capsys)
+    assert rc == 2 and "cannot connect" in single_error(err)

@@ -7,6 +7,8 @@
                      [--server ws://HOST:PORT [--token T]]
     snac-stream play-tokens [TOKENS|-|ws://URL] [--output-device D | --output FILE] [--model M] [--layout L]
                             [--server ws://HOST:PORT [--token T]]
+    snac-stream play-tokens --llm URL --llm-model NAME --prompt TEXT [--voice V] [--prompt-format F]
+                            [--temperature T] [--top-p P] [--max-tokens N] [--output-device D | --output FILE]
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
                       [--max-sessions N] [--token T] [--allow-origin O] [--threads N] [--no-web] ...
     snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--threads N]

@@ -22,8 +22,9 @@ from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, Laten
                     TokenTransport, read_text_chunks, run_codec, run_token_playback)
 from ..loading import DEFAULT_MODEL, load_model, resolve_device
 from ..tokens import LAYOUTS, TokenTextParser, get_layout
+from ..llm import ORPHEUS_VOICES, PROMPT_FORMATS, SamplingParams
 from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
-                     non_negative_int, positive_int, say)
+                     non_negative_float, non_negative_int, positive_float, positive_int, say)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -61,9 +62,29 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file, "
                     "stdin or a websocket) as it arrives: each coarse frame is decoded as soon as its last token "
                     "is in. Reports the time to first audio and underruns.")
-    p.add_argument("tokens", nargs="?", default="-",
+    p.add_argument("tokens", nargs="?", default=None,
                    help="token file, - for stdin (default), or a ws:// URL streaming tokens (text messages, or "
-                        "binary messages of int32 LE ids) until it closes")
+                        "binary messages of int32 LE ids) until it closes; not with --llm")
+    llm = p.add_argument_group(
+        "speech from an LLM server", "--llm URL streams a completion from an OpenAI-compatible /v1/completions "
+        "endpoint (vLLM, SGLang, llama.cpp serving a TTS model such as Orpheus) and plays its audio tokens as "
+        "they arrive, instead of reading TOKENS")
+    llm.add_argument("--llm", default=None, metavar="URL", help="http(s):// base URL of the LLM server")
+    llm.add_argument("--llm-model", default=None, metavar="NAME", help="model name the LLM server serves")
+    llm.add_argument("--prompt", default=None, metavar="TEXT", help="the text to speak")
+    llm.add_argument("--voice", default=None,
+                     help="voice (orpheus formats: " + ", ".join(ORPHEUS_VOICES) + "; default: tara)")
+    llm.add_argument("--prompt-format", default="orpheus", metavar="FORMAT",
+                     help=f"{', '.join(PROMPT_FORMATS)} or a template with {{text}} and {{voice}} (default: orpheus)")
+    llm.add_argument("--temperature", type=non_negative_float, default=None,
+                     help=f"sampling temperature (default: {SamplingParams().temperature})")
+    llm.add_argument("--top-p", type=positive_float, default=None,
+                     help=f"nucleus sampling (default: {SamplingParams().top_p})")
+    llm.add_argument("--max-tokens", type=positive_int, default=None,
+                     help=f"most tokens to generate (default: {SamplingParams().max_tokens}); a completion cut "
+                          "inside a coarse frame is an error after its whole frames played")
+    llm.add_argument("--llm-api-key", default=None, metavar="KEY",
+                     help="bearer key for the LLM server (default: $OPENAI_API_KEY if set)")
     p.add_argument("--source-token", default=None, metavar="T",
                    help="bearer token for a ws:// token source (sent as an Authorization header)")
     add_model_option(p, help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
@@ -214,6 +235,15 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     if _listed_devices(args):
         return 0
     _check_audio_output(args.output)
+    if args.llm is not None:
+        return _play_llm(args)
+    llm_only = [name for name in ("llm_model", "prompt", "voice", "temperature", "top_p", "max_tokens",
+                                  "llm_api_key") if getattr(args, name) is not None]
+    if llm_only or args.prompt_format != "orpheus":
+        flag = "--" + (llm_only[0] if llm_only else "prompt_format").replace("_", "-")
+        raise CLIError(f"{flag} goes with --llm URL")
+    if args.tokens is None:
+        args.tokens = "-"
     from_stdin = args.tokens == "-"
     from_websocket = args.tokens.startswith(("ws://", "wss://"))
     if not from_stdin and not from_websocket and not Path(args.tokens).is_file():
@@ -266,6 +296,85 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     if args.output is not None:
         say(args, f"wrote   {args.output}")
     return 0
+
+
+def _play_llm(args: argparse.Namespace) -> int:
+    """``play-tokens --llm URL``: speak ``--prompt`` through the LLM server, decoding frames as they arrive."""
+    from ..llm import LLMStreamError, completions_url, get_prompt_format, speak
+
+    if args.tokens is not None:
+        raise CLIError(f"--llm streams the tokens from the LLM server; drop the token source {args.tokens!r}")
+    if args.server is not None:
+        raise CLIError("--llm decodes in this process; --server is not supported with it yet")
+    if args.token is not None:
+        raise CLIError("--token goes with --server")
+    if not args.llm_model:
+        raise CLIError("--llm needs --llm-model NAME (the model the LLM server serves)")
+    if args.prompt is None or not args.prompt.strip():
+        raise CLIError("--llm needs --prompt TEXT (the text to speak)")
+    endpoint = completions_url(args.llm)
+    prompt_format = get_prompt_format(args.prompt_format)
+    prompt_format.format(args.prompt, args.voice)  # an unknown voice fails before the model loads
+    defaults = SamplingParams()
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        max_tokens=defaults.max_tokens if args.max_tokens is None else args.max_tokens)
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise CLIError("--llm needs aiohttp: pip install 'snac-stream[llm]'") from None
+    device = resolve_device(args.device)
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    model = load_model(args.model, device)
+    layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
+    rate = model.sampling_rate
+    say(args, f"model   {model_label(model)} ({rate} Hz) on {device}, layout {layout.name}; "
+              f"LLM {endpoint} model {args.llm_model}, prompt format {prompt_format.name}")
+    sink = _make_sink(args, rate, 480 * rate // 24000, None)
+    written = [0]
+    seen: List = []
+
+    def write(samples: np.ndarray) -> None:
+        sink.write(samples)
+        written[0] += samples.shape[0]
+
+    def first_audio(stats) -> None:
+        seen.append(stats)
+        say(args, f"first audio: time to first token {_ms(stats.first_token_s)}, to first audio "
+                  f"{_ms(stats.first_audio_s)} (from sending the request)")
+
+    sink.start()
+    try:
+        stats = speak(args.llm, args.llm_model, args.prompt, model, write, on_first_audio=first_audio,
+                      voice=args.voice, prompt_format=prompt_format, params=params, layout=layout,
+                      lookahead_samples=args.lookahead,
+                      api_key=args.llm_api_key or os.environ.get("OPENAI_API_KEY") or None)
+    except (LLMStreamError, ValueError) as exc:
+        # Keep what was produced: the frames that completed before the failure are in the output.
+        if written[0]:
+            sink.close()
+            if args.output is not None:
+                say(args, f"wrote   {args.output}: {written[0] / rate:.2f} s of audio before the error")
+        else:
+            sink.abort()
+        raise CLIError(f"LLM stream from {endpoint}: {exc}") from None
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    say(args, f"summary {stats.tokens} audio tokens -> {stats.samples} samples ({stats.audio_s:.2f} s); time to "
+              f"first token {_ms(stats.first_token_s)}, time to first audio {_ms(stats.first_audio_s)} (from sending "
+              f"the request); finished in {_ms(stats.finished_s)} ({stats.finish_reason or 'no finish reason'}); "
+              f"underruns {sink.underruns}")
+    if args.output is not None:
+        say(args, f"wrote   {args.output}")
+    return 0
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 # ---- shared by both ------------------------------------------------------------------------------------
