@@ -237,3 +237,13 @@ def test_play_tokens_llm_usage_errors(tiny_ckpt, tmp_path, capsys) -> None:
     rc, err = run_cli(["play-tokens", "--llm", "http://127.0.0.1:9", "--llm-model", "m", "--prompt", "x",
                        "--model", str(tiny_ckpt), "--device", "cpu"] + out, capsys)
     assert rc == 2 and "cannot connect" in single_error(err)
+
+
+# ---- --model help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["encode", "decode", "live", "play-tokens"])
+def test_model_help_names_the_bundled_mini_model(command, capsys) -> None:
+    from snac_stream.cli import main
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "24khz, 32khz, 44khz" in text and "mini (the bundled small 24 kHz speech model" in text

@@ -20,7 +20,7 @@ from .. import audio_io
 from ..audio import save_audio
 from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, LatencyMeter, LiveStats,
                     TokenTransport, read_text_chunks, run_codec, run_token_playback)
-from ..loading import DEFAULT_MODEL, load_model, resolve_device
+from ..loading import load_model, resolve_device
 from ..tokens import LAYOUTS, TokenTextParser, get_layout
 from ..llm import ORPHEUS_VOICES, PROMPT_FORMATS, SamplingParams
 from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
@@ -87,7 +87,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                      help="bearer key for the LLM server (default: $OPENAI_API_KEY if set)")
     p.add_argument("--source-token", default=None, metavar="T",
                    help="bearer token for a ws:// token source (sent as an Authorization header)")
-    add_model_option(p, help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
+    add_model_option(p)
     p.add_argument("--layout", default="orpheus", choices=LAYOUTS, help="token layout (default: orpheus)")
     p.add_argument("--token-offset", type=non_negative_int, default=0,
                    help="subtracted from integer ids (128266 for raw Orpheus LLM vocabulary ids; default: 0)")
