@@ -49,9 +49,22 @@ def sounddevice() -> Any:
     return sd
 
 
+#: How to get sound devices on a machine without any (a server, a container, CI).
+VIRTUAL_DEVICES_HINT = ("for virtual ones, `python tests/virtual_audio.py DIR` (from a snac-stream checkout) "
+                        "starts a private PulseAudio with a virtual microphone and speaker and prints the "
+                        "environment to export (see docs/live.md); or use --input FILE / --output FILE")
+
+
 def list_devices() -> str:
-    """PortAudio's device table as text (index, name, host API, channels; ``>``/``<`` mark the defaults)."""
-    return str(sounddevice().query_devices())
+    """PortAudio's device table as text (index, name, host API, channels; ``>``/``<`` mark the defaults), with
+    a note, and how to get virtual devices, when there are no input or no output devices."""
+    devices = sounddevice().query_devices()
+    missing = [kind for kind in ("input", "output")
+               if not any(d[f"max_{kind}_channels"] >= 1 for d in devices)]
+    if not missing:
+        return str(devices)
+    note = f"no {' or '.join(missing)} sound devices found; {VIRTUAL_DEVICES_HINT}"
+    return f"{devices}\n{note}" if len(devices) else note
 
 
 def find_device(spec: DeviceSpec, kind: str) -> int:
@@ -66,6 +79,8 @@ def find_device(spec: DeviceSpec, kind: str) -> int:
     if spec is None:
         index = sd.default.device[0 if kind == "input" else 1]
         if index is None or index < 0:
+            if not any(d[channels] >= 1 for d in devices):
+                raise AudioIOError(f"no {kind} sound devices found; {VIRTUAL_DEVICES_HINT}")
             raise AudioIOError(f"there is no default {kind} device; pick one with --{kind}-device "
                                "(see --list-devices)")
         return int(index)

@@ -147,8 +147,9 @@ class LatencyMeter:
     calls :meth:`played` from its audio thread. Positions are in model-rate samples.
     """
 
-    def __init__(self, rate: int, keep: int = 4096) -> None:
+    def __init__(self, rate: int, keep: int = 4096, label: str = "latency") -> None:
         self.rate = rate
+        self.label = label  # what the values are called: "queueing" for input sent faster than real time
         self._marks: Deque[Tuple[int, float]] = collections.deque()
         self._lock = threading.Lock()
         self.values: Deque[float] = collections.deque(maxlen=keep)  # seconds
@@ -206,8 +207,9 @@ class LiveStats:
 
     def status(self) -> str:
         last = self.latency.last if self.latency else None
+        label = self.latency.label if self.latency else "latency"
         lat = f"{last * 1000:6.0f} ms" if last is not None else "     - ms"
-        return (f"{self.audio_seconds:6.1f} s  latency {lat}  {self.bitrate / 1000:5.2f} kbps  "
+        return (f"{self.audio_seconds:6.1f} s  {label} {lat}  {self.bitrate / 1000:5.2f} kbps  "
                 f"{self.token_rate:5.1f} tokens/s  dropped {self.dropped_blocks}  underruns {self.underruns}")
 
 

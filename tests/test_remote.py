@@ -174,3 +174,41 @@ def test_tokens_the_server_rejects_are_one_error_line(server, tmp_path, capsys) 
     assert rc == 2 and "inside a coarse frame" in single_error(err)
     rc, err = run_cli(["play-tokens", str(path), "--server", server.url, "--lookahead", "0"], capsys)
     assert rc == 2 and "--lookahead" in single_error(err)
+
+
+# ---- pace of file mode -------------------------------------------------------------------------------------
+def test_live_file_mode_through_server_is_paced_to_real_time(model, server, tmp_path, capsys) -> None:
+    """By default a file goes in at its real pace, as a microphone's audio would: the run takes the file's
+    duration, the delays are latency, and the output still equals the offline codec."""
+    import time
+
+    speech = clip(1.2, seed=11)
+    sf.write(tmp_path / "in.wav", speech, RATE, subtype="FLOAT")
+    start = time.monotonic()
+    rc, err = run_cli(["live", "--server", server.url, "--input", str(tmp_path / "in.wav"),
+                       "--output", str(tmp_path / "out.wav")], capsys)
+    assert rc == 0, err
+    assert time.monotonic() - start >= 0.8 * 1.2, err
+    out, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert np.abs(out - offline_codec(model, speech)).max() < 1e-5
+    assert "real-time pace" in err and re.search(r"latency median \d+ ms", err) and "queueing" not in err, err
+
+
+def test_live_file_mode_as_fast_as_possible_reports_queueing_not_alarms(model, tmp_path, capsys) -> None:
+    """--as-fast-as-possible: the figures are labelled queueing, and the server's 'behind' warnings (certain
+    here: any lag over 1 ms is reported) are a note, not an alarm."""
+    speech = clip(1.2, seed=12)
+    sf.write(tmp_path / "in.wav", speech, RATE, subtype="FLOAT")
+    with running_server(model, max_sessions=2, behind_warning_s=0.001) as server:
+        rc, err = run_cli(["live", "--server", server.url, "--input", str(tmp_path / "in.wav"),
+                           "--output", str(tmp_path / "out.wav"), "--as-fast-as-possible"], capsys)
+    assert rc == 0, err
+    out, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert np.abs(out - offline_codec(model, speech)).max() < 1e-5
+    assert re.search(r"queueing median \d+ ms .*not latency", err), err
+    assert "latency median" not in err and "behind" not in err and "warning" not in err, err
+    assert "as expected for a file sent faster than real time" in err, err
+    # The flag paces a file; the microphone is real time already.
+    rc, err = run_cli(["live", "--server", server.url, "--output", str(tmp_path / "o.wav"),
+                       "--as-fast-as-possible"], capsys)
+    assert rc == 2 and "microphone is real time already" in single_error(err)

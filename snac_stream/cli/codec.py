@@ -14,8 +14,8 @@ from ..audio import WRITE_FORMATS
 from ..codesfile import config_differences, load_codes, save_codes
 from ..files import decode_file, encode_file
 from ..loading import ModelLoadError, load_model, resolve_device
-from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
-                     non_negative_int, say)
+from .common import (MODEL_NAMES, CLIError, add_common_options, add_model_option, audio_suffix, check_output,
+                     model_label, non_negative_int, say)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, help="codes file written by `snac-stream encode`")
     p.add_argument("output", type=Path, help="audio file to write (.wav, .flac or .ogg)")
     p.add_argument("--model", default=None,
-                   help="hub id, preset or checkpoint directory (default: the model recorded in the codes "
+                   help=f"hub id, {MODEL_NAMES} or checkpoint directory (default: the model recorded in the codes "
                         "file); its config must match the file's")
     p.add_argument("--noise-seed", type=non_negative_int, default=0,
                    help="seed of the decoder's deterministic noise (default: 0)")

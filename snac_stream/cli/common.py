@@ -13,7 +13,10 @@ from ..config import BUNDLED_MODELS
 from ..loading import DEFAULT_MODEL
 
 #: ``help`` of ``--model`` where it defaults to :data:`snac_stream.loading.DEFAULT_MODEL`.
-MODEL_HELP = f"hub id, preset (24khz, 32khz, 44khz) or checkpoint directory (default: {DEFAULT_MODEL})"
+#: The model names ``--model`` takes besides hub ids and directories.
+MODEL_NAMES = ("preset (24khz, 32khz, 44khz: the official weights, from the hub), mini (the bundled small 24 kHz "
+               "speech model: offline, not Orpheus-compatible)")
+MODEL_HELP = f"hub id, {MODEL_NAMES} or checkpoint directory (default: {DEFAULT_MODEL})"
 
 
 class CLIError(Exception):

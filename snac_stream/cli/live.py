@@ -20,10 +20,11 @@ from .. import audio_io
 from ..audio import save_audio
 from ..live import (CodecTransport, InProcessCodec, InProcessTokenDecoder, LatencyMeter, LiveStats,
                     TokenTransport, read_text_chunks, run_codec, run_token_playback)
-from ..loading import DEFAULT_MODEL, load_model, resolve_device
+from ..loading import load_model, resolve_device
 from ..tokens import LAYOUTS, TokenTextParser, get_layout
+from ..llm import ORPHEUS_VOICES, PROMPT_FORMATS, SamplingParams
 from .common import (CLIError, add_common_options, add_model_option, audio_suffix, check_output, model_label,
-                     non_negative_int, positive_int, say)
+                     non_negative_float, non_negative_int, positive_float, positive_int, say)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +43,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, default=None, metavar="FILE", help="read audio from a file, not a device")
     p.add_argument("--output", type=Path, default=None, metavar="FILE",
                    help="write the decoded audio to a file (.wav is 32-bit float), not a device")
-    p.add_argument("--realtime", action="store_true", help="with --input: release the file at its real pace")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--as-fast-as-possible", dest="as_fast_as_possible", action="store_true",
+                      help="with --input: push the file as fast as the codec takes it instead of at its real "
+                           "pace (the default, as a microphone would); the delays shown are then queueing, "
+                           "not latency")
+    pace.add_argument("--realtime", action="store_true", help=argparse.SUPPRESS)  # the default now; kept as a no-op
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of input")
     p.add_argument("--save-input", type=Path, default=None, metavar="FILE",
                    help="also write the audio the encoder received (at the model's rate) to FILE")
@@ -56,12 +62,32 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Play an Orpheus-style token stream (<custom_token_N> text or integer ids, from a file, "
                     "stdin or a websocket) as it arrives: each coarse frame is decoded as soon as its last token "
                     "is in. Reports the time to first audio and underruns.")
-    p.add_argument("tokens", nargs="?", default="-",
+    p.add_argument("tokens", nargs="?", default=None,
                    help="token file, - for stdin (default), or a ws:// URL streaming tokens (text messages, or "
-                        "binary messages of int32 LE ids) until it closes")
+                        "binary messages of int32 LE ids) until it closes; not with --llm")
+    llm = p.add_argument_group(
+        "speech from an LLM server", "--llm URL streams a completion from an OpenAI-compatible /v1/completions "
+        "endpoint (vLLM, SGLang, llama.cpp serving a TTS model such as Orpheus) and plays its audio tokens as "
+        "they arrive, instead of reading TOKENS")
+    llm.add_argument("--llm", default=None, metavar="URL", help="http(s):// base URL of the LLM server")
+    llm.add_argument("--llm-model", default=None, metavar="NAME", help="model name the LLM server serves")
+    llm.add_argument("--prompt", default=None, metavar="TEXT", help="the text to speak")
+    llm.add_argument("--voice", default=None,
+                     help="voice (orpheus formats: " + ", ".join(ORPHEUS_VOICES) + "; default: tara)")
+    llm.add_argument("--prompt-format", default="orpheus", metavar="FORMAT",
+                     help=f"{', '.join(PROMPT_FORMATS)} or a template with {{text}} and {{voice}} (default: orpheus)")
+    llm.add_argument("--temperature", type=non_negative_float, default=None,
+                     help=f"sampling temperature (default: {SamplingParams().temperature})")
+    llm.add_argument("--top-p", type=positive_float, default=None,
+                     help=f"nucleus sampling (default: {SamplingParams().top_p})")
+    llm.add_argument("--max-tokens", type=positive_int, default=None,
+                     help=f"most tokens to generate (default: {SamplingParams().max_tokens}); a completion cut "
+                          "inside a coarse frame is an error after its whole frames played")
+    llm.add_argument("--llm-api-key", default=None, metavar="KEY",
+                     help="bearer key for the LLM server (default: $OPENAI_API_KEY if set)")
     p.add_argument("--source-token", default=None, metavar="T",
                    help="bearer token for a ws:// token source (sent as an Authorization header)")
-    add_model_option(p, help=f"hub id, preset or checkpoint directory (default: {DEFAULT_MODEL})")
+    add_model_option(p)
     p.add_argument("--layout", default="orpheus", choices=LAYOUTS, help="token layout (default: orpheus)")
     p.add_argument("--token-offset", type=non_negative_int, default=0,
                    help="subtracted from integer ids (128266 for raw Orpheus LLM vocabulary ids; default: 0)")
@@ -104,8 +130,9 @@ def run_live(args: argparse.Namespace) -> int:
     """Stream the microphone (or ``--input``) through the codec to the speaker (or ``--output``)."""
     if _listed_devices(args):
         return 0
-    if args.realtime and args.input is None:
-        raise CLIError("--realtime paces an --input file; the microphone is real time already")
+    if (args.realtime or args.as_fast_as_possible) and args.input is None:
+        raise CLIError(f"--{'realtime' if args.realtime else 'as-fast-as-possible'} sets the pace of an --input "
+                       "file; the microphone is real time already")
     if args.input is not None and not args.input.exists():
         raise FileNotFoundError(f"input audio file not found: {args.input}")
     _check_audio_output(args.output)
@@ -143,10 +170,14 @@ def run_live(args: argparse.Namespace) -> int:
 
 
 def _run_live_codec(args: argparse.Namespace, codec: CodecTransport, rate: int, in_device) -> int:
-    meter = LatencyMeter(rate)
+    # An unpaced file arrives faster than real time: output waits in queues for input that came early, so
+    # the delays measured are queueing, not the latency a microphone would see.
+    paced = args.input is None or not args.as_fast_as_possible
+    meter = LatencyMeter(rate, label="latency" if paced else "queueing")
     if args.input is not None:
-        source = audio_io.FileSource(args.input, rate, args.block, realtime=args.realtime)
-        where_in = f"{args.input}" + (" (real-time pace)" if args.realtime else "")
+        source = audio_io.FileSource(args.input, rate, args.block, realtime=paced)
+        where_in = f"{args.input}" + (" (real-time pace; --as-fast-as-possible to skip the wait)" if paced else
+                                      " (as fast as possible: delays shown are queueing, not latency)")
     else:
         in_rate = audio_io.device_rate(in_device, "input", rate, args.device_rate)
         source = audio_io.DeviceSource(in_device, rate, in_rate, args.block)
@@ -166,12 +197,20 @@ def _run_live_codec(args: argparse.Namespace, codec: CodecTransport, rate: int, 
     if args.save_input is not None and saved:
         save_audio(args.save_input, np.concatenate(saved), rate, subtype="FLOAT" if args.save_input.suffix.lower() == ".wav" else None)
     summary = meter.summary()
-    lat = (f"latency median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max {summary[2] * 1000:.0f})"
-           if summary else "latency n/a")
+    lat = (f"{meter.label} median {summary[0] * 1000:.0f} ms (min {summary[1] * 1000:.0f}, max "
+           f"{summary[2] * 1000:.0f})" if summary else f"{meter.label} n/a")
+    if summary and not paced:
+        lat += " (input sent faster than real time: time waiting in queues, not latency)"
     say(args, f"summary {stats.audio_seconds:.2f} s in, {stats.produced} samples out; {lat}; "
               f"{stats.bitrate / 1000:.2f} kbps, {stats.token_rate:.1f} tokens/s; dropped blocks "
               f"{stats.dropped_blocks}, underruns {stats.underruns}")
     warnings = getattr(codec, "warnings", [])
+    behind = [w for w in warnings if isinstance(w, dict) and w.get("code") == "behind"]
+    if not paced and behind:
+        # Expected: the file went in faster than real time, so the server's output trails the input.
+        say(args, f"note    the server reported its output trailing the input {len(behind)} time"
+                  f"{'s' if len(behind) > 1 else ''}, as expected for a file sent faster than real time")
+        warnings = [w for w in warnings if w not in behind]
     if warnings:
         say(args, f"server  {len(warnings)} warning{'s' if len(warnings) > 1 else ''}; the last: "
                   f"{warnings[-1].get('message', warnings[-1])}")
@@ -196,6 +235,15 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     if _listed_devices(args):
         return 0
     _check_audio_output(args.output)
+    if args.llm is not None:
+        return _play_llm(args)
+    llm_only = [name for name in ("llm_model", "prompt", "voice", "temperature", "top_p", "max_tokens",
+                                  "llm_api_key") if getattr(args, name) is not None]
+    if llm_only or args.prompt_format != "orpheus":
+        flag = "--" + (llm_only[0] if llm_only else "prompt_format").replace("_", "-")
+        raise CLIError(f"{flag} goes with --llm URL")
+    if args.tokens is None:
+        args.tokens = "-"
     from_stdin = args.tokens == "-"
     from_websocket = args.tokens.startswith(("ws://", "wss://"))
     if not from_stdin and not from_websocket and not Path(args.tokens).is_file():
@@ -248,6 +296,85 @@ def run_play_tokens(args: argparse.Namespace) -> int:
     if args.output is not None:
         say(args, f"wrote   {args.output}")
     return 0
+
+
+def _play_llm(args: argparse.Namespace) -> int:
+    """``play-tokens --llm URL``: speak ``--prompt`` through the LLM server, decoding frames as they arrive."""
+    from ..llm import LLMStreamError, completions_url, get_prompt_format, speak
+
+    if args.tokens is not None:
+        raise CLIError(f"--llm streams the tokens from the LLM server; drop the token source {args.tokens!r}")
+    if args.server is not None:
+        raise CLIError("--llm decodes in this process; --server is not supported with it yet")
+    if args.token is not None:
+        raise CLIError("--token goes with --server")
+    if not args.llm_model:
+        raise CLIError("--llm needs --llm-model NAME (the model the LLM server serves)")
+    if args.prompt is None or not args.prompt.strip():
+        raise CLIError("--llm needs --prompt TEXT (the text to speak)")
+    endpoint = completions_url(args.llm)
+    prompt_format = get_prompt_format(args.prompt_format)
+    prompt_format.format(args.prompt, args.voice)  # an unknown voice fails before the model loads
+    defaults = SamplingParams()
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        max_tokens=defaults.max_tokens if args.max_tokens is None else args.max_tokens)
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise CLIError("--llm needs aiohttp: pip install 'snac-stream[llm]'") from None
+    device = resolve_device(args.device)
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    model = load_model(args.model, device)
+    layout = get_layout(args.layout, model.config, token_offset=args.token_offset)
+    rate = model.sampling_rate
+    say(args, f"model   {model_label(model)} ({rate} Hz) on {device}, layout {layout.name}; "
+              f"LLM {endpoint} model {args.llm_model}, prompt format {prompt_format.name}")
+    sink = _make_sink(args, rate, 480 * rate // 24000, None)
+    written = [0]
+    seen: List = []
+
+    def write(samples: np.ndarray) -> None:
+        sink.write(samples)
+        written[0] += samples.shape[0]
+
+    def first_audio(stats) -> None:
+        seen.append(stats)
+        say(args, f"first audio: time to first token {_ms(stats.first_token_s)}, to first audio "
+                  f"{_ms(stats.first_audio_s)} (from sending the request)")
+
+    sink.start()
+    try:
+        stats = speak(args.llm, args.llm_model, args.prompt, model, write, on_first_audio=first_audio,
+                      voice=args.voice, prompt_format=prompt_format, params=params, layout=layout,
+                      lookahead_samples=args.lookahead,
+                      api_key=args.llm_api_key or os.environ.get("OPENAI_API_KEY") or None)
+    except (LLMStreamError, ValueError) as exc:
+        # Keep what was produced: the frames that completed before the failure are in the output.
+        if written[0]:
+            sink.close()
+            if args.output is not None:
+                say(args, f"wrote   {args.output}: {written[0] / rate:.2f} s of audio before the error")
+        else:
+            sink.abort()
+        raise CLIError(f"LLM stream from {endpoint}: {exc}") from None
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    say(args, f"summary {stats.tokens} audio tokens -> {stats.samples} samples ({stats.audio_s:.2f} s); time to "
+              f"first token {_ms(stats.first_token_s)}, time to first audio {_ms(stats.first_audio_s)} (from sending "
+              f"the request); finished in {_ms(stats.finished_s)} ({stats.finish_reason or 'no finish reason'}); "
+              f"underruns {sink.underruns}")
+    if args.output is not None:
+        say(args, f"wrote   {args.output}")
+    return 0
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 # ---- shared by both ------------------------------------------------------------------------------------
