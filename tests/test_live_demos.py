@@ -458,3 +458,4 @@ def test_play_tokens_to_speaker(vaudio, mini, speech, token_file, tmp_path) -> N
     heard = speech[RATE // 5 :]
     intelligibility = stoi(heard, played[lag : lag + heard.shape[0]], RATE)
     assert intelligibility >= STOI_FLOOR, f"STOI {intelligibility:.3f} < {STOI_FLOOR}"
+    print(f"played tokens: STOI {intelligibility:.3f}")
