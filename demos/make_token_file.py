@@ -6,8 +6,13 @@
 ``--say`` synthesises the sentence with espeak-ng (``apt-get install -y espeak-ng``); ``--audio`` takes any
 wav/flac/ogg file. The file holds one coarse frame per line: 7 ``<custom_token_N>`` tokens in the Orpheus
 order (``--ids``: the integer ids ``code + position * 4096`` instead). Play it back with
-``python demos/play_tokens.py OUT.txt``, or feed it slowly to see streaming:
-``while read -r line; do echo "$line"; sleep 0.05; done < OUT.txt | python demos/play_tokens.py -``.
+``python demos/play_tokens.py OUT.txt --model mini``, or feed it slowly to see streaming:
+``while read -r line; do echo "$line"; sleep 0.05; done < OUT.txt | python demos/play_tokens.py - --model mini``.
+
+The model defaults to ``mini``, the small speech model bundled with the package (no download). Its tokens are
+its own: only ``mini`` decodes them, and Orpheus TTS neither emits nor reads them. For tokens in the official
+code space, what Orpheus emits, pass ``--model hubertsiuzdak/snac_24khz`` here and play them back without
+``--model``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 import torch
 
 from snac_stream.audio import load_audio, to_tensor
-from snac_stream.loading import DEFAULT_MODEL, ModelLoadError, load_model, resolve_device
+from snac_stream.loading import ModelLoadError, load_model, resolve_device
+
+DEFAULT_MODEL = "mini"  # bundled: runs offline; the official weights are one --model away
 from snac_stream.tokens import OrpheusLayout, format_custom_tokens
 
 

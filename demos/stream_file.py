@@ -6,6 +6,9 @@ Audio is pushed into the streaming encoder ``--chunk`` samples at a time; every 
 straight into the streaming decoder, whose audio is written out as it comes. At the end the script checks
 the streamed codes against offline ``encode`` and prints when the first codes and the first audio came out
 (in samples of input, i.e. the algorithmic delay), the token rate and the real-time factor.
+
+The model defaults to ``mini``, the small speech model bundled with the package (no download); the official
+weights are ``--model 24khz`` (or ``32khz``, ``44khz``), fetched from the hub.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import time
 import torch
 
 from snac_stream.audio import load_audio, save_audio
-from snac_stream.loading import DEFAULT_MODEL, ModelLoadError, load_model, resolve_device
+from snac_stream.loading import ModelLoadError, load_model, resolve_device
+
+DEFAULT_MODEL = "mini"  # bundled: runs offline; the official weights are one --model away
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, hub id or preset (default: {DEFAULT_MODEL})")
     parser.add_argument("--chunk", type=int, default=480, help="samples per push (default 480: 20 ms at 24 kHz)")
     parser.add_argument("--lookahead", type=int, default=None,
                         help="decoder latency dial in samples (default: exact decoding)")

@@ -231,3 +231,21 @@ def single_error(err: str) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], err
     return errors[0]
+
+
+def espeak_speech(text: str, rate: int, directory: Path | str, voice: str = "en-us") -> np.ndarray:
+    """``text`` spoken by espeak-ng (22050 Hz), as float32 mono resampled to ``rate``; the test fails if
+    espeak-ng is missing (Debian: ``apt-get install -y espeak-ng``)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from snac_stream.audio import load_audio
+
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        pytest.fail("espeak-ng is not installed; install it with `apt-get install -y espeak-ng`")
+    path = Path(directory) / "espeak.wav"
+    subprocess.run([espeak, "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return load_audio(path, rate)[0].astype(np.float32)

@@ -1,9 +1,11 @@
 """The browser client, as a user runs it: ``snac-stream serve``, then the page in (headless) Chromium.
 
-Chromium's fake microphone plays a WAV file; the page streams it through a roundtrip session and plays the
-decoded audio (into Chromium's null output: no sound card needed). The page keeps its state in
-``window.snac``, read here over the DevTools protocol (tests/chromium.py). The model is a small random-weight
-checkpoint, so a run takes seconds. Skipped only when no Chromium is installed (CI installs it).
+Chromium's fake microphone plays a WAV file of espeak-ng speech; the page streams it through a roundtrip session
+and plays the decoded audio (into Chromium's null output: no sound card needed). The page keeps its state in
+``window.snac``, read here over the DevTools protocol (tests/chromium.py). The server runs the bundled speech
+model ``mini``, so what the page plays is speech (checked for intelligibility, besides equality with the offline
+codec); tests of failures run a small random-weight model in process. Skipped only when no Chromium is
+installed (CI installs it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import pytest
 import soundfile as sf
 import torch
 from chromium import Chromium, find_chromium
-from helpers import SMALL_CONFIGS, make_reference, save_official
+from helpers import SMALL_CONFIGS, espeak_speech
+from pystoi import stoi
 from websockets.sync.client import connect
 
 from snac_stream import SNAC
@@ -36,16 +39,36 @@ pytestmark = pytest.mark.skipif(find_chromium() is None, reason="chromium is not
                                 "(apt-get install -y chromium chromium-driver)")
 
 RATE = 24000
-TONE_HZ = 440.0
+MIC_RATE = 48000  # the usual device rate: the browser resamples the fake microphone to the model's rate
+LOOP_SECONDS = 2  # the fake microphone loops its file
+SENTENCE = "Every sample arrives in order."  # espeak-ng: 1.83 s
 SECONDS = 3
 PCM16_TOL = 1 / 32768 + 1e-5  # the page receives PCM16: one quantisation step plus float rounding
+# STOI of what the page received against what it sent. mini's offline roundtrip of the sentence scores 0.82;
+# random weights (the in-process model of the failure tests) about 0.4, checked below to fail the floor.
+STOI_FLOOR = 0.75
 
 
-def tone_clip(path: Path) -> Path:
-    """A 48 kHz WAV (the usual device rate: the browser resamples it to the model's rate) that loops seamlessly."""
-    t = np.arange(2 * 48000) / 48000
-    sf.write(path, (0.3 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32), 48000, subtype="PCM_16")
+def speech_loop(directory: Path) -> np.ndarray:
+    """``SENTENCE`` spoken by espeak-ng, padded with silence to LOOP_SECONDS, at MIC_RATE."""
+    speech = espeak_speech(SENTENCE, MIC_RATE, directory)[: LOOP_SECONDS * MIC_RATE]
+    return np.concatenate([speech, np.zeros(LOOP_SECONDS * MIC_RATE - speech.size, np.float32)])
+
+
+def speech_clip(path: Path) -> Path:
+    """The fake microphone's file: ``speech_loop`` as a 16-bit WAV."""
+    sf.write(path, speech_loop(path.parent), MIC_RATE, subtype="PCM_16")
     return path
+
+
+def ncc_peak(signal: np.ndarray, template: np.ndarray) -> float:
+    """Peak of the normalised cross-correlation of ``template`` inside the longer ``signal`` (1.0: a copy)."""
+    signal, template = signal.astype(np.float64), template.astype(np.float64)
+    n = 1 << int(np.ceil(np.log2(signal.size + template.size)))
+    corr = np.fft.irfft(np.fft.rfft(signal, n) * np.conj(np.fft.rfft(template, n)), n)[: signal.size - template.size + 1]
+    energy = np.concatenate([[0.0], np.cumsum(signal**2)])
+    window = np.sqrt(np.maximum(energy[template.size :] - energy[: -template.size], 1e-12))
+    return float(np.max(corr / window / np.sqrt(template @ template)))
 
 
 class ServeProcess:
@@ -86,21 +109,16 @@ class ServeProcess:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_official(make_reference(SMALL_CONFIGS["24k_like"], seed=11), tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def served(checkpoint: Path) -> Iterator[ServeProcess]:
+def served() -> Iterator[ServeProcess]:
     # One slot, so the server-full test can take it.
-    server = ServeProcess("--model", str(checkpoint), "--max-sessions", "1")
+    server = ServeProcess("--model", "mini", "--max-sessions", "1")
     yield server
     server.close()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    with Chromium(tone_clip(tmp_path_factory.mktemp("audio") / "tone.wav")) as chromium:
+    with Chromium(speech_clip(tmp_path_factory.mktemp("audio") / "speech.wav")) as chromium:
         yield chromium
 
 
@@ -159,7 +177,10 @@ def test_web_off_leaves_only_the_websocket() -> None:
 
 # ---- streaming ------------------------------------------------------------------------------------------------
 def test_page_streams_the_mic_through_the_codec_and_reports_sane_latency(served: ServeProcess, browser: Chromium,
-                                                                         checkpoint: Path) -> None:
+                                                                         tmp_path: Path) -> None:
+    """The fake microphone's espeak-ng speech, through mini on the server: the page receives the offline
+    roundtrip of what it sent, and it is intelligible: STOI >= STOI_FLOOR against what was sent, to which it is
+    aligned (roundtrip output is trimmed to the input; measured: 0.83), while random weights score about 0.4."""
     page = browser.open(served.page + f"?autostart=1&seconds={SECONDS}&record=1")
     state = finished(page)
     assert state["state"] == "done", state
@@ -173,18 +194,34 @@ def test_page_streams_the_mic_through_the_codec_and_reports_sane_latency(served:
     received = np.frombuffer(base64.b64decode(page.evaluate("snac.receivedBase64()")), "<i2").astype(np.float32)
     received /= 32768
     assert sent.size == n and received.size == n
-    # The fake mic played the clip, resampled by the browser to the model's rate: a 440 Hz tone.
-    spectrum = np.abs(np.fft.rfft(sent[RATE // 2:]))
-    assert abs(np.argmax(spectrum) * RATE / (sent.size - RATE // 2) - TONE_HZ) < 2
-    assert np.sqrt(np.mean(sent[RATE // 2:] ** 2)) > 0.1
+    # The fake mic played the looping speech, resampled by the browser to the model's rate.
+    loop = espeak_speech(SENTENCE, RATE, tmp_path)[: LOOP_SECONDS * RATE]
+    loop = np.concatenate([loop, np.zeros(LOOP_SECONDS * RATE - loop.size, np.float32)])
+    # The fake microphone's loop is not seamless (its period read 2 s + 3 ms here), so the speech is looked for
+    # in 1 s windows, 0.5 s apart: the loop's wraps are 2 s apart, so at least one window holds none.
+    starts = range(RATE // 2, SECONDS * RATE - RATE + 1, RATE // 2)
+    heard = max(ncc_peak(np.tile(loop, 3), sent[start : start + RATE]) for start in starts)
+    assert heard > 0.95, f"the speech is not in what the page sent (correlation {heard:.4f})"
+    assert np.sqrt(np.mean(sent[RATE // 2:] ** 2)) > 0.02
     # What the page received is the codec's offline roundtrip of what it sent.
-    model = SNAC.from_pretrained(checkpoint)
+    model = SNAC.from_pretrained("mini")
     with torch.inference_mode():
         codes = model.encode(torch.from_numpy(sent).view(1, 1, -1))
         expected = model.decode(codes)[0, 0, :n].numpy()
     assert state["tokens"] == sum(c.numel() for c in codes)
     assert np.abs(received - expected).max() <= PCM16_TOL
     assert np.sqrt(np.mean(received ** 2)) > 1e-3  # not silence
+    # ... and it is speech.
+    intelligibility = stoi(sent, received, RATE)
+    assert intelligibility >= STOI_FLOOR, f"STOI {intelligibility:.3f} < {STOI_FLOOR}"
+    torch.manual_seed(0)
+    noise = SNAC(**SMALL_CONFIGS["24k_like"]).eval()
+    with torch.inference_mode():
+        random_roundtrip = noise.decode(noise.encode(torch.from_numpy(sent).view(1, 1, -1)))[0, 0, :n].numpy()
+    random_stoi = stoi(sent, random_roundtrip, RATE)
+    assert random_stoi < STOI_FLOOR, f"random weights reach STOI {random_stoi:.3f}"
+    print(f"browser roundtrip: STOI {intelligibility:.3f} (random weights {random_stoi:.3f}), "
+          f"speech found at correlation {heard:.4f}")
 
     # Latency: the announced algorithmic delay is a floor; the rest (server, transport, jitter buffer) is bounded.
     announced = 1000 * ready["algorithmic_latency_samples"] / RATE

@@ -1,4 +1,4 @@
-"""demos/stream_file.py end to end on a small random-weight checkpoint."""
+"""demos/stream_file.py end to end on a small random-weight checkpoint, and with its default (bundled) model."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ def test_stream_file_demo(tmp_path: Path, capsys) -> None:
     assert info.samplerate == 24000 and info.frames == int(1.3 * 24000)
     assert demo.main([str(tmp_path / "missing.wav"), str(tmp_path / "o.wav"), "--model", str(tmp_path / "ckpt")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_stream_file_demo_defaults_to_the_bundled_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without --model the demo runs the bundled ``mini`` model, with the hub switched off."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = np.arange(int(0.8 * 24000)) / 24000
+    sf.write(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 24000)
+    rc = _load_demo().main([str(tmp_path / "in.wav"), str(tmp_path / "out.wav")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "streamed codes equal offline encode" in out
+    assert sf.info(tmp_path / "out.wav").frames == t.size
