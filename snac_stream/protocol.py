@@ -53,7 +53,8 @@ FLAG_FINAL = 1
 
 # error code -> websocket close code. 1003: a data type the server does not accept here; 1007: payload
 # that is malformed for its type; 1008: a protocol or policy violation; 1009: too big; 1011: internal;
-# 1013: try again later.
+# 1013: try again later (here or, behind a load balancer, on another server); 1001: going away (the server
+# is shutting down).
 ERRORS: Dict[str, int] = {
     "bad_data_type": 1003,      # text where binary is expected, binary before hello
     "bad_audio": 1007,          # odd PCM16 byte count, float32 not a multiple of 4 bytes, NaN/inf
@@ -68,6 +69,8 @@ ERRORS: Dict[str, int] = {
     "frame_too_big": 1009,      # a message over max_frame_bytes
     "internal_error": 1011,
     "server_full": 1013,        # every session slot is taken
+    "draining": 1013,           # the server is shutting down: it takes no new session (open ones finish)
+    "going_away": 1001,         # the server shut down before the session ended (drain timeout)
 }
 
 
@@ -190,6 +193,7 @@ class Ready:
     protocol: int = PROTOCOL_VERSION
     header_bytes: int = HEADER_BYTES
     random_weights: bool = False
+    server_id: Optional[str] = None  # which server instance took the session (behind a load balancer)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -40,7 +40,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="warn an encode or roundtrip session (JSON 'warning', code 'behind') when its output "
                         "answers input received more than this long ago (default: 1; 0: never)")
     p.add_argument("--no-web", action="store_true",
-                   help="do not serve the browser page (GET /) on the websocket port")
+                   help="do not serve the browser page (GET /) on the websocket port (GET /healthz, /readyz and "
+                        "/metrics are answered either way)")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT: refuse new sessions (error 'draining') and let open ones finish for "
+                        "up to this long, then end the rest (close code 1001) and exit 0; a second signal ends "
+                        "them at once (default: 30)")
+    p.add_argument("--server-id", default=None,
+                   help="this instance's name in 'ready' (server_id), to tell servers behind a load balancer apart "
+                        "(default: <hostname>:<port>)")
     add_common_options(p)
     p.set_defaults(func=run_serve)
 
@@ -80,6 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve the model until interrupted."""
     import asyncio
     import logging
+    import signal
+    from typing import Optional
 
     from ..server import ServerOptions, SNACServer, web
     from ..protocol import TOKEN_ENV
@@ -89,7 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
                             allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads,
-                            web=not args.no_web, behind_warning_s=args.behind_warning)
+                            web=not args.no_web, behind_warning_s=args.behind_warning, server_id=args.server_id)
     try:
         options.check()
     except ValueError as exc:
@@ -100,6 +110,20 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        server: Optional[SNACServer] = None
+
+        def on_signal(name: str) -> None:
+            if not stop.is_set():
+                say(args, f"{name}: draining (no new sessions; open ones have up to {args.drain_timeout:g} s)")
+                stop.set()
+            elif server is not None:
+                say(args, f"{name} again: ending the open sessions now")
+                server.hurry()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
         async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights) as server:
             cfg = model.config
             say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on {device} at "
@@ -108,7 +132,12 @@ def run_serve(args: argparse.Namespace) -> int:
                       f"{', token required' if options.token else ''}")
             if options.web:
                 say(args, f"browser client (mic -> codec -> speaker): {web.page_url(server)}")
-            await server.serve_forever()
+            serving = asyncio.ensure_future(server.serve_forever())
+            await stop.wait()
+            summary = await server.drain(args.drain_timeout)
+            serving.cancel()
+            say(args, f"drained in {summary['seconds']:g} s: {summary['sessions_open_at_start']} sessions open at "
+                      f"the signal, {summary['sessions_ended_at_timeout']} ended at the timeout (going away)")
 
     try:
         asyncio.run(main())

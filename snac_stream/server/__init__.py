@@ -5,7 +5,8 @@
 * :mod:`.worker`: the engine side (the engines of one device, the thread that ticks them) over :mod:`.lanes`
   (one per engine: the sessions' streams on it);
 * :mod:`.session`: one client's state, split by the thread that owns it;
-* :mod:`.options`: settings, auth and origin rules; :mod:`.stats`: the counters;
+* :mod:`.options`: settings, auth and origin rules; :mod:`.stats`: the counters; :mod:`.metrics`: their
+  Prometheus view (``GET /metrics``; ``/healthz`` and ``/readyz`` are answered in :mod:`.app`);
 * :mod:`.web`: the browser client served on the same port (files in ``static/``);
 * :mod:`.loadtest`: the ``bench-latency`` load test (clients against an in-process server).
 """

@@ -8,8 +8,14 @@ every part reads :mod:`.options`.
 
 from __future__ import annotations
 
+import asyncio
 import gc
-from typing import Any, Dict, Optional
+import json
+import logging
+import socket
+import time
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -17,9 +23,14 @@ from ..model.snac import SNACModel
 from ..streaming.latency import algorithmic_latency
 from . import web
 from .connection import Gateway
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .options import ServedModel, ServerOptions, default_engine_threads, handshake_origins
 from .stats import new_stats
 from .worker import EngineSet, Worker
+
+log = logging.getLogger("snac_stream.server")
+# Operational endpoints, answered with or without the page (--no-web) and without the token.
+OPS_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 class SNACServer:
@@ -49,7 +60,12 @@ class SNACServer:
         self.threads = self.options.threads or default_engine_threads()
         self.worker = Worker(self.engines, self.threads, self.stats)
         self.gateway = Gateway(self.served, self.options, self.worker, self.stats)
+        self.device = str(next(model.parameters()).device)
+        self.metrics = ServerMetrics(self, self.device)
+        self.engines.on_step = self.metrics.observe_step
         self._server: Optional[Server] = None
+        self._stopped = False
+        self._hurry: Optional[asyncio.Event] = None
         self.port: Optional[int] = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
@@ -63,6 +79,7 @@ class SNACServer:
             max_size=2 * self.options.max_frame_bytes + 1024, max_queue=4,
             process_request=self._process_request)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.gateway.server_id = self.options.server_id or f"{socket.gethostname()}:{self.port}"
         # What is alive now (model, engine states, modules) lives as long as the server: keep it out of the cyclic
         # garbage collector's full passes, which otherwise scan it all (long with a large engine), stalling
         # whichever tick they land in.
@@ -71,7 +88,10 @@ class SNACServer:
         return self
 
     async def stop(self) -> None:
-        """Stop listening, close the connections, stop the worker."""
+        """Stop listening, close the connections (close code 1001), stop the worker. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -103,7 +123,81 @@ class SNACServer:
         """Return once no more than ``at_most`` sessions hold a slot."""
         await self.gateway.wait_sessions(at_most)
 
+    # ---- operations -----------------------------------------------------------------------------------
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, why): the engine worker runs and no tick is stuck (``stuck_tick_s``)."""
+        return self.worker.health(self.options.stuck_tick_s)
+
+    def readiness(self) -> Tuple[bool, str]:
+        """(ready, reason): whether a new session would be taken now; reason ``ready``, ``starting``,
+        ``draining``, ``full`` or ``unhealthy``. The server listens only once its engines are built (compiled
+        and captured on CUDA), so ``starting`` is never seen over HTTP: the port refuses connections until then."""
+        if self.port is None or self._stopped:
+            return False, "starting" if self.port is None else "stopped"
+        if self.gateway.draining:
+            return False, "draining"
+        if len(self.gateway.sessions) >= self.options.max_sessions:
+            return False, "full"
+        if not self.health()[0]:
+            return False, "unhealthy"
+        return True, "ready"
+
+    @property
+    def draining(self) -> bool:
+        return self.gateway.draining
+
+    async def drain(self, timeout: float) -> Dict[str, Any]:
+        """Shut down gracefully: take no new session (``/readyz`` 503 ``draining``, new hellos refused with
+        ``draining``), let the open sessions finish for up to ``timeout`` seconds (or until :meth:`hurry`), end
+        what remains with ``going_away`` (close code 1001), then :meth:`stop`. Returns what happened."""
+        t0 = time.monotonic()
+        self.gateway.draining = True
+        self._hurry = self._hurry or asyncio.Event()
+        open_at_start = len(self.gateway.sessions)
+        log.info("draining: %d sessions open, up to %g s", open_at_start, timeout)
+        idle = asyncio.ensure_future(self.gateway.wait_idle())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait([idle, hurry], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        ended = 0
+        if not idle.done():
+            ended = self.gateway.go_away()
+            log.info("drain timeout: ending %d sessions (going away)", ended)
+            try:
+                await asyncio.wait_for(asyncio.shield(idle), 5.0)
+            except asyncio.TimeoutError:
+                pass
+        idle.cancel()
+        await self.stop()
+        return {"sessions_open_at_start": open_at_start, "sessions_ended_at_timeout": ended,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def hurry(self) -> None:
+        """End a drain under way now (its remaining sessions get ``going_away``), e.g. on a second signal."""
+        self._hurry = self._hurry or asyncio.Event()
+        self._hurry.set()
+
+    def _ops_response(self, connection: ServerConnection, path: str) -> Any:
+        if path == "/metrics":
+            return web.response(connection, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
+        if path == "/healthz":
+            ok, reason = self.health()
+            body: Dict[str, Any] = {"healthy": ok, "reason": reason}
+        else:
+            ok, reason = self.readiness()
+            free = max(0, self.options.max_sessions - len(self.gateway.sessions))
+            body = {"ready": ok, "reason": reason, "sessions_open": len(self.gateway.sessions), "slots_free": free}
+        return web.response(connection, 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json")
+
     def _process_request(self, connection: ServerConnection, request: Any) -> Any:
-        if self.options.web and not web.is_websocket_request(request):
-            return web.respond(self.served, self.options, connection, request)
+        if not web.is_websocket_request(request):
+            path = urlsplit(request.path).path
+            if path in OPS_PATHS or self.options.web:
+                if request.method != "GET":
+                    return web.method_not_allowed(connection, request.method)
+                if path in OPS_PATHS:
+                    return self._ops_response(connection, path)
+                return web.respond(self.served, self.options, connection, request)
         return self.gateway.check_request(connection, request)

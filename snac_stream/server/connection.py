@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Dict, Set, Union
+from typing import Any, Dict, Optional, Set, Union
 
 import torch
 from websockets.asyncio.server import ServerConnection
@@ -47,6 +47,9 @@ class Gateway:
         self.worker = worker
         self.stats = stats
         self.sessions: Set[Session] = set()
+        self.connections: Set[Session] = set()  # every handler under way, with a slot or not
+        self.draining = False  # no new sessions (refused with `draining`); open ones finish
+        self.server_id: Optional[str] = None  # told in `ready`
         self._numbers = 0
         self._changed = asyncio.Event()
 
@@ -55,6 +58,24 @@ class Gateway:
         while len(self.sessions) > at_most:
             self._changed.clear()
             await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection handler is under way (every session ended and its output sent)."""
+        while self.connections:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def go_away(self) -> int:
+        """End every session now with ``going_away`` (close 1001), and close connections that have no session
+        yet (1001 too); returns the sessions ended."""
+        ended = 0
+        for session in list(self.connections):
+            if session in self.sessions:
+                self.fail(session, ProtocolError("going_away", "the server is shutting down"))
+                ended += 1
+            elif not session.loop.dead and session.hello is None:  # still before its hello
+                asyncio.ensure_future(_close_or_abort(session.loop.ws, 1001, "going_away"))
+        return ended
 
     def _drop(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -73,10 +94,14 @@ class Gateway:
         self._numbers += 1
         session = Session(ws, self._numbers)
         side = session.loop
-        opened = False
+        opened = completed = False
+        self.connections.add(session)
         try:
             hello = Hello.parse(parse_json(await self._recv(session, expect_text=True)))
             self._check_hello(ws, hello)
+            if self.draining:
+                raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
+                                                "connect again (elsewhere)")
             if len(self.sessions) >= self.options.max_sessions:
                 raise ProtocolError("server_full", f"all {self.options.max_sessions} sessions are in use; "
                                                    "try again later")
@@ -94,6 +119,7 @@ class Gateway:
                 await self.worker.end_stream(session)
                 if not side.dead:  # not failed on the way
                     self.stats["completed"] += 1
+                    completed = True
         except ProtocolError as exc:
             self.fail(session, exc)
         except ConnectionClosed:
@@ -102,6 +128,11 @@ class Gateway:
             log.exception("session %d failed", session.number)
             self.fail(session, ProtocolError("internal_error", f"internal error: {type(exc).__name__}"))
         finally:
+            error = side.error.code if side.error is not None else None
+            if opened:
+                self.stats["outcomes"][session.kind, "completed" if completed else error or "closed"] += 1
+            elif error is not None:
+                self.stats["refusals"][error] += 1
             if opened and not side.dead:
                 self._release(session)
             side.dead = True
@@ -119,6 +150,8 @@ class Gateway:
                     await ws.close(side.error.close_code, side.error.code)
                 except ConnectionClosed:
                     pass
+            self.connections.discard(session)
+            self._changed.set()
 
     def _check_hello(self, ws: ServerConnection, hello: Hello) -> None:
         if not token_accepted(self.options, hello.auth or getattr(ws, "bearer", None)):
@@ -149,7 +182,8 @@ class Gateway:
                     "max_backlog_samples": backlog if hello.kind != "decode" else None,
                     "max_backlog_tokens": backlog if hello.kind == "decode" else None,
                     "max_output_bytes": opts.max_output_bytes, "max_sessions": opts.max_sessions},
-            session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights)
+            session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights,
+            server_id=self.server_id)
 
     def _backlog_limit(self, kind: str) -> int:
         """Unprocessed input items (samples, or tokens for decode) past which the server stops reading."""
@@ -164,6 +198,7 @@ class Gateway:
             message = await asyncio.wait_for(session.loop.ws.recv(), self.options.idle_timeout_s)
         except asyncio.TimeoutError:
             raise ProtocolError("idle_timeout", f"nothing received for {self.options.idle_timeout_s:g} s") from None
+        self.stats["bytes_in"] += len(message)
         if len(message) > self.options.max_frame_bytes:
             raise ProtocolError("frame_too_big", f"a message of {len(message)} bytes is over the limit of "
                                                  f"{self.options.max_frame_bytes} bytes")
@@ -236,6 +271,7 @@ class Gateway:
             return
         side.out.append(message)
         side.out_bytes += len(message)
+        self.stats["bytes_out"] += len(message)
         side.out_ready.set()
         # After flush the rest is bounded (backlog + codec latency) and may come as one large frame.
         if side.out_bytes > self.options.max_output_bytes and session.flush_at is None:

@@ -48,6 +48,7 @@ class Lane:
     lane's unit (samples, or coarse frames).
     """
 
+    name = "?"  # the lane's label in metrics
     kinds: Tuple[str, ...] = ()
     input_kinds: Tuple[str, ...] = ()
 
@@ -58,6 +59,7 @@ class Lane:
         self.upstream: Optional[Lane] = None
         self.downstream: Optional[Lane] = None
         self._streams: Dict[Session, _Stream] = {}
+        self.last_batch = 0  # streams the latest step that ran stepped
         self._by_sid: Dict[int, Session] = {}
 
     def feeds(self, lane: "Lane") -> None:
@@ -122,6 +124,7 @@ class Lane:
         t0 = time.perf_counter()
         groups = self._step_groups(events)
         step_s = time.perf_counter() - t0
+        self.last_batch = sum(len(sids) for sids, _ in groups)
         for sids, outputs in groups:
             sessions = [self._by_sid[sid] for sid in sids]
             markers, compute = [], []
@@ -206,6 +209,7 @@ class Lane:
 class EncodeLane(Lane):
     """Audio in, tokens out: encode and roundtrip sessions. Their codes go on to the lane it feeds."""
 
+    name = "encode"
     kinds = ("encode", "roundtrip")
     input_kinds = ("encode", "roundtrip")
 
@@ -313,6 +317,7 @@ class DecodeLane(Lane):
     """Codes in, audio out: decode sessions (their tokens, parsed on the loop) and roundtrip sessions (the
     encode lane's codes). The engine takes whole steps; the lane holds the codes short of one."""
 
+    name = "decode"
     kinds = ("decode", "roundtrip")
     input_kinds = ("decode",)
 

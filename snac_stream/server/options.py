@@ -49,6 +49,10 @@ class ServerOptions:
     # Warn an audio-input session (encode, roundtrip) whose output answers input received more than this many
     # seconds earlier: the server is slower than that session's input. 0: never.
     behind_warning_s: float = 1.0
+    # GET /healthz answers 503 while one engine tick has been running longer than this (a stuck worker).
+    stuck_tick_s: float = 30.0
+    # Told to clients in `ready` (which server of several took the session); None: "<hostname>:<port>".
+    server_id: Optional[str] = None
 
     def check(self) -> None:
         """Raise ``ValueError`` on a setting out of range, or a non-loopback bind without a token."""
@@ -60,6 +64,8 @@ class ServerOptions:
             raise ValueError("idle_timeout_s and max_backlog_s must be positive")
         if not self.behind_warning_s >= 0:
             raise ValueError(f"behind_warning_s must be >= 0, got {self.behind_warning_s}")
+        if not self.stuck_tick_s > 0:
+            raise ValueError(f"stuck_tick_s must be positive, got {self.stuck_tick_s}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")

@@ -15,8 +15,13 @@ def new_stats() -> Dict[str, Any]:
     ``sessions`` / ``completed``: sessions opened / ended by a flush without error; ``errors``: a Counter of
     error codes sent; ``max_backlog``: the most unprocessed input items a session held; ``ticks``: worker
     ticks; ``tick_s`` / ``step_s``: the latest ticks' durations and the engine steps' share of them, in
-    seconds; ``behind_warnings``: 'behind' warnings sent.
+    seconds; ``behind_warnings``: 'behind' warnings sent; ``outcomes``: a Counter of (kind, outcome) of the
+    sessions that held a slot, outcome ``completed`` (ended by flush), ``closed`` (by the client, without
+    flush) or the error code that ended it; ``refusals``: a Counter of the error codes of connections refused
+    before they held a slot (``server_full``, ``draining``, ``unauthorized``, bad hellos...); ``bytes_in`` /
+    ``bytes_out``: message bytes received / queued for clients.
     """
     return {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0, "max_backlog": 0,
             "behind_warnings": 0, "tick_s": collections.deque(maxlen=TICKS_KEPT),
-            "step_s": collections.deque(maxlen=TICKS_KEPT)}
+            "step_s": collections.deque(maxlen=TICKS_KEPT), "outcomes": collections.Counter(),
+            "refusals": collections.Counter(), "bytes_in": 0, "bytes_out": 0}

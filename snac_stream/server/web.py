@@ -75,17 +75,24 @@ def respond(served: ServedModel, options: ServerOptions, connection: ServerConne
     url = urlsplit(request.path)
     if url.path == "/config.json":
         origin = parse_qs(url.query).get("origin", [None])[0]
-        return _response(connection, 200, json.dumps(config(served, options, origin)).encode(), "application/json")
+        return response(connection, 200, json.dumps(config(served, options, origin)).encode(), "application/json")
     entry = FILES.get(url.path)
     if entry is None:
-        return _response(connection, 404, f"not found: {url.path}\n".encode(), "text/plain; charset=utf-8")
+        return response(connection, 404, f"not found: {url.path}\n".encode(), "text/plain; charset=utf-8")
     name, content_type = entry
-    return _response(connection, 200, (STATIC_DIR / name).read_bytes(), content_type)
+    return response(connection, 200, (STATIC_DIR / name).read_bytes(), content_type)
 
 
-def _response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
-    response = connection.respond(status, "")  # websockets' own response: Date, Server, Connection: close
-    headers = response.headers
+def method_not_allowed(connection: ServerConnection, method: str) -> Response:
+    """405 for a method other than GET on a path this server answers over plain HTTP."""
+    answer = response(connection, 405, f"method {method} not allowed; use GET\n".encode(), "text/plain; charset=utf-8")
+    answer.headers["Allow"] = "GET"
+    return answer
+
+
+def response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
+    answer = connection.respond(status, "")  # websockets' own response: Date, Server, Connection: close
+    headers = answer.headers
     for name in ("Content-Type", "Content-Length"):
         del headers[name]
     headers["Content-Type"] = content_type
@@ -93,4 +100,4 @@ def _response(connection: ServerConnection, status: int, body: bytes, content_ty
     headers["Cache-Control"] = "no-store"  # the page must match the server that serves it
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Content-Security-Policy"] = CSP
-    return dataclasses.replace(response, body=body)
+    return dataclasses.replace(answer, body=body)

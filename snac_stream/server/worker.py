@@ -43,6 +43,9 @@ class EngineSet:
     def __init__(self, model: SNACModel, max_streams: int, stats: Dict[str, Any], *, backend: Optional[str] = None,
                  behind_warning_s: float = 0.0):
         self.stats = stats
+        self.max_streams = max_streams
+        # Called after each lane's step that ran, in the engine thread: (lane name, seconds, streams stepped).
+        self.on_step: Optional[Callable[[str, float, int], None]] = None
         # Outputs come back on the host in one copy per step (they are sent from there anyway).
         self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu")
         self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu")
@@ -106,6 +109,8 @@ class EngineSet:
             carried_s, ran = lane.step(events, carried_s)
             step_s += carried_s
             stepped = stepped or ran
+            if ran and self.on_step is not None:
+                self.on_step(lane.name, carried_s, lane.last_batch)
         busy = bool(self._ending) or any(lane.busy() for lane in self.lanes)
         if stepped or ended:
             self.stats["tick_s"].append(time.perf_counter() - start)
@@ -152,8 +157,23 @@ class Worker:
         self._wake: Optional[asyncio.Event] = None
         self._ticker: Optional[asyncio.Task] = None
         self._sink: Callable[[Events], None] = lambda events: None
+        # Liveness, written by the loop around each tick: when the tick under way started (None between ticks)
+        # and the last time the tick loop went round (or started waiting for work).
+        self.tick_started: Optional[float] = None
+        self.heartbeat: Optional[float] = None
 
     # ---- event loop side ------------------------------------------------------------------------------
+    def health(self, stuck_after_s: float) -> Tuple[bool, str]:
+        """(healthy, why): the tick loop runs, and no tick has been running for more than ``stuck_after_s``."""
+        if self._ticker is None:
+            return False, "engine worker not started"
+        if self._ticker.done():
+            return False, "engine worker stopped"
+        started = self.tick_started
+        if started is not None and time.monotonic() - started > stuck_after_s:
+            return False, f"engine tick running for {time.monotonic() - started:.1f} s"
+        return True, "ok"
+
     def start(self, sink: Callable[[Events], None]) -> None:
         """Start ticking (on the running loop); ``sink`` takes each tick's events."""
         self._sink = sink
@@ -213,13 +233,18 @@ class Worker:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
+            self.heartbeat = time.monotonic()
             await self._wake.wait()
             self._wake.clear()
             commands, self._commands = self._commands, []
             ready, self._input_ready = self._input_ready, []
             ending, self._end_requests = self._end_requests, []
-            events, results, ended, busy = await loop.run_in_executor(
-                self._executor, self.engines.tick, [command for command, _ in commands], ready, ending)
+            self.tick_started = self.heartbeat = time.monotonic()
+            try:
+                events, results, ended, busy = await loop.run_in_executor(
+                    self._executor, self.engines.tick, [command for command, _ in commands], ready, ending)
+            finally:
+                self.tick_started = None
             self.stats["ticks"] += 1
             self._sink(events)
             for session in ended:
