@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from snac_stream.loading import load_model
 from snac_stream import client as ws_client
 from snac_stream.protocol import ERRORS, PAYLOAD_AUDIO
 from snac_stream.server import SNACServer
-from test_server import STRUCTURES, _slow_engines, model_for, offline, serve, signal as _audio
+from test_server import _slow_engines, model_for, offline, serve, signal as _audio
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-ops-token"
