@@ -11,7 +11,7 @@ the token.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator, Protocol, Tuple
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -21,8 +21,20 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..protocol import ERRORS, KINDS
 
-if TYPE_CHECKING:
-    from .app import SNACServer
+
+class Observed(Protocol):
+    """What the metrics read of a server (:class:`~.app.SNACServer`); a protocol, so this module needs no
+    import of the app that builds it."""
+
+    model_name: str
+    stats: Any
+    gateway: Any
+    options: Any
+
+    def readiness(self) -> Tuple[bool, Any]: ...
+
+    def health(self) -> Tuple[bool, Any]: ...
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("completed", "closed", *ERRORS)
@@ -33,7 +45,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class ServerMetrics:
     """The registry of one :class:`~.app.SNACServer` and the histograms its engine thread feeds."""
 
-    def __init__(self, server: "SNACServer", device: str):
+    def __init__(self, server: Observed, device: str):
         self.registry = CollectorRegistry()
         self.step_seconds = Histogram("snac_engine_step_seconds", "Duration of one engine step, per lane",
                                       ["lane"], buckets=STEP_BUCKETS, registry=self.registry)
@@ -56,7 +68,7 @@ class ServerMetrics:
 class _ServerCollector(Collector):
     """The figures read at scrape time (on the event loop, which owns the session set)."""
 
-    def __init__(self, server: "SNACServer", device: str):
+    def __init__(self, server: Observed, device: str):
         self.server = server
         self.cuda = device.startswith("cuda")
         self.device = device
