@@ -143,3 +143,12 @@ def test_cli_long_file_in_bounded_memory(tmp_path):
         short, long = peaks["short"][i], peaks["long"][i]
         assert long < short + 100, f"{what}: peak RSS {long:.0f} MiB for 4 min vs {short:.0f} MiB for 30 s"
         assert long < 1536, f"{what}: peak RSS {long:.0f} MiB"
+
+
+def test_unreadable_file_error_reads_cleanly(tmp_path):
+    """libsndfile's reason ends with a period of its own: the message must not stutter ('..')."""
+    (tmp_path / "text.wav").write_text("not audio at all")
+    with pytest.raises(ValueError) as info:
+        load_audio(tmp_path / "text.wav", 24000)
+    message = str(info.value)
+    assert "Supported formats: wav, flac, ogg" in message and ".." not in message, message
