@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("aiohttp")
+import aiohttp  # noqa: E402,F401  (test extra: a missing install fails, never skips)
 
 from sse_server import Script, SSEServer  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 import soxr
 import torch
 
-pytest.importorskip("pipecat")
-pytest.importorskip("aiohttp")
+import aiohttp  # noqa: E402,F401  (test extra: a missing install fails, never skips)
+import pipecat  # noqa: E402,F401
 
 from pipecat.frames.frames import (  # noqa: E402
     EndFrame,
