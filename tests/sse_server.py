@@ -130,3 +130,25 @@ class SSEServer:
             record.disconnected = True
             self.disconnected.set()
         return response
+
+
+def tiny_model():
+    """The small random-weight 24 kHz-structure model the LLM tests decode with."""
+    import dataclasses
+
+    import torch
+
+    from snac_stream import PRESETS, SNAC
+
+    torch.manual_seed(0)
+    return SNAC.from_config(dataclasses.replace(PRESETS["24khz"], encoder_dim=16, decoder_dim=64)).eval()
+
+
+def signal_codes(model):
+    """Codes of 0.5 s of a two-tone test signal: 6 coarse frames, 42 Orpheus tokens."""
+    import torch
+
+    t = torch.arange(12000) / 24000
+    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.1 * torch.sin(2 * torch.pi * 1300 * t)).view(1, 1, -1)
+    with torch.inference_mode():
+        return model.encode(audio)

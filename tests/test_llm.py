@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 
 import numpy as np
@@ -12,9 +11,8 @@ import torch
 
 import aiohttp  # noqa: E402,F401  (test extra: a missing install fails, never skips)
 
-from sse_server import Script, SSEServer  # noqa: E402
+from sse_server import Script, SSEServer, signal_codes, tiny_model  # noqa: E402
 
-from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.tokens import AudioTokenText  # noqa: E402
 from snac_stream.llm import (  # noqa: E402
     PROMPT_FORMATS,
@@ -35,17 +33,12 @@ from snac_stream.tokens import ORPHEUS_LLM_TOKEN_OFFSET, OrpheusLayout, format_c
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return SNAC.from_config(dataclasses.replace(PRESETS["24khz"], encoder_dim=16, decoder_dim=64)).eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def codes(model):
-    """Codes of 0.5 s of a test signal: 6 coarse frames, 42 Orpheus tokens."""
-    t = torch.arange(12000) / 24000
-    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.1 * torch.sin(2 * torch.pi * 1300 * t)).view(1, 1, -1)
-    with torch.inference_mode():
-        return model.encode(audio)
+    return signal_codes(model)
 
 
 def token_ids(codes):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
@@ -28,25 +27,20 @@ from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
-from sse_server import Script, SSEServer  # noqa: E402
+from sse_server import Script, SSEServer, signal_codes, tiny_model  # noqa: E402
 
-from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.integrations.pipecat import SNACOrpheusTTSService  # noqa: E402
 from snac_stream.tokens import OrpheusLayout, format_custom_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return SNAC.from_config(dataclasses.replace(PRESETS["24khz"], encoder_dim=16, decoder_dim=64)).eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def codes(model):
-    t = torch.arange(12000) / 24000
-    audio = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.1 * torch.sin(2 * torch.pi * 1300 * t)).view(1, 1, -1)
-    with torch.inference_mode():
-        return model.encode(audio)
+    return signal_codes(model)
 
 
 @pytest.fixture(scope="module")
