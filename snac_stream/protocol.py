@@ -132,6 +132,15 @@ class Hello:
         return dumps(message)
 
     @classmethod
+    def from_text(cls, text: str) -> "Hello":
+        """The first message of a session; one that is not a JSON object with a type is a malformed hello."""
+        try:
+            message = parse_json(text)
+        except ProtocolError as exc:
+            raise ProtocolError("bad_hello", f"the first message must be a JSON hello: {exc.message}") from None
+        return cls.parse(message)
+
+    @classmethod
     def parse(cls, message: Dict[str, Any]) -> "Hello":
         """Validate a parsed ``hello`` object (the layout name is checked against the model later)."""
         if message.get("type") != "hello":

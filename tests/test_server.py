@@ -326,6 +326,7 @@ ORPHEUS_HELLO = {"kind": "decode", "token_layout": "orpheus"}
 BAD_CASES = {
     "binary_before_hello": (None, _send(b"\x00\x01"), "bad_data_type"),
     "control_before_hello": (None, _send(json.dumps({"type": "flush"})), "bad_hello"),
+    "non_json_hello": (None, _send("hello, server"), "bad_hello"),
     "unknown_kind": (None, _send(json.dumps({"type": "hello", "kind": "transcode"})), "bad_hello"),
     "wrong_version": (None, _send(json.dumps({"type": "hello", "kind": "encode", "protocol": 9})),
                       "unsupported_version"),

@@ -97,7 +97,7 @@ class Gateway:
         opened = completed = False
         self.connections.add(session)
         try:
-            hello = Hello.parse(parse_json(await self._recv(session, expect_text=True)))
+            hello = Hello.from_text(await self._recv(session, expect_text=True))
             self._check_hello(ws, hello)
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
