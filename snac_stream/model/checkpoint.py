@@ -76,6 +76,11 @@ def read_config(directory: Path) -> SNACConfig:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json (a SNAC checkpoint directory holds config.json "
                               f"and one of {', '.join(WEIGHT_FILES)})")
+    return read_config_file(path)
+
+
+def read_config_file(path: Path) -> SNACConfig:
+    """A ``config.json`` (the reference constructor's keyword arguments) as a checked :class:`SNACConfig`."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -11,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from ..config import PRESETS, SNACConfig
+from ..model.checkpoint import CheckpointError, read_config_file
 
 
 class TrainingError(ValueError):
@@ -158,12 +158,9 @@ def _load_config_spec(spec: Union[str, Path]) -> SNACConfig:
         raise TrainingError(f"unknown model config {str(spec)!r}: expected one of {', '.join(CONFIG_NAMES)}, "
                             "a config.json file or a checkpoint directory")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise TrainingError(f"{path} must hold a JSON object of SNAC constructor arguments")
-    return _make_config(raw, str(path))
+        return read_config_file(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"invalid model config: {exc}") from exc
 
 
 def _make_config(values: Mapping[str, Any], where: str) -> SNACConfig:
