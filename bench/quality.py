@@ -30,7 +30,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import soxr
@@ -49,6 +49,7 @@ from snac_stream.training.losses import MultiScaleMelLoss  # noqa: E402
 
 DIAL = (0, 512, 1024, 2048)
 FORMATS = (("pcm16", 24000), ("mulaw", 8000), ("alaw", 8000), ("pcm16", 16000), ("opus", 48000))
+FORMAT_NAMES = tuple(dict.fromkeys(name for name, _ in FORMATS))
 
 
 def si_sdr(ref: np.ndarray, est: np.ndarray) -> float:
@@ -121,7 +122,8 @@ def through_format(model: Optional[SNAC], clip_client: np.ndarray, name: str, ra
     return np.concatenate([client_in.push(back), client_in.flush()])
 
 
-def evaluate(model: SNAC, clips: List[np.ndarray], triton: bool) -> List[Dict[str, object]]:
+def evaluate(model: SNAC, clips: List[np.ndarray], triton: bool, formats: Sequence[str] = FORMAT_NAMES
+             ) -> List[Dict[str, object]]:
     rate = model.sampling_rate
     score = Scorer(rate)
     rows: List[Dict[str, object]] = []
@@ -145,6 +147,8 @@ def evaluate(model: SNAC, clips: List[np.ndarray], triton: bool) -> List[Dict[st
             row(f"precision {precision}", lambda c: offline(model, c))
         model.precision = saved
     for name, client_rate in FORMATS:
+        if name not in formats:
+            continue
         refs = [c if client_rate == rate else soxr.resample(c, rate, client_rate) for c in clips]
         with torch.inference_mode():
             outs = [through_format(model, r.astype(np.float32), name, client_rate, rate) for r in refs]
@@ -167,8 +171,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="read the held-out clips (24 kHz audio files) from here instead of running espeak-ng")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--triton", action="store_true", help="run the Triton backend (default on CUDA)")
+    parser.add_argument("--formats", default=",".join(FORMAT_NAMES),
+                        help=f"comma-separated session formats to score (default: all of {','.join(FORMAT_NAMES)}; "
+                             "opus needs PyAV; 'none' scores none)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
+    formats = [] if args.formats == "none" else [f for f in args.formats.split(",") if f]
+    unknown = sorted(set(formats) - set(FORMAT_NAMES))
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(unknown)} (choose from {', '.join(FORMAT_NAMES)})")
     models = args.model or ["mini"]
     untrained = args.untrained if args.untrained is not None else models == ["mini"]
     backend = "triton" if args.triton or args.device.startswith("cuda") else "torch"
@@ -190,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             variants.append((f"{name} untrained", SNAC.from_config(model.config, backend=backend).to(args.device).eval()))
         for label, m in variants:
             clips = clips24 if m.sampling_rate == 24000 else [soxr.resample(c, 24000, m.sampling_rate) for c in clips24]
-            for r in evaluate(m, clips, triton=backend == "triton"):
+            for r in evaluate(m, clips, triton=backend == "triton", formats=formats):
                 results.append({"model": label, **r})
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -67,6 +67,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--client-processes", type=non_negative_int, default=None, metavar="N",
                    help="worker processes running the clients, as remote callers would (default: half the cores "
                         "less one, at least 1; 0 runs them in the server's process)")
+    p.add_argument("--scrape-hz", type=non_negative_float, default=0.0, metavar="HZ",
+                   help="GET /metrics this many times a second during the run, as Prometheus would, to see what "
+                        "scraping costs the engine step (default: 0, no scrapes)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
     add_common_options(p)
     p.set_defaults(func=run_bench_latency)
@@ -161,7 +164,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
         sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
         backend=args.backend, threads=args.threads, client_processes=args.client_processes,
-        say=lambda line: say(args, line)))
+        scrape_hz=args.scrape_hz, say=lambda line: say(args, line)))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         say(args, f"wrote   {args.json}")

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import time
+import urllib.request
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -160,16 +161,30 @@ def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
     return {"p50": 1e3 * p50, "p95": 1e3 * p95, "p99": 1e3 * p99, "max": 1e3 * float(values.max())}
 
 
+def _scrape(url: str, hz: float, stop: asyncio.Event, durations: List[float]) -> None:
+    """[a thread] GET ``url`` ``hz`` times a second until ``stop`` is set; appends each request's seconds."""
+    period = 1.0 / hz
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+        durations.append(time.perf_counter() - t0)
+        next_at += period
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
 async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
                             sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
-                            client_processes: Optional[int] = None,
+                            client_processes: Optional[int] = None, scrape_hz: float = 0.0,
                             say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB).
 
     ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`). ``client_processes``:
     worker processes running the clients (default :func:`default_client_processes`; 0 runs them in this
-    process, beside the server).
+    process, beside the server). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a
+    Prometheus server would (from a thread of this process), to measure what scraping costs the engine step.
     """
     if client_processes is None:
         client_processes = default_client_processes(clients)
@@ -207,6 +222,10 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
                     pass
 
         sampler = asyncio.create_task(sample_rss())
+        scrapes: List[float] = []
+        scraper = (asyncio.ensure_future(asyncio.to_thread(_scrape, f"http://127.0.0.1:{server.port}/metrics",
+                                                           scrape_hz, stop, scrapes))
+                   if scrape_hz > 0 else None)
         args = (clients, samples, rate, chunk, sample_format, step_s)
         if client_processes:
             # The server's memory is sampled while the streams run, not while their results come in.
@@ -215,6 +234,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             results = await _run_clients(server.url, range(clients), *args)
         stop.set()
         await sampler
+        if scraper is not None:
+            await scraper
         wall = time.perf_counter() - start
         server_errors = dict(server.stats["errors"])
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
@@ -254,6 +275,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
+        "scrape_hz": scrape_hz, "scrapes": len(scrapes), "scrape_ms": _stats(scrapes) if scrapes else None,
         "machine": machine_info(model.device),
     }
     say("latency (ms) per output sample, all clients:   p50      p95      p99      max")
@@ -268,6 +290,9 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     tick, step = report["tick_ms"], report["engine_step_ms"]
     say(f"ticks   {report['ticks']}: p50 {tick['p50']:.1f} ms, p99 {tick['p99']:.1f} ms, max {tick['max']:.1f} ms "
         f"(engine steps in them: p50 {step['p50']:.1f} ms, p99 {step['p99']:.1f} ms)")
+    if scrapes:
+        say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "
+            f"p99 {report['scrape_ms']['p99']:.1f} ms")
     if rss:
         say(f"memory  server process RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB (max {max(m for _, m in rss):.0f}; "
             f"growth after warm-up {report['rss_growth_mib']} MiB)")
