@@ -2,8 +2,9 @@
 
 :func:`load_model` takes a hub id (``hubertsiuzdak/snac_24khz``), a preset name (``24khz``) or a local
 checkpoint directory, or builds a preset with random weights; :func:`resolve_device` turns ``auto``, ``cpu``,
-``cuda``, ``cuda:N`` (any torch device string) into a device checked to be usable here. Both are shared by the
-``snac-stream`` command line, its server commands and the demos.
+``cuda``, ``cuda:N`` (any torch device string) into a device checked to be usable here, and
+:func:`resolve_devices` a comma list of them (or every visible GPU), for the server's engine sets. They are
+shared by the ``snac-stream`` command line, its server commands and the demos.
 
 A name or device that cannot be used raises :class:`ModelLoadError`; its message names the ``--model`` and
 ``--device`` options those callers take. Failures inside a checkpoint (missing config or weights, an offline
@@ -13,6 +14,7 @@ hub) are the model's own :class:`snac_stream.CheckpointError`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -20,7 +22,7 @@ from .config import HUB_IDS, PRESETS
 from .streaming import SNAC
 from .model.checkpoint import looks_like_path
 
-__all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model", "resolve_device"]
+__all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model", "resolve_device", "resolve_devices"]
 
 #: The model used when none is named: the 24 kHz speech model.
 DEFAULT_MODEL = HUB_IDS["24khz"]
@@ -53,6 +55,42 @@ def resolve_device(spec: str) -> torch.device:
     except (RuntimeError, AssertionError) as exc:  # torch raises either for devices it was not built for
         raise ModelLoadError(f"--device {spec}: cannot use this device ({exc})") from exc
     return device
+
+
+def resolve_devices(spec: str, all_gpus: bool = False) -> List[torch.device]:
+    """The devices of ``--device`` for a server: one spec (as :func:`resolve_device`) or a comma list such as
+    ``cuda:0,cuda:1``, each entry checked; with ``all_gpus`` every visible CUDA device (``spec`` then must be
+    ``auto`` or ``cuda``).
+
+    In a list, ``cuda`` is the current CUDA device; a GPU may appear once (one engine set per GPU), ``cpu`` any
+    number of times (several engine sets on the CPU); all entries must be of one device type, since sessions
+    are placed by free slots alone, not by device speed.
+    """
+    if all_gpus:
+        if spec not in ("auto", "cuda"):
+            raise ModelLoadError(f"--all-gpus takes every visible GPU; it cannot be combined with --device {spec}")
+        cuda = resolve_device("cuda")  # raises, saying why, without CUDA
+        return [torch.device(cuda.type, i) for i in range(torch.cuda.device_count())]
+    if "," not in spec:
+        return [resolve_device(spec)]
+    entries = [entry.strip() for entry in spec.split(",")]
+    if not all(entries):
+        raise ModelLoadError(f"--device {spec!r}: empty entry in the list; write devices separated by single "
+                             "commas, e.g. cuda:0,cuda:1")
+    devices = []
+    for entry in entries:
+        device = resolve_device(entry)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type != "cpu" and device in devices:
+            raise ModelLoadError(f"--device {spec!r}: {device} appears twice; a GPU runs one engine set (only cpu "
+                                 "may repeat)")
+        devices.append(device)
+    types = sorted({device.type for device in devices})
+    if len(types) > 1:
+        raise ModelLoadError(f"--device {spec!r} mixes device types ({', '.join(types)}); sessions are placed by "
+                             "free slots, not speed: list devices of one type")
+    return devices
 
 
 def load_model(spec: str, device: torch.device, *, random_weights: bool = False) -> SNAC:

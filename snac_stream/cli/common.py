@@ -66,11 +66,21 @@ def add_model_option(parser: argparse.ArgumentParser, help: str = MODEL_HELP) ->
     parser.add_argument("--model", default=DEFAULT_MODEL, help=help)
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--quiet``, last on every subcommand."""
-    parser.add_argument("--device", default="auto",
-                        help="torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... "
-                             "(default: auto)")
+def add_common_options(parser: argparse.ArgumentParser, several_devices: bool = False) -> None:
+    """``--device`` and ``--quiet``, last on every subcommand; with ``several_devices`` (the server commands)
+    ``--device`` takes a comma list, and ``--all-gpus`` is added (read with
+    :func:`snac_stream.loading.resolve_devices`)."""
+    if several_devices:
+        parser.add_argument("--device", default="auto",
+                            help="torch device, or a comma list for one engine set each (new sessions go to the "
+                                 "one with the most free slots): auto (CUDA if available, else CPU), cpu, cuda, "
+                                 "cuda:1, cuda:0,cuda:1, cpu,cpu, ... (default: auto)")
+        parser.add_argument("--all-gpus", action="store_true",
+                            help="one engine set on each visible CUDA device (instead of --device)")
+    else:
+        parser.add_argument("--device", default="auto",
+                            help="torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... "
+                                 "(default: auto)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
 

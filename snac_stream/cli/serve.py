@@ -1,5 +1,6 @@
 """``serve`` (the websocket server and its browser page) and ``bench-latency`` (N real-time roundtrip clients
-against an in-process server on loopback)."""
+against an in-process server on loopback), on one device or several (``--device cuda:0,cuda:1``,
+``--all-gpus``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..loading import load_model, resolve_device
+from ..loading import load_model, resolve_devices
 from .common import (CLIError, add_common_options, add_model_option, check_output, non_negative_float,
                      non_negative_int, positive_float, positive_int, say)
 
@@ -22,7 +23,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=non_negative_int, default=8765, help="TCP port (default: 8765; 0 picks one)")
     p.add_argument("--max-sessions", type=positive_int, default=8,
-                   help="concurrent sessions; more are refused with server_full (default: 8)")
+                   help="concurrent sessions per device (engine set); more are refused with server_full "
+                        "(default: 8)")
     p.add_argument("--max-frame-bytes", type=positive_int, default=1 << 20,
                    help="largest message accepted, in bytes (default: 1048576)")
     p.add_argument("--idle-timeout", type=positive_float, default=30.0,
@@ -49,7 +51,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--server-id", default=None,
                    help="this instance's name in 'ready' (server_id), to tell servers behind a load balancer apart "
                         "(default: <hostname>:<port>)")
-    add_common_options(p)
+    add_common_options(p, several_devices=True)
     p.set_defaults(func=run_serve)
 
     p = subparsers.add_parser(
@@ -71,7 +73,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="GET /metrics this many times a second during the run, as Prometheus would, to see what "
                         "scraping costs the engine step (default: 0, no scrapes)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
-    add_common_options(p)
+    add_common_options(p, several_devices=True)
     p.set_defaults(func=run_bench_latency)
 
 
@@ -107,8 +109,8 @@ def run_serve(args: argparse.Namespace) -> int:
         options.check()
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    device = resolve_device(args.device)
-    model = load_model(args.model, device, random_weights=args.random_weights).eval()
+    devices = resolve_devices(args.device, args.all_gpus)
+    model = load_model(args.model, devices[0], random_weights=args.random_weights).eval()
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -127,12 +129,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights) as server:
+        async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights,
+                              devices=devices) as server:
             cfg = model.config
-            say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on {device} at "
-                      f"{server.url}: {cfg.sampling_rate} Hz, step {server.step_samples} samples, algorithmic "
-                      f"latency (samples) {server.latency}; up to {options.max_sessions} sessions"
-                      f"{', token required' if options.token else ''}")
+            slots = (f"{server.workers.slots} sessions ({options.max_sessions} per device)" if len(devices) > 1
+                     else f"{options.max_sessions} sessions")
+            say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on "
+                      f"{','.join(server.devices)} at {server.url}: {cfg.sampling_rate} Hz, step "
+                      f"{server.step_samples} samples, algorithmic latency (samples) {server.latency}; up to "
+                      f"{slots}{', token required' if options.token else ''}")
             if options.web:
                 say(args, f"browser client (mic -> codec -> speaker): {web.page_url(server)}")
             serving = asyncio.ensure_future(server.serve_forever())
@@ -158,10 +163,10 @@ def run_bench_latency(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         check_output(args.json)
-    device = resolve_device(args.device)
-    model = load_model(args.model, device, random_weights=args.random_weights).eval()
+    devices = resolve_devices(args.device, args.all_gpus)
+    model = load_model(args.model, devices[0], random_weights=args.random_weights).eval()
     report = asyncio.run(run_latency_bench(
-        model, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
+        model, devices=devices, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
         sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
         backend=args.backend, threads=args.threads, client_processes=args.client_processes,
         scrape_hz=args.scrape_hz, say=lambda line: say(args, line)))

@@ -2,8 +2,8 @@
 
 * :mod:`.app`: :class:`SNACServer`, wiring the parts below together;
 * :mod:`.connection`: the event loop side (handshake, hello, read loop, backpressure, output queues);
-* :mod:`.worker`: the engine side (the engines of one device, the thread that ticks them) over :mod:`.lanes`
-  (one per engine: the sessions' streams on it);
+* :mod:`.worker`: the engine side (the engines of each device, the thread that ticks them, the placement of
+  sessions on devices) over :mod:`.lanes` (one per engine: the sessions' streams on it);
 * :mod:`.session`: one client's state, split by the thread that owns it;
 * :mod:`.options`: settings, auth and origin rules; :mod:`.stats`: the counters; :mod:`.metrics`: their
   Prometheus view (``GET /metrics``; ``/healthz`` and ``/readyz`` are answered in :mod:`.app`);

@@ -1,22 +1,24 @@
-"""The websocket server: one model, a decode and an encode engine, many sessions.
+"""The websocket server: one model, a decode and an encode engine per device, many sessions.
 
-:class:`SNACServer` wires the parts together: the engines and the thread that runs them (:mod:`.worker`,
-:mod:`.lanes`), the connection side on the event loop (:mod:`.connection`) and the browser page on the same
-port (:mod:`.web`). Dependencies go one way: this module -> connection, web -> worker -> lanes -> session;
-every part reads :mod:`.options`.
+:class:`SNACServer` wires the parts together: the engines of each device and the thread that runs them
+(:mod:`.worker`, :mod:`.lanes`), the connection side on the event loop (:mod:`.connection`) and the browser
+page on the same port (:mod:`.web`). Dependencies go one way: this module -> connection, web -> worker -> lanes
+-> session; every part reads :mod:`.options`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import json
 import logging
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
+import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from ..model.snac import SNACModel
@@ -26,43 +28,67 @@ from .connection import Gateway
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .options import ServedModel, ServerOptions, default_engine_threads, handshake_origins
 from .stats import new_stats
-from .worker import EngineSet, Worker
+from .worker import EngineSet, Worker, Workers
 
 log = logging.getLogger("snac_stream.server")
 # Operational endpoints, answered with or without the page (--no-web) and without the token.
 OPS_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
+def _device(spec: Union[str, torch.device]) -> torch.device:
+    """``spec`` as a device with its index where CUDA has one (``cuda`` is the current CUDA device)."""
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class SNACServer:
-    """A websocket server streaming one model to many sessions.
+    """A websocket server streaming one model to many sessions, on one device or several.
 
     Use ``async with SNACServer(model, options) as server:`` (or :meth:`start` / :meth:`stop`); ``server.port``
     is the bound port (``options.port = 0`` picks a free one).
+
+    ``devices`` (default: the model's device) lists the devices to run on, one engine set and worker thread
+    each, with ``options.max_sessions`` slots each; ``cpu`` may repeat. The first device uses ``model`` if it
+    is on it, every other one a copy. A new session goes to the device with the most free slots
+    (:class:`~.worker.Workers`). ``engines``, ``encoder``, ``decoder`` and ``worker`` are the first device's;
+    ``engine_sets`` and ``workers`` hold them all.
     """
 
     def __init__(self, model: SNACModel, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, devices: Optional[Sequence[Union[str, torch.device]]] = None):
         self.options = options or ServerOptions()
         self.options.check()
         self.model = model.eval()
         self.model_name = model_name or getattr(model, "name", None) or "snac"
         self.random_weights = random_weights
         self.stats: Dict[str, Any] = new_stats()
-        self.engines = EngineSet(model, self.options.max_sessions, self.stats, backend=self.options.backend,
-                                 behind_warning_s=self.options.behind_warning_s)
+        if devices is not None and not devices:
+            raise ValueError("devices must list at least one device")
+        places = [_device(d) for d in devices] if devices else [model.device]
+        models = [self.model if i == 0 and place == model.device else copy.deepcopy(self.model).to(place).eval()
+                  for i, place in enumerate(places)]
+        self.engine_sets: List[EngineSet] = [
+            EngineSet(m, self.options.max_sessions, self.stats, backend=self.options.backend,
+                      behind_warning_s=self.options.behind_warning_s) for m in models]
+        self.engines = self.engine_sets[0]
         self.encoder, self.decoder = self.engines.encoder, self.engines.decoder
         self.step_frames = self.engines.step_frames
         self.step_samples = self.engines.step_samples
         self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
                         for kind in ("encode", "decode", "roundtrip")}
+        self.devices: List[str] = [str(place) for place in places]
         self.served = ServedModel(self.model_name, model.config, self.step_frames, self.step_samples, self.latency,
-                                  random_weights)
+                                  tuple(self.devices), random_weights)
         self.threads = self.options.threads or default_engine_threads()
-        self.worker = Worker(self.engines, self.threads, self.stats)
-        self.gateway = Gateway(self.served, self.options, self.worker, self.stats)
-        self.device = str(next(model.parameters()).device)
-        self.metrics = ServerMetrics(self, self.device)
-        self.engines.on_step = self.metrics.observe_step
+        self.workers = Workers([Worker(engines, self.threads, self.stats) for engines in self.engine_sets],
+                               self.options.max_sessions)
+        self.worker = self.workers[0]
+        self.gateway = Gateway(self.served, self.options, self.workers, self.stats)
+        self.metrics = ServerMetrics(self, self.devices)
+        for index, engines in enumerate(self.engine_sets):
+            engines.on_step = self.metrics.step_observer(index)
         self._server: Optional[Server] = None
         self._stopped = False
         self._hurry: Optional[asyncio.Event] = None
@@ -70,8 +96,8 @@ class SNACServer:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> "SNACServer":
-        """Start the engine worker and listen (on the running event loop)."""
-        self.worker.start(self.gateway.take_events)
+        """Start the engine workers and listen (on the running event loop)."""
+        self.workers.start(self.gateway.take_events)
         self._server = await serve(
             self.gateway.handle, self.options.host, self.options.port, origins=handshake_origins(self.options),
             compression=None,
@@ -88,14 +114,14 @@ class SNACServer:
         return self
 
     async def stop(self) -> None:
-        """Stop listening, close the connections (close code 1001), stop the worker. Idempotent."""
+        """Stop listening, close the connections (close code 1001), stop the workers. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await self.worker.stop()
+        await self.workers.stop()
         gc.unfreeze()  # back to normal collection (and a clean interpreter exit) once the server is gone
 
     async def __aenter__(self) -> "SNACServer":
@@ -125,18 +151,19 @@ class SNACServer:
 
     # ---- operations -----------------------------------------------------------------------------------
     def health(self) -> Tuple[bool, str]:
-        """(healthy, why): the engine worker runs and no tick is stuck (``stuck_tick_s``)."""
-        return self.worker.health(self.options.stuck_tick_s)
+        """(healthy, why): every engine worker runs and none has a tick stuck (``stuck_tick_s``)."""
+        return self.workers.health(self.options.stuck_tick_s)
 
     def readiness(self) -> Tuple[bool, str]:
-        """(ready, reason): whether a new session would be taken now; reason ``ready``, ``starting``,
-        ``draining``, ``full`` or ``unhealthy``. The server listens only once its engines are built (compiled
-        and captured on CUDA), so ``starting`` is never seen over HTTP: the port refuses connections until then."""
+        """(ready, reason): whether a new session would be taken now (some device has a free slot); reason
+        ``ready``, ``starting``, ``draining``, ``full`` (every device's slots taken) or ``unhealthy`` (any
+        worker). The server listens only once its engines are built (compiled and captured on CUDA), so
+        ``starting`` is never seen over HTTP: the port refuses connections until then."""
         if self.port is None or self._stopped:
             return False, "starting" if self.port is None else "stopped"
         if self.gateway.draining:
             return False, "draining"
-        if len(self.gateway.sessions) >= self.options.max_sessions:
+        if not any(self.workers.slots_free()):
             return False, "full"
         if not self.health()[0]:
             return False, "unhealthy"
@@ -187,8 +214,12 @@ class SNACServer:
             body: Dict[str, Any] = {"healthy": ok, "reason": reason}
         else:
             ok, reason = self.readiness()
-            free = max(0, self.options.max_sessions - len(self.gateway.sessions))
-            body = {"ready": ok, "reason": reason, "sessions_open": len(self.gateway.sessions), "slots_free": free}
+            free = self.workers.slots_free()
+            body = {"ready": ok, "reason": reason, "sessions_open": len(self.gateway.sessions), "slots_free": sum(free)}
+            if len(self.workers) > 1:
+                per_device = zip(self.devices, self.workers.sessions_open(), free)
+                body["devices"] = [{"engine_set": i, "device": device, "sessions_open": n, "slots_free": f}
+                                   for i, (device, n, f) in enumerate(per_device)]
         return web.response(connection, 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json")
 
     def _process_request(self, connection: ServerConnection, request: Any) -> Any:

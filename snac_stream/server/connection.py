@@ -4,7 +4,8 @@ Bounds (see :class:`~.options.ServerOptions`): a session's unprocessed input (``
 the server stops reading that socket, so a client sending faster than the engine computes is slowed by TCP
 flow control; its queued output -- past half of ``max_output_bytes`` the server stops reading too, and a
 client whose output does not move for ``idle_timeout_s``, or whose queue passes the whole bound, is dropped
-as a slow consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions``); and
+as a slow consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions`` per
+device: a new session takes a slot on the device with the most free ones, :class:`~.worker.Workers`); and
 ``idle_timeout_s``.
 """
 
@@ -25,7 +26,7 @@ from ..protocol import Hello, ProtocolError, Ready, decode_audio, decode_tokens,
 from ..tokens import get_layout
 from .options import ServedModel, ServerOptions, token_accepted
 from .session import Events, Session
-from .worker import Worker
+from .worker import Workers
 
 log = logging.getLogger("snac_stream.server")
 
@@ -39,12 +40,13 @@ async def _close_or_abort(ws: ServerConnection, code: int, reason: str, timeout_
 
 
 class Gateway:
-    """Serves each websocket connection as one session, its engine work done by ``worker``."""
+    """Serves each websocket connection as one session, its engine work done by the worker of the device it
+    is placed on (``workers``)."""
 
-    def __init__(self, served: ServedModel, options: ServerOptions, worker: Worker, stats: Dict[str, Any]):
+    def __init__(self, served: ServedModel, options: ServerOptions, workers: Workers, stats: Dict[str, Any]):
         self.served = served
         self.options = options
-        self.worker = worker
+        self.workers = workers
         self.stats = stats
         self.sessions: Set[Session] = set()
         self.connections: Set[Session] = set()  # every handler under way, with a slot or not
@@ -79,6 +81,7 @@ class Gateway:
 
     def _drop(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.workers.release(session)
         self._changed.set()
 
     @staticmethod
@@ -102,8 +105,8 @@ class Gateway:
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
                                                 "connect again (elsewhere)")
-            if len(self.sessions) >= self.options.max_sessions:
-                raise ProtocolError("server_full", f"all {self.options.max_sessions} sessions are in use; "
+            if not self.workers.place(session):
+                raise ProtocolError("server_full", f"all {self.workers.slots} sessions are in use; "
                                                    "try again later")
             session.hello = hello
             session.layout = get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
@@ -111,12 +114,12 @@ class Gateway:
                 side.parser = session.layout.parser()
             self.sessions.add(session)
             self.stats["sessions"] += 1
-            await self.worker.open(session)
+            await self.workers.open(session)
             opened = True
             side.writer = asyncio.create_task(side.write_loop())
             self.send(session, self._ready(session).to_json())
             if await self._read_loop(session):
-                await self.worker.end_stream(session)
+                await self.workers.end_stream(session)
                 if not side.dead:  # not failed on the way
                     self.stats["completed"] += 1
                     completed = True
@@ -181,7 +184,8 @@ class Gateway:
             limits={"max_frame_bytes": opts.max_frame_bytes, "idle_timeout_s": opts.idle_timeout_s,
                     "max_backlog_samples": backlog if hello.kind != "decode" else None,
                     "max_backlog_tokens": backlog if hello.kind == "decode" else None,
-                    "max_output_bytes": opts.max_output_bytes, "max_sessions": opts.max_sessions},
+                    "max_output_bytes": opts.max_output_bytes, "max_sessions": self.workers.slots,
+                    "max_sessions_per_device": opts.max_sessions},
             session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights,
             server_id=self.server_id)
 
@@ -251,7 +255,7 @@ class Gateway:
         if not samples.size:
             return
         session.loop.received += samples.size
-        self.worker.deliver(session, samples, now)
+        self.workers.deliver(session, samples, now)
 
     def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
         ids = decode_tokens(payload)
@@ -261,7 +265,7 @@ class Gateway:
             raise ProtocolError("bad_tokens", str(exc)) from None
         session.loop.received += ids.size
         if codes[0].shape[-1]:
-            self.worker.deliver(session, codes, now)
+            self.workers.deliver(session, codes, now)
 
     # ---- output and failures ----------------------------------------------------------------------------
     def send(self, session: Session, message: Union[bytes, str]) -> None:
@@ -316,4 +320,4 @@ class Gateway:
     def _release(self, session: Session) -> None:
         session.loop.dead = True
         session.loop.progress.set()
-        self.worker.abort(session)
+        self.workers.abort(session)

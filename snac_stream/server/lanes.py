@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +27,8 @@ from .session import Events, Marker, Session
 log = logging.getLogger("snac_stream.server")
 
 BEHIND_REPEAT_S = 5.0  # at most one "behind" warning per session this often
+# The engine threads of several devices count into the server's one stats dict; `+=` on it is not atomic.
+_STATS_LOCK = threading.Lock()
 
 # Ends a session after a failure in its share of a tick (every stream of it, on every lane).
 Fail = Callable[[Session, Events, Exception], None]
@@ -306,7 +309,8 @@ class EncodeLane(Lane):
         if not limit or lag <= limit or recently:
             return
         state.warned_at = now
-        self.stats["behind_warnings"] += 1
+        with _STATS_LOCK:
+            self.stats["behind_warnings"] += 1
         events.append((session, dumps({
             "type": "warning", "code": "behind", "lag_ms": round(1e3 * lag),
             "message": f"output is {lag:.1f} s behind the input it answers: the server is slower than this "

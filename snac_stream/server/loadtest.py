@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import multiprocessing
 import os
 import platform
@@ -40,7 +41,9 @@ def bench_signal(samples: int, rate: int, seed: int) -> np.ndarray:
     return np.clip(x + 0.02 * rng.standard_normal(samples), -0.9, 0.9).astype(np.float32)
 
 
-def machine_info(device: torch.device) -> Dict[str, Any]:
+def machine_info(*devices: torch.device) -> Dict[str, Any]:
+    """The machine a benchmark ran on: CPU, torch, Python, date, commit, and the GPU model of ``devices``
+    (each one's, ``gpus``, when there are several)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -52,8 +55,11 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "torch": torch.__version__, "python": platform.python_version(),
                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    gpus = [torch.cuda.get_device_name(device) for device in devices if device.type == "cuda"]
+    if gpus:
+        info["gpu"] = gpus[0]
+    if len(gpus) > 1:
+        info["gpus"] = gpus
     info["commit"] = source_commit()
     return info
 
@@ -178,13 +184,16 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
                             sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
                             client_processes: Optional[int] = None, scrape_hz: float = 0.0,
+                            devices: Optional[Sequence[torch.device]] = None,
                             say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB).
 
-    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`). ``client_processes``:
-    worker processes running the clients (default :func:`default_client_processes`; 0 runs them in this
-    process, beside the server). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a
-    Prometheus server would (from a thread of this process), to measure what scraping costs the engine step.
+    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`), per device.
+    ``client_processes``: worker processes running the clients (default :func:`default_client_processes`; 0
+    runs them in this process, beside the server). ``scrape_hz``: GET ``/metrics`` this often while the
+    clients run, as a Prometheus server would (from a thread of this process), to measure what scraping costs
+    the engine step. ``devices``: the server's devices (default: the model's), each with slots for its share
+    of the clients.
     """
     if client_processes is None:
         client_processes = default_client_processes(clients)
@@ -193,18 +202,22 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     client_processes = min(client_processes, clients)
     rate = model.config.sampling_rate
     chunk = max(1, round(rate * chunk_ms / 1000))
-    options = ServerOptions(port=0, max_sessions=clients, idle_timeout_s=max(30.0, duration_s), backend=backend,
-                            threads=threads)
-    server = SNACServer(model, options, model_name=model_name, random_weights=random_weights)
+    places = list(devices) if devices else [model.device]
+    # Sessions go to the device with the most free slots: each gets an even share of the clients.
+    options = ServerOptions(port=0, max_sessions=math.ceil(clients / len(places)),
+                            idle_timeout_s=max(30.0, duration_s), backend=backend, threads=threads)
+    server = SNACServer(model, options, model_name=model_name, random_weights=random_weights, devices=places)
     step_s = server.step_samples / rate
     samples = int(duration_s * rate)
     rss: List[List[float]] = []
     results: List[Any] = []
     async with server:
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
-            f"{model.device}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip algorithmic "
-            f"latency {server.latency['roundtrip']} samples ({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
-            f"{server.threads} engine thread{'s' if server.threads > 1 else ''}")
+            f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip "
+            f"algorithmic latency {server.latency['roundtrip']} samples "
+            f"({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
+            f"{server.threads} engine thread{'s' if server.threads > 1 else ''}"
+            f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}")
         say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
             f"{sample_format}, " + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
                                     if client_processes else "in the server's process"))
@@ -263,7 +276,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     tail_within_step = overhead.size > 0 and float(np.percentile(overhead, 99)) < step_s
     steady = [m for t, m in rss if t >= min(5.0, wall / 3)]
     report: Dict[str, Any] = {
-        "model": model_name, "random_weights": random_weights, "device": str(model.device),
+        "model": model_name, "random_weights": random_weights, "device": ",".join(server.devices),
         "backend": model.resolved_backend(backend), "sample_rate": rate, "sample_format": sample_format,
         "clients": clients, "duration_s": duration_s, "chunk_samples": chunk, "step_samples": server.step_samples,
         "algorithmic_latency_samples": server.latency["roundtrip"], "wall_s": round(wall, 2),
@@ -274,9 +287,10 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "behind_warnings": warnings,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
+        "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
         "scrape_hz": scrape_hz, "scrapes": len(scrapes), "scrape_ms": _stats(scrapes) if scrapes else None,
-        "machine": machine_info(model.device),
+        "machine": machine_info(*places),
     }
     say("latency (ms) per output sample, all clients:   p50      p95      p99      max")
     for p in PARTS:

@@ -1,17 +1,21 @@
 """Prometheus metrics of one server (``GET /metrics``), in a registry of its own (several servers may share a
 process, as in the tests).
 
-Most figures are read when scraped, from counters the connection side and the worker keep anyway
-(:mod:`.stats`) and from the loop-owned session set; the engine thread only adds observations to two
-histograms (its steps' durations and batch sizes), each a short lock of ``prometheus_client``'s own, so a
+Most figures are read when scraped, from counters the connection side and the workers keep anyway
+(:mod:`.stats`) and from the loop-owned session set; the engine threads only add observations to two
+histograms (their steps' durations and batch sizes), each a short lock of ``prometheus_client``'s own, so a
 scrape never waits for a tick and a tick never waits for a scrape. Nothing here names a session, a client or
 the token.
+
+On several devices, the per-device series (engine steps, ticks, slots, GPU memory) carry the labels
+``engine_set`` (its index in ``--device``) and ``device`` (``cpu,cpu`` repeats a device, the index tells them
+apart); on one device they have no such labels.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator, Protocol, Tuple
+from typing import Any, Callable, Iterator, List, Protocol, Sequence, Tuple
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -29,7 +33,7 @@ class Observed(Protocol):
     model_name: str
     stats: Any
     gateway: Any
-    options: Any
+    workers: Any
 
     def readiness(self) -> Tuple[bool, Any]: ...
 
@@ -40,26 +44,42 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("completed", "closed", *ERRORS)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DEVICE_LABELS = ["engine_set", "device"]  # of the per-device series, on several devices
+
+
+def device_labels(devices: Sequence[str]) -> List[Tuple[str, ...]]:
+    """The per-device label values of each engine set: (index, device) on several devices, none on one."""
+    return [(str(i), device) for i, device in enumerate(devices)] if len(devices) > 1 else [()] * len(devices)
 
 
 class ServerMetrics:
-    """The registry of one :class:`~.app.SNACServer` and the histograms its engine thread feeds."""
+    """The registry of one :class:`~.app.SNACServer` (engine sets on ``devices``) and the histograms its engine
+    threads feed."""
 
-    def __init__(self, server: Observed, device: str):
+    def __init__(self, server: Observed, devices: Sequence[str]):
         self.registry = CollectorRegistry()
+        self.labels = device_labels(devices)
+        per_device = DEVICE_LABELS if len(devices) > 1 else []
         self.step_seconds = Histogram("snac_engine_step_seconds", "Duration of one engine step, per lane",
-                                      ["lane"], buckets=STEP_BUCKETS, registry=self.registry)
+                                      [*per_device, "lane"], buckets=STEP_BUCKETS, registry=self.registry)
         self.batch_streams = Histogram("snac_engine_batch_streams", "Streams computed in one engine step, per lane",
-                                       ["lane"], buckets=BATCH_BUCKETS, registry=self.registry)
-        Gauge("snac_build_info", "Version, model and device of this server (always 1)",
+                                       [*per_device, "lane"], buckets=BATCH_BUCKETS, registry=self.registry)
+        Gauge("snac_build_info", "Version, model and devices (comma-separated, in engine set order) of this server "
+                                 "(always 1)",
               ["version", "model", "device"], registry=self.registry).labels(
-            __version__, server.model_name, device).set(1)
-        self.registry.register(_ServerCollector(server, device))
+            __version__, server.model_name, ",".join(devices)).set(1)
+        self.registry.register(_ServerCollector(server, devices, per_device, self.labels))
 
-    def observe_step(self, lane: str, seconds: float, streams: int) -> None:
-        """[engine thread] One lane's step."""
-        self.step_seconds.labels(lane).observe(seconds)
-        self.batch_streams.labels(lane).observe(streams)
+    def step_observer(self, engine_set: int) -> Callable[[str, float, int], None]:
+        """What engine set ``engine_set``'s thread calls after each lane's step: (lane, seconds, streams)."""
+        labels = self.labels[engine_set]
+        step_seconds, batch_streams = self.step_seconds, self.batch_streams
+
+        def observe(lane: str, seconds: float, streams: int) -> None:
+            step_seconds.labels(*labels, lane).observe(seconds)
+            batch_streams.labels(*labels, lane).observe(streams)
+
+        return observe
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -68,14 +88,16 @@ class ServerMetrics:
 class _ServerCollector(Collector):
     """The figures read at scrape time (on the event loop, which owns the session set)."""
 
-    def __init__(self, server: Observed, device: str):
+    def __init__(self, server: Observed, devices: Sequence[str], per_device: List[str],
+                 labels: List[Tuple[str, ...]]):
         self.server = server
-        self.cuda = device.startswith("cuda")
-        self.device = device
+        self.devices = devices
+        self.per_device = per_device  # label names of the per-device series
+        self.labels = labels  # their values, per engine set
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
-        stats, gateway, options = server.stats, server.gateway, server.options
+        stats, gateway = server.stats, server.gateway
         sessions = list(gateway.sessions)
 
         open_by_kind = collections.Counter(s.kind for s in sessions)
@@ -83,9 +105,22 @@ class _ServerCollector(Collector):
         for kind in KINDS:
             g.add_metric([kind], open_by_kind[kind])
         yield g
-        yield GaugeMetricFamily("snac_session_slots", "Session slots (--max-sessions)", value=options.max_sessions)
-        yield GaugeMetricFamily("snac_session_slots_free", "Session slots free",
-                                value=max(0, options.max_sessions - len(sessions)))
+        workers = server.workers
+        free = workers.slots_free()
+        yield GaugeMetricFamily("snac_session_slots", "Session slots (--max-sessions on each device)",
+                                value=workers.slots)
+        yield GaugeMetricFamily("snac_session_slots_free", "Session slots free", value=sum(free))
+        if self.per_device:
+            g = GaugeMetricFamily("snac_device_sessions_open", "Sessions holding a slot, per engine set",
+                                  labels=self.per_device)
+            for labels, n in zip(self.labels, workers.sessions_open()):
+                g.add_metric(labels, n)
+            yield g
+            g = GaugeMetricFamily("snac_device_slots_free", "Session slots free, per engine set",
+                                  labels=self.per_device)
+            for labels, n in zip(self.labels, free):
+                g.add_metric(labels, n)
+            yield g
         ready, _ = server.readiness()
         yield GaugeMetricFamily("snac_ready", "1 while the server takes new sessions (GET /readyz answers 200)",
                                 value=int(ready))
@@ -113,7 +148,10 @@ class _ServerCollector(Collector):
         yield CounterMetricFamily("snac_received_bytes", "Message bytes received from clients",
                                   value=stats["bytes_in"])
         yield CounterMetricFamily("snac_sent_bytes", "Message bytes queued for clients", value=stats["bytes_out"])
-        yield CounterMetricFamily("snac_engine_ticks", "Engine worker ticks", value=stats["ticks"])
+        c = CounterMetricFamily("snac_engine_ticks", "Engine worker ticks", labels=self.per_device)
+        for labels, worker in zip(self.labels, workers):
+            c.add_metric(labels, worker.ticks)
+        yield c
 
         backlog = GaugeMetricFamily("snac_input_backlog_items", "Client input received but not yet stepped through "
                                                                 "the engine (samples, or tokens for decode), by kind",
@@ -127,9 +165,15 @@ class _ServerCollector(Collector):
         yield GaugeMetricFamily("snac_output_queue_bytes", "Output queued for clients, not yet sent",
                                 value=sum(s.loop.out_bytes for s in sessions))
 
-        if self.cuda and torch.cuda.is_available():
-            device = torch.device(self.device)
-            yield GaugeMetricFamily("snac_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors",
-                                    value=torch.cuda.memory_allocated(device))
-            yield GaugeMetricFamily("snac_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
-                                    value=torch.cuda.memory_reserved(device))
+        cuda = [(labels, torch.device(device)) for labels, device in zip(self.labels, self.devices)
+                if device.startswith("cuda")]
+        if cuda and torch.cuda.is_available():
+            for name, doc, read in (
+                    ("snac_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors",
+                     torch.cuda.memory_allocated),
+                    ("snac_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
+                     torch.cuda.memory_reserved)):
+                g = GaugeMetricFamily(name, doc, labels=self.per_device)
+                for labels, device in cuda:
+                    g.add_metric(labels, read(device))
+                yield g

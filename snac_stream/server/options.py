@@ -28,7 +28,9 @@ LOOPBACK_ORIGINS: Tuple[Union[str, re.Pattern, None], ...] = (
 class ServerOptions:
     """Limits and security settings.
 
-    ``token``: a shared secret clients present in ``hello.auth`` or an ``Authorization: Bearer`` header;
+    ``max_sessions``: concurrent sessions per device (engine set); a server on several devices takes
+    ``max_sessions`` times their number. ``token``: a shared secret clients present in ``hello.auth`` or an
+    ``Authorization: Bearer`` header;
     required when ``host`` is not a loopback address. ``allowed_origins``: exact Origin values (or ``"*"``)
     browsers may connect from, besides loopback pages. ``threads``: torch intra-op threads of the engine
     worker (``None``: :func:`default_engine_threads`).
@@ -117,7 +119,8 @@ class ServedModel:
     """What clients are told about the served model (``ready``, ``/config.json``).
 
     ``latency``: the algorithmic latency in samples of each session kind; ``step_samples`` of audio
-    (``step_frames`` coarse frames) is the unit the engines compute in.
+    (``step_frames`` coarse frames) is the unit the engines compute in. ``devices``: the devices of the engine
+    sets, in placement order (``cpu`` may repeat).
     """
 
     name: str
@@ -125,4 +128,5 @@ class ServedModel:
     step_frames: int
     step_samples: int
     latency: Dict[str, int]
+    devices: Tuple[str, ...]
     random_weights: bool = False

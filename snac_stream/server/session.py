@@ -81,10 +81,10 @@ class EngineSide:
 class Session:
     """One client.
 
-    ``number``, ``hello`` and ``layout`` are set on the loop before the engine first sees the session and do not
-    change after. Handed between the threads: ``inbox`` (the loop appends input, the engine pops it; both atomic
-    on a deque), ``flush_at`` (set by the loop before it asks the engine to end the stream) and ``consumed``
-    (advanced by the engine, read by the loop for backpressure).
+    ``number``, ``hello``, ``layout`` and ``placement`` are set on the loop before the engine first sees the
+    session and do not change after. Handed between the threads: ``inbox`` (the loop appends input, the engine
+    pops it; both atomic on a deque), ``flush_at`` (set by the loop before it asks the engine to end the
+    stream) and ``consumed`` (advanced by the engine, read by the loop for backpressure).
     """
 
     def __init__(self, ws: ServerConnection, number: int):
@@ -96,6 +96,7 @@ class Session:
         self.inbox: Deque[Input] = collections.deque()  # input not yet submitted to an engine
         self.flush_at: Optional[Marker] = None  # (received, time) at flush
         self.consumed = 0  # input items stepped through the engine
+        self.placement: Optional[int] = None  # the engine set (device) it runs on, set on the loop before opening
 
     @property
     def kind(self) -> str:

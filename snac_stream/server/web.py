@@ -7,8 +7,9 @@ HTTP ``GET`` requests that are not websocket upgrades are answered here (``SNACS
   data); it captures the microphone, streams a ``roundtrip`` session and plays the decoded audio back;
 * ``/config.json``: what the page needs before it opens the websocket: the model's sample rate (the page
   creates its ``AudioContext`` at that rate, so no resampling happens in JavaScript), the announced
-  algorithmic latencies, and whether a given page origin (``?origin=``) passes the server's Origin check,
-  so a refused handshake can be explained (a browser does not see the HTTP 403 of a refused websocket).
+  algorithmic latencies, the session slots (all devices' and per device), and whether a given page origin
+  (``?origin=``) passes the server's Origin check, so a refused handshake can be explained (a browser does
+  not see the HTTP 403 of a refused websocket).
 
 Everything is same-origin and offline: no external assets.
 """
@@ -63,8 +64,9 @@ def config(served: ServedModel, options: ServerOptions, origin: Optional[str]) -
         "server": f"snac-stream {__version__}", "protocol": 1, "model": served.name,
         "random_weights": served.random_weights, "sample_rate": cfg.sampling_rate,
         "step_samples": served.step_samples, "codebook_size": cfg.codebook_size,
-        "algorithmic_latency_samples": dict(served.latency), "max_sessions": options.max_sessions,
-        "token_required": bool(options.token),
+        "algorithmic_latency_samples": dict(served.latency),
+        "max_sessions": options.max_sessions * len(served.devices), "max_sessions_per_device": options.max_sessions,
+        "devices": list(served.devices), "token_required": bool(options.token),
         "origin": origin, "origin_allowed": None if origin is None else origin_allowed(options, origin),
     }
 

@@ -1,5 +1,6 @@
-"""The engine side: the engines of one model on one device (:class:`EngineSet`) and the thread that runs them
-(:class:`Worker`).
+"""The engine side: the engines of one model on one device (:class:`EngineSet`), the thread that runs them
+(:class:`Worker`), and the workers of every device a server runs on with the placement of sessions on them
+(:class:`Workers`).
 
 The engines are touched only in the worker thread (torch releases the GIL while it computes). The event
 loop puts each client message's input in its session's inbox (:meth:`Worker.deliver`), marks flushed
@@ -10,15 +11,19 @@ batched flush per engine), then runs one engine step per lane (encode first, so 
 decoded in the same tick), and hands the output frames back to the loop. Outputs are converted per batch:
 tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with the
 number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
+
+With several devices (``serve --device cuda:0,cuda:1``, or ``cpu,cpu``) each has its own engine set, worker
+thread and copy of the model; a session stays on the device it was placed on when it opened.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -34,6 +39,19 @@ log = logging.getLogger("snac_stream.server")
 Command = Callable[[Events], Any]
 
 
+def on_device(device: torch.device) -> ContextManager[Any]:
+    """Make ``device`` the current CUDA device while in the block (CUDA streams, graph captures and kernel
+    launches go to the current device, not the tensors'); nothing for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _engine_thread_setup(threads: int, device: torch.device) -> None:
+    """The worker thread's torch settings: its intra-op threads and current CUDA device are per thread."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class EngineSet:
     """An encode and a decode engine for ``max_streams`` streams each, their lanes, and the streams ending.
 
@@ -44,15 +62,17 @@ class EngineSet:
                  behind_warning_s: float = 0.0):
         self.stats = stats
         self.max_streams = max_streams
+        self.device = model.device
         # Called after each lane's step that ran, in the engine thread: (lane name, seconds, streams stepped).
         self.on_step: Optional[Callable[[str, float, int], None]] = None
-        # Outputs come back on the host in one copy per step (they are sent from there anyway).
-        self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu")
-        self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu")
-        for engine in (self.decoder, self.encoder):
-            if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
-                engine.warm_up()
-                engine.capture_graphs()
+        with on_device(self.device):
+            # Outputs come back on the host in one copy per step (they are sent from there anyway).
+            self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu")
+            self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu")
+            for engine in (self.decoder, self.encoder):
+                if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
+                    engine.warm_up()
+                    engine.capture_graphs()
         self.step_frames = self.decoder.step_frames
         self.step_samples = self.decoder.step_samples
         self.encode = EncodeLane(self.encoder, self.fail, stats, behind_warning_s)
@@ -148,9 +168,10 @@ class Worker:
         self.engines = engines
         self.threads = threads
         self.stats = stats
-        # torch's thread count is per thread: set it in the worker, leaving the caller's alone.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine",
-                                            initializer=torch.set_num_threads, initargs=(threads,))
+        self.ticks = 0  # this worker's ticks (stats["ticks"] counts every worker's)
+        # torch's thread count and CUDA device are per thread: set them in the worker, leaving the caller's alone.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snac-engine", initializer=_engine_thread_setup,
+                                            initargs=(threads, engines.device))
         self._commands: List[Tuple[Command, Optional[asyncio.Future]]] = []
         self._input_ready: List[Session] = []  # sessions whose inbox has input since the last tick
         self._end_requests: List[Session] = []  # sessions flushed since the last tick
@@ -245,6 +266,7 @@ class Worker:
                     self._executor, self.engines.tick, [command for command, _ in commands], ready, ending)
             finally:
                 self.tick_started = None
+            self.ticks += 1
             self.stats["ticks"] += 1
             self._sink(events)
             for session in ended:
@@ -258,3 +280,102 @@ class Worker:
                         future.set_result(result)
             if busy:
                 self._wake.set()
+
+
+class Workers:
+    """The workers of every device the server runs on (one on one device), and where each session runs.
+
+    :meth:`place` puts a new session on the engine set with the most free slots (ties: the first listed) and
+    records it in ``session.placement``; its streams, input, end and abort then go to that worker alone (the
+    same calls as :class:`Worker`'s). Each engine set has ``slots_per_device`` slots (``--max-sessions``), so
+    the server has ``slots`` in all. The counts are the loop's: a session holds its slot from :meth:`place` to
+    :meth:`release`, and a slot released before the engine thread has dropped its streams is safe to reuse,
+    since the drop is queued on that worker before any later open.
+    """
+
+    def __init__(self, workers: Sequence[Worker], slots_per_device: int):
+        if not workers:
+            raise ValueError("Workers needs at least one worker")
+        self.workers = list(workers)
+        self.slots_per_device = slots_per_device
+        self._placed: List[Set[Session]] = [set() for _ in self.workers]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def __getitem__(self, index: int) -> Worker:
+        return self.workers[index]
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self.workers)
+
+    @property
+    def slots(self) -> int:
+        """Session slots of all devices together."""
+        return self.slots_per_device * len(self.workers)
+
+    def sessions_open(self) -> List[int]:
+        """Sessions holding a slot, per engine set."""
+        return [len(placed) for placed in self._placed]
+
+    def slots_free(self) -> List[int]:
+        """Free slots, per engine set."""
+        return [max(0, self.slots_per_device - len(placed)) for placed in self._placed]
+
+    # ---- placement (event loop) -------------------------------------------------------------------------
+    def place(self, session: Session) -> bool:
+        """Give ``session`` a slot on the engine set with the most free ones; False if every one is full."""
+        free = self.slots_free()
+        best = max(range(len(free)), key=free.__getitem__)  # the first of equals
+        if not free[best]:
+            return False
+        session.placement = best
+        self._placed[best].add(session)
+        return True
+
+    def release(self, session: Session) -> None:
+        """Free the session's slot (idempotent). Its placement stays, so a late abort still finds its worker."""
+        if session.placement is not None:
+            self._placed[session.placement].discard(session)
+
+    def _of(self, session: Session) -> Worker:
+        assert session.placement is not None, "session not placed"
+        return self.workers[session.placement]
+
+    # ---- a session's work, on the worker it was placed on -----------------------------------------------
+    async def open(self, session: Session) -> None:
+        """Open the session's engine streams; raises ``ProtocolError`` ``server_full`` if none is free."""
+        await self._of(session).open(session)
+
+    def abort(self, session: Session) -> None:
+        """Drop the session's engine streams in its worker's next tick."""
+        self._of(session).abort(session)
+
+    def deliver(self, session: Session, item: Any, now: float) -> None:
+        """Queue one message's input for the session's worker (:meth:`Worker.deliver`)."""
+        self._of(session).deliver(session, item, now)
+
+    async def end_stream(self, session: Session) -> None:
+        """After a flush: end the session's streams (:meth:`Worker.end_stream`)."""
+        await self._of(session).end_stream(session)
+
+    # ---- all workers ----------------------------------------------------------------------------------
+    def start(self, sink: Callable[[Events], None]) -> None:
+        """Start every worker's ticks; ``sink`` takes the events of them all."""
+        for worker in self.workers:
+            worker.start(sink)
+
+    async def stop(self) -> None:
+        """Stop every worker (each after its tick under way)."""
+        for worker in self.workers:
+            await worker.stop()
+
+    def health(self, stuck_after_s: float) -> Tuple[bool, str]:
+        """(healthy, why): every worker is (:meth:`Worker.health`); else the first one that is not, named by
+        its engine set and device when there are several."""
+        for index, worker in enumerate(self.workers):
+            ok, why = worker.health(stuck_after_s)
+            if not ok:
+                several = len(self.workers) > 1
+                return False, f"engine set {index} ({worker.engines.device}): {why}" if several else why
+        return True, "ok"
