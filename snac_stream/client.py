@@ -26,7 +26,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, Ready, encode_audio, encode_tokens
+from .protocol import (AUDIO_FORMATS, CONTAINER_FORMATS, PAYLOAD_AUDIO, PAYLOAD_TOKENS, SAMPLE_FORMATS, Hello,
+                       OutputFrame, Ready, encode_audio, encode_tokens)
 
 __all__ = ["ServerError", "Session", "StreamResult", "encode", "decode", "roundtrip", "latency_breakdown"]
 
@@ -49,14 +50,19 @@ class Session:
     @classmethod
     async def open(cls, url: str, kind: str, *, sample_format: str = "pcm16", sample_rate: Optional[int] = None,
                    token_layout: str = "interleaved", token_offset: int = 0, auth: Optional[str] = None,
-                   **connect_kwargs: Any) -> "Session":
+                   input_format: Optional[str] = None, input_rate: Optional[int] = None,
+                   output_format: Optional[str] = None, output_rate: Optional[int] = None,
+                   opus_bitrate: Optional[int] = None, **connect_kwargs: Any) -> "Session":
         """Connect, send ``hello`` and wait for ``ready``; raises :class:`ServerError` if refused.
 
-        ``connect_kwargs`` go to :func:`websockets.asyncio.client.connect` (``origin``, ``additional_headers``,
-        ``max_queue``, ``sock``, ...). Compression is off unless given: audio barely compresses.
+        The format and rate arguments are the hello's fields (``docs/protocol.md``, "Formats and sample
+        rates"). ``connect_kwargs`` go to :func:`websockets.asyncio.client.connect` (``origin``,
+        ``additional_headers``, ``max_queue``, ``sock``, ...). Compression is off unless given: audio barely
+        compresses.
         """
         hello = Hello(kind=kind, sample_format=sample_format, sample_rate=sample_rate, token_layout=token_layout,
-                      token_offset=token_offset, auth=auth)
+                      token_offset=token_offset, auth=auth, input_format=input_format, input_rate=input_rate,
+                      output_format=output_format, output_rate=output_rate, opus_bitrate=opus_bitrate)
         connect_kwargs.setdefault("compression", None)
         connect_kwargs.setdefault("max_size", None)
         ws = await connect(url, **connect_kwargs)
@@ -68,11 +74,30 @@ class Session:
             await ws.close()
             raise
 
+    @property
+    def input_format(self) -> str:
+        """The format of the audio this session sends."""
+        return self.ready.input_format or self.hello.formats()["input"][0]
+
+    @property
+    def output_format(self) -> str:
+        """The format of the audio this session receives."""
+        return self.ready.output_format or self.hello.formats()["output"][0]
+
     async def send_audio(self, samples: Union[np.ndarray, bytes]) -> None:
-        """Send float samples (T,) in [-1, 1] (converted to the session's sample format) or raw payload bytes."""
-        payload = samples if isinstance(samples, (bytes, bytearray)) else encode_audio(samples, self.hello.sample_format)
+        """Send raw payload bytes in the session's input format, or (``pcm16``, ``float32``) float samples (T,)
+        in [-1, 1], converted to it."""
+        fmt = self.input_format
+        if isinstance(samples, (bytes, bytearray)):
+            payload = bytes(samples)
+        elif fmt in SAMPLE_FORMATS:
+            payload = encode_audio(samples, fmt)
+        elif samples.dtype == np.uint8:
+            payload = samples.tobytes()
+        else:
+            raise TypeError(f"send {fmt} audio as bytes (snac_stream.formats.OutputEncoder makes them)")
         await self.ws.send(payload)
-        self.sent += len(payload) // (2 if self.hello.sample_format == "pcm16" else 4)
+        self.sent += len(payload) // AUDIO_FORMATS[fmt]
 
     async def send_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
         """Send token ids (int32 on the wire) in the session's layout."""
@@ -100,7 +125,7 @@ class Session:
             if parsed.get("type") == "error":
                 raise ServerError(parsed.get("code", "?"), parsed.get("message", ""), await _close_code(self.ws))
             return parsed
-        return OutputFrame.unpack(message, self.hello.sample_format)
+        return OutputFrame.unpack(message, self.output_format)
 
 
 async def _recv_or_error(ws: ClientConnection) -> Union[str, bytes]:
@@ -158,7 +183,7 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
                   keep_frames: bool = True, **hello: Any) -> StreamResult:
     """Send ``pieces`` (audio samples or token ids) while receiving, then flush; collect the output."""
     session = await Session.open(url, kind, **hello)
-    rate = session.ready.sample_rate
+    rate = session.ready.input_rate or session.ready.sample_rate
     result = StreamResult(session.ready, np.zeros(0, np.float32), np.zeros(0, np.int64), [], {})
     send_audio = kind != "decode"
 
@@ -232,24 +257,33 @@ def _chunks(data: np.ndarray, sizes: Union[int, Sequence[int]]) -> List[np.ndarr
     return out
 
 
-async def encode(url: str, audio: np.ndarray, *, chunk_samples: Union[int, Sequence[int]] = 480,
+def _audio_items(audio: Union[np.ndarray, bytes]) -> np.ndarray:
+    """What the helpers chunk: float samples (PCM formats), or the client's bytes as uint8 (the others)."""
+    if isinstance(audio, (bytes, bytearray)) or (isinstance(audio, np.ndarray) and audio.dtype == np.uint8):
+        return np.frombuffer(bytes(audio), np.uint8)
+    return np.asarray(audio, np.float32)
+
+
+async def encode(url: str, audio: Union[np.ndarray, bytes], *, chunk_samples: Union[int, Sequence[int]] = 480,
                  realtime: bool = False, **hello: Any) -> StreamResult:
-    """Stream mono float audio (T,) at the model's rate; ``result.tokens`` are the ids in ``token_layout``."""
-    return await _stream(url, "encode", _chunks(np.asarray(audio, np.float32), chunk_samples), realtime=realtime,
-                         **hello)
+    """Stream mono float audio (T,) (or, in G.711 or Opus, its bytes; chunk sizes then count bytes);
+    ``result.tokens`` are the ids in ``token_layout``."""
+    return await _stream(url, "encode", _chunks(_audio_items(audio), chunk_samples), realtime=realtime, **hello)
 
 
 async def decode(url: str, tokens: Union[Sequence[int], np.ndarray], *,
                  chunk_tokens: Union[int, Sequence[int]] = 7, **hello: Any) -> StreamResult:
-    """Stream token ids in ``token_layout`` (e.g. ``"orpheus"``); ``result.audio`` is float32 (T,)."""
+    """Stream token ids in ``token_layout`` (e.g. ``"orpheus"``); ``result.audio`` is float32 (T,) (in G.711 or
+    Opus output formats: the bytes received, as uint8)."""
     return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens), **hello)
 
 
-async def roundtrip(url: str, audio: np.ndarray, *, chunk_samples: Union[int, Sequence[int]] = 480,
+async def roundtrip(url: str, audio: Union[np.ndarray, bytes], *, chunk_samples: Union[int, Sequence[int]] = 480,
                     realtime: bool = False, **hello: Any) -> StreamResult:
-    """Stream audio through the codec and back: ``result.audio`` (as many samples as sent) and ``result.tokens``."""
-    return await _stream(url, "roundtrip", _chunks(np.asarray(audio, np.float32), chunk_samples),
-                         realtime=realtime, **hello)
+    """Stream audio through the codec and back: ``result.audio`` (as many samples as sent, when both ways are PCM
+    at the model's rate) and ``result.tokens``. Audio in other formats and rates as :func:`encode` and
+    :func:`decode`."""
+    return await _stream(url, "roundtrip", _chunks(_audio_items(audio), chunk_samples), realtime=realtime, **hello)
 
 
 def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.ndarray]:
@@ -259,23 +293,29 @@ def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.n
 
     * ``total = t_recv - (t0 + (i + 1) / rate)``: from capturing input sample ``i`` to receiving its output;
     * ``algorithmic = (input_end - (i + 1)) / rate``: waiting for the input the output depends on (the codec's
-      look-ahead, the engine's step and the client's chunk size);
+      look-ahead, the engine's step, the client's chunk size and any resampler's hold);
     * ``server = server_us``: from the server receiving that input to the output being ready (queue + compute);
     * ``transport = total - algorithmic - server``: sending, the network and the client's own scheduling.
+
+    With other rates in than out (``ready.input_rate``, ``ready.output_rate``), ``i + 1`` counts at the output
+    rate and ``input_end`` at the input rate. Opus outputs (counted in bytes) have no per-sample split.
 
     Frames of the end-of-stream flush are left out (their input ends with the flush, not with capture).
     ``decimate`` keeps every n-th sample.
     """
     if result.t0 is None:
         raise ValueError("latency needs a real-time paced stream (realtime=True)")
-    rate = result.ready.sample_rate
+    ready = result.ready
+    if ready.output_format in CONTAINER_FORMATS:
+        raise ValueError(f"{ready.output_format} output frames are counted in bytes: no per-sample latency")
+    in_rate, out_rate = ready.input_rate or ready.sample_rate, ready.output_rate or ready.sample_rate
     parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("total", "algorithmic", "server", "transport")}
     for t_recv, frame in result.frames:
         if frame.payload_kind != PAYLOAD_AUDIO or frame.final:
             continue
         i = np.arange(frame.start, frame.start + frame.data.shape[0], decimate, dtype=np.float64)
-        total = t_recv - (result.t0 + (i + 1) / rate)
-        algorithmic = (frame.input_end - (i + 1)) / rate
+        total = t_recv - (result.t0 + (i + 1) / out_rate)
+        algorithmic = frame.input_end / in_rate - (i + 1) / out_rate
         server = np.full_like(i, frame.server_us / 1e6)
         parts["total"].append(total)
         parts["algorithmic"].append(algorithmic)

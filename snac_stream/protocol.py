@@ -6,13 +6,14 @@ of every message lives here once; it imports neither side (nor torch). The norma
 
 Summary:
 
-* The client opens with a JSON text ``hello`` (session kind, sample format, sample rate, token layout, auth);
+* The client opens with a JSON text ``hello`` (session kind, audio formats and rates, token layout, auth);
   the server answers ``ready`` (model, rates, step size, token layout, algorithmic latency, limits).
-* Client -> server binary frames carry raw payload only: audio samples (PCM16 LE or float32 LE, mono) for
-  ``encode`` / ``roundtrip``, int32 LE token ids for ``decode``. Their order gives their stream positions.
+* Client -> server binary frames carry raw payload only: audio (PCM16 LE or float32 LE mono samples at the
+  model's rate, or any of :data:`AUDIO_FORMATS` at 8-48 kHz, which the server converts) for ``encode`` /
+  ``roundtrip``, int32 LE token ids for ``decode``. Their order gives their stream positions.
 * Server -> client binary frames start with a 32-byte header (:data:`HEADER`): payload kind, the stream
   position of the first item, the input count that completed the step which produced it, and server-side
-  timings; the payload is samples (in the session's sample format) or int32 LE tokens.
+  timings; the payload is audio (in the session's output format) or int32 LE tokens.
 * JSON text for control (``flush``, ``close``), ``done`` and ``error`` (then the server closes the socket
   with the close code of :data:`ERRORS`).
 """
@@ -29,6 +30,11 @@ import numpy as np
 PROTOCOL_VERSION = 1
 KINDS: Tuple[str, ...] = ("encode", "decode", "roundtrip")
 SAMPLE_FORMATS: Dict[str, np.dtype] = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+# Every client audio format a hello may name (snac_stream.formats converts them; this module only needs their
+# wire view and must not import it, which brings torch): bytes per wire item. An item is a sample, except in the
+# Opus containers, whose payloads, positions and counts are in bytes.
+AUDIO_FORMATS: Dict[str, int] = {"pcm16": 2, "float32": 4, "mulaw": 1, "alaw": 1, "opus": 1, "webm": 1}
+CONTAINER_FORMATS: Tuple[str, ...] = ("opus", "webm")
 TOKEN_DTYPE = np.dtype("<i4")
 DEFAULT_LAYOUT = "interleaved"
 # The environment variable holding the shared auth token (``hello.auth``), read by the server and the clients.
@@ -57,11 +63,11 @@ FLAG_FINAL = 1
 # is shutting down).
 ERRORS: Dict[str, int] = {
     "bad_data_type": 1003,      # text where binary is expected, binary before hello
-    "bad_audio": 1007,          # odd PCM16 byte count, float32 not a multiple of 4 bytes, NaN/inf
+    "bad_audio": 1007,          # odd PCM16 byte count, float32 not a multiple of 4 bytes, NaN/inf, bad Opus
     "bad_tokens": 1007,         # byte count not a multiple of 4, out-of-range or misplaced token ids
     "bad_hello": 1008,          # malformed hello, unknown kind/format/layout, message before hello
     "unsupported_version": 1008,
-    "bad_sample_rate": 1008,    # hello's sample_rate is not the model's
+    "bad_sample_rate": 1008,    # a hello rate outside 8000..48000 Hz, or one its format does not take
     "unauthorized": 1008,       # missing or wrong auth token
     "unknown_message": 1008,    # JSON with an unknown type, or not an object
     "idle_timeout": 1008,       # nothing received for idle_timeout_s
@@ -113,7 +119,12 @@ def parse_json(text: str) -> Dict[str, Any]:
 class Hello:
     """The client's first message.
 
-    ``sample_rate`` (Hz) is optional; when given it must equal the model's (the server does not resample).
+    ``sample_format`` and ``sample_rate`` (Hz) describe the client's audio both ways; ``input_format`` /
+    ``input_rate`` and ``output_format`` / ``output_rate`` override one direction (a direction with its own
+    format does not take ``sample_rate``). A rate left out is the format's default (G.711: 8000, Opus: 48000,
+    PCM: the model's). Formats are :data:`AUDIO_FORMATS`, rates 8000..48000; the server converts anything but
+    PCM at the model's rate (``docs/protocol.md``, "Formats and sample rates"). ``opus_bitrate`` (bits/s) sets
+    the Opus encoder of an ``opus``/``webm`` output.
     ``token_offset`` is added to every token id (e.g. 128266 for raw Orpheus LLM ids).
     """
 
@@ -124,12 +135,28 @@ class Hello:
     token_offset: int = 0
     auth: Optional[str] = None
     protocol: int = PROTOCOL_VERSION
+    input_format: Optional[str] = None
+    input_rate: Optional[int] = None
+    output_format: Optional[str] = None
+    output_rate: Optional[int] = None
+    opus_bitrate: Optional[int] = None
 
-    _FIELDS = ("type", "protocol", "kind", "sample_format", "sample_rate", "token_layout", "token_offset", "auth")
+    _FIELDS = ("type", "protocol", "kind", "sample_format", "sample_rate", "token_layout", "token_offset", "auth",
+               "input_format", "input_rate", "output_format", "output_rate", "opus_bitrate")
 
     def to_json(self) -> str:
         message = {"type": "hello", **{k: v for k, v in asdict(self).items() if v is not None}}
         return dumps(message)
+
+    def formats(self) -> Dict[str, Tuple[str, Optional[int]]]:
+        """``{"input": (format, rate or None: the format's default), "output": ...}``: a direction's own fields,
+        else the shared ones (its rate only while it takes the shared format too)."""
+        def way(fmt: Optional[str], rate: Optional[int]) -> Tuple[str, Optional[int]]:
+            if fmt is None:
+                return self.sample_format, rate if rate is not None else self.sample_rate
+            return fmt, rate
+
+        return {"input": way(self.input_format, self.input_rate), "output": way(self.output_format, self.output_rate)}
 
     @classmethod
     def from_text(cls, text: str) -> "Hello":
@@ -142,7 +169,8 @@ class Hello:
 
     @classmethod
     def parse(cls, message: Dict[str, Any]) -> "Hello":
-        """Validate a parsed ``hello`` object (the layout name is checked against the model later)."""
+        """Validate a parsed ``hello`` object. Names and types only: the layout is checked against the model, and
+        rates, bitrate and the formats' combinations against the formats, by the server."""
         if message.get("type") != "hello":
             raise ProtocolError("bad_hello", f"the first message must be a hello, got type {message.get('type')!r}")
         unknown = sorted(set(message) - set(cls._FIELDS))
@@ -155,12 +183,19 @@ class Hello:
         kind = message.get("kind")
         if kind not in KINDS:
             raise ProtocolError("bad_hello", f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        fmt = message.get("sample_format", "pcm16")
-        if fmt not in SAMPLE_FORMATS:
-            raise ProtocolError("bad_hello", f"sample_format must be one of {', '.join(SAMPLE_FORMATS)}, got {fmt!r}")
-        rate = message.get("sample_rate")
-        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0):
-            raise ProtocolError("bad_hello", f"sample_rate must be a positive integer (Hz), got {rate!r}")
+        formats = {}
+        for name in ("sample_format", "input_format", "output_format"):
+            fmt = message.get(name, "pcm16" if name == "sample_format" else None)
+            if fmt is not None and fmt not in AUDIO_FORMATS:
+                raise ProtocolError("bad_hello", f"{name} must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}")
+            formats[name] = fmt
+        numbers = {}
+        for name, unit in (("sample_rate", "Hz"), ("input_rate", "Hz"), ("output_rate", "Hz"),
+                           ("opus_bitrate", "bits/s")):
+            value = message.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ProtocolError("bad_hello", f"{name} must be a positive integer ({unit}), got {value!r}")
+            numbers[name] = value
         layout = message.get("token_layout", DEFAULT_LAYOUT)
         if not isinstance(layout, str):
             raise ProtocolError("bad_hello", f"token_layout must be a string, got {layout!r}")
@@ -170,18 +205,20 @@ class Hello:
         auth = message.get("auth")
         if auth is not None and not isinstance(auth, str):
             raise ProtocolError("bad_hello", "auth must be a string")
-        return cls(kind=kind, sample_format=fmt, sample_rate=rate, token_layout=layout, token_offset=offset,
-                   auth=auth, protocol=protocol)
+        return cls(kind=kind, token_layout=layout, token_offset=offset, auth=auth, protocol=protocol, **formats,
+                   **numbers)
 
 
 @dataclass
 class Ready:
     """The server's answer to a valid hello: what the session streams and how fast.
 
-    Sample counts are at ``sample_rate``; ``step_samples`` of input (``step_frames`` coarse frames,
-    ``step_frames * frame_tokens`` tokens) is the unit the engine computes in. ``algorithmic_latency_samples``
-    is the worst case, over output positions, of (input needed before an output item can be computed) minus
-    (its own position): the codec's look-ahead and the step granularity, with no compute time.
+    Sample counts are at ``sample_rate``, the model's; ``step_samples`` of input (``step_frames`` coarse
+    frames, ``step_frames * frame_tokens`` tokens) is the unit the engine computes in.
+    ``algorithmic_latency_samples`` is the worst case, over output positions, of (input needed before an output
+    item can be computed) minus (its own position): the codec's look-ahead and the step granularity, with no
+    compute time, plus what converting the client's audio adds (``input_latency_samples`` and
+    ``output_latency_samples``, which are at the client's rates, ``input_rate`` and ``output_rate``).
     """
 
     kind: str
@@ -204,6 +241,15 @@ class Ready:
     random_weights: bool = False
     server_id: Optional[str] = None  # which server instance took the session (behind a load balancer)
     extra: Dict[str, Any] = field(default_factory=dict)
+    # The client's audio each way (None where the kind has none that way): its format, its rate (Hz) and the
+    # worst-case delay converting it adds (samples at that rate); the Opus bitrate (bits/s) of an Opus output.
+    input_format: Optional[str] = None
+    input_rate: Optional[int] = None
+    input_latency_samples: Optional[int] = None
+    output_format: Optional[str] = None
+    output_rate: Optional[int] = None
+    output_latency_samples: Optional[int] = None
+    opus_bitrate: Optional[int] = None
 
     def to_json(self) -> str:
         return dumps({"type": "ready", **asdict(self)})
@@ -243,13 +289,15 @@ class OutputFrame:
 
     @classmethod
     def unpack(cls, frame: Union[bytes, bytearray, memoryview], sample_format: str) -> "OutputFrame":
-        """Parse a frame; audio payloads are returned as float32 samples (T,) in [-1, 1]."""
+        """Parse a frame; audio payloads in ``pcm16`` or ``float32`` are returned as float32 samples (T,) in
+        [-1, 1], in the other :data:`AUDIO_FORMATS` as their bytes (uint8: G.711 codes, Opus container data)."""
         if len(frame) < HEADER_BYTES:
             raise ValueError(f"binary frame of {len(frame)} bytes is shorter than the {HEADER_BYTES}-byte header")
         kind, flags, start, input_end, count, server_us, compute_us = HEADER.unpack_from(frame)
         body = memoryview(frame)[HEADER_BYTES:]
         if kind == PAYLOAD_AUDIO:
-            data = decode_audio(body, sample_format)
+            data = (decode_audio(body, sample_format) if sample_format in SAMPLE_FORMATS
+                    else np.frombuffer(body, np.uint8))
         elif kind == PAYLOAD_TOKENS:
             data = decode_tokens(body)
         else:

@@ -330,7 +330,7 @@ BAD_CASES = {
     "unknown_kind": (None, _send(json.dumps({"type": "hello", "kind": "transcode"})), "bad_hello"),
     "wrong_version": (None, _send(json.dumps({"type": "hello", "kind": "encode", "protocol": 9})),
                       "unsupported_version"),
-    "wrong_sample_rate": (None, _send(json.dumps({"type": "hello", "kind": "encode", "sample_rate": 16000})),
+    "wrong_sample_rate": (None, _send(json.dumps({"type": "hello", "kind": "encode", "sample_rate": 96000})),
                           "bad_sample_rate"),
     "text_instead_of_audio": (AUDIO_HELLO, _send(encode_audio(np.zeros(100), "pcm16"), "0.1 0.2 0.3"),
                               "bad_data_type"),

@@ -22,8 +22,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from .. import __version__
-from ..protocol import Hello, ProtocolError, Ready, decode_audio, decode_tokens, parse_json
+from ..protocol import Hello, ProtocolError, Ready, decode_tokens, parse_json
 from ..tokens import get_layout
+from .conversion import SessionFormats
 from .options import ServedModel, ServerOptions, token_accepted
 from .session import Events, Session
 from .worker import Workers
@@ -101,14 +102,14 @@ class Gateway:
         self.connections.add(session)
         try:
             hello = Hello.from_text(await self._recv(session, expect_text=True))
-            self._check_hello(ws, hello)
+            formats = self._check_hello(ws, hello)
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
                                                 "connect again (elsewhere)")
             if not self.workers.place(session):
                 raise ProtocolError("server_full", f"all {self.workers.slots} sessions are in use; "
                                                    "try again later")
-            session.hello = hello
+            session.hello, session.formats, session.audio_format = hello, formats, formats.engine_format
             session.layout = get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
             if hello.kind == "decode":
                 side.parser = session.layout.parser()
@@ -120,6 +121,7 @@ class Gateway:
             self.send(session, self._ready(session).to_json())
             if await self._read_loop(session):
                 await self.workers.end_stream(session)
+                await formats.drained()  # the output still being converted, `done` last
                 if not side.dead:  # not failed on the way
                     self.stats["completed"] += 1
                     completed = True
@@ -156,22 +158,21 @@ class Gateway:
             self.connections.discard(session)
             self._changed.set()
 
-    def _check_hello(self, ws: ServerConnection, hello: Hello) -> None:
+    def _check_hello(self, ws: ServerConnection, hello: Hello) -> SessionFormats:
+        """The hello's auth, formats (returned with their converters) and token layout, or a ``ProtocolError``."""
         if not token_accepted(self.options, hello.auth or getattr(ws, "bearer", None)):
             raise ProtocolError("unauthorized", "missing or wrong auth token")
-        rate = self.served.config.sampling_rate
-        if hello.sample_rate is not None and hello.sample_rate != rate:
-            raise ProtocolError("bad_sample_rate", f"this model runs at {rate} Hz, the hello says "
-                                                   f"{hello.sample_rate} Hz; resample on the client")
+        formats = SessionFormats(hello, self.served.config.sampling_rate)
         try:
             get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
         except ValueError as exc:
             raise ProtocolError("bad_hello", str(exc)) from None
+        return formats
 
     def _ready(self, session: Session) -> Ready:
-        served, layout, hello, opts = self.served, session.layout, session.hello, self.options
+        served, layout, hello, opts, formats = self.served, session.layout, session.hello, self.options, session.formats
         cfg = served.config
-        assert layout is not None and hello is not None
+        assert layout is not None and hello is not None and formats is not None
         backlog = self._backlog_limit(hello.kind)
         return Ready(
             kind=hello.kind, model=served.name, sample_rate=cfg.sampling_rate, sample_format=hello.sample_format,
@@ -180,14 +181,14 @@ class Gateway:
             token_layout={"name": layout.name, "frame_tokens": layout.frame_tokens,
                           "token_offset": layout.token_offset, "order": [list(o) for o in layout.order],
                           "id_offsets": [layout.id_offset(p) for p in range(layout.frame_tokens)]},
-            algorithmic_latency_samples=served.latency[hello.kind],
+            algorithmic_latency_samples=served.latency[hello.kind] + formats.added_latency,
             limits={"max_frame_bytes": opts.max_frame_bytes, "idle_timeout_s": opts.idle_timeout_s,
                     "max_backlog_samples": backlog if hello.kind != "decode" else None,
                     "max_backlog_tokens": backlog if hello.kind == "decode" else None,
                     "max_output_bytes": opts.max_output_bytes, "max_sessions": self.workers.slots,
                     "max_sessions_per_device": opts.max_sessions},
             session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights,
-            server_id=self.server_id)
+            server_id=self.server_id, **formats.ready_fields())
 
     def _backlog_limit(self, kind: str) -> int:
         """Unprocessed input items (samples, or tokens for decode) past which the server stops reading."""
@@ -238,6 +239,8 @@ class Gateway:
                     if side.parser is not None and side.parser.pending:
                         raise ProtocolError("bad_tokens", f"the stream ended inside a coarse frame: "
                                                           f"{side.parser.pending} tokens left over")
+                    # The input converter's tail (a resampler's) is input too.
+                    self._deliver_audio(session, session.formats.end_input(now), now)  # type: ignore[union-attr]
                     session.flush_at = (side.received, now)
                     return True
                 if control["type"] == "close":
@@ -251,10 +254,15 @@ class Gateway:
             self.stats["max_backlog"] = max(self.stats["max_backlog"], side.received - session.consumed)
 
     def _on_audio(self, session: Session, payload: bytes, now: float) -> None:
-        samples = decode_audio(payload, session.hello.sample_format)  # type: ignore[union-attr]
+        # Converted here, on the loop, as each message arrives: see .conversion for the cost and why.
+        self._deliver_audio(session, session.formats.decode(payload), now)  # type: ignore[union-attr]
+
+    def _deliver_audio(self, session: Session, samples: Any, now: float) -> None:
+        """Hand samples at the model's rate to the engine."""
         if not samples.size:
             return
         session.loop.received += samples.size
+        session.formats.delivered(session.loop.received)  # type: ignore[union-attr]
         self.workers.deliver(session, samples, now)
 
     def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
@@ -288,6 +296,9 @@ class Gateway:
         for session, item in events:
             if isinstance(item, ProtocolError):
                 self.fail(session, item)
+            elif session.formats is not None and session.formats.converted and not session.loop.dead:
+                session.formats.take(item, lambda message, s=session: self.send(s, message),
+                                     lambda error, s=session: self.fail(s, error))
             else:
                 self.send(session, item)
         # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.

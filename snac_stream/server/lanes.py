@@ -394,7 +394,7 @@ class DecodeLane(Lane):
         samples = outputs.reshape(len(sessions), -1).float().cpu().numpy()
         by_format: Dict[str, List[int]] = {}
         for j, session in enumerate(sessions):
-            by_format.setdefault(session.hello.sample_format, []).append(j)  # type: ignore[union-attr]
+            by_format.setdefault(session.audio_format, []).append(j)
         payloads: List[Any] = [None] * len(sessions)
         for fmt, rows in by_format.items():
             data = audio_payload(samples if len(rows) == len(sessions) else samples[rows], fmt)

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..protocol import Hello, ProtocolError
 from ..tokens import TokenLayout, TokenParser
+from .conversion import SessionFormats
 
 # (input items received when a step became runnable, receive time of the message that completed it): what an
 # output frame's input_end and server time are measured from.
@@ -81,16 +82,19 @@ class EngineSide:
 class Session:
     """One client.
 
-    ``number``, ``hello``, ``layout`` and ``placement`` are set on the loop before the engine first sees the
-    session and do not change after. Handed between the threads: ``inbox`` (the loop appends input, the engine
-    pops it; both atomic on a deque), ``flush_at`` (set by the loop before it asks the engine to end the
-    stream) and ``consumed`` (advanced by the engine, read by the loop for backpressure).
+    ``number``, ``hello``, ``layout``, ``placement``, ``formats`` (the client's audio formats and their converters, which only
+    the loop touches) and ``audio_format`` (the sample format the lanes put output audio in) are set on the loop
+    before the engine first sees the session and do not change after. Handed between the threads: ``inbox`` (the
+    loop appends input, the engine pops it; both atomic on a deque), ``flush_at`` (set by the loop before it asks
+    the engine to end the stream) and ``consumed`` (advanced by the engine, read by the loop for backpressure).
     """
 
     def __init__(self, ws: ServerConnection, number: int):
         self.number = number
         self.hello: Optional[Hello] = None
         self.layout: Optional[TokenLayout] = None
+        self.formats: Optional[SessionFormats] = None
+        self.audio_format = "pcm16"
         self.loop = LoopSide(ws)
         self.engine = EngineSide()
         self.inbox: Deque[Input] = collections.deque()  # input not yet submitted to an engine
