@@ -186,6 +186,9 @@ def main() -> None:
                         help="products of the Triton dense convs (default tf32x3, about fp32)")
     parser.add_argument("--plain-tiles", action="store_true",
                         help="dense-conv tiles from the plain rule, without the small-launch fill (comparison)")
+    parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
+                        help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
+                             "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the objects alive before the timed steps to the cyclic garbage collector")
     parser.add_argument("--json", type=Path)
@@ -196,6 +199,19 @@ def main() -> None:
         from snac_stream.kernels import tuning
 
         tuning._programs_wanted = lambda device: 0
+    if args.upsampling != "model":
+        from snac_stream.model import functional
+
+        model_conv_transpose = functional.conv_transpose
+
+        def conv_transpose(*a, **k):
+            token = functional._PRECISION.set(args.upsampling)
+            try:
+                return model_conv_transpose(*a, **k)
+            finally:
+                functional._PRECISION.reset(token)
+
+        functional.conv_transpose = conv_transpose
     torch.manual_seed(0)
     model = SNAC.from_config(args.preset).to(device).eval()
     model.precision = args.precision
@@ -203,12 +219,14 @@ def main() -> None:
             "device": describe_machine(device), "torch": torch.__version__, "preset": args.preset,
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
+            "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
             "gc_freeze": not args.no_gc_freeze}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
-          f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision}, {meta['date']}, "
+          f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
+          f"{meta['upsampling_precision']}), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")

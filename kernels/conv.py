@@ -30,6 +30,7 @@ from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, ch
                      output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
                      window_tap)
 from .derived import DerivedTensors
+from .precision import tf32_split
 from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
@@ -483,13 +484,7 @@ def snake_activation(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def _split_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) of a contiguous fp32 weight, as ``_snake_pass_kernel`` splits the input: computed once and
     kept while the weight is unchanged (:class:`DerivedTensors`)."""
-    return _WEIGHT_SPLITS.get(weight, _split)
-
-
-def _split(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    bits = weight.detach().view(torch.int32)
-    hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
-    return hi, weight.detach() - hi
+    return _WEIGHT_SPLITS.get(weight, tf32_split)
 
 
 def rows_share_tiles(batch: int, t_out: int, block_t: int) -> bool:

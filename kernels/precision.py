@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Tuple
 
-__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision"]
+import torch
+
+__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision", "tf32_split"]
 
 PRECISIONS: Tuple[str, ...] = ("tf32x3", "ieee", "tf32")
 DEFAULT_PRECISION = "tf32x3"
@@ -29,3 +31,12 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def tf32_split(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) of an fp32 tensor: ``hi`` rounded to the nearest tf32 value (10 mantissa bits; ties away from
+    zero), ``lo = t - hi`` (exact in fp32). ``hi @ w_hi + hi @ w_lo + lo @ w_hi`` with TF32 products is a
+    tf32x3 product: about as accurate as fp32 (the dropped ``lo @ w_lo`` is ~2^-22 of the whole)."""
+    bits = t.detach().contiguous().view(torch.int32)
+    hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return hi, t.detach() - hi

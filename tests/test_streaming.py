@@ -12,11 +12,13 @@ from typing import Dict, List, Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
-from snac_stream.model.functional import conv_transpose
+from snac_stream.kernels.precision import PRECISIONS
+from snac_stream.model.functional import conv_transpose, use_backend
 from snac_stream.streaming.ops import ConvTranspose
 
 AUDIO_TOL = 1e-5
@@ -339,6 +341,37 @@ def test_upsampling_as_a_two_tap_conv_matches_conv_transpose(stride: int, batch:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         conv_transpose(x, layer.weight, layer.bias, stride=stride, padding=1, length=(frames + 1) * stride + 1)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsampling_products_at_each_precision(device: str, precision: str, bias: bool) -> None:
+    """On the Triton backend the upsampling's matrix product follows the model's precision: ``tf32x3`` (three
+    TF32 tensor-core products of split operands on CUDA) and ``ieee`` agree with an fp64 reference to fp32
+    accuracy, ``tf32`` to TF32's (on the CPU every product is fp32, so all three must agree to fp32: a split
+    that lost a term would not). The streaming form (context frames) is the same product."""
+    torch.manual_seed(7)
+    stride, c_in, c_out = 4, 96, 40
+    layer = torch.nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride, padding=2, bias=bias).to(device)
+    x = torch.randn(3, c_in, 33, device=device)
+    with torch.no_grad():
+        want = F.conv_transpose1d(x.double(), layer.weight.double(),
+                                  None if layer.bias is None else layer.bias.double(), stride=stride, padding=2)
+        with use_backend("triton", precision):
+            got = conv_transpose(x, layer.weight, layer.bias, stride=stride, padding=1, crop=2,
+                                 length=want.shape[-1])
+            streamed = conv_transpose(x[..., 1:], layer.weight, layer.bias, stride=stride, context=x[..., :1])
+    scale = want.abs().max().item()
+    loose = precision == "tf32" and device == "cuda"
+    tol = 5e-3 if loose else 2e-6
+    assert (got.double() - want).abs().max().item() <= tol * scale
+    torch.testing.assert_close(streamed, got[..., 2:2 + streamed.shape[-1]], rtol=0, atol=tol * scale)
+    if device == "cuda" and precision == "tf32":
+        assert (got.double() - want).abs().max().item() > 2e-6 * scale  # one TF32 product really ran
 
 
 @pytest.mark.parametrize("stride", [2, 3, 8])
