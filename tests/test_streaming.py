@@ -349,15 +349,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsampling_products_at_each_precision(device: str, precision: str, bias: bool) -> None:
-    """On the Triton backend the upsampling's matrix product follows the model's precision: ``tf32x3`` (three
-    TF32 tensor-core products of split operands on CUDA) and ``ieee`` agree with an fp64 reference to fp32
-    accuracy, ``tf32`` to TF32's (on the CPU every product is fp32, so all three must agree to fp32: a split
-    that lost a term would not). The streaming form (context frames) is the same product."""
+def test_upsampling_products_at_each_precision(device: str, precision: str, bias: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton backend the upsampling's matrix product follows the model's precision: ``tf32x3`` and
+    ``ieee`` agree with an fp64 reference to fp32 accuracy whatever the process-wide TF32 setting, ``tf32``
+    (one TF32 tensor-core product on CUDA) to TF32's. The streaming form (context frames) is the same product."""
     torch.manual_seed(7)
     stride, c_in, c_out = 4, 96, 40
     layer = torch.nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride, padding=2, bias=bias).to(device)
     x = torch.randn(3, c_in, 33, device=device)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # a user's setting must not lower ieee
     with torch.no_grad():
         want = F.conv_transpose1d(x.double(), layer.weight.double(),
                                   None if layer.bias is None else layer.bias.double(), stride=stride, padding=2)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.derived import DerivedTensors
-from ..kernels.precision import DEFAULT_PRECISION, check_precision, tf32_split
+from ..kernels.precision import DEFAULT_PRECISION, check_precision
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")
@@ -224,24 +224,14 @@ def conv_transpose(
     if crop < 0 or end > frames * stride or end < crop:
         raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
     # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
-    def pairs_of(frames_in: torch.Tensor) -> torch.Tensor:
-        return frames_in.unfold(-1, 2, 1).permute(0, 2, 1, 3).reshape(b * frames, 2 * c_in)
-
-    bias_phases = None if bias is None else bias.repeat_interleave(stride)
+    pairs = xin.unfold(-1, 2, 1).permute(0, 2, 1, 3).reshape(b * frames, 2 * c_in)
+    # The Triton backend's precision reaches this cuBLAS product too: one TF32 tensor-core product for "tf32",
+    # full fp32 otherwise. For "tf32x3" three TF32 products of split operands were measured slower on an H100
+    # than the fp32 GEMM, splits and copies included (bench/RESULTS.md), so it keeps fp32.
     precision = _PRECISION.get() if _BACKEND.get() == "triton" else None
-    if precision == "tf32x3":
-        w_hi, w_lo = _phase_weight_split(weight)
-        x_hi, x_lo = tf32_split(xin)  # split the frames once, before unfold doubles them
-        p_hi = pairs_of(x_hi)
-        with _tf32_matmuls(x.device, True):  # three tensor-core products, small terms first
-            z = pairs_of(x_lo) @ w_hi
-            z.addmm_(p_hi, w_lo).addmm_(p_hi, w_hi)
-        if bias_phases is not None:
-            z += bias_phases
-    else:
-        w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
-        with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
-            z = pairs_of(xin) @ w if bias_phases is None else torch.addmm(bias_phases, pairs_of(xin), w)
+    w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
+    with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
+        z = pairs @ w if bias is None else torch.addmm(bias.repeat_interleave(stride), pairs, w)
     z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
     return z[..., crop:end]
 
@@ -275,18 +265,6 @@ _PHASE_WEIGHTS = DerivedTensors()
 
 def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return _PHASE_WEIGHTS.get(weight, phase_weight)
-
-
-_PHASE_WEIGHT_SPLITS = DerivedTensors()
-
-
-def _phase_weight_split(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) tf32 split of the phase-form weight as the (2 C_in, C_out * s) matrix ``conv_transpose``
-    multiplies by, made once per weight."""
-    def make(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        hi, lo = tf32_split(phase_weight(w).view(w.shape[1] * (w.shape[2] // 2), 2 * w.shape[0]))
-        return hi.t(), lo.t()
-    return _PHASE_WEIGHT_SPLITS.get(weight, make)
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:
