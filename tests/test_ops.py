@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from snac_stream.loading import load_model
 from snac_stream import client as ws_client
@@ -246,6 +248,37 @@ def test_drain_timeout_ends_the_sessions_left_with_going_away_1001() -> None:
     assert summary["sessions_ended_at_timeout"] == 1 and 0.5 <= elapsed < 3
     assert ended.code == "going_away" and ended.close_code == 1001
     assert outcomes == {("roundtrip", "going_away"): 1}
+
+
+def test_drain_is_not_held_up_by_connections_that_sent_no_hello() -> None:
+    """Connections without a hello hold no session and do not make the drain wait for its timeout: it ends once
+    the open session has finished, and closes one still silent with 1001 (no `error`); one that sends its hello
+    during the drain gets `draining`."""
+    model = model_for("24k")
+    audio = _audio(6000, seed=5)
+
+    async def test(server: SNACServer):
+        silent = await connect(server.url, compression=None)
+        late = await connect(server.url, compression=None)
+        session = asyncio.ensure_future(ws_client.roundtrip(server.url, audio, chunk_samples=2000, realtime=True,
+                                                            sample_format="float32"))
+        while not server.active_sessions:
+            await asyncio.sleep(0.01)
+        summary = asyncio.ensure_future(server.drain(10))
+        await asyncio.sleep(0.05)
+        await late.send(json.dumps({"type": "hello", "kind": "encode"}))
+        refused = json.loads(await asyncio.wait_for(late.recv(), 5))
+        result = await session
+        summary = await summary
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(silent.recv(), 5)
+        return summary, refused, late.close_code, silent.close_code, result
+
+    summary, refused, late_code, silent_code, result = serve(model, test)
+    assert summary["sessions_ended_at_timeout"] == 0 and summary["seconds"] < 3
+    assert refused["code"] == "draining" and late_code == 1013
+    assert silent_code == 1001
+    assert result.done["output_samples"] == audio.size
 
 
 def test_serve_process_drains_on_sigterm_and_exits_0(tmp_path) -> None:

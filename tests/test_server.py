@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import socket
 import subprocess
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, List
+from typing import Any, Awaitable, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -450,6 +451,123 @@ def test_client_that_stops_reading_is_dropped_and_others_continue() -> None:
                            idle_timeout_s=2.0)
     assert errors == {"slow_consumer": 1}  # ... for not reading, and the next session is exact
     assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
+async def _stalled_client(server: SNACServer) -> Tuple[ws_client.Session, Any]:
+    """A roundtrip client that stops reading (a tiny receive buffer, no library-side queue) and has made the server
+    stop reading it: it sends whole steps, one at a time, until its output queue on the server is past half of
+    ``max_output_bytes``, then one more, which the server reads before it stops reading. Returns (the client, its
+    server-side session) once all its input is stepped."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    client = await ws_client.Session.open(server.url, "roundtrip", sample_format="float32", sock=sock, max_queue=1)
+    (session,) = [s for s in server.gateway.sessions if s.number == client.ready.session]
+    # A small kernel send buffer on the server's side too (else it grows to megabytes): the queue fills at once.
+    session.loop.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    chunk = encode_audio(signal(server.step_samples, seed=13), "float32")  # whole steps: all of it gets stepped
+    sent, over = 0, False
+    while not over:
+        over = session.loop.out_bytes > server.options.max_output_bytes // 2
+        await client.ws.send(chunk)
+        sent += server.step_samples
+        while session.loop.received < sent or session.consumed < sent:
+            await asyncio.sleep(0.005)
+    return client, session
+
+
+async def _seconds_until_freed(server: SNACServer, session: Any, limit: float) -> float:
+    """How long until ``session`` (server-side) gives up its slot; infinity past ``limit`` seconds."""
+    async def freed() -> None:
+        while session in server.gateway.sessions:
+            await asyncio.sleep(0.01)
+
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(freed(), limit)
+    except asyncio.TimeoutError:
+        return math.inf
+    return time.monotonic() - t0
+
+
+async def _busy_session(server: SNACServer, audio: np.ndarray) -> asyncio.Future:
+    """A real-time roundtrip keeping the engine ticking, returned once it holds its slot."""
+    busy = asyncio.ensure_future(ws_client.roundtrip(server.url, audio, chunk_samples=960, realtime=True,
+                                                     sample_format="float32"))
+    while not server.active_sessions:
+        await asyncio.sleep(0.01)
+    return busy
+
+
+def test_a_stalled_client_is_dropped_after_the_idle_timeout_while_others_keep_the_engine_busy() -> None:
+    """The slow-consumer timer runs on the stalled session's own output, not on engine ticks (which every
+    session's input causes): it is dropped about ``idle_timeout_s`` after it stopped reading, while a real-time
+    session keeps the engine stepping; that one finishes exact."""
+    model = model_for("24k")
+    audio = signal(24000 * 4, seed=14)
+    _, expected = offline(model, audio)
+    idle = 1.0
+
+    async def test(server: SNACServer):
+        busy = await _busy_session(server, audio)
+        stalled, session = await _stalled_client(server)
+        dropped = await _seconds_until_freed(server, session, 2.5 * idle)
+        busy_done_at_drop = busy.done()
+        result = await busy
+        stalled.ws.transport.abort()
+        return dropped, busy_done_at_drop, result, dict(server.stats["outcomes"])
+
+    dropped, busy_done_at_drop, result, outcomes = serve(
+        model, test, max_sessions=2, max_output_bytes=256 * 1024, max_backlog_s=0.2, idle_timeout_s=idle)
+    assert idle - 0.3 <= dropped <= idle + 0.5 and not busy_done_at_drop
+    assert outcomes == {("roundtrip", "slow_consumer"): 1, ("roundtrip", "completed"): 1}
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
+def test_a_client_gone_with_a_full_output_queue_frees_its_slot_at_once() -> None:
+    """A client that drops its connection while its output queue is past half of ``max_output_bytes`` (so the
+    server no longer reads it) ends its session as soon as the server's writer finds the socket closed, not at
+    the idle timeout, while another session keeps the engine busy."""
+    model = model_for("24k")
+    audio = signal(24000 * 3, seed=15)
+    _, expected = offline(model, audio)
+
+    async def test(server: SNACServer):
+        busy = await _busy_session(server, audio)
+        stalled, session = await _stalled_client(server)
+        stalled.ws.transport.abort()  # no close handshake: the TCP connection just goes
+        freed = await _seconds_until_freed(server, session, 5.0)
+        slots_free = sum(server.workers.slots_free())
+        busy_done_at_free = busy.done()
+        result = await busy
+        return freed, slots_free, busy_done_at_free, result, dict(server.stats["outcomes"])
+
+    freed, slots_free, busy_done_at_free, result, outcomes = serve(
+        model, test, max_sessions=2, max_output_bytes=256 * 1024, max_backlog_s=0.2)  # idle timeout 30 s
+    assert freed < 1.0 and slots_free == 1 and not busy_done_at_free
+    assert outcomes == {("roundtrip", "closed"): 1, ("roundtrip", "completed"): 1}
+    assert np.abs(result.audio - expected[: audio.size]).max() <= AUDIO_TOL
+
+
+def test_text_messages_are_measured_in_utf8_bytes() -> None:
+    """``max_frame_bytes`` and the received-bytes count measure a text message's UTF-8 encoding, not its
+    characters: a hello of 640 characters but 1240 bytes is over a 1024-byte limit."""
+    def hello(auth_chars: int) -> str:
+        return json.dumps({"type": "hello", "kind": "encode", "auth": "\u00e9" * auth_chars}, ensure_ascii=False)
+
+    async def test(server: SNACServer):
+        fits = hello(100)
+        async with connect(server.url, compression=None) as ws:
+            await ws.send(fits)
+            assert json.loads(await ws.recv())["type"] == "ready"
+            received = server.stats["bytes_in"]
+        too_big = hello(600)
+        assert len(too_big) < 1024 < len(too_big.encode())
+        await _expect_error(server, _send(too_big), "frame_too_big")
+        return received, len(fits.encode())
+
+    received, fits_bytes = serve(model_for("24k"), test, max_frame_bytes=1024)
+    assert received == fits_bytes
 
 
 def test_fast_sender_is_throttled_with_bounded_backlog() -> None:

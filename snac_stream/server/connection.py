@@ -3,10 +3,11 @@
 Bounds (see :class:`~.options.ServerOptions`): a session's unprocessed input (``max_backlog_s``) -- past it
 the server stops reading that socket, so a client sending faster than the engine computes is slowed by TCP
 flow control; its queued output -- past half of ``max_output_bytes`` the server stops reading too, and a
-client whose output does not move for ``idle_timeout_s``, or whose queue passes the whole bound, is dropped
-as a slow consumer; the message size (``max_frame_bytes``); the number of sessions (``max_sessions`` per
-device: a new session takes a slot on the device with the most free ones, :class:`~.worker.Workers`); and
-``idle_timeout_s``.
+client none of whose output goes out for ``idle_timeout_s`` (its own: the engine steps every session causes do
+not count), or whose queue passes the whole bound, is dropped as a slow consumer, and one whose socket closed
+meanwhile ends at once; the message size (``max_frame_bytes``, in bytes: UTF-8 for text); the number of
+sessions (``max_sessions`` per device: a new session takes a slot on the device with the most free ones,
+:class:`~.worker.Workers`); and ``idle_timeout_s``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..protocol import Hello, ProtocolError, Ready, decode_tokens, parse_json
 from ..tokens import get_layout
 from .conversion import SessionFormats
 from .options import ServedModel, ServerOptions, token_accepted
-from .session import Events, Session
+from .session import Events, Session, message_bytes
 from .worker import Workers
 
 log = logging.getLogger("snac_stream.server")
@@ -63,8 +64,10 @@ class Gateway:
             await self._changed.wait()
 
     async def wait_idle(self) -> None:
-        """Return once no connection handler is under way (every session ended and its output sent)."""
-        while self.connections:
+        """Return once no connection handler is under way (every session ended and its output sent), leaving
+        out connections that have sent nothing yet: they hold no slot, and one idle until its hello times out
+        would hold a drain up for nothing (:meth:`go_away` or the server's stop closes them)."""
+        while any(not session.loop.awaiting_hello for session in self.connections):
             self._changed.clear()
             await self._changed.wait()
 
@@ -101,7 +104,11 @@ class Gateway:
         opened = completed = False
         self.connections.add(session)
         try:
-            hello = Hello.from_text(await self._recv(session, expect_text=True))
+            try:
+                first = await self._recv(session, expect_text=True)
+            finally:
+                side.awaiting_hello = False  # a hello, a refusal or a close to finish: a drain waits for it
+            hello = Hello.from_text(first)
             formats = self._check_hello(ws, hello)
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
@@ -203,9 +210,10 @@ class Gateway:
             message = await asyncio.wait_for(session.loop.ws.recv(), self.options.idle_timeout_s)
         except asyncio.TimeoutError:
             raise ProtocolError("idle_timeout", f"nothing received for {self.options.idle_timeout_s:g} s") from None
-        self.stats["bytes_in"] += len(message)
-        if len(message) > self.options.max_frame_bytes:
-            raise ProtocolError("frame_too_big", f"a message of {len(message)} bytes is over the limit of "
+        size = message_bytes(message)
+        self.stats["bytes_in"] += size
+        if size > self.options.max_frame_bytes:
+            raise ProtocolError("frame_too_big", f"a message of {size} bytes is over the limit of "
                                                  f"{self.options.max_frame_bytes} bytes")
         if expect_text and not isinstance(message, str):
             raise ProtocolError("bad_data_type", "the first message must be a JSON text hello, got a binary frame")
@@ -216,18 +224,30 @@ class Gateway:
         side = session.loop
         limit = self._backlog_limit(session.kind)
         out_limit = self.options.max_output_bytes // 2
+        idle = self.options.idle_timeout_s
         while True:
             # Backpressure: stop reading while the engine is behind or the client is slow to read its output;
             # TCP flow control then slows the client down.
-            while not side.dead and (side.received - session.consumed > limit or side.out_bytes > out_limit):
+            stalled_since: Optional[float] = None  # when this wait first saw the queue past half
+            while not side.dead and not side.peer_gone and (side.received - session.consumed > limit
+                                                            or side.out_bytes > out_limit):
+                timeout = None  # the engine's steps wake a wait for the backlog
+                if side.out_bytes > out_limit:
+                    now = time.monotonic()
+                    stalled_since = now if stalled_since is None else stalled_since
+                    # Counted from this client's own last output: every engine tick sets `progress`, so a
+                    # busy server would otherwise restart the wait forever.
+                    timeout = max(stalled_since, side.sent_at) + idle - now
+                    if timeout <= 0:
+                        raise ProtocolError("slow_consumer", f"the client has not read its output for {idle:g} s")
+                else:
+                    stalled_since = None
                 side.progress.clear()
                 try:
-                    await asyncio.wait_for(side.progress.wait(), self.options.idle_timeout_s)
+                    await asyncio.wait_for(side.progress.wait(), timeout)
                 except asyncio.TimeoutError:
-                    if side.out_bytes > out_limit:  # no output went out for a whole idle timeout
-                        raise ProtocolError("slow_consumer", f"the client has not read its output for "
-                                                             f"{self.options.idle_timeout_s:g} s") from None
-            if side.dead:
+                    pass
+            if side.dead or side.peer_gone:
                 return False
             message = await self._recv(session)
             if side.dead:
@@ -281,9 +301,10 @@ class Gateway:
         side = session.loop
         if side.dead:
             return
+        size = message_bytes(message)
         side.out.append(message)
-        side.out_bytes += len(message)
-        self.stats["bytes_out"] += len(message)
+        side.out_bytes += size
+        self.stats["bytes_out"] += size
         side.out_ready.set()
         # After flush the rest is bounded (backlog + codec latency) and may come as one large frame.
         if side.out_bytes > self.options.max_output_bytes and session.flush_at is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import Any, Deque, List, Optional, Tuple, Union
 
 from websockets.asyncio.server import ServerConnection
@@ -31,6 +32,11 @@ Input = Tuple[Any, int, float]
 _CLOSE = object()  # writer sentinel: close the socket after what is queued
 
 
+def message_bytes(message: Union[bytes, str]) -> int:
+    """A message's size on the wire in bytes (a text message's UTF-8 encoding, not its characters)."""
+    return len(message.encode("utf-8")) if isinstance(message, str) else len(message)
+
+
 class LoopSide:
     """The part of a session only the event loop touches."""
 
@@ -40,9 +46,12 @@ class LoopSide:
         self.received = 0  # input items (samples, or tokens for decode) received
         self.ended: Optional[asyncio.Future] = None  # resolved once the stream's end has been sent
         self.out: Deque[Any] = collections.deque()  # messages for the client, then a close
-        self.out_bytes = 0
+        self.out_bytes = 0  # bytes of the queued messages (close markers aside)
         self.out_ready = asyncio.Event()
-        self.progress = asyncio.Event()  # set when the engine consumed input or output went out
+        self.progress = asyncio.Event()  # set when the engine consumed input, output went out or the writer ended
+        self.sent_at = time.monotonic()  # when the writer last handed a message to the socket (monotonic s)
+        self.peer_gone = False  # the writer found the connection closed: the session ends at the next look
+        self.awaiting_hello = True  # nothing received yet: a drain does not wait for such a connection
         self.dead = False
         self.error: Optional[ProtocolError] = None
         self.writer: Optional[asyncio.Task] = None
@@ -53,7 +62,7 @@ class LoopSide:
         self.out_ready.set()
 
     async def write_loop(self) -> None:
-        """Send the queued messages in order until a queued close (or the peer's)."""
+        """Send the queued messages in order until a queued close (or the peer's: then ``peer_gone``)."""
         try:
             while True:
                 while not self.out:
@@ -63,11 +72,15 @@ class LoopSide:
                 if isinstance(item, tuple) and item[0] is _CLOSE:
                     await self.ws.close(item[1], item[2])
                     return
-                self.out_bytes -= len(item)
+                self.out_bytes -= message_bytes(item)
                 await self.ws.send(item)
+                self.sent_at = time.monotonic()
                 self.progress.set()
         except ConnectionClosed:
-            pass
+            # The read loop may have stopped reading (a full queue) and would not see the close itself.
+            self.peer_gone = True
+        finally:
+            self.progress.set()
 
 
 class EngineSide:
