@@ -199,6 +199,65 @@ def test_readyz_is_503_when_full_and_healthz_503_while_a_tick_is_stuck_or_the_wo
 
 
 # ---- drain ----------------------------------------------------------------------------------------------
+def test_slow_and_garbage_http_clients_do_not_stall_sessions_or_the_endpoints() -> None:
+    """Slowloris-style clients (a request line trickled a byte at a time, never finished), raw garbage and a
+    request that stops after its headers hold no slot and stall nothing: a real-time session beside them
+    completes exactly and /healthz answers at once; the half-open requests are closed by the server (the
+    websocket library's opening-handshake timeout), not kept forever."""
+    model = model_for("24k")
+    audio = _audio(24000, seed=11)
+    _, expected = offline(model, audio)
+
+    async def trickle(port: int, stop: asyncio.Event) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10000
+        try:
+            for byte in request:
+                if stop.is_set() or reader.at_eof():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            return "closed by server" if reader.at_eof() else "still open"
+        except (ConnectionError, OSError):
+            return "closed by server"
+        finally:
+            writer.close()
+
+    async def one_shot(port: int, data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 20)  # what the server answers before it closes
+        finally:
+            writer.close()
+
+    async def test(server: SNACServer):
+        stop = asyncio.Event()
+        slow = [asyncio.ensure_future(trickle(server.port, stop)) for _ in range(20)]
+        garbage = asyncio.ensure_future(one_shot(server.port, b"\x16\x03\x01\x02\x00" + os.urandom(500)))
+        headers_only = asyncio.ensure_future(one_shot(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        health = await aget(server.port, "/healthz")
+        health_s = time.monotonic() - t0
+        result = await ws_client.roundtrip(server.url, audio, chunk_samples=960, realtime=True,
+                                           sample_format="float32")
+        sessions_during = server.active_sessions
+        endings = await asyncio.wait_for(asyncio.gather(*slow), 30)
+        stop.set()
+        return health, health_s, result, sessions_during, endings, await garbage, await headers_only
+
+    health, health_s, result, sessions_during, endings, garbage, headers_only = serve(model, test)
+    assert health[0] == 200 and health_s < 1.0
+    assert result.audio.shape == audio.shape and np.abs(result.audio - expected[: audio.size]).max() <= 1e-5
+    assert sessions_during == 0  # none of the HTTP clients held a slot
+    assert endings == ["closed by server"] * 20  # the handshake timeout closed every trickle
+    assert garbage.startswith(b"HTTP/1.1 400") or garbage == b""  # refused (or dropped), never a hang
+    assert headers_only == b"" or headers_only.startswith(b"HTTP/1.1")
+
+
 def test_drain_lets_an_open_session_finish_exactly_and_refuses_new_ones() -> None:
     model = model_for("24k")
     audio = _audio(24000, seed=7)  # one second, sent in real time
