@@ -89,6 +89,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     if cuda:
         row.update(percentiles(gpu, "gpu_"))
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_memory_mib_per_stream"] = row["peak_memory_gib"] * 1024 / streams
     if engine.step_mode == "graphs":  # the captured pass alone: GPU time of one step's kernels
         passes = engine._bucket_passes
         graph = passes.graph(max(passes.captured()))
@@ -231,8 +232,9 @@ def main() -> None:
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")
     print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |"
-          + (" GPU p50 (ms) | GPU p95 | peak GiB | first step (ms) | graph replay GPU (ms) |" if cuda else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if cuda else ""))
+          + (" GPU p50 (ms) | GPU p95 | peak GiB | peak MiB per stream | first step (ms) | graph replay GPU (ms) |"
+             if cuda else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if cuda else ""))
     rows = []
     with torch.inference_mode():
         for n in args.streams:
@@ -240,7 +242,7 @@ def main() -> None:
                         not args.no_gc_freeze)
             rows.append(r)
             extra = (f" {r['gpu_p50_ms']:.3f} | {r['gpu_p95_ms']:.3f} | {r['peak_memory_gib']:.2f} "
-                     f"| {r['first_batched_step_ms']:.0f} | {r.get('replay_gpu_ms', float('nan')):.3f} |"
+                     f"| {r['peak_memory_mib_per_stream']:.2f} | {r['first_batched_step_ms']:.0f} | {r.get('replay_gpu_ms', float('nan')):.3f} |"
                      if cuda else "")
             print(f"| {n} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['budget_ms']:.1f} "
                   f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |" + extra, flush=True)
