@@ -230,29 +230,22 @@ def main() -> None:
         meta["pyav"] = av.__version__
     except ImportError:
         pass
-    print(f"# client formats, {meta['date']}, commit {meta['commit']}, {meta['device']}, "
+    print(f"# client formats, {meta['date']}, commit {meta['commit']}, {meta['device']}, 24 kHz model, "
           f"{args.seconds:g} s of audio a run, median of {args.repeats}")
-    print("| format | in: added latency, announced (measured) | in: CPU per stream | out: added latency, announced "
-          "(measured) | out: CPU per stream |")
-    print("|---|---|---|---|---|")
+    print("| format | direction | added latency, announced: samples at the client's rate (ms) | measured "
+          "| CPU per stream (us per s of audio) | % of a core | set-up (us) |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for label, fmt, rate in CASES:
         r = measure(label, fmt, rate, args.seconds, args.repeats)
         rows.append(r)
-
-        def lat(d: Dict[str, Any]) -> str:
-            if not d["announced_latency_samples"] and not d["measured_latency_ms"]:
-                return "0"
-            return (f"{d['announced_latency_samples']} samples, {d['announced_latency_ms']:.1f} ms "
-                    f"({d['measured_latency_ms']:.1f} ms)")
-
-        def cpu(d: Dict[str, Any]) -> str:
-            return f"{d['cpu_us_per_audio_s']:.0f} us/s ({d['core_percent']:.3f} % of a core)"
-
-        print(f"| {label} | {lat(r['input'])} | {cpu(r['input'])} | {lat(r['output'])} | {cpu(r['output'])} |",
-              flush=True)
-    print("set-up per session (us, in / out): " + ", ".join(
-        f"{r['format']}@{r['rate']}: {r['input']['setup_us']:.0f} / {r['output']['setup_us']:.0f}" for r in rows))
+        for way, name in (("input", "in (client -> server)"), ("output", "out (server -> client)")):
+            x = r[way]
+            announced = (f"{x['announced_latency_samples']} ({x['announced_latency_ms']:.1f} ms)"
+                         if x["announced_latency_samples"] else "0")
+            measured = f"{x['measured_latency_ms']:.1f} ms" if x["measured_latency_ms"] else "0"
+            print(f"| {label} | {name} | {announced} | {measured} | {x['cpu_us_per_audio_s']:.0f} "
+                  f"| {x['core_percent']:.3f} % | {x['setup_us']:.0f} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
