@@ -11,11 +11,12 @@ containers) and output items (samples at the output rate; bytes).
 
 Where the conversion runs, and why: never on the engine thread, whose tick every session shares (one session's
 conversion there would stall every other session's step). Input is converted on the event loop as each message
-arrives: G.711, PCM and soxr resampling take 2-7 us a 20 ms message, Opus decoding about 0.2 % of a core per
-stream. Output in PCM or G.711 (resampled or not) likewise, about 25 us an 85 ms engine frame (measured on the
-2-core CPU). Opus encoding takes about 0.8 % of a core per stream (0.7 ms per 85 ms of 24 kHz audio): a hundred
-Opus streams would take most of the loop's core and delay every socket, so it runs in the loop's default thread
-pool (PyAV lets go of the GIL while libopus codes), one batch of frames at a time per session, in order.
+arrives: G.711, PCM and soxr resampling take 7-10 us a 20 ms message, Opus decoding about 0.2 % of a core per
+stream. Output in PCM or G.711 (resampled or not) likewise, about 30 us an 85 ms engine frame (measured on the
+2-core CPU, ``bench/format_cost.py``). Opus encoding takes about 0.75 % of a core per stream (0.65 ms per 85 ms of
+24 kHz audio): a hundred Opus streams would take most of the loop's core and delay every socket, so it runs in the
+loop's default thread pool (PyAV lets go of the GIL while libopus codes), one batch of frames at a time per
+session, in order (the hop costs about 0.2-0.3 % of a core more per stream).
 """
 
 from __future__ import annotations
