@@ -426,11 +426,14 @@ def test_llm_session_refused_unless_its_url_is_allowed(model, codes):
 
     error = llm_session(model, script, off, allow=lambda url: [])
     assert error.code == "llm_not_allowed" and "without --allow-llm" in error.message
-    # A prefix rule: every endpoint under it.
-    frames, _, error = llm_session(
-        model, script, lambda snac, llm: speech(snac, {"url": llm.url + "/v1", "model": "m", "prompt": "Hi."}),
-        allow=lambda url: [url + "/*"])
+    # A prefix rule: every endpoint under it; the server's own key when the hello gives none.
+    async def prefixed(snac, llm):
+        return await speech(snac, {"url": llm.url + "/v1", "model": "m", "prompt": "Hi."}), llm.records[0].headers
+
+    (frames, _, error), headers = llm_session(model, script, prefixed, allow=lambda url: [url + "/*"],
+                                              llm_api_key="sk-server-key")
     assert error is None and samples(frames).shape == offline(model, codes).shape
+    assert headers["Authorization"] == "Bearer sk-server-key"
 
 
 @pytest.mark.parametrize("failure", ["drop", "error_event", "truncated", "bad_token"])
