@@ -4,7 +4,8 @@ Low level: :class:`Session` (``await Session.open(url, kind, ...)``, then ``send
 ``flush``, and ``receive`` for output frames and ``done``). High level: :func:`encode`, :func:`decode` and
 :func:`roundtrip` stream a whole signal (optionally paced in real time) and return a :class:`StreamResult`;
 :func:`latency_breakdown` splits a paced roundtrip's per-sample latency into algorithmic delay, server time
-and transport.
+and transport. :func:`llm_speech` opens an *llm session*: the server streams the tokens from an LLM endpoint
+(``hello.llm``) and the client only receives the audio.
 
 Example::
 
@@ -20,24 +21,35 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from .protocol import (AUDIO_FORMATS, CONTAINER_FORMATS, PAYLOAD_AUDIO, PAYLOAD_TOKENS, SAMPLE_FORMATS, Hello,
-                       OutputFrame, Ready, encode_audio, encode_tokens)
+                       LLMHello, OutputFrame, Ready, encode_audio, encode_tokens)
 
-__all__ = ["ServerError", "Session", "StreamResult", "encode", "decode", "roundtrip", "latency_breakdown"]
+__all__ = ["ServerError", "Session", "StreamResult", "LLMSessionStats", "encode", "decode", "roundtrip",
+           "llm_speech", "latency_breakdown"]
 
 
 class ServerError(Exception):
-    """The server reported an error (``code`` as in the protocol's error table) and closed the session."""
+    """The server reported an error (``code`` as in the protocol's error table) and closed the session.
 
-    def __init__(self, code: str, message: str, close_code: Optional[int] = None):
+    ``fields``: the error message's other members (``llm_error``: ``reason``, and ``status`` for HTTP errors).
+    """
+
+    def __init__(self, code: str, message: str, close_code: Optional[int] = None,
+                 fields: Optional[Dict[str, Any]] = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.close_code = code, message, close_code
+        self.fields = fields or {}
+
+
+def _server_error(message: Dict[str, Any], close_code: Optional[int]) -> ServerError:
+    fields = {k: v for k, v in message.items() if k not in ("type", "code", "message")}
+    return ServerError(message.get("code", "?"), message.get("message", ""), close_code, fields)
 
 
 class Session:
@@ -52,17 +64,21 @@ class Session:
                    token_layout: str = "interleaved", token_offset: int = 0, auth: Optional[str] = None,
                    input_format: Optional[str] = None, input_rate: Optional[int] = None,
                    output_format: Optional[str] = None, output_rate: Optional[int] = None,
-                   opus_bitrate: Optional[int] = None, **connect_kwargs: Any) -> "Session":
+                   opus_bitrate: Optional[int] = None, llm: Union[LLMHello, Dict[str, Any], None] = None,
+                   **connect_kwargs: Any) -> "Session":
         """Connect, send ``hello`` and wait for ``ready``; raises :class:`ServerError` if refused.
 
         The format and rate arguments are the hello's fields (``docs/protocol.md``, "Formats and sample
-        rates"). ``connect_kwargs`` go to :func:`websockets.asyncio.client.connect` (``origin``,
-        ``additional_headers``, ``max_queue``, ``sock``, ...). Compression is off unless given: audio barely
-        compresses.
+        rates"); ``llm`` (a ``decode`` session: an :class:`~snac_stream.protocol.LLMHello` or its fields) makes
+        the server stream the tokens from that LLM (see :func:`llm_speech`). ``connect_kwargs`` go to
+        :func:`websockets.asyncio.client.connect` (``origin``, ``additional_headers``, ``max_queue``, ``sock``,
+        ...). Compression is off unless given: audio barely compresses.
         """
+        if isinstance(llm, dict):
+            llm = LLMHello.parse(llm)
         hello = Hello(kind=kind, sample_format=sample_format, sample_rate=sample_rate, token_layout=token_layout,
                       token_offset=token_offset, auth=auth, input_format=input_format, input_rate=input_rate,
-                      output_format=output_format, output_rate=output_rate, opus_bitrate=opus_bitrate)
+                      output_format=output_format, output_rate=output_rate, opus_bitrate=opus_bitrate, llm=llm)
         connect_kwargs.setdefault("compression", None)
         connect_kwargs.setdefault("max_size", None)
         ws = await connect(url, **connect_kwargs)
@@ -123,7 +139,7 @@ class Session:
         if isinstance(message, str):
             parsed = json.loads(message)
             if parsed.get("type") == "error":
-                raise ServerError(parsed.get("code", "?"), parsed.get("message", ""), await _close_code(self.ws))
+                raise _server_error(parsed, await _close_code(self.ws))
             return parsed
         return OutputFrame.unpack(message, self.output_format)
 
@@ -146,7 +162,7 @@ async def _recv_json(ws: ClientConnection) -> Dict[str, Any]:
         raise ServerError("protocol", "expected a JSON text message, got a binary frame")
     parsed = json.loads(message)
     if parsed.get("type") == "error":
-        raise ServerError(parsed.get("code", "?"), parsed.get("message", ""), await _close_code(ws))
+        raise _server_error(parsed, await _close_code(ws))
     return parsed
 
 
@@ -284,6 +300,88 @@ async def roundtrip(url: str, audio: Union[np.ndarray, bytes], *, chunk_samples:
     at the model's rate) and ``result.tokens``. Audio in other formats and rates as :func:`encode` and
     :func:`decode`."""
     return await _stream(url, "roundtrip", _chunks(_audio_items(audio), chunk_samples), realtime=realtime, **hello)
+
+
+@dataclass
+class LLMSessionStats:
+    """What :func:`llm_speech` saw of an llm session, filled in as it goes.
+
+    Seconds. ``ready_s`` and ``first_audio_s`` are measured here, from sending the hello (connection, hello,
+    the LLM, the decoder and the way back: the time to first audio a listener gets). ``first_token_s`` and
+    ``first_audio_token_s`` are the server's (its ``llm`` messages), from its request to the LLM: the time to
+    the first completion text, and to the first audio token in it.
+    """
+
+    ready: Optional[Ready] = None
+    ready_s: Optional[float] = None
+    first_token_s: Optional[float] = None
+    first_audio_token_s: Optional[float] = None
+    first_audio_s: Optional[float] = None
+    finished_s: Optional[float] = None  # the last message (done or the error) received
+    samples: int = 0  # output items received (samples; bytes for Opus outputs)
+    tokens: Optional[int] = None  # audio tokens the LLM sent (the server's count, at its end)
+    finish_reason: Optional[str] = None
+    llm: Dict[str, Any] = field(default_factory=dict)  # the last llm message
+    done: Dict[str, Any] = field(default_factory=dict)
+
+    def take(self, message: Dict[str, Any]) -> None:
+        """An ``llm`` message from the server."""
+        self.llm = message
+        for name in ("first_token", "first_audio_token"):
+            if message.get(f"{name}_ms") is not None:
+                setattr(self, f"{name}_s", message[f"{name}_ms"] / 1000)
+        if message.get("event") == "end":
+            self.tokens, self.finish_reason = message.get("tokens"), message.get("finish_reason")
+
+
+async def llm_speech(url: str, llm: Union[LLMHello, Dict[str, Any]], *, stats: Optional[LLMSessionStats] = None,
+                     sample_format: str = "float32", token_layout: str = "orpheus",
+                     **hello: Any) -> AsyncIterator[OutputFrame]:
+    """Speech from an LLM, decoded by the server: open a ``decode`` session naming ``llm`` (endpoint, model,
+    text: :class:`~snac_stream.protocol.LLMHello`), yield its audio frames as they arrive.
+
+    The server streams the completion itself (its ``--allow-llm`` must list the endpoint, which it, not this
+    machine, must reach), so the client sends nothing. Frames' ``data`` are float32 samples at
+    ``stats.ready.sample_rate`` for PCM formats (``sample_format``, default float32), bytes otherwise; the last
+    ones are flagged ``FINAL``. ``stats`` (a new :class:`LLMSessionStats` if not given) is filled in as the
+    messages arrive. ``hello`` takes :meth:`Session.open`'s other arguments (``auth``, ``output_format``, ...).
+
+    Raises :class:`ServerError`: ``llm_not_allowed`` at once; ``llm_error`` (``fields["reason"]``) after the
+    audio of the frames that completed, its tail included. Leaving the loop early closes the session, and the
+    server closes its LLM stream.
+    """
+    stats = stats if stats is not None else LLMSessionStats()
+    start = time.perf_counter()
+    session = await Session.open(url, "decode", sample_format=sample_format, token_layout=token_layout, llm=llm,
+                                 **hello)
+    stats.ready, stats.ready_s = session.ready, time.perf_counter() - start
+    finished = False
+    try:
+        while True:
+            try:
+                item = await session.receive()
+            except ServerError:
+                stats.finished_s = time.perf_counter() - start
+                finished = True
+                raise
+            if isinstance(item, dict):
+                if item.get("type") == "llm":
+                    stats.take(item)
+                elif item.get("type") == "done":
+                    stats.done, stats.finished_s = item, time.perf_counter() - start
+                    finished = True
+                    return
+                continue
+            if item.payload_kind == PAYLOAD_AUDIO and item.data.shape[0]:
+                if stats.first_audio_s is None:
+                    stats.first_audio_s = time.perf_counter() - start
+                stats.samples += item.data.shape[0]
+                yield item
+    finally:
+        if finished:
+            await session.ws.close()
+        else:  # stopped early: the server drops the session and its LLM stream
+            await session.close()
 
 
 def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.ndarray]:

@@ -61,6 +61,7 @@ __all__ = [
     "LLMTruncatedError",
     "completions_url",
     "stream_completion",
+    "stream_audio_tokens",
     "stream_speech",
     "speak",
 ]
@@ -449,6 +450,67 @@ class _TransportFrames:
             close()
 
 
+async def stream_audio_tokens(url: str, model_name: str, prompt: str, params: Optional[SamplingParams] = None, *,
+                              stats: SpeechStats, use_token_ids: bool = False, api_key: Optional[str] = None,
+                              session: Any = None, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                              ) -> AsyncIterator[List[int]]:
+    """The audio token ids of ``prompt``'s streamed completion, a list per piece that brings any.
+
+    The ids are a :class:`~snac_stream.tokens.TokenLayout` parser's input: ``<custom_token_N>`` in the text is
+    ``N - 10`` (:class:`~snac_stream.tokens.AudioTokenText`, which also takes tokens a piece cuts in half), or
+    with ``use_token_ids`` the raw ids the server sends less ``ORPHEUS_LLM_TOKEN_OFFSET`` (smaller ids, control
+    and text tokens, are skipped). ``stats`` is updated as the pieces arrive: ``requested_at`` when the request
+    goes out, ``first_token_s`` and ``first_audio_token_s`` (seconds from it), ``pieces``, ``tokens``,
+    ``finish_reason``, ``skipped``, ``other_text``. Both :func:`stream_speech` and the server's LLM sessions
+    (:mod:`snac_stream.server.llm`) read completions through it. Closing the generator closes the HTTP
+    connection.
+
+    Raises what :func:`stream_completion` raises, and :class:`LLMProtocolError` when ``use_token_ids`` is set
+    but the server sends no ids.
+    """
+    extractor = AudioTokenText()
+    stats.requested_at = time.monotonic()
+    completion = stream_completion(url, model_name, prompt, params, api_key=api_key,
+                                   request_token_ids=use_token_ids, session=session,
+                                   connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+    def account(ids: List[int]) -> List[int]:
+        if ids:
+            if stats.first_audio_token_s is None:
+                stats.first_audio_token_s = time.monotonic() - stats.requested_at
+            stats.tokens += len(ids)
+        return ids
+
+    try:
+        async for piece in completion:
+            if stats.first_token_s is None and (piece.text or piece.token_ids):
+                stats.first_token_s = time.monotonic() - stats.requested_at
+            stats.pieces += 1
+            if piece.finish_reason is not None:
+                stats.finish_reason = piece.finish_reason
+            if use_token_ids:
+                if piece.token_ids is None:
+                    if piece.text:
+                        raise LLMProtocolError("use_token_ids is set but the server sends no token ids (vLLM: "
+                                               "return_token_ids; llama.cpp: return_tokens)")
+                    continue
+                # Raw vocabulary ids: <custom_token_N> is 128256 + N, so audio ids N - 10 are raw - 128266.
+                ids = [i - ORPHEUS_LLM_TOKEN_OFFSET for i in piece.token_ids if i >= ORPHEUS_LLM_TOKEN_OFFSET]
+                stats.skipped += len(piece.token_ids) - len(ids)
+            else:
+                ids = extractor.feed(piece.text)
+            if account(ids):
+                yield ids
+        if not use_token_ids:
+            ids = account(extractor.feed("", final=True))  # a last token the stream's end completes
+            if ids:
+                yield ids
+    finally:
+        stats.skipped += extractor.skipped
+        stats.other_text = extractor.other_text
+        await completion.aclose()
+
+
 async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *, voice: Optional[str] = None,
                         prompt_format: Union[str, PromptFormat] = "orpheus",
                         params: Optional[SamplingParams] = None, layout: Optional[TokenLayout] = None,
@@ -504,11 +566,10 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
     frames: Any = (_FrameDecoder(snac_model, layout, lookahead_samples) if decoder is None
                    else _TransportFrames(decoder, layout))
     rate = snac_model.sampling_rate if snac_model is not None else getattr(decoder, "sample_rate", 24000)
-    extractor = AudioTokenText()
     if stats is None:
         stats = SpeechStats(rate=rate)
     run: Callable[..., Any] = asyncio.to_thread if decode_in_thread else _call
-    stats.requested_at = time.monotonic()
+    stats.requested_at = time.monotonic()  # again when the request goes out (stream_audio_tokens)
     position = 0
 
     def elapsed() -> float:
@@ -523,9 +584,9 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
             stats.first_audio_s = elapsed()
         return out
 
-    completion = stream_completion(url, model_name, prompt, params, api_key=api_key,
-                                   request_token_ids=use_token_ids, session=session,
-                                   connect_timeout=connect_timeout, read_timeout=read_timeout)
+    tokens = stream_audio_tokens(url, model_name, prompt, params, stats=stats, use_token_ids=use_token_ids,
+                                 api_key=api_key, session=session, connect_timeout=connect_timeout,
+                                 read_timeout=read_timeout)
     # A reader task drains the HTTP stream while the decoder computes, so that pieces are read (and their
     # arrival timed) as they come, not when the decoder is free. (A piece still in aiohttp's buffer when the
     # connection breaks is lost: aiohttp raises the error before handing out what it buffered.)
@@ -533,57 +594,28 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
 
     async def read() -> None:
         try:
-            async for piece in completion:
-                if stats.first_token_s is None and (piece.text or piece.token_ids):
-                    stats.first_token_s = elapsed()
-                queue.put_nowait(piece)
+            async for ids in tokens:
+                queue.put_nowait(ids)
             queue.put_nowait(None)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there in order
             queue.put_nowait(exc)
         finally:
-            await completion.aclose()  # on cancellation too: closes the HTTP connection at once
+            await tokens.aclose()  # on cancellation too: closes the HTTP connection at once
 
     try:
         reader = asyncio.create_task(read())
         failure: Optional[BaseException] = None
         try:
             while True:
-                piece = await queue.get()
-                if piece is None:
+                ids = await queue.get()
+                if ids is None:
                     break
-                if isinstance(piece, BaseException):
-                    raise piece
-                stats.pieces += 1
-                if piece.finish_reason is not None:
-                    stats.finish_reason = piece.finish_reason
-                if use_token_ids:
-                    if piece.token_ids is None:
-                        if piece.text:
-                            raise LLMProtocolError("use_token_ids is set but the server sends no token ids (vLLM: "
-                                                   "return_token_ids; llama.cpp: return_tokens)")
-                        continue
-                    # Raw vocabulary ids: <custom_token_N> is 128256 + N, so audio ids N - 10 are raw - 128266.
-                    ids = [i - ORPHEUS_LLM_TOKEN_OFFSET for i in piece.token_ids if i >= ORPHEUS_LLM_TOKEN_OFFSET]
-                    stats.skipped += len(piece.token_ids) - len(ids)
-                else:
-                    ids = extractor.feed(piece.text)
-                if not ids:
-                    continue
-                if stats.first_audio_token_s is None:
-                    stats.first_audio_token_s = elapsed()
-                stats.tokens += len(ids)
+                if isinstance(ids, BaseException):
+                    raise ids
                 audio = await run(frames.push, ids)
                 stats.frames = frames.frames
                 if audio.shape[0]:
                     yield chunk(audio)
-            if not use_token_ids:
-                ids = extractor.feed("", final=True)
-                if ids:
-                    stats.tokens += len(ids)
-                    audio = await run(frames.push, ids)
-                    stats.frames = frames.frames
-                    if audio.shape[0]:
-                        yield chunk(audio)
             left = frames.parser.pending
             if left and on_partial_frame == "error":
                 raise LLMTruncatedError(
@@ -594,8 +626,6 @@ async def stream_speech(url: str, model_name: str, text: str, snac_model: Any, *
         except LLMStreamError as exc:
             failure = exc
         finally:
-            stats.skipped += extractor.skipped
-            stats.other_text = extractor.other_text
             if not reader.done():
                 reader.cancel()  # we stop early (closed, cancelled, bad tokens): drop the connection
             try:

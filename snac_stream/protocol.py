@@ -21,6 +21,7 @@ Summary:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
@@ -77,25 +78,32 @@ ERRORS: Dict[str, int] = {
     "server_full": 1013,        # every session slot is taken
     "draining": 1013,           # the server is shutting down: it takes no new session (open ones finish)
     "going_away": 1001,         # the server shut down before the session ended (drain timeout)
+    "llm_not_allowed": 1008,    # a hello names an LLM endpoint the server is not allowed to call (--allow-llm)
+    "llm_error": 1014,          # the LLM of an llm session failed (unreachable, HTTP error, bad or cut tokens)
 }
 
 
 class ProtocolError(Exception):
-    """A failure the peer is told about: an ``error`` message with ``code``, then close code ``close_code``."""
+    """A failure the peer is told about: an ``error`` message with ``code``, then close code ``close_code``.
 
-    def __init__(self, code: str, message: str):
+    ``fields`` are extra members of the ``error`` message (``llm_error``: ``reason``, and ``status`` for an
+    HTTP error).
+    """
+
+    def __init__(self, code: str, message: str, **fields: Any):
         if code not in ERRORS:
             raise ValueError(f"unknown error code {code!r}")
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fields = fields
 
     @property
     def close_code(self) -> int:
         return ERRORS[self.code]
 
     def to_json(self) -> str:
-        return json.dumps({"type": "error", "code": self.code, "message": self.message})
+        return json.dumps({"type": "error", "code": self.code, "message": self.message, **self.fields})
 
 
 # ---- JSON messages ----------------------------------------------------------------------------------
@@ -116,6 +124,60 @@ def parse_json(text: str) -> Dict[str, Any]:
 
 
 @dataclass
+class LLMHello:
+    """``hello.llm``: the server streams a ``decode`` session's tokens from this LLM instead of the client.
+
+    Names as ``snac-stream play-tokens --llm``'s options: ``url`` (``--llm``: the server's base URL, or its
+    ``/v1`` or ``/v1/completions`` URL), ``model`` (``--llm-model``), ``prompt`` (the text to speak),
+    ``voice``, ``prompt_format`` (a preset of :data:`snac_stream.llm.PROMPT_FORMATS` or a template with
+    ``{text}``), ``temperature``, ``top_p``, ``max_tokens`` (``None``: :class:`snac_stream.llm.SamplingParams`'
+    defaults) and ``api_key`` (``--llm-api-key``: the LLM's bearer key; never echoed, logged or shown in a repr).
+    Names and types are checked here; the server checks the URL against its allow-list and the prompt format
+    and voice.
+    """
+
+    url: str
+    model: str
+    prompt: str
+    voice: Optional[str] = None
+    prompt_format: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    max_tokens: Optional[int] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def parse(cls, value: Any) -> "LLMHello":
+        """``hello.llm`` as sent -> an :class:`LLMHello`; ``bad_hello`` on unknown fields or wrong types."""
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_hello", "llm must be an object with url, model and prompt")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ProtocolError("bad_hello", f"unknown llm field(s): {', '.join(unknown)}")
+        for name in ("url", "model", "prompt"):
+            if not isinstance(value.get(name), str) or not value[name].strip():
+                raise ProtocolError("bad_hello", f"llm.{name} must be a non-empty string")
+        for name in ("voice", "prompt_format", "api_key"):
+            if value.get(name) is not None and not isinstance(value[name], str):
+                raise ProtocolError("bad_hello", f"llm.{name} must be a string")
+        for name, low, high in (("temperature", 0.0, None), ("top_p", 0.0, 1.0)):
+            number = value.get(name)
+            if number is None:
+                continue
+            if (not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number)
+                    or number < low or (high is not None and number > high) or (name == "top_p" and number == 0)):
+                bounds = "in (0, 1]" if name == "top_p" else ">= 0"
+                raise ProtocolError("bad_hello", f"llm.{name} must be a number {bounds}, got {number!r}")
+        tokens = value.get("max_tokens")
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+            raise ProtocolError("bad_hello", f"llm.max_tokens must be a positive integer, got {tokens!r}")
+        return cls(**value)
+
+
+@dataclass
 class Hello:
     """The client's first message.
 
@@ -125,7 +187,9 @@ class Hello:
     PCM: the model's). Formats are :data:`AUDIO_FORMATS`, rates 8000..48000; the server converts anything but
     PCM at the model's rate (``docs/protocol.md``, "Formats and sample rates"). ``opus_bitrate`` (bits/s) sets
     the Opus encoder of an ``opus``/``webm`` output.
-    ``token_offset`` is added to every token id (e.g. 128266 for raw Orpheus LLM ids).
+    ``token_offset`` is added to every token id (e.g. 128266 for raw Orpheus LLM ids). ``llm`` (``decode``
+    only): the server streams the tokens from that LLM endpoint and the client sends none; the layout then
+    defaults to ``orpheus``.
     """
 
     kind: str
@@ -140,12 +204,15 @@ class Hello:
     output_format: Optional[str] = None
     output_rate: Optional[int] = None
     opus_bitrate: Optional[int] = None
+    llm: Optional[LLMHello] = None
 
     _FIELDS = ("type", "protocol", "kind", "sample_format", "sample_rate", "token_layout", "token_offset", "auth",
-               "input_format", "input_rate", "output_format", "output_rate", "opus_bitrate")
+               "input_format", "input_rate", "output_format", "output_rate", "opus_bitrate", "llm")
 
     def to_json(self) -> str:
         message = {"type": "hello", **{k: v for k, v in asdict(self).items() if v is not None}}
+        if self.llm is not None:
+            message["llm"] = self.llm.as_dict()
         return dumps(message)
 
     def formats(self) -> Dict[str, Tuple[str, Optional[int]]]:
@@ -196,7 +263,13 @@ class Hello:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ProtocolError("bad_hello", f"{name} must be a positive integer ({unit}), got {value!r}")
             numbers[name] = value
-        layout = message.get("token_layout", DEFAULT_LAYOUT)
+        llm = None
+        if "llm" in message:
+            if kind != "decode":
+                raise ProtocolError("bad_hello", f"llm applies to decode sessions only, not {kind}")
+            llm = LLMHello.parse(message["llm"])
+        # An LLM speaks Orpheus' <custom_token_N> unless the hello says otherwise.
+        layout = message.get("token_layout", "orpheus" if llm is not None else DEFAULT_LAYOUT)
         if not isinstance(layout, str):
             raise ProtocolError("bad_hello", f"token_layout must be a string, got {layout!r}")
         offset = message.get("token_offset", 0)
@@ -205,8 +278,8 @@ class Hello:
         auth = message.get("auth")
         if auth is not None and not isinstance(auth, str):
             raise ProtocolError("bad_hello", "auth must be a string")
-        return cls(kind=kind, token_layout=layout, token_offset=offset, auth=auth, protocol=protocol, **formats,
-                   **numbers)
+        return cls(kind=kind, token_layout=layout, token_offset=offset, auth=auth, protocol=protocol, llm=llm,
+                   **formats, **numbers)
 
 
 @dataclass
@@ -250,6 +323,8 @@ class Ready:
     output_rate: Optional[int] = None
     output_latency_samples: Optional[int] = None
     opus_bitrate: Optional[int] = None
+    # An llm session's LLM: {"endpoint": its /v1/completions URL, "model", "prompt_format"}; None otherwise.
+    llm: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> str:
         return dumps({"type": "ready", **asdict(self)})

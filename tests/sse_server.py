@@ -42,6 +42,7 @@ class Script:
 @dataclass
 class Record:
     body: Dict[str, Any]
+    headers: Dict[str, str] = field(default_factory=dict)
     sent: int = 0  # pieces sent
     disconnected: bool = False  # the client closed the connection before the end
     completed: bool = False
@@ -85,7 +86,7 @@ class SSEServer:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        record = Record(body)
+        record = Record(body, dict(request.headers))
         self.records.append(record)
         script = self.script
         if script.status != 200:

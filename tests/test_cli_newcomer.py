@@ -217,6 +217,59 @@ def test_play_tokens_llm_errors_keep_the_audio(tiny_ckpt, tmp_path, capsys) -> N
     assert "s of audio before the error" in err
 
 
+def test_play_tokens_llm_through_a_server_writes_the_file(tiny_ckpt, tmp_path, capsys) -> None:
+    """``play-tokens --llm URL --server WS_URL``: the server calls the LLM and decodes; the file equals offline
+    decode; the key goes to the LLM through the server; refusals and mid-stream failures are one error line."""
+    import asyncio
+
+    from sse_server import Script, SSEServer
+
+    from snac_stream.cli import main
+    from snac_stream.server import ServerOptions, SNACServer
+    from snac_stream.tokens import OrpheusLayout, format_custom_tokens
+
+    codes = _served_codes(5, frames=6)
+    ids = OrpheusLayout().to_flat(codes)[0].tolist()
+    text = "<custom_token_1>" + format_custom_tokens(ids) + "<|eot_id|>"
+    whole = Script([text[i : i + 11] for i in range(0, len(text), 11)], pause_s=0.002, first_pause_s=0.05)
+    cut = Script([format_custom_tokens(ids[i : i + 7]) for i in range(0, 28, 7)] + [format_custom_tokens(ids[28:30])])
+    model = SNAC.from_pretrained(tiny_ckpt)
+    runs = []
+
+    async def scenario():
+        async with SSEServer(whole) as llm:
+            options = ServerOptions(port=0, threads=1, web=False, allow_llm=[llm.url])
+            async with SNACServer(model, options) as snac:
+                for script, url, name, extra in ((whole, llm.url, "llm.wav", ["--llm-api-key", "sk-cli-key"]),
+                                                 (whole, "http://127.0.0.1:9", "refused.wav", []),
+                                                 (cut, llm.url, "cut.wav", [])):
+                    llm.script = script
+                    argv = ["play-tokens", "--llm", url, "--server", snac.url, "--llm-model", "orpheus-test",
+                            "--prompt", "Hello there.", "--voice", "leo", "--output", str(tmp_path / name), *extra]
+                    rc = await asyncio.to_thread(main, argv)
+                    runs.append((rc, capsys.readouterr().err))
+            return llm.records
+
+    records = asyncio.run(scenario())
+    with torch.inference_mode():
+        expected = model.decode(codes)[0, 0].numpy()
+        expected_cut = model.decode([c[:, : 4 * r] for c, r in zip(codes, (1, 2, 4))])[0, 0].numpy()
+    (rc, err), (refused_rc, refused_err), (cut_rc, cut_err) = runs
+    assert rc == 0, err
+    got, rate = sf.read(tmp_path / "llm.wav", dtype="float32")
+    assert rate == RATE and got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    first = re.search(r"time to first token (\d+) ms \(at the server, from its request\), to first audio (\d+) ms", err)
+    assert first and 50 <= int(first.group(1)) <= int(first.group(2)), err
+    assert re.search(r"summary 42 audio tokens -> 12288 samples .*time to first token \d+ ms", err), err
+    assert records[0].body["prompt"].startswith("<custom_token_3><|begin_of_text|>leo: Hello")
+    assert records[0].headers["Authorization"] == "Bearer sk-cli-key" and "sk-cli-key" not in err
+    assert refused_rc == 2 and "llm_not_allowed" in single_error(refused_err)
+    assert not (tmp_path / "refused.wav").exists() and len(records) == 2  # the refused one never reached the LLM
+    assert cut_rc == 2 and "llm_error" in single_error(cut_err) and "2 of its 7 tokens" in cut_err
+    got, _ = sf.read(tmp_path / "cut.wav", dtype="float32")
+    assert np.abs(got - expected_cut).max() < 1e-5 and "s of audio before the error" in cut_err
+
+
 def test_play_tokens_llm_usage_errors(tiny_ckpt, tmp_path, capsys) -> None:
     out = ["--output", str(tmp_path / "o.wav")]
     for argv, needle in [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import numpy as np
@@ -294,3 +295,206 @@ def test_decoding_on_a_snac_stream_server(model, codes):
     # The whole frames are decoded by the server, then the error.
     assert isinstance(cut_error, LLMTruncatedError)
     assert np.abs(cut_audio - offline(model, codes, frames=3)).max() <= 1e-5
+
+
+# ---- llm sessions: the server streams the completion itself (hello.llm, serve --allow-llm) --------------------
+KEY = "sk-test-key-0123456789"
+
+
+def llm_session(model, script, test, allow=None, **options):
+    """Run ``test(snac, llm)``: a local LLM serving ``script`` behind a real SNACServer whose allow-list is
+    ``allow(llm.url)`` (default: that URL)."""
+    from snac_stream.server import ServerOptions, SNACServer
+
+    async def scenario():
+        async with SSEServer(script) as llm:
+            allowed = [llm.url] if allow is None else allow(llm.url)
+            opts = ServerOptions(port=0, threads=1, web=False, max_sessions=2, allow_llm=allowed, **options)
+            async with SNACServer(model, opts) as snac:
+                return await asyncio.wait_for(test(snac, llm), 120)
+
+    return run(scenario())
+
+
+async def speech(snac, llm_fields, **hello):
+    """(audio frames, stats, the ServerError or None) of one llm session through snac_stream.client."""
+    from snac_stream.client import LLMSessionStats, ServerError, llm_speech
+
+    stats, frames, error = LLMSessionStats(), [], None
+    try:
+        async for frame in llm_speech(f"ws://127.0.0.1:{snac.port}", llm_fields, stats=stats, **hello):
+            frames.append(frame)
+    except ServerError as exc:
+        error = exc
+    return frames, stats, error
+
+
+def samples(frames):
+    return np.concatenate([f.data for f in frames]) if frames else np.zeros(0, np.float32)
+
+
+def test_llm_session_audio_equals_offline_decode(model, codes, caplog):
+    ids = token_ids(codes)
+    text = "<custom_token_1>" + format_custom_tokens(ids) + "<custom_token_2><|eot_id|>"
+    pieces = split(text, seed=11)
+    fields = {"model": "orpheus-test", "prompt": "Hello there.", "voice": "leo", "temperature": 0.4, "top_p": 0.9,
+              "max_tokens": 321, "api_key": KEY}
+
+    async def test(snac, llm):
+        from websockets.asyncio.client import connect
+
+        # The whole conversation, raw, to see that the key is in none of the server's messages.
+        async with connect(f"ws://127.0.0.1:{snac.port}") as ws:
+            await ws.send(json.dumps({"type": "hello", "kind": "decode", "sample_format": "float32",
+                                      "llm": {"url": llm.url + "/v1", **fields}}))
+            raw = [m async for m in ws]
+        through_client = await speech(snac, {"url": llm.url, **fields, "api_key": None})
+        return raw, through_client, llm.records, llm.url
+
+    with caplog.at_level("DEBUG"):
+        raw, (frames, stats, error), records, url = llm_session(
+            model, Script(pieces, pause_s=0.002, first_pause_s=0.05), test)
+    assert error is None
+    expected = offline(model, codes)
+    audio = samples(frames)
+    assert audio.shape == expected.shape and np.abs(audio - expected).max() <= 1e-5
+    assert len(frames) > 2 and frames[-1].final and not frames[0].final  # frame by frame, then the tail
+    # The raw session: ready (Orpheus layout by default, the endpoint, not the key), llm messages, audio, done.
+    from snac_stream.protocol import OutputFrame
+
+    ready = json.loads(raw[0])
+    assert ready["type"] == "ready" and ready["token_layout"]["name"] == "orpheus"
+    assert ready["llm"] == {"endpoint": url + "/v1/completions", "model": "orpheus-test", "prompt_format": "orpheus"}
+    texts = [json.loads(m) for m in raw if isinstance(m, str)]
+    assert [m["type"] for m in texts] == ["ready", "llm", "llm", "done"]
+    assert texts[1]["event"] == "first_tokens" and texts[2]["event"] == "end" and texts[2]["tokens"] == len(ids)
+    assert 50 <= texts[1]["first_token_ms"] <= texts[1]["first_audio_token_ms"]
+    assert texts[3]["input_items"] == len(ids) and texts[3]["output_samples"] == expected.shape[0]
+    raw_audio = np.concatenate([OutputFrame.unpack(m, "float32").data for m in raw if isinstance(m, bytes)])
+    assert np.abs(raw_audio - expected).max() <= 1e-5
+    # The request the LLM got: the hello's fields, the key as its bearer header -- and nowhere else.
+    body = records[0].body
+    assert body["model"] == "orpheus-test" and body["stream"] is True
+    assert body["prompt"] == ("<custom_token_3><|begin_of_text|>leo: Hello there.<|eot_id|>"
+                              "<custom_token_4><custom_token_5><custom_token_1>")
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.4, 0.9, 321)
+    assert records[0].headers["Authorization"] == f"Bearer {KEY}" and "Authorization" not in records[1].headers
+    assert not any(KEY in (m if isinstance(m, str) else m.decode("latin-1")) for m in raw)
+    assert KEY not in caplog.text
+    # Through the client: its stats.
+    assert stats.tokens == len(ids) and stats.samples == expected.shape[0] and stats.finish_reason == "stop"
+    assert 0.05 <= stats.first_token_s <= stats.first_audio_token_s and stats.first_audio_s <= stats.finished_s
+
+
+def test_llm_session_refused_unless_its_url_is_allowed(model, codes):
+    from websockets.asyncio.client import connect
+
+    ids = token_ids(codes)
+    script = Script([format_custom_tokens(ids)])
+
+    async def refused(snac, llm_fields):
+        frames, _, error = await speech(snac, llm_fields)
+        assert not frames and error is not None
+        return error
+
+    async def test(snac, llm):
+        errors = [await refused(snac, {"url": url, "model": "m", "prompt": "Hi.", "api_key": KEY})
+                  for url in ("http://127.0.0.1:9", llm.url.replace("127.0.0.1", "localhost"), llm.url + "/x/v1",
+                              llm.url + "/v1/../v1", "http://user:pw@" + llm.url[7:])]
+        # A bad voice is the hello's fault; llm in an encode session too.
+        errors.append(await refused(snac, {"url": llm.url, "model": "m", "prompt": "Hi.", "voice": "bob"}))
+        async with connect(f"ws://127.0.0.1:{snac.port}") as ws:
+            await ws.send(json.dumps({"type": "hello", "kind": "encode", "llm": {"url": llm.url, "model": "m",
+                                                                                   "prompt": "Hi."}}))
+            encode_error = json.loads(await ws.recv())
+        # The server goes on: an allowed session is exact, and no refusal reached the LLM.
+        frames, _, error = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})
+        return errors, encode_error, error, samples(frames), len(llm.records), dict(snac.stats["refusals"])
+
+    errors, encode_error, error, audio, requests, refusals = llm_session(model, script, test)
+    assert [e.code for e in errors] == ["llm_not_allowed"] * 5 + ["bad_hello"]
+    assert all(e.close_code == 1008 for e in errors) and "allow-list" in errors[0].message
+    assert not any(KEY in e.message for e in errors) and "unknown voice 'bob'" in errors[-1].message
+    assert "pw" not in errors[4].message and "credentials" in errors[4].message
+    assert encode_error["code"] == "bad_hello" and "decode sessions only" in encode_error["message"]
+    assert error is None and np.abs(audio - offline(model, codes)).max() <= 1e-5 and requests == 1
+    assert refusals["llm_not_allowed"] == 5
+
+    # Off unless the server is started with an allow-list.
+    async def off(snac, llm):
+        return (await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."}))[2]
+
+    error = llm_session(model, script, off, allow=lambda url: [])
+    assert error.code == "llm_not_allowed" and "without --allow-llm" in error.message
+    # A prefix rule: every endpoint under it; the server's own key when the hello gives none.
+    async def prefixed(snac, llm):
+        return await speech(snac, {"url": llm.url + "/v1", "model": "m", "prompt": "Hi."}), llm.records[0].headers
+
+    (frames, _, error), headers = llm_session(model, script, prefixed, allow=lambda url: [url + "/*"],
+                                              llm_api_key="sk-server-key")
+    assert error is None and samples(frames).shape == offline(model, codes).shape
+    assert headers["Authorization"] == "Bearer sk-server-key"
+
+
+@pytest.mark.parametrize("failure", ["drop", "error_event", "truncated", "bad_token"])
+def test_llm_session_failure_mid_stream_comes_after_the_audio_of_whole_frames(model, codes, failure):
+    ids = token_ids(codes)
+    pieces = [format_custom_tokens(ids[i:i + 7]) for i in range(0, 42, 7)]  # one frame a piece
+    script, reason = {
+        "drop": (Script(pieces, pause_s=0.01, drop_after=3), "connection"),
+        "error_event": (Script(pieces, error_event_at=3), "server"),
+        "truncated": (Script(pieces[:3] + [format_custom_tokens(ids[21:25])]), "truncated"),
+        "bad_token": (Script(pieces[:3] + ["<custom_token_5000>" + pieces[3]]), "tokens"),  # 4990 at position 0
+    }[failure]
+
+    async def test(snac, llm):
+        result = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})
+        after = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})  # the server goes on
+        return result, after, dict(snac.stats["outcomes"])
+
+    (frames, stats, error), (_, _, again), outcomes = llm_session(model, script, test)
+    assert error is not None and error.code == "llm_error" and error.close_code == 1014
+    assert error.fields["reason"] == reason, error
+    # The 3 whole frames' audio, their tail included (flagged FINAL), exactly as offline decode of them.
+    assert frames and frames[-1].final
+    assert np.abs(samples(frames) - offline(model, codes, frames=3)).max() <= 1e-5
+    assert stats.llm["event"] == "end" and again is not None and again.code == "llm_error"
+    assert outcomes[("decode", "llm_error")] == 2
+
+
+def test_llm_session_errors_before_any_audio(model, codes):
+    async def test(snac, llm):
+        return await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})
+
+    frames, _, error = llm_session(model, Script([], status=503, error_body='{"message": "overloaded"}'), test)
+    assert not frames and error.code == "llm_error" and error.fields == {"reason": "http", "status": 503}
+    assert "HTTP 503" in error.message and "overloaded" in error.message
+    # Unreachable (an allowed port nobody listens on).
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    frames, _, error = llm_session(
+        model, Script([]), lambda snac, llm: speech(snac, {"url": dead, "model": "m", "prompt": "Hi."}),
+        allow=lambda url: [dead])
+    assert not frames and error.code == "llm_error" and error.fields["reason"] == "connection"
+    assert "cannot connect" in error.message
+    # A completion without audio tokens: the model is not speaking SNAC.
+    frames, _, error = llm_session(model, Script(["I am a chat model."]), test)
+    assert not frames and error.fields["reason"] == "tokens" and "no audio tokens" in error.message
+
+
+def test_closing_an_llm_session_early_closes_the_llm_stream(model, codes):
+    from snac_stream.client import llm_speech
+
+    pieces = [format_custom_tokens(token_ids(codes)[i:i + 7]) for i in range(0, 42, 7)] * 20
+
+    async def test(snac, llm):
+        async for frame in llm_speech(f"ws://127.0.0.1:{snac.port}", {"url": llm.url, "model": "m", "prompt": "Hi."}):
+            break  # the listener leaves after the first audio
+        await asyncio.wait_for(llm.disconnected.wait(), 10)
+        await snac.wait_sessions(0)
+        return llm.records[0]
+
+    record = llm_session(model, Script(pieces, pause_s=0.05), test)
+    assert record.disconnected and not record.completed and record.sent < len(pieces)

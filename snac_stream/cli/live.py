@@ -68,7 +68,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     llm = p.add_argument_group(
         "speech from an LLM server", "--llm URL streams a completion from an OpenAI-compatible /v1/completions "
         "endpoint (vLLM, SGLang, llama.cpp serving a TTS model such as Orpheus) and plays its audio tokens as "
-        "they arrive, instead of reading TOKENS")
+        "they arrive, instead of reading TOKENS. With --server, the server calls the LLM and decodes (an llm "
+        "session: its 'serve --allow-llm' must list URL, which it must reach) and this process only plays")
     llm.add_argument("--llm", default=None, metavar="URL", help="http(s):// base URL of the LLM server")
     llm.add_argument("--llm-model", default=None, metavar="NAME", help="model name the LLM server serves")
     llm.add_argument("--prompt", default=None, metavar="TEXT", help="the text to speak")
@@ -84,7 +85,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                      help=f"most tokens to generate (default: {SamplingParams().max_tokens}); a completion cut "
                           "inside a coarse frame is an error after its whole frames played")
     llm.add_argument("--llm-api-key", default=None, metavar="KEY",
-                     help="bearer key for the LLM server (default: $OPENAI_API_KEY if set)")
+                     help="bearer key for the LLM server (default: $OPENAI_API_KEY if set; with --server only this "
+                          "flag's key is sent, else the server uses its own 'serve --llm-api-key')")
     p.add_argument("--source-token", default=None, metavar="T",
                    help="bearer token for a ws:// token source (sent as an Authorization header)")
     add_model_option(p)
@@ -304,10 +306,7 @@ def _play_llm(args: argparse.Namespace) -> int:
 
     if args.tokens is not None:
         raise CLIError(f"--llm streams the tokens from the LLM server; drop the token source {args.tokens!r}")
-    if args.server is not None:
-        raise CLIError("--llm decodes in this process; --server is not supported with it yet")
-    if args.token is not None:
-        raise CLIError("--token goes with --server")
+    token = _server_token(args)
     if not args.llm_model:
         raise CLIError("--llm needs --llm-model NAME (the model the LLM server serves)")
     if args.prompt is None or not args.prompt.strip():
@@ -315,6 +314,8 @@ def _play_llm(args: argparse.Namespace) -> int:
     endpoint = completions_url(args.llm)
     prompt_format = get_prompt_format(args.prompt_format)
     prompt_format.format(args.prompt, args.voice)  # an unknown voice fails before the model loads
+    if args.server is not None:
+        return _play_llm_on_server(args, token, endpoint)
     defaults = SamplingParams()
     params = SamplingParams(
         temperature=defaults.temperature if args.temperature is None else args.temperature,
@@ -368,6 +369,69 @@ def _play_llm(args: argparse.Namespace) -> int:
               f"first token {_ms(stats.first_token_s)}, time to first audio {_ms(stats.first_audio_s)} (from sending "
               f"the request); finished in {_ms(stats.finished_s)} ({stats.finish_reason or 'no finish reason'}); "
               f"underruns {sink.underruns}")
+    if args.output is not None:
+        say(args, f"wrote   {args.output}")
+    return 0
+
+
+def _play_llm_on_server(args: argparse.Namespace, token: Optional[str], endpoint: str) -> int:
+    """``play-tokens --llm URL --server WS_URL``: an llm session; the server streams the completion and decodes
+    it, this process only plays (or writes) the audio it sends."""
+    import asyncio
+
+    from ..client import LLMSessionStats, ServerError, llm_speech
+    from ..protocol import LLMHello
+
+    if args.output is None:
+        audio_io.find_device(args.output_device, "output")
+    # Only an explicit --llm-api-key goes to the server ($OPENAI_API_KEY stays here): the server may hold its own.
+    llm = LLMHello(url=args.llm, model=args.llm_model, prompt=args.prompt, voice=args.voice,
+                   prompt_format=args.prompt_format, temperature=args.temperature, top_p=args.top_p,
+                   max_tokens=args.max_tokens, api_key=args.llm_api_key)
+    stats = LLMSessionStats()
+    sink: List = []  # opened at the first audio, at the rate ready announced
+
+    async def main() -> None:
+        async for frame in llm_speech(args.server, llm, stats=stats, auth=token, token_layout=args.layout,
+                                      token_offset=args.token_offset):
+            first = not sink
+            if first:
+                ready = stats.ready
+                say(args, f"{_server_line(args, ready)}, layout {args.layout}; LLM {endpoint} (called by the server) "
+                          f"model {args.llm_model}, prompt format {llm.prompt_format}")
+                sink.append(_make_sink(args, ready.sample_rate, 480 * ready.sample_rate // 24000, None))
+                sink[0].start()
+            sink[0].write(frame.data)
+            if first:
+                say(args, f"first audio: time to first token {_ms(stats.first_token_s)} (at the server, from its "
+                          f"request), to first audio {_ms(stats.first_audio_s)} (here, from the hello)")
+
+    from websockets.exceptions import WebSocketException
+
+    try:
+        asyncio.run(main())
+    except (ServerError, OSError, WebSocketException) as exc:
+        # Keep what was produced: the whole frames' audio (and their tail) came before an llm_error.
+        if sink:
+            sink[0].close()
+            if args.output is not None:
+                say(args, f"wrote   {args.output}: {stats.samples / stats.ready.sample_rate:.2f} s of audio before "
+                          "the error")
+        what = (f"{exc.code}: {exc.message}" if isinstance(exc, ServerError)
+                else f"cannot stream from {args.server}: {exc}")
+        raise CLIError(f"LLM session on {args.server}: {what}") from None
+    except BaseException:
+        if sink:
+            sink[0].abort()
+        raise
+    if not sink:
+        raise CLIError(f"LLM session on {args.server}: the completion held no audio tokens")
+    sink[0].close()
+    rate = stats.ready.sample_rate
+    say(args, f"summary {stats.tokens} audio tokens -> {stats.samples} samples ({stats.samples / rate:.2f} s); time "
+              f"to first token {_ms(stats.first_token_s)} (at the server), time to first audio "
+              f"{_ms(stats.first_audio_s)} (here, from the hello); finished in {_ms(stats.finished_s)} "
+              f"({stats.finish_reason or 'no finish reason'}); underruns {sink[0].underruns}")
     if args.output is not None:
         say(args, f"wrote   {args.output}")
     return 0

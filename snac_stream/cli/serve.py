@@ -48,6 +48,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="on SIGTERM or SIGINT: refuse new sessions (error 'draining') and let open ones finish for "
                         "up to this long, then end the rest (close code 1001) and exit 0; a second signal ends "
                         "them at once (default: 30)")
+    p.add_argument("--allow-llm", action="append", default=[], metavar="URL",
+                   help="let decode sessions name this LLM endpoint in their hello (hello.llm: the server streams "
+                        "the completion and decodes it); repeatable. A URL allows its /v1/completions endpoint "
+                        "exactly; a prefix ending in /* (http://llm.internal:8000/*) every one under it. Default: "
+                        "none (llm sessions are refused, llm_not_allowed)")
+    p.add_argument("--llm-api-key", default=None, metavar="KEY",
+                   help="bearer key sent to the allowed LLMs when a hello gives none (default: "
+                        "$SNAC_STREAM_LLM_API_KEY); never logged or sent to clients")
     p.add_argument("--server-id", default=None,
                    help="this instance's name in 'ready' (server_id), to tell servers behind a load balancer apart "
                         "(default: <hostname>:<port>)")
@@ -97,6 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from typing import Optional
 
     from ..server import ServerOptions, SNACServer, web
+    from ..server.options import LLM_KEY_ENV
     from ..protocol import TOKEN_ENV
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
@@ -104,7 +113,9 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_backlog_s=args.max_backlog, max_output_bytes=args.max_output_bytes,
                             token=args.token or os.environ.get(TOKEN_ENV) or None,
                             allowed_origins=args.allow_origin, backend=args.backend, threads=args.threads,
-                            web=not args.no_web, behind_warning_s=args.behind_warning, server_id=args.server_id)
+                            web=not args.no_web, behind_warning_s=args.behind_warning, server_id=args.server_id,
+                            allow_llm=args.allow_llm,
+                            llm_api_key=args.llm_api_key or os.environ.get(LLM_KEY_ENV) or None)
     try:
         options.check()
     except ValueError as exc:
@@ -138,6 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
                       f"{','.join(server.devices)} at {server.url}: {cfg.sampling_rate} Hz, step "
                       f"{server.step_samples} samples, algorithmic latency (samples) {server.latency}; up to "
                       f"{slots}{', token required' if options.token else ''}")
+            if options.allow_llm:
+                say(args, f"llm sessions allowed to: {', '.join(options.allow_llm)}")
             if options.web:
                 say(args, f"browser client (mic -> codec -> speaker): {web.page_url(server)}")
             serving = asyncio.ensure_future(server.serve_forever())

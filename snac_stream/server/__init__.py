@@ -5,6 +5,7 @@
 * :mod:`.worker`: the engine side (the engines of each device, the thread that ticks them, the placement of
   sessions on devices) over :mod:`.lanes` (one per engine: the sessions' streams on it);
 * :mod:`.session`: one client's state, split by the thread that owns it;
+* :mod:`.conversion`: a session's client audio formats; :mod:`.llm`: llm sessions (tokens from an LLM endpoint);
 * :mod:`.options`: settings, auth and origin rules; :mod:`.stats`: the counters; :mod:`.metrics`: their
   Prometheus view (``GET /metrics``; ``/healthz`` and ``/readyz`` are answered in :mod:`.app`);
 * :mod:`.web`: the browser client served on the same port (files in ``static/``);

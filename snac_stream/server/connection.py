@@ -16,16 +16,19 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Dict, Optional, Set, Union
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
+import numpy as np
 import torch
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from .. import __version__
+from ..llm import LLMStreamError, LLMTokenError, LLMTruncatedError, SpeechStats
 from ..protocol import Hello, ProtocolError, Ready, decode_tokens, parse_json
 from ..tokens import get_layout
 from .conversion import SessionFormats
+from .llm import LLMSource, progress_message
 from .options import ServedModel, ServerOptions, token_accepted
 from .session import Events, Session, message_bytes
 from .worker import Workers
@@ -109,7 +112,7 @@ class Gateway:
             finally:
                 side.awaiting_hello = False  # a hello, a refusal or a close to finish: a drain waits for it
             hello = Hello.from_text(first)
-            formats = self._check_hello(ws, hello)
+            formats, session.llm = self._check_hello(ws, hello)
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
                                                 "connect again (elsewhere)")
@@ -126,7 +129,7 @@ class Gateway:
             opened = True
             side.writer = asyncio.create_task(side.write_loop())
             self.send(session, self._ready(session).to_json())
-            if await self._read_loop(session):
+            if await (self._llm_loop(session) if session.llm is not None else self._read_loop(session)):
                 await self.workers.end_stream(session)
                 await formats.drained()  # the output still being converted, `done` last
                 if not side.dead:  # not failed on the way
@@ -165,8 +168,9 @@ class Gateway:
             self.connections.discard(session)
             self._changed.set()
 
-    def _check_hello(self, ws: ServerConnection, hello: Hello) -> SessionFormats:
-        """The hello's auth, formats (returned with their converters) and token layout, or a ``ProtocolError``."""
+    def _check_hello(self, ws: ServerConnection, hello: Hello) -> Tuple[SessionFormats, Optional[LLMSource]]:
+        """The hello's auth, formats (returned with their converters), token layout and LLM (returned as the
+        request to make, or None), or a ``ProtocolError``."""
         if not token_accepted(self.options, hello.auth or getattr(ws, "bearer", None)):
             raise ProtocolError("unauthorized", "missing or wrong auth token")
         formats = SessionFormats(hello, self.served.config.sampling_rate)
@@ -174,7 +178,8 @@ class Gateway:
             get_layout(hello.token_layout, self.served.config, token_offset=hello.token_offset)
         except ValueError as exc:
             raise ProtocolError("bad_hello", str(exc)) from None
-        return formats
+        llm = LLMSource.from_hello(hello.llm, self.options) if hello.llm is not None else None
+        return formats, llm
 
     def _ready(self, session: Session) -> Ready:
         served, layout, hello, opts, formats = self.served, session.layout, session.hello, self.options, session.formats
@@ -195,7 +200,8 @@ class Gateway:
                     "max_output_bytes": opts.max_output_bytes, "max_sessions": self.workers.slots,
                     "max_sessions_per_device": opts.max_sessions},
             session=session.number, server=f"snac-stream {__version__}", random_weights=served.random_weights,
-            server_id=self.server_id, **formats.ready_fields())
+            server_id=self.server_id, llm=session.llm.ready_fields() if session.llm is not None else None,
+            **formats.ready_fields())
 
     def _backlog_limit(self, kind: str) -> int:
         """Unprocessed input items (samples, or tokens for decode) past which the server stops reading."""
@@ -205,9 +211,10 @@ class Gateway:
             return steps * served.step_frames * len(get_layout("interleaved", served.config).order)
         return steps * served.step_samples
 
-    async def _recv(self, session: Session, expect_text: bool = False) -> Union[str, bytes]:
+    async def _recv(self, session: Session, expect_text: bool = False, idle: bool = True) -> Union[str, bytes]:
+        """The client's next message; ``idle_timeout`` after ``idle_timeout_s`` without one (unless not ``idle``)."""
         try:
-            message = await asyncio.wait_for(session.loop.ws.recv(), self.options.idle_timeout_s)
+            message = await asyncio.wait_for(session.loop.ws.recv(), self.options.idle_timeout_s if idle else None)
         except asyncio.TimeoutError:
             raise ProtocolError("idle_timeout", f"nothing received for {self.options.idle_timeout_s:g} s") from None
         size = message_bytes(message)
@@ -219,34 +226,44 @@ class Gateway:
             raise ProtocolError("bad_data_type", "the first message must be a JSON text hello, got a binary frame")
         return message
 
-    async def _read_loop(self, session: Session) -> bool:
-        """Read until flush (returns True) or close (False)."""
+    async def _wait_for_room(self, session: Session) -> None:
+        """Backpressure: wait while the engine is behind the session's input or its client is slow to read its
+        output (a client's socket is not read meanwhile, so TCP flow control slows it down; an LLM's stream is
+        not read either). ``slow_consumer`` if no output went out for ``idle_timeout_s``."""
         side = session.loop
         limit = self._backlog_limit(session.kind)
         out_limit = self.options.max_output_bytes // 2
         idle = self.options.idle_timeout_s
+        stalled_since: Optional[float] = None  # when this wait first saw the queue past half
+        while not side.dead and not side.peer_gone and (side.received - session.consumed > limit
+                                                        or side.out_bytes > out_limit):
+            timeout = None  # the engine's steps wake a wait for the backlog
+            if side.out_bytes > out_limit:
+                now = time.monotonic()
+                stalled_since = now if stalled_since is None else stalled_since
+                # Counted from this client's own last output: every engine tick sets `progress`, so a
+                # busy server would otherwise restart the wait forever.
+                timeout = max(stalled_since, side.sent_at) + idle - now
+                if timeout <= 0:
+                    raise ProtocolError("slow_consumer", f"the client has not read its output for {idle:g} s")
+            else:
+                stalled_since = None
+            side.progress.clear()
+            try:
+                await asyncio.wait_for(side.progress.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _end_input(self, session: Session, now: float) -> None:
+        """The input is complete (a flush): the input converter's tail (a resampler's) is input too."""
+        self._deliver_audio(session, session.formats.end_input(now), now)  # type: ignore[union-attr]
+        session.flush_at = (session.loop.received, now)
+
+    async def _read_loop(self, session: Session) -> bool:
+        """Read until flush (returns True) or close (False)."""
+        side = session.loop
         while True:
-            # Backpressure: stop reading while the engine is behind or the client is slow to read its output;
-            # TCP flow control then slows the client down.
-            stalled_since: Optional[float] = None  # when this wait first saw the queue past half
-            while not side.dead and not side.peer_gone and (side.received - session.consumed > limit
-                                                            or side.out_bytes > out_limit):
-                timeout = None  # the engine's steps wake a wait for the backlog
-                if side.out_bytes > out_limit:
-                    now = time.monotonic()
-                    stalled_since = now if stalled_since is None else stalled_since
-                    # Counted from this client's own last output: every engine tick sets `progress`, so a
-                    # busy server would otherwise restart the wait forever.
-                    timeout = max(stalled_since, side.sent_at) + idle - now
-                    if timeout <= 0:
-                        raise ProtocolError("slow_consumer", f"the client has not read its output for {idle:g} s")
-                else:
-                    stalled_since = None
-                side.progress.clear()
-                try:
-                    await asyncio.wait_for(side.progress.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
+            await self._wait_for_room(session)
             if side.dead or side.peer_gone:
                 return False
             message = await self._recv(session)
@@ -259,9 +276,7 @@ class Gateway:
                     if side.parser is not None and side.parser.pending:
                         raise ProtocolError("bad_tokens", f"the stream ended inside a coarse frame: "
                                                           f"{side.parser.pending} tokens left over")
-                    # The input converter's tail (a resampler's) is input too.
-                    self._deliver_audio(session, session.formats.end_input(now), now)  # type: ignore[union-attr]
-                    session.flush_at = (side.received, now)
+                    self._end_input(session, now)
                     return True
                 if control["type"] == "close":
                     return False
@@ -286,7 +301,10 @@ class Gateway:
         self.workers.deliver(session, samples, now)
 
     def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
-        ids = decode_tokens(payload)
+        self._on_token_ids(session, decode_tokens(payload), now)
+
+    def _on_token_ids(self, session: Session, ids: np.ndarray, now: float) -> None:
+        """Token ids (int64) into the session's parser; whole coarse frames to the engine; ``bad_tokens``."""
         try:
             codes = session.loop.parser.push(torch.from_numpy(ids))  # type: ignore[union-attr]
         except (ValueError, TypeError) as exc:
@@ -294,6 +312,83 @@ class Gateway:
         session.loop.received += ids.size
         if codes[0].shape[-1]:
             self.workers.deliver(session, codes, now)
+
+    # ---- llm sessions: the tokens come from an LLM, not from the client ---------------------------------------
+    async def _llm_loop(self, session: Session) -> bool:
+        """An llm session's input: the LLM's tokens (:meth:`_feed_llm`) while the client's socket is watched
+        (:meth:`_watch_client`). Returns True to end the stream as a flush does (the completion ended, or failed
+        after whole frames: then ``end_error`` is told after their audio), False when the session was dropped."""
+        side = session.loop
+        feeder = side.feeder = asyncio.ensure_future(self._feed_llm(session))
+        watcher = asyncio.ensure_future(self._watch_client(session))
+        try:
+            await asyncio.wait((feeder, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (feeder, watcher):
+                task.cancel()  # closes the HTTP stream, so the LLM stops generating
+            await asyncio.gather(feeder, watcher, return_exceptions=True)
+        if watcher.done() and not watcher.cancelled():
+            watcher.result()  # the client's protocol error, or its closed socket (ConnectionClosed)
+            return False  # its close
+        if feeder.cancelled() or side.dead:
+            return False
+        feeder.result()  # a fault of ours is raised (internal_error)
+        if session.end_error is not None and side.received - side.parser.pending == 0:  # type: ignore[union-attr]
+            raise session.end_error  # no whole frame: nothing to end
+        self._end_input(session, time.perf_counter())
+        return True
+
+    async def _feed_llm(self, session: Session) -> None:
+        """Stream the session's completion and feed its token ids as a client's tokens are fed (the same parser,
+        backlog bound and lane). An LLM failure becomes the session's ``end_error``; ``llm`` messages tell the
+        first tokens' arrival and the completion's end."""
+        side, source = session.loop, session.llm
+        assert source is not None and side.parser is not None
+        stats = SpeechStats(rate=self.served.config.sampling_rate)
+        tokens = source.tokens(stats)
+        told = False
+        try:
+            try:
+                async for ids in tokens:
+                    if not told:
+                        self.send(session, progress_message("first_tokens", stats))
+                        told = True
+                    await self._wait_for_room(session)
+                    if side.dead or side.peer_gone:
+                        return
+                    try:
+                        self._on_token_ids(session, np.asarray(ids, np.int64), time.perf_counter())
+                    except ProtocolError as exc:  # bad_tokens: the LLM's, not the client's
+                        raise LLMTokenError(f"bad audio tokens: {exc.message}") from None
+                if not stats.tokens:
+                    raise LLMTokenError(f"the completion held no audio tokens (its text began {stats.other_text[:80]!r}"
+                                        f"; finish reason {stats.finish_reason!r}): is the model a TTS model, the "
+                                        "prompt format its own?")
+                if side.parser.pending:
+                    raise LLMTruncatedError(
+                        f"the completion ended inside a coarse frame: {side.parser.pending} of its "
+                        f"{session.layout.frame_tokens} tokens arrived (finish reason "  # type: ignore[union-attr]
+                        f"{stats.finish_reason!r}); the audio of the whole frames was sent", side.parser.pending)
+            finally:
+                await tokens.aclose()
+        except LLMStreamError as exc:
+            session.end_error = source.error(exc)
+        stats.finished_s = time.monotonic() - stats.requested_at
+        self.send(session, progress_message("end", stats))
+
+    async def _watch_client(self, session: Session) -> None:
+        """An llm session's client only listens: return at its ``close``; its socket's close raises
+        ``ConnectionClosed``; anything else is an error. No idle timeout: the LLM is awaited, not the client."""
+        while True:
+            message = await self._recv(session, idle=False)
+            if not isinstance(message, str):
+                raise ProtocolError("bad_data_type", "an llm session takes no input: the server streams the tokens "
+                                                     "from the LLM")
+            control = parse_json(message)
+            if control["type"] == "close":
+                return
+            raise ProtocolError("unknown_message", f"the client of an llm session may only send close, got "
+                                                   f"{control['type']!r}")
 
     # ---- output and failures ----------------------------------------------------------------------------
     def send(self, session: Session, message: Union[bytes, str]) -> None:
@@ -315,11 +410,15 @@ class Gateway:
     def take_events(self, events: Events) -> None:
         """A tick's events: messages to queue, errors that end their sessions."""
         for session, item in events:
-            if isinstance(item, ProtocolError):
+            # An llm session's end_error comes in done's place: after the output converter's end, as done would.
+            ending = item is session.end_error
+            if isinstance(item, ProtocolError) and not ending:
                 self.fail(session, item)
             elif session.formats is not None and session.formats.converted and not session.loop.dead:
                 session.formats.take(item, lambda message, s=session: self.send(s, message),
                                      lambda error, s=session: self.fail(s, error))
+            elif isinstance(item, ProtocolError):
+                self.fail(session, item)
             else:
                 self.send(session, item)
         # Steps consume input even when they emit nothing yet (warm-up): wake every throttled reader.
@@ -331,6 +430,11 @@ class Gateway:
         side = session.loop
         if side.dead:
             return
+        if session.llm is not None and error.code == "bad_tokens":  # the tokens are the LLM's, not the client's
+            error = ProtocolError("llm_error", f"the LLM's completion ended badly: {error.message}",
+                                  reason="truncated")
+        if side.feeder is not None:
+            side.feeder.cancel()  # no more of the LLM's stream
         self.stats["errors"][error.code] += 1
         log.info("session %d (%s): %s: %s", session.number, session.kind, error.code, error.message)
         side.error = error

@@ -11,11 +11,12 @@ containers) and output items (samples at the output rate; bytes).
 
 Where the conversion runs, and why: never on the engine thread, whose tick every session shares (one session's
 conversion there would stall every other session's step). Input is converted on the event loop as each message
-arrives: G.711, PCM and soxr resampling take 2-7 us a 20 ms message, Opus decoding about 0.2 % of a core per
-stream. Output in PCM or G.711 (resampled or not) likewise, about 25 us an 85 ms engine frame (measured on the
-2-core CPU). Opus encoding takes about 0.8 % of a core per stream (0.7 ms per 85 ms of 24 kHz audio): a hundred
-Opus streams would take most of the loop's core and delay every socket, so it runs in the loop's default thread
-pool (PyAV lets go of the GIL while libopus codes), one batch of frames at a time per session, in order.
+arrives: G.711, PCM and soxr resampling take 7-10 us a 20 ms message, Opus decoding about 0.2 % of a core per
+stream. Output in PCM or G.711 (resampled or not) likewise, about 30 us an 85 ms engine frame (measured on the
+2-core CPU, ``bench/format_cost.py``). Opus encoding takes about 0.75 % of a core per stream (0.65 ms per 85 ms of
+24 kHz audio): a hundred Opus streams would take most of the loop's core and delay every socket, so it runs in the
+loop's default thread pool (PyAV lets go of the GIL while libopus codes), one batch of frames at a time per
+session, in order (the hop costs about 0.2-0.3 % of a core more per stream).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class _Job:
     server_us: int = 0
     done: Optional[Dict[str, Any]] = None
     taken: float = 0.0  # perf_counter when the engine's output reached the loop
+    error: Optional[ProtocolError] = None  # in done's place: an llm session's end_error
 
 
 class SessionFormats:
@@ -199,12 +201,14 @@ class SessionFormats:
         return 2 if self.input_format is not None and self.output_format is not None else 1
 
     # ---- output (event loop; Opus encoding in the thread pool) ----------------------------------------------
-    def take(self, item: Message, send: Callable[[Message], None], fail: Callable[[ProtocolError], None]) -> None:
-        """One of the engine's messages for this session: converted, then handed to ``send`` in order."""
+    def take(self, item: Union[Message, ProtocolError], send: Callable[[Message], None],
+             fail: Callable[[ProtocolError], None]) -> None:
+        """One of the engine's messages for this session: converted, then handed to ``send`` in order. A
+        ``ProtocolError`` (an llm session's ``end_error``) ends the stream as ``done`` does, then goes to ``fail``."""
         job = self._prepare(item)
         if not self._offload:
             try:
-                self._finish(job, self._encode(job), send)
+                self._finish(job, self._encode(job), send, fail)
             except Exception as exc:  # noqa: BLE001 - a fault of this session's conversion ends it alone
                 self._failed(exc, fail)
             return
@@ -225,7 +229,7 @@ class SessionFormats:
                 self._jobs.clear()
                 coded = await loop.run_in_executor(None, lambda: [self._encode(job) for job in jobs])
                 for job, data in zip(jobs, coded):
-                    self._finish(job, data, send)
+                    self._finish(job, data, send, fail)
         except Exception as exc:  # noqa: BLE001
             self._jobs.clear()
             self._failed(exc, fail)
@@ -237,9 +241,11 @@ class SessionFormats:
         log.error("converting a session's output failed", exc_info=exc)
         fail(ProtocolError("internal_error", f"internal error: {type(exc).__name__}"))
 
-    def _prepare(self, item: Message) -> _Job:
+    def _prepare(self, item: Union[Message, ProtocolError]) -> _Job:
         """[loop] The job for one message: headers in the client's units, the audio to encode, ``done``."""
         now = time.perf_counter()
+        if isinstance(item, ProtocolError):  # the stream's end, as done, but told as this error
+            return _Job(None, done={}, taken=now, error=item)
         if isinstance(item, str):
             message = json.loads(item)
             return _Job(item, done=message if message.get("type") == "done" else None, taken=now)
@@ -262,7 +268,8 @@ class SessionFormats:
             return self.output.push(job.audio)
         return self.output.flush() if job.done is not None else b""
 
-    def _finish(self, job: _Job, data: bytes, send: Callable[[Message], None]) -> None:
+    def _finish(self, job: _Job, data: bytes, send: Callable[[Message], None],
+                fail: Callable[[ProtocolError], None]) -> None:
         """[loop] Send the job's message, or its coded audio as a frame (and at ``done`` the encoder's end
         first, as the last frame, flagged FINAL)."""
         now = time.perf_counter()
@@ -276,7 +283,9 @@ class SessionFormats:
             send(HEADER.pack(PAYLOAD_AUDIO, flags, self.items_out, input_end, count, min(int(server_us), 2**32 - 1),
                              0) + data)
             self.items_out += count
-        if job.done is not None:
+        if job.error is not None:
+            fail(job.error)
+        elif job.done is not None:
             send(self._done(job.done))
         elif job.message is not None:
             send(job.message)

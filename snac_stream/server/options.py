@@ -11,14 +11,18 @@ import hmac
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlsplit
 
 import torch
 
 from ..config import SNACConfig
+from ..llm import completions_url
 from ..protocol import TOKEN_ENV
 
+# The environment variable holding the bearer key the server sends to allowed LLMs (serve --llm-api-key).
+LLM_KEY_ENV = "SNAC_STREAM_LLM_API_KEY"
 # Browsers send an Origin header; other clients do not (None). Default: pages served from this machine.
 LOOPBACK_ORIGINS: Tuple[Union[str, re.Pattern, None], ...] = (
     re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"), None)
@@ -33,7 +37,10 @@ class ServerOptions:
     ``Authorization: Bearer`` header;
     required when ``host`` is not a loopback address. ``allowed_origins``: exact Origin values (or ``"*"``)
     browsers may connect from, besides loopback pages. ``threads``: torch intra-op threads of the engine
-    worker (``None``: :func:`default_engine_threads`).
+    worker (``None``: :func:`default_engine_threads`). ``allow_llm``: the LLM endpoints a decode session's
+    hello may name (``hello.llm``; none: such hellos are refused, ``llm_not_allowed``), each a URL (its
+    ``/v1/completions`` endpoint, exactly) or a prefix ending in ``/*`` (:func:`llm_endpoint_allowed`).
+    ``llm_api_key``: the bearer key sent to them when a hello gives none.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +62,8 @@ class ServerOptions:
     stuck_tick_s: float = 30.0
     # Told to clients in `ready` (which server of several took the session); None: "<hostname>:<port>".
     server_id: Optional[str] = None
+    allow_llm: Sequence[str] = ()
+    llm_api_key: Optional[str] = field(default=None, repr=False)
 
     def check(self) -> None:
         """Raise ``ValueError`` on a setting out of range, or a non-loopback bind without a token."""
@@ -71,6 +80,14 @@ class ServerOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        for entry in self.allow_llm:
+            llm_allow_rule(entry)
+        if self.allow_llm:
+            try:
+                import aiohttp  # noqa: F401
+            except ImportError:
+                raise ValueError("LLM sessions (allow_llm, --allow-llm) need aiohttp: "
+                                 "pip install 'snac-stream[llm]'") from None
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"binding to {self.host!r} (not a loopback address) requires an auth token: pass "
                              f"--token or set {TOKEN_ENV}")
@@ -112,6 +129,67 @@ def origin_allowed(options: ServerOptions, origin: str) -> bool:
     if "*" in allowed or origin in allowed:
         return True
     return any(isinstance(p, re.Pattern) and p.fullmatch(origin) for p in LOOPBACK_ORIGINS)
+
+
+# An LLM endpoint's path: what /v1/completions URLs hold. Nothing percent-encoded, no "." or ".." segment, so
+# that an allowed prefix cannot be walked out of.
+_LLM_PATH = re.compile(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?")
+
+
+def llm_endpoint(url: str) -> str:
+    """An LLM URL (base, ``/v1`` or ``/v1/completions``) -> its ``/v1/completions`` endpoint, scheme and host in
+    lower case. ``ValueError`` for a URL an allow-list cannot judge: not http(s), no host, credentials, a
+    query or fragment, a path with ``.``/``..`` segments or percent-escapes."""
+    endpoint = completions_url(url)
+    return _normalised(endpoint, url)
+
+
+def _normalised(url: str, given: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a malformed port
+    except ValueError:
+        raise ValueError(f"malformed URL {given!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"URL {given!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"URL {given!r} holds credentials: give the LLM's key as api_key (--llm-api-key)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"URL {given!r} has a query or fragment")
+    if not _LLM_PATH.fullmatch(parts.path):
+        raise ValueError(f"URL {given!r} has a path with '.' or '..' segments or escapes")
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{host}{'' if port is None else f':{port}'}{parts.path}"
+
+
+def llm_allow_rule(entry: str) -> Tuple[str, bool]:
+    """An ``--allow-llm`` entry -> (endpoint or prefix, is a prefix). ``URL`` allows its ``/v1/completions``
+    endpoint only (``http://h:8000``, ``http://h:8000/v1`` and ``http://h:8000/v1/completions`` are the same);
+    ``http(s)://HOST[:PORT]/PATH/*`` allows every endpoint under ``/PATH/`` of that host and port (the prefix
+    ends at a ``/``, so ``http://h:8000/*`` does not allow ``http://h:8000.example``)."""
+    if not isinstance(entry, str) or not re.match(r"https?://", entry):
+        raise ValueError(f"an LLM allow-list entry must be an http(s):// URL, got {entry!r}")
+    if entry.endswith("/*"):
+        return _normalised(entry[:-1], entry), True
+    if "*" in entry:
+        raise ValueError(f"in an LLM allow-list entry '*' may only end a prefix, as in http://host:8000/*; "
+                         f"got {entry!r}")
+    return llm_endpoint(entry), False
+
+
+def llm_endpoint_allowed(options: ServerOptions, url: str) -> Optional[str]:
+    """The endpoint a hello's ``llm.url`` names if ``options.allow_llm`` allows it, else None (also for a URL
+    :func:`llm_endpoint` refuses)."""
+    try:
+        endpoint = llm_endpoint(url)
+    except ValueError:
+        return None
+    for entry in options.allow_llm:
+        rule, prefix = llm_allow_rule(entry)
+        if (endpoint.startswith(rule) if prefix else endpoint == rule):
+            return endpoint
+    return None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class LoopSide:
         self.dead = False
         self.error: Optional[ProtocolError] = None
         self.writer: Optional[asyncio.Task] = None
+        self.feeder: Optional[asyncio.Task] = None  # an llm session's completion stream (stopped on failure)
 
     def queue_close(self, code: int, reason: str) -> None:
         """Close the socket once the writer has sent what is queued before this."""
@@ -100,6 +101,9 @@ class Session:
     before the engine first sees the session and do not change after. Handed between the threads: ``inbox`` (the
     loop appends input, the engine pops it; both atomic on a deque), ``flush_at`` (set by the loop before it asks
     the engine to end the stream) and ``consumed`` (advanced by the engine, read by the loop for backpressure).
+    ``llm`` (an llm session's request, :mod:`.llm`) is set with the hello; ``end_error``, set by the loop before
+    it ends an llm session's stream, is what the engine sends in place of ``done`` (its LLM failed after some
+    whole frames: their audio and tail go first).
     """
 
     def __init__(self, ws: ServerConnection, number: int):
@@ -114,6 +118,8 @@ class Session:
         self.flush_at: Optional[Marker] = None  # (received, time) at flush
         self.consumed = 0  # input items stepped through the engine
         self.placement: Optional[int] = None  # the engine set (device) it runs on, set on the loop before opening
+        self.llm: Optional[Any] = None  # an llm session's LLMSource
+        self.end_error: Optional[ProtocolError] = None
 
     @property
     def kind(self) -> str:

@@ -140,7 +140,8 @@ class EngineSet:
     def _end_streams(self, events: Events) -> List[Session]:
         """End the flushed sessions whose queued steps have all run (padded as offline encode/decode would),
         lane by lane; a roundtrip's decoder ends once the steps its encoder's end completed have run too.
-        Sends ``done``; returns the sessions whose end is sent (or that failed on the way)."""
+        Sends ``done`` (or the session's ``end_error``); returns the sessions whose end is sent (or that failed
+        on the way)."""
         for lane in self.lanes:
             lane.end_streams(self._ending, events)
         ended = [s for s in self._ending if not any(lane.holds(s) for lane in self.lanes)]
@@ -148,6 +149,9 @@ class EngineSet:
             self._ending = [s for s in self._ending if any(lane.holds(s) for lane in self.lanes)]
         for session in ended:
             assert session.flush_at is not None
+            if session.end_error is not None:  # an llm session whose LLM failed: its error takes done's place
+                events.append((session, session.end_error))
+                continue
             events.append((session, dumps({"type": "done", "input_items": session.flush_at[0],
                                            "output_samples": session.engine.audio_pos,
                                            "output_tokens": session.engine.token_pos})))
