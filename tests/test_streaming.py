@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.kernels.precision import PRECISIONS
+from snac_stream.model import functional
 from snac_stream.model.functional import conv_transpose, use_backend
 from snac_stream.streaming.ops import ConvTranspose
 
@@ -84,11 +86,49 @@ def stream_decode(model: SNAC, codes: Sequence[torch.Tensor], sizes: Sequence[in
     return torch.cat(parts, dim=-1)
 
 
-def assert_codes_equal(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
+TIE_TOLERANCE = 1e-5  # cosine similarity: an fp32 near-tie between two codebook entries
+
+
+def encode_with_latents(model: SNAC, audio: torch.Tensor) -> Tuple[List[torch.Tensor], List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Offline ``model.encode(audio)`` and, per level, the projected latent ``z_e`` (B, d, T_i) and codebook the
+    nearest-entry search saw."""
+    seen: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    search = functional.codebook_nearest
+
+    def spy(z, in_weight, in_bias, codebook):
+        codes, z_e = search(z, in_weight, in_bias, codebook)
+        seen.append((z_e, codebook))
+        return codes, z_e
+
+    with mock.patch.object(functional, "codebook_nearest", spy):
+        return model.encode(audio), seen
+
+
+def assert_codes_equal(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], model: Optional[SNAC] = None,
+                       latents: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+    """Identical codes. With the offline ``latents`` (``encode_with_latents``), one exception: a code that
+    differs where offline saw the two entries as equally near (cosine similarities within ``TIE_TOLERANCE``:
+    float rounding of a different chunking may pick either), and the finer levels' codes over the same latent
+    frames, whose residual then differs. Any other difference fails."""
     assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want]
+    ties: List[Tuple[int, int, int]] = []  # (row, first latent frame, end) where a near tie let codes differ
     for level, (g, w) in enumerate(zip(got, want)):
-        mismatch = (g != w).nonzero()
-        assert mismatch.numel() == 0, f"level {level}: codes differ at (batch, frame) {mismatch[:5].tolist()}"
+        mismatch = (g != w).nonzero().tolist()
+        if latents is None or model is None:
+            assert not mismatch, f"level {level}: codes differ at (batch, frame) {mismatch[:5]}"
+            continue
+        stride = model.config.vq_strides[level]
+        for b, f in mismatch:
+            start, end = f * stride, (f + 1) * stride
+            if any(tb == b and ts < end and start < te for tb, ts, te in ties):
+                continue  # below a near tie of a coarser level
+            z_e, codebook = latents[level]
+            sims = F.normalize(codebook[[int(g[b, f]), int(w[b, f])]], dim=1) @ F.normalize(z_e[b, :, f], dim=0)
+            gap = abs(float(sims[0] - sims[1]))
+            assert gap <= TIE_TOLERANCE, (f"level {level}: codes differ at (batch {b}, frame {f}): "
+                                          f"{int(g[b, f])} vs offline {int(w[b, f])}, not a near tie "
+                                          f"(similarities {sims.tolist()})")
+            ties.append((b, start, end))
 
 
 schedules = st.lists(st.one_of(st.integers(1, 16), st.integers(17, 700), st.integers(701, 9000)), min_size=1, max_size=8)
@@ -106,7 +146,8 @@ def test_encoder_matches_offline_for_any_chunking(name: str, data) -> None:
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     audio = torch.randn(2, 1, length, generator=torch.Generator().manual_seed(seed)) * 0.3
     with torch.no_grad():
-        assert_codes_equal(stream_encode(model, audio, sizes), model.encode(audio))
+        want, latents = encode_with_latents(model, audio)
+        assert_codes_equal(stream_encode(model, audio, sizes), want, model, latents)
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
