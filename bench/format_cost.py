@@ -37,7 +37,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from snac_stream.formats import OPUS_RATE, InputDecoder, OutputEncoder
+from snac_stream import client as ws_client
+from snac_stream.formats import OPUS_RATE, InputDecoder
 from snac_stream.protocol import (AUDIO_FORMATS, CONTAINER_FORMATS, HEADER, PAYLOAD_AUDIO, Hello, audio_payload,
                                   dumps)
 from snac_stream.server.conversion import SessionFormats
@@ -86,18 +87,9 @@ def speechlike(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
 
 
 def client_messages(fmt: str, rate: int, seconds: float, ms: int) -> List[bytes]:
-    """What a client sends: the signal in ``fmt`` at ``rate``, ``ms`` a message (Opus: one page a message)."""
-    audio = speechlike(seconds, rate)
-    step = rate * ms // 1000
-    # An encoder at the client's own rate: no resampling, only the format (Opus: pages as they complete).
-    enc = OutputEncoder(fmt, rate, model_rate=rate)
-    if fmt in CONTAINER_FORMATS:
-        out = [enc.push(audio[i:i + step]) for i in range(0, audio.shape[0], step)]
-        out.append(enc.flush())
-        return [m for m in out if m]
-    data = enc.push(audio) + enc.flush()
-    width = AUDIO_FORMATS[fmt] * step
-    return [data[i:i + width] for i in range(0, len(data), width)]
+    """What a client sends: the signal in ``fmt`` at ``rate``, ``ms`` a message (Opus: one page a message), as
+    :func:`snac_stream.client.client_messages` codes it (no resampling, only the format)."""
+    return ws_client.client_messages(speechlike(seconds, rate), fmt, rate, rate * ms // 1000).payloads
 
 
 # ---- CPU per stream ------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Low level: :class:`Session` (``await Session.open(url, kind, ...)``, then ``send_audio`` / ``send_tokens``,
 ``flush``, and ``receive`` for output frames and ``done``). High level: :func:`encode`, :func:`decode` and
 :func:`roundtrip` stream a whole signal (optionally paced in real time) and return a :class:`StreamResult`;
-:func:`latency_breakdown` splits a paced roundtrip's per-sample latency into algorithmic delay, server time
-and transport. :func:`llm_speech` opens an *llm session*: the server streams the tokens from an LLM endpoint
-(``hello.llm``) and the client only receives the audio.
+:func:`client_messages` cuts float audio into the messages of any client format (G.711, Opus pages, ...) as a
+live client sends them; :func:`latency_breakdown` splits a paced roundtrip's per-sample latency into
+algorithmic delay, server time and transport. :func:`llm_speech` opens an *llm session*: the server streams
+the tokens from an LLM endpoint (``hello.llm``) and the client only receives the audio.
 
 Example::
 
@@ -18,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,11 +29,12 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from .formats import InputDecoder, OutputEncoder
 from .protocol import (AUDIO_FORMATS, CONTAINER_FORMATS, PAYLOAD_AUDIO, PAYLOAD_TOKENS, SAMPLE_FORMATS, Hello,
                        LLMHello, OutputFrame, Ready, encode_audio, encode_tokens)
 
-__all__ = ["ServerError", "Session", "StreamResult", "LLMSessionStats", "encode", "decode", "roundtrip",
-           "llm_speech", "latency_breakdown"]
+__all__ = ["ServerError", "Session", "StreamResult", "ClientMessages", "LLMSessionStats", "encode", "decode",
+           "roundtrip", "client_messages", "llm_speech", "latency_breakdown"]
 
 
 class ServerError(Exception):
@@ -193,11 +196,73 @@ class StreamResult:
     sent: int = 0
     send_times: List[Tuple[int, float]] = field(default_factory=list)  # (input items sent so far, time)
     warnings: List[Dict[str, Any]] = field(default_factory=list)  # the server's "warning" messages, in order
+    # Input sent as ClientMessages: (input items sent so far, input samples captured by then) per message.
+    captured: List[Tuple[int, int]] = field(default_factory=list)
+    # decode_output=True: the output decoded as it arrived (float32 at the output rate; PCM: ``audio`` itself),
+    # and for G.711 and Opus (start, count) of each audio frame's decoded samples, in the frames' order.
+    decoded: Optional[np.ndarray] = None
+    decoded_spans: List[Tuple[int, int]] = field(default_factory=list)
 
 
-async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime: bool = False,
-                  keep_frames: bool = True, **hello: Any) -> StreamResult:
-    """Send ``pieces`` (audio samples or token ids) while receiving, then flush; collect the output."""
+@dataclass
+class ClientMessages:
+    """Audio already cut into the messages a client sends (:func:`client_messages`): each message's bytes in the
+    session's input format, and the input samples (at the input rate) captured once it is complete, counted
+    from the start. Real-time pacing sends message ``k`` at ``t0 + captured[k] / rate``, and
+    :func:`latency_breakdown` times ``input_end`` by it (Opus input counts bytes, not samples)."""
+
+    payloads: List[bytes]
+    captured: List[int]
+
+
+def client_messages(audio: np.ndarray, sample_format: str, sample_rate: int, chunk_samples: int, *,
+                    opus_bitrate: int = 24000) -> ClientMessages:
+    """Mono float audio (T,) at ``sample_rate`` (Hz) -> the messages a live client sends, one per
+    ``chunk_samples``, coded by :class:`~snac_stream.formats.OutputEncoder` at that rate (no resampling):
+    PCM and G.711 samples; for ``opus`` / ``webm`` (48000 Hz) one Opus frame of ``chunk_samples`` (10, 20, 40
+    or 60 ms) a message, the container's headers in the first and its end (the last frame, zero-padded, and
+    the end-of-stream page) in a message of its own. Raises ``ValueError`` for a rate or frame the format does
+    not take."""
+    x = np.asarray(audio, np.float32).reshape(-1)
+    if chunk_samples < 1:
+        raise ValueError(f"chunk_samples must be positive, got {chunk_samples}")
+    options: Dict[str, Any] = {}
+    if sample_format in CONTAINER_FORMATS:
+        frame_ms = chunk_samples * 1000 / sample_rate
+        if frame_ms != int(frame_ms):
+            raise ValueError(f"an Opus message is one frame of 10, 20, 40 or 60 ms, not {chunk_samples} samples "
+                             f"({frame_ms:g} ms at {sample_rate} Hz)")
+        options = {"frame_ms": int(frame_ms), "bitrate": opus_bitrate}
+    encoder = OutputEncoder(sample_format, sample_rate, model_rate=sample_rate, **options)
+    out = ClientMessages([], [])
+    pending = b""  # a push that completes no bytes sends nothing; its samples go with the next message
+    for start in range(0, x.shape[0], chunk_samples):
+        pending += encoder.push(x[start:start + chunk_samples])
+        if pending:
+            out.payloads.append(pending)
+            out.captured.append(min(start + chunk_samples, x.shape[0]))
+            pending = b""
+    tail = pending + encoder.flush()
+    if tail:
+        out.payloads.append(tail)
+        out.captured.append(x.shape[0])
+    return out
+
+
+def _output_decoder(ready: Ready) -> Optional[InputDecoder]:
+    """What turns the session's G.711 or Opus output back into float samples at its own rate (None for PCM)."""
+    fmt = ready.output_format or ready.sample_format
+    if fmt in SAMPLE_FORMATS:
+        return None
+    rate = ready.output_rate or ready.sample_rate
+    return InputDecoder(fmt, rate, model_rate=rate)
+
+
+async def _stream(url: str, kind: str, pieces: Iterable[Union[np.ndarray, bytes]], *,
+                  captured: Optional[Sequence[int]] = None, realtime: bool = False, keep_frames: bool = True,
+                  decode_output: bool = False, **hello: Any) -> StreamResult:
+    """Send ``pieces`` (audio samples or token ids; bytes with ``captured``, the input samples captured once
+    each is complete) while receiving, then flush; collect the output (and decode it, ``decode_output``)."""
     session = await Session.open(url, kind, **hello)
     rate = session.ready.input_rate or session.ready.sample_rate
     result = StreamResult(session.ready, np.zeros(0, np.float32), np.zeros(0, np.int64), [], {})
@@ -206,10 +271,11 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
     async def sender() -> None:
         t0 = time.perf_counter()
         result.t0 = t0 if realtime else None
-        for piece in pieces:
+        for k, piece in enumerate(pieces):
+            end = captured[k] if captured is not None else session.sent + len(piece)
             if realtime:
                 # A piece is sent when its last sample has been captured.
-                delay = t0 + (session.sent + len(piece)) / rate - time.perf_counter()
+                delay = t0 + end / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
             if send_audio:
@@ -217,11 +283,16 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
             else:
                 await session.send_tokens(piece)
             result.send_times.append((session.sent, time.perf_counter()))
+            if captured is not None:
+                result.captured.append((session.sent, end))
         await session.flush()
         result.sent = session.sent
 
     audio: List[np.ndarray] = []
     tokens: List[np.ndarray] = []
+    decoder = _output_decoder(session.ready) if decode_output and kind != "encode" else None
+    decoded: List[np.ndarray] = []
+    decoded_samples = 0
     task = asyncio.create_task(sender())
     try:
         while True:
@@ -246,6 +317,11 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
                     raise ServerError("protocol", f"audio frame starts at {item.start}, expected "
                                                   f"{sum(a.size for a in audio)}")
                 audio.append(item.data)
+                if decoder is not None:  # as a player would, frame by frame
+                    samples = decoder.push(item.data.tobytes())
+                    result.decoded_spans.append((decoded_samples, samples.shape[0]))
+                    decoded.append(samples)
+                    decoded_samples += samples.shape[0]
             elif item.payload_kind == PAYLOAD_TOKENS:
                 tokens.append(item.data)
             if keep_frames:
@@ -257,6 +333,11 @@ async def _stream(url: str, kind: str, pieces: Iterable[np.ndarray], *, realtime
         await session.ws.close()
     result.audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     result.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    if decoder is not None:
+        decoded.append(decoder.flush())
+        result.decoded = np.concatenate(decoded)
+    elif decode_output and kind != "encode":
+        result.decoded = result.audio
     return result
 
 
@@ -280,26 +361,42 @@ def _audio_items(audio: Union[np.ndarray, bytes]) -> np.ndarray:
     return np.asarray(audio, np.float32)
 
 
-async def encode(url: str, audio: Union[np.ndarray, bytes], *, chunk_samples: Union[int, Sequence[int]] = 480,
+AudioInput = Union[np.ndarray, bytes, ClientMessages]
+
+
+def _audio_pieces(audio: AudioInput, chunk_samples: Union[int, Sequence[int]]) -> Dict[str, Any]:
+    """:func:`_stream`'s pieces (and their capture counts) for ``audio``: messages as made, or chunks of it."""
+    if isinstance(audio, ClientMessages):
+        return {"pieces": audio.payloads, "captured": audio.captured}
+    return {"pieces": _chunks(_audio_items(audio), chunk_samples)}
+
+
+async def encode(url: str, audio: AudioInput, *, chunk_samples: Union[int, Sequence[int]] = 480,
                  realtime: bool = False, **hello: Any) -> StreamResult:
-    """Stream mono float audio (T,) (or, in G.711 or Opus, its bytes; chunk sizes then count bytes);
-    ``result.tokens`` are the ids in ``token_layout``."""
-    return await _stream(url, "encode", _chunks(_audio_items(audio), chunk_samples), realtime=realtime, **hello)
+    """Stream mono float audio (T,) (or, in G.711 or Opus, its bytes; chunk sizes then count bytes; or
+    :class:`ClientMessages`, sent message by message, ``chunk_samples`` unused); ``result.tokens`` are the ids
+    in ``token_layout``."""
+    return await _stream(url, "encode", **_audio_pieces(audio, chunk_samples), realtime=realtime, **hello)
 
 
 async def decode(url: str, tokens: Union[Sequence[int], np.ndarray], *,
-                 chunk_tokens: Union[int, Sequence[int]] = 7, **hello: Any) -> StreamResult:
+                 chunk_tokens: Union[int, Sequence[int]] = 7, decode_output: bool = False,
+                 **hello: Any) -> StreamResult:
     """Stream token ids in ``token_layout`` (e.g. ``"orpheus"``); ``result.audio`` is float32 (T,) (in G.711 or
-    Opus output formats: the bytes received, as uint8)."""
-    return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens), **hello)
+    Opus output formats: the bytes received, as uint8; ``decode_output`` also decodes them, frame by frame as
+    they arrive, into ``result.decoded``)."""
+    return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens),
+                         decode_output=decode_output, **hello)
 
 
-async def roundtrip(url: str, audio: Union[np.ndarray, bytes], *, chunk_samples: Union[int, Sequence[int]] = 480,
-                    realtime: bool = False, **hello: Any) -> StreamResult:
+async def roundtrip(url: str, audio: AudioInput, *, chunk_samples: Union[int, Sequence[int]] = 480,
+                    realtime: bool = False, decode_output: bool = False, **hello: Any) -> StreamResult:
     """Stream audio through the codec and back: ``result.audio`` (as many samples as sent, when both ways are PCM
     at the model's rate) and ``result.tokens``. Audio in other formats and rates as :func:`encode` and
-    :func:`decode`."""
-    return await _stream(url, "roundtrip", _chunks(_audio_items(audio), chunk_samples), realtime=realtime, **hello)
+    :func:`decode`; for a per-sample latency of a paced Opus session (:func:`latency_breakdown`), send
+    :func:`client_messages` and pass ``decode_output=True``."""
+    return await _stream(url, "roundtrip", **_audio_pieces(audio, chunk_samples), realtime=realtime,
+                         decode_output=decode_output, **hello)
 
 
 @dataclass
@@ -391,12 +488,19 @@ def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.n
 
     * ``total = t_recv - (t0 + (i + 1) / rate)``: from capturing input sample ``i`` to receiving its output;
     * ``algorithmic = (input_end - (i + 1)) / rate``: waiting for the input the output depends on (the codec's
-      look-ahead, the engine's step, the client's chunk size and any resampler's hold);
-    * ``server = server_us``: from the server receiving that input to the output being ready (queue + compute);
+      look-ahead, the engine's step, the client's chunk size and any conversion's hold);
+    * ``server = server_us``: from the server receiving that input to the output being ready (queue + compute,
+      and any conversion's compute);
     * ``transport = total - algorithmic - server``: sending, the network and the client's own scheduling.
 
-    With other rates in than out (``ready.input_rate``, ``ready.output_rate``), ``i + 1`` counts at the output
-    rate and ``input_end`` at the input rate. Opus outputs (counted in bytes) have no per-sample split.
+    Client formats and rates (``ready.input_rate``, ``ready.output_rate``): ``i`` counts output samples at the
+    output rate, ``input_end`` input samples at the input rate. The server's conversions hold samples back
+    (the ``input_latency_samples`` and ``output_latency_samples`` its ``ready`` announces): held input raises
+    the ``input_end`` a step needs, held output goes out in a later frame with a later ``input_end``, so both
+    land in ``algorithmic``. Opus counts bytes both ways: input sent as :class:`ClientMessages` times
+    ``input_end`` (bytes) by the samples captured when that message was complete (the client's own encoder,
+    one frame and its look-ahead, is then algorithmic too); output decoded as it arrived
+    (``decode_output=True``) gives ``i``, a sample of the decoded 48 kHz stream.
 
     Frames of the end-of-stream flush are left out (their input ends with the flush, not with capture).
     ``decimate`` keeps every n-th sample.
@@ -404,16 +508,35 @@ def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.n
     if result.t0 is None:
         raise ValueError("latency needs a real-time paced stream (realtime=True)")
     ready = result.ready
-    if ready.output_format in CONTAINER_FORMATS:
-        raise ValueError(f"{ready.output_format} output frames are counted in bytes: no per-sample latency")
+    in_fmt, out_fmt = ready.input_format or ready.sample_format, ready.output_format or ready.sample_format
+    if out_fmt in CONTAINER_FORMATS and result.decoded is None:
+        raise ValueError(f"{out_fmt} output frames are counted in bytes: decode them as they arrive "
+                         f"(decode_output=True) for a per-sample latency")
+    if in_fmt in CONTAINER_FORMATS and not result.captured:
+        raise ValueError(f"{in_fmt} input is counted in bytes: send it as ClientMessages (client_messages) to time "
+                         f"input_end by the samples each message carried")
     in_rate, out_rate = ready.input_rate or ready.sample_rate, ready.output_rate or ready.sample_rate
+    # Items are samples but for Opus input, whose bytes are timed by the messages that carried them.
+    items = [n for n, _ in result.captured] if in_fmt in CONTAINER_FORMATS else []
+
+    def captured(input_end: int) -> int:
+        """Input samples captured once ``input_end`` input items had been sent."""
+        if not items:
+            return input_end
+        k = bisect.bisect_right(items, input_end) - 1
+        return result.captured[k][1] if k >= 0 else 0
+
+    spans = iter(result.decoded_spans) if out_fmt in CONTAINER_FORMATS else None
     parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("total", "algorithmic", "server", "transport")}
     for t_recv, frame in result.frames:
-        if frame.payload_kind != PAYLOAD_AUDIO or frame.final:
+        if frame.payload_kind != PAYLOAD_AUDIO:
             continue
-        i = np.arange(frame.start, frame.start + frame.data.shape[0], decimate, dtype=np.float64)
+        start, count = next(spans) if spans is not None else (frame.start, frame.data.shape[0])
+        if frame.final:
+            continue
+        i = np.arange(start, start + count, decimate, dtype=np.float64)
         total = t_recv - (result.t0 + (i + 1) / out_rate)
-        algorithmic = frame.input_end / in_rate - (i + 1) / out_rate
+        algorithmic = captured(frame.input_end) / in_rate - (i + 1) / out_rate
         server = np.full_like(i, frame.server_us / 1e6)
         parts["total"].append(total)
         parts["algorithmic"].append(algorithmic)

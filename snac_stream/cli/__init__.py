@@ -12,7 +12,7 @@
     snac-stream serve [--model M] [--random-weights] [--host 127.0.0.1] [--port 8765] [--device D]
                       [--max-sessions N] [--token T] [--allow-origin O] [--threads N] [--no-web] ...
     snac-stream bench-latency [--model M] [--random-weights] [--clients N] [--duration S] [--threads N]
-                              [--device D] [--json P]
+                              [--sample-format F] [--sample-rate HZ] [--device D] [--json P]
     snac-stream train --out DIR (--data DIR | --espeak) [--config NAME|PATH] [--init DIR|PRESET] [--steps N] ...
     snac-stream random-checkpoint DIR [--preset 24khz|32khz|44khz|mini] [--seed N] [--force]
 

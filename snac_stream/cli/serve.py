@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..loading import load_model, resolve_devices
+from ..protocol import AUDIO_FORMATS
 from .common import (CLIError, add_common_options, add_model_option, check_output, non_negative_float,
                      non_negative_int, positive_float, positive_int, say)
 
@@ -67,13 +68,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
                     "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per "
                     "output sample split into algorithmic delay, server time (queue + compute) and transport, plus "
-                    "errors, the server's tick times and the process's memory over time.")
+                    "errors, the server's tick times, the server process's CPU time and its memory over time. "
+                    "The clients may speak any client format and rate (--sample-format, --sample-rate).")
     _add_model_options(p)
     p.add_argument("--clients", type=positive_int, default=4, help="concurrent clients (default: 4)")
     p.add_argument("--duration", type=positive_float, default=10.0, help="seconds of audio per client (default: 10)")
     p.add_argument("--chunk-ms", type=positive_float, default=20.0,
                    help="milliseconds of audio per client message (default: 20)")
-    p.add_argument("--sample-format", default="pcm16", choices=["pcm16", "float32"])
+    p.add_argument("--sample-format", default="pcm16", choices=list(AUDIO_FORMATS),
+                   help="what the clients send and receive, as a hello's sample_format (docs/protocol.md, "
+                        "'Formats and sample rates'): anything but PCM at the model's rate is converted by the "
+                        "server; opus/webm clients send one Opus frame (--chunk-ms: 10, 20, 40 or 60) a message "
+                        "and decode what comes back (default: pcm16)")
+    p.add_argument("--sample-rate", type=positive_int, default=None, metavar="HZ",
+                   help="the clients' sample rate, 8000-48000 (default: the format's, as in a hello: the model's "
+                        "for pcm16/float32, 8000 for mulaw/alaw, 48000, the only one, for opus/webm)")
     p.add_argument("--client-processes", type=non_negative_int, default=None, metavar="N",
                    help="worker processes running the clients, as remote callers would (default: half the cores "
                         "less one, at least 1; 0 runs them in the server's process)")
@@ -172,15 +181,21 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from ..server.loadtest import run_latency_bench
+    from ..server.loadtest import client_format, run_latency_bench
 
     if args.json is not None:
         check_output(args.json)
     devices = resolve_devices(args.device, args.all_gpus)
     model = load_model(args.model, devices[0], random_weights=args.random_weights).eval()
+    try:
+        client_format(args.sample_format, args.sample_rate, args.chunk_ms, model.config.sampling_rate)
+    except ValueError as exc:
+        given = f" --sample-rate {args.sample_rate}" if args.sample_rate is not None else ""
+        raise CLIError(f"--sample-format {args.sample_format}{given} --chunk-ms {args.chunk_ms:g}: {exc}") from None
     report = asyncio.run(run_latency_bench(
         model, devices=devices, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
-        sample_format=args.sample_format, model_name=model.name, random_weights=args.random_weights,
+        sample_format=args.sample_format, sample_rate=args.sample_rate, model_name=model.name,
+        random_weights=args.random_weights,
         backend=args.backend, threads=args.threads, client_processes=args.client_processes,
         scrape_hz=args.scrape_hz, say=lambda line: say(args, line)))
     if args.json is not None:

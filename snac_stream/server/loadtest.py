@@ -3,11 +3,17 @@
 Each client streams the same kind of signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when
 its last sample would have been captured, for ``duration_s``; every output sample's latency is split into
 algorithmic delay, server time and transport (:func:`snac_stream.client.latency_breakdown`). The server's
-resident memory and its ticks (engine steps) are measured while the clients run.
+resident memory, its ticks (engine steps) and its CPU time are measured while the clients run.
+
+The clients speak any client format at any rate the server takes (``sample_format``, ``sample_rate``): their
+messages are coded before the start by :func:`snac_stream.client.client_messages` (Opus: one frame a message,
+as a live client's encoder sends them), and what comes back is decoded frame by frame as it arrives. Latency
+positions are output samples at the client's rate (Opus: samples of the decoded 48 kHz stream); what the
+server's conversions hold back is part of the algorithmic delay.
 
 The clients run in worker processes by default, as remote callers would: in the server's own process,
 tens of clients' websocket traffic would compete with the server for the interpreter lock and the
-benchmark would measure itself.
+benchmark would measure itself (and its CPU time would be the clients' too).
 """
 
 from __future__ import annotations
@@ -19,16 +25,21 @@ import multiprocessing
 import os
 import platform
 import subprocess
+import threading
 import time
 import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .. import client as ws_client
+from ..formats import check_format
 from ..model.snac import SNACModel
+from ..protocol import CONTAINER_FORMATS, Hello, ProtocolError
 from . import ServerOptions, SNACServer
+from .conversion import SessionFormats
 
 PARTS = ("total", "algorithmic", "server", "transport")
 
@@ -95,51 +106,106 @@ def default_client_processes(clients: int) -> int:
     return max(1, min(clients, (os.cpu_count() or 2) // 2 - 1))
 
 
-async def _run_clients(url: str, ks: Sequence[int], clients: int, samples: int, rate: int, chunk: int,
-                       sample_format: str, step_s: float) -> List[Any]:
-    """Clients ``ks`` (of ``clients``), each started ``k / clients`` of a step after the others' origin, as
-    independent callers would (not a synchronisation). A failed client's result is its exception."""
+OPUS_MESSAGE_MS = (10, 20, 40, 60)  # an Opus client's message is one frame of one of these durations
+
+
+def client_format(sample_format: str, sample_rate: Optional[int], chunk_ms: float,
+                  model_rate: int) -> Tuple[str, int, int]:
+    """The clients' (format, rate in Hz, samples a message): ``sample_rate`` None is the format's default as in
+    the server's hello (the model's rate for PCM, 8000 for G.711, 48000 for Opus); a message holds ``chunk_ms``
+    of audio (Opus: one frame, 10, 20, 40 or 60 ms). Raises ``ValueError`` for a combination the server or an
+    Opus encoder does not take, or Opus without PyAV."""
+    fmt, rate = check_format(sample_format, sample_rate, model_rate=model_rate)
+    if fmt not in CONTAINER_FORMATS:
+        return fmt, rate, max(1, round(rate * chunk_ms / 1000))
+    if chunk_ms not in OPUS_MESSAGE_MS:
+        raise ValueError(f"{fmt} clients send one Opus frame a message: the message must be 10, 20, 40 or 60 ms, "
+                         f"got {chunk_ms:g} ms")
+    try:
+        import av  # noqa: F401 - the clients code Opus with it, as the server does
+    except ImportError:
+        raise ValueError(f"{fmt} needs PyAV: pip install 'snac-stream[opus]' (or pip install av)") from None
+    return fmt, rate, round(rate * chunk_ms / 1000)
+
+
+@dataclass(frozen=True)
+class _Load:
+    """What the clients do: ``clients`` of them, each streaming ``samples`` in ``sample_format`` at ``rate``
+    (Hz) in messages of ``chunk`` samples, their starts spread over one engine step (``step_s``, seconds)."""
+
+    clients: int
+    samples: int
+    sample_format: str
+    rate: int
+    chunk: int
+    step_s: float
+
+
+def _client_inputs(ks: Sequence[int], load: _Load) -> Dict[int, ws_client.ClientMessages]:
+    """Clients ``ks``' messages, coded before they start: a live client codes as it captures, at a cost
+    that is no part of the server's."""
+    return {k: ws_client.client_messages(bench_signal(load.samples, load.rate, seed=k), load.sample_format,
+                                         load.rate, load.chunk) for k in ks}
+
+
+async def _run_clients(url: str, ks: Sequence[int], inputs: Dict[int, ws_client.ClientMessages],
+                       load: _Load) -> List[Any]:
+    """Clients ``ks``, each started ``k / clients`` of a step after the others' origin, as independent callers
+    would (not a synchronisation); each decodes its output as it arrives. A failed client's result is its
+    exception."""
     async def one(k: int) -> Any:
-        await asyncio.sleep(k * step_s / clients)
-        audio = bench_signal(samples, rate, seed=k)
+        await asyncio.sleep(k * load.step_s / load.clients)
         try:
-            return await ws_client.roundtrip(url, audio, chunk_samples=chunk, realtime=True,
-                                             sample_format=sample_format, sample_rate=rate)
+            return await ws_client.roundtrip(url, inputs[k], realtime=True, decode_output=True,
+                                             sample_format=load.sample_format, sample_rate=load.rate)
         except Exception as exc:  # noqa: BLE001 - counted and reported
             return exc
 
     return list(await asyncio.gather(*(one(k) for k in ks)))
 
 
-def _client_process(conn: Any, url: str, ks: Sequence[int], *args: Any) -> None:
-    """A worker process: report ready (imports done), wait for the go, run clients ``ks``, report done, then
-    send the results back (exceptions as "Type: message" strings)."""
+def _summary(result: Any, samples: int) -> Any:
+    """What the report needs of one client: its latency breakdown (every 16th output sample), whether its
+    output is complete, and the server's warnings; an exception as a "Type: message" string."""
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    assert result.decoded is not None
+    return {"latency": ws_client.latency_breakdown(result, decimate=16), "complete": result.decoded.size == samples,
+            "warnings": len(result.warnings)}
+
+
+def _client_process(conn: Any, url: str, ks: Sequence[int], load: _Load) -> None:
+    """A worker process: code its clients' input, report ready, wait for the go, run clients ``ks``, report
+    done, then send their summaries back."""
+    inputs = _client_inputs(ks, load)
     conn.send("ready")
     conn.recv()
-    results = asyncio.run(_run_clients(url, ks, *args))
+    results = asyncio.run(_run_clients(url, ks, inputs, load))
     conn.send("done")
-    conn.send([f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r for r in results])
+    conn.send([_summary(r, load.samples) for r in results])
     conn.close()
 
 
-async def _clients_in_processes(processes: int, url: str, clients: int, *args: Any,
+async def _clients_in_processes(processes: int, url: str, load: _Load, *,
+                                streams_start: Callable[[], None] = lambda: None,
                                 streams_done: Callable[[], None] = lambda: None) -> List[Any]:
-    """Run the clients spread over ``processes`` spawned workers; results in client order. ``streams_done``
-    is called once every client's stream has ended, before the results (every output sample's timing, a
-    few hundred MiB for a hundred clients) come into this process."""
+    """Run the clients spread over ``processes`` spawned workers; their summaries (:func:`_summary`) in client
+    order. ``streams_start`` is called as the workers are told to go, ``streams_done`` once every client's
+    stream has ended, before the summaries come into this process."""
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
-    shares = [list(range(i, clients, processes)) for i in range(processes)]
+    shares = [list(range(i, load.clients, processes)) for i in range(processes)]
     workers = []
     try:
         for ks in shares:
             parent, child = context.Pipe()
-            proc = context.Process(target=_client_process, args=(child, url, ks, clients, *args), daemon=True)
+            proc = context.Process(target=_client_process, args=(child, url, ks, load), daemon=True)
             proc.start()
             child.close()
             workers.append((proc, parent))
         for _, conn in workers:  # everyone imported and ready: the clients' start times are comparable
             await loop.run_in_executor(None, conn.recv)
+        streams_start()
         for _, conn in workers:
             conn.send("go")
         for _, conn in workers:
@@ -152,11 +218,68 @@ async def _clients_in_processes(processes: int, url: str, clients: int, *args: A
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-    results: List[Any] = [None] * clients
+    results: List[Any] = [None] * load.clients
     for ks, got in zip(shares, per_worker):
         for k, r in zip(ks, got):
-            results[k] = RuntimeError(r) if isinstance(r, str) else r
+            results[k] = r
     return results
+
+
+def _thread_cpu_s() -> Optional[Dict[int, Tuple[str, float]]]:
+    """CPU seconds (user + system) of each of this process's Python threads so far, by native id, with its
+    name; None where ``/proc`` does not say."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: Dict[int, Tuple[str, float]] = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        except (OSError, IndexError):
+            return None
+        out[thread.native_id] = (thread.name, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+    return out
+
+
+class _CPUClock:
+    """The process's CPU time over a window (every thread's: ``os.times``), split by thread role: the event
+    loop's thread (the one that makes the clock), the engine workers, the loop's thread pool (Opus encoding;
+    also the benchmark's scrapes) and the rest (threads torch or CUDA started, threads that ended)."""
+
+    def __init__(self) -> None:
+        self.loop_thread = threading.get_native_id()
+        self.started: Optional[Tuple[float, Any, Optional[Dict[int, Tuple[str, float]]]]] = None
+        self.report: Optional[Dict[str, Any]] = None
+
+    def start(self) -> None:
+        self.started = (time.perf_counter(), os.times(), _thread_cpu_s())
+
+    def _role(self, name: str, native_id: int) -> Optional[str]:
+        if native_id == self.loop_thread:
+            return "event_loop"
+        if name.startswith("snac-engine"):
+            return "engine"
+        return "thread_pool" if name.startswith("asyncio") else None
+
+    def stop(self) -> None:
+        """End the window; ``report``: CPU seconds per second of wall, in all and per role."""
+        assert self.started is not None
+        t0, times0, threads0 = self.started
+        wall, times1, threads1 = time.perf_counter() - t0, os.times(), _thread_cpu_s()
+        user, system = times1.user - times0.user, times1.system - times0.system
+        roles: Optional[Dict[str, float]] = None
+        if threads0 is not None and threads1 is not None:
+            roles = {"event_loop": 0.0, "engine": 0.0, "thread_pool": 0.0}
+            for tid, (name, cpu) in threads1.items():
+                role = self._role(name, tid)
+                if role is not None:
+                    roles[role] += cpu - threads0.get(tid, (name, 0.0))[1]
+            roles["other"] = max(0.0, user + system - sum(roles.values()))
+        self.report = {"window_s": round(wall, 2), "user_s": round(user, 2), "system_s": round(system, 2),
+                       "cpu_per_wall_s": round((user + system) / wall, 3),
+                       "threads_cpu_per_wall_s": ({k: round(v / wall, 3) for k, v in roles.items()}
+                                                  if roles is not None else None)}
 
 
 def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
@@ -181,19 +304,22 @@ def _scrape(url: str, hz: float, stop: asyncio.Event, durations: List[float]) ->
 
 
 async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
-                            sample_format: str = "pcm16", model_name: str = "snac", random_weights: bool = False,
+                            sample_format: str = "pcm16", sample_rate: Optional[int] = None,
+                            model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
                             client_processes: Optional[int] = None, scrape_hz: float = 0.0,
                             devices: Optional[Sequence[torch.device]] = None,
                             say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB).
+    """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB, CPU in seconds per
+    second of wall).
 
-    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`), per device.
-    ``client_processes``: worker processes running the clients (default :func:`default_client_processes`; 0
-    runs them in this process, beside the server). ``scrape_hz``: GET ``/metrics`` this often while the
-    clients run, as a Prometheus server would (from a thread of this process), to measure what scraping costs
-    the engine step. ``devices``: the server's devices (default: the model's), each with slots for its share
-    of the clients.
+    ``sample_format``, ``sample_rate`` (Hz): what the clients send and receive (:func:`client_format`; raises
+    ``ValueError`` for a combination the server does not take). ``threads``: the server's engine worker threads
+    (:attr:`ServerOptions.threads`), per device. ``client_processes``: worker processes running the clients
+    (default :func:`default_client_processes`; 0 runs them in this process, beside the server, and the CPU
+    figures are theirs too). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
+    server would (from a thread of this process), to measure what scraping costs the engine step. ``devices``:
+    the server's devices (default: the model's), each with slots for its share of the clients.
     """
     if client_processes is None:
         client_processes = default_client_processes(clients)
@@ -201,16 +327,23 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         raise ValueError(f"client_processes must be >= 0, got {client_processes}")
     client_processes = min(client_processes, clients)
     rate = model.config.sampling_rate
-    chunk = max(1, round(rate * chunk_ms / 1000))
+    fmt, client_rate, chunk = client_format(sample_format, sample_rate, chunk_ms, rate)
+    try:  # what the server announces to these clients (it converts with this very object)
+        formats = SessionFormats(Hello(kind="roundtrip", sample_format=fmt, sample_rate=client_rate), rate)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+    announced = formats.ready_fields()
     places = list(devices) if devices else [model.device]
     # Sessions go to the device with the most free slots: each gets an even share of the clients.
     options = ServerOptions(port=0, max_sessions=math.ceil(clients / len(places)),
                             idle_timeout_s=max(30.0, duration_s), backend=backend, threads=threads)
     server = SNACServer(model, options, model_name=model_name, random_weights=random_weights, devices=places)
     step_s = server.step_samples / rate
-    samples = int(duration_s * rate)
+    algorithmic = server.latency["roundtrip"] + formats.added_latency  # as ready says: model samples
+    samples = int(duration_s * client_rate)
     rss: List[List[float]] = []
     results: List[Any] = []
+    cpu = _CPUClock()
     async with server:
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
             f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip "
@@ -219,8 +352,17 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             f"{server.threads} engine thread{'s' if server.threads > 1 else ''}"
             f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}")
         say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
-            f"{sample_format}, " + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
-                                    if client_processes else "in the server's process"))
+            f"{fmt}{f' at {client_rate} Hz' if formats.converted else ''}, "
+            + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
+               if client_processes else "in the server's process"))
+        if formats.converted:
+            say(f"format  the server converts {fmt} at {client_rate} Hz: adds in "
+                f"{announced['input_latency_samples']} + out {announced['output_latency_samples']} samples at "
+                f"{client_rate} Hz ({1e3 * announced['input_latency_samples'] / client_rate:.1f} + "
+                f"{1e3 * announced['output_latency_samples'] / client_rate:.1f} ms), part of the algorithmic "
+                f"latency ({algorithmic} samples, {1e3 * algorithmic / rate:.1f} ms); latency positions: "
+                + ("samples of the decoded 48 kHz Opus stream (the clients' own encoder counts as algorithmic)"
+                   if fmt in CONTAINER_FORMATS else f"output samples at {client_rate} Hz"))
         start = time.perf_counter()
         stop = asyncio.Event()
 
@@ -234,32 +376,40 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
                 except asyncio.TimeoutError:
                     pass
 
+        def streams_done() -> None:
+            cpu.stop()
+            stop.set()
+
         sampler = asyncio.create_task(sample_rss())
         scrapes: List[float] = []
         scraper = (asyncio.ensure_future(asyncio.to_thread(_scrape, f"http://127.0.0.1:{server.port}/metrics",
                                                            scrape_hz, stop, scrapes))
                    if scrape_hz > 0 else None)
-        args = (clients, samples, rate, chunk, sample_format, step_s)
+        load = _Load(clients, samples, fmt, client_rate, chunk, step_s)
         if client_processes:
-            # The server's memory is sampled while the streams run, not while their results come in.
-            results = await _clients_in_processes(client_processes, server.url, *args, streams_done=stop.set)
+            # The server's memory and CPU are measured while the streams run, not while the results come in.
+            results = await _clients_in_processes(client_processes, server.url, load, streams_start=cpu.start,
+                                                  streams_done=streams_done)
         else:
-            results = await _run_clients(server.url, range(clients), *args)
-        stop.set()
+            inputs = _client_inputs(range(clients), load)
+            cpu.start()
+            results = await _run_clients(server.url, range(clients), inputs, load)
+            streams_done()
+            results = [_summary(r, samples) for r in results]
         await sampler
         if scraper is not None:
             await scraper
         wall = time.perf_counter() - start
         server_errors = dict(server.stats["errors"])
-    errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
-    good = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, str)]
+    good = [r for r in results if not isinstance(r, str)]
     parts: Dict[str, List[np.ndarray]] = {p: [] for p in PARTS}
     drift = []
     short = 0
     for r in good:
-        if r.audio.size != samples:
+        if not r["complete"]:
             short += 1
-        b = ws_client.latency_breakdown(r, decimate=16)
+        b = r["latency"]
         for p in PARTS:
             parts[p].append(b[p])
         n = b["total"].size
@@ -268,24 +418,31 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     merged = {p: np.concatenate(v) if v else np.zeros(0) for p, v in parts.items()}
     latency = {p: _stats(merged[p]) for p in PARTS}
     overhead = merged["server"] + merged["transport"]
-    warnings = sum(len(r.warnings) for r in good)
+    warnings = sum(r["warnings"] for r in good)
     # Keeping up is a rate: every stream complete, no error, no 'behind' warning and no latency growth of a
     # step or more across the streams. The tail (p99 of server + transport within one step) is its own verdict.
     keeps_up = (not errors and not server_errors and short == 0 and overhead.size > 0 and warnings == 0
                 and bool(drift) and max(drift) < step_s)
     tail_within_step = overhead.size > 0 and float(np.percentile(overhead, 99)) < step_s
     steady = [m for t, m in rss if t >= min(5.0, wall / 3)]
+    server_cpu = {**(cpu.report or {}), "clients_included": not client_processes}
     report: Dict[str, Any] = {
         "model": model_name, "random_weights": random_weights, "device": ",".join(server.devices),
-        "backend": model.resolved_backend(backend), "sample_rate": rate, "sample_format": sample_format,
+        "backend": model.resolved_backend(backend), "sample_rate": rate, "sample_format": fmt,
+        "client_sample_rate": client_rate, "converted": formats.converted,
+        "input_latency_samples": announced["input_latency_samples"],
+        "output_latency_samples": announced["output_latency_samples"],
+        "added_latency_ms": {"input": 1e3 * announced["input_latency_samples"] / client_rate,
+                             "output": 1e3 * announced["output_latency_samples"] / client_rate},
         "clients": clients, "duration_s": duration_s, "chunk_samples": chunk, "step_samples": server.step_samples,
-        "algorithmic_latency_samples": server.latency["roundtrip"], "wall_s": round(wall, 2),
+        "algorithmic_latency_samples": algorithmic, "wall_s": round(wall, 2),
         "latency_ms": latency, "server_plus_transport_p99_ms": _stats(overhead)["p99"],
         "drift_ms_max": 1e3 * max(drift) if drift else None,
         "keeps_up": keeps_up, "p99_within_step": tail_within_step, "errors": len(errors) + short,
         "error_messages": errors[:10], "server_errors": server_errors, "incomplete_streams": short,
         "behind_warnings": warnings,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
+        "server_cpu": server_cpu,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
@@ -307,6 +464,13 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     if scrapes:
         say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "
             f"p99 {report['scrape_ms']['p99']:.1f} ms")
+    roles = server_cpu.get("threads_cpu_per_wall_s")
+    say(f"cpu     server process {server_cpu['cpu_per_wall_s']:.2f} s of CPU per s of wall over the "
+        f"{server_cpu['window_s']:g} s the streams ran (user {server_cpu['user_s']:g} s, system "
+        f"{server_cpu['system_s']:g} s)"
+        + (f": event loop {roles['event_loop']:.2f}, engine {roles['engine']:.2f}, thread pool "
+           f"{roles['thread_pool']:.2f}, other threads {roles['other']:.2f}" if roles else "")
+        + (" (the clients' too: they ran in this process)" if not client_processes else ""))
     if rss:
         say(f"memory  server process RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB (max {max(m for _, m in rss):.0f}; "
             f"growth after warm-up {report['rss_growth_mib']} MiB)")
