@@ -50,6 +50,7 @@ __all__ = [
     "RESAMPLE_QUALITIES",
     "InputDecoder",
     "OutputEncoder",
+    "available_formats",
     "check_format",
     "resampler_latency",
     "mulaw_encode",
@@ -138,6 +139,15 @@ def check_format(fmt: str, sample_rate: Optional[int] = None, *, model_rate: Opt
         raise ValueError(f"Opus streams are 48000 Hz by definition (RFC 7845, WebM's A_OPUS), got sample_rate "
                          f"{rate}; omit sample_rate or pass 48000")
     return fmt, rate
+
+
+def available_formats() -> List[str]:
+    """The names of :data:`FORMATS` this process can code now: Opus (``opus``, ``webm``) only with PyAV."""
+    try:
+        _import_av()
+    except ImportError:
+        return [name for name in FORMATS if name not in _OPUS_FORMATS]
+    return list(FORMATS)
 
 
 def _check_quality(quality: str) -> str:

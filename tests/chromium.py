@@ -128,14 +128,17 @@ class Chromium:
             time.sleep(0.05)
         raise TimeoutError("chromium did not open its DevTools port")
 
-    def open(self, url: str) -> Page:
-        """A new tab at ``url``."""
+    def open(self, url: str, init_script: Optional[str] = None) -> Page:
+        """A new tab at ``url``; ``init_script`` (JavaScript) runs in it before the page's own scripts."""
         # A blank tab, then navigate: /json/new would take the URL's own query string apart.
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new", method="PUT")
         with urllib.request.urlopen(request, timeout=10) as response:
             target = json.load(response)
         page = Page(target["webSocketDebuggerUrl"])
         self._pages.append(page)
+        if init_script is not None:
+            page.call("Page.enable")  # without it the script is not run
+            page.call("Page.addScriptToEvaluateOnNewDocument", source=init_script)
         page.call("Page.navigate", url=url)
         # Loaded: the page's scripts have run (window.snac exists from then on).
         page.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", 30)
@@ -166,8 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("png")
     parser.add_argument("--audio", type=Path, default=None, help="WAV file for the fake microphone")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds of streaming before the screenshot")
+    parser.add_argument("--window", default="1000,760", help="window size, WIDTH,HEIGHT")
     args = parser.parse_args(argv)
-    with Chromium(args.audio) as browser:
+    with Chromium(args.audio, window=args.window) as browser:
         page = browser.open(args.url)
         page.wait_for("window.snac && snac.state === 'streaming'", 30)
         time.sleep(args.wait)  # the figures on the screenshot are after this much streaming

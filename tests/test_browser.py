@@ -4,14 +4,16 @@ Chromium's fake microphone plays a WAV file of espeak-ng speech; the page stream
 and plays the decoded audio (into Chromium's null output: no sound card needed). The page keeps its state in
 ``window.snac``, read here over the DevTools protocol (tests/chromium.py). The server runs the bundled speech
 model ``mini``, so what the page plays is speech (checked for intelligibility, besides equality with the offline
-codec); tests of failures run a small random-weight model in process. Skipped only when no Chromium is
-installed (CI installs it).
+codec); tests of failures run a small random-weight model in process. With ``format=opus`` the page codes Opus
+itself (WebCodecs, WebM both ways); its audio is checked against libopus and the offline codec. Skipped only
+when no Chromium is installed (CI installs it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import queue
 import re
@@ -26,13 +28,16 @@ from typing import Any, Dict, Iterator
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 from chromium import Chromium, find_chromium
 from helpers import SMALL_CONFIGS, espeak_speech
 from pystoi import stoi
+from test_server_formats import OPUS_PARITY_DB, pyav_decode, snr_db
 from websockets.sync.client import connect
 
 from snac_stream import SNAC
+from snac_stream.formats import InputDecoder, OutputEncoder
 from snac_stream.server import ServerOptions, SNACServer, web
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed "
@@ -47,6 +52,14 @@ PCM16_TOL = 1 / 32768 + 1e-5  # the page receives PCM16: one quantisation step p
 # STOI of what the page received against what it sent. mini's offline roundtrip of the sentence scores 0.82;
 # random weights (the in-process model of the failure tests) about 0.4, checked below to fail the floor.
 STOI_FLOOR = 0.75
+# format=opus: WebM both ways at 48 kHz and OPUS_KBPS (the page's default). Measured over 6 runs: STOI 0.825-0.836
+# of what the page played against what it captured, 0.826-0.841 for the offline (PCM) roundtrip of the same input;
+# 3.2-3.5 kB of audio a second each way (24 kbps is 3 kB/s; WebM framing and Opus's variable rate add the rest).
+OPUS_RATE = 48000
+OPUS_KBPS = 24
+OPUS_STOI_LOSS = 0.03  # STOI the Opus path may lose against the offline roundtrip of what the server decoded
+OPUS_BYTES_PER_S = 4500  # audio bytes a second, each way (PCM16 at the model's rate: 48 000)
+OPUS_CAPTURE_CHUNK = 1024  # samples a capture message holds at 48 kHz (whole render quanta of about 20 ms)
 
 
 def speech_loop(directory: Path) -> np.ndarray:
@@ -69,6 +82,24 @@ def ncc_peak(signal: np.ndarray, template: np.ndarray) -> float:
     energy = np.concatenate([[0.0], np.cumsum(signal**2)])
     window = np.sqrt(np.maximum(energy[template.size :] - energy[: -template.size], 1e-12))
     return float(np.max(corr / window / np.sqrt(template @ template)))
+
+
+def libopus_decode(stream: bytes) -> np.ndarray:
+    """A WebM Opus stream demuxed by FFmpeg and decoded by libopus (both through PyAV), float at 48 kHz, pre-skip
+    and DiscardPadding trimmed. libopus is what Chromium's WebCodecs decodes with; FFmpeg's own Opus decoder
+    (``pyav_decode``) differs from it by far more than rounding (18 dB SNR and 2 samples of delay on this speech)."""
+    import av
+
+    with av.open(io.BytesIO(stream)) as container:
+        audio = container.streams.audio[0]
+        decoder = av.CodecContext.create("libopus", "r")
+        decoder.extradata = audio.codec_context.extradata
+        decoder.open()
+        frames = [frame for packet in container.demux(audio) if packet.size for frame in decoder.decode(packet)]
+        frames += decoder.decode(None)
+    pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames])
+    assert pcm.dtype == np.int16  # libopus through PyAV: 16-bit samples
+    return pcm.astype(np.float32) / 32768
 
 
 class ServeProcess:
@@ -234,6 +265,90 @@ def test_page_streams_the_mic_through_the_codec_and_reports_sane_latency(served:
     assert re.fullmatch(r"\d+ ms", state["e2eText"]) and not state["errorShown"]
 
 
+def test_page_streams_opus_both_ways_and_reports_its_latency_and_the_bytes_saved(served: ServeProcess,
+                                                                                 browser: Chromium) -> None:
+    """format=opus: the page codes the mic with WebCodecs' AudioEncoder into WebM (the protocol's ``webm``) and
+    decodes the server's WebM with AudioDecoder, at 48 kHz. The server decodes exactly what the page captured
+    (its WebM trims the end to the sample); the page plays libopus's decode of the bytes it received (within
+    one PCM16 step: PyAV's libopus gives 16-bit samples), as close to the offline roundtrip of the server's
+    input as the server's encoder on that offline audio (SNR within OPUS_PARITY_DB), and as intelligible as
+    the PCM path (STOI at least STOI_FLOOR and within OPUS_STOI_LOSS of the offline roundtrip's)."""
+    status, _, script = get(served.page + "opus.js")
+    assert status == 200 and b"https://" not in script  # no external assets
+    page = browser.open(served.page + f"?autostart=1&seconds={SECONDS}&record=1&format=opus")
+    state = finished(page)
+    assert state["state"] == "done", state
+    ready, latency = state["ready"], state["latency"]
+    assert (ready["input_format"], ready["input_rate"], ready["output_format"], ready["output_rate"],
+            ready["opus_bitrate"]) == ("webm", OPUS_RATE, "webm", OPUS_RATE, 1000 * OPUS_KBPS)
+    n = SECONDS * OPUS_RATE
+    assert state["sent"] == n and state["received"] == n  # captured, and decoded and played, at 48 kHz
+    assert state["outOfOrder"] == 0 and state["finalFrames"] >= 1
+    shown = json.loads(page.evaluate(
+        "JSON.stringify({sentBytes: snac.sentBytes, audioBytes: snac.receivedAudioBytes, wire: snac.wire, "
+        "conversion: document.getElementById('conversion').textContent, "
+        "encoder: document.getElementById('encoder').textContent, "
+        "saved: document.getElementById('saved').textContent})"))
+    assert state["done"] == {"type": "done", "input_items": shown["sentBytes"], "output_samples": None,
+                             "output_bytes": shown["audioBytes"], "output_tokens": state["tokens"]}
+
+    recorded = {name: base64.b64decode(page.evaluate(f"snac.{name}Base64()"))
+                for name in ("sent", "received", "captured", "decoded")}
+    captured = np.frombuffer(recorded["captured"], "<f4")
+    played = np.frombuffer(recorded["decoded"], "<f4")
+    assert captured.size == played.size == n and np.sqrt(np.mean(captured[n // 4:] ** 2)) > 0.02
+    # The page's WebM is read by FFmpeg's demuxer too, and holds exactly what was captured.
+    assert pyav_decode(recorded["sent"]).size == n
+    decoder = InputDecoder("webm", model_rate=RATE)  # the server's own conversion: what the engine got
+    heard = np.concatenate([decoder.push(recorded["sent"]), decoder.flush()])
+    assert heard.size == SECONDS * RATE
+    model = SNAC.from_pretrained("mini")
+    with torch.inference_mode():
+        codes = model.encode(torch.from_numpy(heard).view(1, 1, -1))
+        expected = model.decode(codes)[0, 0, : heard.size].numpy()
+    assert state["tokens"] == sum(c.numel() for c in codes)
+    # What the page played is libopus's decode of what it received ...
+    assert np.abs(played - libopus_decode(recorded["received"])).max() <= PCM16_TOL
+    # ... as close to the offline roundtrip as the same encoder's stream of the offline roundtrip ...
+    encoder = OutputEncoder("webm", model_rate=RATE, bitrate=1000 * OPUS_KBPS)
+    reference = libopus_decode(encoder.push(expected) + encoder.flush())
+    target = soxr.resample(expected, RATE, OPUS_RATE, quality="HQ")
+    got, same_encoder = snr_db(target, played), snr_db(target, reference)
+    assert abs(got - same_encoder) <= OPUS_PARITY_DB, (got, same_encoder)
+    # ... and as intelligible as the PCM path.
+    opus_stoi, pcm_stoi = stoi(captured, played, OPUS_RATE), stoi(heard, expected, RATE)
+    assert opus_stoi >= STOI_FLOOR and opus_stoi >= pcm_stoi - OPUS_STOI_LOSS, (opus_stoi, pcm_stoi)
+    print(f"browser Opus roundtrip: STOI {opus_stoi:.3f} (offline PCM roundtrip {pcm_stoi:.3f}), SNR vs offline "
+          f"{got:.2f} dB (same encoder {same_encoder:.2f} dB), audio bytes/s up {shown['wire']['up']:.0f} "
+          f"down {shown['wire']['down']:.0f}")
+
+    # Bytes: Opus's audio bytes a second each way, and what that saves against PCM16 at the model's rate.
+    wire = shown["wire"]
+    assert wire["up"] == pytest.approx(shown["sentBytes"] / SECONDS)
+    assert wire["down"] == pytest.approx(shown["audioBytes"] / SECONDS)
+    assert wire["up"] < OPUS_BYTES_PER_S and wire["down"] < OPUS_BYTES_PER_S and wire["pcm16"] == 2 * RATE
+    assert wire["saved"] == pytest.approx(2 * wire["pcm16"] - wire["up"] - wire["down"])
+    assert re.fullmatch(r"\d+\.\d kB/s \(9\d %\)", shown["saved"]), shown["saved"]
+
+    # Latency: ready's announced delay includes the server's conversions (shown apart); the page's encoder adds
+    # its frame and look-ahead, and a capture message's alignment, on top of the codec's delay.
+    announced = 1000 * ready["algorithmic_latency_samples"] / RATE
+    conversion = {"input": 1000 * ready["input_latency_samples"] / OPUS_RATE,
+                  "output": 1000 * ready["output_latency_samples"] / OPUS_RATE}
+    assert latency["announced"] == pytest.approx(announced) and latency["conversion"] == pytest.approx(conversion)
+    assert 0 < sum(conversion.values()) < announced
+    assert 20 < latency["encoder"] < 30  # a 20 ms frame and libopus's look-ahead (6.5 ms)
+    assert re.fullmatch(r"\d+ ms in \+ \d+ ms out", shown["conversion"]) and shown["encoder"] == "27 ms"
+    codec = announced - sum(conversion.values())  # the conversions' figures are worst cases; the codec's is reached
+    bound = announced + latency["encoder"] + 1000 * OPUS_CAPTURE_CHUNK / OPUS_RATE
+    assert codec <= latency["algorithmic"]["max"] <= bound
+    assert latency["total"]["n"] > 10 and latency["endToEnd"]["n"] > 10
+    assert codec <= latency["total"]["median"] <= latency["total"]["max"] < announced + 1000
+    assert latency["server"]["median"] >= 0 and latency["transport"]["median"] > -5
+    assert codec <= latency["graph"]["median"] <= latency["endToEnd"]["median"] < announced + 1500
+    assert not state["errorShown"]
+
+
 # ---- errors -----------------------------------------------------------------------------------------------------
 def test_full_server_is_reported_in_the_page(served: ServeProcess, browser: Chromium) -> None:
     ws_url = "ws" + served.page[4:]
@@ -280,3 +395,41 @@ def test_server_going_away_mid_stream_is_reported(browser: Chromium) -> None:
     state = finished(page)
     assert state["state"] == "error" and state["error"]["code"] == "disconnected", state
     assert state["errorShown"] and "closed unexpectedly" in state["errorText"]
+
+
+def test_opus_option_is_off_with_a_note_where_the_browser_lacks_webcodecs(served: ServeProcess,
+                                                                          browser: Chromium) -> None:
+    no_webcodecs = "delete window.AudioEncoder; delete window.AudioDecoder;"
+    page = browser.open(served.page, init_script=no_webcodecs)
+    page.wait_for("snac.config !== null", 30)  # boot done: the options are set
+    shown = json.loads(page.evaluate(
+        "JSON.stringify({format: document.getElementById('format').value, "
+        "off: document.querySelector('#format option[value=opus]').disabled, "
+        "note: document.getElementById('format-note').textContent})"))
+    assert shown["format"] == "pcm16" and shown["off"] is True  # PCM16 stays the default
+    assert "Opus is off" in shown["note"] and "WebCodecs" in shown["note"], shown
+    # Asked for in the address all the same: a clear error, not a silent fallback.
+    state = finished(browser.open(served.page + "?format=opus&autostart=1", init_script=no_webcodecs))
+    assert state["state"] == "error" and state["error"]["code"] == "opus_unavailable", state
+    assert state["errorShown"] and "WebCodecs" in state["errorText"] and "PCM16" in state["errorText"]
+
+
+def test_opus_option_is_off_where_the_server_cannot_code_opus(browser: Chromium,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = SNAC(**SMALL_CONFIGS["24k_like"]).eval()
+    monkeypatch.setitem(sys.modules, "av", None)  # a server without PyAV
+
+    def look(server: SNACServer) -> tuple:
+        config = json.loads(get(web.page_url(server) + "config.json")[2])
+        page = browser.open(web.page_url(server))
+        page.wait_for("snac.config !== null", 30)  # boot done: the options are set
+        return config, page.evaluate("document.getElementById('format-note').textContent")
+
+    async def run() -> tuple:
+        async with SNACServer(model, ServerOptions(port=0)) as server:
+            return await asyncio.to_thread(look, server)
+
+    config, note = asyncio.run(run())
+    assert config["formats"] == ["pcm16", "float32", "mulaw", "alaw"]
+    assert "server cannot code Opus" in note and "PyAV" in note, note

@@ -32,5 +32,5 @@ def test_wheel_places_kernels_under_snac_stream(tmp_path: Path) -> None:
     assert "snac_stream/kernels/conv.py" in names and "snac_stream/kernels/codebook.py" in names
     assert not any(name.startswith("kernels/") for name in names)
     # The browser client ships with the server.
-    for name in ("index.html", "app.js", "worklet.js"):
+    for name in ("index.html", "app.js", "opus.js", "worklet.js"):
         assert f"snac_stream/server/static/{name}" in names

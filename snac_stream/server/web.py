@@ -3,11 +3,13 @@
 HTTP ``GET`` requests that are not websocket upgrades are answered here (``SNACServer`` calls
 :func:`respond` from its ``process_request`` hook), so one port serves both the page and the protocol:
 
-* ``/`` (``/index.html``), ``/app.js``, ``/worklet.js``: the page (files in ``static/``, shipped as package
-  data); it captures the microphone, streams a ``roundtrip`` session and plays the decoded audio back;
+* ``/`` (``/index.html``), ``/app.js``, ``/opus.js``, ``/worklet.js``: the page (files in ``static/``, shipped
+  as package data); it captures the microphone, streams a ``roundtrip`` session (PCM, or Opus coded by the
+  browser's WebCodecs) and plays the decoded audio back;
 * ``/config.json``: what the page needs before it opens the websocket: the model's sample rate (the page
   creates its ``AudioContext`` at that rate, so no resampling happens in JavaScript), the announced
-  algorithmic latencies, the session slots (all devices' and per device), and whether a given page origin
+  algorithmic latencies, the session slots (all devices' and per device), the client audio formats this server
+  can code now (Opus needs PyAV), and whether a given page origin
   (``?origin=``) passes the server's Origin check, so a refused handshake can be explained (a browser does
   not see the HTTP 403 of a refused websocket).
 
@@ -26,6 +28,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from .. import __version__
+from ..formats import available_formats
 from .options import ServedModel, ServerOptions, origin_allowed
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -34,6 +37,7 @@ FILES: Dict[str, Tuple[str, str]] = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/opus.js": ("opus.js", "text/javascript; charset=utf-8"),
     "/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
 }
 # The page only talks to its own origin (http and its websocket); no inline scripts, no third parties.
@@ -67,6 +71,7 @@ def config(served: ServedModel, options: ServerOptions, origin: Optional[str]) -
         "algorithmic_latency_samples": dict(served.latency),
         "max_sessions": options.max_sessions * len(served.devices), "max_sessions_per_device": options.max_sessions,
         "devices": list(served.devices), "token_required": bool(options.token),
+        "formats": available_formats(),
         "origin": origin, "origin_allowed": None if origin is None else origin_allowed(options, origin),
     }
 

@@ -1,10 +1,14 @@
 // snac-stream browser client: microphone -> websocket roundtrip session (docs/protocol.md) -> speaker.
 //
-// The AudioContext runs at the model's sample rate (read from /config.json), so the mic is resampled by the
-// browser and the samples go to the server as they are. `window.snac` holds the live state (read by the tests
-// and handy in the console). URL options: autostart=1, seconds=N (stop after N s of audio sent),
-// format=pcm16|float32, jitter_ms=N (playback margin beyond one engine step), token=..., ws=ws://host:port,
-// record=1 (keep sent and received audio: snac.sentBase64(), snac.receivedBase64()).
+// Wire formats: PCM16 (default) or float32 at the model's rate: the AudioContext runs at the model's sample rate
+// (read from /config.json), so the mic is resampled by the browser and the samples go to the server as they
+// are. Opus: the AudioContext runs at 48 kHz, Opus's own rate, and opus.js codes both ways with WebCodecs, in
+// the protocol's `webm` format; the server converts to and from the model's rate.
+// `window.snac` holds the live state (read by the tests and handy in the console). URL options: autostart=1,
+// seconds=N (stop after N s of audio sent), format=pcm16|float32|opus, opus_kbps=N (Opus bitrate, both ways;
+// default 24), jitter_ms=N (playback margin beyond one engine step), token=..., ws=ws://host:port, record=1
+// (keep what went over the wire: snac.sentBase64(), snac.receivedBase64(); and the audio as float32:
+// snac.capturedBase64() sent, snac.decodedBase64() played).
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -15,23 +19,33 @@ const snac = {
   state: 'idle',  // idle | connecting | streaming | stopping | done | error
   error: null,    // {code, message, hint}
   config: null,   // /config.json
+  format: null,   // the session's wire format: pcm16 | float32 | opus
+  encoderMs: null,  // Opus: the delay of the page's encoder (a frame and its look-ahead), once it has coded
+  opusUnavailable: null,  // why the Opus option is off (null: it is on)
   ready: null,    // the server's ready message
   sentSamples: 0, sentBytes: 0, sentSumSquares: 0,
   receivedSamples: 0, receivedBytes: 0, receivedSumSquares: 0, receivedTokens: 0,
+  receivedItems: 0, receivedAudioBytes: 0,  // output items (samples; bytes for Opus) and audio payload bytes
   audioFrames: 0, outOfOrder: 0, finalFrames: 0,
   underruns: 0, underrunMs: 0, bufferedMs: 0, played: 0, drained: false,
   done: null, closeCode: null,
   latency: null,  // see computeLatency()
-  recorded: { sent: [], received: [] },
+  wire: null,     // see wireFigures()
+  recorded: { sent: [], received: [], captured: [], decoded: [] },
   sentBase64: () => toBase64(snac.recorded.sent),
   receivedBase64: () => toBase64(snac.recorded.received),
+  capturedBase64: () => toBase64(snac.recorded.captured),
+  decodedBase64: () => toBase64(snac.recorded.decoded),
 };
 window.snac = snac;
 
 const $ = (id) => document.getElementById(id);
 let ctx = null, ws = null, micStream = null, micSource = null, capture = null, playback = null;
+let uplink = null, downlink = null;  // Opus only (opus.js)
 let rate = 0, t0 = Infinity, opened = false;
+const opusBitrate = 1000 * Number(params.get('opus_kbps') || 24);
 let chunks = [];      // {start, n, frame}: capture frame of each sent chunk's first sample
+let sentMap = [];     // Opus: {bytes, samples}: input bytes sent -> samples the page had captured to code them
 let split = [];       // {t, total, algorithmic, server, transport} per received audio frame (ms)
 let e2e = [];         // {t, graph} mic-to-speaker through the page (ms)
 let deviceMs = 0;
@@ -44,6 +58,7 @@ function setState(state) {
   $('toggle').textContent = busy ? 'Stop' : 'Start';
   $('toggle').className = busy ? 'stop' : '';
   $('toggle').disabled = state === 'connecting' || state === 'stopping' || !snac.config;
+  $('format').disabled = busy || !snac.config;
 }
 
 function fail(code, message, hint) {
@@ -73,7 +88,9 @@ function render() {
   $('algorithmic').textContent = pair(L.algorithmic);
   $('server').textContent = pair(L.server);
   $('transport').textContent = pair(L.transport);
-  $('announced').textContent = snac.ready ? ms(1000 * snac.ready.algorithmic_latency_samples / rate) : '–';
+  $('announced').textContent = ms(L.announced);
+  $('conversion').textContent = L.conversion ? `${ms(L.conversion.input)} in + ${ms(L.conversion.output)} out` : '–';
+  $('encoder').textContent = ms(L.encoder);
   if (rate) {
     const secs = snac.sentSamples / rate;
     $('sent').textContent = `${secs.toFixed(1)} s (${snac.sentSamples} samples)`;
@@ -86,7 +103,22 @@ function render() {
       $('wire').textContent = `${kb(snac.sentBytes)} / ${kb(snac.receivedBytes)}`;
     }
   }
+  const W = snac.wire = wireFigures();
+  if (W) {
+    $('audio-rate').textContent = `${(W.up / 1e3).toFixed(1)} / ${(W.down / 1e3).toFixed(1)} kB/s`;
+    $('saved').textContent = `${kb(W.saved)}/s (${(100 * W.saved / (2 * W.pcm16)).toFixed(0)} %)`;
+    $('saved').title = `PCM16 at ${snac.ready.sample_rate} Hz: ${kb(W.pcm16)}/s each way`;
+  }
   $('underruns').textContent = `${snac.underruns} (${ms(snac.underrunMs)} silent)`;
+}
+
+// Audio bytes per second of audio, each way, and what they save against PCM16 at the model's rate (the default
+// format: 2 bytes a sample). Frame headers and tokens are the same in every format and left out.
+function wireFigures() {
+  if (!snac.ready || !rate || !snac.sentSamples || !snac.receivedSamples) return null;
+  const up = snac.sentBytes / (snac.sentSamples / rate), down = snac.receivedAudioBytes / (snac.receivedSamples / rate);
+  const pcm16 = 2 * snac.ready.sample_rate;
+  return { up, down, pcm16, saved: 2 * pcm16 - up - down };
 }
 
 function drawScope(samples) {
@@ -121,8 +153,31 @@ function computeLatency() {
     total: pick('total'), algorithmic: pick('algorithmic'), server: pick('server'), transport: pick('transport'),
     graph, deviceMs,
     endToEnd: graph && { median: graph.median + deviceMs, max: graph.max + deviceMs, n: graph.n },
-    announced: snac.ready ? 1000 * snac.ready.algorithmic_latency_samples / rate : null,
+    announced: snac.ready ? 1000 * snac.ready.algorithmic_latency_samples / snac.ready.sample_rate : null,
+    // what ready announces the server's format conversions add (part of `announced`), and the page's own Opus
+    // encoder: a frame plus its look-ahead (part of the measured algorithmic delay)
+    conversion: snac.ready ? { input: 1000 * snac.ready.input_latency_samples / snac.ready.input_rate,
+                               output: 1000 * snac.ready.output_latency_samples / snac.ready.output_rate } : null,
+    encoder: snac.encoderMs,
   };
+}
+
+// The capture count at which the page could send stream sample `needed - 1`: the end of the chunk holding it.
+function chunkEnd(needed) {
+  for (let k = chunks.length - 1; k >= 0; k--) {
+    const c = chunks[k];
+    if (c.start < needed && needed <= c.start + c.n) return c.start + c.n;
+  }
+  return needed;
+}
+
+// A frame's input_end as captured samples: for Opus (bytes) what the page had captured to send that many bytes.
+function inputSamples(inputEnd) {
+  if (!uplink) return inputEnd;
+  let k = 0;
+  while (k + 1 < sentMap.length && sentMap[k + 1].bytes <= inputEnd) k++;
+  sentMap.splice(0, k);  // audio frames' input_end only grows
+  return sentMap.length && sentMap[0].bytes <= inputEnd ? sentMap[0].samples : 0;
 }
 
 function captureFrame(i) {
@@ -143,26 +198,46 @@ function onBinary(buffer) {
   const count = h.getUint32(20, true), serverUs = h.getUint32(24, true);
   if (kind === 2) { snac.receivedTokens += count; return; }
   if (kind !== 1) return;
-  const pcm16 = snac.ready.sample_format === 'pcm16';
-  const raw = pcm16 ? new Int16Array(buffer, HEADER_BYTES, count) : new Float32Array(buffer, HEADER_BYTES, count);
-  const samples = new Float32Array(count);
-  let sq = 0;
-  for (let k = 0; k < count; k++) { const x = pcm16 ? raw[k] / 32768 : raw[k]; samples[k] = x; sq += x * x; }
-  if (start !== snac.receivedSamples) snac.outOfOrder += 1;
-  snac.receivedSamples += count;
-  snac.receivedSumSquares += sq;
+  if (start !== snac.receivedItems) snac.outOfOrder += 1;
+  snac.receivedItems += count;
+  snac.receivedAudioBytes += buffer.byteLength - HEADER_BYTES;
   snac.audioFrames += 1;
   if (params.get('record')) snac.recorded.received.push(new Uint8Array(buffer.slice(HEADER_BYTES)));
-  playback.port.postMessage({ type: 'audio', samples, start }, [samples.buffer]);
+  let first = start;  // stream position of the frame's first sample (Opus: of its first packet; null: none)
+  if (downlink) {
+    try {
+      first = downlink.push(new Uint8Array(buffer, HEADER_BYTES));
+    } catch (e) {
+      return fail('bad_opus', `the server's Opus stream: ${e.message}`);
+    }
+  } else {
+    const pcm16 = snac.ready.sample_format === 'pcm16';
+    const raw = pcm16 ? new Int16Array(buffer, HEADER_BYTES, count) : new Float32Array(buffer, HEADER_BYTES, count);
+    const samples = new Float32Array(count);
+    for (let k = 0; k < count; k++) samples[k] = pcm16 ? raw[k] / 32768 : raw[k];
+    play(samples, start);
+  }
   if (flags & 1) { snac.finalFrames += 1; return; }  // the flush's tail: not paced by the mic
-  // docs/protocol.md "Latency split", for the frame's first (oldest, so worst) sample i = start:
+  if (first === null) return;  // Opus: container bytes, no whole packet yet
+  // docs/protocol.md "Latency split", for the frame's first (oldest, so worst) sample i:
   // captured at t0 + (i + 1) / rate, computable once input_end samples had arrived.
-  const i = start;
+  const i = first;
   const total = tRecv - (t0 + 1000 * (i + 1) / rate);
-  const algorithmic = 1000 * (inputEnd - (i + 1)) / rate;
+  const algorithmic = 1000 * (inputSamples(inputEnd) - (i + 1)) / rate;
   const server = serverUs / 1000;
   split.push({ t: tRecv, total, algorithmic, server, transport: total - algorithmic - server });
-  if (snac.audioFrames % 4 === 1) drawScope(raw instanceof Int16Array ? Float32Array.from(raw, (x) => x / 32768) : raw);
+}
+
+// Decoded audio at the stream position `start` (samples at the AudioContext's rate) -> the playback worklet.
+function play(samples, start) {
+  if (!playback) return;
+  let sq = 0;
+  for (let k = 0; k < samples.length; k++) sq += samples[k] * samples[k];
+  snac.receivedSamples += samples.length;
+  snac.receivedSumSquares += sq;
+  if (params.get('record')) snac.recorded.decoded.push(new Uint8Array(samples.slice().buffer));
+  if (snac.audioFrames % 4 === 1) drawScope(samples);
+  playback.port.postMessage({ type: 'audio', samples, start }, [samples.buffer]);
 }
 
 function onText(text) {
@@ -171,7 +246,10 @@ function onText(text) {
   if (m.type === 'ready') return onReady(m);
   if (m.type === 'done') {
     snac.done = m;
-    if (playback) playback.port.postMessage({ type: 'end' });
+    // Opus: the decoder may still hold the last packets.
+    const decoded = downlink ? downlink.flush() : Promise.resolve();
+    decoded.then(() => { if (playback) playback.port.postMessage({ type: 'end' }); },
+      (e) => fail('bad_opus', `decoding the server's Opus stream: ${e.message}`));
     return;
   }
   if (m.type === 'warning') return warn(`Server: ${m.message}`);
@@ -187,14 +265,25 @@ function onText(text) {
 
 function onReady(m) {
   snac.ready = m;
+  const wire = snac.format === 'opus' ? `Opus in WebM at ${m.opus_bitrate / 1000} kbps, 48 kHz`
+    : `${m.sample_format} at ${m.sample_rate} Hz`;
   $('model').textContent = `${m.model}${m.random_weights ? ' (RANDOM WEIGHTS: the output is noise)' : ''}, `
-    + `${m.sample_rate} Hz, ${m.n_codebooks} codebooks x ${m.codebook_size}, step ${m.step_samples} samples; ${m.server}, session ${m.session}`;
+    + `${m.sample_rate} Hz, ${m.n_codebooks} codebooks x ${m.codebook_size}, step ${m.step_samples} samples; `
+    + `${wire} both ways; ${m.server}, session ${m.session}`;
+  if (snac.format === 'opus') {
+    const codecFailed = (e) => fail('opus_error',
+      `the browser's Opus codec failed: ${e.name || 'Error'}: ${e.message}`);
+    try {
+      uplink = new SnacOpus.Uplink(opusBitrate, onOpusPacket, codecFailed);
+      downlink = new SnacOpus.Downlink(play, codecFailed);
+    } catch (e) { return codecFailed(e); }
+  }
   // Playback starts once one engine step plus the jitter margin is queued: output comes a step at a time.
   const jitterMs = Number(params.get('jitter_ms') || 40);
   playback = new AudioWorkletNode(ctx, 'snac-playback', {
     numberOfInputs: 0, outputChannelCount: [1],
-    processorOptions: { prefill: m.step_samples + Math.round(jitterMs * rate / 1000), capacity: 20 * rate,
-                        reportFrames: Math.round(rate / 20) },
+    processorOptions: { prefill: Math.round((m.step_samples / m.sample_rate + jitterMs / 1000) * rate),
+                        capacity: 20 * rate, reportFrames: Math.round(rate / 20) },
   });
   playback.port.onmessage = (event) => onPlaybackStatus(event.data);
   playback.connect(ctx.destination);
@@ -214,25 +303,41 @@ function onCaptured({ samples, frame }) {
   if (snac.autostopSamples) n = Math.min(n, snac.autostopSamples - snac.sentSamples);
   if (n <= 0) return;
   const x = samples.subarray(0, n);
-  let payload;
-  if (snac.ready.sample_format === 'pcm16') {
-    payload = new Int16Array(n);
-    for (let k = 0; k < n; k++) payload[k] = Math.max(-32768, Math.min(32767, Math.round(x[k] * 32768)));
-    for (let k = 0; k < n; k++) snac.sentSumSquares += (payload[k] / 32768) ** 2;
-  } else {
-    payload = new Float32Array(x);
-    for (let k = 0; k < n; k++) snac.sentSumSquares += x[k] * x[k];
-  }
   chunks.push({ start: snac.sentSamples, n, frame });
   if (chunks.length > 1000) chunks.splice(0, 500);
-  ws.send(payload.buffer);
+  if (params.get('record')) snac.recorded.captured.push(new Uint8Array(x.slice().buffer));
+  if (uplink) {  // sent by onOpusPacket as the encoder codes it
+    for (let k = 0; k < n; k++) snac.sentSumSquares += x[k] * x[k];
+    uplink.push(x.slice(), snac.sentSamples);
+  } else {
+    let payload;
+    if (snac.ready.sample_format === 'pcm16') {
+      payload = new Int16Array(n);
+      for (let k = 0; k < n; k++) payload[k] = Math.max(-32768, Math.min(32767, Math.round(x[k] * 32768)));
+      for (let k = 0; k < n; k++) snac.sentSumSquares += (payload[k] / 32768) ** 2;
+    } else {
+      payload = new Float32Array(x);
+      for (let k = 0; k < n; k++) snac.sentSumSquares += x[k] * x[k];
+    }
+    ws.send(payload.buffer);
+    snac.sentBytes += payload.byteLength;
+    if (params.get('record')) snac.recorded.sent.push(new Uint8Array(payload.buffer));
+  }
   snac.sentSamples += n;
-  snac.sentBytes += payload.byteLength;
   // Real-time clock fit for the protocol's split: sample i was captured at about t0 + (i + 1) / rate; the
   // earliest arrival (relative to the stream position) is the best estimate of t0.
   t0 = Math.min(t0, performance.now() - 1000 * snac.sentSamples / rate);
-  if (params.get('record')) snac.recorded.sent.push(new Uint8Array(payload.buffer));
   if (snac.autostopSamples && snac.sentSamples >= snac.autostopSamples) stop();
+}
+
+// One WebM message from the Opus encoder, `needed` the capture count it took.
+function onOpusPacket(bytes, needed) {
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(bytes);
+  snac.sentBytes += bytes.length;
+  if (snac.encoderMs === null) snac.encoderMs = SnacOpus.FRAME_US / 1000 + 1000 * uplink.preSkip / SnacOpus.RATE;
+  sentMap.push({ bytes: snac.sentBytes, samples: chunkEnd(needed) });
+  if (params.get('record')) snac.recorded.sent.push(bytes);
 }
 
 function onPlaybackStatus(s) {
@@ -266,12 +371,20 @@ async function start() {
   warn('');
   Object.assign(snac, { error: null, ready: null, done: null, closeCode: null, sentSamples: 0, sentBytes: 0,
     sentSumSquares: 0, receivedSamples: 0, receivedBytes: 0, receivedSumSquares: 0, receivedTokens: 0,
+    receivedItems: 0, receivedAudioBytes: 0, wire: null, encoderMs: null,
     audioFrames: 0, outOfOrder: 0, finalFrames: 0, underruns: 0, underrunMs: 0, bufferedMs: 0, played: 0,
-    drained: false, autostopSamples: 0, recorded: { sent: [], received: [] } });
-  chunks = []; split = []; e2e = []; t0 = Infinity; opened = false;
+    drained: false, autostopSamples: 0, recorded: { sent: [], received: [], captured: [], decoded: [] } });
+  chunks = []; split = []; e2e = []; sentMap = []; t0 = Infinity; opened = false;
+  snac.format = $('format').value;
   setState('connecting');
+  if (!snac.format) {
+    return fail('bad_format', `unknown format=${params.get('format')} in the page address.`, 'Use pcm16, float32 or opus.');
+  }
+  if (snac.format === 'opus' && snac.opusUnavailable) {
+    return fail('opus_unavailable', `Opus is not available: ${snac.opusUnavailable}`, 'Choose PCM16.');
+  }
   try {
-    rate = snac.config.sample_rate;
+    rate = snac.format === 'opus' ? SnacOpus.RATE : snac.config.sample_rate;
     ctx = new AudioContext({ sampleRate: rate, latencyHint: 'interactive' });
     if (ctx.sampleRate !== rate) throw new Error(`the browser made a ${ctx.sampleRate} Hz AudioContext, not ${rate} Hz`);
     await ctx.audioWorklet.addModule('worklet.js');
@@ -292,8 +405,10 @@ async function start() {
   ws.binaryType = 'arraybuffer';
   ws.onopen = () => {
     opened = true;
-    const hello = { type: 'hello', protocol: 1, kind: 'roundtrip', sample_rate: rate,
-                    sample_format: params.get('format') || 'pcm16' };
+    const hello = { type: 'hello', protocol: 1, kind: 'roundtrip' };
+    // Opus: WebM both ways, at 48 kHz (the format's default rate); the server converts to the model's rate.
+    Object.assign(hello, snac.format === 'opus' ? { sample_format: 'webm', opus_bitrate: opusBitrate }
+      : { sample_rate: rate, sample_format: snac.format });
     if (params.get('token')) hello.auth = params.get('token');
     ws.send(JSON.stringify(hello));
   };
@@ -330,7 +445,10 @@ function stop() {
   stopCapture();
   if (playback) playback.port.postMessage({ type: 'flushing' });
   // flush: the server pads the end as offline encode does, sends the tail (FINAL frames), then done.
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'flush' }));
+  const flush = () => { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'flush' })); };
+  // Opus: the encoder's last packets go first, the stream trimmed to what was captured.
+  if (!uplink) return flush();
+  uplink.end(snac.sentSamples).then(flush, (e) => fail('opus_error', `the browser's Opus encoder failed: ${e.message}`));
 }
 
 function stopCapture() {
@@ -342,6 +460,8 @@ function stopCapture() {
 function teardown() {
   stopCapture();
   if (ws) { const w = ws; ws = null; w.onclose = null; try { w.close(1000); } catch (e) { /* closed */ } }
+  if (uplink) { uplink.close(); uplink = null; }
+  if (downlink) { downlink.close(); downlink = null; }
   if (playback) { playback.port.onmessage = null; playback.disconnect(); playback = null; }
   if (ctx) { ctx.close(); ctx = null; }
 }
@@ -356,7 +476,21 @@ function toBase64(parts) {
 $('toggle').onclick = () => (snac.state === 'streaming' || snac.state === 'connecting' ? stop() : start());
 $('endpoint').textContent = wsUrl();
 setInterval(render, 200);
-loadConfig().then((cfg) => {
+// Why this page cannot offer Opus (null: it can): the server must code it (PyAV) and the browser (WebCodecs).
+async function opusUnavailable(cfg) {
+  if (!(cfg.formats || []).includes('webm')) {
+    return "the server cannot code Opus (it needs PyAV: pip install 'snac-stream[opus]').";
+  }
+  return SnacOpus.unsupported(opusBitrate);
+}
+
+loadConfig().then(async (cfg) => {
+  snac.opusUnavailable = await opusUnavailable(cfg);
+  const opus = $('format').querySelector('option[value=opus]');
+  opus.textContent = `Opus (WebM, ${opusBitrate / 1000} kbps)`;
+  opus.disabled = !!snac.opusUnavailable;
+  $('format-note').textContent = snac.opusUnavailable ? `Opus is off: ${snac.opusUnavailable}` : '';
+  $('format').value = params.get('format') || 'pcm16';
   snac.config = cfg;
   $('model').textContent = `${cfg.model}${cfg.random_weights ? ' (RANDOM WEIGHTS: the output is noise)' : ''}, `
     + `${cfg.sample_rate} Hz; ${cfg.server}`;
