@@ -389,6 +389,8 @@ def test_llm_session_audio_equals_offline_decode(model, codes, caplog):
 def test_llm_session_refused_unless_its_url_is_allowed(model, codes):
     from websockets.asyncio.client import connect
 
+    from snac_stream.server import web
+
     ids = token_ids(codes)
     script = Script([format_custom_tokens(ids)])
 
@@ -409,9 +411,11 @@ def test_llm_session_refused_unless_its_url_is_allowed(model, codes):
             encode_error = json.loads(await ws.recv())
         # The server goes on: an allowed session is exact, and no refusal reached the LLM.
         frames, _, error = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})
-        return errors, encode_error, error, samples(frames), len(llm.records), dict(snac.stats["refusals"])
+        config = web.config(snac.served, snac.options, None)
+        return errors, encode_error, error, samples(frames), len(llm.records), dict(snac.stats["refusals"]), config
 
-    errors, encode_error, error, audio, requests, refusals = llm_session(model, script, test)
+    errors, encode_error, error, audio, requests, refusals, config = llm_session(model, script, test)
+    assert config["llm_sessions"] is True and not any("127.0.0.1" in str(v) for v in config.values())
     assert [e.code for e in errors] == ["llm_not_allowed"] * 5 + ["bad_hello"]
     assert all(e.close_code == 1008 for e in errors) and "allow-list" in errors[0].message
     assert not any(KEY in e.message for e in errors) and "unknown voice 'bob'" in errors[-1].message
@@ -422,10 +426,11 @@ def test_llm_session_refused_unless_its_url_is_allowed(model, codes):
 
     # Off unless the server is started with an allow-list.
     async def off(snac, llm):
-        return (await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."}))[2]
+        error = (await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."}))[2]
+        return error, web.config(snac.served, snac.options, None)["llm_sessions"]
 
-    error = llm_session(model, script, off, allow=lambda url: [])
-    assert error.code == "llm_not_allowed" and "without --allow-llm" in error.message
+    error, llm_sessions = llm_session(model, script, off, allow=lambda url: [])
+    assert error.code == "llm_not_allowed" and "without --allow-llm" in error.message and llm_sessions is False
     # A prefix rule: every endpoint under it; the server's own key when the hello gives none.
     async def prefixed(snac, llm):
         return await speech(snac, {"url": llm.url + "/v1", "model": "m", "prompt": "Hi."}), llm.records[0].headers

@@ -72,6 +72,8 @@ def config(served: ServedModel, options: ServerOptions, origin: Optional[str]) -
         "max_sessions": options.max_sessions * len(served.devices), "max_sessions_per_device": options.max_sessions,
         "devices": list(served.devices), "token_required": bool(options.token),
         "formats": available_formats(),
+        # Whether a decode hello may name an LLM (serve --allow-llm); the allowed URLs stay private.
+        "llm_sessions": bool(options.allow_llm),
         "origin": origin, "origin_allowed": None if origin is None else origin_allowed(options, origin),
     }
 
