@@ -28,14 +28,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_cost import cpu_name  # noqa: E402
 
 from snac_stream import client as ws_client
 from snac_stream.formats import OPUS_RATE, InputDecoder
@@ -60,17 +65,7 @@ CASES: List[Tuple[str, str, int]] = [
 
 
 def describe_cpu() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def speechlike(seconds: float, rate: int, seed: int = 0) -> np.ndarray:

@@ -23,7 +23,7 @@ from snac_stream.loading import ModelLoadError, resolve_devices
 from snac_stream.server import ServerOptions, SNACServer
 from snac_stream.tokens import get_layout
 from test_ops import ServeProcess, aget, free_port, metric_values, save_checkpoint
-from test_server import AUDIO_TOL, model_for, offline, random_chunks, signal as _audio
+from test_server import AUDIO_TOL, assert_session_exact, model_for, offline, random_chunks, signal as _audio
 
 TWO = ["cpu", "cpu"]
 
@@ -161,17 +161,7 @@ def test_concurrent_sessions_on_two_engine_sets_are_each_exact_and_both_sets_ste
     results, placed, metrics, config = serve_on(TWO, test, max_sessions=3)
     assert placed[-1] == [3, 3]
     for kind, given, result in zip(kinds, inputs, results):
-        if kind == "decode":
-            with torch.inference_mode():
-                expected = model.decode(given)[0, 0].numpy()
-            assert result.audio.shape == expected.shape
-            assert np.abs(result.audio - expected).max() <= AUDIO_TOL
-            continue
-        codes, expected = offline(model, given)
-        np.testing.assert_array_equal(result.tokens, layout.to_flat(codes)[0].numpy())
-        if kind == "roundtrip":
-            assert result.audio.shape == given.shape
-            assert np.abs(result.audio - expected[: given.size]).max() <= AUDIO_TOL
+        assert_session_exact(model, kind, given, result, layout, AUDIO_TOL)
     values = metric_values(metrics)
     for engine_set in ("0", "1"):
         labels = (("device", "cpu"), ("engine_set", engine_set))

@@ -58,6 +58,21 @@ def offline(model: SNAC, audio: np.ndarray):
         return codes, model.decode(codes)[0, 0].numpy()
 
 
+def assert_session_exact(model, kind: str, given, result, layout, tol: float) -> None:
+    """A session's output against offline: decode audio, encode tokens (in ``layout``), roundtrip both."""
+    if kind == "decode":
+        with torch.inference_mode():
+            expected = model.decode(given)[0, 0].numpy()
+        assert result.audio.shape == expected.shape
+        assert np.abs(result.audio - expected).max() <= tol
+        return
+    codes, expected = offline(model, given)
+    np.testing.assert_array_equal(result.tokens, layout.to_flat(codes)[0].numpy())
+    if kind == "roundtrip":
+        assert result.audio.shape == given.shape
+        assert np.abs(result.audio - expected[: given.size]).max() <= tol
+
+
 def serve(model: SNAC, test: Callable[[SNACServer], Awaitable[Any]], **options: Any) -> Any:
     """Run ``test(server)`` against a server on an ephemeral loopback port."""
     async def run() -> Any:
@@ -189,19 +204,8 @@ def test_concurrent_sessions_of_every_kind_layout_and_format_are_each_exact() ->
     assert max(max(layouts.values()) for layouts in shared["emit"]) >= 2
     for (kind, fmt, name, offset), given, result in zip(specs, inputs, results):
         tol = AUDIO_TOL if fmt == "float32" else 1 / 32768 + AUDIO_TOL
-        layout = get_layout(name, model.config, token_offset=offset)
-        if kind == "decode":
-            with torch.inference_mode():
-                expected = model.decode(given)[0, 0].numpy()
-            assert result.audio.shape == expected.shape
-            assert np.abs(result.audio - expected).max() <= tol
-            continue
-        codes, expected = offline(model, given)
-        np.testing.assert_array_equal(result.tokens, layout.to_flat(codes)[0].numpy())
-        if kind == "roundtrip":
-            assert result.audio.shape == given.shape
-            assert np.abs(result.audio - expected[: given.size]).max() <= tol
-        else:
+        assert_session_exact(model, kind, given, result, get_layout(name, model.config, token_offset=offset), tol)
+        if kind == "encode":
             assert result.audio.size == 0
 
 

@@ -244,18 +244,15 @@ def _tf32_matmuls(device: torch.device, enabled: bool) -> Iterator[None]:
         yield
         return
     flags = torch.backends.cuda.matmul
-    if hasattr(flags, "fp32_precision"):
-        saved, flags.fp32_precision = flags.fp32_precision, "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            flags.fp32_precision = saved
-    else:
-        saved, flags.allow_tf32 = flags.allow_tf32, enabled
-        try:
-            yield
-        finally:
-            flags.allow_tf32 = saved
+    # torch >= 2.9 names the setting fp32_precision; mixing it with the legacy allow_tf32 raises, so use one.
+    name, value = (("fp32_precision", "tf32" if enabled else "ieee") if hasattr(flags, "fp32_precision")
+                   else ("allow_tf32", enabled))
+    saved = getattr(flags, name)
+    setattr(flags, name, value)
+    try:
+        yield
+    finally:
+        setattr(flags, name, saved)
 
 
 # Phase-form weights of transposed convs, made once per weight and remade when it changes (moved, loaded in
