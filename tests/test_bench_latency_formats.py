@@ -51,6 +51,13 @@ def check_sane(report: Dict[str, Any], encoder_lookahead_s: float = 0.0) -> None
     assert cpu["window_s"] >= 1.5 and 0 < cpu["cpu_per_wall_s"] < 2
     assert set(cpu["threads_cpu_per_wall_s"]) == {"event_loop", "engine", "thread_pool", "other"}
     assert cpu["threads_cpu_per_wall_s"]["engine"] > 0
+    # The client workers' own CPU, or none apart when the clients ran in the server's process.
+    clients_cpu = report["client_cpu"]
+    if cpu["clients_included"]:
+        assert clients_cpu is None
+    else:
+        assert clients_cpu["processes"] == report["client_processes"] == len(clients_cpu["per_process"])
+        assert clients_cpu["max_process_cpu_per_wall_s"] == max(clients_cpu["per_process"]) >= 0
 
 
 def test_mulaw_8k_clients(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

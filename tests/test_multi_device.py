@@ -265,6 +265,7 @@ def test_bench_latency_runs_on_two_engine_sets(tmp_path) -> None:
     report = json.loads(out.read_text())
     assert status == 0 and report["errors"] == 0 and report["device"] == "cpu,cpu" and report["clients"] == 2
     assert len(report["ticks_per_device"]) == 2 and min(report["ticks_per_device"]) > 0  # one client on each
+    assert report["client_cpu"] is None  # the clients ran in the server's process: their CPU is its
 
 
 @pytest.mark.parametrize("argv, needle", [

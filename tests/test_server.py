@@ -787,12 +787,13 @@ def test_a_connection_closed_from_the_client_side_says_why() -> None:
         asyncio.run(ws_client._recv_or_error(Closed()))  # type: ignore[arg-type]
 
 
-def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
+def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> None:
     torch.manual_seed(0)
     ckpt = SNAC(**STRUCTURES["24k"]).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "bench.json"
     status = main(["bench-latency", "--model", str(ckpt), "--clients", "2", "--duration", "1.5", "--device", "cpu",
-                   "--threads", "1", "--json", str(out), "--quiet"])
+                   "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().err
     report = json.loads(out.read_text())
     assert status == 0 and report["errors"] == 0 and report["clients"] == 2 and report["engine_threads"] == 1
     for part in ("total", "algorithmic", "server", "transport"):
@@ -808,3 +809,26 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path) -> None:
     step_ms = 1e3 * report["step_samples"] / 24000
     assert report["keeps_up"] == (report["behind_warnings"] == 0 and report["drift_ms_max"] < step_ms)
     assert report["p99_within_step"] == (report["server_plus_transport_p99_ms"] < step_ms)
+    # The client worker's own CPU over its streams: a figure per process, so a saturated load generator shows.
+    clients_cpu = report["client_cpu"]
+    assert clients_cpu["processes"] == report["client_processes"] == len(clients_cpu["per_process"]) == 1
+    assert all(0 <= rate < 4 for rate in clients_cpu["per_process"])
+    assert clients_cpu["max_process_cpu_per_wall_s"] == max(clients_cpu["per_process"])
+    assert clients_cpu["cpu_per_wall_s"] == pytest.approx(sum(clients_cpu["per_process"]), abs=1e-3)
+    assert clients_cpu["window_s"] >= 1.5 and not report["server_cpu"]["clients_included"]
+    line = next(line for line in printed.splitlines() if line.startswith("cpu     clients:"))
+    assert line.startswith("cpu     clients: 1 process, ") and "s of CPU per s of wall in all, the busiest" in line
+
+
+def test_bench_latency_with_clients_in_the_server_process_gives_no_separate_client_cpu(tmp_path, capsys) -> None:
+    """``--client-processes 0``: the clients' CPU is the server process's; the report says so, with no figure."""
+    torch.manual_seed(0)
+    ckpt = SNAC(**STRUCTURES["24k"]).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    status = main(["bench-latency", "--model", str(ckpt), "--clients", "1", "--duration", "1", "--device", "cpu",
+                   "--threads", "1", "--client-processes", "0", "--json", str(out)])
+    printed = capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert status == 0 and report["errors"] == 0 and report["client_processes"] == 0
+    assert report["client_cpu"] is None and report["server_cpu"]["clients_included"]
+    assert "cpu     clients: in the server's process, their CPU is included in the server's above" in printed

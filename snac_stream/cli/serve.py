@@ -68,7 +68,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
                     "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per "
                     "output sample split into algorithmic delay, server time (queue + compute) and transport, plus "
-                    "errors, the server's tick times, the server process's CPU time and its memory over time. "
+                    "errors, the server's tick times, the server process's CPU time and its memory over time, and "
+                    "the client worker processes' CPU time (one near 1 s per s of wall is saturated: the load "
+                    "generator would be the limit). "
                     "The clients may speak any client format and rate (--sample-format, --sample-rate).")
     _add_model_options(p)
     p.add_argument("--clients", type=positive_int, default=4, help="concurrent clients (default: 4)")

@@ -3,7 +3,9 @@
 Each client streams the same kind of signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when
 its last sample would have been captured, for ``duration_s``; every output sample's latency is split into
 algorithmic delay, server time and transport (:func:`snac_stream.client.latency_breakdown`). The server's
-resident memory, its ticks (engine steps) and its CPU time are measured while the clients run.
+resident memory, its ticks (engine steps) and its CPU time are measured while the clients run, and so is each
+client worker process's CPU time: a worker near one CPU second per second of wall is saturated, and the load
+generator, not the server, would be the limit.
 
 The clients speak any client format at any rate the server takes (``sample_format``, ``sample_rate``): their
 messages are coded before the start by :func:`snac_stream.client.client_messages` (Opus: one frame a message,
@@ -176,22 +178,48 @@ def _summary(result: Any, samples: int) -> Any:
 
 def _client_process(conn: Any, url: str, ks: Sequence[int], load: _Load) -> None:
     """A worker process: code its clients' input, report ready, wait for the go, run clients ``ks``, report
-    done, then send their summaries back."""
+    done, then send their summaries back with its CPU over the streams (:func:`_process_cpu`)."""
     inputs = _client_inputs(ks, load)
     conn.send("ready")
     conn.recv()
+    # Over the streams only, as the server's: coding the input before and summing up after are no load.
+    t0, times0 = time.perf_counter(), os.times()
     results = asyncio.run(_run_clients(url, ks, inputs, load))
+    wall, times1 = time.perf_counter() - t0, os.times()
     conn.send("done")
-    conn.send([_summary(r, load.samples) for r in results])
+    conn.send(([_summary(r, load.samples) for r in results], _process_cpu(times0, times1, wall)))
     conn.close()
+
+
+def _process_cpu(times0: Any, times1: Any, wall: float) -> Dict[str, float]:
+    """A process's CPU between two ``os.times()`` (every thread's, not its children's) over ``wall`` seconds:
+    ``window_s`` (that wall), ``user_s``, ``system_s`` and ``cpu_per_wall_s`` (CPU seconds per second of wall)."""
+    user, system = times1.user - times0.user, times1.system - times0.system
+    return {"window_s": round(wall, 2), "user_s": round(user, 2), "system_s": round(system, 2),
+            "cpu_per_wall_s": round((user + system) / wall, 3) if wall > 0 else 0.0}
+
+
+def _clients_cpu(per_process: Sequence[Dict[str, float]]) -> Dict[str, Any]:
+    """The client workers' CPU for the report: ``cpu_per_wall_s`` in all (the sum of the workers'), the busiest
+    worker's (``max_process_cpu_per_wall_s``; near 1.0 it is saturated, one interpreter lock a process) and
+    each worker's (``per_process``, in worker order), each in CPU seconds per second of its streams' wall;
+    ``window_s``, the longest worker's window; ``user_s`` and ``system_s`` summed over the workers."""
+    rates = [p["cpu_per_wall_s"] for p in per_process]
+    return {"processes": len(rates), "cpu_per_wall_s": round(sum(rates), 3),
+            "max_process_cpu_per_wall_s": max(rates) if rates else None, "per_process": rates,
+            "window_s": max((p["window_s"] for p in per_process), default=0.0),
+            "user_s": round(sum(p["user_s"] for p in per_process), 2),
+            "system_s": round(sum(p["system_s"] for p in per_process), 2)}
 
 
 async def _clients_in_processes(processes: int, url: str, load: _Load, *,
                                 streams_start: Callable[[], None] = lambda: None,
-                                streams_done: Callable[[], None] = lambda: None) -> List[Any]:
+                                streams_done: Callable[[], None] = lambda: None
+                                ) -> Tuple[List[Any], List[Dict[str, float]]]:
     """Run the clients spread over ``processes`` spawned workers; their summaries (:func:`_summary`) in client
-    order. ``streams_start`` is called as the workers are told to go, ``streams_done`` once every client's
-    stream has ended, before the summaries come into this process."""
+    order, and each worker's CPU while its clients streamed (:func:`_process_cpu`), in worker order.
+    ``streams_start`` is called as the workers are told to go, ``streams_done`` once every client's stream has
+    ended, before the summaries come into this process."""
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
     shares = [list(range(i, load.clients, processes)) for i in range(processes)]
@@ -219,10 +247,10 @@ async def _clients_in_processes(processes: int, url: str, load: _Load, *,
             if proc.is_alive():
                 proc.kill()
     results: List[Any] = [None] * load.clients
-    for ks, got in zip(shares, per_worker):
+    for ks, (got, _) in zip(shares, per_worker):
         for k, r in zip(ks, got):
             results[k] = r
-    return results
+    return results, [cpu for _, cpu in per_worker]
 
 
 def _thread_cpu_s() -> Optional[Dict[int, Tuple[str, float]]]:
@@ -316,8 +344,9 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     ``sample_format``, ``sample_rate`` (Hz): what the clients send and receive (:func:`client_format`; raises
     ``ValueError`` for a combination the server does not take). ``threads``: the server's engine worker threads
     (:attr:`ServerOptions.threads`), per device. ``client_processes``: worker processes running the clients
-    (default :func:`default_client_processes`; 0 runs them in this process, beside the server, and the CPU
-    figures are theirs too). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
+    (default :func:`default_client_processes`; 0 runs them in this process, beside the server, and the server's
+    CPU figures are theirs too: the report's ``client_cpu`` is then None, else the workers' own, from
+    :func:`_clients_cpu`). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
     server would (from a thread of this process), to measure what scraping costs the engine step. ``devices``:
     the server's devices (default: the model's), each with slots for its share of the clients.
     """
@@ -344,6 +373,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     rss: List[List[float]] = []
     results: List[Any] = []
     cpu = _CPUClock()
+    client_cpu: Optional[Dict[str, Any]] = None
     async with server:
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
             f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip "
@@ -388,8 +418,9 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         load = _Load(clients, samples, fmt, client_rate, chunk, step_s)
         if client_processes:
             # The server's memory and CPU are measured while the streams run, not while the results come in.
-            results = await _clients_in_processes(client_processes, server.url, load, streams_start=cpu.start,
-                                                  streams_done=streams_done)
+            results, workers_cpu = await _clients_in_processes(client_processes, server.url, load,
+                                                               streams_start=cpu.start, streams_done=streams_done)
+            client_cpu = _clients_cpu(workers_cpu)
         else:
             inputs = _client_inputs(range(clients), load)
             cpu.start()
@@ -442,7 +473,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "error_messages": errors[:10], "server_errors": server_errors, "incomplete_streams": short,
         "behind_warnings": warnings,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
-        "server_cpu": server_cpu,
+        "server_cpu": server_cpu, "client_cpu": client_cpu,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
@@ -471,6 +502,14 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         + (f": event loop {roles['event_loop']:.2f}, engine {roles['engine']:.2f}, thread pool "
            f"{roles['thread_pool']:.2f}, other threads {roles['other']:.2f}" if roles else "")
         + (" (the clients' too: they ran in this process)" if not client_processes else ""))
+    if client_cpu is not None:
+        n = client_cpu["processes"]
+        say(f"cpu     clients: {n} process{'es' if n > 1 else ''}, {client_cpu['cpu_per_wall_s']:.2f} s of CPU per s "
+            f"of wall in all, the busiest {client_cpu['max_process_cpu_per_wall_s']:.2f} (a process near 1.0 is "
+            f"saturated: the load generator would be the limit)")
+    else:
+        say("cpu     clients: in the server's process, their CPU is included in the server's above (no separate "
+            "figure)")
     if rss:
         say(f"memory  server process RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MiB (max {max(m for _, m in rss):.0f}; "
             f"growth after warm-up {report['rss_growth_mib']} MiB)")
