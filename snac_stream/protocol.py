@@ -98,12 +98,19 @@ class ProtocolError(Exception):
         self.message = message
         self.fields = fields
 
+    def __reduce__(self) -> Any:  # pickled as its fields (a server's processes pass errors to each other)
+        return _protocol_error, (self.code, self.message, self.fields)
+
     @property
     def close_code(self) -> int:
         return ERRORS[self.code]
 
     def to_json(self) -> str:
         return json.dumps({"type": "error", "code": self.code, "message": self.message, **self.fields})
+
+
+def _protocol_error(code: str, message: str, fields: Dict[str, Any]) -> ProtocolError:
+    return ProtocolError(code, message, **fields)
 
 
 # ---- JSON messages ----------------------------------------------------------------------------------

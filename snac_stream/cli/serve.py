@@ -26,6 +26,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=positive_int, default=8,
                    help="concurrent sessions per device (engine set); more are refused with server_full "
                         "(default: 8)")
+    _add_frontends_option(p)
     p.add_argument("--max-frame-bytes", type=positive_int, default=1 << 20,
                    help="largest message accepted, in bytes (default: 1048576)")
     p.add_argument("--idle-timeout", type=positive_float, default=30.0,
@@ -88,12 +89,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--client-processes", type=non_negative_int, default=None, metavar="N",
                    help="worker processes running the clients, as remote callers would (default: half the cores "
                         "less one, at least 1; 0 runs them in the server's process)")
+    _add_frontends_option(p)
     p.add_argument("--scrape-hz", type=non_negative_float, default=0.0, metavar="HZ",
                    help="GET /metrics this many times a second during the run, as Prometheus would, to see what "
                         "scraping costs the engine step (default: 0, no scrapes)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (figures, machine) as JSON")
     add_common_options(p, several_devices=True)
     p.set_defaults(func=run_bench_latency)
+
+
+def _add_frontends_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frontends", type=non_negative_int, default=0, metavar="N",
+                   help="serve the websockets from N front-end processes on the same port (SO_REUSEPORT), the "
+                        "engines staying in this one: for more sessions than one event loop carries (README, "
+                        "'Sessions per server'). Same protocol, endpoints and limits (default: 0, all in this "
+                        "process)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -113,9 +123,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
     import signal
-    from typing import Optional
+    from typing import Optional, Union
 
     from ..server import ServerOptions, SNACServer, web
+    from ..server.frontends import MultiProcessServer
     from ..server.options import LLM_KEY_ENV
     from ..protocol import TOKEN_ENV
 
@@ -139,7 +150,7 @@ def run_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        server: Optional[SNACServer] = None
+        server: Optional[Union[SNACServer, MultiProcessServer]] = None
 
         def on_signal(name: str) -> None:
             if not stop.is_set():
@@ -151,15 +162,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        async with SNACServer(model, options, model_name=model.name, random_weights=args.random_weights,
-                              devices=devices) as server:
+        common = dict(model_name=model.name, random_weights=args.random_weights, devices=devices)
+        server = (MultiProcessServer(model, options, frontends=args.frontends, **common,
+                                     log_level=logging.WARNING if args.quiet else logging.INFO)
+                  if args.frontends else SNACServer(model, options, **common))
+        async with server:
             cfg = model.config
             slots = (f"{server.workers.slots} sessions ({options.max_sessions} per device)" if len(devices) > 1
                      else f"{options.max_sessions} sessions")
             say(args, f"serving {model.name}{' (RANDOM WEIGHTS)' if args.random_weights else ''} on "
                       f"{','.join(server.devices)} at {server.url}: {cfg.sampling_rate} Hz, step "
                       f"{server.step_samples} samples, algorithmic latency (samples) {server.latency}; up to "
-                      f"{slots}{', token required' if options.token else ''}")
+                      f"{slots}{', token required' if options.token else ''}"
+                      + (f"; websockets served by {args.frontends} front-end processes" if args.frontends else ""))
             if options.allow_llm:
                 say(args, f"llm sessions allowed to: {', '.join(options.allow_llm)}")
             if options.web:
@@ -199,7 +214,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         sample_format=args.sample_format, sample_rate=args.sample_rate, model_name=model.name,
         random_weights=args.random_weights,
         backend=args.backend, threads=args.threads, client_processes=args.client_processes,
-        scrape_hz=args.scrape_hz, say=lambda line: say(args, line)))
+        scrape_hz=args.scrape_hz, frontends=args.frontends, say=lambda line: say(args, line)))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         say(args, f"wrote   {args.json}")

@@ -25,7 +25,8 @@ from ..model.snac import SNACModel
 from ..streaming.latency import algorithmic_latency
 from . import web
 from .connection import Gateway
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from .metrics import (CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics, engine_snapshot, front_snapshot,
+                      merge_snapshots)
 from .options import ServedModel, ServerOptions, default_engine_threads, handshake_origins
 from .stats import new_stats
 from .worker import EngineSet, Worker, Workers
@@ -43,52 +44,63 @@ def _device(spec: Union[str, torch.device]) -> torch.device:
     return device
 
 
-class SNACServer:
-    """A websocket server streaming one model to many sessions, on one device or several.
+class ModelEngines:
+    """One model's engines on the devices a server runs on: an engine set and worker thread per device
+    (:class:`~.worker.Workers`), and what clients are told about the model (``served``). Built by the
+    in-process :class:`SNACServer` and by the engine process of a server with front-end processes
+    (:mod:`.frontends`).
 
-    Use ``async with SNACServer(model, options) as server:`` (or :meth:`start` / :meth:`stop`); ``server.port``
-    is the bound port (``options.port = 0`` picks a free one).
-
-    ``devices`` (default: the model's device) lists the devices to run on, one engine set and worker thread
-    each, with ``options.max_sessions`` slots each; ``cpu`` may repeat. The first device uses ``model`` if it
-    is on it, every other one a copy. A new session goes to the device with the most free slots
-    (:class:`~.worker.Workers`). ``engines``, ``encoder``, ``decoder`` and ``worker`` are the first device's;
-    ``engine_sets`` and ``workers`` hold them all.
+    ``devices`` (default: the model's device) lists the devices to run on, ``options.max_sessions`` slots
+    each; ``cpu`` may repeat. The first device uses ``model`` if it is on it, every other one a copy.
     """
 
-    def __init__(self, model: SNACModel, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
-                 random_weights: bool = False, devices: Optional[Sequence[Union[str, torch.device]]] = None):
-        self.options = options or ServerOptions()
-        self.options.check()
+    def __init__(self, model: SNACModel, options: ServerOptions, stats: Dict[str, Any], *, model_name: Optional[str],
+                 random_weights: bool, devices: Optional[Sequence[Union[str, torch.device]]]):
         self.model = model.eval()
         self.model_name = model_name or getattr(model, "name", None) or "snac"
-        self.random_weights = random_weights
-        self.stats: Dict[str, Any] = new_stats()
         if devices is not None and not devices:
             raise ValueError("devices must list at least one device")
         places = [_device(d) for d in devices] if devices else [model.device]
         models = [self.model if i == 0 and place == model.device else copy.deepcopy(self.model).to(place).eval()
                   for i, place in enumerate(places)]
         self.engine_sets: List[EngineSet] = [
-            EngineSet(m, self.options.max_sessions, self.stats, backend=self.options.backend,
-                      behind_warning_s=self.options.behind_warning_s) for m in models]
-        self.engines = self.engine_sets[0]
-        self.encoder, self.decoder = self.engines.encoder, self.engines.decoder
-        self.step_frames = self.engines.step_frames
-        self.step_samples = self.engines.step_samples
+            EngineSet(m, options.max_sessions, stats, backend=options.backend,
+                      behind_warning_s=options.behind_warning_s) for m in models]
+        first = self.engine_sets[0]
+        self.step_frames, self.step_samples = first.step_frames, first.step_samples
         self.latency = {kind: algorithmic_latency(model, kind, self.step_frames)
                         for kind in ("encode", "decode", "roundtrip")}
         self.devices: List[str] = [str(place) for place in places]
         self.served = ServedModel(self.model_name, model.config, self.step_frames, self.step_samples, self.latency,
                                   tuple(self.devices), random_weights)
-        self.threads = self.options.threads or default_engine_threads()
-        self.workers = Workers([Worker(engines, self.threads, self.stats) for engines in self.engine_sets],
-                               self.options.max_sessions)
-        self.worker = self.workers[0]
-        self.gateway = Gateway(self.served, self.options, self.workers, self.stats)
-        self.metrics = ServerMetrics(self, self.devices)
+        self.threads = options.threads or default_engine_threads()
+        self.workers = Workers([Worker(engines, self.threads, stats) for engines in self.engine_sets],
+                               options.max_sessions)
+        self.metrics = ServerMetrics(self.model_name, self.devices)
         for index, engines in enumerate(self.engine_sets):
             engines.on_step = self.metrics.step_observer(index)
+
+
+class FrontServer:
+    """The side of a server that faces clients: the listening socket, one websocket session per connection
+    (:class:`~.connection.Gateway`), the HTTP endpoints (``/healthz``, ``/readyz``, ``/metrics``, the browser
+    page), drain and stop. Its engine work goes to ``workers``: the :class:`~.worker.Workers` of this process
+    (:class:`SNACServer`), or a link to the engine process of a server with front-end processes
+    (:mod:`.frontends`), which has the same methods.
+
+    ``reuse_port``: listen with ``SO_REUSEPORT``, beside the other front ends on the same port (the kernel
+    spreads connections over them). ``numbering``: (first, step) of the session numbers told in ``ready``, so
+    that front ends of one server never give the same number.
+    """
+
+    def __init__(self, served: ServedModel, options: ServerOptions, workers: Any, stats: Dict[str, Any], *,
+                 reuse_port: bool = False, numbering: Tuple[int, int] = (1, 1)):
+        self.served = served
+        self.options = options
+        self.workers = workers
+        self.stats = stats
+        self.reuse_port = reuse_port
+        self.gateway = Gateway(served, options, workers, stats, numbering=numbering)
         self._server: Optional[Server] = None
         self._stopped = False
         self._hurry: Optional[asyncio.Event] = None
@@ -103,7 +115,7 @@ class SNACServer:
             compression=None,
             # The library refuses (close 1009) anything far beyond our own limit, which we report in JSON.
             max_size=2 * self.options.max_frame_bytes + 1024, max_queue=4,
-            process_request=self._process_request)
+            process_request=self._process_request, reuse_port=self.reuse_port or None)
         self.port = self._server.sockets[0].getsockname()[1]
         self.gateway.server_id = self.options.server_id or f"{socket.gethostname()}:{self.port}"
         # What is alive now (model, engine states, modules) lives as long as the server: keep it out of the cyclic
@@ -206,9 +218,13 @@ class SNACServer:
         self._hurry = self._hurry or asyncio.Event()
         self._hurry.set()
 
-    def _ops_response(self, connection: ServerConnection, path: str) -> Any:
+    async def metrics_text(self) -> bytes:
+        """The ``/metrics`` exposition text of the whole server."""
+        raise NotImplementedError
+
+    async def _ops_response(self, connection: ServerConnection, path: str) -> Any:
         if path == "/metrics":
-            return web.response(connection, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
+            return web.response(connection, 200, await self.metrics_text(), METRICS_CONTENT_TYPE)
         if path == "/healthz":
             ok, reason = self.health()
             body: Dict[str, Any] = {"healthy": ok, "reason": reason}
@@ -217,18 +233,55 @@ class SNACServer:
             free = self.workers.slots_free()
             body = {"ready": ok, "reason": reason, "sessions_open": len(self.gateway.sessions), "slots_free": sum(free)}
             if len(self.workers) > 1:
-                per_device = zip(self.devices, self.workers.sessions_open(), free)
+                per_device = zip(self.served.devices, self.workers.sessions_open(), free)
                 body["devices"] = [{"engine_set": i, "device": device, "sessions_open": n, "slots_free": f}
                                    for i, (device, n, f) in enumerate(per_device)]
         return web.response(connection, 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json")
 
-    def _process_request(self, connection: ServerConnection, request: Any) -> Any:
+    async def _process_request(self, connection: ServerConnection, request: Any) -> Any:
         if not web.is_websocket_request(request):
             path = urlsplit(request.path).path
             if path in OPS_PATHS or self.options.web:
                 if request.method != "GET":
                     return web.method_not_allowed(connection, request.method)
                 if path in OPS_PATHS:
-                    return self._ops_response(connection, path)
+                    return await self._ops_response(connection, path)
                 return web.respond(self.served, self.options, connection, request)
         return self.gateway.check_request(connection, request)
+
+
+class SNACServer(FrontServer):
+    """A websocket server streaming one model to many sessions, on one device or several, in one process.
+
+    Use ``async with SNACServer(model, options) as server:`` (or :meth:`start` / :meth:`stop`); ``server.port``
+    is the bound port (``options.port = 0`` picks a free one).
+
+    ``devices`` (default: the model's device) lists the devices to run on, one engine set and worker thread
+    each, with ``options.max_sessions`` slots each; ``cpu`` may repeat (:class:`ModelEngines`). A new session
+    goes to the device with the most free slots (:class:`~.worker.Workers`). ``engines``, ``encoder``,
+    ``decoder`` and ``worker`` are the first device's; ``engine_sets`` and ``workers`` hold them all. For more
+    sessions than one event loop can carry, the same server runs with front-end processes:
+    :class:`~.frontends.MultiProcessServer`.
+    """
+
+    def __init__(self, model: SNACModel, options: Optional[ServerOptions] = None, *, model_name: Optional[str] = None,
+                 random_weights: bool = False, devices: Optional[Sequence[Union[str, torch.device]]] = None):
+        options = options or ServerOptions()
+        options.check()
+        stats = new_stats()
+        built = ModelEngines(model, options, stats, model_name=model_name, random_weights=random_weights,
+                             devices=devices)
+        super().__init__(built.served, options, built.workers, stats)
+        self.model, self.model_name, self.random_weights = built.model, built.model_name, random_weights
+        self.engine_sets, self.devices, self.threads = built.engine_sets, built.devices, built.threads
+        self.engines = self.engine_sets[0]
+        self.encoder, self.decoder = self.engines.encoder, self.engines.decoder
+        self.step_frames, self.step_samples, self.latency = built.step_frames, built.step_samples, built.latency
+        self.worker = self.workers[0]
+        self.metrics = built.metrics
+
+    async def metrics_text(self) -> bytes:
+        snapshot = merge_snapshots([front_snapshot(self.gateway, self.stats),
+                                    engine_snapshot(self.workers, self.stats, self.options.stuck_tick_s)])
+        snapshot["ready"] = self.readiness()[0]
+        return self.metrics.render(snapshot)

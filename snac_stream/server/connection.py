@@ -46,9 +46,11 @@ async def _close_or_abort(ws: ServerConnection, code: int, reason: str, timeout_
 
 class Gateway:
     """Serves each websocket connection as one session, its engine work done by the worker of the device it
-    is placed on (``workers``)."""
+    is placed on (``workers``: this process's :class:`~.worker.Workers`, or a front end's link to the engine
+    process, :class:`~.frontends.EngineLink`)."""
 
-    def __init__(self, served: ServedModel, options: ServerOptions, workers: Workers, stats: Dict[str, Any]):
+    def __init__(self, served: ServedModel, options: ServerOptions, workers: Workers, stats: Dict[str, Any], *,
+                 numbering: Tuple[int, int] = (1, 1)):
         self.served = served
         self.options = options
         self.workers = workers
@@ -57,7 +59,7 @@ class Gateway:
         self.connections: Set[Session] = set()  # every handler under way, with a slot or not
         self.draining = False  # no new sessions (refused with `draining`); open ones finish
         self.server_id: Optional[str] = None  # told in `ready`
-        self._numbers = 0
+        self._next_number, self._number_step = numbering  # session numbers: first, step (several front ends)
         self._changed = asyncio.Event()
 
     async def wait_sessions(self, at_most: int) -> None:
@@ -101,8 +103,8 @@ class Gateway:
     # ---- one connection ---------------------------------------------------------------------------------
     async def handle(self, ws: ServerConnection) -> None:
         """The connection handler: hello, ready, input until flush or close, the stream's end."""
-        self._numbers += 1
-        session = Session(ws, self._numbers)
+        session = Session(ws, self._next_number)
+        self._next_number += self._number_step
         side = session.loop
         opened = completed = False
         self.connections.add(session)
@@ -116,7 +118,7 @@ class Gateway:
             if self.draining:
                 raise ProtocolError("draining", "the server is shutting down and takes no new sessions; "
                                                 "connect again (elsewhere)")
-            if not self.workers.place(session):
+            if not await self.workers.place(session):
                 raise ProtocolError("server_full", f"all {self.workers.slots} sessions are in use; "
                                                    "try again later")
             session.hello, session.formats, session.audio_format = hello, formats, formats.engine_format

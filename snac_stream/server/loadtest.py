@@ -42,6 +42,7 @@ from ..model.snac import SNACModel
 from ..protocol import CONTAINER_FORMATS, Hello, ProtocolError
 from . import ServerOptions, SNACServer
 from .conversion import SessionFormats
+from .frontends import MultiProcessServer
 
 PARTS = ("total", "algorithmic", "server", "transport")
 
@@ -270,6 +271,17 @@ def _thread_cpu_s() -> Optional[Dict[int, Tuple[str, float]]]:
     return out
 
 
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread's) of process ``pid`` so far; 0 once it has ended."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
+
+
 class _CPUClock:
     """The process's CPU time over a window (every thread's: ``os.times``), split by thread role: the event
     loop's thread (the one that makes the clock), the engine workers, the loop's thread pool (Opus encoding;
@@ -279,8 +291,12 @@ class _CPUClock:
         self.loop_thread = threading.get_native_id()
         self.started: Optional[Tuple[float, Any, Optional[Dict[int, Tuple[str, float]]]]] = None
         self.report: Optional[Dict[str, Any]] = None
+        self.others: List[int] = []  # the server's other processes (front ends), measured over the same window
+        self._others0: List[float] = []
+        self.others_report: Optional[Dict[str, Any]] = None
 
     def start(self) -> None:
+        self._others0 = [_process_cpu_s(pid) for pid in self.others]
         self.started = (time.perf_counter(), os.times(), _thread_cpu_s())
 
     def _role(self, name: str, native_id: int) -> Optional[str]:
@@ -304,6 +320,10 @@ class _CPUClock:
                 if role is not None:
                     roles[role] += cpu - threads0.get(tid, (name, 0.0))[1]
             roles["other"] = max(0.0, user + system - sum(roles.values()))
+        if self.others:
+            rates = [round((_process_cpu_s(pid) - before) / wall, 3) for pid, before in zip(self.others, self._others0)]
+            self.others_report = {"processes": len(rates), "cpu_per_wall_s": round(sum(rates), 3),
+                                  "max_process_cpu_per_wall_s": max(rates), "per_process": rates}
         self.report = {"window_s": round(wall, 2), "user_s": round(user, 2), "system_s": round(system, 2),
                        "cpu_per_wall_s": round((user + system) / wall, 3),
                        "threads_cpu_per_wall_s": ({k: round(v / wall, 3) for k, v in roles.items()}
@@ -336,7 +356,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
                             model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
                             client_processes: Optional[int] = None, scrape_hz: float = 0.0,
-                            devices: Optional[Sequence[torch.device]] = None,
+                            devices: Optional[Sequence[torch.device]] = None, frontends: int = 0,
                             say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB, CPU in seconds per
     second of wall).
@@ -348,7 +368,9 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     CPU figures are theirs too: the report's ``client_cpu`` is then None, else the workers' own, from
     :func:`_clients_cpu`). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
     server would (from a thread of this process), to measure what scraping costs the engine step. ``devices``:
-    the server's devices (default: the model's), each with slots for its share of the clients.
+    the server's devices (default: the model's), each with slots for its share of the clients. ``frontends``:
+    run the server's client side in that many processes (:class:`~.frontends.MultiProcessServer`; 0: all in
+    this process, :class:`SNACServer`); their CPU is reported beside this process's (``frontends_cpu``).
     """
     if client_processes is None:
         client_processes = default_client_processes(clients)
@@ -366,7 +388,10 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     # Sessions go to the device with the most free slots: each gets an even share of the clients.
     options = ServerOptions(port=0, max_sessions=math.ceil(clients / len(places)),
                             idle_timeout_s=max(30.0, duration_s), backend=backend, threads=threads)
-    server = SNACServer(model, options, model_name=model_name, random_weights=random_weights, devices=places)
+    server: Union[SNACServer, MultiProcessServer] = (
+        MultiProcessServer(model, options, frontends=frontends, model_name=model_name, random_weights=random_weights,
+                           devices=places) if frontends
+        else SNACServer(model, options, model_name=model_name, random_weights=random_weights, devices=places))
     step_s = server.step_samples / rate
     algorithmic = server.latency["roundtrip"] + formats.added_latency  # as ready says: model samples
     samples = int(duration_s * client_rate)
@@ -375,12 +400,15 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     cpu = _CPUClock()
     client_cpu: Optional[Dict[str, Any]] = None
     async with server:
+        if isinstance(server, MultiProcessServer):
+            cpu.others = [process.pid for process in server.processes if process.pid is not None]
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
             f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip "
             f"algorithmic latency {server.latency['roundtrip']} samples "
             f"({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
             f"{server.threads} engine thread{'s' if server.threads > 1 else ''}"
-            f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}")
+            f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}"
+            + (f", clients served by {frontends} front-end processes" if frontends else ""))
         say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
             f"{fmt}{f' at {client_rate} Hz' if formats.converted else ''}, "
             + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
@@ -431,7 +459,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         if scraper is not None:
             await scraper
         wall = time.perf_counter() - start
-        server_errors = dict(server.stats["errors"])
+        front_stats = await server.front_stats() if isinstance(server, MultiProcessServer) else server.stats
+        server_errors = dict(front_stats.get("errors", {}))
     errors = [r for r in results if isinstance(r, str)]
     good = [r for r in results if not isinstance(r, str)]
     parts: Dict[str, List[np.ndarray]] = {p: [] for p in PARTS}
@@ -473,7 +502,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "error_messages": errors[:10], "server_errors": server_errors, "incomplete_streams": short,
         "behind_warnings": warnings,
         "rss_mib": rss, "rss_growth_mib": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
-        "server_cpu": server_cpu, "client_cpu": client_cpu,
+        "server_cpu": server_cpu, "client_cpu": client_cpu, "frontends": frontends,
+        "frontends_cpu": cpu.others_report,
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
@@ -502,6 +532,11 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         + (f": event loop {roles['event_loop']:.2f}, engine {roles['engine']:.2f}, thread pool "
            f"{roles['thread_pool']:.2f}, other threads {roles['other']:.2f}" if roles else "")
         + (" (the clients' too: they ran in this process)" if not client_processes else ""))
+    if cpu.others_report is not None:
+        fronts = cpu.others_report
+        say(f"cpu     front ends: {fronts['processes']} processes, {fronts['cpu_per_wall_s']:.2f} s of CPU per s of "
+            f"wall in all, the busiest {fronts['max_process_cpu_per_wall_s']:.2f} (near 1.0: saturated, add front "
+            f"ends)")
     if client_cpu is not None:
         n = client_cpu["processes"]
         say(f"cpu     clients: {n} process{'es' if n > 1 else ''}, {client_cpu['cpu_per_wall_s']:.2f} s of CPU per s "

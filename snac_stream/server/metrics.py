@@ -1,11 +1,13 @@
 """Prometheus metrics of one server (``GET /metrics``), in a registry of its own (several servers may share a
 process, as in the tests).
 
-Most figures are read when scraped, from counters the connection side and the workers keep anyway
-(:mod:`.stats`) and from the loop-owned session set; the engine threads only add observations to two
+Most figures are read when scraped, as a *snapshot* of counters the connection side and the workers keep
+anyway (:mod:`.stats`) and of the loop-owned session set; the engine threads only add observations to two
 histograms (their steps' durations and batch sizes), each a short lock of ``prometheus_client``'s own, so a
-scrape never waits for a tick and a tick never waits for a scrape. Nothing here names a session, a client or
-the token.
+scrape never waits for a tick and a tick never waits for a scrape. A server with front-end processes
+(:mod:`.frontends`) renders in its engine process, from its own snapshot and those its front ends send when
+asked, added up: one scrape of any front end shows the whole server. Nothing here names a session, a client
+or the token.
 
 On several devices, the per-device series (engine steps, ticks, slots, GPU memory) carry the labels
 ``engine_set`` (its index in ``--device``) and ``device`` (``cpu,cpu`` repeats a device, the index tells them
@@ -15,7 +17,8 @@ apart); on one device they have no such labels.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterator, List, Protocol, Sequence, Tuple
+import copy
+from typing import Any, Callable, Counter, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -26,25 +29,14 @@ from .. import __version__
 from ..protocol import ERRORS, KINDS
 
 
-class Observed(Protocol):
-    """What the metrics read of a server (:class:`~.app.SNACServer`); a protocol, so this module needs no
-    import of the app that builds it."""
-
-    model_name: str
-    stats: Any
-    gateway: Any
-    workers: Any
-
-    def readiness(self) -> Tuple[bool, Any]: ...
-
-    def health(self) -> Tuple[bool, Any]: ...
-
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("completed", "closed", *ERRORS)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DEVICE_LABELS = ["engine_set", "device"]  # of the per-device series, on several devices
+# The figures of one scrape, as plain data: one process's parts (:func:`front_snapshot`, :func:`engine_snapshot`)
+# travel between a server's processes and add up (:func:`merge_snapshots`).
+Snapshot = Dict[str, Any]
 
 
 def device_labels(devices: Sequence[str]) -> List[Tuple[str, ...]]:
@@ -56,7 +48,7 @@ class ServerMetrics:
     """The registry of one :class:`~.app.SNACServer` (engine sets on ``devices``) and the histograms its engine
     threads feed."""
 
-    def __init__(self, server: Observed, devices: Sequence[str]):
+    def __init__(self, model_name: str, devices: Sequence[str]):
         self.registry = CollectorRegistry()
         self.labels = device_labels(devices)
         per_device = DEVICE_LABELS if len(devices) > 1 else []
@@ -67,8 +59,9 @@ class ServerMetrics:
         Gauge("snac_build_info", "Version, model and devices (comma-separated, in engine set order) of this server "
                                  "(always 1)",
               ["version", "model", "device"], registry=self.registry).labels(
-            __version__, server.model_name, ",".join(devices)).set(1)
-        self.registry.register(_ServerCollector(server, devices, per_device, self.labels))
+            __version__, model_name, ",".join(devices)).set(1)
+        self._collector = _ServerCollector(devices, per_device, self.labels)
+        self.registry.register(self._collector)
 
     def step_observer(self, engine_set: int) -> Callable[[str, float, int], None]:
         """What engine set ``engine_set``'s thread calls after each lane's step: (lane, seconds, streams)."""
@@ -81,39 +74,79 @@ class ServerMetrics:
 
         return observe
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, snapshot: Snapshot) -> bytes:
+        """The exposition text of ``snapshot`` (:func:`front_snapshot` and :func:`engine_snapshot` merged,
+        plus ``ready``) and of the step histograms."""
+        self._collector.snapshot = snapshot
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._collector.snapshot = {}
+
+
+def front_snapshot(gateway: Any, stats: Dict[str, Any]) -> Snapshot:
+    """What one connection side (:class:`~.connection.Gateway` and its counters) adds to the metrics; on its
+    event loop, which owns the session set."""
+    sessions = list(gateway.sessions)
+    backlog: Counter = collections.Counter()
+    for s in sessions:
+        backlog[s.kind] += max(0, s.loop.received - s.consumed)
+    return {"open_by_kind": collections.Counter(s.kind for s in sessions), "backlog_by_kind": backlog,
+            "output_queue_bytes": sum(s.loop.out_bytes for s in sessions),
+            "outcomes": collections.Counter(stats["outcomes"]), "refusals": collections.Counter(stats["refusals"]),
+            "errors": collections.Counter(stats["errors"]),
+            "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "draining": gateway.draining}
+
+
+def engine_snapshot(workers: Any, stats: Dict[str, Any], stuck_after_s: float) -> Snapshot:
+    """What the engine side (:class:`~.worker.Workers` and its counters) adds to the metrics."""
+    return {"slots": workers.slots, "slots_free": workers.slots_free(), "sessions_open": workers.sessions_open(),
+            "ticks": [worker.ticks for worker in workers], "behind_warnings": stats["behind_warnings"],
+            "healthy": workers.health(stuck_after_s)[0]}
+
+
+def merge_snapshots(parts: Sequence[Snapshot]) -> Snapshot:
+    """One snapshot of several processes' parts: counts add up, ``draining`` if any part drains, the engine
+    side's own fields taken as they are."""
+    merged: Snapshot = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = copy.copy(value)
+            elif key == "draining":
+                merged[key] = merged[key] or value
+            elif isinstance(value, (collections.Counter, int)) and not isinstance(value, bool):
+                merged[key] += value
+            else:
+                raise ValueError(f"metrics field {key!r} given twice")
+    return merged
 
 
 class _ServerCollector(Collector):
-    """The figures read at scrape time (on the event loop, which owns the session set)."""
+    """The figures of the snapshot taken for the scrape under way (:meth:`ServerMetrics.render`)."""
 
-    def __init__(self, server: Observed, devices: Sequence[str], per_device: List[str],
-                 labels: List[Tuple[str, ...]]):
-        self.server = server
+    def __init__(self, devices: Sequence[str], per_device: List[str], labels: List[Tuple[str, ...]]):
         self.devices = devices
         self.per_device = per_device  # label names of the per-device series
         self.labels = labels  # their values, per engine set
+        self.snapshot: Snapshot = {}
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        stats, gateway = server.stats, server.gateway
-        sessions = list(gateway.sessions)
-
-        open_by_kind = collections.Counter(s.kind for s in sessions)
+        snap = self.snapshot
+        if not snap:  # a registry walk outside a scrape (e.g. at registration)
+            return
         g = GaugeMetricFamily("snac_sessions_open", "Sessions holding a slot", labels=["kind"])
         for kind in KINDS:
-            g.add_metric([kind], open_by_kind[kind])
+            g.add_metric([kind], snap["open_by_kind"][kind])
         yield g
-        workers = server.workers
-        free = workers.slots_free()
+        free = snap["slots_free"]
         yield GaugeMetricFamily("snac_session_slots", "Session slots (--max-sessions on each device)",
-                                value=workers.slots)
+                                value=snap["slots"])
         yield GaugeMetricFamily("snac_session_slots_free", "Session slots free", value=sum(free))
         if self.per_device:
             g = GaugeMetricFamily("snac_device_sessions_open", "Sessions holding a slot, per engine set",
                                   labels=self.per_device)
-            for labels, n in zip(self.labels, workers.sessions_open()):
+            for labels, n in zip(self.labels, snap["sessions_open"]):
                 g.add_metric(labels, n)
             yield g
             g = GaugeMetricFamily("snac_device_slots_free", "Session slots free, per engine set",
@@ -121,49 +154,44 @@ class _ServerCollector(Collector):
             for labels, n in zip(self.labels, free):
                 g.add_metric(labels, n)
             yield g
-        ready, _ = server.readiness()
         yield GaugeMetricFamily("snac_ready", "1 while the server takes new sessions (GET /readyz answers 200)",
-                                value=int(ready))
+                                value=int(snap["ready"]))
         yield GaugeMetricFamily("snac_draining", "1 while the server drains (shutting down)",
-                                value=int(gateway.draining))
-        healthy, _ = server.health()
+                                value=int(snap["draining"]))
         yield GaugeMetricFamily("snac_healthy", "1 while the engine worker is healthy (GET /healthz answers 200)",
-                                value=int(healthy))
+                                value=int(snap["healthy"]))
 
         c = CounterMetricFamily("snac_sessions", "Sessions that held a slot, by kind and outcome (completed, "
                                                  "closed by the client, or the error code that ended them)",
                                 labels=["kind", "outcome"])
-        outcomes = stats["outcomes"]
+        outcomes = snap["outcomes"]
         for kind in KINDS:
             for outcome in OUTCOMES:
                 c.add_metric([kind, outcome], outcomes[kind, outcome])
         yield c
         c = CounterMetricFamily("snac_refusals", "Connections refused before they held a slot, by error code",
                                 labels=["reason"])
-        refusals = stats["refusals"]
+        refusals = snap["refusals"]
         for reason in sorted({"server_full", "draining", "unauthorized", *refusals}):
             c.add_metric([reason], refusals[reason])
         yield c
-        yield CounterMetricFamily("snac_behind_warnings", "'behind' warnings sent", value=stats["behind_warnings"])
+        yield CounterMetricFamily("snac_behind_warnings", "'behind' warnings sent", value=snap["behind_warnings"])
         yield CounterMetricFamily("snac_received_bytes", "Message bytes received from clients",
-                                  value=stats["bytes_in"])
-        yield CounterMetricFamily("snac_sent_bytes", "Message bytes queued for clients", value=stats["bytes_out"])
+                                  value=snap["bytes_in"])
+        yield CounterMetricFamily("snac_sent_bytes", "Message bytes queued for clients", value=snap["bytes_out"])
         c = CounterMetricFamily("snac_engine_ticks", "Engine worker ticks", labels=self.per_device)
-        for labels, worker in zip(self.labels, workers):
-            c.add_metric(labels, worker.ticks)
+        for labels, ticks in zip(self.labels, snap["ticks"]):
+            c.add_metric(labels, ticks)
         yield c
 
         backlog = GaugeMetricFamily("snac_input_backlog_items", "Client input received but not yet stepped through "
                                                                 "the engine (samples, or tokens for decode), by kind",
                                     labels=["kind"])
-        items = collections.Counter()
-        for s in sessions:
-            items[s.kind] += max(0, s.loop.received - s.consumed)
         for kind in KINDS:
-            backlog.add_metric([kind], items[kind])
+            backlog.add_metric([kind], snap["backlog_by_kind"][kind])
         yield backlog
         yield GaugeMetricFamily("snac_output_queue_bytes", "Output queued for clients, not yet sent",
-                                value=sum(s.loop.out_bytes for s in sessions))
+                                value=snap["output_queue_bytes"])
 
         cuda = [(labels, torch.device(device)) for labels, device in zip(self.labels, self.devices)
                 if device.startswith("cuda")]

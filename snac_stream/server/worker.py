@@ -327,7 +327,7 @@ class Workers:
         return [max(0, self.slots_per_device - len(placed)) for placed in self._placed]
 
     # ---- placement (event loop) -------------------------------------------------------------------------
-    def place(self, session: Session) -> bool:
+    async def place(self, session: Session) -> bool:
         """Give ``session`` a slot on the engine set with the most free ones; False if every one is full."""
         free = self.slots_free()
         best = max(range(len(free)), key=free.__getitem__)  # the first of equals

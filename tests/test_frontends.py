@@ -1,0 +1,295 @@
+"""A server with front-end processes (``serve --frontends N``, :class:`MultiProcessServer`): the websockets of
+each session served by one of N processes, the engines by this one. Every kind of session exact across the
+process boundary, errors of both sides, slots and /readyz for the whole server, /metrics adding up every
+process, drain, and what happens when a front end or the engine process dies.
+
+Small random-weight models as in test_server.py. Which front end takes a connection is the kernel's choice
+(SO_REUSEPORT hashes each connection): tests that need both front ends open enough connections that all of
+them landing on one is a 1-in-30000 event, and check from the session numbers (front end k of N numbers its
+sessions k+1, k+1+N, ...) that both served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any, Awaitable, Callable, List
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from snac_stream import client as ws_client
+from snac_stream.server import ServerOptions
+from snac_stream.server.frontends import MultiProcessServer
+from snac_stream.tokens import get_layout
+from test_ops import ServeProcess, aget, free_port, metric_values, save_checkpoint
+from test_server import AUDIO_TOL, _as_received, assert_session_exact, model_for, random_chunks, signal as _audio
+
+FRONTENDS = 2
+
+
+def serve_split(test: Callable[[MultiProcessServer], Awaitable[Any]], frontends: int = FRONTENDS,
+                **options: Any) -> Any:
+    """Run ``test(server)`` against a server with ``frontends`` front-end processes on an ephemeral port."""
+    async def run() -> Any:
+        async with MultiProcessServer(model_for("24k"), ServerOptions(port=0, threads=1, **options),
+                                      frontends=frontends) as server:
+            return await asyncio.wait_for(test(server), 120)
+    return asyncio.run(run())
+
+
+def _front_end_of(session_number: int) -> int:
+    return (session_number - 1) % FRONTENDS
+
+
+def test_every_kind_of_session_equals_offline_through_either_front_end() -> None:
+    """16 concurrent sessions (roundtrip pcm16 and float32, encode, decode of Orpheus tokens) with random
+    chunkings, each exact against offline, served by both front ends; the session numbers are unique."""
+    model = model_for("24k")
+    rng = np.random.default_rng(21)
+    interleaved = get_layout("interleaved", model.config)
+    orpheus = get_layout("orpheus", model.config, token_offset=10)
+
+    async def one(server: MultiProcessServer, k: int):
+        kind = ("roundtrip", "encode", "decode", "roundtrip")[k % 4]
+        if kind == "decode":
+            frames = int(rng.integers(4, 20))
+            codes = [torch.from_numpy(rng.integers(0, 4096, (1, frames * r))) for r in (1, 2, 4)]
+            tokens = orpheus.to_flat(codes)[0].numpy()
+            result = await ws_client.decode(server.url, tokens, chunk_tokens=random_chunks(rng, 6, 40),
+                                            token_layout="orpheus", token_offset=10)
+            return kind, codes, result, orpheus, 1 / 32768 + AUDIO_TOL  # pcm16 out
+        audio = _audio(int(rng.integers(6000, 16000)), seed=k)
+        fmt = "float32" if k % 8 == 0 else "pcm16"
+        audio = _as_received(audio, fmt)
+        chunks = random_chunks(rng, 8, 3000)
+        if kind == "encode":
+            result = await ws_client.encode(server.url, audio, chunk_samples=chunks, sample_format=fmt)
+        else:
+            result = await ws_client.roundtrip(server.url, audio, chunk_samples=chunks, sample_format=fmt)
+        return kind, audio, result, interleaved, AUDIO_TOL if fmt == "float32" else 1 / 32768 + AUDIO_TOL
+
+    async def test(server: MultiProcessServer):
+        return await asyncio.gather(*(one(server, k) for k in range(16)))
+
+    results = serve_split(test, max_sessions=16)
+    numbers = [result.ready.session for _, _, result, _, _ in results]
+    assert len(set(numbers)) == len(numbers)
+    assert {_front_end_of(n) for n in numbers} == set(range(FRONTENDS))  # both front ends served
+    for kind, given, result, layout, tol in results:
+        assert_session_exact(model, kind, given, result, layout, tol)
+
+
+def test_slots_readyz_and_server_full_count_the_whole_server() -> None:
+    """2 slots for the whole server, whichever front end a hello reaches: a third session is refused with
+    server_full while every front end's /readyz says full; a slot freed on one is taken through any."""
+
+    async def test(server: MultiProcessServer):
+        held = [await ws_client.Session.open(server.url, "roundtrip") for _ in range(2)]
+        refusals = []
+        for _ in range(6):  # several connections: both front ends get some, with near certainty
+            with pytest.raises(ws_client.ServerError) as refused:
+                await ws_client.Session.open(server.url, "encode")
+            refusals.append(refused.value.code)
+        full = [await aget(server.port, "/readyz") for _ in range(6)]
+        await held.pop().close()
+        while server.active_sessions > 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2 * 0.5)  # every front end has heard the engine's status since
+        ready = [await aget(server.port, "/readyz") for _ in range(6)]
+        again = await ws_client.Session.open(server.url, "encode")
+        numbers = [s.ready.session for s in (*held, again)]
+        for s in (*held, again):
+            await s.close()
+        return refusals, full, ready, numbers
+
+    refusals, full, ready, numbers = serve_split(test, max_sessions=2)
+    assert refusals == ["server_full"] * 6
+    for status, _, body in full:
+        assert status == 503 and json.loads(body)["reason"] == "full" and json.loads(body)["slots_free"] == 0
+    for status, _, body in ready:
+        assert status == 200 and json.loads(body)["slots_free"] == 1
+
+
+def test_metrics_of_any_front_end_add_up_every_process() -> None:
+    """Sessions completed through both front ends and one refused hello: a scrape of either front end counts
+    them all, with the engine process's ticks and step histogram."""
+    audio = _audio(5000, seed=3)
+
+    async def test(server: MultiProcessServer):
+        results = await asyncio.gather(*(ws_client.roundtrip(server.url, audio, chunk_samples=700)
+                                         for _ in range(10)))
+        with pytest.raises(ws_client.ServerError):
+            await ws_client.Session.open(server.url, "encode", token_layout="no-such-layout")
+        while server.active_sessions:
+            await asyncio.sleep(0.01)
+        scrapes = [metric_values((await aget(server.port, "/metrics"))[2].decode()) for _ in range(4)]
+        return results, scrapes
+
+    results, scrapes = serve_split(test, max_sessions=10)
+    assert {_front_end_of(r.ready.session) for r in results} == set(range(FRONTENDS))
+    for values in scrapes:
+        assert values["snac_sessions_total", (("kind", "roundtrip"), ("outcome", "completed"))] == 10
+        assert values["snac_refusals_total", (("reason", "bad_hello"),)] == 1
+        assert values["snac_engine_ticks_total", ()] > 0
+        assert values["snac_engine_step_seconds_count", (("lane", "encode"),)] > 0
+        assert values["snac_received_bytes_total", ()] >= 10 * audio.size * 2
+        assert values["snac_sessions_open", (("kind", "roundtrip"),)] == 0
+        assert values["snac_ready", ()] == 1 and values["snac_healthy", ()] == 1
+
+
+def test_errors_from_either_side_end_their_session_alone() -> None:
+    """An error found by a front end (an unknown message) and one found in the engine process (the encoder
+    refuses a session's input: its internal_error crosses the link) end those sessions alone, with their
+    codes, while the roundtrips beside them stay exact."""
+    model = model_for("24k")
+    audio = [_audio(12000 + 1000 * i, seed=40 + i) for i in range(2)]
+    layout = get_layout("interleaved", model.config)
+
+    async def test(server: MultiProcessServer):
+        encoder = server.engine_sets[0].encoder  # this process runs the engines: patch them as test_server does
+        submit_many, submit = encoder.submit_many, encoder.submit
+        victim: List[int] = []
+
+        def refuse(sids, pieces):
+            if victim and victim[0] in sids:
+                raise ValueError("refused")
+            return submit_many(sids, pieces)
+
+        def refuse_one(sid, piece):
+            if victim and sid == victim[0]:
+                raise ValueError("refused")
+            return submit(sid, piece)
+
+        encoder.submit_many, encoder.submit = refuse, refuse_one
+
+        async def victim_session() -> Any:
+            await asyncio.sleep(0.1)
+            victim.append(encoder._free[0])  # the slot this session will take
+            return await ws_client.roundtrip(server.url, audio[0], chunk_samples=700, realtime=True)
+
+        async def unknown_message() -> Any:
+            session = await ws_client.Session.open(server.url, "encode")
+            await session.ws.send(json.dumps({"type": "rewind"}))
+            while True:
+                await session.receive()  # raises the server's error
+
+        healthy = [ws_client.roundtrip(server.url, a, chunk_samples=480, realtime=True) for a in audio]
+        return await asyncio.gather(*healthy, victim_session(), unknown_message(), return_exceptions=True)
+
+    *good, refused, unknown = serve_split(test)
+    assert isinstance(refused, ws_client.ServerError) and refused.code == "internal_error"
+    assert "ValueError" in refused.message
+    assert isinstance(unknown, ws_client.ServerError) and unknown.code == "unknown_message"
+    for given, result in zip(audio, good):
+        assert_session_exact(model, "roundtrip", given, result, layout, 1 / 32768 + AUDIO_TOL)
+
+
+def test_drain_lets_open_sessions_finish_and_refuses_new_ones() -> None:
+    """A drain (what SIGTERM starts) while sessions stream on both front ends: new hellos are refused with
+    draining (or the port is closed once all front ends stopped), every open session completes exactly."""
+    model = model_for("24k")
+    audio = _audio(24000, seed=9)
+    layout = get_layout("interleaved", model.config)
+
+    async def test(server: MultiProcessServer):
+        streams = [asyncio.ensure_future(ws_client.roundtrip(server.url, audio, chunk_samples=480, realtime=True))
+                   for _ in range(6)]
+        while server.active_sessions < 6:
+            await asyncio.sleep(0.01)
+        draining = asyncio.ensure_future(server.drain(30.0))
+        await asyncio.sleep(0.3)
+        refused = []
+        for _ in range(4):
+            try:
+                await ws_client.Session.open(server.url, "encode")
+                refused.append("accepted")
+            except ws_client.ServerError as exc:
+                refused.append(exc.code)
+            except OSError:
+                refused.append("closed")
+        return await asyncio.gather(*streams), refused, await draining
+
+    results, refused, summary = serve_split(test)
+    assert set(refused) <= {"draining", "closed"} and "draining" in refused
+    assert summary["sessions_open_at_start"] == 6 and summary["sessions_ended_at_timeout"] == 0
+    assert {_front_end_of(r.ready.session) for r in results} == set(range(FRONTENDS))
+    for result in results:
+        assert_session_exact(model, "roundtrip", audio, result, layout, 1 / 32768 + AUDIO_TOL)
+
+
+def test_a_front_end_that_dies_drops_its_sessions_and_healthz_says_so() -> None:
+    """SIGKILL one front end: the engine process frees its sessions' slots, the other front end answers
+    /healthz 503 naming it (the orchestrator restarts the server) and keeps its own session exact."""
+    model = model_for("24k")
+    audio = _audio(20000, seed=10)
+
+    async def test(server: MultiProcessServer):
+        sessions = [await ws_client.Session.open(server.url, "roundtrip") for _ in range(8)]
+        by_front = [[s for s in sessions if _front_end_of(s.ready.session) == k] for k in range(FRONTENDS)]
+        assert all(by_front), "both front ends hold sessions"
+        for s in by_front[1]:
+            await s.close()
+        survivor = by_front[0][0]
+        for s in by_front[0][1:]:
+            await s.close()
+        while server.active_sessions > 1:
+            await asyncio.sleep(0.01)
+        victim = await ws_client.Session.open(server.url, "roundtrip")
+        while _front_end_of(victim.ready.session) != 1:  # a session on front end 1, to be lost with it
+            await victim.close()
+            victim = await ws_client.Session.open(server.url, "roundtrip")
+        os.kill(server.processes[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.active_sessions > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        freed = server.active_sessions
+        health = []
+        for _ in range(20):  # only front end 0 listens now
+            health.append(await aget(server.port, "/healthz"))
+            if health[-1][0] == 503:
+                break
+            await asyncio.sleep(0.1)
+        result = await ws_client.roundtrip(server.url, audio, chunk_samples=480)
+        await survivor.close()
+        return freed, health[-1], result
+
+    freed, (status, _, body), result = serve_split(test, max_sessions=8)
+    assert freed == 1  # the victim's slot is free; the survivor's is not
+    assert status == 503 and "front end 1 gone" in json.loads(body)["reason"]
+    assert_session_exact(model, "roundtrip", audio, result, get_layout("interleaved", model.config),
+                         1 / 32768 + AUDIO_TOL)
+
+
+def test_serve_with_front_ends_drains_on_sigterm_and_its_front_ends_follow_a_killed_server(tmp_path) -> None:
+    """``snac-stream serve --frontends 2``: a session through it is exact; SIGTERM drains and exits 0 with its
+    front ends; a second server killed with SIGKILL leaves no front end behind (each sees its link close)."""
+    model = model_for("24k")
+    checkpoint = save_checkpoint(tmp_path / "ckpt")
+    audio = _audio(9000, seed=11)
+    for way in ("sigterm", "sigkill"):
+        port = free_port()
+        server = ServeProcess(checkpoint, port, "--frontends", "2", log=tmp_path / f"{way}.log")
+        try:
+            server.wait_ready()
+            children = psutil.Process(server.proc.pid).children()
+            assert len(children) >= 2
+            if way == "sigterm":
+                result = asyncio.run(ws_client.roundtrip(f"ws://127.0.0.1:{port}", audio, chunk_samples=900))
+                assert_session_exact(model, "roundtrip", audio, result, get_layout("interleaved", model.config),
+                                     1 / 32768 + AUDIO_TOL)
+                server.proc.send_signal(signal.SIGTERM)
+                assert server.proc.wait(30) == 0, server.output()
+                assert "drained in" in server.output()
+            else:
+                server.proc.kill()
+                server.proc.wait(10)
+            gone, alive = psutil.wait_procs(children, timeout=15)
+            assert not alive, f"front ends left running after {way}: {alive}"
+        finally:
+            server.stop()
