@@ -4,8 +4,8 @@ Low level: :class:`Session` (``await Session.open(url, kind, ...)``, then ``send
 ``flush``, and ``receive`` for output frames and ``done``). High level: :func:`encode`, :func:`decode` and
 :func:`roundtrip` stream a whole signal (optionally paced in real time) and return a :class:`StreamResult`;
 :func:`client_messages` cuts float audio into the messages of any client format (G.711, Opus pages, ...) as a
-live client sends them; :func:`latency_breakdown` splits a paced roundtrip's per-sample latency into
-algorithmic delay, server time and transport. :func:`llm_speech` opens an *llm session*: the server streams
+live client sends them; :func:`latency_breakdown` splits a paced roundtrip's (or decode's) per-sample latency
+into algorithmic delay, server time and transport. :func:`llm_speech` opens an *llm session*: the server streams
 the tokens from an LLM endpoint (``hello.llm``) and the client only receives the audio.
 
 Example::
@@ -34,7 +34,7 @@ from .protocol import (AUDIO_FORMATS, CONTAINER_FORMATS, PAYLOAD_AUDIO, PAYLOAD_
                        LLMHello, OutputFrame, Ready, encode_audio, encode_tokens)
 
 __all__ = ["ServerError", "Session", "StreamResult", "ClientMessages", "LLMSessionStats", "encode", "decode",
-           "roundtrip", "client_messages", "llm_speech", "latency_breakdown"]
+           "roundtrip", "client_messages", "llm_speech", "latency_breakdown", "input_samples"]
 
 
 class ServerError(Exception):
@@ -184,7 +184,8 @@ class StreamResult:
 
     ``frames``: (receive time in ``time.perf_counter`` seconds, frame) for every output frame, in order.
     ``t0``: for real-time paced input, the instant the first sample would have been captured minus nothing:
-    sample ``i`` counts as captured at ``t0 + (i + 1) / sample_rate``; None when sent as fast as possible.
+    sample ``i`` counts as captured at ``t0 + (i + 1) / sample_rate`` (decode: the tokens describing it as
+    generated then, :func:`input_samples`); None when sent as fast as possible.
     """
 
     ready: Ready
@@ -249,6 +250,17 @@ def client_messages(audio: np.ndarray, sample_format: str, sample_rate: int, chu
     return out
 
 
+def input_samples(ready: Ready, items: float) -> float:
+    """The input samples (at the session's input rate) that ``items`` input items stand for: the samples
+    themselves, or for a ``decode`` session the audio its tokens describe, ``frame_samples`` (at the model's
+    rate) per ``token_layout["frame_tokens"]`` tokens, as in the protocol's output delay bound. Real-time pacing
+    sends a message when these samples would have been captured (decode: generated, as by a real-time TTS),
+    and :func:`latency_breakdown` times ``input_end`` by them."""
+    if ready.kind == "decode":
+        return items * ready.frame_samples / ready.token_layout["frame_tokens"]
+    return items
+
+
 def _output_decoder(ready: Ready) -> Optional[InputDecoder]:
     """What turns the session's G.711 or Opus output back into float samples at its own rate (None for PCM)."""
     fmt = ready.output_format or ready.sample_format
@@ -262,7 +274,8 @@ async def _stream(url: str, kind: str, pieces: Iterable[Union[np.ndarray, bytes]
                   captured: Optional[Sequence[int]] = None, realtime: bool = False, keep_frames: bool = True,
                   decode_output: bool = False, **hello: Any) -> StreamResult:
     """Send ``pieces`` (audio samples or token ids; bytes with ``captured``, the input samples captured once
-    each is complete) while receiving, then flush; collect the output (and decode it, ``decode_output``)."""
+    each is complete) while receiving, then flush; collect the output (and decode it, ``decode_output``).
+    ``realtime``: send each piece when its input would have been captured (:func:`input_samples`)."""
     session = await Session.open(url, kind, **hello)
     rate = session.ready.input_rate or session.ready.sample_rate
     result = StreamResult(session.ready, np.zeros(0, np.float32), np.zeros(0, np.int64), [], {})
@@ -272,7 +285,7 @@ async def _stream(url: str, kind: str, pieces: Iterable[Union[np.ndarray, bytes]
         t0 = time.perf_counter()
         result.t0 = t0 if realtime else None
         for k, piece in enumerate(pieces):
-            end = captured[k] if captured is not None else session.sent + len(piece)
+            end = captured[k] if captured is not None else input_samples(session.ready, session.sent + len(piece))
             if realtime:
                 # A piece is sent when its last sample has been captured.
                 delay = t0 + end / rate - time.perf_counter()
@@ -380,12 +393,18 @@ async def encode(url: str, audio: AudioInput, *, chunk_samples: Union[int, Seque
 
 
 async def decode(url: str, tokens: Union[Sequence[int], np.ndarray], *,
-                 chunk_tokens: Union[int, Sequence[int]] = 7, decode_output: bool = False,
+                 chunk_tokens: Union[int, Sequence[int]] = 7, realtime: bool = False, decode_output: bool = False,
                  **hello: Any) -> StreamResult:
     """Stream token ids in ``token_layout`` (e.g. ``"orpheus"``); ``result.audio`` is float32 (T,) (in G.711 or
     Opus output formats: the bytes received, as uint8; ``decode_output`` also decodes them, frame by frame as
-    they arrive, into ``result.decoded``)."""
-    return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens),
+    they arrive, into ``result.decoded``).
+
+    ``realtime``: pace the tokens as a real-time TTS generates them: a message is sent when the audio its tokens
+    end on would have been generated in real time (``t0 +`` :func:`input_samples` ``/ sample_rate``;
+    ``frame_samples`` per ``frame_tokens`` tokens), and :func:`latency_breakdown` splits each output sample's
+    latency as for a paced :func:`roundtrip` (send whole coarse frames a message, e.g. ``chunk_tokens`` =
+    ``frame_tokens``, for the tokens' audio to be complete when they are sent)."""
+    return await _stream(url, "decode", _chunks(np.asarray(tokens, np.int64), chunk_tokens), realtime=realtime,
                          decode_output=decode_output, **hello)
 
 
@@ -482,13 +501,16 @@ async def llm_speech(url: str, llm: Union[LLMHello, Dict[str, Any]], *, stats: O
 
 
 def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.ndarray]:
-    """Per output sample of a real-time paced roundtrip: latency and its parts, in seconds.
+    """Per output sample of a real-time paced roundtrip or decode: latency and its parts, in seconds.
 
     For output sample ``i`` in a frame received at ``t_recv`` with header fields ``input_end``, ``server_us``:
 
-    * ``total = t_recv - (t0 + (i + 1) / rate)``: from capturing input sample ``i`` to receiving its output;
+    * ``total = t_recv - (t0 + (i + 1) / rate)``: from capturing input sample ``i`` (decode: generating the
+      tokens of audio sample ``i``, in real time) to receiving its output;
     * ``algorithmic = (input_end - (i + 1)) / rate``: waiting for the input the output depends on (the codec's
-      look-ahead, the engine's step, the client's chunk size and any conversion's hold);
+      look-ahead, the engine's step, the client's chunk size and any conversion's hold); for decode,
+      ``input_end`` tokens count as the audio samples they describe (:func:`input_samples`: ``input_end x
+      frame_samples / frame_tokens``, as in the protocol's output delay bound);
     * ``server = server_us``: from the server receiving that input to the output being ready (queue + compute,
       and any conversion's compute);
     * ``transport = total - algorithmic - server``: sending, the network and the client's own scheduling.
@@ -508,7 +530,9 @@ def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.n
     if result.t0 is None:
         raise ValueError("latency needs a real-time paced stream (realtime=True)")
     ready = result.ready
-    in_fmt, out_fmt = ready.input_format or ready.sample_format, ready.output_format or ready.sample_format
+    # A decode session's input is tokens, whatever its (output) sample format.
+    in_fmt = None if ready.kind == "decode" else ready.input_format or ready.sample_format
+    out_fmt = ready.output_format or ready.sample_format
     if out_fmt in CONTAINER_FORMATS and result.decoded is None:
         raise ValueError(f"{out_fmt} output frames are counted in bytes: decode them as they arrive "
                          f"(decode_output=True) for a per-sample latency")
@@ -519,10 +543,10 @@ def latency_breakdown(result: StreamResult, decimate: int = 1) -> Dict[str, np.n
     # Items are samples but for Opus input, whose bytes are timed by the messages that carried them.
     items = [n for n, _ in result.captured] if in_fmt in CONTAINER_FORMATS else []
 
-    def captured(input_end: int) -> int:
+    def captured(input_end: int) -> float:
         """Input samples captured once ``input_end`` input items had been sent."""
         if not items:
-            return input_end
+            return input_samples(ready, input_end)
         k = bisect.bisect_right(items, input_end) - 1
         return result.captured[k][1] if k >= 0 else 0
 

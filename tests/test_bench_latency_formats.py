@@ -78,6 +78,24 @@ def test_opus_clients(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "samples of the decoded 48 kHz Opus stream" in out
 
 
+def test_mulaw_8k_decode_clients(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--kind decode``: the format is the output's only; its conversion's hold is the algorithmic latency's
+    part beyond the decode sessions' own, and the streams arrive complete at 8 kHz."""
+    report, out = bench(checkpoint, tmp_path, capsys, "--kind", "decode", "--sample-format", "mulaw",
+                        "--client-processes", "1")
+    assert report["kind"] == "decode" and report["sample_format"] == "mulaw" and report["client_sample_rate"] == 8000
+    assert report["errors"] == 0 and report["incomplete_streams"] == 0 and not report["server_errors"]
+    assert report["converted"] and report["input_latency_samples"] is None and report["output_latency_samples"] > 0
+    assert report["added_latency_ms"] == {"input": None, "output": pytest.approx(
+        1e3 * report["output_latency_samples"] / 8000)}
+    latency = report["latency_ms"]
+    # Tokens in whole steps: the algorithmic part is within the announced bound, the output's hold at least.
+    assert report["added_latency_ms"]["output"] < latency["algorithmic"]["p50"]
+    assert latency["algorithmic"]["max"] <= 1e3 * report["algorithmic_latency_samples"] / report["sample_rate"] + 1e-3
+    assert 0 <= latency["server"]["p50"] <= latency["server"]["max"] < 5000
+    assert "mulaw at 8000 Hz" in out and "adds out " in out and "latency positions: output samples at 8000 Hz" in out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--sample-format", "opus", "--sample-rate", "8000"], "Opus streams are 48000 Hz by definition"),
     (["--sample-format", "mulaw", "--sample-rate", "4000"], "sample_rate 4000 Hz is out of range: 8000..48000 Hz"),

@@ -146,6 +146,30 @@ def test_decode_orpheus_tokens_equal_offline() -> None:
     assert np.abs(result.audio - expected).max() <= AUDIO_TOL
 
 
+def test_decode_paced_in_real_time_sends_each_frame_when_its_audio_is_generated() -> None:
+    """``decode(..., realtime=True)``: a message of whole coarse frames goes out when the audio its tokens
+    describe would have been generated; the latency split counts ``input_end`` tokens as that audio, so the
+    algorithmic part stays within the decode bound (reached: one frame a message is one step here)."""
+    model = model_for("24k")
+    rng = np.random.default_rng(8)
+    frames, frame = 6, model.config.frame_samples
+    codes = [torch.from_numpy(rng.integers(0, 4096, (1, frames * r))) for r in (1, 2, 4)]
+    tokens = get_layout("interleaved", model.config).to_flat(codes)[0].numpy()
+
+    async def test(server: SNACServer):
+        result = await ws_client.decode(server.url, tokens, chunk_tokens=7, realtime=True, sample_format="float32")
+        return result, server.latency["decode"]
+
+    result, bound = serve(model, test)
+    assert result.t0 is not None and len(result.send_times) == frames
+    for k, (sent, at) in enumerate(result.send_times):
+        assert sent == 7 * (k + 1) and at - result.t0 >= (k + 1) * frame / 24000 - 1e-3
+    assert ws_client.input_samples(result.ready, 7) == frame
+    parts = ws_client.latency_breakdown(result)
+    assert parts["algorithmic"].size and parts["algorithmic"].max() == pytest.approx(bound / 24000, abs=1e-9)
+    np.testing.assert_allclose(parts["total"], parts["algorithmic"] + parts["server"] + parts["transport"])
+
+
 def _as_received(audio: np.ndarray, sample_format: str) -> np.ndarray:
     """The samples the server decodes from ``audio`` sent in ``sample_format``."""
     if sample_format == "float32":
@@ -818,6 +842,63 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> Non
     assert clients_cpu["window_s"] >= 1.5 and not report["server_cpu"]["clients_included"]
     line = next(line for line in printed.splitlines() if line.startswith("cpu     clients:"))
     assert line.startswith("cpu     clients: 1 process, ") and "s of CPU per s of wall in all, the busiest" in line
+
+
+def test_bench_latency_decode_clients_report_the_decode_latency(tmp_path, capsys) -> None:
+    """``--kind decode``: real-time TTS-like clients (random tokens, one coarse frame a message, each sent when its
+    audio would have been generated); the same report, its algorithmic part the decode sessions' bound."""
+    from snac_stream.streaming.latency import algorithmic_latency
+
+    torch.manual_seed(0)
+    model = SNAC(**STRUCTURES["24k"])
+    ckpt = model.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    status = main(["bench-latency", "--model", str(ckpt), "--kind", "decode", "--clients", "2", "--duration", "1.5",
+                   "--device", "cpu", "--threads", "1", "--client-processes", "1", "--json", str(out)])
+    printed = capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert status == 0 and report["kind"] == "decode" and report["clients"] == 2
+    assert report["errors"] == 0 and report["incomplete_streams"] == 0 and not report["server_errors"]
+    # Whole decoder steps (one coarse frame here) of at least the duration; one frame's tokens a message.
+    frame = model.config.frame_samples
+    step_frames = report["step_samples"] // frame
+    assert report["chunk_samples"] == frame and report["chunk_tokens"] == 7 and report["token_layout"] == "interleaved"
+    assert 1.5 <= report["stream_s"] < 1.5 + report["step_samples"] / 24000
+    assert report["input_latency_samples"] is None and report["added_latency_ms"]["input"] is None
+    # The algorithmic latency is the decode sessions' (as ready announces it), and with input in whole steps
+    # the bound is reached: the worst output sample waits exactly that long.
+    decode_latency = algorithmic_latency(model.eval(), "decode", step_frames)
+    assert report["algorithmic_latency_samples"] == decode_latency
+    for part in ("total", "algorithmic", "server", "transport"):
+        assert set(report["latency_ms"][part]) == {"p50", "p95", "p99", "max"}
+    latency = report["latency_ms"]
+    assert latency["algorithmic"]["max"] == pytest.approx(1e3 * decode_latency / 24000, abs=1e-3)
+    assert 0 <= latency["server"]["p50"] <= latency["server"]["max"] < 5000
+    assert latency["algorithmic"]["p50"] < latency["total"]["p50"]
+    # The verdicts' fields, as for roundtrip clients (decode sessions get no 'behind' warnings).
+    step_ms = 1e3 * report["step_samples"] / 24000
+    assert report["behind_warnings"] == 0 and report["drift_ms_max"] is not None
+    assert report["keeps_up"] == (report["drift_ms_max"] < step_ms)
+    assert report["p99_within_step"] == (report["server_plus_transport_p99_ms"] < step_ms)
+    assert report["ticks"] > 0 and report["client_cpu"]["processes"] == report["client_processes"] == 1
+    assert "real-time decode, " in printed and "decode algorithmic latency" in printed
+
+
+def test_bench_latency_decode_messages_are_whole_coarse_frames() -> None:
+    """A decode client's message: ``--chunk-ms`` worth of whole coarse frames, rounded up, at least one; by
+    default one. A roundtrip client's: ``chunk_ms`` of audio (20 ms by default)."""
+    from snac_stream.server.loadtest import client_format
+
+    frame = 2048  # 85.3 ms at 24 kHz
+    assert client_format("pcm16", None, None, 24000, kind="decode", frame_samples=frame) == ("pcm16", 24000, frame)
+    assert client_format("pcm16", None, 20, 24000, kind="decode", frame_samples=frame)[2] == frame
+    assert client_format("pcm16", None, 100, 24000, kind="decode", frame_samples=frame)[2] == 2 * frame
+    assert client_format("pcm16", None, 1e3 * 2 * frame / 24000, 24000, kind="decode",
+                         frame_samples=frame)[2] == 2 * frame
+    assert client_format("mulaw", None, None, 24000, kind="decode", frame_samples=frame) == ("mulaw", 8000, frame)
+    assert client_format("pcm16", None, None, 24000) == ("pcm16", 24000, 480)
+    with pytest.raises(ValueError, match="kind must be one of roundtrip, decode"):
+        client_format("pcm16", None, None, 24000, kind="encode")
 
 
 def test_bench_latency_with_clients_in_the_server_process_gives_no_separate_client_cpu(tmp_path, capsys) -> None:

@@ -1,5 +1,5 @@
-"""``serve`` (the websocket server and its browser page) and ``bench-latency`` (N real-time roundtrip clients
-against an in-process server on loopback), on one device or several (``--device cuda:0,cuda:1``,
+"""``serve`` (the websocket server and its browser page) and ``bench-latency`` (N real-time roundtrip or decode
+clients against an in-process server on loopback), on one device or several (``--device cuda:0,cuda:1``,
 ``--all-gpus``)."""
 
 from __future__ import annotations
@@ -65,24 +65,35 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
     p = subparsers.add_parser(
-        "bench-latency", help="end-to-end latency of N real-time roundtrip clients on loopback",
-        description="Start a server in this process on 127.0.0.1, stream real-time paced audio from N concurrent "
-                    "roundtrip clients (in worker processes), and print p50/p95/p99 of the end-to-end latency per "
-                    "output sample split into algorithmic delay, server time (queue + compute) and transport, plus "
-                    "errors, the server's tick times, the server process's CPU time and its memory over time, and "
-                    "the client worker processes' CPU time (one near 1 s per s of wall is saturated: the load "
-                    "generator would be the limit). "
-                    "The clients may speak any client format and rate (--sample-format, --sample-rate).")
+        "bench-latency", help="end-to-end latency of N real-time roundtrip or decode clients on loopback",
+        description="Start a server in this process on 127.0.0.1, run N concurrent real-time paced clients (in "
+                    "worker processes) and print p50/p95/p99 of the end-to-end latency per output sample split into "
+                    "algorithmic delay, server time (queue + compute) and transport, plus errors, whether the "
+                    "server keeps up, the server's tick times, the server process's CPU time (and the front ends', "
+                    "--frontends) and its memory over time, and the client worker processes' CPU time (one near "
+                    "1 s per s of wall is saturated: the load generator would be the limit). --kind roundtrip "
+                    "(default) clients stream audio through the codec and back; --kind decode clients are an "
+                    "LLM-driven TTS: they send random SNAC tokens (in the server's default layout) at real-time "
+                    "rate, each message when the audio it describes would have been generated, and receive the "
+                    "audio. The clients may speak any client format and rate (--sample-format, --sample-rate; "
+                    "decode clients: their output).")
     _add_model_options(p)
+    p.add_argument("--kind", default="roundtrip", choices=["roundtrip", "decode"],
+                   help="the clients' sessions: roundtrip (audio in, audio out: a live call) or decode (SNAC tokens "
+                        "in at real-time rate, audio out: an LLM-driven TTS); the algorithmic latency reported is "
+                        "that kind's, as ready announces it (default: roundtrip)")
     p.add_argument("--clients", type=positive_int, default=4, help="concurrent clients (default: 4)")
-    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds of audio per client (default: 10)")
-    p.add_argument("--chunk-ms", type=positive_float, default=20.0,
-                   help="milliseconds of audio per client message (default: 20)")
+    p.add_argument("--duration", type=positive_float, default=10.0,
+                   help="seconds of audio per client (decode: rounded up to whole decoder steps) (default: 10)")
+    p.add_argument("--chunk-ms", type=positive_float, default=None,
+                   help="milliseconds of audio per client message: roundtrip, of audio sent (default: 20); decode, "
+                        "of audio the message's tokens describe, rounded up to whole coarse frames (default: one "
+                        "coarse frame's tokens, frame_samples of audio)")
     p.add_argument("--sample-format", default="pcm16", choices=list(AUDIO_FORMATS),
-                   help="what the clients send and receive, as a hello's sample_format (docs/protocol.md, "
-                        "'Formats and sample rates'): anything but PCM at the model's rate is converted by the "
-                        "server; opus/webm clients send one Opus frame (--chunk-ms: 10, 20, 40 or 60) a message "
-                        "and decode what comes back (default: pcm16)")
+                   help="what the clients send and receive (decode clients: receive), as a hello's sample_format "
+                        "(docs/protocol.md, 'Formats and sample rates'): anything but PCM at the model's rate is "
+                        "converted by the server; opus/webm roundtrip clients send one Opus frame (--chunk-ms: 10, "
+                        "20, 40 or 60) a message; clients decode what comes back as it arrives (default: pcm16)")
     p.add_argument("--sample-rate", type=positive_int, default=None, metavar="HZ",
                    help="the clients' sample rate, 8000-48000 (default: the format's, as in a hello: the model's "
                         "for pcm16/float32, 8000 for mulaw/alaw, 48000, the only one, for opus/webm)")
@@ -205,13 +216,15 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     devices = resolve_devices(args.device, args.all_gpus)
     model = load_model(args.model, devices[0], random_weights=args.random_weights).eval()
     try:
-        client_format(args.sample_format, args.sample_rate, args.chunk_ms, model.config.sampling_rate)
+        client_format(args.sample_format, args.sample_rate, args.chunk_ms, model.config.sampling_rate,
+                      kind=args.kind, frame_samples=model.config.frame_samples)
     except ValueError as exc:
-        given = f" --sample-rate {args.sample_rate}" if args.sample_rate is not None else ""
-        raise CLIError(f"--sample-format {args.sample_format}{given} --chunk-ms {args.chunk_ms:g}: {exc}") from None
+        given = (f" --sample-rate {args.sample_rate}" if args.sample_rate is not None else "") + (
+            f" --chunk-ms {args.chunk_ms:g}" if args.chunk_ms is not None else "")
+        raise CLIError(f"--sample-format {args.sample_format}{given}: {exc}") from None
     report = asyncio.run(run_latency_bench(
         model, devices=devices, clients=args.clients, duration_s=args.duration, chunk_ms=args.chunk_ms,
-        sample_format=args.sample_format, sample_rate=args.sample_rate, model_name=model.name,
+        kind=args.kind, sample_format=args.sample_format, sample_rate=args.sample_rate, model_name=model.name,
         random_weights=args.random_weights,
         backend=args.backend, threads=args.threads, client_processes=args.client_processes,
         scrape_hz=args.scrape_hz, frontends=args.frontends, say=lambda line: say(args, line)))

@@ -1,17 +1,22 @@
-"""End-to-end latency benchmark: N concurrent real-time roundtrip clients against an in-process server.
+"""End-to-end latency benchmark: N concurrent real-time clients against an in-process server.
 
-Each client streams the same kind of signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when
-its last sample would have been captured, for ``duration_s``; every output sample's latency is split into
-algorithmic delay, server time and transport (:func:`snac_stream.client.latency_breakdown`). The server's
+The clients are of one kind. ``roundtrip`` (a live call through the codec): each streams the same kind of
+signal (a few sines plus noise) in ``chunk_ms`` pieces, each sent when its last sample would have been captured,
+for ``duration_s``. ``decode`` (what an LLM-driven TTS deployment looks like): each opens a decode session and
+sends the tokens of random codes (seeded per client, in the server's default token layout) for ``duration_s`` of
+audio, whole coarse frames a message (one by default), each sent when the audio it describes would have been
+generated in real time. Either way every output sample's latency is split into algorithmic delay, server time
+and transport (:func:`snac_stream.client.latency_breakdown`, the same mechanism for both kinds). The server's
 resident memory, its ticks (engine steps) and its CPU time are measured while the clients run, and so is each
 client worker process's CPU time: a worker near one CPU second per second of wall is saturated, and the load
 generator, not the server, would be the limit.
 
-The clients speak any client format at any rate the server takes (``sample_format``, ``sample_rate``): their
-messages are coded before the start by :func:`snac_stream.client.client_messages` (Opus: one frame a message,
-as a live client's encoder sends them), and what comes back is decoded frame by frame as it arrives. Latency
-positions are output samples at the client's rate (Opus: samples of the decoded 48 kHz stream); what the
-server's conversions hold back is part of the algorithmic delay.
+The clients speak any client format at any rate the server takes (``sample_format``, ``sample_rate``; decode
+clients: their output only): roundtrip messages are coded before the start by
+:func:`snac_stream.client.client_messages` (Opus: one frame a message, as a live client's encoder sends them),
+and what comes back is decoded frame by frame as it arrives. Latency positions are output samples at the
+client's rate (Opus: samples of the decoded 48 kHz stream); what the server's conversions hold back is part of
+the algorithmic delay.
 
 The clients run in worker processes by default, as remote callers would: in the server's own process,
 tens of clients' websocket traffic would compete with the server for the interpreter lock and the
@@ -31,20 +36,23 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .. import client as ws_client
+from ..config import SNACConfig
 from ..formats import check_format
 from ..model.snac import SNACModel
-from ..protocol import CONTAINER_FORMATS, Hello, ProtocolError
+from ..protocol import CONTAINER_FORMATS, DEFAULT_LAYOUT, Hello, ProtocolError
+from ..tokens import get_layout
 from . import ServerOptions, SNACServer
 from .conversion import SessionFormats
 from .frontends import MultiProcessServer
 
 PARTS = ("total", "algorithmic", "server", "transport")
+KINDS = ("roundtrip", "decode")  # the clients' session kind
 
 
 def bench_signal(samples: int, rate: int, seed: int) -> np.ndarray:
@@ -53,6 +61,16 @@ def bench_signal(samples: int, rate: int, seed: int) -> np.ndarray:
     t = np.arange(samples) / rate
     x = sum(0.2 * np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(80, 2000, 3), rng.uniform(0, 6.3, 3)))
     return np.clip(x + 0.02 * rng.standard_normal(samples), -0.9, 0.9).astype(np.float32)
+
+
+def bench_tokens(config: SNACConfig, frames: int, seed: int, layout: str = DEFAULT_LAYOUT) -> np.ndarray:
+    """Token ids (frames * frame_tokens,) int64: ``frames`` coarse frames of uniformly random codes of
+    ``config``'s model, in ``layout`` (:func:`snac_stream.tokens.get_layout`), as a decode client sends them
+    (the audio they decode to is noise)."""
+    rng = np.random.default_rng(seed)
+    tokens = get_layout(layout, config)
+    codes = [torch.from_numpy(rng.integers(0, config.codebook_size, (1, frames * r))) for r in tokens.codes_per_frame]
+    return tokens.to_flat(codes)[0].numpy()
 
 
 def machine_info(*devices: torch.device) -> Dict[str, Any]:
@@ -112,69 +130,104 @@ def default_client_processes(clients: int) -> int:
 OPUS_MESSAGE_MS = (10, 20, 40, 60)  # an Opus client's message is one frame of one of these durations
 
 
-def client_format(sample_format: str, sample_rate: Optional[int], chunk_ms: float,
-                  model_rate: int) -> Tuple[str, int, int]:
+def client_format(sample_format: str, sample_rate: Optional[int], chunk_ms: Optional[float], model_rate: int, *,
+                  kind: str = "roundtrip", frame_samples: Optional[int] = None) -> Tuple[str, int, int]:
     """The clients' (format, rate in Hz, samples a message): ``sample_rate`` None is the format's default as in
-    the server's hello (the model's rate for PCM, 8000 for G.711, 48000 for Opus); a message holds ``chunk_ms``
-    of audio (Opus: one frame, 10, 20, 40 or 60 ms). Raises ``ValueError`` for a combination the server or an
-    Opus encoder does not take, or Opus without PyAV."""
+    the server's hello (the model's rate for PCM, 8000 for G.711, 48000 for Opus).
+
+    ``roundtrip`` clients send and receive audio in that format; a message holds ``chunk_ms`` (default 20) of
+    it, samples at the client's rate (Opus: one frame, 10, 20, 40 or 60 ms). ``decode`` clients receive it (the
+    format is their output's) and send tokens: a message holds the tokens of whole coarse frames
+    (``frame_samples`` each, at the model's rate), ``chunk_ms`` worth rounded up to at least one (default: one),
+    and its samples are those frames' at the model's rate. Raises ``ValueError`` for an unknown kind, a
+    combination the server or an Opus encoder does not take, or Opus without PyAV."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if chunk_ms is not None and not chunk_ms > 0:
+        raise ValueError(f"chunk_ms must be positive, got {chunk_ms:g}")
     fmt, rate = check_format(sample_format, sample_rate, model_rate=model_rate)
-    if fmt not in CONTAINER_FORMATS:
-        return fmt, rate, max(1, round(rate * chunk_ms / 1000))
-    if chunk_ms not in OPUS_MESSAGE_MS:
-        raise ValueError(f"{fmt} clients send one Opus frame a message: the message must be 10, 20, 40 or 60 ms, "
-                         f"got {chunk_ms:g} ms")
-    try:
-        import av  # noqa: F401 - the clients code Opus with it, as the server does
-    except ImportError:
-        raise ValueError(f"{fmt} needs PyAV: pip install 'snac-stream[opus]' (or pip install av)") from None
-    return fmt, rate, round(rate * chunk_ms / 1000)
+    if kind == "decode":
+        if frame_samples is None:
+            raise ValueError("decode clients need the model's frame_samples")
+        frames = 1 if chunk_ms is None else max(1, math.ceil(model_rate * chunk_ms / 1000 / frame_samples - 1e-6))
+        chunk = frames * frame_samples
+    else:
+        chunk_ms = 20.0 if chunk_ms is None else chunk_ms
+        if fmt in CONTAINER_FORMATS and chunk_ms not in OPUS_MESSAGE_MS:
+            raise ValueError(f"{fmt} clients send one Opus frame a message: the message must be 10, 20, 40 or 60 "
+                             f"ms, got {chunk_ms:g} ms")
+        chunk = max(1, round(rate * chunk_ms / 1000))
+    if fmt in CONTAINER_FORMATS:
+        try:
+            import av  # noqa: F401 - the clients code and decode Opus with it, as the server does
+        except ImportError:
+            raise ValueError(f"{fmt} needs PyAV: pip install 'snac-stream[opus]' (or pip install av)") from None
+    return fmt, rate, chunk
 
 
 @dataclass(frozen=True)
 class _Load:
-    """What the clients do: ``clients`` of them, each streaming ``samples`` in ``sample_format`` at ``rate``
-    (Hz) in messages of ``chunk`` samples, their starts spread over one engine step (``step_s``, seconds)."""
+    """What the clients do: ``clients`` sessions of ``kind``, their starts spread over one engine step
+    (``step_s``, seconds), each receiving audio in ``sample_format`` at ``rate`` (Hz), ``output_items`` output
+    samples (at ``rate``) when complete. ``roundtrip``: each streams ``samples`` of audio in that format, in
+    messages of ``chunk`` samples. ``decode``: each sends :func:`bench_tokens` of ``frames`` coarse frames of
+    ``config``'s model, ``chunk`` tokens a message."""
 
+    kind: str
     clients: int
-    samples: int
     sample_format: str
     rate: int
     chunk: int
     step_s: float
+    output_items: float
+    samples: int = 0
+    frames: int = 0
+    config: Optional[SNACConfig] = None
 
 
-def _client_inputs(ks: Sequence[int], load: _Load) -> Dict[int, ws_client.ClientMessages]:
-    """Clients ``ks``' messages, coded before they start: a live client codes as it captures, at a cost
-    that is no part of the server's."""
+def _client_inputs(ks: Sequence[int], load: _Load) -> Dict[int, Any]:
+    """Clients ``ks``' input, made before they start: roundtrip messages coded as a live client codes as it
+    captures, at a cost that is no part of the server's; decode tokens (seeded per client)."""
+    if load.kind == "decode":
+        assert load.config is not None
+        return {k: bench_tokens(load.config, load.frames, seed=k) for k in ks}
     return {k: ws_client.client_messages(bench_signal(load.samples, load.rate, seed=k), load.sample_format,
                                          load.rate, load.chunk) for k in ks}
 
 
-async def _run_clients(url: str, ks: Sequence[int], inputs: Dict[int, ws_client.ClientMessages],
-                       load: _Load) -> List[Any]:
+def _client_stream(url: str, data: Any, load: _Load) -> Awaitable[ws_client.StreamResult]:
+    """One client's session, paced in real time, its output decoded as it arrives: a roundtrip of ``data``
+    (:class:`~snac_stream.client.ClientMessages`), or a decode of ``data`` (tokens) ``load.chunk`` at a time."""
+    common: Dict[str, Any] = {"realtime": True, "decode_output": True, "sample_format": load.sample_format,
+                              "sample_rate": load.rate}
+    if load.kind == "decode":
+        return ws_client.decode(url, data, chunk_tokens=load.chunk, token_layout=DEFAULT_LAYOUT, **common)
+    return ws_client.roundtrip(url, data, **common)
+
+
+async def _run_clients(url: str, ks: Sequence[int], inputs: Dict[int, Any], load: _Load) -> List[Any]:
     """Clients ``ks``, each started ``k / clients`` of a step after the others' origin, as independent callers
     would (not a synchronisation); each decodes its output as it arrives. A failed client's result is its
     exception."""
     async def one(k: int) -> Any:
         await asyncio.sleep(k * load.step_s / load.clients)
         try:
-            return await ws_client.roundtrip(url, inputs[k], realtime=True, decode_output=True,
-                                             sample_format=load.sample_format, sample_rate=load.rate)
+            return await _client_stream(url, inputs[k], load)
         except Exception as exc:  # noqa: BLE001 - counted and reported
             return exc
 
     return list(await asyncio.gather(*(one(k) for k in ks)))
 
 
-def _summary(result: Any, samples: int) -> Any:
+def _summary(result: Any, load: _Load) -> Any:
     """What the report needs of one client: its latency breakdown (every 16th output sample), whether its
-    output is complete, and the server's warnings; an exception as a "Type: message" string."""
+    output is complete (``load.output_items`` samples, give or take a resampler's rounding), and the server's
+    warnings; an exception as a "Type: message" string."""
     if isinstance(result, BaseException):
         return f"{type(result).__name__}: {result}"
     assert result.decoded is not None
-    return {"latency": ws_client.latency_breakdown(result, decimate=16), "complete": result.decoded.size == samples,
-            "warnings": len(result.warnings)}
+    return {"latency": ws_client.latency_breakdown(result, decimate=16),
+            "complete": abs(result.decoded.size - load.output_items) < 1, "warnings": len(result.warnings)}
 
 
 def _client_process(conn: Any, url: str, ks: Sequence[int], load: _Load) -> None:
@@ -188,7 +241,7 @@ def _client_process(conn: Any, url: str, ks: Sequence[int], load: _Load) -> None
     results = asyncio.run(_run_clients(url, ks, inputs, load))
     wall, times1 = time.perf_counter() - t0, os.times()
     conn.send("done")
-    conn.send(([_summary(r, load.samples) for r in results], _process_cpu(times0, times1, wall)))
+    conn.send(([_summary(r, load) for r in results], _process_cpu(times0, times1, wall)))
     conn.close()
 
 
@@ -351,8 +404,8 @@ def _scrape(url: str, hz: float, stop: asyncio.Event, durations: List[float]) ->
         time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
-async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float, chunk_ms: float = 20.0,
-                            sample_format: str = "pcm16", sample_rate: Optional[int] = None,
+async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float, chunk_ms: Optional[float] = None,
+                            kind: str = "roundtrip", sample_format: str = "pcm16", sample_rate: Optional[int] = None,
                             model_name: str = "snac", random_weights: bool = False,
                             backend: Optional[str] = None, threads: Optional[int] = None,
                             client_processes: Optional[int] = None, scrape_hz: float = 0.0,
@@ -361,12 +414,17 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     """Run the benchmark; returns a JSON-able report (latencies in ms, memory in MiB, CPU in seconds per
     second of wall).
 
-    ``sample_format``, ``sample_rate`` (Hz): what the clients send and receive (:func:`client_format`; raises
-    ``ValueError`` for a combination the server does not take). ``threads``: the server's engine worker threads
-    (:attr:`ServerOptions.threads`), per device. ``client_processes``: worker processes running the clients
-    (default :func:`default_client_processes`; 0 runs them in this process, beside the server, and the server's
-    CPU figures are theirs too: the report's ``client_cpu`` is then None, else the workers' own, from
-    :func:`_clients_cpu`). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
+    ``kind``: the clients' sessions, ``"roundtrip"`` (audio in and out, ``chunk_ms`` of audio a message, default
+    20) or ``"decode"`` (random tokens in, audio out, as an LLM-driven TTS: ``chunk_ms`` worth of whole coarse
+    frames a message, rounded up; default one frame), each paced in real time for ``duration_s`` of audio
+    (decode: rounded up to whole decoder steps). The algorithmic latency is that kind's (``ready``'s). Decode
+    sessions get no 'behind' warnings from the server: whether they keep up shows in the latency drift.
+    ``sample_format``, ``sample_rate`` (Hz): what the clients send and receive (decode: receive)
+    (:func:`client_format`; raises ``ValueError`` for a kind or combination the server does not take).
+    ``threads``: the server's engine worker threads (:attr:`ServerOptions.threads`), per device.
+    ``client_processes``: worker processes running the clients (default :func:`default_client_processes`; 0
+    runs them in this process, beside the server, and the server's CPU figures are theirs too: the report's
+    ``client_cpu`` is then None, else the workers' own, from :func:`_clients_cpu`). ``scrape_hz``: GET ``/metrics`` this often while the clients run, as a Prometheus
     server would (from a thread of this process), to measure what scraping costs the engine step. ``devices``:
     the server's devices (default: the model's), each with slots for its share of the clients. ``frontends``:
     run the server's client side in that many processes (:class:`~.frontends.MultiProcessServer`; 0: all in
@@ -377,10 +435,11 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     if client_processes < 0:
         raise ValueError(f"client_processes must be >= 0, got {client_processes}")
     client_processes = min(client_processes, clients)
-    rate = model.config.sampling_rate
-    fmt, client_rate, chunk = client_format(sample_format, sample_rate, chunk_ms, rate)
+    rate, frame_samples = model.config.sampling_rate, model.config.frame_samples
+    fmt, client_rate, chunk = client_format(sample_format, sample_rate, chunk_ms, rate, kind=kind,
+                                            frame_samples=frame_samples)
     try:  # what the server announces to these clients (it converts with this very object)
-        formats = SessionFormats(Hello(kind="roundtrip", sample_format=fmt, sample_rate=client_rate), rate)
+        formats = SessionFormats(Hello(kind=kind, sample_format=fmt, sample_rate=client_rate), rate)
     except ProtocolError as exc:
         raise ValueError(exc.message) from None
     announced = formats.ready_fields()
@@ -393,8 +452,21 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
                            devices=places) if frontends
         else SNACServer(model, options, model_name=model_name, random_weights=random_weights, devices=places))
     step_s = server.step_samples / rate
-    algorithmic = server.latency["roundtrip"] + formats.added_latency  # as ready says: model samples
-    samples = int(duration_s * client_rate)
+    algorithmic = server.latency[kind] + formats.added_latency  # as ready says: model samples
+    if kind == "decode":  # whole decoder steps (a decode stream must end on one), at least one
+        frames = max(1, math.ceil(duration_s * rate / server.step_samples - 1e-9)) * server.step_frames
+        frame_tokens = get_layout(DEFAULT_LAYOUT, model.config).frame_tokens
+        load = _Load(kind, clients, fmt, client_rate, chunk // frame_samples * frame_tokens, step_s,
+                     output_items=frames * frame_samples * client_rate / rate, frames=frames, config=model.config)
+        stream_s = frames * frame_samples / rate
+        message = (f"{frames} coarse frames of random codes ({DEFAULT_LAYOUT} layout) each, {chunk // frame_samples} "
+                   f"frame{'s' if chunk > frame_samples else ''} ({load.chunk} tokens, {1e3 * chunk / rate:.1f} ms "
+                   f"of audio) a message; output")
+    else:
+        samples = int(duration_s * client_rate)
+        load = _Load(kind, clients, fmt, client_rate, chunk, step_s, output_items=samples, samples=samples)
+        stream_s = duration_s
+        message = f"{chunk}-sample chunks ({1e3 * chunk / client_rate:g} ms),"
     rss: List[List[float]] = []
     results: List[Any] = []
     cpu = _CPUClock()
@@ -403,23 +475,25 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         if isinstance(server, MultiProcessServer):
             cpu.others = [process.pid for process in server.processes if process.pid is not None]
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
-            f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), roundtrip "
-            f"algorithmic latency {server.latency['roundtrip']} samples "
-            f"({1e3 * server.latency['roundtrip'] / rate:.1f} ms), "
+            f"{','.join(server.devices)}, step {server.step_samples} samples ({1e3 * step_s:.1f} ms), {kind} "
+            f"algorithmic latency {server.latency[kind]} samples "
+            f"({1e3 * server.latency[kind] / rate:.1f} ms), "
             f"{server.threads} engine thread{'s' if server.threads > 1 else ''}"
             f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}"
             + (f", clients served by {frontends} front-end processes" if frontends else ""))
-        say(f"clients {clients} x {duration_s:g} s real-time roundtrip, {chunk}-sample chunks ({chunk_ms:g} ms), "
+        say(f"clients {clients} x {stream_s:g} s real-time {kind}, {message} "
             f"{fmt}{f' at {client_rate} Hz' if formats.converted else ''}, "
             + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
                if client_processes else "in the server's process"))
         if formats.converted:
-            say(f"format  the server converts {fmt} at {client_rate} Hz: adds in "
-                f"{announced['input_latency_samples']} + out {announced['output_latency_samples']} samples at "
-                f"{client_rate} Hz ({1e3 * announced['input_latency_samples'] / client_rate:.1f} + "
-                f"{1e3 * announced['output_latency_samples'] / client_rate:.1f} ms), part of the algorithmic "
+            held = [(way, announced[f"{key}_latency_samples"]) for way, key in (("in", "input"), ("out", "output"))
+                    if announced[f"{key}_latency_samples"] is not None]  # decode: its output only
+            say(f"format  the server converts {fmt} at {client_rate} Hz: adds "
+                f"{' + '.join(f'{way} {n}' for way, n in held)} samples at {client_rate} Hz "
+                f"({' + '.join(f'{1e3 * n / client_rate:.1f}' for _, n in held)} ms), part of the algorithmic "
                 f"latency ({algorithmic} samples, {1e3 * algorithmic / rate:.1f} ms); latency positions: "
-                + ("samples of the decoded 48 kHz Opus stream (the clients' own encoder counts as algorithmic)"
+                + ("samples of the decoded 48 kHz Opus stream"
+                   + (" (the clients' own encoder counts as algorithmic)" if kind == "roundtrip" else "")
                    if fmt in CONTAINER_FORMATS else f"output samples at {client_rate} Hz"))
         start = time.perf_counter()
         stop = asyncio.Event()
@@ -443,7 +517,6 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         scraper = (asyncio.ensure_future(asyncio.to_thread(_scrape, f"http://127.0.0.1:{server.port}/metrics",
                                                            scrape_hz, stop, scrapes))
                    if scrape_hz > 0 else None)
-        load = _Load(clients, samples, fmt, client_rate, chunk, step_s)
         if client_processes:
             # The server's memory and CPU are measured while the streams run, not while the results come in.
             results, workers_cpu = await _clients_in_processes(client_processes, server.url, load,
@@ -454,7 +527,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             cpu.start()
             results = await _run_clients(server.url, range(clients), inputs, load)
             streams_done()
-            results = [_summary(r, samples) for r in results]
+            results = [_summary(r, load) for r in results]
         await sampler
         if scraper is not None:
             await scraper
@@ -486,15 +559,19 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     tail_within_step = overhead.size > 0 and float(np.percentile(overhead, 99)) < step_s
     steady = [m for t, m in rss if t >= min(5.0, wall / 3)]
     server_cpu = {**(cpu.report or {}), "clients_included": not client_processes}
+    added = {way: announced[f"{way}_latency_samples"] for way in ("input", "output")}  # decode: no input
     report: Dict[str, Any] = {
-        "model": model_name, "random_weights": random_weights, "device": ",".join(server.devices),
+        "kind": kind, "model": model_name, "random_weights": random_weights, "device": ",".join(server.devices),
         "backend": model.resolved_backend(backend), "sample_rate": rate, "sample_format": fmt,
         "client_sample_rate": client_rate, "converted": formats.converted,
-        "input_latency_samples": announced["input_latency_samples"],
-        "output_latency_samples": announced["output_latency_samples"],
-        "added_latency_ms": {"input": 1e3 * announced["input_latency_samples"] / client_rate,
-                             "output": 1e3 * announced["output_latency_samples"] / client_rate},
-        "clients": clients, "duration_s": duration_s, "chunk_samples": chunk, "step_samples": server.step_samples,
+        "input_latency_samples": added["input"], "output_latency_samples": added["output"],
+        "added_latency_ms": {way: None if n is None else 1e3 * n / client_rate for way, n in added.items()},
+        "clients": clients, "duration_s": duration_s, "stream_s": stream_s,
+        # Audio a message carries (roundtrip: at the client's rate) or its tokens describe (decode: model rate).
+        "chunk_samples": chunk,
+        "chunk_tokens": load.chunk if kind == "decode" else None,
+        "token_layout": DEFAULT_LAYOUT if kind == "decode" else None,
+        "step_samples": server.step_samples,
         "algorithmic_latency_samples": algorithmic, "wall_s": round(wall, 2),
         "latency_ms": latency, "server_plus_transport_p99_ms": _stats(overhead)["p99"],
         "drift_ms_max": 1e3 * max(drift) if drift else None,
