@@ -123,7 +123,7 @@ def test_metrics_of_any_front_end_add_up_every_process() -> None:
 
     async def test(server: MultiProcessServer):
         results = await asyncio.gather(*(ws_client.roundtrip(server.url, audio, chunk_samples=700)
-                                         for _ in range(10)))
+                                         for _ in range(16)))
         with pytest.raises(ws_client.ServerError):
             await ws_client.Session.open(server.url, "encode", token_layout="no-such-layout")
         while server.active_sessions:
@@ -131,14 +131,14 @@ def test_metrics_of_any_front_end_add_up_every_process() -> None:
         scrapes = [metric_values((await aget(server.port, "/metrics"))[2].decode()) for _ in range(4)]
         return results, scrapes
 
-    results, scrapes = serve_split(test, max_sessions=10)
+    results, scrapes = serve_split(test, max_sessions=16)
     assert {_front_end_of(r.ready.session) for r in results} == set(range(FRONTENDS))
     for values in scrapes:
-        assert values["snac_sessions_total", (("kind", "roundtrip"), ("outcome", "completed"))] == 10
+        assert values["snac_sessions_total", (("kind", "roundtrip"), ("outcome", "completed"))] == 16
         assert values["snac_refusals_total", (("reason", "bad_hello"),)] == 1
         assert values["snac_engine_ticks_total", ()] > 0
         assert values["snac_engine_step_seconds_count", (("lane", "encode"),)] > 0
-        assert values["snac_received_bytes_total", ()] >= 10 * audio.size * 2
+        assert values["snac_received_bytes_total", ()] >= 16 * audio.size * 2
         assert values["snac_sessions_open", (("kind", "roundtrip"),)] == 0
         assert values["snac_ready", ()] == 1 and values["snac_healthy", ()] == 1
 
@@ -191,7 +191,7 @@ def test_errors_from_either_side_end_their_session_alone() -> None:
 
 
 def test_drain_lets_open_sessions_finish_and_refuses_new_ones() -> None:
-    """A drain (what SIGTERM starts) while sessions stream on both front ends: new hellos are refused with
+    """A drain (what SIGTERM starts) while sessions stream through the front ends: new hellos are refused with
     draining (or the port is closed once all front ends stopped), every open session completes exactly."""
     model = model_for("24k")
     audio = _audio(24000, seed=9)
@@ -200,7 +200,7 @@ def test_drain_lets_open_sessions_finish_and_refuses_new_ones() -> None:
     async def test(server: MultiProcessServer):
         streams = [asyncio.ensure_future(ws_client.roundtrip(server.url, audio, chunk_samples=480, realtime=True))
                    for _ in range(6)]
-        while server.active_sessions < 6:
+        while sum((await server.front_stats()).get("open_by_kind", {}).values()) < 6:  # the front ends' count
             await asyncio.sleep(0.01)
         draining = asyncio.ensure_future(server.drain(30.0))
         await asyncio.sleep(0.3)
@@ -218,7 +218,6 @@ def test_drain_lets_open_sessions_finish_and_refuses_new_ones() -> None:
     results, refused, summary = serve_split(test)
     assert set(refused) <= {"draining", "closed"} and "draining" in refused
     assert summary["sessions_open_at_start"] == 6 and summary["sessions_ended_at_timeout"] == 0
-    assert {_front_end_of(r.ready.session) for r in results} == set(range(FRONTENDS))
     for result in results:
         assert_session_exact(model, "roundtrip", audio, result, layout, 1 / 32768 + AUDIO_TOL)
 
@@ -230,7 +229,7 @@ def test_a_front_end_that_dies_drops_its_sessions_and_healthz_says_so() -> None:
     audio = _audio(20000, seed=10)
 
     async def test(server: MultiProcessServer):
-        sessions = [await ws_client.Session.open(server.url, "roundtrip") for _ in range(8)]
+        sessions = [await ws_client.Session.open(server.url, "roundtrip") for _ in range(16)]
         by_front = [[s for s in sessions if _front_end_of(s.ready.session) == k] for k in range(FRONTENDS)]
         assert all(by_front), "both front ends hold sessions"
         for s in by_front[1]:
@@ -259,7 +258,7 @@ def test_a_front_end_that_dies_drops_its_sessions_and_healthz_says_so() -> None:
         await survivor.close()
         return freed, health[-1], result
 
-    freed, (status, _, body), result = serve_split(test, max_sessions=8)
+    freed, (status, _, body), result = serve_split(test, max_sessions=16)
     assert freed == 1  # the victim's slot is free; the survivor's is not
     assert status == 503 and "front end 1 gone" in json.loads(body)["reason"]
     assert_session_exact(model, "roundtrip", audio, result, get_layout("interleaved", model.config),
