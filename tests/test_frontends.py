@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from typing import Any, Awaitable, Callable, List
@@ -292,3 +293,51 @@ def test_serve_with_front_ends_drains_on_sigterm_and_its_front_ends_follow_a_kil
             assert not alive, f"front ends left running after {way}: {alive}"
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("output_format", ["float32", "mulaw"])
+def test_an_llm_session_through_a_front_end_tells_its_llm_error_after_the_audio_of_whole_frames(
+        output_format: str) -> None:
+    """An llm session's LLM fails after 3 whole frames: through a front end the client gets what it gets from
+    a one-process server, byte for byte: the frames' audio (its tail flagged final; float32: exact against
+    offline decode of those frames; mu-law: the output converter's tail included), then llm_error in done's
+    place. The error the front end set crosses the link and back and keeps its place after the audio."""
+    from sse_server import Script, SSEServer, signal_codes, tiny_model
+    from snac_stream.client import LLMSessionStats, ServerError, llm_speech
+    from snac_stream.server import SNACServer
+    from snac_stream.tokens import OrpheusLayout, format_custom_tokens
+
+    model = tiny_model()
+    codes = signal_codes(model)
+    ids = OrpheusLayout().to_flat(codes)[0].tolist()
+    pieces = [format_custom_tokens(ids[i:i + 7]) for i in range(0, 42, 7)]  # one frame a piece
+    formats = {"sample_format": output_format, **({"sample_rate": 8000} if output_format == "mulaw" else {})}
+
+    async def scenario(frontends: int):
+        async with SSEServer(Script(pieces, error_event_at=3)) as llm:
+            options = ServerOptions(port=0, threads=1, web=False, max_sessions=2, allow_llm=[llm.url])
+            server = (MultiProcessServer(model, options, frontends=frontends) if frontends
+                      else SNACServer(model, options))
+            async with server:
+                frames, error = [], None
+                try:
+                    async for frame in llm_speech(server.url, {"url": llm.url, "model": "m", "prompt": "Hi."},
+                                                  stats=LLMSessionStats(), **formats):
+                        frames.append(frame)
+                except ServerError as exc:
+                    error = exc
+                return frames, error
+
+    frames, error = asyncio.run(scenario(FRONTENDS))
+    alone, alone_error = asyncio.run(scenario(0))
+    assert error is not None and error.code == "llm_error" and error.fields["reason"] == "server"
+    unported = [re.sub(r"127\.0\.0\.1:\d+", "LLM", e.message) for e in (error, alone_error)]  # each run's own LLM
+    assert error.fields == alone_error.fields and unported[0] == unported[1]
+    assert frames and frames[-1].final
+    as_bytes = [bytes(np.asarray(f.data).tobytes()) if not isinstance(f.data, bytes) else f.data for f in frames]
+    assert as_bytes == [bytes(np.asarray(f.data).tobytes()) if not isinstance(f.data, bytes) else f.data
+                        for f in alone]
+    if output_format == "float32":
+        with torch.inference_mode():
+            expected = model.decode([c[:, : 3 * r] for c, r in zip(codes, (1, 2, 4))])[0, 0].numpy()
+        assert np.abs(np.concatenate([f.data for f in frames]) - expected).max() <= 1e-5

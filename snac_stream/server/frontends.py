@@ -273,7 +273,10 @@ class EngineLink:
 
     def _take_batch(self, batch: List[Tuple[Any, ...]]) -> None:
         for message in batch:
-            self._dispatch(message)
+            try:
+                self._dispatch(message)
+            except Exception:  # a bug: logged; the link and the other messages go on
+                log.exception("front end: a message from the engine process failed (%s)", message[0])
 
     def _dispatch(self, message: Tuple[Any, ...]) -> None:
         op = message[0]
