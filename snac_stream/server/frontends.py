@@ -25,8 +25,8 @@ Slots are counted in the engine process alone, so ``--max-sessions`` holds for t
 cross processes as they are: ``time.perf_counter`` is the system's monotonic clock on Linux.
 
 If the engine process dies, every front end ends its sessions and exits; if a front end dies, its sessions
-are dropped from the engines and ``/healthz`` answers 503 on the others (the orchestrator restarts the
-server).
+are dropped from the engines (their clients see the connection close) and another process takes its place
+(one that dies before it listens is not started again: ``/healthz`` then answers 503 on the others).
 """
 
 from __future__ import annotations
@@ -314,6 +314,7 @@ class _FrontEnd:
     sessions: Dict[int, Session] = dataclasses.field(default_factory=dict)
     consumed_sent: Dict[int, int] = dataclasses.field(default_factory=dict)
     gone: bool = False
+    replacing: bool = False  # gone, and a new process for its index is starting
 
 
 class EngineHost:
@@ -330,14 +331,16 @@ class EngineHost:
         self._tasks: set = set()
         self._status: Optional[asyncio.Task] = None
         self.draining = False
+        # Called when a front end that was listening goes (not at stop): MultiProcessServer starts another.
+        self.on_lost_front_end: Callable[[_FrontEnd], None] = lambda front: None
 
     async def add(self, index: int, sock: socket.socket) -> _FrontEnd:
-        """Serve the front end at the other end of ``sock``."""
+        """Serve the front end at the other end of ``sock`` (in place of a gone one of the same index)."""
         front = _FrontEnd(index, asyncio.get_running_loop().create_future())
         front.channel = await Channel.connect(sock, lambda batch: self._take_batch(front, batch),
                                               lambda: self._gone(front))
         front.requests = _Requests(front.channel)
-        self.front_ends.append(front)
+        self.front_ends = [f for f in self.front_ends if f.index != index] + [front]
         return front
 
     def start(self) -> None:
@@ -356,7 +359,7 @@ class EngineHost:
         return sum(len(front.sessions) for front in self.front_ends)
 
     def health(self) -> Tuple[bool, str]:
-        gone = [front.index for front in self.front_ends if front.gone]
+        gone = [front.index for front in self.front_ends if front.gone and not front.replacing]
         if gone:
             return False, f"front end {gone[0]} gone"
         return self.workers.health(self.options.stuck_tick_s)
@@ -397,8 +400,10 @@ class EngineHost:
     def _gone(self, front: _FrontEnd) -> None:
         """The front end's link has closed (it ended, or died)."""
         front.gone = True
-        if not front.listening.done():
+        listened = front.listening.done()
+        if not listened:
             front.listening.set_exception(RuntimeError(f"front end {front.index} ended before it listened"))
+            front.listening.exception()  # retrieved: whoever waits for it sees it too
         front.requests.fail_all(ConnectionError(f"front end {front.index} gone"))
         if front.sessions:
             log.error("front end %d gone: dropping its %d sessions", front.index, len(front.sessions))
@@ -407,6 +412,8 @@ class EngineHost:
             self.workers.release(session)
             self._owners.pop(session, None)
         front.sessions.clear()
+        if listened:  # one that never listened is not started again: it would fail the same way
+            self.on_lost_front_end(front)
         self.tell_status()
 
     def _spawn(self, coroutine: Any) -> None:
@@ -566,7 +573,11 @@ class MultiProcessServer:
         self.served, self.workers, self.metrics = built.served, built.workers, built.metrics
         self.host = EngineHost(self.workers, self.served, self.options, self.stats)
         self.host.metrics_snapshot_text = self._render_metrics
+        self.host.on_lost_front_end = self._replace
         self.processes: List[multiprocessing.process.BaseProcess] = []
+        self.replaced = 0  # front ends started again after theirs went
+        self._generations: List[int] = [0] * frontends  # processes started for each index so far, less one
+        self._front_options: Optional[ServerOptions] = None
         self.port: Optional[int] = None
         self._reserved: Optional[socket.socket] = None
         self._stopped = False
@@ -578,19 +589,10 @@ class MultiProcessServer:
         self._closed = asyncio.Event()
         self._reserved = reserve_port(self.options.host, self.options.port)
         self.port = self._reserved.getsockname()[1]
-        front_options = dataclasses.replace(self.options, port=self.port)
-        context = multiprocessing.get_context("spawn")
+        self._front_options = dataclasses.replace(self.options, port=self.port)
         self.host.start()
         for index in range(self.frontends):
-            ours, theirs = socket.socketpair()
-            process = context.Process(
-                target=_front_end_process, name=f"snac-front-{index}", daemon=True,
-                args=(index, self.frontends, theirs, self.served, front_options, len(self.engine_sets),
-                      self.log_level))
-            process.start()
-            theirs.close()
-            self.processes.append(process)
-            await self.host.add(index, ours)
+            self.processes.append(await self._start_front_end(index))
         try:
             for front in self.host.front_ends:
                 await asyncio.wait_for(front.listening, START_TIMEOUT_S)
@@ -601,6 +603,42 @@ class MultiProcessServer:
         gc.collect()
         gc.freeze()  # as SNACServer.start: the model and engines live as long as the server
         return self
+
+    async def _start_front_end(self, index: int) -> multiprocessing.process.BaseProcess:
+        ours, theirs = socket.socketpair()
+        # Session numbers stay unique across a front end's replacements: each process numbers from its own
+        # (index, generation) block.
+        first = index + 1 + self.frontends * (self._generations[index] << 32)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_front_end_process, name=f"snac-front-{index}", daemon=True,
+            args=(index, (first, self.frontends), theirs, self.served, self._front_options, len(self.engine_sets),
+                  self.log_level))
+        process.start()
+        theirs.close()
+        await self.host.add(index, ours)
+        return process
+
+    def _replace(self, front: _FrontEnd) -> None:
+        """A listening front end went (killed, crashed): start another in its place, unless stopping."""
+        if self._stopped or self.host.draining:
+            return
+        front.replacing = True
+        self.host._spawn(self._restart(front.index))
+
+    async def _restart(self, index: int) -> None:
+        old = self.processes[index]
+        await asyncio.to_thread(old.join, 5.0)
+        log.error("front end %d (pid %s) ended with exit code %s: starting another", index, old.pid, old.exitcode)
+        self._generations[index] += 1
+        self.processes[index] = await self._start_front_end(index)
+        front = next(f for f in self.host.front_ends if f.index == index)
+        try:
+            await asyncio.wait_for(asyncio.shield(front.listening), START_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - it stays gone: /healthz says so
+            log.error("front end %d did not start again: %s", index, exc)
+            return
+        self.replaced += 1
+        self.host.tell_status()
 
     async def stop(self) -> None:
         """Close every connection (1001) and end the front ends, then the engines. Idempotent."""
@@ -694,24 +732,24 @@ class _FrontEndServer(FrontServer):
         return text
 
 
-def _front_end_process(index: int, count: int, sock: socket.socket, served: ServedModel, options: ServerOptions,
-                       devices: int, log_level: int) -> None:
+def _front_end_process(index: int, numbering: Tuple[int, int], sock: socket.socket, served: ServedModel,
+                       options: ServerOptions, devices: int, log_level: int) -> None:
     # The server's own process handles signals and tells the front ends (drain, stop): a Ctrl-C reaches the
     # whole process group, which must not end them behind its back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     logging.basicConfig(level=log_level, format=f"%(asctime)s front {index}: %(message)s")
-    asyncio.run(_front_end(index, count, sock, served, options, devices))
+    asyncio.run(_front_end(numbering, sock, served, options, devices))
 
 
-async def _front_end(index: int, count: int, sock: socket.socket, served: ServedModel, options: ServerOptions,
+async def _front_end(numbering: Tuple[int, int], sock: socket.socket, served: ServedModel, options: ServerOptions,
                      devices: int) -> None:
     stats = new_stats()
     link = EngineLink(options.max_sessions, devices, options.stuck_tick_s)
     await link.connect(sock)
     channel = link.channel
-    server = _FrontEndServer(served, options, link, stats, reuse_port=True, numbering=(index + 1, count))
+    server = _FrontEndServer(served, options, link, stats, reuse_port=True, numbering=numbering)
     finished = asyncio.Event()
     tasks: set = set()
 
