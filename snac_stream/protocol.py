@@ -403,8 +403,14 @@ def audio_payload(samples: np.ndarray, sample_format: str) -> np.ndarray:
     little-endian array of the same shape: int16 PCM (rounded, saturated; NaN -> 0) or float32."""
     samples = np.asarray(samples, dtype=np.float32)
     if sample_format == "pcm16":
-        scaled = np.rint(np.nan_to_num(samples.astype(np.float64), nan=0.0) * 32768.0)
-        return np.clip(scaled, -32768, 32767).astype("<i2")
+        # In float32, in place: scaling by 2**15 is exact, so this equals the float64 arithmetic, in a quarter of
+        # the time (a server converts every stream's output every step). Out of range (inf too) saturates.
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = np.multiply(samples, np.float32(32768.0))
+        np.nan_to_num(scaled, copy=False, nan=0.0)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, -32768, 32767, out=scaled)
+        return scaled.astype("<i2")
     if sample_format == "float32":
         return samples.astype("<f4")
     raise ValueError(f"unknown sample format {sample_format!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..model.snac import SNACModel
@@ -65,13 +66,20 @@ class EncodeEngine(StreamEngine):
         joined = audio[0].to(device) if len(audio) == 1 else cat_to(audio, device, dim=-1)
         if joined.shape[-1]:
             joined = self.model.check_audio(joined, device)
+        # On the host the per-stream slicing and joining runs in numpy (views of the same memory): a fraction of
+        # a torch op's fixed cost, which a server pays for every stream of every tick.
+        host = joined.device.type == "cpu"
+        data = joined.numpy() if host else joined
         start = 0
         for slot, piece in zip(slots, audio):
             n = piece.shape[-1]
-            new, start = joined[..., start : start + n], start + n
+            new, start = data[..., start : start + n], start + n
             slot.received += n
             held = slot.partial
-            buffered = torch.cat([held.to(device), new], dim=-1) if held is not None and held.shape[-1] else new
+            if held is not None and held.shape[-1]:
+                new = (np.concatenate([held.cpu().numpy(), new], axis=-1) if host
+                       else torch.cat([held.to(device), new], dim=-1))
+            buffered = torch.from_numpy(new) if host else new
             whole = buffered.shape[-1] // self.step_samples * self.step_samples
             for j in range(0, whole, self.step_samples):
                 slot.queue.append(buffered[..., j : j + self.step_samples])

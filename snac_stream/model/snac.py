@@ -242,8 +242,12 @@ class SNACModel(nn.Module):
         dtype."""
         self.check_audio_shape(audio)
         audio = audio.to(device=self.device if device is None else device, dtype=self.dtype)
-        if not torch.isfinite(audio).all():
-            raise ValueError("audio contains NaN or infinite samples")
+        if audio.numel():
+            # The extremes are finite exactly when every sample is (NaN propagates): one reduction, without
+            # isfinite's mask, an order of magnitude faster on the CPU, where a server checks every tick's input.
+            low, high = torch.aminmax(audio)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                raise ValueError("audio contains NaN or infinite samples")
         return audio
 
     @staticmethod

@@ -1,0 +1,153 @@
+"""A server tick's host work per session: what the engine thread spends around the engine steps.
+
+    python bench/tick_host.py [--sessions 16 64 256] [--device cpu|cuda] [--preset 24khz] [--small]
+                              [--ticks 8] [--profile] [--json out.json]
+
+Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
+their lanes) for N roundtrip sessions and runs ticks as the server's engine thread does: before each tick every
+session's inbox gets one step of audio as the connection side delivers it, in 20 ms messages (480 samples at
+24 kHz; the step's last piece shorter); the tick submits it, steps both engines (the encoder's codes go on to
+the decoder in the same tick) and turns the outputs into the sessions' frames (tokens and PCM16). The tick's
+time less the engine steps' time is its host work: the lanes' Python per session (inboxes, step markers,
+token layouts, PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
+GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
+the CPU's compute does); ``--profile`` prints the functions the host work spends its time in (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_cost import commit, describe_machine  # noqa: E402
+
+from snac_stream import PRESETS, SNAC  # noqa: E402
+from snac_stream.protocol import Hello  # noqa: E402
+from snac_stream.server.session import Session  # noqa: E402
+from snac_stream.server.stats import new_stats  # noqa: E402
+from snac_stream.server.worker import EngineSet  # noqa: E402
+from snac_stream.tokens import get_layout  # noqa: E402
+
+MESSAGE_SAMPLES = 480  # 20 ms at 24 kHz, the load test's and a voice agent's message
+
+
+def build(preset: str, small: bool, device: str) -> SNAC:
+    torch.manual_seed(0)
+    structure = PRESETS[preset].to_dict()
+    if small:
+        structure.update(encoder_dim=4, decoder_dim=16)
+    return SNAC(**structure).to(device).eval()
+
+
+def measure(model: SNAC, sessions: int, ticks: int, profile: bool) -> Dict[str, Any]:
+    stats = new_stats()
+    engines = EngineSet(model, sessions, stats)
+    cfg = model.config
+    step = engines.step_samples
+    pieces = [MESSAGE_SAMPLES] * (step // MESSAGE_SAMPLES) + ([step % MESSAGE_SAMPLES] if step % MESSAGE_SAMPLES else [])
+    rng = np.random.default_rng(sessions)
+    group: List[Session] = []
+    for number in range(sessions):
+        session = Session(None, number + 1)  # type: ignore[arg-type]
+        session.hello = Hello(kind="roundtrip")
+        session.layout = get_layout(session.hello.token_layout, cfg)
+        session.audio_format = "pcm16"
+        engines.open(session)
+        group.append(session)
+    audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
+
+    def feed() -> None:
+        now = time.perf_counter()
+        for session in group:
+            start = 0
+            for size in pieces:
+                session.loop.received += size
+                session.inbox.append((audio[start:start + size], session.loop.received, now))
+                start += size
+
+    warm = max(engines.encoder.warmup_steps, 1) + max(engines.decoder.warmup_steps, 1) + 2
+    for _ in range(warm):  # past the engines' warm-up: every later tick emits tokens and audio for everyone
+        feed()
+        engines.tick([], group, [])
+    gc.collect()
+    gc.freeze()
+    totals, steps, frames = [], [], []
+    profiler = cProfile.Profile() if profile else None
+    for _ in range(ticks):
+        feed()
+        if profiler is not None:
+            profiler.enable()
+        t0 = time.perf_counter()
+        events, _, _, _ = engines.tick([], group, [])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        totals.append(time.perf_counter() - t0)
+        if profiler is not None:
+            profiler.disable()
+        steps.append(stats["step_s"][-1])
+        frames.append(len(events))
+    gc.unfreeze()
+    host = [t - s for t, s in zip(totals, steps)]
+    row = {"sessions": sessions, "ticks": ticks, "tick_ms": 1e3 * statistics.median(totals),
+           "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
+           "host_us_per_session": 1e6 * statistics.median(host) / sessions,
+           "frames_per_tick": statistics.median(frames)}
+    if profiler is not None:
+        listing = pstats.Stats(profiler)
+        listing.sort_stats("tottime")
+        top = []
+        for (file, line, name), (cc, nc, tt, ct, _) in sorted(listing.stats.items(), key=lambda kv: -kv[1][2])[:25]:
+            top.append({"function": f"{Path(file).name}:{line}({name})", "calls": nc,
+                        "own_ms_per_tick": 1e3 * tt / ticks, "cumulative_ms_per_tick": 1e3 * ct / ticks})
+        row["profile"] = top
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="24khz", choices=sorted(PRESETS))
+    parser.add_argument("--small", action="store_true", help="narrow layers (host work is the same)")
+    parser.add_argument("--ticks", type=int, default=8)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    model = build(args.preset, args.small, args.device)
+    machine = describe_machine(torch.device(args.device))
+    print(f"# tick host work, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
+          f"{machine}; commit {commit()}")
+    print("| sessions | tick (ms) | engine steps (ms) | host (ms) | host per session (us) | frames per tick |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for n in args.sessions:
+        row = measure(model, n, args.ticks, args.profile)
+        rows.append(row)
+        print(f"| {n} | {row['tick_ms']:.1f} | {row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | "
+              f"{row['host_us_per_session']:.1f} | {row['frames_per_tick']:.0f} |", flush=True)
+    if args.profile:
+        for row in rows:
+            print(f"\n## {row['sessions']} sessions: top functions by own time per tick (cProfile)")
+            print("| function | calls per tick | own (ms) | cumulative (ms) |\n|---|---|---|---|")
+            for p in row["profile"]:
+                print(f"| {p['function']} | {p['calls'] / args.ticks:.0f} | {p['own_ms_per_tick']:.2f} | "
+                      f"{p['cumulative_ms_per_tick']:.2f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": machine, "commit": commit(), "preset": args.preset,
+                                         "small": args.small, "device": args.device, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
