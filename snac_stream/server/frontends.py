@@ -61,17 +61,24 @@ log = logging.getLogger("snac_stream.server")
 _HEADER = struct.Struct("<Q")  # a batch's length in bytes
 END_ERROR = "end_error"  # stands for the session's own end_error in an event (the loop tests it by identity)
 STATUS_EVERY_S = 0.5  # the engine process tells every front end its slots and health at least this often
+# A front end's messages to the engine process wait this long for others to share their write: a write is a
+# system call, which at one message a batch cost a front end more than all its websocket parsing (py-spy,
+# bench/RESULTS.md); a step is 85 ms, so the input is as timely. The engine's side writes once a tick anyway.
+INPUT_COALESCE_S = 0.002
 START_TIMEOUT_S = 300.0  # a front end must be listening within this (it imports torch: seconds)
 
 
 class Channel(asyncio.Protocol):
     """Length-prefixed pickled batches over a stream socket, both ways. :meth:`send` queues a message; the
-    messages queued during one loop iteration go out together as one batch. Each batch that arrives goes to
-    ``on_batch`` (a list of messages, in order); ``on_close`` is called once the other side has gone. A
-    protocol rather than stream reader: no future or task per batch, which counts at thousands a second."""
+    messages queued during one loop iteration (or within ``coalesce_s`` of the first) go out together as one
+    batch, one write. Each batch that arrives goes to ``on_batch`` (a list of messages, in order);
+    ``on_close`` is called once the other side has gone. A protocol rather than stream reader: no future or
+    task per batch, which counts at thousands a second."""
 
-    def __init__(self, on_batch: Callable[[List[Tuple[Any, ...]]], None], on_close: Callable[[], None]):
+    def __init__(self, on_batch: Callable[[List[Tuple[Any, ...]]], None], on_close: Callable[[], None],
+                 coalesce_s: float = 0.0):
         self.on_batch, self.on_close = on_batch, on_close
+        self.coalesce_s = coalesce_s
         self._transport: Optional[asyncio.Transport] = None
         self._out: List[Any] = []
         self._in = bytearray()
@@ -80,8 +87,9 @@ class Channel(asyncio.Protocol):
 
     @classmethod
     async def connect(cls, sock: socket.socket, on_batch: Callable[[List[Tuple[Any, ...]]], None],
-                      on_close: Callable[[], None]) -> "Channel":
-        _, channel = await asyncio.get_running_loop().connect_accepted_socket(lambda: cls(on_batch, on_close), sock)
+                      on_close: Callable[[], None], coalesce_s: float = 0.0) -> "Channel":
+        _, channel = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: cls(on_batch, on_close, coalesce_s), sock)
         return channel
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------------
@@ -112,7 +120,11 @@ class Channel(asyncio.Protocol):
     # ---- sending ------------------------------------------------------------------------------------------
     def send(self, message: Tuple[Any, ...]) -> None:
         if not self._out:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            if self.coalesce_s:
+                loop.call_later(self.coalesce_s, self.flush)
+            else:
+                loop.call_soon(self.flush)
         self._out.append(message)
 
     def flush(self) -> None:
@@ -257,7 +269,7 @@ class EngineLink:
     # ---- the link ---------------------------------------------------------------------------------------
     async def connect(self, sock: socket.socket) -> None:
         """Take ``sock`` (this front end's end of the socket pair) as the link."""
-        self.channel = await Channel.connect(sock, self._take_batch, self._lost)
+        self.channel = await Channel.connect(sock, self._take_batch, self._lost, coalesce_s=INPUT_COALESCE_S)
         self.requests = _Requests(self.channel)
 
     def start(self, sink: Callable[[Events], None]) -> None:
