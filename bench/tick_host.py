@@ -1,13 +1,15 @@
 """A server tick's host work per session: what the engine thread spends around the engine steps.
 
-    python bench/tick_host.py [--sessions 16 64 256] [--device cpu|cuda] [--preset 24khz] [--small]
-                              [--ticks 8] [--profile] [--json out.json]
+    python bench/tick_host.py [--kind roundtrip|decode] [--sessions 16 64 256] [--device cpu|cuda]
+                              [--preset 24khz] [--small] [--ticks 8] [--profile] [--json out.json]
 
 Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
-their lanes) for N roundtrip sessions and runs ticks as the server's engine thread does: before each tick every
-session's inbox gets one step of audio as the connection side delivers it, in 20 ms messages (480 samples at
-24 kHz; the step's last piece shorter); the tick submits it, steps both engines (the encoder's codes go on to
-the decoder in the same tick) and turns the outputs into the sessions' frames (tokens and PCM16). The tick's
+their lanes) for N sessions and runs ticks as the server's engine thread does. Roundtrip sessions: before each
+tick every session's inbox gets one step of audio as the connection side delivers it, in 20 ms messages (480
+samples at 24 kHz; the step's last piece shorter); the tick submits it, steps both engines (the encoder's codes
+go on to the decoder in the same tick) and turns the outputs into the sessions' frames (tokens and PCM16).
+Decode sessions (an LLM's tokens, as Orpheus-style TTS sends them): each inbox gets one step of codes, one
+coarse frame a message, as the connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's
 time less the engine steps' time is its host work: the lanes' Python per session (inboxes, step markers,
 token layouts, PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
 GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
@@ -51,7 +53,7 @@ def build(preset: str, small: bool, device: str) -> SNAC:
     return SNAC(**structure).to(device).eval()
 
 
-def measure(model: SNAC, sessions: int, ticks: int, profile: bool) -> Dict[str, Any]:
+def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip") -> Dict[str, Any]:
     stats = new_stats()
     engines = EngineSet(model, sessions, stats)
     cfg = model.config
@@ -61,16 +63,24 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool) -> Dict[str, 
     group: List[Session] = []
     for number in range(sessions):
         session = Session(None, number + 1)  # type: ignore[arg-type]
-        session.hello = Hello(kind="roundtrip")
+        session.hello = Hello(kind=kind)
         session.layout = get_layout(session.hello.token_layout, cfg)
         session.audio_format = "pcm16"
         engines.open(session)
         group.append(session)
     audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
+    frame_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, cfg.coarse_stride // stride)))
+                   for stride in cfg.vq_strides]  # one coarse frame, as the token parser yields it
+    frame_tokens = sum(c.shape[-1] for c in frame_codes)
 
     def feed() -> None:
         now = time.perf_counter()
         for session in group:
+            if kind == "decode":
+                for _ in range(engines.step_frames):
+                    session.loop.received += frame_tokens
+                    session.inbox.append((frame_codes, session.loop.received, now))
+                continue
             start = 0
             for size in pieces:
                 session.loop.received += size
@@ -100,7 +110,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool) -> Dict[str, 
         frames.append(len(events))
     gc.unfreeze()
     host = [t - s for t, s in zip(totals, steps)]
-    row = {"sessions": sessions, "ticks": ticks, "tick_ms": 1e3 * statistics.median(totals),
+    row = {"kind": kind, "sessions": sessions, "ticks": ticks, "tick_ms": 1e3 * statistics.median(totals),
            "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
            "host_us_per_session": 1e6 * statistics.median(host) / sessions,
            "frames_per_tick": statistics.median(frames)}
@@ -117,6 +127,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool) -> Dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="roundtrip", choices=["roundtrip", "decode"])
     parser.add_argument("--sessions", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="24khz", choices=sorted(PRESETS))
@@ -127,13 +138,13 @@ def main() -> None:
     args = parser.parse_args()
     model = build(args.preset, args.small, args.device)
     machine = describe_machine(torch.device(args.device))
-    print(f"# tick host work, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
+    print(f"# tick host work, {args.kind} sessions, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
           f"{machine}; commit {commit()}")
     print("| sessions | tick (ms) | engine steps (ms) | host (ms) | host per session (us) | frames per tick |")
     print("|---|---|---|---|---|---|")
     rows = []
     for n in args.sessions:
-        row = measure(model, n, args.ticks, args.profile)
+        row = measure(model, n, args.ticks, args.profile, args.kind)
         rows.append(row)
         print(f"| {n} | {row['tick_ms']:.1f} | {row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | "
               f"{row['host_us_per_session']:.1f} | {row['frames_per_tick']:.0f} |", flush=True)
@@ -145,7 +156,8 @@ def main() -> None:
                 print(f"| {p['function']} | {p['calls'] / args.ticks:.0f} | {p['own_ms_per_tick']:.2f} | "
                       f"{p['cumulative_ms_per_tick']:.2f} |")
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": machine, "commit": commit(), "preset": args.preset,
+        args.json.write_text(json.dumps({"machine": machine, "commit": commit(), "kind": args.kind,
+                                         "preset": args.preset,
                                          "small": args.small, "device": args.device, "rows": rows}, indent=2))
 
 

@@ -278,6 +278,46 @@ def test_a_session_whose_input_the_engine_refuses_ends_alone() -> None:
         assert np.abs(result.audio - expected[: given.size]).max() <= AUDIO_TOL
 
 
+def test_decode_sessions_go_to_the_engine_together_and_one_it_refuses_ends_alone() -> None:
+    """Decode sessions' codes go to the engine in one call per tick (sessions with as many new frames); when
+    the engine refuses such a call because of one session's part, each is retried alone: that session ends
+    (internal_error), the others, submitted in the same calls, stay exact."""
+    model = model_for("24k")
+    rng = np.random.default_rng(12)
+    layout = get_layout("interleaved", model.config)
+    given = [[torch.from_numpy(rng.integers(0, 4096, (1, 24 * r))) for r in (1, 2, 4)] for _ in range(3)]
+
+    async def test(server: SNACServer):
+        submit_many = server.decoder.submit_many
+        victim: List[int] = []
+
+        def refuse(sids, codes):
+            calls.append(len(sids))
+            if victim and victim[0] in sids:
+                raise ValueError("refused")
+            return submit_many(sids, codes)
+
+        server.decoder.submit_many = refuse  # type: ignore[method-assign]
+
+        async def victim_session() -> Any:
+            await asyncio.sleep(0.1)  # the healthy sessions are streaming by then
+            victim.append(server.decoder._free[0])  # the slot this session will take
+            return await ws_client.decode(server.url, layout.to_flat(given[2])[0].numpy(), chunk_tokens=7,
+                                          realtime=True)
+
+        healthy = [ws_client.decode(server.url, layout.to_flat(codes)[0].numpy(), chunk_tokens=7, realtime=True)
+                   for codes in given[:2]]
+        return await asyncio.gather(*healthy, victim_session(), return_exceptions=True)
+
+    calls: List[int] = []  # sessions in each engine call
+    *good, failed = serve(model, test)
+    assert max(calls) >= 2  # sessions submitted together
+    assert isinstance(failed, ws_client.ServerError) and failed.code == "internal_error"
+    assert "ValueError" in failed.message
+    for codes, result in zip(given, good):
+        assert_session_exact(model, "decode", codes, result, layout, 1 / 32768 + AUDIO_TOL)
+
+
 def test_a_stream_end_runs_its_backlog_through_the_batched_steps() -> None:
     """A client that sends faster than real time and flushes leaves whole steps queued; they go through the
     batched steps (shared with every other session), the padded remainder too, before the stream's end:

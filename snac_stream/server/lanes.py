@@ -329,24 +329,41 @@ class DecodeLane(Lane):
         super().__init__(engine, fail, engine.step_frames)
 
     def submit(self, sessions: Sequence[Session], events: Events) -> None:
-        """Each session's queued codes at once; a failure ends that session only."""
+        """Each session's queued codes. Sessions with as many new frames and as many held go to the engine in
+        one call (thousands of TTS streams a tick: one call, not one each); a batch the engine refuses is
+        retried one session at a time, so that a failure ends that session only."""
+        batches: Dict[Tuple[int, int], List[Tuple[Session, List[torch.Tensor], List[Tuple[int, Marker]]]]] = {}
         for session in sessions:
+            pieces = session.take_inbox()
+            stream = self._streams.get(session)
+            if not pieces or stream is None:
+                continue
             try:
-                self._submit_one(session)
+                codes = (pieces[0][0] if len(pieces) == 1
+                         else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
             except Exception as exc:  # noqa: BLE001
                 self.fail(session, events, exc)
-
-    def _submit_one(self, session: Session) -> None:
-        pieces = session.take_inbox()
-        if not pieces:
-            return
-        codes = (pieces[0][0] if len(pieces) == 1
-                 else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
-        marks, frames = [], 0
-        for piece, end, t_recv in pieces:
-            frames += piece[0].shape[-1]
-            marks.append((frames, (end, t_recv)))
-        self.feed([session], codes, [marks])
+                continue
+            marks, frames = [], 0
+            for piece, end, t_recv in pieces:
+                frames += piece[0].shape[-1]
+                marks.append((frames, (end, t_recv)))
+            held = 0 if stream.held is None else stream.held[0].shape[-1]
+            batches.setdefault((frames, held), []).append((session, codes, marks))
+        for members in batches.values():
+            try:  # one held size: one engine call, which queues all or nothing
+                batch = (members[0][1] if len(members) == 1
+                         else [torch.cat(level, dim=0) for level in zip(*(m[1] for m in members))])
+                self.feed([m[0] for m in members], batch, [m[2] for m in members])
+            except Exception as exc:  # noqa: BLE001
+                if len(members) == 1:
+                    self.fail(members[0][0], events, exc)
+                    continue
+                for session, codes, marks in members:
+                    try:
+                        self.feed([session], codes, [marks])
+                    except Exception as exc:  # noqa: BLE001
+                        self.fail(session, events, exc)
 
     def feed(self, sessions: Sequence[Session], outputs: Any, marks: Sequence[Sequence[Tuple[int, Marker]]]) -> None:
         """Hold codes and queue every whole step. Row ``j`` of ``outputs`` (codes per level (len(sessions), t_i))
