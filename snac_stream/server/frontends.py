@@ -472,14 +472,7 @@ class EngineHost:
 
     def _place(self, front: _FrontEnd, rid: int, number: int) -> None:
         session = Session(None, number)  # type: ignore[arg-type]  # the engine side of the front end's session
-        # Workers.place does not wait (it is a coroutine for the links' sake): run it to its end here.
-        placing = self.workers.place(session)
-        try:
-            placing.send(None)
-        except StopIteration as done:
-            placed = done.value
-        else:  # pragma: no cover - Workers.place never suspends
-            raise RuntimeError("Workers.place suspended")
+        placed = self.workers.take_slot(session)
         if placed:
             front.sessions[number] = session
             self._owners[session] = front

@@ -328,7 +328,13 @@ class Workers:
 
     # ---- placement (event loop) -------------------------------------------------------------------------
     async def place(self, session: Session) -> bool:
-        """Give ``session`` a slot on the engine set with the most free ones; False if every one is full."""
+        """Give ``session`` a slot on the engine set with the most free ones; False if every one is full. A
+        coroutine for the connection side, which may place through a front end's link (:mod:`.frontends`);
+        here it is :meth:`take_slot`."""
+        return self.take_slot(session)
+
+    def take_slot(self, session: Session) -> bool:
+        """:meth:`place`, at once."""
         free = self.slots_free()
         best = max(range(len(free)), key=free.__getitem__)  # the first of equals
         if not free[best]:
