@@ -443,6 +443,19 @@ def test_submit_many_checks_the_whole_call_before_queueing_anything() -> None:
     assert [enc.pending(sid) for sid in sids] == [5000 // enc.step_samples, 0, 2048 // enc.step_samples]
 
 
+def test_the_encoder_buffers_audio_for_a_model_in_a_dtype_numpy_lacks() -> None:
+    """The encoder keeps host audio in numpy views; a bfloat16 model's audio (no numpy dtype) is buffered as
+    tensors instead, with the same steps queued."""
+    model = copy.deepcopy(model_for("24khz")).to(torch.bfloat16)
+    engine = EncodeEngine(model, 2)
+    sid = engine.open()
+    with torch.inference_mode():
+        engine.submit(sid, torch.zeros(1, 1, engine.step_samples + 100))
+        engine.submit(sid, torch.zeros(1, 1, engine.step_samples))
+    assert engine.pending(sid) == 2 and engine._slots[sid].partial.dtype == torch.bfloat16
+    assert engine._slots[sid].partial.shape[-1] == 100
+
+
 # ---- encode ---------------------------------------------------------------------------------------
 
 enc_events = st.lists(st.tuples(st.sampled_from(["open", "open", "submit", "submit", "step", "step", "step", "close",

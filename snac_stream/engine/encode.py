@@ -13,6 +13,9 @@ from ..streaming.ops import Codes, no_codes
 from .base import StreamEngine, cat_to, Slot
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # dtypes a CPU tensor shares with numpy
+
+
 class EncodeEngine(StreamEngine):
     """Audio in, codes out, for up to ``max_streams`` independent streams at once.
 
@@ -68,7 +71,7 @@ class EncodeEngine(StreamEngine):
             joined = self.model.check_audio(joined, device)
         # On the host the per-stream slicing and joining runs in numpy (views of the same memory): a fraction of
         # a torch op's fixed cost, which a server pays for every stream of every tick.
-        host = joined.device.type == "cpu"
+        host = joined.device.type == "cpu" and joined.dtype in _NUMPY_FLOATS
         data = joined.numpy() if host else joined
         start = 0
         for slot, piece in zip(slots, audio):
