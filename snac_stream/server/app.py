@@ -1,9 +1,10 @@
 """The websocket server: one model, a decode and an encode engine per device, many sessions.
 
 :class:`SNACServer` wires the parts together: the engines of each device and the thread that runs them
-(:mod:`.worker`, :mod:`.lanes`), the connection side on the event loop (:mod:`.connection`) and the browser
-page on the same port (:mod:`.web`). Dependencies go one way: this module -> connection, web -> worker -> lanes
--> session; every part reads :mod:`.options`.
+(:class:`ModelEngines`; :mod:`.worker`, :mod:`.lanes`), and the client-facing side (:class:`FrontServer`): the
+connection side on the event loop (:mod:`.connection`), the HTTP endpoints and the browser page on the same
+port (:mod:`.web`). :mod:`.frontends` runs the same two halves in separate processes. Dependencies go one way:
+frontends -> this module -> connection, web -> worker -> lanes -> session; every part reads :mod:`.options`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import torch
@@ -42,6 +43,43 @@ def _device(spec: Union[str, torch.device]) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def readiness(draining: bool, slots_free: Sequence[int], health: Callable[[], Tuple[bool, str]]) -> Tuple[bool, str]:
+    """(ready, reason) of a started server: ``draining``, ``full`` (no device has a free slot), ``unhealthy``
+    (``health()`` says so) or ``ready``, in that order."""
+    if draining:
+        return False, "draining"
+    if not any(slots_free):
+        return False, "full"
+    if not health()[0]:
+        return False, "unhealthy"
+    return True, "ready"
+
+
+class ServerLifecycle:
+    """What every server shares around its own ``start``/``stop``: ``async with`` and its websocket URL."""
+
+    options: ServerOptions
+    port: Optional[int]
+
+    async def start(self) -> Any:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """The websocket address (``ws://host:port``) once started."""
+        host = self.options.host
+        return f"ws://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
 
 class ModelEngines:
@@ -81,7 +119,7 @@ class ModelEngines:
             engines.on_step = self.metrics.step_observer(index)
 
 
-class FrontServer:
+class FrontServer(ServerLifecycle):
     """The side of a server that faces clients: the listening socket, one websocket session per connection
     (:class:`~.connection.Gateway`), the HTTP endpoints (``/healthz``, ``/readyz``, ``/metrics``, the browser
     page), drain and stop. Its engine work goes to ``workers``: the :class:`~.worker.Workers` of this process
@@ -136,21 +174,9 @@ class FrontServer:
         await self.workers.stop()
         gc.unfreeze()  # back to normal collection (and a clean interpreter exit) once the server is gone
 
-    async def __aenter__(self) -> "SNACServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
-
     async def serve_forever(self) -> None:
         assert self._server is not None, "call start() first"
         await self._server.serve_forever()
-
-    @property
-    def url(self) -> str:
-        """The websocket address (``ws://host:port``) once started."""
-        host = self.options.host
-        return f"ws://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     @property
     def active_sessions(self) -> int:
@@ -173,13 +199,7 @@ class FrontServer:
         ``starting`` is never seen over HTTP: the port refuses connections until then."""
         if self.port is None or self._stopped:
             return False, "starting" if self.port is None else "stopped"
-        if self.gateway.draining:
-            return False, "draining"
-        if not any(self.workers.slots_free()):
-            return False, "full"
-        if not self.health()[0]:
-            return False, "unhealthy"
-        return True, "ready"
+        return readiness(self.gateway.draining, self.workers.slots_free(), self.health)
 
     @property
     def draining(self) -> bool:

@@ -50,7 +50,7 @@ import torch
 from ..model.snac import SNACModel
 from ..protocol import ProtocolError
 from ..tokens import get_layout
-from .app import FrontServer, ModelEngines
+from .app import FrontServer, ModelEngines, ServerLifecycle, readiness
 from .metrics import engine_snapshot, front_snapshot, merge_snapshots
 from .options import ServedModel, ServerOptions
 from .session import Events, Session
@@ -377,13 +377,7 @@ class EngineHost:
         return self.workers.health(self.options.stuck_tick_s)
 
     def readiness(self) -> Tuple[bool, str]:
-        if self.draining:
-            return False, "draining"
-        if not any(self.workers.slots_free()):
-            return False, "full"
-        if not self.health()[0]:
-            return False, "unhealthy"
-        return True, "ready"
+        return readiness(self.draining, self.workers.slots_free(), self.health)
 
     # ---- status -----------------------------------------------------------------------------------------
     def _status_message(self) -> Tuple[Any, ...]:
@@ -551,7 +545,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-class MultiProcessServer:
+class MultiProcessServer(ServerLifecycle):
     """:class:`~.app.SNACServer`'s service with its client side in ``frontends`` processes (module docstring):
     same options, same protocol, same endpoints on one port; ``--max-sessions`` per device for the whole
     server. Use ``async with MultiProcessServer(model, options, frontends=4) as server:``.
@@ -664,20 +658,9 @@ class MultiProcessServer:
             self._closed.set()
         gc.unfreeze()
 
-    async def __aenter__(self) -> "MultiProcessServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
-
     async def serve_forever(self) -> None:
         assert self._closed is not None, "call start() first"
         await self._closed.wait()
-
-    @property
-    def url(self) -> str:
-        host = self.options.host
-        return f"ws://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     @property
     def active_sessions(self) -> int:
