@@ -80,7 +80,7 @@ def _front_end(sock: socket.socket, rate: float, seconds: float, sessions: int) 
 
 
 async def _engine_side(sock: socket.socket, seconds: float, sessions: int) -> Tuple[int, float, float]:
-    host = EngineHost(_TakesInput(), None, _Options(), {})  # type: ignore[arg-type]
+    host = EngineHost(_TakesInput(), None, _Options())  # type: ignore[arg-type]
     front = await host.add(0, sock)
     for number in range(1, sessions + 1):
         front.sessions[number] = Session(None, number)  # type: ignore[arg-type]

@@ -82,8 +82,7 @@ class Channel(asyncio.Protocol):
         self._transport: Optional[asyncio.Transport] = None
         self._out: List[Any] = []
         self._in = bytearray()
-        self.closed = False
-        self._gone = asyncio.get_running_loop().create_future()
+        self._gone = asyncio.get_running_loop().create_future()  # done once the connection is lost
 
     @classmethod
     async def connect(cls, sock: socket.socket, on_batch: Callable[[List[Tuple[Any, ...]]], None],
@@ -113,8 +112,6 @@ class Channel(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         if not self._gone.done():
             self._gone.set_result(None)
-        if not self.closed:
-            self.closed = True
             self.on_close()
 
     # ---- sending ------------------------------------------------------------------------------------------
@@ -198,12 +195,11 @@ class EngineLink:
     ``stop``); ``on_lost()`` is called once if the engine process goes away.
     """
 
-    def __init__(self, slots_per_device: int, devices: int, stuck_after_s: float):
+    def __init__(self, slots_per_device: int, devices: int):
         self.channel: Channel = None  # type: ignore[assignment]  # set by connect()
         self.requests: _Requests = None  # type: ignore[assignment]
         self.slots_per_device = slots_per_device
         self.devices = devices
-        self.stuck_after_s = stuck_after_s
         self._slots_free = [slots_per_device] * devices
         self._sessions_open = [0] * devices
         self._health: Tuple[bool, str] = (False, "engine process not heard from yet")
@@ -333,11 +329,10 @@ class EngineHost:
     """Serves the front ends' links in the engine process: applies their sessions' operations to the
     ``workers`` (placement, streams, input, ends) and sends each front end its sessions' events."""
 
-    def __init__(self, workers: Any, served: ServedModel, options: ServerOptions, stats: Dict[str, Any]):
+    def __init__(self, workers: Any, served: ServedModel, options: ServerOptions):
         self.workers = workers
         self.served = served
         self.options = options
-        self.stats = stats
         self.front_ends: List[_FrontEnd] = []
         self._owners: Dict[Session, _FrontEnd] = {}  # every placed session's front end
         self._tasks: set = set()
@@ -570,7 +565,7 @@ class MultiProcessServer(ServerLifecycle):
         self.engine_sets, self.devices, self.threads = built.engine_sets, built.devices, built.threads
         self.step_frames, self.step_samples, self.latency = built.step_frames, built.step_samples, built.latency
         self.served, self.workers, self.metrics = built.served, built.workers, built.metrics
-        self.host = EngineHost(self.workers, self.served, self.options, self.stats)
+        self.host = EngineHost(self.workers, self.served, self.options)
         self.host.metrics_snapshot_text = self._render_metrics
         self.host.on_lost_front_end = self._replace
         self.processes: List[multiprocessing.process.BaseProcess] = []
@@ -734,7 +729,7 @@ def _front_end_process(index: int, numbering: Tuple[int, int], sock: socket.sock
 async def _front_end(numbering: Tuple[int, int], sock: socket.socket, served: ServedModel, options: ServerOptions,
                      devices: int) -> None:
     stats = new_stats()
-    link = EngineLink(options.max_sessions, devices, options.stuck_tick_s)
+    link = EngineLink(options.max_sessions, devices)
     await link.connect(sock)
     channel = link.channel
     server = _FrontEndServer(served, options, link, stats, reuse_port=True, numbering=numbering)
