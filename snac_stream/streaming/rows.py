@@ -95,7 +95,8 @@ def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
             if dst.shape != src.shape:
                 raise ValueError(f"a push changed a state tensor's shape {tuple(dst.shape)} -> {tuple(src.shape)}: "
                                  "the rows are not in their steady phase")
-            dst.copy_(torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src, dst))
+            # One pass, no temporary: in the captured step this runs over every state tensor of the batch.
+            torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src.to(dst.dtype), dst, out=dst)
         return dst
     _map_state(blend, state, new)
 
