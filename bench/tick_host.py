@@ -1,7 +1,8 @@
 """A server tick's host work per session: what the engine thread spends around the engine steps.
 
     python bench/tick_host.py [--kind roundtrip|decode] [--sessions 16 64 256] [--device cpu|cuda]
-                              [--preset 24khz] [--small] [--ticks 8] [--profile] [--json out.json]
+                              [--preset 24khz] [--small] [--ticks 8] [--profile] [--overlap on|off|both]
+                              [--json out.json]
 
 Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
 their lanes) for N sessions and runs ticks as the server's engine thread does. Roundtrip sessions: before each
@@ -14,6 +15,11 @@ time less the engine steps' time is its host work: the lanes' Python per session
 token layouts, PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
 GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
 the CPU's compute does); ``--profile`` prints the functions the host work spends its time in (cProfile).
+
+On a GPU the tick overlaps its host work with the steps (server/worker.py): ticks run back to back, as under
+load, and "engine steps" is the device time of the steps a tick finished (the decode step launched by the
+tick before among them), so "host" is what the overlap leaves exposed, and may fall below zero when the
+device's work also covered the feed before the tick. ``--overlap off`` waits for every step (the A/B).
 """
 
 from __future__ import annotations
@@ -53,9 +59,12 @@ def build(preset: str, small: bool, device: str) -> SNAC:
     return SNAC(**structure).to(device).eval()
 
 
-def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip") -> Dict[str, Any]:
+def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip",
+            overlap: bool = True) -> Dict[str, Any]:
     stats = new_stats()
     engines = EngineSet(model, sessions, stats)
+    for engine in (engines.encoder, engines.decoder):  # off: every step waits for its outputs (the A/B)
+        engine.async_output = engine.async_output and overlap
     cfg = model.config
     step = engines.step_samples
     pieces = [MESSAGE_SAMPLES] * (step // MESSAGE_SAMPLES) + ([step % MESSAGE_SAMPLES] if step % MESSAGE_SAMPLES else [])
@@ -93,24 +102,26 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         engines.tick([], group, [])
     gc.collect()
     gc.freeze()
-    totals, steps, frames = [], [], []
+    totals, cycles, steps, frames = [], [], [], []
     profiler = cProfile.Profile() if profile else None
-    for _ in range(ticks):
+    for _ in range(ticks):  # back to back, as under load: a tick's last step runs on into the next feed and tick
+        c0 = time.perf_counter()
         feed()
         if profiler is not None:
             profiler.enable()
         t0 = time.perf_counter()
         events, _, _, _ = engines.tick([], group, [])
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
         totals.append(time.perf_counter() - t0)
+        cycles.append(time.perf_counter() - c0)
         if profiler is not None:
             profiler.disable()
         steps.append(stats["step_s"][-1])
         frames.append(len(events))
+    engines.tick([], [], [])  # the step left running
     gc.unfreeze()
     host = [t - s for t, s in zip(totals, steps)]
-    row = {"kind": kind, "sessions": sessions, "ticks": ticks, "tick_ms": 1e3 * statistics.median(totals),
+    row = {"kind": kind, "sessions": sessions, "ticks": ticks, "overlap": overlap and model.device.type == "cuda",
+           "tick_ms": 1e3 * statistics.median(totals), "cycle_ms": 1e3 * statistics.median(cycles),
            "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
            "host_us_per_session": 1e6 * statistics.median(host) / sessions,
            "frames_per_tick": statistics.median(frames)}
@@ -134,20 +145,26 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="narrow layers (host work is the same)")
     parser.add_argument("--ticks", type=int, default=8)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"],
+                        help="GPU: steps overlapping the host work (the server's way), every step waited for, "
+                             "or both one after the other")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = build(args.preset, args.small, args.device)
     machine = describe_machine(torch.device(args.device))
     print(f"# tick host work, {args.kind} sessions, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
           f"{machine}; commit {commit()}")
-    print("| sessions | tick (ms) | engine steps (ms) | host (ms) | host per session (us) | frames per tick |")
-    print("|---|---|---|---|---|---|")
+    print("| sessions | overlap | tick (ms) | feed + tick (ms) | engine steps (ms) | host (ms) | host per session (us) "
+          "| frames per tick |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for n in args.sessions:
-        row = measure(model, n, args.ticks, args.profile, args.kind)
-        rows.append(row)
-        print(f"| {n} | {row['tick_ms']:.1f} | {row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | "
-              f"{row['host_us_per_session']:.1f} | {row['frames_per_tick']:.0f} |", flush=True)
+        for overlap in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]:
+            row = measure(model, n, args.ticks, args.profile, args.kind, overlap)
+            rows.append(row)
+            print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
+                  f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "
+                  f"{row['frames_per_tick']:.0f} |", flush=True)
     if args.profile:
         for row in rows:
             print(f"\n## {row['sessions']} sessions: top functions by own time per tick (cProfile)")

@@ -266,12 +266,15 @@ def test_outputs_on_another_device(engine_type) -> None:
 @pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
 def test_graph_replay_equals_eager(engine_type) -> None:
     """Full-size 24 kHz model: every output of the replayed graphs equals the same bucket pass run eagerly,
-    and an engine fed from the host with outputs to the host (``output_device="cpu"``, as the server runs it)
-    gives the same results."""
+    and an engine fed from the host with outputs to the host (``output_device="cpu"``) gives the same results,
+    also with ``async_output`` as the server runs it: a step's outputs read only after the next step is
+    launched (two in flight), so they must survive the next replay."""
     torch.manual_seed(0)
     model = SNAC.from_config("24khz").cuda().eval()
     engines = {mode: engine_type(model, 5, step_mode=mode) for mode in ("graphs", "buckets")}
     engines["host"] = engine_type(model, 5, step_mode="graphs", output_device="cpu")
+    engines["async"] = engine_type(model, 5, step_mode="graphs", output_device="cpu", async_output=True)
+    assert engines["async"].async_output and not engines["host"].async_output
     engines["graphs"].capture_graphs()
     cfg = model.config
     gen = torch.Generator().manual_seed(5)
@@ -284,30 +287,50 @@ def test_graph_replay_equals_eager(engine_type) -> None:
         else:
             inputs.append((torch.randn(1, 1, steps * engines["graphs"].step_samples + 333, generator=gen) * 0.3).cuda())
     outs = {mode: {} for mode in engines}
+
+    def collect(mode, engine, groups) -> None:
+        groups.wait()
+        for group_sids, outputs in groups:
+            for sid, row in zip(group_sids, engine._rows(outputs)):
+                outs[mode].setdefault(sid, []).append(row)
+
     with torch.inference_mode():
         for mode, engine in engines.items():
             sids = [engine.open() for _ in range(5)]
-            feed = ((lambda x: [c.cpu() for c in x] if isinstance(x, list) else x.cpu()) if mode == "host"
+            feed = ((lambda x: [c.cpu() for c in x] if isinstance(x, list) else x.cpu()) if mode in ("host", "async")
                     else (lambda x: x))
             for i, sid in enumerate(sids):
                 if i == 3:
                     continue  # opens later: a warm-up beside the batch, then a join mid-stream
                 engine.submit(sid, feed(inputs[i]))
+            pending = None
             for t in range(steps + 3):
                 if t == 2:
                     engine.submit(sids[3], feed(inputs[3]))
                 if t == 4:
+                    if pending is not None:  # what was sent before the close is read before it
+                        collect(mode, engine, pending)
+                        pending = None
                     outs[mode][sids[4]] = [engine.close(sids[4])]  # a slot inside the bucket goes free
+                if mode == "async":  # launch this step, then read the one before
+                    groups = engine.step_groups()
+                    if pending is not None:
+                        collect(mode, engine, pending)
+                    pending = groups
+                    continue
                 for sid, out in engine.step().items():
                     outs[mode].setdefault(sid, []).append(out)
+            if pending is not None:
+                collect(mode, engine, pending)
             for sid in sids[:4]:
                 outs[mode][sid].append(engine.close(sid))
-    for other, what in (("buckets", "the eager pass"), ("host", "the host-fed engine")):
+    for other, what in (("buckets", "the eager pass"), ("host", "the host-fed engine"),
+                        ("async", "the engine returning before its outputs are on the host")):
         assert outs[other].keys() == outs["graphs"].keys()
         for sid in outs[other]:
             for a, b in zip(outs["graphs"][sid], outs[other][sid], strict=True):
                 for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], strict=True):
-                    assert y.device.type == ("cpu" if other == "host" else "cuda")
+                    assert y.device.type == ("cuda" if other == "buckets" else "cpu")
                     assert torch.equal(x.cpu(), y.cpu()), f"stream {sid}: graph replay differs from {what}"
     # And each stream still equals its own offline result.
     for i in range(4):

@@ -30,12 +30,14 @@ How the batched step runs (``step_mode``):
 Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device
 in one copy; ``output_device="cpu"`` likewise returns a step's outputs with one copy for all streams. A server
 feeding a GPU engine from the network would otherwise pay a host-device copy, and a synchronisation, per
-stream and step.
+stream and step. With ``async_output=True`` as well, ``step_groups()`` returns once the step and that copy
+are queued on the GPU (``StepGroups.wait()`` before reading the outputs): the server does its host work for
+other steps while the GPU computes this one.
 """
 
 
-from .base import STEP_MODES, EngineFull, StreamEngine
+from .base import STEP_MODES, EngineFull, StepGroups, StreamEngine
 from .decode import DecodeEngine
 from .encode import EncodeEngine
 
-__all__ = ["DecodeEngine", "EncodeEngine", "EngineFull", "StreamEngine", "STEP_MODES"]
+__all__ = ["DecodeEngine", "EncodeEngine", "EngineFull", "StepGroups", "StreamEngine", "STEP_MODES"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -49,6 +50,30 @@ def _sid(slot: "Slot") -> int:
     return slot.sid
 
 
+class StepGroups(list):
+    """What :meth:`StreamEngine.step_groups` returns: ``(stream ids, outputs)`` pairs, and :meth:`wait`.
+
+    An engine built with ``async_output`` returns as soon as the step is queued on the GPU, each output's copy
+    to (pinned) host memory queued behind it: the caller does other host work meanwhile and reads the outputs
+    after :meth:`wait`. Otherwise the outputs are ready on return and :meth:`wait` returns at once.
+    """
+
+    def __init__(self, groups: Sequence[Tuple[List[int], Any]] = (), wall_s: float = 0.0,
+                 events: Optional[Tuple[Any, Any]] = None):
+        super().__init__(groups)
+        self.wall_s = wall_s  # the host's time in step_groups
+        self._events = events  # (started, done) CUDA events of an async step
+
+    def wait(self) -> float:
+        """Block until the outputs are on ``output_device``; returns the step's time in seconds: the device's,
+        from the step's start to its outputs' arrival, for an async step; else the wall time of the call."""
+        if self._events is None:
+            return self.wall_s
+        started, done = self._events
+        done.synchronize()
+        return started.elapsed_time(done) / 1e3
+
+
 class EngineFull(RuntimeError):
     """Every stream slot is taken."""
 
@@ -86,7 +111,8 @@ class StreamEngine:
     """
 
     def __init__(self, model: SNACModel, body: StreamOp, max_streams: int, backend: Optional[str] = None,
-                 step_mode: str = "auto", output_device: Optional[Union[str, torch.device]] = None):
+                 step_mode: str = "auto", output_device: Optional[Union[str, torch.device]] = None,
+                 async_output: bool = False):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         if step_mode not in STEP_MODES:
@@ -99,6 +125,8 @@ class StreamEngine:
         self.model = model
         self.body = body
         self.output_device = model.device if output_device is None else torch.device(output_device)
+        # step_groups returns before the outputs reach the host (StepGroups.wait): a GPU model, host outputs.
+        self.async_output = bool(async_output) and model.device.type == "cuda" and self.output_device.type == "cpu"
         self.config = model.config
         self.max_streams = max_streams
         self.backend = backend
@@ -209,14 +237,21 @@ class StreamEngine:
 
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""
-        return {sid: row for sids, outputs in self.step_groups() for sid, row in zip(sids, self._rows(outputs))}
+        groups = self.step_groups()
+        groups.wait()
+        return {sid: row for sids, outputs in groups for sid, row in zip(sids, self._rows(outputs))}
 
-    def step_groups(self) -> List[Tuple[List[int], Any]]:
+    def step_groups(self) -> StepGroups:
         """Run one queued step of every stream that has one; returns the outputs batched as they were computed:
         ``(stream ids, outputs)`` pairs whose output row ``i`` belongs to stream ``ids[i]`` (one pair for the
         batch, one per group of warming streams). A caller that handles outputs per batch rather than per
         stream (the server converting thousands of streams' outputs every step) starts here; :meth:`step`
-        splits them."""
+        splits them. With ``async_output``, read the outputs after the result's ``wait()``."""
+        t0 = time.perf_counter()
+        events = None
+        if self.async_output:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
         batched: List[Slot] = []
@@ -235,7 +270,7 @@ class StreamEngine:
                 batched.sort(key=_sid)
                 sids = [slot.sid for slot in batched]
                 outputs = self._step_batch(sids, self._stack([slot.queue.pop(0) for slot in batched]))
-                groups.append((sids, self._to_output(outputs)))
+                groups.append((sids, self._to_output(outputs, self.async_output)))
                 for slot in batched:
                     slot.steps += 1
             if fresh:
@@ -249,12 +284,14 @@ class StreamEngine:
                     group = self._split(group, [i for i, slot in enumerate(members) if slot.queue])
                     members = [self._slots[sid] for sid in group.sids]
                 outputs = self._advance(group.state, self._stack([slot.queue.pop(0) for slot in members]))
-                groups.append((list(group.sids), self._to_output(outputs)))
+                groups.append((list(group.sids), self._to_output(outputs, self.async_output)))
                 for slot in members:
                     slot.steps += 1
                 if members[0].steps >= self.warmup_steps:
                     self._join(group)
-        return groups
+        if events is not None:
+            events[1].record()
+        return StepGroups(groups, time.perf_counter() - t0, events)
 
     def close(self, sid: int) -> Any:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
@@ -397,13 +434,14 @@ class StreamEngine:
         device = x.device if isinstance(x, torch.Tensor) else self.model.device
         return device if device.type == "cpu" else self.model.device
 
-    def _to_output(self, outputs: Any) -> Any:
-        """A step's outputs on ``output_device`` (one copy per tensor for all streams)."""
+    def _to_output(self, outputs: Any, queued: bool = False) -> Any:
+        """A step's outputs on ``output_device`` (one copy per tensor for all streams); ``queued``: the copies
+        only queued behind the step (pinned host memory, ``async_output``)."""
         if self.output_device == self.model.device:
             return outputs
         if isinstance(outputs, (list, tuple)):
-            return [o.to(self.output_device) for o in outputs]
-        return outputs.to(self.output_device)
+            return [o.to(self.output_device, non_blocking=queued) for o in outputs]
+        return outputs.to(self.output_device, non_blocking=queued)
 
     def _slot(self, sid: int) -> Slot:
         slot = self._slots.get(sid)

@@ -19,8 +19,8 @@ class DecodeEngine(StreamEngine):
     """
 
     def __init__(self, model: SNACModel, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None):
-        super().__init__(model, decoder_op(model), max_streams, backend, step_mode, output_device)
+                 output_device: Optional[Union[str, torch.device]] = None, async_output: bool = False):
+        super().__init__(model, decoder_op(model), max_streams, backend, step_mode, output_device, async_output)
 
     @functools.cached_property
     def _level_widths(self) -> List[int]:

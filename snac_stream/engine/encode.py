@@ -25,8 +25,8 @@ class EncodeEngine(StreamEngine):
     """
 
     def __init__(self, model: SNACModel, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None):
-        super().__init__(model, encoder_op(model), max_streams, backend, step_mode, output_device)
+                 output_device: Optional[Union[str, torch.device]] = None, async_output: bool = False):
+        super().__init__(model, encoder_op(model), max_streams, backend, step_mode, output_device, async_output)
 
     def _zero_step(self) -> Any:
         return torch.zeros(1, 1, self.step_samples, device=self.model.device, dtype=self.model.dtype)

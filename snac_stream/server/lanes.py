@@ -43,6 +43,25 @@ class _Stream:
     held: Optional[List[torch.Tensor]] = None  # input short of a whole step the lane keeps (decode: codes)
 
 
+def _take_rows(outputs: Any, rows: List[int]) -> Any:
+    """Rows ``rows`` of a step's batched outputs (a tensor, or codes per level)."""
+    index = torch.tensor(rows)
+    if isinstance(outputs, (list, tuple)):
+        return [o.index_select(0, index.to(o.device)) for o in outputs]
+    return outputs.index_select(0, index.to(outputs.device))
+
+
+@dataclass
+class Launched:
+    """A lane's engine step under way: its outputs (``StepGroups``), the host's time launching it and the
+    step time of the lane upstream it carries (roundtrip sessions' compute)."""
+
+    lane: "Lane"
+    groups: Any
+    launch_s: float
+    carried_s: float
+
+
 class Lane:
     """One engine and the streams of the sessions on it.
 
@@ -120,15 +139,39 @@ class Lane:
             done = steps
 
     # ---- steps ----------------------------------------------------------------------------------------
-    def step(self, events: Events, carried_s: float = 0.0) -> Tuple[float, bool]:
-        """One engine step of every stream with a step queued, its outputs sent per batch. ``carried_s``: the
-        lane upstream's step time in this tick, part of the compute time of the sessions it fed. Returns
-        (seconds the step took, whether any stream stepped)."""
+    def launch(self, events: Events, carried_s: float = 0.0) -> Optional["Launched"]:
+        """Start one engine step of every stream with a step queued (on a GPU it runs while the caller does
+        other work; :meth:`finish` sends its outputs). ``carried_s``: the lane upstream's step time, part of
+        the compute time of the sessions it fed. None if no stream has a step queued. A failure of the step as
+        a whole (not of one stream's input, which the engines refuse at submit) ends every session on this
+        lane with ``internal_error``; the server goes on serving."""
+        if not self.busy():
+            return None
         t0 = time.perf_counter()
-        groups = self._step_groups(events)
-        step_s = time.perf_counter() - t0
-        self.last_batch = sum(len(sids) for sids, _ in groups)
-        for sids, outputs in groups:
+        try:
+            groups = self.engine.step_groups()
+        except Exception as exc:  # noqa: BLE001
+            self._fail_all(exc, events)
+            return None
+        return Launched(self, groups, time.perf_counter() - t0, carried_s) if groups else None
+
+    def finish(self, launched: "Launched", events: Events) -> float:
+        """Wait for a launched step's outputs and send them per batch; returns the step's time (seconds).
+        Streams that ended since the launch (their session failed in between) are left out."""
+        try:
+            wait = getattr(launched.groups, "wait", None)
+            step_s = max(launched.launch_s, wait() if wait is not None else 0.0)
+        except Exception as exc:  # noqa: BLE001 - a device fault surfaces where its work is awaited
+            self._fail_all(exc, events)
+            return 0.0
+        self.last_batch = 0
+        for sids, outputs in launched.groups:
+            live = [j for j, sid in enumerate(sids) if sid in self._by_sid]
+            if len(live) < len(sids):
+                if not live:
+                    continue
+                sids, outputs = [sids[j] for j in live], _take_rows(outputs, live)
+            self.last_batch += len(sids)
             sessions = [self._by_sid[sid] for sid in sids]
             markers, compute = [], []
             for session in sessions:
@@ -137,24 +180,15 @@ class Lane:
                     session.consumed += self._input_per_step(session)
                     compute.append(step_s)
                 else:
-                    compute.append(step_s + carried_s)
+                    compute.append(step_s + launched.carried_s)
             self.emit(sessions, outputs, markers, compute, events)
-        return step_s, bool(groups)
+        return step_s
 
-    def _step_groups(self, events: Events) -> List[Tuple[List[int], Any]]:
-        """One step of the engine if any of its streams has input queued: its outputs as batched rows. A
-        failure of the step as a whole (not of one stream's input, which the engines refuse at submit) ends
-        every session on this lane with ``internal_error``; the server goes on serving."""
-        if not self.busy():
-            return []
-        try:
-            return self.engine.step_groups()
-        except Exception as exc:  # noqa: BLE001
-            log.exception("engine step failed; ending the %d sessions on it", len(self._by_sid))
-            error = ProtocolError("internal_error", f"internal error: {type(exc).__name__}")
-            for session in list(self._by_sid.values()):
-                self.fail(session, events, error)
-            return []
+    def _fail_all(self, exc: Exception, events: Events) -> None:
+        log.error("engine step failed; ending the %d sessions on it", len(self._by_sid), exc_info=exc)
+        error = ProtocolError("internal_error", f"internal error: {type(exc).__name__}")
+        for session in list(self._by_sid.values()):
+            self.fail(session, events, error)
 
     def _input_per_step(self, session: Session) -> int:
         """Client input items (samples, or tokens) one step consumes."""

@@ -8,7 +8,8 @@ sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) 
 (:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
 and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one
 batched flush per engine), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are
-decoded in the same tick), and hands the output frames back to the loop. Outputs are converted per batch:
+decoded in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the
+steps: a step's outputs are sent while the next step runs, the last one's in the next tick. Outputs are converted per batch:
 tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with the
 number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
 
@@ -19,18 +20,19 @@ thread and copy of the model; a session stays on the device it was placed on whe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, ContextManager, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from ..engine import DecodeEngine, EncodeEngine, EngineFull
 from ..model.snac import SNACModel
 from ..protocol import ProtocolError, dumps
-from .lanes import DecodeLane, EncodeLane, Lane
+from .lanes import DecodeLane, EncodeLane, Lane, Launched
 from .session import Events, Session
 
 log = logging.getLogger("snac_stream.server")
@@ -66,9 +68,10 @@ class EngineSet:
         # Called after each lane's step that ran, in the engine thread: (lane name, seconds, streams stepped).
         self.on_step: Optional[Callable[[str, float, int], None]] = None
         with on_device(self.device):
-            # Outputs come back on the host in one copy per step (they are sent from there anyway).
-            self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu")
-            self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu")
+            # Outputs come back on the host in one copy per step (they are sent from there anyway); on a GPU a
+            # step returns while it runs, so the tick does its host work meanwhile.
+            self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
+            self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
             for engine in (self.decoder, self.encoder):
                 if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
                     engine.warm_up()
@@ -80,6 +83,9 @@ class EngineSet:
         self.encode.feeds(self.decode)
         self.lanes: Tuple[Lane, ...] = (self.encode, self.decode)  # step order: upstream first
         self._ending: List[Session] = []  # flushed sessions whose end is not sent yet
+        self._launched: Deque[Launched] = collections.deque()  # steps under way, oldest first
+        self._last_step_s: Dict[Lane, float] = {}  # each lane's latest step time (roundtrips carry the encoder's)
+        self._finished_s = 0.0  # step time sent in the tick under way
 
     def open(self, session: Session) -> None:
         """Open the session's streams; ``server_full`` if an engine has no free slot."""
@@ -108,12 +114,22 @@ class EngineSet:
              ending: Sequence[Session]) -> Tuple[Events, List[Any], List[Session], bool]:
         """Submit the input of the ``ready`` sessions, run the commands, take the new ``ending`` sessions (a
         stream's end comes after its last input), end the streams that are ready to, then one step of each
-        lane. Returns (events, command results, sessions whose end is sent, more to do)."""
+        lane. Returns (events, command results, sessions whose end is sent, more to do).
+
+        Steps overlap the host work around them: each lane's step is launched, and the outputs of the step
+        launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). The last
+        step launched is left running when the tick returns; the next tick, which comes at once ("more to
+        do"), submits its input meanwhile and sends that step's outputs. A lane's step is launched only once
+        the step upstream of it has been sent (its outputs are the lane's input), and everything under way is
+        sent before commands and stream ends run (a session's frames before what they do)."""
         start = time.perf_counter()
         events: Events = []
         results: List[Any] = []
+        self._finished_s, finished = 0.0, False
         for lane in self.lanes:
             lane.submit([session for session in ready if session.kind in lane.input_kinds], events)
+        if commands or ending or self._ending:
+            finished = self._finish(events)
         for command in commands:
             try:
                 results.append(command(events))
@@ -124,18 +140,37 @@ class EngineSet:
                 lane.end_input(session)
             self._ending.append(session)
         ended = self._end_streams(events) if self._ending else []
-        step_s, carried_s, stepped = 0.0, 0.0, False
+        launched_any = False
         for lane in self.lanes:
-            carried_s, ran = lane.step(events, carried_s)
-            step_s += carried_s
-            stepped = stepped or ran
-            if ran and self.on_step is not None:
-                self.on_step(lane.name, carried_s, lane.last_batch)
-        busy = bool(self._ending) or any(lane.busy() for lane in self.lanes)
-        if stepped or ended:
+            if lane.upstream is not None and any(step.lane is lane.upstream for step in self._launched):
+                finished = self._finish(events, through=lane.upstream) or finished
+            launched = lane.launch(events, self._last_step_s.get(lane.upstream, 0.0) if lane.upstream else 0.0)
+            if launched is not None:
+                self._launched.append(launched)
+                launched_any = True
+        # Keep the newest step running into the next tick; send the others' outputs meanwhile.
+        finished = self._finish(events, keep=1 if launched_any else 0) or finished
+        busy = bool(self._launched) or bool(self._ending) or any(lane.busy() for lane in self.lanes)
+        if finished or ended:
             self.stats["tick_s"].append(time.perf_counter() - start)
-            self.stats["step_s"].append(step_s)
+            self.stats["step_s"].append(self._finished_s)
         return events, results, ended, busy
+
+    def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
+        """Send the outputs of launched steps, oldest first: all but the newest ``keep``, or (``through``) up
+        to the last step of that lane. Returns whether any was sent."""
+        sent = False
+        while len(self._launched) > keep:
+            if through is not None and not any(step.lane is through for step in self._launched):
+                break
+            step = self._launched.popleft()
+            step_s = step.lane.finish(step, events)
+            self._last_step_s[step.lane] = step_s
+            self._finished_s += step_s
+            sent = True
+            if self.on_step is not None:
+                self.on_step(step.lane.name, step_s, step.lane.last_batch)
+        return sent
 
     def _end_streams(self, events: Events) -> List[Session]:
         """End the flushed sessions whose queued steps have all run (padded as offline encode/decode would),

@@ -1,0 +1,131 @@
+"""The engine thread's tick (server.worker.EngineSet) with its steps overlapping the host work: a lane's step
+is launched, the previous step's outputs are sent while it runs, and the last one launched is sent by the
+next tick. On the CPU a launch runs the step, so these tests check the order and bookkeeping the GPU relies
+on: every frame once, in order, exact; a step under way when its session fails elsewhere leaves the others'
+outputs whole. The GPU side (outputs copied to the host behind the step) is tested in test_engine.py.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from snac_stream import PRESETS, SNAC
+from snac_stream.protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame
+from snac_stream.server.session import Session
+from snac_stream.server.stats import new_stats
+from snac_stream.server.worker import EngineSet
+from snac_stream.tokens import get_layout
+
+
+def tiny_model() -> SNAC:
+    torch.manual_seed(5)
+    return SNAC(**{**PRESETS["24khz"].to_dict(), "encoder_dim": 4, "decoder_dim": 16}).eval()
+
+
+def open_sessions(engines: EngineSet, model: SNAC, kinds: List[str]) -> List[Session]:
+    sessions = []
+    for number, kind in enumerate(kinds, 1):
+        session = Session(None, number)  # type: ignore[arg-type]
+        session.hello = Hello(kind=kind)
+        session.layout = get_layout(session.hello.token_layout, model.config)
+        session.audio_format = "float32"
+        engines.open(session)
+        sessions.append(session)
+    return sessions
+
+
+def frames_by_session(events) -> Dict[Session, List[OutputFrame]]:
+    out: Dict[Session, List[OutputFrame]] = {}
+    for session, message in events:
+        assert isinstance(message, bytes), message
+        out.setdefault(session, []).append(OutputFrame.unpack(message, "float32"))
+    return out
+
+
+def test_each_tick_leaves_its_last_step_running_and_the_next_sends_it_in_order() -> None:
+    """Roundtrip and decode sessions fed a random number of steps per tick: every tick but an idle one keeps
+    one step under way ("more to do"); the frames come once each, in stream order, and the audio equals
+    offline decoding of the same codes (roundtrip: of offline encoding)."""
+    model = tiny_model()
+    engines = EngineSet(model, 4, new_stats())
+    step, frames = engines.step_samples, engines.step_frames
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    talk, play = open_sessions(engines, model, ["roundtrip", "decode"])
+    steps = 9
+    audio = (0.2 * rng.standard_normal(steps * step)).astype(np.float32)
+    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, steps * frames * cfg.coarse_stride // s)))
+             for s in cfg.vq_strides]
+    got: Dict[Session, List[OutputFrame]] = {talk: [], play: []}
+    fed = 0
+    kept_running = 0
+    while fed < steps:
+        n = int(rng.integers(1, 3))
+        for k in range(fed, min(steps, fed + n)):
+            talk.loop.received += step
+            talk.inbox.append((audio[k * step:(k + 1) * step], talk.loop.received, 0.0))
+            piece = [c[:, k * c.shape[-1] // steps:(k + 1) * c.shape[-1] // steps] for c in codes]
+            play.loop.received += sum(p.shape[-1] for p in piece)
+            play.inbox.append((piece, play.loop.received, 0.0))
+        fed = min(steps, fed + n)
+        for _ in range(n):  # one step per lane a tick: ticks until this batch of input has run
+            events, _, _, busy = engines.tick([], [talk, play], [])
+            assert busy  # a step is left running (or input is queued)
+            kept_running += len(engines._launched)
+            for session, frames_ in frames_by_session(events).items():
+                got[session].extend(frames_)
+    events, _, _, busy = engines.tick([], [], [])  # no input: the step under way is sent, nothing left
+    assert not busy and not engines._launched and events  # the last step's frames came with the idle tick
+    for session, frames_ in frames_by_session(events).items():
+        got[session].extend(frames_)
+    assert kept_running > 0
+    with torch.inference_mode():
+        expected_play = model.decode(codes)[0, 0].numpy()
+        talk_codes = model.encode(torch.from_numpy(audio).view(1, 1, -1))
+        expected_talk = model.decode(talk_codes)[0, 0].numpy()
+    for session, expected in ((play, expected_play), (talk, expected_talk)):
+        audio_frames = [f for f in got[session] if f.payload_kind == PAYLOAD_AUDIO]
+        starts = [f.start for f in audio_frames]
+        assert starts == sorted(starts) and len(set(starts)) == len(starts)  # once each, in order
+        pcm = np.concatenate([f.data for f in audio_frames])
+        assert pcm.size == starts[-1] + audio_frames[-1].data.size
+        assert np.abs(pcm - expected[: pcm.size]).max() <= 1e-5
+    tokens = np.concatenate([f.data for f in got[talk] if f.payload_kind == PAYLOAD_TOKENS])
+    np.testing.assert_array_equal(tokens, talk.layout.to_flat(talk_codes)[0].numpy()[: tokens.size])
+    assert tokens.size and len(got[play]) == len(audio_frames := [f for f in got[play] if f.payload_kind == PAYLOAD_AUDIO])
+
+
+def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -> None:
+    """A decode step is under way for three sessions when one of them is dropped (as a failure in the same
+    tick drops it): the next tick sends the other two their frames, exact, and nothing to the dropped one."""
+    model = tiny_model()
+    engines = EngineSet(model, 4, new_stats())
+    cfg = model.config
+    frames = 3 * engines.step_frames  # three steps: the first two's audio waits for the decoder's look-ahead
+    rng = np.random.default_rng(1)
+    sessions = open_sessions(engines, model, ["decode", "decode", "decode"])
+    given = {}
+    for session in sessions:
+        codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s)))
+                 for s in cfg.vq_strides]
+        given[session] = codes
+        session.loop.received += sum(c.shape[-1] for c in codes)
+        session.inbox.append((codes, session.loop.received, 0.0))
+    engines.tick([], sessions, [])  # one step a tick
+    engines.tick([], [], [])
+    engines.tick([], [], [])
+    assert len(engines._launched) == 1  # the third step launched, not yet sent
+    dropped = sessions[1]
+    engines.abort(dropped)
+    events, _, _, busy = engines.tick([], [], [])
+    got = frames_by_session(events)
+    assert dropped not in got and set(got) == {sessions[0], sessions[2]} and not busy
+    with torch.inference_mode():
+        for session in (sessions[0], sessions[2]):
+            expected = model.decode(given[session])[0, 0].numpy()
+            frame = got[session][0]
+            assert frame.data.size
+            assert np.abs(frame.data - expected[frame.start: frame.start + frame.data.size]).max() <= 1e-5
