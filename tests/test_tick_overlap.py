@@ -51,6 +51,8 @@ def test_each_tick_leaves_its_last_step_running_and_the_next_sends_it_in_order()
     offline decoding of the same codes (roundtrip: of offline encoding)."""
     model = tiny_model()
     engines = EngineSet(model, 4, new_stats())
+    assert not engines.keep_running  # CPU steps are synchronous: each tick sends its own steps' outputs
+    engines.keep_running = True  # as on a GPU, where a launch returns while the step runs
     step, frames = engines.step_samples, engines.step_frames
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -103,6 +105,7 @@ def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -
     tick drops it): the next tick sends the other two their frames, exact, and nothing to the dropped one."""
     model = tiny_model()
     engines = EngineSet(model, 4, new_stats())
+    engines.keep_running = True  # as on a GPU
     cfg = model.config
     frames = 3 * engines.step_frames  # three steps: the first two's audio waits for the decoder's look-ahead
     rng = np.random.default_rng(1)

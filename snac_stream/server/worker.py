@@ -86,6 +86,9 @@ class EngineSet:
         self._launched: Deque[Launched] = collections.deque()  # steps under way, oldest first
         self._last_step_s: Dict[Lane, float] = {}  # each lane's latest step time (roundtrips carry the encoder's)
         self._finished_s = 0.0  # step time sent in the tick under way
+        # Leave the newest step running into the next tick only where steps are asynchronous (a GPU's): on the
+        # CPU a launch runs the step, and keeping its outputs back would only delay them.
+        self.keep_running = self.decoder.async_output and self.encoder.async_output
 
     def open(self, session: Session) -> None:
         """Open the session's streams; ``server_full`` if an engine has no free slot."""
@@ -117,9 +120,9 @@ class EngineSet:
         lane. Returns (events, command results, sessions whose end is sent, more to do).
 
         Steps overlap the host work around them: each lane's step is launched, and the outputs of the step
-        launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). The last
-        step launched is left running when the tick returns; the next tick, which comes at once ("more to
-        do"), submits its input meanwhile and sends that step's outputs. A lane's step is launched only once
+        launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). On a GPU
+        (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
+        comes at once ("more to do"), submits its input meanwhile and sends that step's outputs. A lane's step is launched only once
         the step upstream of it has been sent (its outputs are the lane's input), and everything under way is
         sent before commands and stream ends run (a session's frames before what they do)."""
         start = time.perf_counter()
@@ -149,7 +152,7 @@ class EngineSet:
                 self._launched.append(launched)
                 launched_any = True
         # Keep the newest step running into the next tick; send the others' outputs meanwhile.
-        finished = self._finish(events, keep=1 if launched_any else 0) or finished
+        finished = self._finish(events, keep=1 if launched_any and self.keep_running else 0) or finished
         busy = bool(self._launched) or bool(self._ending) or any(lane.busy() for lane in self.lanes)
         if finished or ended:
             self.stats["tick_s"].append(time.perf_counter() - start)
