@@ -1,6 +1,7 @@
-"""GPU figures for bench/RESULTS.md: kernels against torch eager, whole-model decode against the reference.
+"""GPU figures for bench/RESULTS.md: kernels against torch eager, whole-model decode against the reference,
+streaming pushes at batch 1 eager against CUDA graphs.
 
-    python bench/gpu_report.py [--json out.json]
+    python bench/gpu_report.py [--sections kernels decode streaming] [--json out.json]
 
 Prints markdown tables. Measured ceilings (device-to-device copy, fp32 matmul) are taken in the same run.
 Timings are medians of CUDA-event timings (``triton.testing.do_bench``, L2 flushed between runs).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,36 +85,76 @@ def decode_rows(seconds: float = 10.0, batch: int = 1) -> list:
     return rows
 
 
-def streaming_rows(frames: int = 64) -> list:
-    """Wall time of one exact streaming decoder push of one coarse frame, batch 1 (host clock, synchronised)."""
-    import time
+def _push_times(streams: dict, chunks: list) -> tuple:
+    """Host wall time (s) of every push, synchronised before and after, the streams taking turns chunk by chunk
+    (the same conditions for each); also every push's outputs, per stream."""
+    times = {name: [] for name in streams}
+    outputs = {name: [] for name in streams}
+    with torch.inference_mode():
+        for chunk in chunks:
+            for name, stream in streams.items():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = stream.push(chunk)
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+                outputs[name].append(out)
+    return times, outputs
 
+
+def streaming_rows(measured: int = 40) -> list:
+    """Wall time of one exact streaming push of one unit (one coarse frame at 24 kHz, one attention window of 4
+    at 44 kHz), batch 1, Triton backend: eager pushes against pushes replaying the CUDA graph of the unit pass
+    (``push_mode="graphs"``, the default on CUDA), decoder and encoder, after each stream's warm-up."""
     rows = []
     for preset in ("24khz", "44khz"):
         torch.manual_seed(0)
         model = SNAC.from_config(preset).cuda().eval()
         cfg = model.config
-        step = cfg.pad_multiple // cfg.frame_samples  # whole attention windows
-        codes = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), device="cuda")
-                 for s in cfg.vq_strides]
-        row = {"preset": preset, "frames_per_push": step, "samples_per_push": step * cfg.frame_samples}
-        for backend in ("torch", "triton"):
-            dec = model.streaming_decoder(backend=backend)
-            times = []
-            with torch.inference_mode():
-                for j in range(0, frames, step):
-                    chunk = [c[:, j * c.shape[1] // frames : (j + step) * c.shape[1] // frames] for c in codes]
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    dec.push(chunk)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-            times = sorted(times[8:])  # warm-up pushes excluded
-            row[f"{backend}_p50_ms"] = 1e3 * times[len(times) // 2]
-            row[f"{backend}_p95_ms"] = 1e3 * times[int(len(times) * 0.95)]
-        rows.append(row)
-        print(f"| {preset} | {row['samples_per_push']} | {row['torch_p50_ms']:.2f} / {row['torch_p95_ms']:.2f} "
-              f"| {row['triton_p50_ms']:.2f} / {row['triton_p95_ms']:.2f} |", flush=True)
+        for codec in ("decoder", "encoder"):
+            make = model.streaming_decoder if codec == "decoder" else model.streaming_encoder
+            streams = {mode: make(push_mode=mode) for mode in ("eager", "graphs")}
+            graphs = streams["graphs"]
+            warmup = graphs.warmup_units
+            count = warmup + 3 + measured  # warm-up (eager in both), the capture, two more before timing
+            if codec == "decoder":
+                chunks = [[torch.randint(0, cfg.codebook_size, (1, graphs.unit * cfg.coarse_stride // s), device="cuda")
+                           for s in cfg.vq_strides] for _ in range(count)]
+                samples = graphs.unit * cfg.frame_samples
+            else:
+                chunks = [torch.randn(1, 1, graphs.unit, device="cuda") * 0.1 for _ in range(count)]
+                samples = graphs.unit
+            times, outputs = _push_times(streams, chunks)
+            row = {"preset": preset, "codec": codec, "samples_per_push": samples, "warmup_pushes": warmup,
+                   "capture_ms": 1e3 * times["graphs"][warmup]}
+            for mode in streams:
+                kept = sorted(times[mode][warmup + 3:])
+                row[f"{mode}_p50_ms"] = 1e3 * kept[len(kept) // 2]
+                row[f"{mode}_p95_ms"] = 1e3 * kept[int(len(kept) * 0.95)]
+            row["speedup"] = row["eager_p50_ms"] / row["graphs_p50_ms"]
+            # The replay alone (the GPU's share of a push; the rest is host work: checks, staging, copies).
+            graph = graphs._unit_pass.passes.graph(1)
+            replays = []
+            for _ in range(20):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                graph.replay()
+                torch.cuda.synchronize()
+                replays.append(time.perf_counter() - start)
+            row["replay_p50_ms"] = 1e3 * sorted(replays)[len(replays) // 2]
+            if codec == "decoder":
+                diff = (torch.cat(outputs["graphs"], -1) - torch.cat(outputs["eager"], -1)).abs().max().item()
+                row["graphs_vs_eager_max_abs"] = diff
+                check = f"max diff {diff:.1e}"
+            else:
+                same = all(torch.equal(a, b) for ga, ea in zip(outputs["graphs"], outputs["eager"])
+                           for a, b in zip(ga, ea))
+                row["codes_equal"] = same
+                check = "codes equal" if same else "CODES DIFFER"
+            rows.append(row)
+            print(f"| {preset} | {codec} | {samples} | {row['eager_p50_ms']:.2f} / {row['eager_p95_ms']:.2f} "
+                  f"| {row['graphs_p50_ms']:.3f} / {row['graphs_p95_ms']:.3f} | {row['speedup']:.1f}x "
+                  f"| {row['replay_p50_ms']:.3f} | {row['capture_ms']:.0f} | {check} |", flush=True)
     return rows
 
 
@@ -140,32 +182,42 @@ def profile_decode(preset: str = "24khz", seconds: float = 10.0, top: int = 14) 
         print("```")
 
 
+SECTIONS = ("kernels", "decode", "streaming")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", action="store_true", help="also profile one 24 kHz decode, ours and reference")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to measure (default: all; the ceilings come with kernels)")
     args = parser.parse_args()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {meta['device']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
           f"triton {meta['triton']}")
-    ceil = ceilings()
-    print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s (read+write), fp32 matmul {ceil['fp32_tflops']:.1f} TFLOP/s")
-    print("\n| kernel | shape | Triton (us) | torch eager (us) | speedup | GB/s | TFLOP/s |\n|---|---|---|---|---|---|---|")
-    kernels = kernel_rows()
-    print("\n| preset | audio | reference decode (ms) | ours torch (ms) | ours Triton (ms) | vs reference "
-          "| reference encode (ms) | ours torch (ms) | ours Triton (ms) | vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    decodes = decode_rows()
-    print("\n| preset | samples per push | torch backend p50 / p95 (ms) | Triton backend p50 / p95 (ms) |")
-    print("|---|---|---|---|")
-    streaming = streaming_rows()
+    report: dict = {"meta": meta}
+    if "kernels" in args.sections:
+        ceil = report["ceilings"] = ceilings()
+        print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s (read+write), "
+              f"fp32 matmul {ceil['fp32_tflops']:.1f} TFLOP/s")
+        print("\n| kernel | shape | Triton (us) | torch eager (us) | speedup | GB/s | TFLOP/s |"
+              "\n|---|---|---|---|---|---|---|")
+        report["kernels"] = kernel_rows()
+    if "decode" in args.sections:
+        print("\n| preset | audio | reference decode (ms) | ours torch (ms) | ours Triton (ms) | vs reference "
+              "| reference encode (ms) | ours torch (ms) | ours Triton (ms) | vs reference |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        report["decode"] = decode_rows()
+    if "streaming" in args.sections:
+        print("\n| preset | codec | samples per push | eager p50 / p95 (ms) | CUDA graphs p50 / p95 (ms) | speedup "
+              "| replay alone p50 (ms) | first replayed push, with capture (ms) | graphs vs eager |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        report["streaming"] = streaming_rows()
     if args.profile:
         profile_decode()
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "ceilings": ceil, "kernels": kernels, "decode": decodes,
-                                         "streaming": streaming},
-                                        indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

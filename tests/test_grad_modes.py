@@ -90,6 +90,45 @@ def test_entry_points_in_every_grad_mode(built_in_inference_mode):
         assert torch.equal(base[level], base[n + 1 + level])
 
 
+def _unit_pushes(model: SNAC, push_mode: str) -> List[torch.Tensor]:
+    """The streaming encoder and decoder fed one unit per push, long enough for pushes past the warm-up to take
+    the unit pass (``push_mode``): every push's output."""
+    gen = torch.Generator().manual_seed(3)
+    unit = model.config.pad_multiple
+    enc = model.streaming_encoder(push_mode=push_mode)
+    units = enc.warmup_units + 2
+    audio = (0.1 * torch.randn(1, 1, units * unit, generator=gen)).to(model.device)
+    codes = [enc.push(audio[..., j * unit : (j + 1) * unit]) for j in range(units)] + [enc.flush()]
+    outputs = [c for levels in codes for c in levels]
+    codes = [torch.cat(level, dim=-1) for level in zip(*codes)]
+    dec = model.streaming_decoder(push_mode=push_mode)
+    frames = codes[0].shape[-1]
+    outputs += [dec.push([c[:, j * c.shape[-1] // frames : (j + 1) * c.shape[-1] // frames] for c in codes])
+                for j in range(frames)] + [dec.flush()]
+    return [o.detach().cpu() for o in outputs]
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True], ids=["model-plain", "model-inference"])
+def test_unit_pushes_in_every_grad_mode(built_in_inference_mode):
+    """Pushes through the unit pass (CUDA graphs on the GPU, the same pass uncaptured on the CPU) in every mode
+    equal eager pushes: the pass's buffers are written under ``inference_mode`` whatever the caller's mode."""
+    model = _model(DEVICE, built_in_inference_mode)
+    with torch.no_grad():
+        want = _unit_pushes(model, "eager")
+    for name, mode in MODES.items():
+        if built_in_inference_mode and name == "plain":
+            continue
+        with mode():
+            got = _unit_pushes(model, "graphs" if DEVICE == "cuda" else "units")
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.shape == b.shape, f"{name}: output {i}"
+            if a.dtype == torch.int64:
+                assert torch.equal(a, b), f"{name}: output {i} (codes) differs from eager pushes"
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"{name}: output {i} differs")
+
+
 def test_weight_caches_follow_in_place_updates():
     """A weight changed in place (load_state_dict) is re-split: the derived-tensor cache sees its version."""
     model = _model(DEVICE, False)

@@ -1,7 +1,7 @@
 """Many concurrent streams on one model: one batched step for all of them.
 
-Modules: ``base`` (the slot pool and batched stepping), ``decode`` and ``encode`` (the two engines),
-``graphs`` (a pass captured once per key as a CUDA graph and replayed).
+Modules: ``base`` (the slot pool and batched stepping), ``decode`` and ``encode`` (the two engines). The CUDA
+graphs are ``streaming.graphs`` (a pass captured once per key and replayed), shared with the streaming objects.
 
 ``DecodeEngine`` (codes in, audio out) and ``EncodeEngine`` (audio in, codes out) own one model and a pool
 of ``max_streams`` stream slots. Streams open and close at any time; each ``step()`` runs one *step* (one
@@ -24,7 +24,7 @@ How the batched step runs (``step_mode``):
   covering every stream with a step queued; rows without one are computed on placeholder input and masked
   out of the state update. Every tensor stays where it is, so the pass has fixed shapes and addresses.
 - ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
-  instead of hundreds; ``graphs.CUDAGraphed``). The default on CUDA. ``capture_graphs()`` captures every
+  instead of hundreds; ``streaming.graphs.CUDAGraphed``). The default on CUDA. ``capture_graphs()`` captures every
   bucket up front; otherwise a bucket is captured the first time it is needed.
 
 Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device

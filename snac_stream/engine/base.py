@@ -9,12 +9,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..model.functional import use_backend
 from ..model.snac import SNACModel
-from ..streaming.ops import StreamOp
+from ..streaming.graphs import CUDAGraphed
+from ..streaming.ops import StreamOp, cat_time
 from ..streaming.rows import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
-                              select_rows, state_batch, state_bytes, state_shapes, zero_rows)
-from .graphs import CUDAGraphed
+                              select_rows, state_batch, state_bytes, steady_state, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
@@ -27,13 +26,6 @@ def _as_list(x: Any) -> List[torch.Tensor]:
 def _first(x: Any, rows: int) -> Any:
     """The first ``rows`` rows (views) of a step's inputs or outputs."""
     return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
-
-
-def _cat_time(parts: Sequence[Any]) -> Any:
-    """Consecutive outputs of one stream joined along time: audio (B, 1, n), or codes level by level."""
-    if isinstance(parts[0], list):
-        return [torch.cat(levels, dim=-1) for levels in zip(*parts)]
-    return torch.cat(list(parts), dim=-1)
 
 
 def cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) -> torch.Tensor:
@@ -187,7 +179,7 @@ class StreamEngine:
         parts = [self._advance(state, self._stack([step])) for step in slot.queue + self._remainder(slot)]
         if slot.steps or parts:
             parts.append(self._flush_rows(state))
-        return _cat_time(parts) if parts else self._no_output(1)
+        return cat_time(parts) if parts else self._no_output(1)
 
     def _flush_rows(self, state: Any) -> Any:
         """The end of streams whose steps have all run: the body's flush, for a batched ``state``."""
@@ -201,17 +193,9 @@ class StreamEngine:
     # ---- layout ---------------------------------------------------------------------------------
     def _derive_warmup(self) -> tuple[int, Any]:
         """Steps until a stream's state shapes stop changing and each step yields a whole step of output,
-        and a state in that steady shape."""
-        state = self._init_state(1)
-        previous = None
-        with torch.inference_mode(), use_backend("torch"):
-            for step in range(1, 256):
-                out = self._advance(state, self._stack([self._zero_step()]))
-                shapes = state_shapes(state)
-                if self._full_step(out) and shapes == previous:
-                    return step - 1, state
-                previous = shapes
-        raise AssertionError("stream state never reached a steady shape")
+        and a state in that steady shape (``rows.steady_state`` on placeholder steps)."""
+        return steady_state(self._init_state(1), lambda state: self._advance(state, self._stack([self._zero_step()])),
+                            self._full_step)
 
     @property
     def state_bytes_per_stream(self) -> int:

@@ -2,20 +2,35 @@
 
 Units: audio in samples at ``model.sampling_rate``; codes in coarse frames (one code of level 0, i.e.
 ``config.frame_samples`` samples of audio, ``vq_strides[0] // vq_strides[i]`` codes of level ``i``).
+
+How a push runs (``push_mode``): ``"eager"`` runs the op chain on the chunk as it comes, a few hundred kernel
+launches; ``"graphs"`` (the default on CUDA) runs a push of whole *units* (``units.UnitPass``: one coarse frame at
+24 kHz, one attention window of 4 at 32/44 kHz, into the decoder; ``pad_multiple`` samples into the encoder)
+as one replay of a CUDA graph per unit, once the stream is past its warm-up and has received a whole number of
+units; every other push runs eagerly. ``"units"`` is that path uncaptured (the same buffers and decisions, on
+any device). Outputs are the same in every mode: the same samples or codes after the same pushes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import operator
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 import torch
 
 from ..model.snac import SNACModel
 from .build import decoder_op, encoder_op
 from .latency import decoder_dial, decoder_latency_samples, encoder_latency
-from .ops import Codes, StreamOp, clone_state, no_codes
+from .ops import Codes, StreamOp, cat_time, clone_state, no_codes
+from .rows import steady_state
+from .units import Inputs, UnitPass
+
+PUSH_MODES = ("auto", "eager", "units", "graphs")
+# Longer pushes run eagerly: one pass over a long chunk costs less than a replay per unit.
+MAX_UNITS_PER_PUSH = 8
+_version = operator.attrgetter("_version")
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -33,31 +48,152 @@ def _runs_on_backend(method: _Method) -> _Method:
 
 
 class _Stream:
-    """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag.
+    """What the encoder and decoder share: the model, a batch of independent streams, a flushed flag, and the
+    choice between an eager push and replays of the unit pass.
 
-    ``body`` is the op chain the streams run; ``state`` its state for the batch.
+    ``body`` is the op chain the streams run; ``state`` its state for the batch. ``unit`` is the unit's size in
+    what ``received`` counts (samples into the encoder, coarse frames into the decoder).
     """
 
-    def __init__(self, model: SNACModel, batch_size: int, body: StreamOp, backend: Optional[str]):
+    def __init__(self, model: SNACModel, batch_size: int, body: StreamOp, backend: Optional[str], unit: int,
+                 push_mode: str):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if push_mode not in PUSH_MODES:
+            raise ValueError(f"push_mode must be one of {PUSH_MODES}, got {push_mode!r}")
         self.model = model
         model.resolved_backend(backend)  # fail here, not at the first push, on an unusable backend
         self.backend = backend  # None: the model's
+        self.push_mode = push_mode
+        self._resolved_push_mode()  # fail here on "graphs" off CUDA
         self.config = model.config
         self.batch_size = batch_size
         self.body = body
         self.frame_samples = self.config.frame_samples
+        self.unit = unit
+        self._warmup_units: Optional[int] = None  # derived at the first push that could use the unit pass
+        self._unit_pass: Optional[UnitPass] = None
+        self._in_buffers: Optional[UnitPass] = None  # the pass whose buffers ``state``'s tensors are
+        # Kept to check the pass is still the model's (weights moved or changed in place; see _stamp).
+        self._parameters = list(model.parameters())
         self.reset()
 
     def reset(self) -> None:
         """Forget the current streams; the next push starts new ones."""
         self.state = self.body.init_state(self.batch_size, self.model.device, self.model.dtype)
+        self._state_device = self.model.device
+        self._in_buffers = None
         self.flushed = False
+        self.received = 0  # samples (encoder) or coarse frames (decoder) pushed
 
     def _check_open(self) -> None:
         if self.flushed:
             raise RuntimeError("this stream was flushed; call reset() before pushing a new one")
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _advance(self, state: Any, inputs: Inputs) -> Any:
+        """Push ``inputs`` (checked, on the model's device) into ``state``; returns the outputs."""
+        raise NotImplementedError
+
+    def _zero_unit(self, batch: int) -> Inputs:
+        """One unit of placeholder input for ``batch`` streams."""
+        raise NotImplementedError
+
+    def _split_units(self, inputs: Inputs, units: int) -> List[Inputs]:
+        """``inputs`` of ``units`` whole units, unit by unit (views)."""
+        raise NotImplementedError
+
+    def _whole_unit(self, outputs: Any) -> bool:
+        """Whether a push's outputs are a whole unit's (the steady emission)."""
+        raise NotImplementedError
+
+    # ---- how a push runs ------------------------------------------------------------------------
+    def _resolved_push_mode(self) -> str:
+        """``push_mode`` against the model's current device: "auto" is "graphs" on CUDA, "eager" elsewhere."""
+        cuda = self.model.device.type == "cuda"
+        if self.push_mode == "auto":
+            return "graphs" if cuda else "eager"
+        if self.push_mode == "graphs" and not cuda:
+            raise ValueError(f"push_mode='graphs' needs the model on a CUDA device, it is on {self.model.device}")
+        return self.push_mode
+
+    def _push(self, inputs: Inputs, size: int) -> Any:
+        """Advance the streams by ``inputs`` (``size`` samples or coarse frames, > 0); returns the outputs.
+
+        Whole units (at most ``MAX_UNITS_PER_PUSH``) pushed at a whole number of units past the warm-up run
+        unit by unit through the unit pass, in place; any other push runs eagerly on the state."""
+        self._check_device()
+        units = self._units_for(size)
+        self.received += size
+        if not units:
+            self._in_buffers = None  # the eager push rebinds the state's tensors: they are the buffers no more
+            return self._advance(self.state, inputs)
+        unit_pass = self._current_pass()
+        if self._in_buffers is not unit_pass:
+            with torch.inference_mode():
+                self.state = unit_pass.stage(self.state)
+            self._in_buffers = unit_pass
+        parts = [unit_pass.run(part) for part in self._split_units(inputs, units)]
+        return parts[0] if units == 1 else cat_time(parts)
+
+    def _check_device(self) -> None:
+        """A stream runs where it started: refuse to go on after the model moved (a stream with nothing pushed
+        yet starts again on the model's device)."""
+        if self._parameters[0].device != self._state_device:
+            if self.received:
+                raise RuntimeError(f"the model moved to {self._parameters[0].device} while this stream ran on "
+                                   f"{self._state_device}: call reset() to start a new stream there")
+            self.reset()
+
+    def _units_for(self, size: int) -> int:
+        """The units a push of ``size`` runs as through the unit pass (0: it runs eagerly)."""
+        if size % self.unit or self.received % self.unit or size > MAX_UNITS_PER_PUSH * self.unit:
+            return 0
+        if self._resolved_push_mode() == "eager":
+            return 0
+        return size // self.unit if self.received >= self.warmup_units * self.unit else 0
+
+    @property
+    def warmup_units(self) -> int:
+        """Units a stream receives before its pushes of whole units can take the unit pass (derived once, from
+        the architecture: a few placeholder pushes on the PyTorch backend)."""
+        if self._warmup_units is None:
+            self._warmup_units, _ = steady_state(
+                self.body.init_state(1, self.model.device, self.model.dtype),
+                lambda state: self._advance(state, self._zero_unit(1)), self._whole_unit)
+        return self._warmup_units
+
+    def _current_pass(self) -> UnitPass:
+        """The unit pass for the model as it is now: a new one (its graphs captured anew) when the model has
+        moved, its weights changed or its backend, precision or noise settings differ from the pass's."""
+        stamp = self._stamp()
+        if self._unit_pass is None or self._unit_pass.stamp != stamp:
+            self._unit_pass = None  # free the old graphs before capturing new ones
+            self._unit_pass = UnitPass(self._advance, self._zero_unit(self.batch_size), self.model.device,
+                                       self.batch_size, captured=stamp[0] == "graphs", stamp=stamp)
+        return self._unit_pass
+
+    def _stamp(self) -> tuple:
+        """What a captured pass depends on beyond its buffers: the push mode, device, dtype, backend and
+        precision, the noise settings, and each parameter's storage and version counter (an in-place update, as
+        ``load_state_dict`` makes, bumps it). Parameters made under ``inference_mode`` have no version counter;
+        the pass then recomputes what it derives from them at every replay (``kernels.derived``). Replacing a
+        parameter object (rather than updating it) is not seen: make a new streaming object then."""
+        params = self._parameters
+        try:
+            versions = tuple(map(_version, params))  # map: this runs at every push, for ~200 parameters
+        except RuntimeError:  # inference tensors
+            versions = tuple(None if p.is_inference() else p._version for p in params)
+        model = self.model
+        return (self._resolved_push_mode(), params[0].device, params[0].dtype, model.resolved_backend(self.backend),
+                model.precision, model.noise_mode, model.noise_seed, tuple(map(torch.Tensor.data_ptr, params)),
+                versions)
+
+    def _flush_state(self) -> Any:
+        """The body's flush on the state (eager)."""
+        self._check_device()
+        self._in_buffers = None
+        return self.body.flush(self.state)
 
 
 class StreamingEncoder(_Stream):
@@ -69,20 +205,35 @@ class StreamingEncoder(_Stream):
 
     ``lookahead_samples``: samples beyond the end of a coarse frame that must arrive before its codes come
     out; ``latency_samples``: the worst case from the first sample of a coarse frame to its codes.
+
+    ``push_mode`` (module doc): on CUDA, pushes of whole units of ``pad_multiple`` samples (one coarse frame at
+    24 kHz, four at 32/44 kHz), up to ``MAX_UNITS_PER_PUSH`` of them, replay a CUDA graph once the stream is past
+    its first few units and has received a whole number of units; pushes of other sizes run eagerly (and a
+    stream pushed in other sizes stays eager until its total is a whole number of units again). The first
+    replayed push captures the graph (tens of milliseconds). A model moved to another device needs ``reset()``.
     """
 
-    def __init__(self, model: SNACModel, batch_size: int = 1, backend: Optional[str] = None):
-        super().__init__(model, batch_size, encoder_op(model), backend)
+    def __init__(self, model: SNACModel, batch_size: int = 1, backend: Optional[str] = None,
+                 push_mode: str = "auto"):
+        super().__init__(model, batch_size, encoder_op(model), backend, model.config.pad_multiple, push_mode)
         latency = encoder_latency(model)
         self.lookahead_samples: int = latency.lookahead_samples
         self.latency_samples: int = latency.latency_samples
 
-    def reset(self) -> None:
-        super().reset()
-        self.received = 0  # samples pushed
-
     def _no_codes(self) -> Codes:
         return no_codes(self.batch_size, self.config.n_codebooks, self.model.device)
+
+    def _advance(self, state: Any, audio: torch.Tensor) -> Codes:
+        return self.body.push(state, audio)
+
+    def _zero_unit(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, 1, self.unit, device=self.model.device, dtype=self.model.dtype)
+
+    def _split_units(self, audio: torch.Tensor, units: int) -> List[torch.Tensor]:
+        return list(audio.split(self.unit, dim=-1))
+
+    def _whole_unit(self, codes: Codes) -> bool:
+        return codes[0].shape[-1] * self.frame_samples == self.unit
 
     @_runs_on_backend
     def push(self, audio: torch.Tensor) -> Codes:
@@ -93,8 +244,7 @@ class StreamingEncoder(_Stream):
         audio = self.model.check_audio(audio)
         if audio.shape[0] != self.batch_size:
             raise ValueError(f"this encoder streams {self.batch_size} channels of audio, got a batch of {audio.shape[0]}")
-        self.received += audio.shape[-1]
-        return self.body.push(self.state, audio)
+        return self._push(audio, audio.shape[-1])
 
     @_runs_on_backend
     def flush(self) -> Codes:
@@ -110,10 +260,10 @@ class StreamingEncoder(_Stream):
         parts = []
         if pad:
             zeros = torch.zeros(self.batch_size, 1, pad, device=self.model.device, dtype=self.model.dtype)
-            parts.append(self.body.push(self.state, zeros))
-        tail = self.body.flush(self.state)
+            parts.append(self._push(zeros, pad))
+        tail = self._flush_state()
         parts.append(self._no_codes() if tail is None else tail)
-        return [torch.cat(levels, dim=-1) for levels in zip(*parts)]
+        return cat_time(parts)
 
 
 class StreamingDecoder(_Stream):
@@ -127,20 +277,49 @@ class StreamingDecoder(_Stream):
     code it depends on has arrived, ``latency_samples`` after the end of the frames it belongs to. A smaller
     value emits earlier, computing the not-yet-final samples as if the stream ended there (the unknown
     future taken as the offline zero padding); those samples are then approximate and never revised.
+
+    ``push_mode`` (module doc): on CUDA, pushes of whole units (one coarse frame at 24 kHz, one attention window
+    of 4 coarse frames at 32/44 kHz), up to ``MAX_UNITS_PER_PUSH`` of them, replay a CUDA graph once the stream is
+    past its first few units; other pushes (a single coarse frame at 32/44 kHz, longer pushes) run eagerly. With
+    the dial set, the early samples are computed eagerly after the replayed push (on a copy of the state). The
+    first replayed push captures the graph (tens of milliseconds). A model moved to another device needs
+    ``reset()``.
     """
 
     def __init__(self, model: SNACModel, batch_size: int = 1, lookahead_samples: Optional[int] = None,
-                 backend: Optional[str] = None):
-        super().__init__(model, batch_size, decoder_op(model), backend)
+                 backend: Optional[str] = None, push_mode: str = "auto"):
+        unit = model.config.pad_multiple // model.config.frame_samples  # coarse frames
+        super().__init__(model, batch_size, decoder_op(model), backend, unit, push_mode)
         # Audio samples that received codes describe but the exact decoder cannot emit yet.
         self.latency_samples: int = decoder_latency_samples(model)
         self.lookahead_samples: Optional[int] = decoder_dial(model, lookahead_samples)
 
     def reset(self) -> None:
-        super().reset()
-        self.frames = 0  # coarse frames received
+        super().reset()  # received: coarse frames
         self.exact_samples = 0  # samples the exact pipeline has produced
         self.emitted_samples = 0  # samples returned to the caller (>= exact_samples in early mode)
+
+    @property
+    def frames(self) -> int:
+        """Coarse frames received."""
+        return self.received
+
+    @functools.cached_property
+    def _level_widths(self) -> List[int]:
+        """Codes per unit of each level."""
+        return [self.unit * self.config.coarse_stride // s for s in self.config.vq_strides]
+
+    def _advance(self, state: Any, codes: List[torch.Tensor]) -> torch.Tensor:
+        return self.body.push(state, self.model.quantizer.from_codes(codes))
+
+    def _zero_unit(self, batch: int) -> List[torch.Tensor]:
+        return [torch.zeros(batch, w, dtype=torch.int64, device=self.model.device) for w in self._level_widths]
+
+    def _split_units(self, codes: List[torch.Tensor], units: int) -> List[List[torch.Tensor]]:
+        return [list(unit) for unit in zip(*(c.split(w, dim=-1) for c, w in zip(codes, self._level_widths)))]
+
+    def _whole_unit(self, audio: torch.Tensor) -> bool:
+        return audio.shape[-1] == self.unit * self.frame_samples
 
     def _no_audio(self) -> torch.Tensor:
         return torch.zeros(self.batch_size, 1, 0, device=self.model.device, dtype=self.model.dtype)
@@ -163,20 +342,19 @@ class StreamingDecoder(_Stream):
         if codes[0].shape[0] != self.batch_size:
             raise ValueError(f"this decoder streams a batch of {self.batch_size}, got codes for {codes[0].shape[0]}")
         k = codes[0].shape[-1]
-        out = self._emit(self.body.push(self.state, self.model.quantizer.from_codes(codes)) if k else None)
-        self.frames += k
+        out = self._emit(self._push(codes, k) if k else None)
         if self.lookahead_samples is not None and k:
             out = torch.cat([out, self._early()], dim=-1)
         return out
 
     def _early(self) -> torch.Tensor:
         """Samples up to ``lookahead_samples`` before the end of the received audio, as if the stream ended."""
-        target = self.frames * self.frame_samples - self.lookahead_samples
+        target = self.received * self.frame_samples - self.lookahead_samples
         if target <= self.emitted_samples:
             return self._no_audio()
         state = clone_state(self.state)
         window = self.config.attn_window_size
-        missing = -self.frames * self.config.coarse_stride % window if window else 0
+        missing = -self.received * self.config.coarse_stride % window if window else 0
         if missing:  # complete the attention window with zero latents
             zeros = torch.zeros(self.batch_size, self.model.latent_dim, missing, device=self.model.device,
                                 dtype=self.model.dtype)
@@ -193,16 +371,16 @@ class StreamingDecoder(_Stream):
 
     @_runs_on_backend
     def flush(self) -> torch.Tensor:
-        """End of stream: the remaining samples (``frames * frame_samples`` in total)."""
+        """End of stream: the remaining samples (``received * frame_samples`` in total)."""
         self._check_open()
         self.flushed = True
-        if self.frames == 0:
+        if self.received == 0:
             return self._emit(None)
         window = self.config.attn_window_size
-        if window and (self.frames * self.config.coarse_stride) % window:
+        if window and (self.received * self.config.coarse_stride) % window:
             step = math.lcm(self.config.coarse_stride, window) // self.config.coarse_stride
             raise ValueError(
                 f"this model's decoder attends over windows of {window} latent frames: a stream must hold a "
-                f"multiple of {step} coarse frames, got {self.frames}"
+                f"multiple of {step} coarse frames, got {self.received}"
             )
-        return self._emit(self.body.flush(self.state))
+        return self._emit(self._flush_state())

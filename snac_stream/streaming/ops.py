@@ -66,6 +66,13 @@ class StreamOp:
         return like.new_zeros(like.shape[0], self.out_channels, 0)
 
 
+def cat_time(parts: Sequence[Union[torch.Tensor, Codes]]) -> Union[torch.Tensor, Codes]:
+    """Consecutive outputs of the same streams joined along time: (B, C, n_i) tensors, or codes level by level."""
+    if isinstance(parts[0], list):
+        return [torch.cat(levels, dim=-1) for levels in zip(*parts)]
+    return torch.cat(list(parts), dim=-1)
+
+
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] == 0:
         return b

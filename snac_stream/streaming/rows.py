@@ -1,4 +1,4 @@
-"""Batch rows of a stream-op state: one row per independent stream (the engine's toolkit).
+"""Batch rows of a stream-op state: one row per independent stream (the engines' and the graphed pushes' toolkit).
 
 Tensors in a state have the batch (stream) on dim 0. Integer counters (inputs received, outputs produced)
 only decide how many frames the next push emits; streams that receive the same number of frames per push
@@ -11,10 +11,11 @@ States are the nested lists and dataclasses the ops of ``streaming.ops`` make (`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 import torch
 
+from ..model.functional import use_backend
 from .ops import PositionState
 
 
@@ -30,9 +31,10 @@ def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
 
 
 def batch_positions(state: Any, batch: int, device: torch.device) -> Any:
-    """A batched state with per-row noise positions (int64 tensors) instead of one shared int."""
+    """A batched state with per-row noise positions (int64 tensors) instead of one shared int (positions that
+    are tensors already are kept)."""
     def per_row(v: Any) -> Any:
-        if isinstance(v, PositionState):
+        if isinstance(v, PositionState) and not isinstance(v.position, torch.Tensor):
             return PositionState(torch.full((batch,), v.position, dtype=torch.int64, device=device))
         return v
     return _map_state(per_row, state)
@@ -99,6 +101,55 @@ def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
             torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src.to(dst.dtype), dst, out=dst)
         return dst
     _map_state(blend, state, new)
+
+
+def copy_state_(dst: Any, src: Any, counters: bool = True) -> None:
+    """In place: ``dst`` takes ``src``'s values, every tensor of ``dst`` keeping its address (a captured CUDA
+    graph reads them there), and with ``counters`` every integer counter (noise positions are tensors in
+    ``dst``: copied, or filled from ``src``'s ints, either way). The states have the same structure and tensor
+    shapes (the same phase). No host synchronisation: the copy can be captured."""
+    if isinstance(dst, list):
+        for d, s in zip(dst, src, strict=True):
+            copy_state_(d, s, counters)
+    elif isinstance(dst, PositionState):
+        if isinstance(src.position, torch.Tensor):
+            dst.position.copy_(src.position)
+        else:
+            dst.position.fill_(src.position)
+    elif dataclasses.is_dataclass(dst):
+        for f in dataclasses.fields(dst):
+            d, s = getattr(dst, f.name), getattr(src, f.name)
+            if isinstance(d, torch.Tensor):
+                if d.shape != s.shape:
+                    raise ValueError(f"a state tensor {tuple(s.shape)} does not fit the fixed buffer "
+                                     f"{tuple(d.shape)}: the states are not in the same phase")
+                if s is not d:
+                    d.copy_(s)
+            elif isinstance(d, list) or dataclasses.is_dataclass(d):
+                copy_state_(d, s, counters)
+            elif counters:
+                setattr(dst, f.name, s)
+    # anything else (a stateless op's None) holds nothing
+
+
+def steady_state(state: Any, advance: Callable[[Any], Any], full: Callable[[Any], bool]) -> Tuple[int, Any]:
+    """The warm-up of a stream: advance ``state`` by step after step (``advance(state)`` pushes one step of
+    placeholder input and returns its output) until a step leaves the state's shapes as they were and yields a
+    whole step of output (``full(output)``). Returns the steps before that one, after which every step has the
+    same shapes, and the state (advanced in place).
+
+    Shapes and counters depend only on how much input a stream has received, not on its values or on how it was
+    chunked: the warm-up holds for any stream. Runs on the PyTorch backend (no kernel compiled for shapes met
+    only here), without autograd."""
+    previous = None
+    with torch.inference_mode(), use_backend("torch"):
+        for step in range(1, 256):
+            out = advance(state)
+            shapes = state_shapes(state)
+            if full(out) and shapes == previous:
+                return step - 1, state
+            previous = shapes
+    raise AssertionError("stream state never reached a steady shape")
 
 
 def row_state(state: Any, row: int) -> Any:

@@ -23,12 +23,16 @@ class SNAC(SNACModel):
     give stateful chunked counterparts of ``encode`` / ``decode``, exact against them for any chunking.
     """
 
-    def streaming_encoder(self, batch_size: int = 1, backend: Optional[str] = None) -> StreamingEncoder:
-        """A stateful encoder for ``batch_size`` independent streams: (B, 1, n) samples in, codes out."""
-        return StreamingEncoder(self, batch_size=batch_size, backend=backend)
+    def streaming_encoder(self, batch_size: int = 1, backend: Optional[str] = None,
+                          push_mode: str = "auto") -> StreamingEncoder:
+        """A stateful encoder for ``batch_size`` independent streams: (B, 1, n) samples in, codes out.
+        ``push_mode``: "auto" replays CUDA graphs for whole-unit pushes on CUDA, "eager" never does
+        (``streaming.codec``)."""
+        return StreamingEncoder(self, batch_size=batch_size, backend=backend, push_mode=push_mode)
 
     def streaming_decoder(self, batch_size: int = 1, lookahead_samples: Optional[int] = None,
-                          backend: Optional[str] = None) -> StreamingDecoder:
+                          backend: Optional[str] = None, push_mode: str = "auto") -> StreamingDecoder:
         """A stateful decoder for ``batch_size`` independent streams: codes in, (B, 1, n) samples out;
-        ``lookahead_samples`` is its latency dial (``None``: exact)."""
-        return StreamingDecoder(self, batch_size=batch_size, lookahead_samples=lookahead_samples, backend=backend)
+        ``lookahead_samples`` is its latency dial (``None``: exact); ``push_mode`` as for the encoder."""
+        return StreamingDecoder(self, batch_size=batch_size, lookahead_samples=lookahead_samples, backend=backend,
+                                push_mode=push_mode)
