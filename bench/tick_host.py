@@ -20,6 +20,9 @@ On a GPU the tick overlaps its host work with the steps (server/worker.py): tick
 load, and "engine steps" is the device time of the steps a tick finished (the decode step launched by the
 tick before among them), so "host" is what the overlap leaves exposed, and may fall below zero when the
 device's work also covered the feed before the tick. ``--overlap off`` waits for every step (the A/B).
+"Engine thread CPU" and "blocked on the GPU" split the tick as ``snac-stream bench-latency`` does for the
+server's ticks: with no other thread here they add up to the tick, so a server tick that takes longer at the
+same CPU time waited for the interpreter lock or a core.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         engines.tick([], group, [])
     gc.collect()
     gc.freeze()
-    totals, cycles, steps, frames = [], [], [], []
+    totals, cycles, steps, frames, cpus, blocks = [], [], [], [], [], []
     profiler = cProfile.Profile() if profile else None
     for _ in range(ticks):  # back to back, as under load: a tick's last step runs on into the next feed and tick
         c0 = time.perf_counter()
@@ -116,6 +119,8 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         if profiler is not None:
             profiler.disable()
         steps.append(stats["step_s"][-1])
+        cpus.append(stats["tick_parts_s"][-1][1])
+        blocks.append(stats["tick_parts_s"][-1][2])
         frames.append(len(events))
     engines.tick([], [], [])  # the step left running
     gc.unfreeze()
@@ -124,6 +129,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
            "tick_ms": 1e3 * statistics.median(totals), "cycle_ms": 1e3 * statistics.median(cycles),
            "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
            "host_us_per_session": 1e6 * statistics.median(host) / sessions,
+           "thread_cpu_ms": 1e3 * statistics.median(cpus), "blocked_ms": 1e3 * statistics.median(blocks),
            "frames_per_tick": statistics.median(frames)}
     if profiler is not None:
         listing = pstats.Stats(profiler)
@@ -155,8 +161,8 @@ def main() -> None:
     print(f"# tick host work, {args.kind} sessions, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
           f"{machine}; commit {commit()}")
     print("| sessions | overlap | tick (ms) | feed + tick (ms) | engine steps (ms) | host (ms) | host per session (us) "
-          "| frames per tick |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| engine thread CPU (ms) | blocked on the GPU (ms) | frames per tick |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in args.sessions:
         for overlap in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]:
@@ -164,7 +170,7 @@ def main() -> None:
             rows.append(row)
             print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
                   f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "
-                  f"{row['frames_per_tick']:.0f} |", flush=True)
+                  f"{row['thread_cpu_ms']:.1f} | {row['blocked_ms']:.1f} | {row['frames_per_tick']:.0f} |", flush=True)
     if args.profile:
         for row in rows:
             print(f"\n## {row['sessions']} sessions: top functions by own time per tick (cProfile)")

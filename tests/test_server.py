@@ -869,6 +869,10 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> Non
     # The clients ran in a worker process; the server's ticks were timed, each holding its engine steps.
     assert report["client_processes"] == 1 and report["ticks"] > 0
     assert 0 < report["engine_step_ms"]["p50"] <= report["tick_ms"]["p50"] <= report["tick_ms"]["max"]
+    # Where the engine thread's ticks went: on the CPU it never blocks waiting for a step (it computes them).
+    parts = report["tick_parts_ms"]
+    assert parts["blocked"]["max"] == 0 and 0 < parts["cpu"]["p50"] <= report["tick_ms"]["max"]
+    assert 0 <= parts["rest"]["p50"] <= report["tick_ms"]["max"]
     # Two verdicts: the rate (no drift of a step, no warning, nothing missing) and the tail within one step.
     step_ms = 1e3 * report["step_samples"] / 24000
     assert report["keeps_up"] == (report["behind_warnings"] == 0 and report["drift_ms_max"] < step_ms)

@@ -132,3 +132,30 @@ def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -
             frame = got[session][0]
             assert frame.data.size
             assert np.abs(frame.data - expected[frame.start: frame.start + frame.data.size]).max() <= 1e-5
+
+
+def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
+    """A tick that sent outputs records (duration, the engine thread's CPU time, time blocked on the GPU);
+    the load test splits them into CPU, blocked and the rest (lock or core waits)."""
+    from snac_stream.server.loadtest import _tick_parts
+
+    model = tiny_model()
+    stats = new_stats()
+    engines = EngineSet(model, 2, stats)
+    (play,) = open_sessions(engines, model, ["decode"])
+    cfg = model.config
+    rng = np.random.default_rng(2)
+    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, 3 * engines.step_frames * cfg.coarse_stride // s)))
+             for s in cfg.vq_strides]
+    play.loop.received += sum(c.shape[-1] for c in codes)
+    play.inbox.append((codes, play.loop.received, 0.0))
+    for _ in range(3):
+        engines.tick([], [play], [])
+    assert len(stats["tick_parts_s"]) == len(stats["tick_s"]) == 3
+    for (wall, cpu, blocked), tick_s in zip(stats["tick_parts_s"], stats["tick_s"]):
+        assert wall == tick_s and blocked == 0.0  # the CPU computes its steps: nothing to wait for
+        assert 0 < cpu <= wall + 0.01  # thread CPU time has a coarser clock than the wall
+    parts = _tick_parts([(0.010, 0.004, 0.003), (0.020, 0.012, 0.009)])
+    assert parts["cpu"]["max"] == 12 and parts["blocked"]["p50"] == 6
+    assert np.allclose([parts["rest"]["p50"], parts["rest"]["max"]], [1.5, 3.0])  # 3 and 0 (never negative)
+    assert _tick_parts([]) is None

@@ -54,15 +54,19 @@ class StepGroups(list):
                  events: Optional[Tuple[Any, Any]] = None):
         super().__init__(groups)
         self.wall_s = wall_s  # the host's time in step_groups
+        self.blocked_s = 0.0  # the host's time blocked in wait()
         self._events = events  # (started, done) CUDA events of an async step
 
     def wait(self) -> float:
         """Block until the outputs are on ``output_device``; returns the step's time in seconds: the device's,
-        from the step's start to its outputs' arrival, for an async step; else the wall time of the call."""
+        from the step's start to its outputs' arrival, for an async step; else the wall time of the call.
+        The time the caller was blocked goes to ``blocked_s``."""
         if self._events is None:
             return self.wall_s
         started, done = self._events
+        t0 = time.perf_counter()
         done.synchronize()
+        self.blocked_s += time.perf_counter() - t0
         return started.elapsed_time(done) / 1e3
 
 
@@ -234,7 +238,9 @@ class StreamEngine:
         t0 = time.perf_counter()
         events = None
         if self.async_output:
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            # Blocking: the waiting thread sleeps rather than spinning on a core that other threads and
+            # processes (front ends) need, and its CPU time counts only its own work.
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True))
             events[0].record()
         groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.

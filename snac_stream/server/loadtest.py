@@ -383,6 +383,16 @@ class _CPUClock:
                                                   if roles is not None else None)}
 
 
+def _tick_parts(parts: Sequence[Tuple[float, float, float]]) -> Optional[Dict[str, Dict[str, float]]]:
+    """Where the engine thread's ticks went (ms): its CPU time, its time blocked waiting for steps on a GPU,
+    and the rest (waiting for the interpreter lock, or for a core); None without ticks."""
+    if not parts:
+        return None
+    wall, cpu, blocked = (np.array(column) for column in zip(*parts))
+    return {"cpu": _stats(cpu), "blocked": _stats(blocked),
+            "rest": _stats(np.maximum(wall - cpu - blocked, 0.0))}
+
+
 def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
     values = np.asarray(values, dtype=np.float64)
     if not values.size:
@@ -584,6 +594,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "engine_threads": server.threads, "client_processes": client_processes, "ticks": server.stats["ticks"],
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
+        "tick_parts_ms": _tick_parts(server.stats["tick_parts_s"]),
         "scrape_hz": scrape_hz, "scrapes": len(scrapes), "scrape_ms": _stats(scrapes) if scrapes else None,
         "machine": machine_info(*places),
     }
@@ -599,6 +610,12 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     tick, step = report["tick_ms"], report["engine_step_ms"]
     say(f"ticks   {report['ticks']}: p50 {tick['p50']:.1f} ms, p99 {tick['p99']:.1f} ms, max {tick['max']:.1f} ms "
         f"(engine steps in them: p50 {step['p50']:.1f} ms, p99 {step['p99']:.1f} ms)")
+    parts = report["tick_parts_ms"]
+    if parts is not None:
+        say(f"        the engine thread in a tick, p50 / p99: its CPU {parts['cpu']['p50']:.1f} / "
+            f"{parts['cpu']['p99']:.1f} ms, blocked waiting for the GPU {parts['blocked']['p50']:.1f} / "
+            f"{parts['blocked']['p99']:.1f} ms, the rest (waiting for the interpreter lock or a core) "
+            f"{parts['rest']['p50']:.1f} / {parts['rest']['p99']:.1f} ms")
     if scrapes:
         say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "
             f"p99 {report['scrape_ms']['p99']:.1f} ms")

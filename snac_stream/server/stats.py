@@ -15,7 +15,8 @@ def new_stats() -> Dict[str, Any]:
     ``sessions`` / ``completed``: sessions opened / ended by a flush without error; ``errors``: a Counter of
     error codes sent; ``max_backlog``: the most unprocessed input items a session held; ``ticks``: worker
     ticks; ``tick_s`` / ``step_s``: the latest ticks' durations and the engine steps' share of them, in
-    seconds; ``behind_warnings``: 'behind' warnings sent; ``outcomes``: a Counter of (kind, outcome) of the
+    seconds; ``tick_parts_s``: the same ticks as (duration, the engine thread's CPU time, its time blocked
+    waiting for steps on a GPU) tuples, the rest of a tick being waits for the interpreter lock or a core; ``behind_warnings``: 'behind' warnings sent; ``outcomes``: a Counter of (kind, outcome) of the
     sessions that held a slot, outcome ``completed`` (ended by flush), ``closed`` (by the client, without
     flush) or the error code that ended it; ``refusals``: a Counter of the error codes of connections refused
     before they held a slot (``server_full``, ``draining``, ``unauthorized``, bad hellos...); ``bytes_in`` /
@@ -23,5 +24,6 @@ def new_stats() -> Dict[str, Any]:
     """
     return {"sessions": 0, "completed": 0, "errors": collections.Counter(), "ticks": 0, "max_backlog": 0,
             "behind_warnings": 0, "tick_s": collections.deque(maxlen=TICKS_KEPT),
-            "step_s": collections.deque(maxlen=TICKS_KEPT), "outcomes": collections.Counter(),
+            "step_s": collections.deque(maxlen=TICKS_KEPT), "tick_parts_s": collections.deque(maxlen=TICKS_KEPT),
+            "outcomes": collections.Counter(),
             "refusals": collections.Counter(), "bytes_in": 0, "bytes_out": 0}

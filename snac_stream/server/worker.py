@@ -86,6 +86,7 @@ class EngineSet:
         self._launched: Deque[Launched] = collections.deque()  # steps under way, oldest first
         self._last_step_s: Dict[Lane, float] = {}  # each lane's latest step time (roundtrips carry the encoder's)
         self._finished_s = 0.0  # step time sent in the tick under way
+        self._blocked_s = 0.0  # the tick's time blocked waiting for steps (GPU)
         # Leave the newest step running into the next tick only where steps are asynchronous (a GPU's): on the
         # CPU a launch runs the step, and keeping its outputs back would only delay them.
         self.keep_running = self.decoder.async_output and self.encoder.async_output
@@ -125,10 +126,10 @@ class EngineSet:
         comes at once ("more to do"), submits its input meanwhile and sends that step's outputs. A lane's step is launched only once
         the step upstream of it has been sent (its outputs are the lane's input), and everything under way is
         sent before commands and stream ends run (a session's frames before what they do)."""
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         events: Events = []
         results: List[Any] = []
-        self._finished_s, finished = 0.0, False
+        self._finished_s, self._blocked_s, finished = 0.0, 0.0, False
         for lane in self.lanes:
             lane.submit([session for session in ready if session.kind in lane.input_kinds], events)
         if commands or ending or self._ending:
@@ -155,8 +156,10 @@ class EngineSet:
         finished = self._finish(events, keep=1 if launched_any and self.keep_running else 0) or finished
         busy = bool(self._launched) or bool(self._ending) or any(lane.busy() for lane in self.lanes)
         if finished or ended:
-            self.stats["tick_s"].append(time.perf_counter() - start)
+            tick_s = time.perf_counter() - start
+            self.stats["tick_s"].append(tick_s)
             self.stats["step_s"].append(self._finished_s)
+            self.stats["tick_parts_s"].append((tick_s, time.thread_time() - start_cpu, self._blocked_s))
         return events, results, ended, busy
 
     def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
@@ -170,6 +173,7 @@ class EngineSet:
             step_s = step.lane.finish(step, events)
             self._last_step_s[step.lane] = step_s
             self._finished_s += step_s
+            self._blocked_s += getattr(step.groups, "blocked_s", 0.0)
             sent = True
             if self.on_step is not None:
                 self.on_step(step.lane.name, step_s, step.lane.last_batch)
