@@ -2,8 +2,9 @@
 
     python bench/link_cost.py [--rates 6400 25600 51200] [--sessions 1024] [--seconds 5]
 
-A spawned process plays a front end: it sends ``input`` messages (20 ms of 24 kHz audio, 480 float32 samples,
-as a roundtrip client's message becomes after conversion) for ``--sessions`` sessions at each rate through the
+A spawned process plays a front end: it sends ``input`` messages (``--message-samples``: 20 ms of 24 kHz audio,
+480 float32 samples, as a roundtrip client's message becomes after conversion; or 2048, one engine step, as the
+connection side hands input over whole steps at a time) for ``--sessions`` sessions at each rate through the
 real :class:`~snac_stream.server.frontends.Channel`, coalescing as a front end does. This process is the engine
 process's side (:class:`~snac_stream.server.frontends.EngineHost`) with the engines replaced by a stand-in that
 only takes the input: the figure is the link's own cost (reading, unpickling, routing each message to its
@@ -63,10 +64,10 @@ class _Options:
     stuck_tick_s = 10.0
 
 
-def _front_end(sock: socket.socket, rate: float, seconds: float, sessions: int) -> None:
+def _front_end(sock: socket.socket, rate: float, seconds: float, sessions: int, samples: int) -> None:
     async def main() -> None:
         channel = await Channel.connect(sock, lambda batch: None, lambda: None, coalesce_s=INPUT_COALESCE_S)
-        audio = np.zeros(480, np.float32)
+        audio = np.zeros(samples, np.float32)
         t0, sent = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
             due = int((time.perf_counter() - t0) * rate)
@@ -97,14 +98,14 @@ async def _engine_side(sock: socket.socket, seconds: float, sessions: int) -> Tu
     return received[0], time.process_time() - cpu0, time.perf_counter() - t0
 
 
-def measure(rate: float, sessions: int, seconds: float) -> dict:
+def measure(rate: float, sessions: int, seconds: float, samples: int = 480) -> dict:
     ours, theirs = socket.socketpair()
-    process = multiprocessing.get_context("spawn").Process(target=_front_end, args=(theirs, rate, seconds, sessions))
+    process = multiprocessing.get_context("spawn").Process(target=_front_end, args=(theirs, rate, seconds, sessions, samples))
     process.start()
     theirs.close()
     messages, cpu, wall = asyncio.run(_engine_side(ours, seconds, sessions))
     process.join()
-    return {"rate": rate, "messages": messages, "cpu_s": cpu, "wall_s": wall, "cpu_per_wall_s": cpu / wall,
+    return {"rate": rate, "message_samples": samples, "messages": messages, "cpu_s": cpu, "wall_s": wall, "cpu_per_wall_s": cpu / wall,
             "us_per_message": 1e6 * cpu / max(messages, 1)}
 
 
@@ -113,13 +114,16 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[6400, 25600, 51200])
     parser.add_argument("--sessions", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--message-samples", type=int, default=480,
+                        help="samples per input message: 480 (a 20 ms client message) or 2048 (a 24 kHz step, "
+                             "what front ends hand over since input goes whole steps at a time)")
     args = parser.parse_args()
     logging.getLogger("snac_stream.server").setLevel(logging.CRITICAL)  # each run ends its front end on purpose
     print(f"# link cost on the engine side: {cpu_name()}, commit {commit()}, {args.sessions} sessions, "
-          f"front end coalescing {1e3 * INPUT_COALESCE_S:g} ms")
+          f"front end coalescing {1e3 * INPUT_COALESCE_S:g} ms, {args.message_samples} samples a message")
     print("| messages per second | received | engine-side CPU (s per s) | per message (us) |\n|---|---|---|---|")
     for rate in args.rates:
-        row = measure(rate, args.sessions, args.seconds)
+        row = measure(rate, args.sessions, args.seconds, args.message_samples)
         print(f"| {rate:.0f} | {row['messages']} | {row['cpu_per_wall_s']:.3f} | {row['us_per_message']:.2f} |",
               flush=True)
 

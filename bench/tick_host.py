@@ -6,8 +6,8 @@
 
 Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
 their lanes) for N sessions and runs ticks as the server's engine thread does. Roundtrip sessions: before each
-tick every session's inbox gets one step of audio as the connection side delivers it, in 20 ms messages (480
-samples at 24 kHz; the step's last piece shorter); the tick submits it, steps both engines (the encoder's codes
+tick every session's inbox gets one step of audio in ``--message-samples`` pieces (480: 20 ms messages at 24
+kHz, the step's last piece shorter; a whole step: what the connection side hands over, whole steps at a time); the tick submits it, steps both engines (the encoder's codes
 go on to the decoder in the same tick) and turns the outputs into the sessions' frames (tokens and PCM16).
 Decode sessions (an LLM's tokens, as Orpheus-style TTS sends them): each inbox gets one step of codes, one
 coarse frame a message, as the connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's
@@ -63,14 +63,15 @@ def build(preset: str, small: bool, device: str) -> SNAC:
 
 
 def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip",
-            overlap: bool = True) -> Dict[str, Any]:
+            overlap: bool = True, message_samples: int = MESSAGE_SAMPLES) -> Dict[str, Any]:
     stats = new_stats()
     engines = EngineSet(model, sessions, stats)
     for engine in (engines.encoder, engines.decoder):  # off: every step waits for its outputs (the A/B)
         engine.async_output = engine.async_output and overlap
     cfg = model.config
     step = engines.step_samples
-    pieces = [MESSAGE_SAMPLES] * (step // MESSAGE_SAMPLES) + ([step % MESSAGE_SAMPLES] if step % MESSAGE_SAMPLES else [])
+    size = min(message_samples, step)
+    pieces = [size] * (step // size) + ([step % size] if step % size else [])
     rng = np.random.default_rng(sessions)
     group: List[Session] = []
     for number in range(sessions):
@@ -125,7 +126,8 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
     engines.tick([], [], [])  # the step left running
     gc.unfreeze()
     host = [t - s for t, s in zip(totals, steps)]
-    row = {"kind": kind, "sessions": sessions, "ticks": ticks, "overlap": overlap and model.device.type == "cuda",
+    row = {"kind": kind, "sessions": sessions, "ticks": ticks, "message_samples": size,
+           "overlap": overlap and model.device.type == "cuda",
            "tick_ms": 1e3 * statistics.median(totals), "cycle_ms": 1e3 * statistics.median(cycles),
            "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
            "host_us_per_session": 1e6 * statistics.median(host) / sessions,
@@ -154,6 +156,9 @@ def main() -> None:
     parser.add_argument("--overlap", default="on", choices=["on", "off", "both"],
                         help="GPU: steps overlapping the host work (the server's way), every step waited for, "
                              "or both one after the other")
+    parser.add_argument("--message-samples", type=int, default=MESSAGE_SAMPLES,
+                        help="roundtrip: samples per inbox piece, 480 (20 ms messages) or a whole step (2048 or "
+                             "more: what the connection side hands over, whole steps at a time)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = build(args.preset, args.small, args.device)
@@ -166,7 +171,7 @@ def main() -> None:
     rows = []
     for n in args.sessions:
         for overlap in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]:
-            row = measure(model, n, args.ticks, args.profile, args.kind, overlap)
+            row = measure(model, n, args.ticks, args.profile, args.kind, overlap, args.message_samples)
             rows.append(row)
             print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
                   f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "

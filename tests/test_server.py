@@ -97,10 +97,25 @@ def test_roundtrip_equals_offline_for_random_chunkings(name: str, sample_format:
     codes, expected = offline(model, audio)
     chunks = random_chunks(rng, 16, 5000) + [1, 2, 3]
 
+    handed: List[int] = []  # the input count after each hand-over to the engines
+
     async def test(server: SNACServer):
+        deliver = server.workers.deliver
+
+        def recorded(session: Any, item: Any, now: float) -> None:
+            handed.append(session.loop.received)
+            deliver(session, item, now)
+
+        server.workers.deliver = recorded  # type: ignore[method-assign]
+        handed.append(server.step_samples)
         return await ws_client.roundtrip(server.url, audio, chunk_samples=chunks, sample_format=sample_format)
 
     result = serve(model, test)
+    # Input goes to the engines whole steps at a time: each hand-over but the flush's completes a step.
+    step, handed = handed[0], [0] + handed[1:]
+    assert handed[-1] == audio.size
+    assert all(b // step > a // step for a, b in zip(handed[:-2], handed[1:-1])) and handed[-2] < handed[-1]
+    assert len(handed) - 1 <= audio.size // step + 1  # not one per message
     flat = get_layout("interleaved", model.config).to_flat(codes)[0].numpy()
     np.testing.assert_array_equal(result.tokens, flat)
     assert result.audio.shape == audio.shape  # trimmed to what was sent
@@ -245,7 +260,7 @@ def test_a_session_whose_input_the_engine_refuses_ends_alone() -> None:
         victim: List[int] = []
 
         def refuse(sids, pieces):
-            time.sleep(0.03)  # a slow submit: the sessions' chunks (29 ms each) pile up for the next one
+            time.sleep(0.1)  # a slow submit: the sessions' steps (85 ms each) pile up for the next one
             if victim and victim[0] in sids:
                 shared.append(len(sids))
                 raise ValueError("refused")
