@@ -100,12 +100,14 @@ async def _engine_side(sock: socket.socket, seconds: float, sessions: int) -> Tu
 
 def measure(rate: float, sessions: int, seconds: float, samples: int = 480) -> dict:
     ours, theirs = socket.socketpair()
-    process = multiprocessing.get_context("spawn").Process(target=_front_end, args=(theirs, rate, seconds, sessions, samples))
+    process = multiprocessing.get_context("spawn").Process(target=_front_end,
+                                                           args=(theirs, rate, seconds, sessions, samples))
     process.start()
     theirs.close()
     messages, cpu, wall = asyncio.run(_engine_side(ours, seconds, sessions))
     process.join()
-    return {"rate": rate, "message_samples": samples, "messages": messages, "cpu_s": cpu, "wall_s": wall, "cpu_per_wall_s": cpu / wall,
+    return {"rate": rate, "message_samples": samples, "messages": messages, "cpu_s": cpu, "wall_s": wall,
+            "cpu_per_wall_s": cpu / wall,
             "us_per_message": 1e6 * cpu / max(messages, 1)}
 
 

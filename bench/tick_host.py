@@ -6,12 +6,12 @@
 
 Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
 their lanes) for N sessions and runs ticks as the server's engine thread does. Roundtrip sessions: before each
-tick every session's inbox gets one step of audio in ``--message-samples`` pieces (480: 20 ms messages at 24
-kHz, the step's last piece shorter; a whole step: what the connection side hands over, whole steps at a time); the tick submits it, steps both engines (the encoder's codes
-go on to the decoder in the same tick) and turns the outputs into the sessions' frames (tokens and PCM16).
-Decode sessions (an LLM's tokens, as Orpheus-style TTS sends them): each inbox gets one step of codes, one
-coarse frame a message, as the connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's
-time less the engine steps' time is its host work: the lanes' Python per session (inboxes, step markers,
+tick every session's inbox gets one step of audio in ``--message-samples`` pieces (480: 20 ms messages at
+24 kHz, the step's last piece shorter; a whole step: what the connection side hands over, whole steps at a
+time); the tick submits it, steps both engines (the encoder's codes go on to the decoder in the same tick)
+and turns the outputs into the sessions' frames (tokens and PCM16). Decode sessions (an LLM's tokens, as
+Orpheus-style TTS sends them): each inbox gets one step of codes, one coarse frame a message, as the
+connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's time less the engine steps' time is its host work: the lanes' Python per session (inboxes, step markers,
 token layouts, PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
 GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
 the CPU's compute does); ``--profile`` prints the functions the host work spends its time in (cProfile).

@@ -2,16 +2,16 @@
 (:class:`Worker`), and the workers of every device a server runs on with the placement of sessions on them
 (:class:`Workers`).
 
-The engines are touched only in the worker thread (torch releases the GIL while it computes). The event
-loop puts each client message's input in its session's inbox (:meth:`Worker.deliver`), marks flushed
-sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A tick
-(:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
-and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one
-batched flush per engine), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are
-decoded in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the
-steps: a step's outputs are sent while the next step runs, the last one's in the next tick. Outputs are converted per batch:
-tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with the
-number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
+The engines are touched only in the worker thread (torch releases the GIL while it computes). The event loop
+puts each session's input (audio: whole engine steps at a time) in its inbox (:meth:`Worker.deliver`), marks
+flushed sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A
+tick (:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
+and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one batched
+flush per engine), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are decoded
+in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the steps: a
+step's outputs are sent while the next step runs, the last one's in the next tick. Outputs are converted per
+batch: tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with
+the number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
 
 With several devices (``serve --device cuda:0,cuda:1``, or ``cpu,cpu``) each has its own engine set, worker
 thread and copy of the model; a session stays on the device it was placed on when it opened.
@@ -123,9 +123,10 @@ class EngineSet:
         Steps overlap the host work around them: each lane's step is launched, and the outputs of the step
         launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). On a GPU
         (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
-        comes at once ("more to do"), submits its input meanwhile and sends that step's outputs. A lane's step is launched only once
-        the step upstream of it has been sent (its outputs are the lane's input), and everything under way is
-        sent before commands and stream ends run (a session's frames before what they do)."""
+        comes at once ("more to do"), submits its input meanwhile and sends that step's outputs. A lane's step
+        is launched only once the step upstream of it has been sent (its outputs are the lane's input), and
+        everything under way is sent before commands and stream ends run (a session's frames before what they
+        do)."""
         start, start_cpu = time.perf_counter(), time.thread_time()
         events: Events = []
         results: List[Any] = []
@@ -278,9 +279,9 @@ class Worker:
         self.post(lambda events: self.engines.abort(session))
 
     def deliver(self, session: Session, item: Any, now: float) -> None:
-        """Queue one message's input; the first item of an empty inbox marks the session for the next tick,
-        which submits everything that arrived since the last one at once (one engine call for all sessions'
-        audio, not one per message)."""
+        """Queue input as the connection side hands it over (audio whole steps at a time, codes a message at a
+        time); the first item of an empty inbox marks the session for the next tick, which submits everything
+        that arrived since the last one at once (one engine call for all sessions' audio)."""
         session.inbox.append((item, session.loop.received, now))
         if len(session.inbox) == 1:
             self._input_ready.append(session)
@@ -404,7 +405,7 @@ class Workers:
         self._of(session).abort(session)
 
     def deliver(self, session: Session, item: Any, now: float) -> None:
-        """Queue one message's input for the session's worker (:meth:`Worker.deliver`)."""
+        """Queue input for the session's worker (:meth:`Worker.deliver`)."""
         self._of(session).deliver(session, item, now)
 
     async def end_stream(self, session: Session) -> None:
