@@ -27,7 +27,7 @@ from typing import Any, Tuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streaming_cost import commit, cpu_name  # noqa: E402
+from streaming_cost import commit, cpu_name, positive_int  # noqa: E402
 
 from snac_stream.server.frontends import INPUT_COALESCE_S, Channel, EngineHost  # noqa: E402
 from snac_stream.server.session import Session  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[6400, 25600, 51200])
     parser.add_argument("--sessions", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--message-samples", type=int, default=480,
+    parser.add_argument("--message-samples", type=positive_int, default=480,
                         help="samples per input message: 480 (a 20 ms client message) or 2048 (a 24 kHz step, "
                              "what front ends hand over since input goes whole steps at a time)")
     args = parser.parse_args()

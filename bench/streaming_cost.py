@@ -59,6 +59,14 @@ def describe_machine(device: torch.device) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def commit() -> str:
     """The checkout's commit, as every report of this project names it (``$SNAC_STREAM_COMMIT`` first)."""
     return source_commit() or "unknown"

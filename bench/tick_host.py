@@ -11,8 +11,9 @@ tick every session's inbox gets one step of audio in ``--message-samples`` piece
 time); the tick submits it, steps both engines (the encoder's codes go on to the decoder in the same tick)
 and turns the outputs into the sessions' frames (tokens and PCM16). Decode sessions (an LLM's tokens, as
 Orpheus-style TTS sends them): each inbox gets one step of codes, one coarse frame a message, as the
-connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's time less the engine steps' time is its host work: the lanes' Python per session (inboxes, step markers,
-token layouts, PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
+connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's time less the
+engine steps' time is its host work: the lanes' Python per session (inboxes, step markers, token layouts,
+PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
 GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
 the CPU's compute does); ``--profile`` prints the functions the host work spends its time in (cProfile).
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streaming_cost import commit, describe_machine  # noqa: E402
+from streaming_cost import commit, describe_machine, positive_int  # noqa: E402
 
 from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.protocol import Hello  # noqa: E402
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--overlap", default="on", choices=["on", "off", "both"],
                         help="GPU: steps overlapping the host work (the server's way), every step waited for, "
                              "or both one after the other")
-    parser.add_argument("--message-samples", type=int, default=MESSAGE_SAMPLES,
+    parser.add_argument("--message-samples", type=positive_int, default=MESSAGE_SAMPLES,
                         help="roundtrip: samples per inbox piece, 480 (20 ms messages) or a whole step (2048 or "
                              "more: what the connection side hands over, whole steps at a time)")
     parser.add_argument("--json", type=Path, default=None)

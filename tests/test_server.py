@@ -97,9 +97,11 @@ def test_roundtrip_equals_offline_for_random_chunkings(name: str, sample_format:
     codes, expected = offline(model, audio)
     chunks = random_chunks(rng, 16, 5000) + [1, 2, 3]
 
-    handed: List[int] = []  # the input count after each hand-over to the engines
+    handed: List[int] = [0]  # the input count after each hand-over to the engines
+    step_samples: List[int] = []
 
     async def test(server: SNACServer):
+        step_samples.append(server.step_samples)
         deliver = server.workers.deliver
 
         def recorded(session: Any, item: Any, now: float) -> None:
@@ -107,12 +109,11 @@ def test_roundtrip_equals_offline_for_random_chunkings(name: str, sample_format:
             deliver(session, item, now)
 
         server.workers.deliver = recorded  # type: ignore[method-assign]
-        handed.append(server.step_samples)
         return await ws_client.roundtrip(server.url, audio, chunk_samples=chunks, sample_format=sample_format)
 
     result = serve(model, test)
     # Input goes to the engines whole steps at a time: each hand-over but the flush's completes a step.
-    step, handed = handed[0], [0] + handed[1:]
+    (step,) = step_samples
     assert handed[-1] == audio.size
     assert all(b // step > a // step for a, b in zip(handed[:-2], handed[1:-1])) and handed[-2] < handed[-1]
     assert len(handed) - 1 <= audio.size // step + 1  # not one per message

@@ -20,7 +20,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..engine import DecodeEngine, EncodeEngine, StreamEngine
+from ..engine import DecodeEngine, EncodeEngine, StepGroups, StreamEngine
 from ..protocol import FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, OutputFrame, ProtocolError, audio_payload, dumps
 from .session import Events, Marker, Session
 
@@ -57,7 +57,7 @@ class Launched:
     step time of the lane upstream it carries (roundtrip sessions' compute)."""
 
     lane: "Lane"
-    groups: Any
+    groups: StepGroups
     launch_s: float
     carried_s: float
 
@@ -159,8 +159,7 @@ class Lane:
         """Wait for a launched step's outputs and send them per batch; returns the step's time (seconds).
         Streams that ended since the launch (their session failed in between) are left out."""
         try:
-            wait = getattr(launched.groups, "wait", None)
-            step_s = max(launched.launch_s, wait() if wait is not None else 0.0)
+            step_s = max(launched.launch_s, launched.groups.wait())
         except Exception as exc:  # noqa: BLE001 - a device fault surfaces where its work is awaited
             self._fail_all(exc, events)
             return 0.0

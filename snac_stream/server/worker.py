@@ -174,7 +174,7 @@ class EngineSet:
             step_s = step.lane.finish(step, events)
             self._last_step_s[step.lane] = step_s
             self._finished_s += step_s
-            self._blocked_s += getattr(step.groups, "blocked_s", 0.0)
+            self._blocked_s += step.groups.blocked_s
             sent = True
             if self.on_step is not None:
                 self.on_step(step.lane.name, step_s, step.lane.last_batch)
