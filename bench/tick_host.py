@@ -2,7 +2,7 @@
 
     python bench/tick_host.py [--kind roundtrip|decode] [--sessions 16 64 256] [--device cpu|cuda]
                               [--preset 24khz] [--small] [--ticks 8] [--profile] [--overlap on|off|both]
-                              [--json out.json]
+                              [--gc serving|default|both] [--json out.json]
 
 Builds the server's engine set (:class:`snac_stream.server.worker.EngineSet`: the encode and decode engines and
 their lanes) for N sessions and runs ticks as the server's engine thread does. Roundtrip sessions: before each
@@ -23,7 +23,9 @@ tick before among them), so "host" is what the overlap leaves exposed, and may f
 device's work also covered the feed before the tick. ``--overlap off`` waits for every step (the A/B).
 "Engine thread CPU" and "blocked on the GPU" split the tick as ``snac-stream bench-latency`` does for the
 server's ticks: with no other thread here they add up to the tick, so a server tick that takes longer at the
-same CPU time waited for the interpreter lock or a core.
+same CPU time waited for the interpreter lock or a core. "gc per tick" is the process's time in cyclic garbage
+collection per feed and tick (its mean: collections are rare and long), with the server's thresholds
+(``snac_stream.server.heap``) or CPython's (``--gc``).
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ from streaming_cost import commit, describe_machine, positive_int  # noqa: E402
 
 from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.protocol import Hello  # noqa: E402
+from snac_stream.server.heap import GC_CLOCK, freeze_heap, thaw_heap  # noqa: E402
 from snac_stream.server.session import Session  # noqa: E402
 from snac_stream.server.stats import new_stats  # noqa: E402
 from snac_stream.server.worker import EngineSet  # noqa: E402
 from snac_stream.tokens import get_layout  # noqa: E402
 
 MESSAGE_SAMPLES = 480  # 20 ms at 24 kHz, the load test's and a voice agent's message
+DEFAULT_GC_THRESHOLDS = gc.get_threshold()  # CPython's, as this process started
+PROFILE_ROWS = 25  # functions listed by --profile
 
 
 def build(preset: str, small: bool, device: str) -> SNAC:
@@ -64,7 +69,7 @@ def build(preset: str, small: bool, device: str) -> SNAC:
 
 
 def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip",
-            overlap: bool = True, message_samples: int = MESSAGE_SAMPLES) -> Dict[str, Any]:
+            overlap: bool = True, message_samples: int = MESSAGE_SAMPLES, gc_thresholds: str = "serving") -> Dict[str, Any]:
     stats = new_stats()
     engines = EngineSet(model, sessions, stats)
     for engine in (engines.encoder, engines.decoder):  # off: every step waits for its outputs (the A/B)
@@ -105,8 +110,10 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
     for _ in range(warm):  # past the engines' warm-up: every later tick emits tokens and audio for everyone
         feed()
         engines.tick([], group, [])
-    gc.collect()
-    gc.freeze()
+    freeze_heap()  # as the server does once started
+    if gc_thresholds == "default":
+        gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+    collected = GC_CLOCK.seconds
     totals, cycles, steps, frames, cpus, blocks = [], [], [], [], [], []
     profiler = cProfile.Profile() if profile else None
     for _ in range(ticks):  # back to back, as under load: a tick's last step runs on into the next feed and tick
@@ -124,11 +131,13 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         cpus.append(stats["tick_parts_s"][-1][1])
         blocks.append(stats["tick_parts_s"][-1][2])
         frames.append(len(events))
+    collected = GC_CLOCK.seconds - collected
     engines.tick([], [], [])  # the step left running
-    gc.unfreeze()
+    thaw_heap()
     host = [t - s for t, s in zip(totals, steps)]
     row = {"kind": kind, "sessions": sessions, "ticks": ticks, "message_samples": size,
-           "overlap": overlap and model.device.type == "cuda",
+           "overlap": overlap and model.device.type == "cuda", "gc_thresholds": gc_thresholds,
+           "gc_ms": 1e3 * collected / ticks,
            "tick_ms": 1e3 * statistics.median(totals), "cycle_ms": 1e3 * statistics.median(cycles),
            "engine_steps_ms": 1e3 * statistics.median(steps), "host_ms": 1e3 * statistics.median(host),
            "host_us_per_session": 1e6 * statistics.median(host) / sessions,
@@ -138,7 +147,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         listing = pstats.Stats(profiler)
         listing.sort_stats("tottime")
         top = []
-        for (file, line, name), (cc, nc, tt, ct, _) in sorted(listing.stats.items(), key=lambda kv: -kv[1][2])[:25]:
+        for (file, line, name), (cc, nc, tt, ct, _) in sorted(listing.stats.items(), key=lambda kv: -kv[1][2])[:PROFILE_ROWS]:
             top.append({"function": f"{Path(file).name}:{line}({name})", "calls": nc,
                         "own_ms_per_tick": 1e3 * tt / ticks, "cumulative_ms_per_tick": 1e3 * ct / ticks})
         row["profile"] = top
@@ -160,6 +169,9 @@ def main() -> None:
     parser.add_argument("--message-samples", type=positive_int, default=MESSAGE_SAMPLES,
                         help="roundtrip: samples per inbox piece, 480 (20 ms messages) or a whole step (2048 or "
                              "more: what the connection side hands over, whole steps at a time)")
+    parser.add_argument("--gc", default="serving", choices=["serving", "default", "both"],
+                        help="the garbage collector's thresholds: the server's (snac_stream.server.heap), "
+                             "CPython's default, or both one after the other")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = build(args.preset, args.small, args.device)
@@ -167,16 +179,18 @@ def main() -> None:
     print(f"# tick host work, {args.kind} sessions, {args.preset}{' (narrow layers)' if args.small else ''} on {args.device}; "
           f"{machine}; commit {commit()}")
     print("| sessions | overlap | tick (ms) | feed + tick (ms) | engine steps (ms) | host (ms) | host per session (us) "
-          "| engine thread CPU (ms) | blocked on the GPU (ms) | frames per tick |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| engine thread CPU (ms) | blocked on the GPU (ms) | gc thresholds | gc per tick (ms) | frames per tick |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in args.sessions:
         for overlap in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]:
-            row = measure(model, n, args.ticks, args.profile, args.kind, overlap, args.message_samples)
-            rows.append(row)
-            print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
-                  f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "
-                  f"{row['thread_cpu_ms']:.1f} | {row['blocked_ms']:.1f} | {row['frames_per_tick']:.0f} |", flush=True)
+            for thresholds in {"serving": ["serving"], "default": ["default"], "both": ["default", "serving"]}[args.gc]:
+                row = measure(model, n, args.ticks, args.profile, args.kind, overlap, args.message_samples, thresholds)
+                rows.append(row)
+                print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
+                      f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "
+                      f"{row['thread_cpu_ms']:.1f} | {row['blocked_ms']:.1f} | {thresholds} | {row['gc_ms']:.2f} | "
+                      f"{row['frames_per_tick']:.0f} |", flush=True)
     if args.profile:
         for row in rows:
             print(f"\n## {row['sessions']} sessions: top functions by own time per tick (cProfile)")

@@ -7,6 +7,7 @@ outputs whole. The GPU side (outputs copied to the host behind the step) is test
 
 from __future__ import annotations
 
+import gc
 from typing import Dict, List
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame
+from snac_stream.server.heap import GC_CLOCK, SERVING_GC_THRESHOLDS, freeze_heap, thaw_heap
 from snac_stream.server.session import Session
 from snac_stream.server.stats import new_stats
 from snac_stream.server.worker import EngineSet
@@ -149,13 +151,33 @@ def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
              for s in cfg.vq_strides]
     play.loop.received += sum(c.shape[-1] for c in codes)
     play.inbox.append((codes, play.loop.received, 0.0))
-    for _ in range(3):
+    GC_CLOCK.install()
+    for _ in range(2):
         engines.tick([], [play], [])
+    engines.tick([lambda events: gc.collect()], [play], [])  # a full collection inside the third tick
     assert len(stats["tick_parts_s"]) == len(stats["tick_s"]) == 3
-    for (wall, cpu, blocked), tick_s in zip(stats["tick_parts_s"], stats["tick_s"]):
+    for (wall, cpu, blocked, collecting), tick_s in zip(stats["tick_parts_s"], stats["tick_s"]):
         assert wall == tick_s and blocked == 0.0  # the CPU computes its steps: nothing to wait for
         assert 0 < cpu <= wall + 0.01  # thread CPU time has a coarser clock than the wall
-    parts = _tick_parts([(0.010, 0.004, 0.003), (0.020, 0.012, 0.009)])
-    assert parts["cpu"]["max"] == 12 and parts["blocked"]["p50"] == 6
+        assert 0 <= collecting <= wall
+    assert stats["tick_parts_s"][2][3] > 0
+    parts = _tick_parts([(0.010, 0.004, 0.003, 0.0), (0.020, 0.012, 0.009, 0.002)])
+    assert parts["cpu"]["max"] == 12 and parts["blocked"]["p50"] == 6 and parts["gc"]["max"] == 2
     assert np.allclose([parts["rest"]["p50"], parts["rest"]["max"]], [1.5, 3.0])  # 3 and 0 (never negative)
     assert _tick_parts([]) is None
+
+
+def test_serving_heap_is_frozen_with_raised_thresholds_and_collections_are_timed() -> None:
+    """freeze_heap freezes what is alive, raises the collector's thresholds and times collections; thaw_heap
+    restores the thresholds (and unfreezes)."""
+    before = gc.get_threshold()
+    freeze_heap()
+    try:
+        assert gc.get_threshold() == SERVING_GC_THRESHOLDS and gc.get_freeze_count() > 0
+        seconds, full = GC_CLOCK.seconds, GC_CLOCK.collections[2]
+        gc.collect()
+        assert GC_CLOCK.seconds > seconds and GC_CLOCK.collections[2] == full + 1
+        assert GC_CLOCK.report()["collections"][2] == full + 1
+    finally:
+        thaw_heap()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

@@ -125,8 +125,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="compute path (default: the model's, auto = Triton on CUDA, PyTorch elsewhere)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads of the engine worker (default: torch's count less one core for the "
-                        "event loop, at least 1)")
+                   help="torch CPU threads of the engine worker (default: 1 with every engine on a GPU, else "
+                        "torch's count less one core for the event loop, at least 1)")
 
 
 def run_serve(args: argparse.Namespace) -> int:

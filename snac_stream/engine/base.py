@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..model.snac import SNACModel
@@ -28,13 +29,17 @@ def _first(x: Any, rows: int) -> Any:
     return [t[:rows] for t in x] if isinstance(x, (list, tuple)) else x[:rows]
 
 
-def cat_to(pieces: Sequence[torch.Tensor], device: torch.device, dim: int = 0) -> torch.Tensor:
+def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.device, dim: int = 0) -> torch.Tensor:
     """Concatenate (along the batch by default) and move to ``device``: one copy when the pieces share a
-    device."""
-    try:
-        joined = torch.cat(list(pieces), dim=dim)
-    except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
-        joined = torch.cat([p.to(device) for p in pieces], dim=dim)
+    device. Pieces may be numpy arrays (input queued on the host, see ``EncodeEngine.submit_many``)."""
+    if all(isinstance(p, np.ndarray) for p in pieces):
+        joined = torch.from_numpy(np.concatenate(pieces, axis=dim))
+    else:
+        pieces = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
+        try:
+            joined = torch.cat(pieces, dim=dim)
+        except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
+            joined = torch.cat([p.to(device) for p in pieces], dim=dim)
     return joined.to(device, non_blocking=True)
 
 
@@ -88,12 +93,12 @@ class Slot:
     """One stream's slot: its queued input and where its state is (its group's while warming up, then its
     batch row, row ``sid``)."""
     sid: int
-    queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first
+    queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first (tensors, numpy on the host)
     fresh: bool = True  # no step run yet (its state is made with its group's)
     group: Optional[_Warming] = None  # while warming up; None once in the batch
     steps: int = 0  # steps run
     received: int = 0  # input samples submitted (encoder)
-    partial: Optional[torch.Tensor] = None  # samples short of a whole step (encoder)
+    partial: Optional[Union[torch.Tensor, np.ndarray]] = None  # samples short of a whole step (encoder)
     ended: bool = False  # the input has ended (encoder: ``end_input``)
 
 

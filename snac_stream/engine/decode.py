@@ -68,8 +68,9 @@ class DecodeEngine(StreamEngine):
             return
         # (streams, steps, width) per level, side by side: [j, k] is stream j's queue item for its step k.
         merged = torch.cat([c.reshape(len(slots), steps, w) for c, w in zip(codes, self._level_widths)], dim=2)
-        for slot, items in zip(slots, merged.split(1)):
-            slot.queue.extend(items[0].split(1))
+        items = merged.reshape(len(slots) * steps, 1, merged.shape[-1]).unbind(0)  # one call for every view
+        for k, slot in enumerate(slots):
+            slot.queue.extend(items[k * steps : (k + 1) * steps])
 
     def _no_output(self, rows: int) -> torch.Tensor:
         """(rows, 1, 0): no samples."""

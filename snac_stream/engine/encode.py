@@ -69,8 +69,9 @@ class EncodeEngine(StreamEngine):
         joined = audio[0].to(device) if len(audio) == 1 else cat_to(audio, device, dim=-1)
         if joined.shape[-1]:
             joined = self.model.check_audio(joined, device)
-        # On the host the per-stream slicing and joining runs in numpy (views of the same memory): a fraction of
-        # a torch op's fixed cost, which a server pays for every stream of every tick.
+        # On the host, audio waits as numpy views of the same memory (slicing and joining per stream at a
+        # fraction of a torch op's fixed cost, which a server pays for every stream of every tick); the step
+        # joins a batch of them in one copy (``cat_to``).
         host = joined.device.type == "cpu" and joined.dtype in _NUMPY_FLOATS
         data = joined.numpy() if host else joined
         start = 0
@@ -80,13 +81,11 @@ class EncodeEngine(StreamEngine):
             slot.received += n
             held = slot.partial
             if held is not None and held.shape[-1]:
-                new = (np.concatenate([held.cpu().numpy(), new], axis=-1) if host
-                       else torch.cat([held.to(device), new], dim=-1))
-            buffered = torch.from_numpy(new) if host else new
-            whole = buffered.shape[-1] // self.step_samples * self.step_samples
-            for j in range(0, whole, self.step_samples):
-                slot.queue.append(buffered[..., j : j + self.step_samples])
-            slot.partial = buffered[..., whole:]
+                new = (np.concatenate([_on_host(held), new], axis=-1) if host
+                       else torch.cat([_on_device(held, device), new], dim=-1))
+            whole = new.shape[-1] // self.step_samples * self.step_samples
+            slot.queue.extend(new[..., j : j + self.step_samples] for j in range(0, whole, self.step_samples))
+            slot.partial = new[..., whole:]
 
     def end_input(self, sid: int) -> int:
         """The end of stream ``sid``'s audio: its buffered remainder, padded with zeros to a whole step (as
@@ -120,8 +119,20 @@ class EncodeEngine(StreamEngine):
         closing a stream compiles no kernel for a length met only once. The codec's flush then pads nothing."""
         if slot.partial is None or not slot.partial.shape[-1]:
             return []
-        return [self._padded(slot.partial.to(self.model.device))]
+        return [self._padded(_on_device(slot.partial, self.model.device))]
 
-    def _padded(self, tail: torch.Tensor) -> torch.Tensor:
+    def _padded(self, tail: Union[torch.Tensor, np.ndarray]) -> Union[torch.Tensor, np.ndarray]:
         """(1, 1, n < step_samples) samples followed by zeros up to a whole step: (1, 1, step_samples)."""
+        if isinstance(tail, np.ndarray):
+            return np.concatenate([tail, np.zeros((1, 1, self.step_samples - tail.shape[-1]), tail.dtype)], axis=-1)
         return torch.cat([tail, tail.new_zeros(1, 1, self.step_samples - tail.shape[-1])], dim=-1)
+
+
+def _on_host(samples: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """Buffered samples as a numpy array (they wait as one where they came from the host)."""
+    return samples if isinstance(samples, np.ndarray) else samples.cpu().numpy()
+
+
+def _on_device(samples: Union[torch.Tensor, np.ndarray], device: torch.device) -> torch.Tensor:
+    """Buffered samples as a tensor on ``device``."""
+    return (torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples).to(device)

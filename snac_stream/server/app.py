@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import gc
 import json
 import logging
 import socket
@@ -26,6 +25,7 @@ from ..model.snac import SNACModel
 from ..streaming.latency import algorithmic_latency
 from . import web
 from .connection import Gateway
+from .heap import freeze_heap, thaw_heap
 from .metrics import (CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics, engine_snapshot, front_snapshot,
                       merge_snapshots)
 from .options import ServedModel, ServerOptions, default_engine_threads, handshake_origins
@@ -111,7 +111,7 @@ class ModelEngines:
         self.devices: List[str] = [str(place) for place in places]
         self.served = ServedModel(self.model_name, model.config, self.step_frames, self.step_samples, self.latency,
                                   tuple(self.devices), random_weights)
-        self.threads = options.threads or default_engine_threads()
+        self.threads = options.threads or default_engine_threads([engines.device for engines in self.engine_sets])
         self.workers = Workers([Worker(engines, self.threads, stats) for engines in self.engine_sets],
                                options.max_sessions)
         self.metrics = ServerMetrics(self.model_name, self.devices)
@@ -156,11 +156,7 @@ class FrontServer(ServerLifecycle):
             process_request=self._process_request, reuse_port=self.reuse_port or None)
         self.port = self._server.sockets[0].getsockname()[1]
         self.gateway.server_id = self.options.server_id or f"{socket.gethostname()}:{self.port}"
-        # What is alive now (model, engine states, modules) lives as long as the server: keep it out of the cyclic
-        # garbage collector's full passes, which otherwise scan it all (long with a large engine), stalling
-        # whichever tick they land in.
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # what is alive now lives as long as the server: out of the collector's passes
         return self
 
     async def stop(self) -> None:
@@ -172,7 +168,7 @@ class FrontServer(ServerLifecycle):
             self._server.close()
             await self._server.wait_closed()
         await self.workers.stop()
-        gc.unfreeze()  # back to normal collection (and a clean interpreter exit) once the server is gone
+        thaw_heap()
 
     async def serve_forever(self) -> None:
         assert self._server is not None, "call start() first"

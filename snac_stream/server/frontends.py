@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import itertools
 import logging
 import multiprocessing
@@ -51,6 +50,7 @@ from ..model.snac import SNACModel
 from ..protocol import ProtocolError
 from ..tokens import get_layout
 from .app import FrontServer, ModelEngines, ServerLifecycle, readiness
+from .heap import freeze_heap, thaw_heap
 from .metrics import engine_snapshot, front_snapshot, merge_snapshots
 from .options import ServedModel, ServerOptions
 from .session import Events, Session
@@ -594,8 +594,7 @@ class MultiProcessServer(ServerLifecycle):
             await self.stop()
             raise
         self.host.tell_status()
-        gc.collect()
-        gc.freeze()  # as SNACServer.start: the model and engines live as long as the server
+        freeze_heap()  # as SNACServer.start: the model and engines live as long as the server
         return self
 
     async def _start_front_end(self, index: int) -> multiprocessing.process.BaseProcess:
@@ -651,7 +650,7 @@ class MultiProcessServer(ServerLifecycle):
             self._reserved.close()
         if self._closed is not None:
             self._closed.set()
-        gc.unfreeze()
+        thaw_heap()
 
     async def serve_forever(self) -> None:
         assert self._closed is not None, "call start() first"

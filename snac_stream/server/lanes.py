@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..engine import DecodeEngine, EncodeEngine, StepGroups, StreamEngine
-from ..protocol import FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, OutputFrame, ProtocolError, audio_payload, dumps
+from ..protocol import FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, ProtocolError, audio_payload, dumps, pack_output_frame
 from .session import Events, Marker, Session
 
 log = logging.getLogger("snac_stream.server")
@@ -202,8 +202,8 @@ class Lane:
     @staticmethod
     def _frame(kind: int, start: int, marker: Marker, compute_s: float, data: np.ndarray, final: bool) -> bytes:
         server_us = (time.perf_counter() - marker[1]) * 1e6
-        return OutputFrame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
-                           FLAG_FINAL if final else 0).pack()
+        return pack_output_frame(kind, start, marker[0], int(server_us), int(compute_s * 1e6), data,
+                                 FLAG_FINAL if final else 0)
 
     # ---- stream ends ----------------------------------------------------------------------------------
     def end_streams(self, ending: Sequence[Session], events: Events) -> None:

@@ -383,14 +383,15 @@ class _CPUClock:
                                                   if roles is not None else None)}
 
 
-def _tick_parts(parts: Sequence[Tuple[float, float, float]]) -> Optional[Dict[str, Dict[str, float]]]:
+def _tick_parts(parts: Sequence[Tuple[float, float, float, float]]) -> Optional[Dict[str, Dict[str, float]]]:
     """Where the engine thread's ticks went (ms): its CPU time, its time blocked waiting for steps on a GPU,
-    and the rest (waiting for the interpreter lock, or for a core); None without ticks."""
+    the rest (waiting for the interpreter lock, or for a core), and the process's garbage collections during
+    the tick (on the engine thread, part of its CPU time; on another, part of the rest); None without ticks."""
     if not parts:
         return None
-    wall, cpu, blocked = (np.array(column) for column in zip(*parts))
+    wall, cpu, blocked, collecting = (np.array(column) for column in zip(*parts))
     return {"cpu": _stats(cpu), "blocked": _stats(blocked),
-            "rest": _stats(np.maximum(wall - cpu - blocked, 0.0))}
+            "rest": _stats(np.maximum(wall - cpu - blocked, 0.0)), "gc": _stats(collecting)}
 
 
 def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
@@ -615,7 +616,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         say(f"        the engine thread in a tick, p50 / p99: its CPU {parts['cpu']['p50']:.1f} / "
             f"{parts['cpu']['p99']:.1f} ms, blocked waiting for the GPU {parts['blocked']['p50']:.1f} / "
             f"{parts['blocked']['p99']:.1f} ms, the rest (waiting for the interpreter lock or a core) "
-            f"{parts['rest']['p50']:.1f} / {parts['rest']['p99']:.1f} ms")
+            f"{parts['rest']['p50']:.1f} / {parts['rest']['p99']:.1f} ms; garbage collection in the process "
+            f"meanwhile {parts['gc']['p50']:.1f} / {parts['gc']['p99']:.1f} ms")
     if scrapes:
         say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "
             f"p99 {report['scrape_ms']['p99']:.1f} ms")

@@ -93,8 +93,13 @@ class ServerOptions:
                              f"--token or set {TOKEN_ENV}")
 
 
-def default_engine_threads() -> int:
-    """Torch intra-op threads for the engine worker: torch's default less one core for the event loop."""
+def default_engine_threads(devices: Sequence[torch.device] = ()) -> int:
+    """Torch intra-op threads for the engine workers. With every engine on a GPU, one: their CPU work is
+    bookkeeping (joining inputs, checks, conversions) that more threads barely speed up, while the idle
+    ones spin for a while after each parallel op, on cores the front ends need. Otherwise (the CPU computes
+    the steps) torch's default less one core for the event loop."""
+    if devices and all(device.type == "cuda" for device in devices):
+        return 1
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
 
 

@@ -16,7 +16,8 @@ def new_stats() -> Dict[str, Any]:
     error codes sent; ``max_backlog``: the most unprocessed input items a session held; ``ticks``: worker
     ticks; ``tick_s`` / ``step_s``: the latest ticks' durations and the engine steps' share of them, in
     seconds; ``tick_parts_s``: the same ticks as (duration, the engine thread's CPU time, its time blocked
-    waiting for steps on a GPU) tuples, the rest of a tick being waits for the interpreter lock or a core;
+    waiting for steps on a GPU, the process's time in garbage collection meanwhile) tuples, the rest of a tick
+    (less CPU and blocked) being waits for the interpreter lock or a core;
     ``behind_warnings``: 'behind' warnings sent; ``outcomes``: a Counter of (kind, outcome) of the
     sessions that held a slot, outcome ``completed`` (ended by flush), ``closed`` (by the client, without
     flush) or the error code that ended it; ``refusals``: a Counter of the error codes of connections refused

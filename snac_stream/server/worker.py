@@ -32,6 +32,7 @@ import torch
 from ..engine import DecodeEngine, EncodeEngine, EngineFull
 from ..model.snac import SNACModel
 from ..protocol import ProtocolError, dumps
+from .heap import GC_CLOCK
 from .lanes import DecodeLane, EncodeLane, Lane, Launched
 from .session import Events, Session
 
@@ -82,6 +83,7 @@ class EngineSet:
         self.decode = DecodeLane(self.decoder, self.fail)
         self.encode.feeds(self.decode)
         self.lanes: Tuple[Lane, ...] = (self.encode, self.decode)  # step order: upstream first
+        self._input_lane = {kind: lane for lane in self.lanes for kind in lane.input_kinds}  # where input goes
         self._ending: List[Session] = []  # flushed sessions whose end is not sent yet
         self._launched: Deque[Launched] = collections.deque()  # steps under way, oldest first
         self._last_step_s: Dict[Lane, float] = {}  # each lane's latest step time (roundtrips carry the encoder's)
@@ -127,12 +129,17 @@ class EngineSet:
         is launched only once the step upstream of it has been sent (its outputs are the lane's input), and
         everything under way is sent before commands and stream ends run (a session's frames before what they
         do)."""
-        start, start_cpu = time.perf_counter(), time.thread_time()
+        start, start_cpu, start_gc = time.perf_counter(), time.thread_time(), GC_CLOCK.seconds
         events: Events = []
         results: List[Any] = []
         self._finished_s, self._blocked_s, finished = 0.0, 0.0, False
+        inputs: Dict[Lane, List[Session]] = {lane: [] for lane in self.lanes}
+        for session in ready:  # one pass over thousands of sessions
+            lane = self._input_lane.get(session.kind)
+            if lane is not None:
+                inputs[lane].append(session)
         for lane in self.lanes:
-            lane.submit([session for session in ready if session.kind in lane.input_kinds], events)
+            lane.submit(inputs[lane], events)
         if commands or ending or self._ending:
             finished = self._finish(events)
         for command in commands:
@@ -160,7 +167,8 @@ class EngineSet:
             tick_s = time.perf_counter() - start
             self.stats["tick_s"].append(tick_s)
             self.stats["step_s"].append(self._finished_s)
-            self.stats["tick_parts_s"].append((tick_s, time.thread_time() - start_cpu, self._blocked_s))
+            self.stats["tick_parts_s"].append((tick_s, time.thread_time() - start_cpu, self._blocked_s,
+                                               GC_CLOCK.seconds - start_gc))
         return events, results, ended, busy
 
     def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
