@@ -10,8 +10,8 @@ tick every session's inbox gets one step of audio in ``--message-samples`` piece
 24 kHz, the step's last piece shorter; a whole step: what the connection side hands over, whole steps at a
 time); the tick submits it, steps both engines (the encoder's codes go on to the decoder in the same tick)
 and turns the outputs into the sessions' frames (tokens and PCM16). Decode sessions (an LLM's tokens, as
-Orpheus-style TTS sends them): each inbox gets one step of codes, one coarse frame a message, as the
-connection side's token parser hands them over; the tick decodes and sends PCM16. The tick's time less the
+Orpheus-style TTS sends them): each inbox gets one step of codes, as the connection side hands them over
+(whole steps at a time); the tick decodes and sends PCM16. The tick's time less the
 engine steps' time is its host work: the lanes' Python per session (inboxes, step markers, token layouts,
 PCM conversion, frame headers). That work, times the sessions, must fit in a step beside the
 GPU's; this measures it per session. ``--small`` narrows the model (host work does not depend on the widths,
@@ -88,17 +88,16 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         engines.open(session)
         group.append(session)
     audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
-    frame_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, cfg.coarse_stride // stride)))
-                   for stride in cfg.vq_strides]  # one coarse frame, as the token parser yields it
-    frame_tokens = sum(c.shape[-1] for c in frame_codes)
+    step_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, engines.step_frames * cfg.coarse_stride // s)))
+                  for s in cfg.vq_strides]  # one step of coarse frames, as the connection side hands them over
+    step_tokens = sum(c.shape[-1] for c in step_codes)
 
     def feed() -> None:
         now = time.perf_counter()
         for session in group:
             if kind == "decode":
-                for _ in range(engines.step_frames):
-                    session.loop.received += frame_tokens
-                    session.inbox.append((frame_codes, session.loop.received, now))
+                session.loop.received += step_tokens
+                session.inbox.append((step_codes, session.loop.received, now))
                 continue
             start = 0
             for size in pieces:

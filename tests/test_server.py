@@ -162,6 +162,42 @@ def test_decode_orpheus_tokens_equal_offline() -> None:
     assert np.abs(result.audio - expected).max() <= AUDIO_TOL
 
 
+def test_decode_tokens_go_to_the_engines_whole_steps_at_a_time() -> None:
+    """Tokens sent a few at a time (random chunks, partial frames included) reach the engines whole decoder
+    steps at a time (4 coarse frames here), each hand-over but the flush's completing a step, and the audio
+    still equals offline decoding."""
+    model = model_for("44k")
+    rng = np.random.default_rng(9)
+    frames = 4 * 7
+    codes = [torch.from_numpy(rng.integers(0, 4096, (1, frames * 8 // s))) for s in model.config.vq_strides]
+    layout = get_layout("interleaved", model.config)
+    tokens = layout.to_flat(codes)[0].numpy()
+    with torch.inference_mode():
+        expected = model.decode(codes)[0, 0].numpy()
+    handed: List[int] = [0]  # coarse frames handed over so far, after each hand-over
+    step_frames: List[int] = []
+
+    async def test(server: SNACServer):
+        step_frames.append(server.step_frames)
+        deliver = server.workers.deliver
+
+        def recorded(session: Any, item: Any, now: float) -> None:
+            handed.append(handed[-1] + item[0].shape[-1])
+            deliver(session, item, now)
+
+        server.workers.deliver = recorded  # type: ignore[method-assign]
+        return await ws_client.decode(server.url, tokens, chunk_tokens=random_chunks(rng, 40, 12),
+                                      sample_format="float32")
+
+    result = serve(model, test)
+    (step,) = step_frames
+    assert step == 4 and handed[-1] == frames
+    assert all(b // step > a // step for a, b in zip(handed[:-1], handed[1:]))
+    assert len(handed) - 1 <= frames // step + 1  # not one per message
+    assert result.audio.shape == expected.shape
+    assert np.abs(result.audio - expected).max() <= AUDIO_TOL
+
+
 def test_decode_paced_in_real_time_sends_each_frame_when_its_audio_is_generated() -> None:
     """``decode(..., realtime=True)``: a message of whole coarse frames goes out when the audio its tokens
     describe would have been generated; the latency split counts ``input_end`` tokens as that audio, so the

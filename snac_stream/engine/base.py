@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -227,6 +227,11 @@ class StreamEngine:
     def pending(self, sid: int) -> int:
         """Whole steps queued for stream ``sid``."""
         return len(self._slot(sid).queue)
+
+    def queued_any(self, sids: Iterable[int]) -> bool:
+        """Whether any of these streams has a whole step queued (one pass, for thousands of streams)."""
+        slots = self._slots
+        return any(slots[sid].queue for sid in sids)
 
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""

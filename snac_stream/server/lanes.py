@@ -106,7 +106,7 @@ class Lane:
 
     def busy(self) -> bool:
         """Whether any stream has a step queued."""
-        return any(self.engine.pending(sid) for sid in self._by_sid)
+        return self.engine.queued_any(self._by_sid)
 
     def abort(self, session: Session) -> None:
         """Drop the session's stream (if any) without running the rest."""

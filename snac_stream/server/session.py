@@ -44,7 +44,8 @@ class LoopSide:
         self.ws = ws
         self.parser: Optional[TokenParser] = None  # decode sessions: token ids -> codes
         self.received = 0  # input items (samples, or tokens for decode) received
-        self.held: List[Any] = []  # audio received short of a whole engine step, not handed over yet
+        self.held: List[Any] = []  # input received short of a whole engine step, not handed over yet
+        self.coarse_frames = 0  # decode: whole coarse frames received
         self.ended: Optional[asyncio.Future] = None  # resolved once the stream's end has been sent
         self.out: Deque[Any] = collections.deque()  # messages for the client, then a close
         self.out_bytes = 0  # bytes of the queued messages (close markers aside)
