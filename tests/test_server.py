@@ -925,6 +925,8 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> Non
     parts = report["tick_parts_ms"]
     assert parts["blocked"]["max"] == 0 and 0 < parts["cpu"]["p50"] <= report["tick_ms"]["max"]
     assert 0 <= parts["rest"]["p50"] <= report["tick_ms"]["max"]
+    assert 0 <= parts["gc"]["p50"] <= parts["gc"]["max"]
+    assert len(report["gc"]["collections"]) == 3 and report["gc"]["seconds"] >= 0  # the process's collections
     # Two verdicts: the rate (no drift of a step, no warning, nothing missing) and the tail within one step.
     step_ms = 1e3 * report["step_samples"] / 24000
     assert report["keeps_up"] == (report["behind_warnings"] == 0 and report["drift_ms_max"] < step_ms)

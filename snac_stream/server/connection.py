@@ -273,7 +273,7 @@ class Gateway:
         """The input is complete (a flush): the input converter's tail (a resampler's) is input too, and so is
         the part of a step held back (:meth:`_deliver_audio`, :meth:`_deliver_codes`)."""
         if session.kind == "decode":
-            self._deliver_codes(session, None, now, end=True)
+            self._deliver_codes(session, None, now)
         else:
             self._deliver_audio(session, session.formats.end_input(now), now, end=True)  # type: ignore[union-attr]
         session.flush_at = (session.loop.received, now)
@@ -346,23 +346,22 @@ class Gateway:
         if codes[0].shape[-1]:
             self._deliver_codes(session, codes, now)
 
-    def _deliver_codes(self, session: Session, codes: Optional[List[torch.Tensor]], now: float,
-                       end: bool = False) -> None:
+    def _deliver_codes(self, session: Session, codes: Optional[List[torch.Tensor]], now: float) -> None:
         """Hand whole coarse frames (codes per level (1, t_i)) to the engine, whole decoder steps at a time, as
         :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message, and each
-        hand-over costs the engine's process a link message, an inbox entry and a join per level. ``end``
-        (the flush): what is held goes now (``codes`` None); a stream that ends inside a step is refused
-        downstream as before."""
+        hand-over costs the engine's process a link message, an inbox entry and a join per level. ``codes``
+        None (the flush): what is held goes now; a stream that ends inside a step is refused downstream, as
+        before."""
         side = session.loop
         if codes is not None:
             before, step = side.coarse_frames, self.served.step_frames
             side.coarse_frames += codes[0].shape[-1]  # a coarse frame is one code of the first level
-            if not end and side.coarse_frames // step == before // step:
-                side.held.append(codes)
+            side.held.append(codes)
+            if side.coarse_frames // step == before // step:
                 return
-        elif not side.held:
+        if not side.held:
             return
-        pieces = [*side.held, *([codes] if codes is not None else [])]
+        pieces = list(side.held)
         side.held.clear()
         joined = pieces[0] if len(pieces) == 1 else [torch.cat(level, dim=-1) for level in zip(*pieces)]
         self.workers.deliver(session, joined, now)

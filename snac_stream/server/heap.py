@@ -1,13 +1,14 @@
 """The interpreter's cyclic garbage collector in a serving process: kept out of the ticks, and timed.
 
 A server process allocates tens of thousands of small container objects a tick (per session: input pieces,
-step markers, frames). With the collector's default thresholds that means a young collection every 700 of
-them and, as those that outlive a tick pile up in the oldest generation, a full collection every few ticks:
-a pass over every live object, tens of milliseconds with thousands of sessions, on whichever thread
-allocated last (the engine thread, most often). :func:`freeze_heap` moves what lives as long as the server
-(model, engines, modules) out of the collector's sight and raises the thresholds, so young collections
-come once per many thousands of allocations, when most of a tick's objects are already gone, and full
-ones rarely. :data:`GC_CLOCK` measures what the collector still takes.
+step markers, frames). With the collector's default thresholds a young collection comes every 700 net new
+ones, and what outlives a tick (input queued while a server falls behind) is promoted and scanned again by
+the older generations' passes, on whichever thread allocated last (the engine thread, most often): 9.6 ms
+of a median tick and 100 ms at the 99th percentile for an H100 server behind on 2048 decode sessions
+(bench/RESULTS.md, "Sessions per server"). :func:`freeze_heap` moves what lives as long as the server
+(model, engines, modules) out of the collector's sight and raises the thresholds, so young collections come
+once per many thousands of net allocations, most of a tick's objects being gone by then, and the older
+passes rarely. :data:`GC_CLOCK` measures what the collector still takes.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from ..tokens import get_layout
 from . import ServerOptions, SNACServer
 from .conversion import SessionFormats
 from .frontends import MultiProcessServer
+from .heap import GC_CLOCK
 
 PARTS = ("total", "algorithmic", "server", "transport")
 KINDS = ("roundtrip", "decode")  # the clients' session kind
@@ -596,6 +597,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
         "tick_parts_ms": _tick_parts(server.stats["tick_parts_s"]),
+        "gc": GC_CLOCK.report(),  # the engine process's collections since its server started
         "scrape_hz": scrape_hz, "scrapes": len(scrapes), "scrape_ms": _stats(scrapes) if scrapes else None,
         "machine": machine_info(*places),
     }
