@@ -459,6 +459,9 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     # Sessions go to the device with the most free slots: each gets an even share of the clients.
     options = ServerOptions(port=0, max_sessions=math.ceil(clients / len(places)),
                             idle_timeout_s=max(30.0, duration_s), backend=backend, threads=threads)
+    if any(place.type == "cuda" for place in places):
+        say(f"server  building engines for {options.max_sessions} sessions per device: compiling kernels and "
+            f"capturing CUDA graphs (this can take minutes)")
     server: Union[SNACServer, MultiProcessServer] = (
         MultiProcessServer(model, options, frontends=frontends, model_name=model_name, random_weights=random_weights,
                            devices=places) if frontends

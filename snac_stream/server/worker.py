@@ -73,10 +73,15 @@ class EngineSet:
             # step returns while it runs, so the tick does its host work meanwhile.
             self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
             self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
-            for engine in (self.decoder, self.encoder):
-                if engine.step_mode == "graphs":  # CUDA: compile and capture now, not in a session's step
+            graphed = [engine for engine in (self.decoder, self.encoder) if engine.step_mode == "graphs"]
+            if graphed:  # CUDA: compile and capture now, not in a session's step
+                log.info("engines on %s: compiling kernels and capturing CUDA graphs for %d streams (this can take "
+                         "minutes)", self.device, max_streams)
+                t0 = time.perf_counter()
+                for engine in graphed:
                     engine.warm_up()
                     engine.capture_graphs()
+                log.info("engines on %s ready in %.1f s", self.device, time.perf_counter() - t0)
         self.step_frames = self.decoder.step_frames
         self.step_samples = self.decoder.step_samples
         self.encode = EncodeLane(self.encoder, self.fail, stats, behind_warning_s)
