@@ -68,8 +68,8 @@ def build(preset: str, small: bool, device: str) -> SNAC:
     return SNAC(**structure).to(device).eval()
 
 
-def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip",
-            overlap: bool = True, message_samples: int = MESSAGE_SAMPLES, gc_thresholds: str = "serving") -> Dict[str, Any]:
+def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "roundtrip", overlap: bool = True,
+            message_samples: int = MESSAGE_SAMPLES, gc_thresholds: str = "serving") -> Dict[str, Any]:
     stats = new_stats()
     engines = EngineSet(model, sessions, stats)
     for engine in (engines.encoder, engines.decoder):  # off: every step waits for its outputs (the A/B)
@@ -88,8 +88,9 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         engines.open(session)
         group.append(session)
     audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
-    step_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, engines.step_frames * cfg.coarse_stride // s)))
-                  for s in cfg.vq_strides]  # one step of coarse frames, as the connection side hands them over
+    # One step of coarse frames, as the connection side hands them over.
+    step_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, width)))
+                  for width in (engines.step_frames * cfg.coarse_stride // s for s in cfg.vq_strides)]
     step_tokens = sum(c.shape[-1] for c in step_codes)
 
     def feed() -> None:
@@ -146,7 +147,8 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         listing = pstats.Stats(profiler)
         listing.sort_stats("tottime")
         top = []
-        for (file, line, name), (cc, nc, tt, ct, _) in sorted(listing.stats.items(), key=lambda kv: -kv[1][2])[:PROFILE_ROWS]:
+        by_own_time = sorted(listing.stats.items(), key=lambda kv: -kv[1][2])
+        for (file, line, name), (cc, nc, tt, ct, _) in by_own_time[:PROFILE_ROWS]:
             top.append({"function": f"{Path(file).name}:{line}({name})", "calls": nc,
                         "own_ms_per_tick": 1e3 * tt / ticks, "cumulative_ms_per_tick": 1e3 * ct / ticks})
         row["profile"] = top
@@ -184,7 +186,8 @@ def main() -> None:
     for n in args.sessions:
         for overlap in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]:
             for thresholds in {"serving": ["serving"], "default": ["default"], "both": ["default", "serving"]}[args.gc]:
-                row = measure(model, n, args.ticks, args.profile, args.kind, overlap, args.message_samples, thresholds)
+                row = measure(model, n, args.ticks, args.profile, args.kind, overlap, args.message_samples,
+                              thresholds)
                 rows.append(row)
                 print(f"| {n} | {'yes' if row['overlap'] else 'no'} | {row['tick_ms']:.1f} | {row['cycle_ms']:.1f} | "
                       f"{row['engine_steps_ms']:.1f} | {row['host_ms']:.2f} | {row['host_us_per_session']:.1f} | "
