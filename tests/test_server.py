@@ -10,6 +10,7 @@ import asyncio
 import collections
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from snac_stream import client as ws_client
 from snac_stream.cli import main
 from snac_stream.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
 from snac_stream.server import ServerOptions, SNACServer
-from snac_stream.server.options import is_loopback
+from snac_stream.server.options import default_engine_threads, is_loopback
 from snac_stream.tokens import get_layout
 
 AUDIO_TOL = 1e-5
@@ -723,6 +724,16 @@ def test_token_is_required_when_set_in_hello_or_header() -> None:
         return codes
 
     assert serve(model, test, token="s3cret") == [("unauthorized", 1008)] * 2
+
+
+def test_engine_workers_get_one_torch_thread_when_every_engine_is_on_a_gpu() -> None:
+    """A GPU engine worker's CPU work is bookkeeping: one torch thread. Any CPU engine keeps torch's count less
+    one core (the event loop's), at least 1."""
+    cpu_default = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    assert default_engine_threads([torch.device("cuda", 0)]) == 1
+    assert default_engine_threads([torch.device("cuda", 0), torch.device("cuda", 1)]) == 1
+    assert default_engine_threads([torch.device("cuda", 0), torch.device("cpu")]) == cpu_default
+    assert default_engine_threads([torch.device("cpu")]) == default_engine_threads() == cpu_default
 
 
 def test_non_loopback_bind_needs_a_token() -> None:
