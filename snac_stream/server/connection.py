@@ -312,26 +312,38 @@ class Gateway:
         self._deliver_audio(session, session.formats.decode(payload), now)  # type: ignore[union-attr]
 
     def _deliver_audio(self, session: Session, samples: Any, now: float, end: bool = False) -> None:
-        """Hand samples at the model's rate to the engine, whole engine steps at a time: a message that does not
-        complete a step is held and goes with the one that does (or with the flush, ``end``). The engine steps
-        only whole steps, so nothing runs later; what it saves is per message: a 20 ms message is a quarter of
-        a 24 kHz step, and every message handed over costs the engine's process a link message, an inbox entry
-        and a piece to join (bench/RESULTS.md, "Sessions per server"). The step a message completes keeps
-        that message's receive time, as before."""
+        """Hand samples at the model's rate to the engine, whole engine steps at a time (:meth:`_hand_over`; the
+        flush, ``end``, hands over what is held). The engine steps only whole steps, so nothing runs later; what
+        it saves is per message: a 20 ms message is a quarter of a 24 kHz step, and every message handed over
+        costs the engine's process a link message, an inbox entry and a piece to join (bench/RESULTS.md,
+        "Sessions per server"). The step a message completes keeps that message's receive time, as before."""
         side = session.loop
-        if samples.size:
-            before = side.received
-            side.received += samples.size
-            session.formats.delivered(side.received)  # type: ignore[union-attr]
-            if not end and side.received // self.served.step_samples == before // self.served.step_samples:
-                side.held.append(samples)
-                return
-        elif not (end and side.held):
+        if not samples.size:
+            if end:
+                self._hand_over(session, None, True, now)
             return
-        if side.held:
-            samples = np.concatenate([*side.held, samples])
-            side.held.clear()
-        self.workers.deliver(session, samples, now)
+        before, step = side.received, self.served.step_samples
+        side.received += samples.size
+        session.formats.delivered(side.received)  # type: ignore[union-attr]
+        self._hand_over(session, samples, end or side.received // step > before // step, now)
+
+    def _hand_over(self, session: Session, piece: Any, complete: bool, now: float) -> None:
+        """Hold ``piece`` (samples, or codes per level; None: nothing new) until ``complete`` (it completes an
+        engine step, or the input ends), then hand everything held to the engines as one piece."""
+        side = session.loop
+        if piece is not None:
+            side.held.append(piece)
+        if not complete or not side.held:
+            return
+        pieces = list(side.held)
+        side.held.clear()
+        if len(pieces) == 1:
+            joined = pieces[0]
+        elif isinstance(pieces[0], np.ndarray):
+            joined = np.concatenate(pieces)
+        else:
+            joined = [torch.cat(level, dim=-1) for level in zip(*pieces)]
+        self.workers.deliver(session, joined, now)
 
     def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
         self._on_token_ids(session, decode_tokens(payload), now)
@@ -348,23 +360,16 @@ class Gateway:
 
     def _deliver_codes(self, session: Session, codes: Optional[List[torch.Tensor]], now: float) -> None:
         """Hand whole coarse frames (codes per level (1, t_i)) to the engine, whole decoder steps at a time, as
-        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message, and each
-        hand-over costs the engine's process a link message, an inbox entry and a join per level. ``codes``
+        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message. ``codes``
         None (the flush): what is held goes now; a stream that ends inside a step is refused downstream, as
         before."""
         side = session.loop
-        if codes is not None:
-            before, step = side.coarse_frames, self.served.step_frames
-            side.coarse_frames += codes[0].shape[-1]  # a coarse frame is one code of the first level
-            side.held.append(codes)
-            if side.coarse_frames // step == before // step:
-                return
-        if not side.held:
+        if codes is None:
+            self._hand_over(session, None, True, now)
             return
-        pieces = list(side.held)
-        side.held.clear()
-        joined = pieces[0] if len(pieces) == 1 else [torch.cat(level, dim=-1) for level in zip(*pieces)]
-        self.workers.deliver(session, joined, now)
+        before, step = side.coarse_frames, self.served.step_frames
+        side.coarse_frames += codes[0].shape[-1]  # a coarse frame is one code of the first level
+        self._hand_over(session, codes, side.coarse_frames // step > before // step, now)
 
     # ---- llm sessions: the tokens come from an LLM, not from the client ---------------------------------------
     async def _llm_loop(self, session: Session) -> bool:

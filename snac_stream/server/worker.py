@@ -3,7 +3,7 @@
 (:class:`Workers`).
 
 The engines are touched only in the worker thread (torch releases the GIL while it computes). The event loop
-puts each session's input (audio: whole engine steps at a time) in its inbox (:meth:`Worker.deliver`), marks
+puts each session's input (whole engine steps at a time) in its inbox (:meth:`Worker.deliver`), marks
 flushed sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A
 tick (:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
 and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one batched
@@ -292,8 +292,8 @@ class Worker:
         self.post(lambda events: self.engines.abort(session))
 
     def deliver(self, session: Session, item: Any, now: float) -> None:
-        """Queue input as the connection side hands it over (audio whole steps at a time, codes a message at a
-        time); the first item of an empty inbox marks the session for the next tick, which submits everything
+        """Queue input as the connection side hands it over (whole engine steps at a time, audio and codes
+        alike); the first item of an empty inbox marks the session for the next tick, which submits everything
         that arrived since the last one at once (one engine call for all sessions' audio)."""
         session.inbox.append((item, session.loop.received, now))
         if len(session.inbox) == 1:
