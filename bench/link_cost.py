@@ -1,11 +1,13 @@
 """What a front end's link costs the engine process, per client message (``serve --frontends``).
 
-    python bench/link_cost.py [--rates 6400 25600 51200] [--sessions 1024] [--seconds 5]
+    python bench/link_cost.py [--rates 6400 25600 51200] [--sessions 1024] [--seconds 5] [--kind decode]
 
 A spawned process plays a front end: it sends ``input`` messages (``--message-samples``: 20 ms of 24 kHz audio,
 480 float32 samples, as a roundtrip client's message becomes after conversion; or 2048, one engine step, as the
-connection side hands input over whole steps at a time) for ``--sessions`` sessions at each rate through the
-real :class:`~snac_stream.server.frontends.Channel`, coalescing as a front end does. This process is the engine
+connection side hands input over whole steps at a time; ``--kind decode``: one 24 kHz decoder step of codes,
+a coarse frame's 7 codes) for ``--sessions`` sessions at each rate through the real
+:class:`~snac_stream.server.frontends.Channel` in the real wire format (``pack_input``), coalescing as a front
+end does. This process is the engine
 process's side (:class:`~snac_stream.server.frontends.EngineHost`) with the engines replaced by a stand-in that
 only takes the input: the figure is the link's own cost (reading, unpickling, routing each message to its
 session), measured as this process's CPU time per message. 51200 messages a second is 1024 real-time roundtrip
@@ -29,7 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit, cpu_name, positive_int  # noqa: E402
 
-from snac_stream.server.frontends import INPUT_COALESCE_S, Channel, EngineHost  # noqa: E402
+from snac_stream.server.frontends import INPUT_COALESCE_S, Channel, EngineHost, pack_input  # noqa: E402
+
+DECODE_STEP_CODES = 7  # a 24 kHz decoder step: one coarse frame, 1 + 2 + 4 codes
 from snac_stream.server.session import Session  # noqa: E402
 
 
@@ -64,15 +68,16 @@ class _Options:
     stuck_tick_s = 10.0
 
 
-def _front_end(sock: socket.socket, rate: float, seconds: float, sessions: int, samples: int) -> None:
+def _front_end(sock: socket.socket, rate: float, seconds: float, sessions: int, samples: int, kind: str) -> None:
     async def main() -> None:
         channel = await Channel.connect(sock, lambda batch: None, lambda: None, coalesce_s=INPUT_COALESCE_S)
-        audio = np.zeros(samples, np.float32)
+        item = np.arange(DECODE_STEP_CODES, dtype=np.int64) if kind == "decode" else np.zeros(samples, np.float32)
         t0, sent = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
             due = int((time.perf_counter() - t0) * rate)
-            while sent < due:  # what arrived from the clients since the last loop iteration
-                channel.send(("input", 1 + sent % sessions, audio, sent, time.perf_counter()))
+            while sent < due:  # what arrived from the clients since the last loop iteration; each message's
+                # own array, as from a client (the same object twice in a batch would pickle as a reference)
+                channel.send(("input", 1 + sent % sessions, *pack_input(item.copy()), sent, time.perf_counter()))
                 sent += 1
             await asyncio.sleep(0.001)
         channel.close()
@@ -98,15 +103,15 @@ async def _engine_side(sock: socket.socket, seconds: float, sessions: int) -> Tu
     return received[0], time.process_time() - cpu0, time.perf_counter() - t0
 
 
-def measure(rate: float, sessions: int, seconds: float, samples: int = 480) -> dict:
+def measure(rate: float, sessions: int, seconds: float, samples: int = 480, kind: str = "roundtrip") -> dict:
     ours, theirs = socket.socketpair()
     process = multiprocessing.get_context("spawn").Process(target=_front_end,
-                                                           args=(theirs, rate, seconds, sessions, samples))
+                                                           args=(theirs, rate, seconds, sessions, samples, kind))
     process.start()
     theirs.close()
     messages, cpu, wall = asyncio.run(_engine_side(ours, seconds, sessions))
     process.join()
-    return {"rate": rate, "message_samples": samples, "messages": messages, "cpu_s": cpu, "wall_s": wall,
+    return {"rate": rate, "kind": kind, "message_samples": samples, "messages": messages, "cpu_s": cpu, "wall_s": wall,
             "cpu_per_wall_s": cpu / wall,
             "us_per_message": 1e6 * cpu / max(messages, 1)}
 
@@ -119,13 +124,17 @@ def main() -> None:
     parser.add_argument("--message-samples", type=positive_int, default=480,
                         help="samples per input message: 480 (a 20 ms client message) or 2048 (a 24 kHz step, "
                              "what front ends hand over since input goes whole steps at a time)")
+    parser.add_argument("--kind", default="roundtrip", choices=["roundtrip", "decode"],
+                        help="decode: each message is a 24 kHz decoder step of codes rather than samples")
     args = parser.parse_args()
     logging.getLogger("snac_stream.server").setLevel(logging.CRITICAL)  # each run ends its front end on purpose
     print(f"# link cost on the engine side: {cpu_name()}, commit {commit()}, {args.sessions} sessions, "
-          f"front end coalescing {1e3 * INPUT_COALESCE_S:g} ms, {args.message_samples} samples a message")
+          f"front end coalescing {1e3 * INPUT_COALESCE_S:g} ms, "
+          + (f"{DECODE_STEP_CODES} codes a message" if args.kind == "decode" else
+             f"{args.message_samples} samples a message"))
     print("| messages per second | received | engine-side CPU (s per s) | per message (us) |\n|---|---|---|---|")
     for rate in args.rates:
-        row = measure(rate, args.sessions, args.seconds, args.message_samples)
+        row = measure(rate, args.sessions, args.seconds, args.message_samples, args.kind)
         print(f"| {rate:.0f} | {row['messages']} | {row['cpu_per_wall_s']:.3f} | {row['us_per_message']:.2f} |",
               flush=True)
 

@@ -88,10 +88,9 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         engines.open(session)
         group.append(session)
     audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
-    # One step of coarse frames, as the connection side hands them over.
-    step_codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, width)))
-                  for width in (engines.step_frames * cfg.coarse_stride // s for s in cfg.vq_strides)]
-    step_tokens = sum(c.shape[-1] for c in step_codes)
+    # One step of coarse frames, as the connection side hands them over (flattened, every level side by side).
+    step_codes = rng.integers(0, cfg.codebook_size, engines.step_frames * sum(cfg.codes_per_frame))
+    step_tokens = step_codes.size
 
     def feed() -> None:
         now = time.perf_counter()

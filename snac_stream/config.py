@@ -9,7 +9,7 @@ import dataclasses
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,11 @@ class SNACConfig:
     def coarse_stride(self) -> int:
         """Latent frames per coarse frame (one code of the first level)."""
         return self.vq_strides[0]
+
+    @property
+    def codes_per_frame(self) -> Tuple[int, ...]:
+        """Codes of each level per coarse frame (coarse level first: 1, then 2, 4, ...)."""
+        return tuple(self.coarse_stride // s for s in self.vq_strides)
 
     @property
     def frame_samples(self) -> int:

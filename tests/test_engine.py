@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Dict, List
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
+from snac_stream.model.vq import codes_to_frames, frames_to_codes
 from snac_stream.streaming.rows import select_rows
 from snac_stream.streaming.rows import state_batch as state_rows
 
@@ -665,3 +667,44 @@ def test_a_stream_closing_after_warm_up_meets_no_new_layer_shape(engine_type, mo
             closing |= seen
     assert closing, "the recorder saw no conv"
     assert closing <= warm, f"shapes first met at a close: {sorted(closing - warm)}"
+
+
+@pytest.mark.parametrize("name", ["24khz", "44khz"])
+def test_codes_submitted_as_frames_decode_as_offline(name: str) -> None:
+    """``submit_frames`` (each coarse frame's codes of every level side by side, as a server hands them over;
+    numpy arrays and tensors, in pieces of whole steps) decodes each stream as offline ``decode`` does, 4
+    coarse frames a step included (44 kHz); its checks refuse the whole call before queueing anything."""
+    model = model_for(name)
+    cpf = model.config.codes_per_frame
+    engine = DecodeEngine(model, 2)
+    sids = [engine.open() for _ in range(2)]
+    steps = engine.warmup_steps + 2
+    given = [random_codes(model, steps, engine, seed) for seed in (1, 2)]
+    codes = [torch.cat(level, dim=0) for level in zip(*given)]
+    frames = codes_to_frames([c.numpy() for c in codes], cpf)
+    assert all(torch.equal(torch.from_numpy(f), c) for f, c in zip(frames_to_codes(frames, cpf), codes))
+    bad = frames.copy()
+    bad[1, -1, -1] = model.codebook_size
+    with pytest.raises(ValueError, match="codebook range"):
+        engine.submit_frames(sids, bad)
+    with pytest.raises(TypeError, match="integers"):
+        engine.submit_frames(sids, frames.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        engine.submit_frames(sids, frames[:, :, :-1])
+    if engine.step_frames > 1:
+        with pytest.raises(ValueError, match="whole steps"):
+            engine.submit_frames(sids, frames[:, :-1])
+    assert [engine.pending(sid) for sid in sids] == [0, 0]
+    half = steps // 2 * engine.step_frames  # in two calls, the second a tensor
+    engine.submit_frames(sids, frames[:, :half])
+    engine.submit_frames(sids, torch.from_numpy(frames[:, half:]))
+    assert [engine.pending(sid) for sid in sids] == [steps, steps]
+    outs: Dict[int, list] = {sid: [] for sid in sids}
+    with torch.no_grad():
+        for _ in range(steps):
+            for sid, out in engine.step().items():
+                outs[sid].append(out)
+        for sid, codes_of_stream in zip(sids, given):
+            got = torch.cat(outs[sid] + [engine.close(sid)], dim=-1)
+            want = model.decode(codes_of_stream)
+            assert got.shape == want.shape and (got - want).abs().max().item() <= AUDIO_TOL

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import re
 import signal
 import time
@@ -27,7 +28,7 @@ import torch
 from snac_stream import client as ws_client
 from snac_stream.protocol import PAYLOAD_TOKENS
 from snac_stream.server import ServerOptions
-from snac_stream.server.frontends import MultiProcessServer
+from snac_stream.server.frontends import MultiProcessServer, pack_input, unpack_input
 from snac_stream.tokens import get_layout
 from test_ops import ServeProcess, aget, free_port, metric_values, save_checkpoint
 from test_server import AUDIO_TOL, _as_received, assert_session_exact, model_for, random_chunks, signal as _audio
@@ -354,3 +355,17 @@ def test_an_llm_session_through_a_front_end_tells_its_llm_error_after_the_audio_
         with torch.inference_mode():
             expected = model.decode([c[:, : 3 * r] for c, r in zip(codes, (1, 2, 4))])[0, 0].numpy()
         assert np.abs(np.concatenate([f.data for f in frames]) - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("item", [np.linspace(-1, 1, 2048, dtype=np.float32),  # a step of samples
+                                  np.arange(3 * 7, dtype=np.int64),  # coarse frames, flattened
+                                  np.frombuffer(np.arange(7, dtype=np.int64).tobytes(), np.int64),  # read-only
+                                  np.arange(40, dtype=np.float32)[::2],  # not contiguous
+                                  np.zeros(0, np.float32)])
+def test_input_crosses_the_link_as_a_buffer_and_arrives_equal_and_writable(item: np.ndarray) -> None:
+    """An ``input`` message carries its array as a pickled buffer and dtype (no numpy reduce per message):
+    the engine side gets an equal array of the same dtype that it may hand to torch (writable)."""
+    message = pickle.loads(pickle.dumps(("input", 1, *pack_input(item), 0, 0.0), protocol=pickle.HIGHEST_PROTOCOL))
+    got = unpack_input(message[2], message[3])
+    assert got.dtype == item.dtype and np.array_equal(got, item) and got.flags.writeable
+    assert torch.from_numpy(got).numel() == item.size

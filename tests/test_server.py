@@ -177,13 +177,15 @@ def test_decode_tokens_go_to_the_engines_whole_steps_at_a_time() -> None:
         expected = model.decode(codes)[0, 0].numpy()
     handed: List[int] = [0]  # coarse frames handed over so far, after each hand-over
     step_frames: List[int] = []
+    width = sum(model.config.codes_per_frame)
 
     async def test(server: SNACServer):
         step_frames.append(server.step_frames)
         deliver = server.workers.deliver
 
         def recorded(session: Any, item: Any, now: float) -> None:
-            handed.append(handed[-1] + item[0].shape[-1])
+            assert item.ndim == 1 and item.size % width == 0  # coarse frames, flattened
+            handed.append(handed[-1] + item.size // width)
             deliver(session, item, now)
 
         server.workers.deliver = recorded  # type: ignore[method-assign]
@@ -197,6 +199,32 @@ def test_decode_tokens_go_to_the_engines_whole_steps_at_a_time() -> None:
     assert len(handed) - 1 <= frames // step + 1  # not one per message
     assert result.audio.shape == expected.shape
     assert np.abs(result.audio - expected).max() <= AUDIO_TOL
+
+
+def test_a_decode_stream_ending_inside_a_decoder_step_is_refused_after_its_whole_steps() -> None:
+    """A 44 kHz stream (4 coarse frames a decoder step) of 9 frames: its end says ``bad_tokens`` with the one
+    frame the lane holds left over, not a crash; the server serves on, and the same stream's whole steps
+    decode exactly."""
+    model = model_for("44k")
+    rng = np.random.default_rng(3)
+    layout = get_layout("interleaved", model.config)
+    codes = [torch.from_numpy(rng.integers(0, 4096, (1, 9 * 8 // s))) for s in model.config.vq_strides]
+    whole = [c[:, : c.shape[-1] * 8 // 9] for c in codes]
+    with torch.inference_mode():
+        expected = model.decode(whole)[0, 0].numpy()
+
+    async def test(server: SNACServer):
+        with pytest.raises(ws_client.ServerError) as refused:
+            await ws_client.decode(server.url, layout.to_flat(codes)[0].numpy(), chunk_tokens=15,
+                                   sample_format="float32")
+        after = await ws_client.decode(server.url, layout.to_flat(whole)[0].numpy(), chunk_tokens=15,
+                                       sample_format="float32")
+        return refused.value, after
+
+    error, after = serve(model, test)
+    assert error.code == "bad_tokens" and "1 coarse frames left over" in error.message
+    assert "whole steps of 4 frames" in error.message
+    assert after.audio.shape == expected.shape and np.abs(after.audio - expected).max() <= AUDIO_TOL
 
 
 def test_decode_paced_in_real_time_sends_each_frame_when_its_audio_is_generated() -> None:
@@ -341,16 +369,16 @@ def test_decode_sessions_go_to_the_engine_together_and_one_it_refuses_ends_alone
     given = [[torch.from_numpy(rng.integers(0, 4096, (1, 24 * r))) for r in (1, 2, 4)] for _ in range(3)]
 
     async def test(server: SNACServer):
-        submit_many = server.decoder.submit_many
+        submit_frames = server.decoder.submit_frames
         victim: List[int] = []
 
-        def refuse(sids, codes):
+        def refuse(sids, frames):
             calls.append(len(sids))
             if victim and victim[0] in sids:
                 raise ValueError("refused")
-            return submit_many(sids, codes)
+            return submit_frames(sids, frames)
 
-        server.decoder.submit_many = refuse  # type: ignore[method-assign]
+        server.decoder.submit_frames = refuse  # type: ignore[method-assign]
 
         async def victim_session() -> Any:
             await asyncio.sleep(0.1)  # the healthy sessions are streaming by then

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from snac_stream import PRESETS, SNAC
+from snac_stream.model.vq import codes_to_frames
 from snac_stream.protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame
 from snac_stream.server.heap import GC_CLOCK, SERVING_GC_THRESHOLDS, freeze_heap, thaw_heap
 from snac_stream.server.session import Session
@@ -37,6 +38,11 @@ def open_sessions(engines: EngineSet, model: SNAC, kinds: List[str]) -> List[Ses
         engines.open(session)
         sessions.append(session)
     return sessions
+
+
+def inbox_frames(codes: List[torch.Tensor], cfg) -> np.ndarray:
+    """Codes per level (1, t_i) as the connection side hands them to the engines: coarse frames, flattened."""
+    return codes_to_frames([c.numpy() for c in codes], cfg.codes_per_frame).reshape(-1)
 
 
 def frames_by_session(events) -> Dict[Session, List[OutputFrame]]:
@@ -73,7 +79,7 @@ def test_each_tick_leaves_its_last_step_running_and_the_next_sends_it_in_order()
             talk.inbox.append((audio[k * step:(k + 1) * step], talk.loop.received, 0.0))
             piece = [c[:, k * c.shape[-1] // steps:(k + 1) * c.shape[-1] // steps] for c in codes]
             play.loop.received += sum(p.shape[-1] for p in piece)
-            play.inbox.append((piece, play.loop.received, 0.0))
+            play.inbox.append((inbox_frames(piece, cfg), play.loop.received, 0.0))
         fed = min(steps, fed + n)
         for _ in range(n):  # one step per lane a tick: ticks until this batch of input has run
             events, _, _, busy = engines.tick([], [talk, play], [])
@@ -118,7 +124,7 @@ def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -
                  for s in cfg.vq_strides]
         given[session] = codes
         session.loop.received += sum(c.shape[-1] for c in codes)
-        session.inbox.append((codes, session.loop.received, 0.0))
+        session.inbox.append((inbox_frames(codes, cfg), session.loop.received, 0.0))
     engines.tick([], sessions, [])  # one step a tick
     engines.tick([], [], [])
     engines.tick([], [], [])
@@ -150,7 +156,7 @@ def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
     codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, 3 * engines.step_frames * cfg.coarse_stride // s)))
              for s in cfg.vq_strides]
     play.loop.received += sum(c.shape[-1] for c in codes)
-    play.inbox.append((codes, play.loop.received, 0.0))
+    play.inbox.append((inbox_frames(codes, cfg), play.loop.received, 0.0))
     GC_CLOCK.install()
     for _ in range(2):
         engines.tick([], [play], [])

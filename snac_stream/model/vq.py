@@ -8,13 +8,39 @@ the reference's, op for op, so codes are identical to it on the same device. The
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, TypeVar, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def codes_to_frames(codes: Sequence[Array], codes_per_frame: Sequence[int]) -> Array:
+    """Per-level codes ``codes[i]`` (B, T * r_i) -> (B, T, sum(r)): each coarse frame's codes of every level side
+    by side (coarse level first). In this layout codes are in time order, so pieces of a stream join by plain
+    concatenation along T and split at any frame; numpy arrays or tensors alike."""
+    batch, frames = codes[0].shape[0], codes[0].shape[-1]
+    parts = [c.reshape(batch, frames, r) for c, r in zip(codes, codes_per_frame)]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=2)
+    return torch.cat(parts, dim=2)
+
+
+def frames_to_codes(frames: Array, codes_per_frame: Sequence[int]) -> List[Array]:
+    """(B, T, sum(r)) frames (:func:`codes_to_frames`) -> per-level codes (B, T * r_i), each contiguous."""
+    batch, count = frames.shape[0], frames.shape[1]
+    bounds = np.cumsum([0, *codes_per_frame])
+    return [_contiguous(frames[:, :, lo:hi]).reshape(batch, count * (hi - lo)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _contiguous(x: Union[np.ndarray, torch.Tensor]) -> Union[np.ndarray, torch.Tensor]:
+    return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x.contiguous()
 
 
 class VectorQuantize(nn.Module):

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .. import __version__
 from ..llm import LLMStreamError, LLMTokenError, LLMTruncatedError, SpeechStats
+from ..model.vq import codes_to_frames
 from ..protocol import Hello, ProtocolError, Ready, decode_tokens, parse_json
 from ..tokens import get_layout
 from .conversion import SessionFormats
@@ -327,22 +328,16 @@ class Gateway:
         session.formats.delivered(side.received)  # type: ignore[union-attr]
         self._hand_over(session, samples, end or side.received // step > before // step, now)
 
-    def _hand_over(self, session: Session, piece: Any, complete: bool, now: float) -> None:
-        """Hold ``piece`` (samples, or codes per level; None: nothing new) until ``complete`` (it completes an
-        engine step, or the input ends), then hand everything held to the engines as one piece."""
+    def _hand_over(self, session: Session, piece: Optional[np.ndarray], complete: bool, now: float) -> None:
+        """Hold ``piece`` (samples, or coarse frames flattened; None: nothing new) until ``complete`` (it
+        completes an engine step, or the input ends), then hand everything held to the engines as one piece."""
         side = session.loop
         if piece is not None:
             side.held.append(piece)
         if not complete or not side.held:
             return
-        pieces = list(side.held)
+        joined = side.held[0] if len(side.held) == 1 else np.concatenate(side.held)
         side.held.clear()
-        if len(pieces) == 1:
-            joined = pieces[0]
-        elif isinstance(pieces[0], np.ndarray):
-            joined = np.concatenate(pieces)
-        else:
-            joined = [torch.cat(level, dim=-1) for level in zip(*pieces)]
         self.workers.deliver(session, joined, now)
 
     def _on_tokens(self, session: Session, payload: bytes, now: float) -> None:
@@ -360,16 +355,18 @@ class Gateway:
 
     def _deliver_codes(self, session: Session, codes: Optional[List[torch.Tensor]], now: float) -> None:
         """Hand whole coarse frames (codes per level (1, t_i)) to the engine, whole decoder steps at a time, as
-        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message. ``codes``
-        None (the flush): what is held goes now; a stream that ends inside a step is refused downstream, as
-        before."""
+        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message. They go as
+        one array, each frame's codes of every level side by side (``model.vq.codes_to_frames``): in time
+        order, so pieces join by concatenation, and one buffer to carry to an engine process. ``codes`` None
+        (the flush): what is held goes now; a stream that ends inside a step is refused downstream."""
         side = session.loop
         if codes is None:
             self._hand_over(session, None, True, now)
             return
         before, step = side.coarse_frames, self.served.step_frames
         side.coarse_frames += codes[0].shape[-1]  # a coarse frame is one code of the first level
-        self._hand_over(session, codes, side.coarse_frames // step > before // step, now)
+        frames = codes_to_frames([c.numpy() for c in codes], self.served.config.codes_per_frame).reshape(-1)
+        self._hand_over(session, frames, side.coarse_frames // step > before // step, now)
 
     # ---- llm sessions: the tokens come from an LLM, not from the client ---------------------------------------
     async def _llm_loop(self, session: Session) -> bool:

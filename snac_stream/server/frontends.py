@@ -44,6 +44,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..model.snac import SNACModel
@@ -66,6 +67,28 @@ STATUS_EVERY_S = 0.5  # the engine process tells every front end its slots and h
 # bench/RESULTS.md); a step is 85 ms, so the input is as timely. The engine's side writes once a tick anyway.
 INPUT_COALESCE_S = 0.002
 START_TIMEOUT_S = 300.0  # a front end must be listening within this (it imports torch: seconds)
+
+
+def pack_input(item: np.ndarray) -> Tuple[pickle.PickleBuffer, str]:
+    """A piece of input (samples, or coarse frames flattened: one 1-D array) as an ``input`` message carries it:
+    its buffer, pickled as it is, and its dtype. A numpy array pickles through its reduce protocol at some
+    microseconds each, which for thousands of sessions' steps a tick cost the engine process's event loop
+    (and so its engine thread, under one interpreter lock) more than the rest of the link (bench/link_cost.py);
+    a buffer is one memory copy each way."""
+    if not (item.flags.c_contiguous and item.flags.writeable):  # a read-only buffer would arrive read-only
+        item = item.copy()
+    return pickle.PickleBuffer(item), item.dtype.str
+
+
+_DTYPES: Dict[str, np.dtype] = {}
+
+
+def unpack_input(data: bytearray, dtype: str) -> np.ndarray:
+    """:func:`pack_input`'s message back to the array (writable: it owns the unpickled buffer)."""
+    kind = _DTYPES.get(dtype)
+    if kind is None:
+        kind = _DTYPES[dtype] = np.dtype(dtype)
+    return np.frombuffer(data, kind)
 
 
 class Channel(asyncio.Protocol):
@@ -255,9 +278,7 @@ class EngineLink:
         self.channel.send(("abort", session.number))
 
     def deliver(self, session: Session, item: Any, now: float) -> None:
-        if isinstance(item, list):  # codes per level: as arrays, which pickle far faster than tensors
-            item = [level.numpy() for level in item]
-        self.channel.send(("input", session.number, item, session.loop.received, now))
+        self.channel.send(("input", session.number, *pack_input(item), session.loop.received, now))
 
     async def end_stream(self, session: Session) -> None:
         await self.requests.request("end", session.number, session.flush_at, session.end_error)
@@ -425,13 +446,11 @@ class EngineHost:
     def _handle(self, front: _FrontEnd, message: Tuple[Any, ...]) -> None:
         op = message[0]
         if op == "input":
-            _, number, item, received, now = message
+            _, number, data, dtype, received, now = message
             session = front.sessions.get(number)
             if session is not None:
-                if isinstance(item, list):
-                    item = [torch.from_numpy(level) for level in item]
                 session.loop.received = received
-                self.workers.deliver(session, item, now)
+                self.workers.deliver(session, unpack_input(data, dtype), now)
         elif op == "place":
             self._place(front, message[1], message[2])
         elif op == "open":

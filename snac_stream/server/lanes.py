@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..engine import DecodeEngine, EncodeEngine, StepGroups, StreamEngine
+from ..model.vq import codes_to_frames
 from ..protocol import FLAG_FINAL, PAYLOAD_AUDIO, PAYLOAD_TOKENS, ProtocolError, audio_payload, dumps, pack_output_frame
 from .session import Events, Marker, Session
 
@@ -40,7 +41,7 @@ class _Stream:
 
     sid: int
     markers: Deque[Marker] = field(default_factory=collections.deque)  # one per queued step, oldest first
-    held: Optional[List[torch.Tensor]] = None  # input short of a whole step the lane keeps (decode: codes)
+    held: Optional[np.ndarray] = None  # decode: coarse frames (flattened) short of a whole step
 
 
 def _take_rows(outputs: Any, rows: List[int]) -> Any:
@@ -360,77 +361,87 @@ class DecodeLane(Lane):
 
     def __init__(self, engine: DecodeEngine, fail: Fail):
         super().__init__(engine, fail, engine.step_frames)
+        self.frame_width = sum(engine.config.codes_per_frame)  # codes per coarse frame, all levels
 
     def submit(self, sessions: Sequence[Session], events: Events) -> None:
-        """Each session's queued codes. Sessions with as many new frames and as many held go to the engine in
-        one call (thousands of TTS streams a tick: one call, not one each); a batch the engine refuses is
-        retried one session at a time, so that a failure ends that session only."""
-        batches: Dict[Tuple[int, int], List[Tuple[Session, List[torch.Tensor], List[Tuple[int, Marker]]]]] = {}
+        """Each session's queued codes: coarse frames (:func:`~snac_stream.model.vq.codes_to_frames`, flattened:
+        (frames * width,) int64 arrays, as the connection side hands them over)."""
+        entries: List[Tuple[Session, np.ndarray, List[Tuple[int, Marker]]]] = []
+        width = self.frame_width
         for session in sessions:
             pieces = session.take_inbox()
-            stream = self._streams.get(session)
-            if not pieces or stream is None:
+            if not pieces or session not in self._streams:
                 continue
-            try:
-                codes = (pieces[0][0] if len(pieces) == 1
-                         else [torch.cat(level, dim=-1) for level in zip(*(p[0] for p in pieces))])
-            except Exception as exc:  # noqa: BLE001
-                self.fail(session, events, exc)
-                continue
-            marks, frames = [], 0
+            frames = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+            marks, count = [], 0
             for piece, end, t_recv in pieces:
-                frames += piece[0].shape[-1]
-                marks.append((frames, (end, t_recv)))
-            held = 0 if stream.held is None else stream.held[0].shape[-1]
-            batches.setdefault((frames, held), []).append((session, codes, marks))
-        for members in batches.values():
-            try:  # one held size: one engine call, which queues all or nothing
-                batch = (members[0][1] if len(members) == 1
-                         else [torch.cat(level, dim=0) for level in zip(*(m[1] for m in members))])
-                self.feed([m[0] for m in members], batch, [m[2] for m in members])
-            except Exception as exc:  # noqa: BLE001
-                if len(members) == 1:
-                    self.fail(members[0][0], events, exc)
-                    continue
-                for session, codes, marks in members:
-                    try:
-                        self.feed([session], codes, [marks])
-                    except Exception as exc:  # noqa: BLE001
-                        self.fail(session, events, exc)
+                count += piece.size // width
+                marks.append((count, (end, t_recv)))
+            entries.append((session, frames, marks))
+        self._queue(entries, events)
 
     def feed(self, sessions: Sequence[Session], outputs: Any, marks: Sequence[Sequence[Tuple[int, Marker]]]) -> None:
-        """Hold codes and queue every whole step. Row ``j`` of ``outputs`` (codes per level (len(sessions), t_i))
-        belongs to ``sessions[j]``; ``marks[j]``: (coarse frames of that row up to the end of one input piece, that
-        piece's marker), ascending. Sessions holding the same number of frames go to the engine as one batch."""
-        codes: List[torch.Tensor] = outputs
-        by_held: Dict[int, List[int]] = {}
-        for j, session in enumerate(sessions):
+        """Row ``j`` of ``outputs`` (codes per level (len(sessions), t_i), on the host) is the next input of
+        ``sessions[j]``; ``marks[j]``: (coarse frames of that row up to the end of one input piece, that piece's
+        marker), ascending."""
+        frames = codes_to_frames([c.numpy() for c in outputs], self.engine.config.codes_per_frame)
+        self._queue([(s, frames[j].reshape(-1), marks[j]) for j, s in enumerate(sessions)], None)
+
+    def _queue(self, entries: Sequence[Tuple[Session, np.ndarray, Sequence[Tuple[int, Marker]]]],
+               events: Optional[Events]) -> None:
+        """Queue every whole step of each (session, its new frames flattened, marks) after the frames its stream
+        holds, and hold the rest. Streams completing as many steps go to the engine in one call (thousands of
+        TTS streams a tick: one call, not one each); a call the engine refuses is retried one stream at a
+        time, so that a failure ends that session only. ``events`` None (the encode lane's codes): a refusal
+        is raised, and that lane ends the sessions."""
+        width, step = self.frame_width, self.step_items
+        batches: Dict[int, List[Tuple[Session, _Stream, np.ndarray, int, Sequence[Tuple[int, Marker]]]]] = {}
+        for session, frames, marks in entries:
             stream = self._streams.get(session)
-            if stream is not None:
-                by_held.setdefault(0 if stream.held is None else stream.held[0].shape[-1], []).append(j)
-        for held, rows in by_held.items():
-            streams = [self._streams[sessions[j]] for j in rows]
-            part = codes if len(rows) == len(sessions) else [c[rows] for c in codes]
-            if held:
-                part = [torch.cat([torch.cat(buffered, dim=0), new], dim=-1)
-                        for buffered, new in zip(zip(*(s.held for s in streams)), part)]  # type: ignore[misc]
-            frames = part[0].shape[-1]
-            whole = frames // self.step_items * self.step_items
-            if whole:
-                self.engine.submit_many([s.sid for s in streams],  # type: ignore[call-arg]
-                                        [c[:, : whole * c.shape[-1] // frames] for c in part])
-                for j in rows:
-                    self._mark_steps(sessions[j], held, marks[j])
-            rest = [c[:, whole * c.shape[-1] // frames:] for c in part] if whole < frames else None
-            for i, stream in enumerate(streams):
-                stream.held = None if rest is None else [c[i : i + 1] for c in rest]
+            if stream is None:
+                continue
+            held = stream.held
+            joined = frames if held is None else np.concatenate([held, frames])
+            batches.setdefault(joined.size // width // step, []).append(
+                (session, stream, joined, 0 if held is None else held.size // width, marks))
+        for steps, members in batches.items():
+            whole = steps * step * width
+            if steps:
+                try:  # one engine call, which queues all or nothing
+                    batch = np.stack([m[2][:whole] for m in members]).reshape(len(members), -1, width)
+                    self.engine.submit_frames([m[1].sid for m in members], batch)  # type: ignore[attr-defined]
+                except Exception as exc:  # noqa: BLE001
+                    if events is None:
+                        raise
+                    members = self._one_by_one(members, whole, exc, events)
+            for session, stream, joined, held, marks in members:
+                stream.held = joined[whole:] if joined.size > whole else None
+                if steps:
+                    self._mark_steps(session, held, marks)
+
+    def _one_by_one(self, members: List[Any], whole: int, exc: Exception, events: Events) -> List[Any]:
+        """The members of a refused engine call submitted one at a time; those refused again fail (a lone
+        member with the call's error). Returns those accepted."""
+        if len(members) == 1:
+            self.fail(members[0][0], events, exc)
+            return []
+        accepted = []
+        for member in members:
+            try:
+                self.engine.submit_frames([member[1].sid],  # type: ignore[attr-defined]
+                                          member[2][:whole].reshape(1, -1, self.frame_width))
+                accepted.append(member)
+            except Exception as own:  # noqa: BLE001
+                self.fail(member[0], events, own)
+        return accepted
 
     def _ends_whole(self, session: Session, events: Events) -> bool:
         held = self._streams[session].held
-        if held is not None and held[0].shape[-1]:
+        if held is not None and held.size:
+            frames = held.size // self.frame_width
             self.fail(session, events, ProtocolError(
-                "bad_tokens", f"the stream ended inside a decoder step: {held[0].shape[-1]} coarse frames left "
-                              f"over; this model decodes whole steps of {self.step_items} frames"))
+                "bad_tokens", f"the stream ended inside a decoder step: {frames} coarse frames left over; this "
+                              f"model decodes whole steps of {self.step_items} frames"))
             return False
         return True
 
