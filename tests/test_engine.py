@@ -708,3 +708,28 @@ def test_codes_submitted_as_frames_decode_as_offline(name: str) -> None:
             got = torch.cat(outs[sid] + [engine.close(sid)], dim=-1)
             want = model.decode(codes_of_stream)
             assert got.shape == want.shape and (got - want).abs().max().item() <= AUDIO_TOL
+
+
+def test_an_output_map_applies_to_what_step_groups_and_close_return() -> None:
+    """``output_map`` runs on the model's device before outputs move: ``step_groups``, ``close`` and
+    ``close_many`` return its results (here audio and its negation); ``step()``, which splits the engine's own
+    outputs per stream, refuses such an engine rather than mis-split them."""
+    model = model_for("24khz")
+    plain, mapped = DecodeEngine(model, 2), DecodeEngine(model, 2, output_map=lambda audio: [audio, -audio])
+    codes = random_codes(model, plain.warmup_steps + 2, plain, seed=4)
+    sids = {}
+    for engine in (plain, mapped):
+        sids[engine] = [engine.open(), engine.open()]
+        engine.submit_many(sids[engine], [torch.cat([c, c]) for c in codes])
+    with pytest.raises(RuntimeError, match="step_groups"):
+        mapped.step()
+    with torch.no_grad():
+        for _ in range(plain.warmup_steps + 1):
+            (_, want), = plain.step_groups()
+            (_, got), = mapped.step_groups()
+            assert torch.equal(got[0], want) and torch.equal(got[1], -want)
+        want, got = plain.close(sids[plain][0]), mapped.close(sids[mapped][0])
+        assert torch.equal(got[0], want) and torch.equal(got[1], -want)
+        (_, want), = plain.close_many([sids[plain][1]])
+        (_, got), = mapped.close_many([sids[mapped][1]])
+        assert torch.equal(got[0], want) and torch.equal(got[1], -want)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import math
 import os
@@ -87,6 +88,39 @@ def random_chunks(rng: np.random.Generator, n: int, top: int) -> List[int]:
 
 
 # ---- exactness ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; on the CPU: test_tick_overlap's PCM16 test")
+def test_sessions_on_a_gpu_server_equal_offline_in_either_sample_format() -> None:
+    """A GPU server (CUDA graphs, outputs copied behind the step, PCM16 converted on the device): decode and
+    roundtrip sessions in float32 and PCM16 equal offline coding on the same GPU."""
+    model = copy.deepcopy(model_for("24k")).to("cuda")
+    rng = np.random.default_rng(21)
+    codes = [torch.from_numpy(rng.integers(0, 4096, (1, 12 * r))) for r in (1, 2, 4)]
+    tokens = get_layout("interleaved", model.config).to_flat(codes)[0].numpy()
+    audio = signal(30000, seed=22)
+    audio16 = np.frombuffer(encode_audio(audio, "pcm16"), "<i2").astype(np.float32) / 32768
+    with torch.inference_mode():
+        decoded = model.decode([c.cuda() for c in codes])[0, 0].cpu().numpy()
+        roundtrips = {}
+        for name, x in (("float32", audio), ("pcm16", audio16)):
+            got = model.encode(torch.from_numpy(x).view(1, 1, -1).cuda())
+            roundtrips[name] = model.decode(got)[0, 0].cpu().numpy()
+
+    async def test(server: SNACServer):
+        return await asyncio.gather(*(
+            [ws_client.decode(server.url, tokens, chunk_tokens=7 * 3, sample_format=f) for f in ("float32", "pcm16")]
+            + [ws_client.roundtrip(server.url, audio if f == "float32" else audio16, chunk_samples=480,
+                                   sample_format=f) for f in ("float32", "pcm16")]))
+
+    results = serve(model, test, max_sessions=4)
+    for result, fmt in zip(results[:2], ("float32", "pcm16")):
+        tol = AUDIO_TOL if fmt == "float32" else 1 / 32768 + AUDIO_TOL
+        assert result.audio.shape == decoded.shape and np.abs(result.audio - decoded).max() <= tol
+    for result, fmt in zip(results[2:], ("float32", "pcm16")):
+        tol = AUDIO_TOL if fmt == "float32" else 1 / 32768 + AUDIO_TOL
+        assert result.audio.shape == audio.shape
+        assert np.abs(result.audio - roundtrips[fmt][: audio.size]).max() <= tol
+
+
 @pytest.mark.parametrize("name", ["24k", "44k"])
 @pytest.mark.parametrize("sample_format", ["float32", "pcm16"])
 def test_roundtrip_equals_offline_for_random_chunkings(name: str, sample_format: str) -> None:

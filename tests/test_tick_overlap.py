@@ -15,7 +15,8 @@ import torch
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.model.vq import codes_to_frames
-from snac_stream.protocol import PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame
+from snac_stream.protocol import HEADER_BYTES, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, audio_payload
+from snac_stream.server.lanes import with_pcm16
 from snac_stream.server.heap import GC_CLOCK, SERVING_GC_THRESHOLDS, freeze_heap, thaw_heap
 from snac_stream.server.session import Session
 from snac_stream.server.stats import new_stats
@@ -187,3 +188,35 @@ def test_serving_heap_is_frozen_with_raised_thresholds_and_collections_are_timed
     finally:
         thaw_heap()
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_pcm16_converted_where_the_audio_is_equals_the_host_conversion() -> None:
+    """``with_pcm16`` (a GPU server's decode engines convert their audio to PCM16 on the device) gives the
+    integers ``audio_payload`` gives on the host: ties rounded to even, NaN to 0, out of range and infinities
+    saturated; and a tick's PCM16 frames from an engine with it are byte for byte those of one without."""
+    edge = np.array([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, np.nan, np.inf, -np.inf, 0.5 / 32768, 1.5 / 32768,
+                     -2.5 / 32768, 32767.5 / 32768, -32768.5 / 32768, 3e-8], dtype=np.float32)
+    noise = (np.random.default_rng(3).standard_normal(4096) * 0.7).astype(np.float32)
+    for samples in (edge, noise):
+        audio = torch.from_numpy(samples).view(1, 1, -1)
+        got = with_pcm16(audio)
+        assert got[0] is audio and got[1].dtype == torch.int16
+        np.testing.assert_array_equal(got[1].view(-1).numpy(), audio_payload(samples, "pcm16"))
+
+    model = tiny_model()
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, 5 * cfg.coarse_stride // s)))
+             for s in cfg.vq_strides]
+    sent = []
+    for mapped in (False, True):
+        engines = EngineSet(model, 2, new_stats())
+        engines.decoder.output_map = with_pcm16 if mapped else None
+        (play,) = open_sessions(engines, model, ["decode"])
+        play.audio_format = "pcm16"
+        play.inbox.append((inbox_frames(codes, cfg), 35, 0.0))
+        events: list = []
+        for _ in range(6):
+            events += engines.tick([], [play] if not events else [], [])[0]
+        sent.append([message[HEADER_BYTES:] for _, message in events])  # the samples, after each frame's header
+    assert sent[0] and sent[0] == sent[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class StreamEngine:
 
     def __init__(self, model: SNACModel, body: StreamOp, max_streams: int, backend: Optional[str] = None,
                  step_mode: str = "auto", output_device: Optional[Union[str, torch.device]] = None,
-                 async_output: bool = False):
+                 async_output: bool = False, output_map: Optional[Callable[[Any], Any]] = None):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive int, got {max_streams!r}")
         if step_mode not in STEP_MODES:
@@ -128,6 +128,9 @@ class StreamEngine:
         self.output_device = model.device if output_device is None else torch.device(output_device)
         # step_groups returns before the outputs reach the host (StepGroups.wait): a GPU model, host outputs.
         self.async_output = bool(async_output) and model.device.type == "cuda" and self.output_device.type == "cpu"
+        # Applied on the model's device to what step_groups, close and close_many return, before it moves (a
+        # server converts a step's audio to its clients' sample format there); step() splits unmapped outputs.
+        self.output_map = output_map
         self.config = model.config
         self.max_streams = max_streams
         self.backend = backend
@@ -235,6 +238,9 @@ class StreamEngine:
 
     def step(self) -> Dict[int, Any]:
         """Run one queued step of every stream that has one: {stream id: that stream's output}."""
+        if self.output_map is not None:
+            raise RuntimeError("step() splits the engine's own outputs; step an engine with an output_map through "
+                               "step_groups()")
         groups = self.step_groups()
         groups.wait()
         return {sid: row for sids, outputs in groups for sid, row in zip(sids, self._rows(outputs))}
@@ -356,7 +362,7 @@ class StreamEngine:
             for sid in sids:
                 self._queue_placeholder(sid, self.warmup_steps + 3)
             while self.pending(sids[0]) > 1:
-                self.step()
+                self.step_groups().wait()
             self.close(sids[0])  # the end of a stream: one is enough
             for sid in sids[1:]:
                 self.abort(sid)
@@ -435,8 +441,10 @@ class StreamEngine:
         return device if device.type == "cpu" else self.model.device
 
     def _to_output(self, outputs: Any, queued: bool = False) -> Any:
-        """A step's outputs on ``output_device`` (one copy per tensor for all streams); ``queued``: the copies
-        only queued behind the step (pinned host memory, ``async_output``)."""
+        """A step's outputs (``output_map`` applied) on ``output_device`` (one copy per tensor for all streams);
+        ``queued``: the copies only queued behind the step (pinned host memory, ``async_output``)."""
+        if self.output_map is not None:
+            outputs = self.output_map(outputs)
         if self.output_device == self.model.device:
             return outputs
         if isinstance(outputs, (list, tuple)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ class DecodeEngine(StreamEngine):
     """
 
     def __init__(self, model: SNACModel, max_streams: int, backend: Optional[str] = None, step_mode: str = "auto",
-                 output_device: Optional[Union[str, torch.device]] = None, async_output: bool = False):
-        super().__init__(model, decoder_op(model), max_streams, backend, step_mode, output_device, async_output)
+                 output_device: Optional[Union[str, torch.device]] = None, async_output: bool = False,
+                 output_map: Optional[Callable[[torch.Tensor], Any]] = None):
+        super().__init__(model, decoder_op(model), max_streams, backend, step_mode, output_device, async_output,
+                         output_map)
 
     @functools.cached_property
     def _level_widths(self) -> List[int]:

@@ -351,6 +351,16 @@ class EncodeLane(Lane):
                        f"session's input"})))
 
 
+def with_pcm16(audio: torch.Tensor) -> List[torch.Tensor]:
+    """A decode engine's output map (``DecodeEngine(output_map=...)``): its audio and the same as PCM16, converted
+    where the audio is (a GPU's step: a few kernels, where the host took milliseconds for thousands of streams).
+    The same integers as :func:`~snac_stream.protocol.audio_payload`: exact scaling, NaN -> 0, round half to
+    even, saturated."""
+    scaled = audio.float() * 32768.0
+    scaled = torch.where(torch.isnan(scaled), torch.zeros((), dtype=scaled.dtype, device=scaled.device), scaled)
+    return [audio, scaled.round_().clamp_(-32768, 32767).to(torch.int16)]
+
+
 class DecodeLane(Lane):
     """Codes in, audio out: decode sessions (their tokens, parsed on the loop) and roundtrip sessions (the
     encode lane's codes). The engine takes whole steps; the lane holds the codes short of one."""
@@ -450,15 +460,22 @@ class DecodeLane(Lane):
 
     def emit(self, sessions: Sequence[Session], outputs: Any, markers: Sequence[Marker], compute_s: Sequence[float],
              events: Events, final: bool = False) -> None:
-        """Audio (len(sessions), 1, n), converted to each sample format once for all sessions using it. A
+        """Audio (len(sessions), 1, n), converted to each sample format once for all sessions using it (or, from an
+        engine with :func:`with_pcm16` as its output map, [audio, its PCM16] with that conversion done). A
         roundtrip whose input has ended gets no more samples than it sent (the rest decodes the end padding)."""
-        samples = outputs.reshape(len(sessions), -1).float().cpu().numpy()
+        audio, pcm16 = (outputs[0], outputs[1]) if isinstance(outputs, (list, tuple)) else (outputs, None)
         by_format: Dict[str, List[int]] = {}
         for j, session in enumerate(sessions):
             by_format.setdefault(session.audio_format, []).append(j)
         payloads: List[Any] = [None] * len(sessions)
         for fmt, rows in by_format.items():
-            data = audio_payload(samples if len(rows) == len(sessions) else samples[rows], fmt)
+            every = len(rows) == len(sessions)
+            if fmt == "pcm16" and pcm16 is not None:
+                data = pcm16.reshape(len(sessions), -1).cpu().numpy()
+                data = data if every else data[rows]
+            else:
+                samples = audio.reshape(len(sessions), -1).float().cpu().numpy()
+                data = audio_payload(samples if every else samples[rows], fmt)
             for i, j in enumerate(rows):
                 payloads[j] = data[i]
         for j, session in enumerate(sessions):

@@ -33,7 +33,7 @@ from ..engine import DecodeEngine, EncodeEngine, EngineFull
 from ..model.snac import SNACModel
 from ..protocol import ProtocolError, dumps
 from .heap import GC_CLOCK
-from .lanes import DecodeLane, EncodeLane, Lane, Launched
+from .lanes import DecodeLane, EncodeLane, Lane, Launched, with_pcm16
 from .session import Events, Session
 
 log = logging.getLogger("snac_stream.server")
@@ -70,8 +70,10 @@ class EngineSet:
         self.on_step: Optional[Callable[[str, float, int], None]] = None
         with on_device(self.device):
             # Outputs come back on the host in one copy per step (they are sent from there anyway); on a GPU a
-            # step returns while it runs, so the tick does its host work meanwhile.
-            self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
+            # step returns while it runs, so the tick does its host work meanwhile, and its audio comes back as
+            # PCM16 too (most clients' format; converting thousands of streams on the host took milliseconds).
+            self.decoder = DecodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True,
+                                        output_map=with_pcm16 if self.device.type == "cuda" else None)
             self.encoder = EncodeEngine(model, max_streams, backend=backend, output_device="cpu", async_output=True)
             graphed = [engine for engine in (self.decoder, self.encoder) if engine.step_mode == "graphs"]
             if graphed:  # CUDA: compile and capture now, not in a session's step
