@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNACConfig
+from snac_stream.model.vq import codes_to_frames
 from snac_stream.tokens import (
     LAYOUTS,
     ORPHEUS_LLM_TOKEN_OFFSET,
@@ -432,3 +434,54 @@ def test_to_flat_errors():
     negative[0, 0] = -1
     with pytest.raises(ValueError, match=r"codes\[0\]\[0, 0\] = -1"):
         layout.to_flat([negative, codes[1], codes[2]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.sampled_from(CASES),
+    frames=st.integers(0, 6),
+    chunks=st.lists(st.integers(1, 20), min_size=1, max_size=12),
+    seed=st.integers(0, 2**16),
+    torch_first=st.integers(0, 7),
+)
+def test_push_frames_equals_push_laid_out_as_frames(case, frames, chunks, seed, torch_first):
+    """``push_frames`` (a server's numpy path) over any chunking gives the codes ``push`` gives, laid out as
+    coarse frames (``codes_to_frames``), and shares its state: pushes of either kind may alternate."""
+    preset, name = case
+    layout = get_layout(name, PRESETS[preset])
+    codes = random_codes(layout, 1, frames, seed)
+    flat = layout.to_flat(codes)[0].numpy()
+    parser = layout.parser()
+    first = min(torch_first, flat.size)
+    done = codes_to_frames([c[:, : first // layout.frame_tokens * r].numpy()
+                            for c, r in zip(parser.push(torch.from_numpy(flat[:first])), layout.codes_per_frame)],
+                           layout.codes_per_frame)[0]
+    got, start, k = [done, parser.push_frames(flat[:0])], first, 0  # an empty push too
+    while start < flat.size:
+        stop = min(flat.size, start + chunks[k % len(chunks)])
+        k += 1
+        out = parser.push_frames(flat[start:stop])
+        assert out.shape == (stop // layout.frame_tokens - start // layout.frame_tokens, sum(layout.codes_per_frame))
+        assert out.dtype == np.int64 and parser.pending == stop % layout.frame_tokens
+        got.append(out)
+        start = stop
+    np.testing.assert_array_equal(np.concatenate(got), codes_to_frames([c.numpy() for c in codes],
+                                                                       layout.codes_per_frame)[0])
+
+
+@pytest.mark.parametrize("desc,make_bad,exc,pattern", BAD_CHUNKS[:3], ids=[c[0] for c in BAD_CHUNKS[:3]])
+def test_push_frames_refuses_as_push_does_and_leaves_state(desc, make_bad, exc, pattern):
+    layout = OrpheusLayout()
+    flat = layout.to_flat(random_codes(layout, 1, 4, seed=7))
+    parser = layout.parser()
+    parser.push_frames(flat[0, :8].numpy())
+    bad = make_bad(flat[:, 8:18])[0].numpy()
+    with pytest.raises(exc, match=pattern):
+        parser.push_frames(bad)
+    assert parser.pending == 1
+    rest = parser.push_frames(flat[0, 8:].numpy())
+    np.testing.assert_array_equal(rest, codes_to_frames([c.numpy() for c in layout.from_flat(flat)],
+                                                        layout.codes_per_frame)[0, 1:])
+    for wrong in (flat[:, 8:18].numpy(), flat[0, 8:18].numpy().astype(np.float32), [1, 2]):
+        with pytest.raises(TypeError, match="1-D numpy integer"):
+            parser.push_frames(wrong)

@@ -16,16 +16,14 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 import numpy as np
-import torch
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from .. import __version__
 from ..llm import LLMStreamError, LLMTokenError, LLMTruncatedError, SpeechStats
-from ..model.vq import codes_to_frames
 from ..protocol import Hello, ProtocolError, Ready, decode_tokens, parse_json
 from ..tokens import get_layout
 from .conversion import SessionFormats
@@ -346,27 +344,25 @@ class Gateway:
     def _on_token_ids(self, session: Session, ids: np.ndarray, now: float) -> None:
         """Token ids (int64) into the session's parser; whole coarse frames to the engine; ``bad_tokens``."""
         try:
-            codes = session.loop.parser.push(torch.from_numpy(ids))  # type: ignore[union-attr]
+            frames = session.loop.parser.push_frames(ids)  # type: ignore[union-attr]
         except (ValueError, TypeError) as exc:
             raise ProtocolError("bad_tokens", str(exc)) from None
         session.loop.received += ids.size
-        if codes[0].shape[-1]:
-            self._deliver_codes(session, codes, now)
+        if frames.shape[0]:
+            self._deliver_codes(session, frames, now)
 
-    def _deliver_codes(self, session: Session, codes: Optional[List[torch.Tensor]], now: float) -> None:
-        """Hand whole coarse frames (codes per level (1, t_i)) to the engine, whole decoder steps at a time, as
-        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message. They go as
-        one array, each frame's codes of every level side by side (``model.vq.codes_to_frames``): in time
-        order, so pieces join by concatenation, and one buffer to carry to an engine process. ``codes`` None
-        (the flush): what is held goes now; a stream that ends inside a step is refused downstream."""
+    def _deliver_codes(self, session: Session, frames: Optional[np.ndarray], now: float) -> None:
+        """Hand whole coarse frames ((F, width): each frame's codes of every level side by side, in time order, as
+        ``model.vq.codes_to_frames`` lays them out) to the engine, whole decoder steps at a time, as
+        :meth:`_deliver_audio` does audio: an LLM or a TTS client sends a frame or two a message. ``frames``
+        None (the flush): what is held goes now; a stream that ends inside a step is refused downstream."""
         side = session.loop
-        if codes is None:
+        if frames is None:
             self._hand_over(session, None, True, now)
             return
         before, step = side.coarse_frames, self.served.step_frames
-        side.coarse_frames += codes[0].shape[-1]  # a coarse frame is one code of the first level
-        frames = codes_to_frames([c.numpy() for c in codes], self.served.config.codes_per_frame).reshape(-1)
-        self._hand_over(session, frames, side.coarse_frames // step > before // step, now)
+        side.coarse_frames += frames.shape[0]
+        self._hand_over(session, frames.reshape(-1), side.coarse_frames // step > before // step, now)
 
     # ---- llm sessions: the tokens come from an LLM, not from the client ---------------------------------------
     async def _llm_loop(self, session: Session) -> bool:
