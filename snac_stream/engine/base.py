@@ -33,16 +33,6 @@ def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.devi
     """Concatenate (along the batch by default) and move to ``device``: one copy when the pieces share a
     device. Pieces may be numpy arrays (input queued on the host, see ``EncodeEngine.submit_many``)."""
     if all(isinstance(p, np.ndarray) for p in pieces):
-        if device.type == "cuda":
-            # Joined straight into page-locked memory: a copy from pageable memory waited for the work queued
-            # ahead of it (the step still running), 15.5 ms of each tick's engine thread at 1024 roundtrip
-            # sessions on an H100 (bench/tick_host.py --profile). PyTorch's host allocator keeps the block until
-            # the copy is done.
-            shape = list(pieces[0].shape)
-            shape[dim] = sum(p.shape[dim] for p in pieces)
-            staged = torch.empty(shape, dtype=torch.from_numpy(pieces[0][:0]).dtype, pin_memory=True)
-            np.concatenate(pieces, axis=dim, out=staged.numpy())
-            return staged.to(device, non_blocking=True)
         joined = torch.from_numpy(np.concatenate(pieces, axis=dim))
     else:
         pieces = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
