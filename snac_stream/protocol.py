@@ -391,8 +391,14 @@ def pack_output_frame(payload_kind: int, start: int, input_end: int, server_us: 
                       data: np.ndarray, flags: int = 0) -> bytes:
     """:meth:`OutputFrame.pack` without building the frame object (a server packs thousands a step). The
     microsecond fields saturate at the header's 32 bits."""
-    head = HEADER.pack(payload_kind, flags, start, input_end, data.shape[0], _u32(server_us), _u32(compute_us))
+    if not (type(server_us) is int and type(compute_us) is int  # noqa: E721 - exact ints pack as they are
+            and 0 <= server_us < _U32_END and 0 <= compute_us < _U32_END):
+        server_us, compute_us = _u32(server_us), _u32(compute_us)
+    head = HEADER.pack(payload_kind, flags, start, input_end, data.shape[0], server_us, compute_us)
     return head + data.tobytes()
+
+
+_U32_END = 2**32
 
 
 def _u32(value: int) -> int:

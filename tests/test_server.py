@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from snac_stream import PRESETS, SNAC
 from snac_stream import client as ws_client
 from snac_stream.cli import main
-from snac_stream.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens
+from snac_stream.protocol import ERRORS, HEADER_BYTES, OutputFrame, encode_audio, encode_tokens, pack_output_frame
 from snac_stream.server import ServerOptions, SNACServer
 from snac_stream.server.options import default_engine_threads, is_loopback
 from snac_stream.tokens import get_layout
@@ -954,6 +954,11 @@ def test_output_frame_round_trips_through_its_header() -> None:
         (1, 123, 4567, 89, 10, True)
     np.testing.assert_array_equal(back.data, frame.data)
     assert len(frame.pack()) == HEADER_BYTES + 8
+    # The microsecond fields saturate at 32 bits (a negative time at 0) and take whole microseconds.
+    for given, packed in (((-5, 2**40), (0, 2**32 - 1)), ((2**32, 2**32 - 1), (2**32 - 1, 2**32 - 1)),
+                          ((3.7, 7.2), (3, 7)), ((0, 2**32 - 1), (0, 2**32 - 1))):
+        back = OutputFrame.unpack(pack_output_frame(1, 0, 0, *given, frame.data), "float32")
+        assert (back.server_us, back.compute_us) == packed
 
 
 def test_the_client_imports_neither_the_server_nor_the_engines() -> None:
