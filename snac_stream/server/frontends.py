@@ -13,8 +13,8 @@ the same code whether its engines are in its own process or not. Each link is a 
 batches of pickled messages (:class:`Channel`: every message one loop iteration queues goes out in one
 write), so the engine process handles a few batches per tick, not one message per client message:
 
-* front end -> engine: ``place``, ``open``, ``input`` (samples or codes, with their count and receive
-  time), ``end`` (a flush), ``abort``, ``release``, and ``metrics`` (a scrape of any front end is rendered by
+* front end -> engine: ``place``, ``open``, ``input`` (samples or coarse frames as one buffer and its dtype,
+  :func:`pack_input`, with the input count and receive time), ``end`` (a flush), ``abort``, ``release``, and ``metrics`` (a scrape of any front end is rendered by
   the engine process from every process's counters, :mod:`.metrics`);
 * engine -> front end: ``events`` (a tick's output frames and errors for that front end's sessions, and how
   much of each session's input the engines consumed, for backpressure), ``status`` (free slots and health,
