@@ -733,3 +733,44 @@ def test_an_output_map_applies_to_what_step_groups_and_close_return() -> None:
         (_, want), = plain.close_many([sids[plain][1]])
         (_, got), = mapped.close_many([sids[mapped][1]])
         assert torch.equal(got[0], want) and torch.equal(got[1], -want)
+
+
+def test_samples_submitted_as_arrays_encode_as_offline_and_are_checked_as_tensors_are() -> None:
+    """``EncodeEngine.submit_arrays`` (1-D numpy samples, as a server's input arrives) buffers what
+    ``submit_many`` buffers from the same samples as tensors, in pieces of any size, and each stream's codes equal
+    offline ``encode``; a NaN, an ended or repeated stream, a wrong type or a missing piece refuses the whole call
+    and buffers nothing."""
+    model = model_for("24khz")
+    engine = EncodeEngine(model, 3)
+    sids = [engine.open() for _ in range(3)]
+    rng = np.random.default_rng(5)
+    given = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (5 * 2048 + 300, 3 * 2048, 4 * 2048 + 1)]
+    bad = given[1].copy()
+    bad[7] = np.nan
+    for call, error in (((sids, [given[0], bad, given[2]]), "NaN"), (([sids[0], sids[0]], given[:2]), "more than once"),
+                        ((sids, given[:2]), "3 audio pieces")):
+        with pytest.raises(ValueError, match=error):
+            engine.submit_arrays(*call)
+    for wrong in (given[0].reshape(1, 1, -1), (given[0] * 32768).astype(np.int16), torch.from_numpy(given[0])):
+        with pytest.raises(TypeError, match="1-D numpy float"):
+            engine.submit_arrays(sids, [wrong, given[1], given[2]])
+    assert [engine.pending(sid) for sid in sids] == [0, 0, 0] and all(engine._slots[s].received == 0 for s in sids)
+    cuts = [0, 1000, 2048 + 17, 2 * 2048, None]
+    for lo, hi in zip(cuts, cuts[1:]):
+        engine.submit_arrays(sids, [x[lo:hi] for x in given])
+    outs: Dict[int, list] = {sid: [] for sid in sids}
+    with torch.no_grad():
+        while any(engine.pending(sid) for sid in sids):
+            for sid, out in engine.step().items():
+                outs[sid].append(out)
+        for sid in sids:
+            engine.end_input(sid)
+        rests = {sid: engine.close(sid) for sid in sids}
+        for sid, samples in zip(sids, given):
+            got = [torch.cat([o[level] for o in outs[sid] + [rests[sid]]], dim=-1) for level in range(3)]
+            want = model.encode(torch.from_numpy(samples).view(1, 1, -1))
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    ended = engine.open()
+    engine.end_input(ended)
+    with pytest.raises(ValueError, match="has ended"):
+        engine.submit_arrays([ended], [given[0]])

@@ -156,20 +156,15 @@ def test_errors_from_either_side_end_their_session_alone() -> None:
 
     async def test(server: MultiProcessServer):
         encoder = server.engine_sets[0].encoder  # this process runs the engines: patch them as test_server does
-        submit_many, submit = encoder.submit_many, encoder.submit
+        submit_arrays = encoder.submit_arrays
         victim: List[int] = []
 
-        def refuse(sids, pieces):
+        def refuse(sids, pieces):  # a call with the victim's input, or the victim's own retry
             if victim and victim[0] in sids:
                 raise ValueError("refused")
-            return submit_many(sids, pieces)
+            return submit_arrays(sids, pieces)
 
-        def refuse_one(sid, piece):
-            if victim and sid == victim[0]:
-                raise ValueError("refused")
-            return submit(sid, piece)
-
-        encoder.submit_many, encoder.submit = refuse, refuse_one
+        encoder.submit_arrays = refuse
 
         async def victim_session() -> Any:
             await asyncio.sleep(0.1)

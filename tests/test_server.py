@@ -325,9 +325,9 @@ def test_concurrent_sessions_of_every_kind_layout_and_format_are_each_exact() ->
         nonlocal server_url
         server_url = server.url
         _slow_engines(server, 0.01)  # input of several sessions arrives during each step
-        submit_many, emit = server.encoder.submit_many, server.engines.encode.emit
-        server.encoder.submit_many = lambda sids, pieces: (  # type: ignore[method-assign]
-            shared["submit"].append(len(sids)), submit_many(sids, pieces))[1]
+        submit_arrays, emit = server.encoder.submit_arrays, server.engines.encode.emit
+        server.encoder.submit_arrays = lambda sids, pieces: (  # type: ignore[method-assign]
+            shared["submit"].append(len(sids)), submit_arrays(sids, pieces))[1]
         server.engines.encode.emit = lambda sessions, *args, **kw: (  # type: ignore[method-assign]
             shared["emit"].append(collections.Counter((s.layout.name, s.layout.token_offset) for s in sessions)),
             emit(sessions, *args, **kw))[1]
@@ -356,22 +356,18 @@ def test_a_session_whose_input_the_engine_refuses_ends_alone() -> None:
     audio = [signal(12000 + 1000 * i, seed=30 + i) for i in range(3)]
 
     async def test(server: SNACServer):
-        submit_many, submit = server.encoder.submit_many, server.encoder.submit
+        submit_arrays = server.encoder.submit_arrays
         victim: List[int] = []
 
         def refuse(sids, pieces):
-            time.sleep(0.1)  # a slow submit: the sessions' steps (85 ms each) pile up for the next one
+            if len(sids) > 1:
+                time.sleep(0.1)  # a slow submit: the sessions' steps (85 ms each) pile up for the next one
             if victim and victim[0] in sids:
                 shared.append(len(sids))
                 raise ValueError("refused")
-            return submit_many(sids, pieces)
+            return submit_arrays(sids, pieces)
 
-        def refuse_one(sid, piece):
-            if victim and sid == victim[0]:
-                raise ValueError("refused")
-            return submit(sid, piece)
-
-        server.encoder.submit_many, server.encoder.submit = refuse, refuse_one  # type: ignore[method-assign]
+        server.encoder.submit_arrays = refuse  # type: ignore[method-assign]
 
         async def victim_session() -> Any:
             await asyncio.sleep(0.1)  # the healthy sessions are streaming by then

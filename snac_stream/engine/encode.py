@@ -50,12 +50,7 @@ class EncodeEngine(StreamEngine):
     def submit_many(self, sids: Sequence[int], audio: Sequence[torch.Tensor]) -> None:
         """Buffer ``audio[j]`` ((1, 1, n_j) float samples, any n_j) for stream ``sids[j]``, checked and moved
         as one piece. A bad piece refuses the whole call and buffers nothing."""
-        slots = [self._slot(sid) for sid in sids]
-        if len(set(sids)) != len(slots):
-            raise ValueError(f"a stream appears more than once in {list(sids)}")
-        for slot in slots:
-            if slot.ended:
-                raise ValueError(f"stream {slot.sid}'s input has ended (end_input): it takes no more audio")
+        slots = self._open_slots(sids)
         if len(audio) != len(slots):
             raise ValueError(f"{len(slots)} streams need {len(slots)} audio pieces, got {len(audio)}")
         for piece in audio:
@@ -73,10 +68,46 @@ class EncodeEngine(StreamEngine):
         # fraction of a torch op's fixed cost, which a server pays for every stream of every tick); the step
         # joins a batch of them in one copy (``cat_to``).
         host = joined.device.type == "cpu" and joined.dtype in _NUMPY_FLOATS
-        data = joined.numpy() if host else joined
+        self._buffer(slots, joined.numpy() if host else joined, [piece.shape[-1] for piece in audio], device)
+
+    def submit_arrays(self, sids: Sequence[int], samples: Sequence[np.ndarray]) -> None:
+        """:meth:`submit_many` for samples as 1-D numpy float arrays, ``samples[j]`` for stream ``sids[j]`` (a
+        server's input as it arrived): checked and joined by a few array operations for the whole call, not a
+        tensor per piece. The same checks and all-or-nothing refusal."""
+        if len(samples) != len(sids):
+            raise ValueError(f"{len(sids)} streams need {len(sids)} audio pieces, got {len(samples)}")
+        for piece in samples:
+            if not isinstance(piece, np.ndarray) or piece.ndim != 1 or not np.issubdtype(piece.dtype, np.floating):
+                got = f"{getattr(piece, 'dtype', type(piece).__name__)} of shape {getattr(piece, 'shape', '?')}"
+                raise TypeError(f"submit_arrays takes 1-D numpy float arrays, got {got}")
+        if self.model.dtype not in _NUMPY_FLOATS:  # no numpy view of the model's dtype: as tensors
+            self.submit_many(sids, [torch.from_numpy(piece).view(1, 1, -1) for piece in samples])
+            return
+        slots = self._open_slots(sids)
+        if not slots:
+            return
+        joined = torch.from_numpy(np.concatenate(samples)).view(1, 1, -1)
+        if joined.shape[-1]:
+            joined = self.model.check_audio(joined, torch.device("cpu"))
+        self._buffer(slots, joined.numpy(), [piece.size for piece in samples], torch.device("cpu"))
+
+    def _open_slots(self, sids: Sequence[int]) -> List[Slot]:
+        """The slots of ``sids``, each once, none whose input has ended."""
+        slots = [self._slot(sid) for sid in sids]
+        if len(set(sids)) != len(slots):
+            raise ValueError(f"a stream appears more than once in {list(sids)}")
+        for slot in slots:
+            if slot.ended:
+                raise ValueError(f"stream {slot.sid}'s input has ended (end_input): it takes no more audio")
+        return slots
+
+    def _buffer(self, slots: List[Slot], data: Union[torch.Tensor, np.ndarray], sizes: Sequence[int],
+                device: torch.device) -> None:
+        """Buffer checked samples: ``data`` (1, 1, sum(sizes)) holds each slot's new ``sizes[j]`` samples in
+        turn (numpy on the host); whole steps are queued, the rest kept as the slot's ``partial``."""
+        host = isinstance(data, np.ndarray)
         start = 0
-        for slot, piece in zip(slots, audio):
-            n = piece.shape[-1]
+        for slot, n in zip(slots, sizes):
             new, start = data[..., start : start + n], start + n
             slot.received += n
             held = slot.partial

@@ -257,21 +257,22 @@ class EncodeLane(Lane):
 
     def submit(self, sessions: Sequence[Session], events: Events) -> None:
         """Each session's queued audio, all sessions in one engine call."""
-        members: List[Tuple[Session, List[Any], torch.Tensor]] = []
+        members: List[Tuple[Session, List[Any], np.ndarray]] = []
         for session in sessions:
             pieces = session.take_inbox()
             if self.holds(session) and pieces:
                 audio = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
-                members.append((session, pieces, torch.from_numpy(audio).view(1, 1, -1)))
+                members.append((session, pieces, audio))
         if not members:
             return
+        submit = self.engine.submit_arrays  # type: ignore[attr-defined]
         try:
-            self.engine.submit_many([self._streams[m[0]].sid for m in members], [m[2] for m in members])
+            submit([self._streams[m[0]].sid for m in members], [m[2] for m in members])
         except Exception:  # noqa: BLE001 - refused as a whole: one by one, so that only a session at fault ends
             accepted = []
             for member in members:
                 try:
-                    self.engine.submit(self._streams[member[0]].sid, member[2])
+                    submit([self._streams[member[0]].sid], [member[2]])
                     accepted.append(member)
                 except Exception as exc:  # noqa: BLE001
                     self.fail(member[0], events, exc)
