@@ -89,7 +89,7 @@ def measure(model: SNAC, sessions: int, ticks: int, profile: bool, kind: str = "
         group.append(session)
     audio = (0.1 * rng.standard_normal(step)).astype(np.float32)
     # One step of coarse frames, as the connection side hands them over (flattened, every level side by side).
-    step_codes = rng.integers(0, cfg.codebook_size, engines.step_frames * sum(cfg.codes_per_frame))
+    step_codes = rng.integers(0, cfg.codebook_size, engines.step_frames * cfg.frame_codes)
     step_tokens = step_codes.size
 
     def feed() -> None:

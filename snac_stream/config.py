@@ -110,6 +110,11 @@ class SNACConfig:
         return tuple(self.coarse_stride // s for s in self.vq_strides)
 
     @property
+    def frame_codes(self) -> int:
+        """Codes per coarse frame, all levels together (7 at 24 kHz)."""
+        return sum(self.codes_per_frame)
+
+    @property
     def frame_samples(self) -> int:
         """Audio samples per coarse frame."""
         return self.hop_length * self.coarse_stride

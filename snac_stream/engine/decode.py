@@ -37,7 +37,7 @@ class DecodeEngine(StreamEngine):
         None where they coincide (one coarse frame per step)."""
         if self.step_frames == 1:
             return None
-        width = sum(self.config.codes_per_frame)
+        width = self.config.frame_codes
         positions = np.arange(self.step_frames * width).reshape(1, self.step_frames, width)
         return np.concatenate([level.reshape(-1) for level in frames_to_codes(positions, self.config.codes_per_frame)])
 
@@ -72,11 +72,11 @@ class DecodeEngine(StreamEngine):
         self._queue_frames(slots, codes_to_frames(codes, self.config.codes_per_frame))
 
     def submit_frames(self, sids: Sequence[int], frames: Union[np.ndarray, torch.Tensor]) -> None:
-        """:meth:`submit_many` for codes as coarse frames, (len(sids), T, sum(codes_per_frame)) integers: each
+        """:meth:`submit_many` for codes as coarse frames, (len(sids), T, config.frame_codes) integers: each
         frame's codes of every level side by side (``model.vq.codes_to_frames``), the layout a server keeps
         them in (a stream's pieces join by concatenation). Numpy arrays wait on the host as they are (a few
         array operations for the whole call); tensors go through :meth:`submit_many`'s checks."""
-        width = sum(self.config.codes_per_frame)
+        width = self.config.frame_codes
         if not isinstance(frames, (np.ndarray, torch.Tensor)):
             raise TypeError(f"frames must be a numpy array or a tensor, got {type(frames).__name__}")
         if frames.ndim != 3 or frames.shape[2] != width:

@@ -14,8 +14,9 @@ batches of pickled messages (:class:`Channel`: every message one loop iteration 
 write), so the engine process handles a few batches per tick, not one message per client message:
 
 * front end -> engine: ``place``, ``open``, ``input`` (samples or coarse frames as one buffer and its dtype,
-  :func:`pack_input`, with the input count and receive time), ``end`` (a flush), ``abort``, ``release``, and ``metrics`` (a scrape of any front end is rendered by
-  the engine process from every process's counters, :mod:`.metrics`);
+  :func:`pack_input`, with the input count and receive time), ``end`` (a flush), ``abort``, ``release``, and
+  ``metrics`` (a scrape of any front end is rendered by the engine process from every process's counters,
+  :mod:`.metrics`);
 * engine -> front end: ``events`` (a tick's output frames and errors for that front end's sessions, and how
   much of each session's input the engines consumed, for backpressure), ``status`` (free slots and health,
   on every change and twice a second, for ``/readyz`` and ``/healthz``), replies, and the server's own

@@ -372,7 +372,7 @@ class DecodeLane(Lane):
 
     def __init__(self, engine: DecodeEngine, fail: Fail):
         super().__init__(engine, fail, engine.step_frames)
-        self.frame_width = sum(engine.config.codes_per_frame)  # codes per coarse frame, all levels
+        self.frame_width = engine.config.frame_codes
 
     def submit(self, sessions: Sequence[Session], events: Events) -> None:
         """Each session's queued codes: coarse frames (:func:`~snac_stream.model.vq.codes_to_frames`, flattened:
