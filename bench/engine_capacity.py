@@ -113,7 +113,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
         print(f"profile, {streams} streams, {engine.step_mode}: {len(kernels) / 5:.0f} kernels per step, "
               f"{sum(e.device_time for e in kernels) / 5 / 1e3:.3f} ms kernel time per step")
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                        row_limit=12, max_name_column_width=60))
+                                        row_limit=24, max_name_column_width=90))
     gc.unfreeze()  # the next stream count starts from a collectable heap
     return row
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--step-mode", default="auto", choices=["auto", "rows", "buckets", "graphs"],
                         help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of 5 steps per stream count")
+    parser.add_argument("--profile", action="store_true", help="print the top 24 kernels of 5 steps per stream count")
     parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                         help="products of the Triton dense convs (default tf32x3, about fp32)")
     parser.add_argument("--plain-tiles", action="store_true",

@@ -1,7 +1,7 @@
-"""GPU figures for bench/RESULTS.md: kernels against torch eager, whole-model decode against the reference,
-streaming pushes at batch 1 eager against CUDA graphs.
+"""GPU figures for bench/RESULTS.md: kernels against torch eager, whole-model decode and encode at batch 1 against
+the reference (ours eager and replaying CUDA graphs), streaming pushes at batch 1 eager against CUDA graphs.
 
-    python bench/gpu_report.py [--sections kernels decode streaming] [--json out.json]
+    python bench/gpu_report.py [--sections kernels decode streaming] [--lengths 1 10 60] [--json out.json]
 
 Prints markdown tables. Measured ceilings (device-to-device copy, fp32 matmul) are taken in the same run.
 Timings are medians of CUDA-event timings (``triton.testing.do_bench``, L2 flushed between runs).
@@ -54,34 +54,43 @@ def kernel_rows() -> list:
     return rows
 
 
-def decode_rows(seconds: float = 10.0, batch: int = 1) -> list:
+def decode_rows(lengths_s: tuple = (1.0, 10.0, 60.0), batch: int = 1) -> list:
+    """Offline decode and encode at batch 1: the reference against ours eager (``offline_graphs=0``) and ours
+    replaying the CUDA graph of the call's shape (the default; ``bench_ms``'s warm-up calls capture it)."""
     import snac as reference
 
     rows = []
     for preset in ("24khz", "32khz", "44khz"):
         torch.manual_seed(0)
         ours = SNAC.from_config(preset).cuda().eval()
+        eager = SNAC.from_config(preset, offline_graphs=0).cuda().eval()
+        eager.load_state_dict(ours.state_dict())
         ref = reference.SNAC(**ours.config.to_dict()).cuda().eval()
         cfg = ours.config
-        frames = int(seconds * cfg.sampling_rate) // cfg.frame_samples
-        frames -= frames % (cfg.pad_multiple // cfg.frame_samples)
-        codes = [torch.randint(0, cfg.codebook_size, (batch, frames * cfg.coarse_stride // s), device="cuda")
-                 for s in cfg.vq_strides]
-        audio = torch.randn(batch, 1, frames * cfg.frame_samples, device="cuda") * 0.1
-        row = {"preset": preset, "audio_s": frames * cfg.frame_samples / cfg.sampling_rate, "batch": batch}
-        with torch.inference_mode():
-            row["reference_decode_ms"] = bench_ms(lambda: ref.decode(codes), rep=300)
-            row["reference_encode_ms"] = bench_ms(lambda: ref.encode(audio), rep=300)
-            for backend in ("torch", "triton"):
-                ours.backend = backend
-                row[f"{backend}_decode_ms"] = bench_ms(lambda: ours.decode(codes), rep=300)
-                row[f"{backend}_encode_ms"] = bench_ms(lambda: ours.encode(audio), rep=300)
-        rows.append(row)
-        print(f"| {preset} | {row['audio_s']:.2f} s x{batch} | {row['reference_decode_ms']:.2f} "
-              f"| {row['torch_decode_ms']:.2f} | {row['triton_decode_ms']:.2f} "
-              f"| {row['reference_decode_ms'] / row['triton_decode_ms']:.2f}x | {row['reference_encode_ms']:.2f} "
-              f"| {row['torch_encode_ms']:.2f} | {row['triton_encode_ms']:.2f} "
-              f"| {row['reference_encode_ms'] / row['triton_encode_ms']:.2f}x |", flush=True)
+        for seconds in lengths_s:
+            frames = int(seconds * cfg.sampling_rate) // cfg.frame_samples
+            frames -= frames % (cfg.pad_multiple // cfg.frame_samples)
+            codes = [torch.randint(0, cfg.codebook_size, (batch, frames * cfg.coarse_stride // s), device="cuda")
+                     for s in cfg.vq_strides]
+            audio = torch.randn(batch, 1, frames * cfg.frame_samples, device="cuda") * 0.1
+            row = {"preset": preset, "audio_s": frames * cfg.frame_samples / cfg.sampling_rate, "batch": batch}
+            with torch.inference_mode():
+                for what, args in (("decode", codes), ("encode", audio)):
+                    row[f"reference_{what}_ms"] = bench_ms(lambda: getattr(ref, what)(args), rep=300)
+                    row[f"eager_{what}_ms"] = bench_ms(lambda: getattr(eager, what)(args), rep=300)
+                    row[f"graphs_{what}_ms"] = bench_ms(lambda: getattr(ours, what)(args), rep=300)
+                row["graphs_equal_eager"] = (torch.equal(ours.decode(codes), eager.decode(codes)) and all(
+                    torch.equal(a, b) for a, b in zip(ours.encode(audio), eager.encode(audio))))
+            row["memory_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
+            rows.append(row)
+            cells = []
+            for what in ("decode", "encode"):
+                r, e, g = (row[f"{k}_{what}_ms"] for k in ("reference", "eager", "graphs"))
+                cells.append(f"{r:.2f} | {e:.2f} | {g:.2f} | {r / e:.2f}x | **{r / g:.2f}x**")
+            print(f"| {preset} | {row['audio_s']:.2f} s x{batch} | {' | '.join(cells)} "
+                  f"| {'yes' if row['graphs_equal_eager'] else 'NO'} |", flush=True)
+        del ours, eager, ref
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -164,7 +173,7 @@ def profile_decode(preset: str = "24khz", seconds: float = 10.0, top: int = 14) 
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    ours = SNAC.from_config(preset, backend="triton").cuda().eval()
+    ours = SNAC.from_config(preset, backend="triton", offline_graphs=0).cuda().eval()  # the kernels, eagerly
     ref = reference.SNAC(**ours.config.to_dict()).cuda().eval()
     cfg = ours.config
     frames = int(seconds * cfg.sampling_rate) // cfg.frame_samples
@@ -191,6 +200,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one 24 kHz decode, ours and reference")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to measure (default: all; the ceilings come with kernels)")
+    parser.add_argument("--lengths", nargs="+", type=float, default=[1.0, 10.0, 60.0],
+                        help="seconds of audio of the offline rows (batch 1)")
     args = parser.parse_args()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
@@ -205,10 +216,11 @@ def main() -> None:
               "\n|---|---|---|---|---|---|---|")
         report["kernels"] = kernel_rows()
     if "decode" in args.sections:
-        print("\n| preset | audio | reference decode (ms) | ours torch (ms) | ours Triton (ms) | vs reference "
-              "| reference encode (ms) | ours torch (ms) | ours Triton (ms) | vs reference |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        report["decode"] = decode_rows()
+        print("\n| preset | audio | reference decode (ms) | ours eager | ours graphs | eager vs reference "
+              "| graphs vs reference | reference encode (ms) | ours eager | ours graphs | eager vs reference "
+              "| graphs vs reference | graphs equal eager |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        report["decode"] = decode_rows(tuple(args.lengths))
     if "streaming" in args.sections:
         print("\n| preset | codec | samples per push | eager p50 / p95 (ms) | CUDA graphs p50 / p95 (ms) | speedup "
               "| replay alone p50 (ms) | first replayed push, with capture (ms) | graphs vs eager |")

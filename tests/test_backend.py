@@ -155,13 +155,18 @@ def test_precision_reaches_the_dense_conv_kernels(monkeypatch: pytest.MonkeyPatc
 
 
 def test_decoder_snakes_run_as_one_triton_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the Triton backend the snake before each transposed conv (no conv absorbs it) is one kernel pass,
-    offline and streaming; the torch backend keeps PyTorch's arithmetic."""
+    """On the Triton backend the snake before each transposed conv (no conv absorbs it) is one kernel pass
+    offline, and streaming it is folded into the pass that builds the upsampling product's rows; the torch
+    backend keeps PyTorch's arithmetic."""
     from snac_stream.kernels import conv as kernels
+    from snac_stream.kernels import upsampling
 
     calls: List[tuple] = []
-    original = kernels.snake_activation
+    folded: List[bool] = []
+    original, original_pairs = kernels.snake_activation, upsampling.phase_pairs
     monkeypatch.setattr(kernels, "snake_activation", lambda x, a: calls.append(tuple(x.shape)) or original(x, a))
+    monkeypatch.setattr(upsampling, "phase_pairs",
+                        lambda x, c, a, p: folded.append(a is not None) or original_pairs(x, c, a, p))
     model = _model("attention", "triton")
     cfg = model.config
     codes = [torch.randint(0, cfg.codebook_size, (1, 2 * cfg.pad_multiple // cfg.hop_length // s)).to(DEVICE)
@@ -173,11 +178,15 @@ def test_decoder_snakes_run_as_one_triton_pass(monkeypatch: pytest.MonkeyPatch) 
         dec = model.streaming_decoder()
         dec.push(codes)
         dec.flush()
-        assert len(calls) >= len(cfg.decoder_rates)
-        calls.clear()
+        assert not calls
+        assert len(folded) >= len(cfg.decoder_rates) and all(folded)
+        folded.clear()
         model.backend = "torch"
         model.decode(codes)
-        assert not calls
+        dec = model.streaming_decoder()
+        dec.push(codes)
+        dec.flush()
+        assert not calls and not folded
 
 
 @pytest.mark.gpu

@@ -194,9 +194,11 @@ def conv_transpose(
     padding: int = 0,
     crop: int = 0,
     length: Optional[int] = None,
+    alpha: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``, ``weight`` of shape
-    (C_in, C_out, 2s)) of ``cat(context, x)``, the same on both backends.
+    (C_in, C_out, 2s)) of ``snake(cat(context, x))`` (the snake only with ``alpha``), the same on both
+    backends.
 
     Output frame ``j`` of a 2-tap conv over the input frames (zero-padded by ``padding`` frames at both ends)
     yields samples ``[j*s, (j+1)*s)``: ``z[j*s + r] = W[:, :, s+r] . xp[j] + W[:, :, r] . xp[j+1]``. With
@@ -206,32 +208,47 @@ def conv_transpose(
     (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32, faster there than the
     Triton dense-conv kernel).
 
+    On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
+    ``kernels.upsampling``) and one places its output rows; PyTorch copies twice on each side.
+
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
         crop / length: return samples ``crop .. crop + length - 1`` of ``z`` (default: all after ``crop``).
+        alpha: the snake before the layer (per channel), or None.
 
     Returns:
         (B, C_out, length) samples at the output rate.
     """
     if weight.dim() != 3 or weight.shape[-1] != 2 * stride:
         raise ValueError(f"weight must have shape (C_in, C_out, {2 * stride}), got {tuple(weight.shape)}")
-    xin = x if context is None or context.shape[-1] == 0 else torch.cat([context, x], dim=-1)
-    if padding:
-        xin = F.pad(xin, (padding, padding))
+    triton = _BACKEND.get() == "triton"
     b, c_in, c_out = x.shape[0], weight.shape[0], weight.shape[1]
-    frames = xin.shape[-1] - 1
+    held = 0 if context is None else context.shape[-1]
+    frames = held + x.shape[-1] + 2 * padding - 1
     end = frames * stride if length is None else crop + length
     if crop < 0 or end > frames * stride or end < crop:
         raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
     # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
-    pairs = xin.unfold(-1, 2, 1).permute(0, 2, 1, 3).reshape(b * frames, 2 * c_in)
+    if triton:
+        from ..kernels import upsampling
+
+        pairs = upsampling.phase_pairs(x, context, alpha, padding)
+    else:
+        xin = x if not held else torch.cat([context, x], dim=-1)
+        if alpha is not None:
+            xin = snake(xin, alpha)
+        if padding:
+            xin = F.pad(xin, (padding, padding))
+        pairs = xin.unfold(-1, 2, 1).permute(0, 2, 3, 1).reshape(b * frames, 2 * c_in)  # [frame f, frame f+1]
     # The Triton backend's precision reaches this cuBLAS product too: one TF32 tensor-core product for "tf32",
     # full fp32 otherwise. For "tf32x3" three TF32 products of split operands were measured slower on an H100
     # than the fp32 GEMM, splits and copies included (bench/RESULTS.md), so it keeps fp32.
-    precision = _PRECISION.get() if _BACKEND.get() == "triton" else None
+    precision = _PRECISION.get() if triton else None
     w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
     with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
         z = pairs @ w if bias is None else torch.addmm(bias.repeat_interleave(stride), pairs, w)
+    if triton:
+        return upsampling.place_phases(z, b, stride, crop, end - crop)
     z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
     return z[..., crop:end]
 
@@ -265,14 +282,15 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A transposed conv's weight (C_in, C_out, 2s) as the weight (C_out * s, C_in, 2) of the same layer
-    written as a conv over input frames (see ``conv_transpose``): output channel ``o * s + r`` is phase ``r``
-    of channel ``o``; its tap 0 reads the previous frame (``W[:, o, s + r]``), tap 1 the current one
-    (``W[:, o, r]``). Made once per weight tensor (``_phase_weight``): a CUDA-graph replay must not redo it."""
+    """A transposed conv's weight (C_in, C_out, 2s) as the weights (C_out * s, 2, C_in) of the same layer
+    written as a 2-tap conv over input frames (see ``conv_transpose``), tap-major to match the product's input
+    rows: output channel ``o * s + r`` is phase ``r`` of channel ``o``; its tap 0 reads the previous frame
+    (``W[:, o, s + r]``), tap 1 the current one (``W[:, o, r]``). Made once per weight tensor
+    (``_phase_weight``): a CUDA-graph replay must not redo it."""
     c_in, c_out, kernel_size = weight.shape
     s = kernel_size // 2
     taps = torch.stack([weight[:, :, s:], weight[:, :, :s]], dim=-1)  # (C_in, C_out, s, 2)
-    return taps.permute(1, 2, 0, 3).reshape(c_out * s, c_in, 2).contiguous()
+    return taps.permute(1, 2, 3, 0).reshape(c_out * s, 2, c_in).contiguous()
 
 
 def codebook_nearest(z: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,

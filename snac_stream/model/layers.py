@@ -43,14 +43,15 @@ def conv_shape(layer: nn.Conv1d) -> dict:
 def fold_layers(layers: nn.Sequential) -> Iterator[Tuple[nn.Module, Optional[torch.Tensor], Optional[str]]]:
     """The layers of ``layers`` as (layer, snake alpha before it, activation after it).
 
-    Each snake directly before a conv becomes that conv's ``alpha``, and a tanh directly after a conv its
-    ``activation``; every other layer comes alone: ``(layer, None, None)``.
+    Each snake directly before a conv or transposed conv becomes that layer's ``alpha``, and a tanh directly
+    after a conv its ``activation``; every other layer comes alone: ``(layer, None, None)``.
     """
     items = list(layers)
     i = 0
     while i < len(items):
         layer, alpha = items[i], None
-        if isinstance(layer, Snake1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Conv1d):
+        if (isinstance(layer, Snake1d) and i + 1 < len(items)
+                and isinstance(items[i + 1], (nn.Conv1d, nn.ConvTranspose1d))):
             alpha, i = layer.alpha, i + 1
             layer = items[i]
         tanh = isinstance(layer, nn.Conv1d) and i + 1 < len(items) and isinstance(items[i + 1], nn.Tanh)
@@ -67,7 +68,7 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = conv(x, layer.weight, layer.bias, padding=layer.padding[0], alpha=alpha, activation=activation,
                      **conv_shape(layer))
         else:
-            x = layer(x)
+            x = layer(x if alpha is None else snake_layer(x, alpha))
     return x
 
 

@@ -208,16 +208,25 @@ class SNACModel(nn.Module):
     def encode(self, audio: torch.Tensor) -> List[torch.Tensor]:
         """(B, 1, T) float audio -> codes: ``n_codebooks`` int64 tensors (B, T_i), coarse first."""
         audio = self.check_audio(audio)
-        with self.on_backend():
-            z = self.encoder(self.preprocess(audio))
-            _, codes = self.quantizer(z)
-        return codes
+        return self._run_offline("encode", self._encode_padded, [self.preprocess(audio)])
 
     def decode(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         """Codes (as ``encode`` returns) -> (B, 1, T_latent * hop_length) audio in [-1, 1]."""
-        codes = self.check_codes(codes)
+        return self._run_offline("decode", self._decode_checked, self.check_codes(codes))
+
+    def _encode_padded(self, audio: torch.Tensor) -> List[torch.Tensor]:
         with self.on_backend():
-            return self.decoder(self.quantizer.from_codes(codes))
+            _, codes = self.quantizer(self.encoder(audio))
+        return codes
+
+    def _decode_checked(self, *codes: torch.Tensor) -> torch.Tensor:
+        with self.on_backend():
+            return self.decoder(self.quantizer.from_codes(list(codes)))
+
+    def _run_offline(self, name: str, fn: Any, inputs: List[torch.Tensor]) -> Any:
+        """How ``encode`` / ``decode`` run their checked inputs: here, as called (``snac_stream.SNAC`` replays
+        CUDA graphs of repeated shapes)."""
+        return fn(*inputs)
 
     def forward(self, audio: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(B, 1, T) audio -> (reconstruction trimmed to T samples, codes)."""

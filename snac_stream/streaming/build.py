@@ -14,10 +14,16 @@ from .ops import Blockwise, Chain, ConvTranspose, Noise, Pointwise, Quantize, Sl
 
 
 def _sequence(layers: nn.Sequential, channels: int) -> Chain:
-    """Ops for a Sequential, each snake folded into the conv after it and a final tanh into the conv before."""
+    """Ops for a Sequential, each snake folded into the (transposed) conv after it and a final tanh into the conv
+    before."""
     ops: List[StreamOp] = []
     for layer, alpha, activation in fold_layers(layers):
-        op = SlidingWindow.conv(layer, alpha, activation) if isinstance(layer, nn.Conv1d) else stream_op(layer, channels)
+        if isinstance(layer, nn.Conv1d):
+            op: StreamOp = SlidingWindow.conv(layer, alpha, activation)
+        elif isinstance(layer, nn.ConvTranspose1d):
+            op = ConvTranspose(layer, alpha)
+        else:
+            op = stream_op(layer, channels)
         ops.append(op)
         channels = op.out_channels
     return Chain(ops)

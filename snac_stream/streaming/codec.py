@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 import torch
 
 from ..model.snac import SNACModel
 from .build import decoder_op, encoder_op
+from .graphs import model_stamp
 from .latency import decoder_dial, decoder_latency_samples, encoder_latency
 from .ops import Codes, StreamOp, cat_time, clone_state, no_codes
 from .rows import steady_state
@@ -30,7 +30,6 @@ from .units import Inputs, UnitPass
 PUSH_MODES = ("auto", "eager", "units", "graphs")
 # Longer pushes run eagerly: one pass over a long chunk costs less than a replay per unit.
 MAX_UNITS_PER_PUSH = 8
-_version = operator.attrgetter("_version")
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -174,20 +173,10 @@ class _Stream:
         return self._unit_pass
 
     def _stamp(self) -> tuple:
-        """What a captured pass depends on beyond its buffers: the push mode, device, dtype, backend and
-        precision, the noise settings, and each parameter's storage and version counter (an in-place update, as
-        ``load_state_dict`` makes, bumps it). Parameters made under ``inference_mode`` have no version counter;
-        the pass then recomputes what it derives from them at every replay (``kernels.derived``). Replacing a
-        parameter object (rather than updating it) is not seen: make a new streaming object then."""
-        params = self._parameters
-        try:
-            versions = tuple(map(_version, params))  # map: this runs at every push, for ~200 parameters
-        except RuntimeError:  # inference tensors
-            versions = tuple(None if p.is_inference() else p._version for p in params)
-        model = self.model
-        return (self._resolved_push_mode(), params[0].device, params[0].dtype, model.resolved_backend(self.backend),
-                model.precision, model.noise_mode, model.noise_seed, tuple(map(torch.Tensor.data_ptr, params)),
-                versions)
+        """What a captured pass depends on beyond its buffers: the push mode and ``graphs.model_stamp`` of the
+        parameters this stream started with (replacing a parameter object is not seen: make a new streaming
+        object then)."""
+        return (self._resolved_push_mode(), *model_stamp(self.model, self._parameters, self.backend))
 
     def _flush_state(self) -> Any:
         """The body's flush on the state (eager)."""

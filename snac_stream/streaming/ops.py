@@ -193,11 +193,13 @@ class ConvTranspose(StreamOp):
 
     Written as a 2-tap conv over input frames (``functional.conv_transpose``): input frame ``i`` completes
     outputs ``[i*s, (i+1)*s)`` together with frame ``i - 1``, kept as the state. The offline layer crops
-    ``p`` outputs on the left; the flush adds the last frame's tail up to the offline length.
+    ``p`` outputs on the left; the flush adds the last frame's tail up to the offline length. ``alpha``: the
+    snake before the layer, applied in the same call (the state keeps the frame before it).
     """
 
-    def __init__(self, conv: nn.ConvTranspose1d):
+    def __init__(self, conv: nn.ConvTranspose1d, alpha: Optional[torch.Tensor] = None):
         self.conv = conv
+        self.alpha = alpha
         self.stride = conv.stride[0]
         self.pad = conv.padding[0]
         self.extra = conv.output_padding[0]
@@ -215,7 +217,7 @@ class ConvTranspose(StreamOp):
     def _run(self, state: _TransposedState, x: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         skip = min(state.to_skip, x.shape[-1] * self.stride)
         y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride,
-                                      context=state.context, crop=skip, length=length)
+                                      context=state.context, crop=skip, length=length, alpha=self.alpha)
         state.to_skip -= skip
         return y
 
@@ -230,7 +232,8 @@ class ConvTranspose(StreamOp):
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
         if state.received == 0:
             return None
-        # The right padding's frame: the last input frame's tail, up to the offline length (T+1)s - 2p + extra.
+        # The right padding's frame (snake(0) is 0): the last input frame's tail, up to the offline length
+        # (T+1)s - 2p + extra.
         keep = self.stride - self.pad + self.extra - state.to_skip
         return self._run(state, torch.zeros_like(state.context), max(0, keep))
 

@@ -8,20 +8,54 @@ and ``SNAC.from_pretrained`` / ``SNAC.from_config`` return a ``SNAC``.
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Any, List, Optional
+
+import torch
 
 from ..model.snac import SNACModel
 from .codec import StreamingDecoder, StreamingEncoder
+from .graphs import ShapeGraphs, model_stamp
+
+# Each model's offline graphs, outside the module so that copying or pickling a model leaves them behind.
+_OFFLINE_GRAPHS: "weakref.WeakKeyDictionary[SNAC, ShapeGraphs]" = weakref.WeakKeyDictionary()
 
 
 class SNAC(SNACModel):
     """Multi-Scale Neural Audio Codec: offline ``encode`` / ``decode`` and their streaming counterparts.
 
     Takes the reference ``snac.SNAC`` keyword arguments plus ``noise_mode``, ``noise_seed``, ``backend`` and
-    ``precision`` (see :class:`SNACModel`). Audio is (B, 1, T) float at ``sampling_rate``; codes are a list of
-    ``n_codebooks`` int64 tensors (B, T_i), coarse first. ``streaming_encoder()`` / ``streaming_decoder()``
-    give stateful chunked counterparts of ``encode`` / ``decode``, exact against them for any chunking.
+    ``precision`` (see :class:`SNACModel`) and ``offline_graphs``. Audio is (B, 1, T) float at
+    ``sampling_rate``; codes are a list of ``n_codebooks`` int64 tensors (B, T_i), coarse first.
+    ``streaming_encoder()`` / ``streaming_decoder()`` give stateful chunked counterparts of ``encode`` /
+    ``decode``, exact against them for any chunking.
+
+    ``offline_graphs`` (default 4): on CUDA, the second ``encode`` or ``decode`` of the same input shape
+    captures a CUDA graph of the call and later calls of that shape replay it: the same kernels on the same
+    inputs, so the same outputs, without the launch cost of each kernel (a batch-1 call is launch-bound). Up
+    to this many shapes keep their graphs (the GPU memory of their intermediates stays reserved); 0 turns it
+    off. Calls that autograd records (grad enabled and parameters that require it) and ``noise_mode="torch"``
+    decodes always run eagerly.
     """
+
+    def __init__(self, *args: Any, offline_graphs: int = 4, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(offline_graphs, int) or isinstance(offline_graphs, bool) or offline_graphs < 0:
+            raise ValueError(f"offline_graphs must be an int >= 0, got {offline_graphs!r}")
+        self.offline_graphs = offline_graphs
+
+    def _run_offline(self, name: str, fn: Any, inputs: List[torch.Tensor]) -> Any:
+        parameters = list(self.parameters())
+        device = parameters[0].device
+        if (self.offline_graphs == 0 or device.type != "cuda" or torch.cuda.is_current_stream_capturing()
+                or (name == "decode" and self.noise_mode == "torch")
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))):
+            return fn(*inputs)
+        graphs = _OFFLINE_GRAPHS.get(self)
+        if graphs is None or graphs.device != device:
+            graphs = _OFFLINE_GRAPHS[self] = ShapeGraphs(device, self.offline_graphs)
+        graphs.keep = self.offline_graphs
+        return graphs(name, fn, inputs, model_stamp(self, parameters))
 
     def streaming_encoder(self, batch_size: int = 1, backend: Optional[str] = None,
                           push_mode: str = "auto") -> StreamingEncoder:

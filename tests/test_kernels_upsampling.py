@@ -1,0 +1,130 @@
+"""The upsampling's data-movement kernels (``snac_stream.kernels.upsampling``) against the PyTorch copies they
+replace, and the transposed conv they serve on both backends.
+
+Without CUDA the kernels run in Triton's CPU interpreter (``conftest.py``) on small shapes; the ``gpu`` test
+repeats the comparison at a 2048-stream step's sizes with the fast sine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional
+
+import pytest
+import torch
+
+from snac_stream.kernels.upsampling import phase_pairs, place_phases
+from snac_stream.model.functional import conv_transpose, snake, use_backend
+from snac_stream.streaming.ops import ConvTranspose
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def pairs_reference(x: torch.Tensor, context: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+                    padding: int) -> torch.Tensor:
+    """The rows as PyTorch builds them: snake, concatenation, padding, then the gather of frame pairs."""
+    v = x if context is None else torch.cat([context, x], dim=-1)
+    if alpha is not None:
+        v = snake(v, alpha.view(1, -1, 1))
+    v = torch.nn.functional.pad(v, (padding, padding))
+    b, c, n = v.shape
+    return v.unfold(-1, 2, 1).permute(0, 2, 3, 1).reshape(b * (n - 1), 2 * c)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_phase_pairs_equal_the_copies_they_replace(seed: int) -> None:
+    """Random shapes around the tiles' edges (rows of a few frames, channels past one block), with and without
+    context, snake and padding; ``x`` also as a strided view."""
+    gen = random.Random(seed)
+    batch, channels = gen.randint(1, 5), gen.choice([3, 16, 70, 130])
+    frames, held = gen.randint(1, 40), gen.choice([0, 1, 3])
+    padding = gen.choice([0, 1, 2])
+    x = torch.randn(batch, channels, frames + 2, device=DEVICE)[..., 1:-1]  # not contiguous in batch
+    context = torch.randn(batch, channels, held, device=DEVICE) if held else None
+    alpha = torch.rand(channels, device=DEVICE) * 4 + 0.05 if seed % 2 else None
+    got = phase_pairs(x, context, alpha, padding)
+    want = pairs_reference(x, context, alpha, padding)
+    assert got.shape == want.shape == (batch * (held + frames + 2 * padding - 1), 2 * channels)
+    # The snake's sine differs between the kernel and PyTorch in the last bits; the copies themselves are exact.
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
+    if alpha is None:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_place_phases_puts_every_sample_where_the_permutation_does(seed: int) -> None:
+    gen = random.Random(100 + seed)
+    batch, c_out, stride, frames = gen.randint(1, 4), gen.choice([1, 5, 64, 100]), gen.choice([2, 3, 4, 7, 8]), \
+        gen.randint(1, 70)
+    z = torch.randn(batch * frames, c_out * stride, device=DEVICE)
+    samples = frames * stride
+    crop = gen.randint(0, min(stride, samples))
+    length = gen.randint(0, samples - crop)
+    got = place_phases(z, batch, stride, crop, length)
+    want = z.view(batch, frames, c_out, stride).permute(0, 2, 1, 3).reshape(batch, c_out, samples)
+    assert got.is_contiguous()
+    assert torch.equal(got, want[..., crop:crop + length])
+    assert torch.equal(place_phases(z, batch, stride, crop), want[..., crop:])
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    z = torch.randn(6, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out of range"):
+        place_phases(z, 2, 2, crop=1, length=12)
+    with pytest.raises(ValueError, match="whole 3-sample phases"):
+        place_phases(z, 2, 3)
+    with pytest.raises(ValueError, match="does not hold 4 rows"):
+        place_phases(z, 4, 2)
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="padding"):
+        phase_pairs(x, padding=-1)
+    with pytest.raises(ValueError, match="one value per channel"):
+        phase_pairs(x, alpha=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="must agree in batch"):
+        phase_pairs(x, torch.randn(1, 4, 1, device=DEVICE))
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 8])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_transposed_conv_with_its_snake_streams_like_the_offline_layers(stride: int, backend: str) -> None:
+    """``Snake1d`` then ``ConvTranspose1d`` offline against the streaming op that folds the snake in, for a
+    random chunk schedule, on both backends (the Triton one builds and places the product's rows in kernels)."""
+    gen = random.Random(stride)
+    torch.manual_seed(stride)
+    layer = torch.nn.ConvTranspose1d(20, 9, 2 * stride, stride, padding=math.ceil(stride / 2),
+                                     output_padding=stride % 2).to(DEVICE)
+    alpha = (torch.rand(1, 20, 1) * 3 + 0.1).to(DEVICE)
+    x = torch.randn(3, 20, 50, device=DEVICE)
+    op = ConvTranspose(layer, alpha)
+    pieces, start = [], 0
+    with torch.no_grad(), use_backend(backend, "ieee"):
+        want = layer(snake(x, alpha))
+        state = op.init_state(3, x.device, x.dtype)
+        while start < x.shape[-1]:
+            n = gen.randint(1, 7)
+            pieces.append(op.push(state, x[..., start:start + n]))
+            start += n
+        pieces.append(op.flush(state))
+        assert torch.equal(state.context, x[..., -1:])  # the state keeps the frame before the snake
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter tests above cover the same kernels)")
+def test_gpu_upsampling_of_a_full_step_matches_torch() -> None:
+    """The 24 kHz decoder's last upsampling at a 2048-stream step's size (128 -> 64 channels, stride 2, 1024
+    frames a stream): the Triton rows and placement against the PyTorch copies, same product."""
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose1d(128, 64, 4, 2, padding=1).cuda()
+    alpha = torch.rand(1, 128, 1, device="cuda") + 0.5
+    x = torch.randn(2048, 128, 1024, device="cuda")
+    context = torch.randn(2048, 128, 1, device="cuda")
+    with torch.no_grad():
+        results = {}
+        for backend in ("torch", "triton"):
+            with use_backend(backend, "ieee"):
+                results[backend] = conv_transpose(x, layer.weight, layer.bias, stride=2, context=context, crop=1,
+                                                  alpha=alpha)
+    torch.testing.assert_close(results["triton"], results["torch"], rtol=0, atol=1e-4)
