@@ -89,7 +89,7 @@ def decode_rows(lengths_s: tuple = (1.0, 10.0, 60.0), batch: int = 1) -> list:
                 cells.append(f"{r:.2f} | {e:.2f} | {g:.2f} | {r / e:.2f}x | **{r / g:.2f}x**")
             print(f"| {preset} | {row['audio_s']:.2f} s x{batch} | {' | '.join(cells)} "
                   f"| {'yes' if row['graphs_equal_eager'] else 'NO'} |", flush=True)
-        del ours, eager, ref
+        ours = eager = ref = None  # free this preset's models before the next
         torch.cuda.empty_cache()
     return rows
 

@@ -7,6 +7,7 @@ the ``snac_stream.kernels`` package (``package-dir`` in pyproject.toml), and in 
 
 - ``conv``: fused snake + depthwise / dense conv1d, offline and streaming.
 - ``codebook``: the residual quantizer's nearest-entry search and codebook lookup.
+- ``upsampling``: the data movement around the decoder's upsampling product (its input rows, its output).
 - ``common``: device helpers the kernels share, and the host-side argument checks.
 - ``tuning``: the convolutions' launch parameters.
 - ``precision``: the precisions of the matrix products (``PRECISIONS``), without importing Triton.

@@ -29,7 +29,7 @@ from .common import (cdiv, check_grid, check_tensor, chunk_input, load_ctx_chunk
 
 _BLOCK_ROWS = 64  # (row, frame) pairs per program
 _BLOCK_CHANNELS = 64
-_TILE_ELEMENTS = 4096  # place_phases: frames x channels x phases (padded to a power of two) per program
+_TILE_ELEMENTS = 8192  # place_phases: frames x channels x phases (padded to a power of two) per program
 
 
 @triton.jit

@@ -1,0 +1,70 @@
+"""The decoder upsampling's data movement on a GPU: ``kernels.upsampling`` against the PyTorch copies it replaces.
+
+    python bench/upsampling_cost.py [--streams 2048]
+
+For each of the 24 kHz decoder's four transposed convs at one engine step of ``--streams`` streams (the frames a
+step gives each layer): ``phase_pairs`` (snake, context, frame pairs in one pass) against a snake, a
+concatenation and the gather copy, and ``place_phases`` against the permuting copy and slice. CUDA-event
+medians (``triton.testing.do_bench``, L2 flushed); GB/s counts the bytes each side must read and write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_cost import commit  # noqa: E402
+
+from snac_stream.kernels.upsampling import phase_pairs, place_phases  # noqa: E402
+from snac_stream.model.functional import snake  # noqa: E402
+
+# (input channels, output channels, stride, input frames per 2048-sample step) of the 24 kHz decoder's blocks
+LAYERS = ((1024, 512, 8, 4), (512, 256, 8, 32), (256, 128, 4, 256), (128, 64, 2, 1024))
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=2048)
+    args = parser.parse_args()
+    b = args.streams
+    print(f"# {torch.cuda.get_device_name()}, {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, "
+          f"{b} streams")
+    print("| layer | frames | rows: kernel (us) | GB/s | PyTorch (us) | placement: kernel (us) | GB/s | PyTorch (us) "
+          "| equal |\n|---|---|---|---|---|---|---|---|---|")
+    for c_in, c_out, s, frames in LAYERS:
+        x = torch.randn(b, c_in, frames, device="cuda")
+        context = torch.randn(b, c_in, 1, device="cuda")
+        alpha = torch.rand(1, c_in, 1, device="cuda") + 0.5
+
+        def torch_pairs() -> torch.Tensor:
+            v = snake(torch.cat([context, x], -1), alpha)
+            return v.unfold(-1, 2, 1).permute(0, 2, 3, 1).reshape(b * frames, 2 * c_in)
+
+        z = torch.randn(b * frames, c_out * s, device="cuda")
+
+        def torch_place() -> torch.Tensor:
+            return z.view(b, frames, c_out, s).permute(0, 2, 1, 3).reshape(b, c_out, frames * s)[..., 1:].contiguous()
+
+        pairs_ms, pairs_torch_ms = ms(lambda: phase_pairs(x, context, alpha)), ms(torch_pairs)
+        place_ms, place_torch_ms = ms(lambda: place_phases(z, b, s, 1)), ms(torch_place)
+        pairs_gb = (x.numel() + 2 * b * frames * c_in) * 4 / 1e9
+        place_gb = 2 * z.numel() * 4 / 1e9
+        equal = (torch.equal(place_phases(z, b, s, 1), torch_place())
+                 and torch.allclose(phase_pairs(x, context, alpha), torch_pairs(), rtol=1e-6, atol=2e-6))
+        print(f"| {c_in}->{c_out}, stride {s} | {frames} | {pairs_ms * 1e3:.0f} | {pairs_gb / pairs_ms * 1e3:.0f} "
+              f"| {pairs_torch_ms * 1e3:.0f} | {place_ms * 1e3:.0f} | {place_gb / place_ms * 1e3:.0f} "
+              f"| {place_torch_ms * 1e3:.0f} | {'yes' if equal else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
