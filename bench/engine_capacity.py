@@ -1,7 +1,7 @@
 """Stream engines: step latency against concurrent streams, and how many real-time streams fit.
 
     python bench/engine_capacity.py [--kind decode|encode] [--preset 24khz] [--streams 1 8 64 ...]
-                                    [--device cuda] [--step-mode auto|rows|buckets|graphs]
+                                    [--device cuda] [--step-mode auto|rows|buckets|graphs] [--phases P]
                                     [--reference] [--json out.json] [--plot out.png]
 
 For each stream count N the engine holds N streams past their warm-up and runs ``--steps`` batched steps;
@@ -12,7 +12,10 @@ collector (``gc.freeze``; ``--no-gc-freeze`` to compare): a full collection othe
 objects, 80-120 ms on a CPU core with 2048 slots, inside whichever step it lands in.
 On CUDA each step's GPU time is also taken from CUDA events (``gpu_*`` columns) and the peak memory is
 reported; with ``--step-mode graphs`` (the CUDA default) the bucket's graph is captured before timing.
-``--reference`` also times the reference ``snac`` package in the same run: an Orpheus-style window (decode
+``--phases P`` staggers the streams as a server's clients are: past their warm-up, stream ``i`` has a step
+queued every ``P`` engine steps (in phase ``i % P``), so each step runs about ``N / P`` of them and a stream is
+real time when ``P`` steps fit in the audio one produces. ``--reference`` also times the reference ``snac``
+package in the same run: an Orpheus-style window (decode
 4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights.
 """
 
@@ -38,7 +41,7 @@ from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS  # noqa:
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
-            profile: bool = False, gc_freeze: bool = True) -> dict:
+            profile: bool = False, gc_freeze: bool = True, phases: int = 1) -> dict:
     device = model.device
     cuda = device.type == "cuda"
     if cuda:
@@ -47,16 +50,35 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, backend=backend,
                                                                   step_mode=step_mode)
     cfg = model.config
-    total_steps = engine.warmup_steps + steps + 2 + (5 if profile else 0)  # queued input for every step run
+    extra = 5 if profile else 0
+    if phases == 1:
+        total_steps = engine.warmup_steps + steps + 2 + extra  # queued input for every step run
+    else:  # the warm-up and one step together, one untimed round of the phases, then a step every P
+        total_steps = engine.warmup_steps + 1 + 1 + (steps + extra) // phases + 2
     frames = total_steps * engine.step_frames
     gen = torch.Generator(device="cpu").manual_seed(streams)
     sids = [engine.open() for _ in range(streams)]
+    data = {}
     for sid in sids:
         if kind == "decode":
-            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
-                                              generator=gen).to(device) for s in cfg.vq_strides])
+            data[sid] = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
+                                       generator=gen).to(device) for s in cfg.vq_strides]
         else:
-            engine.submit(sid, (torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device))
+            data[sid] = (torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device)
+    fed = dict.fromkeys(sids, 0)
+
+    def feed(group, count: int = 1) -> None:
+        """Queue ``count`` more steps of input for the streams of ``group``."""
+        for sid in group:
+            first, fed[sid] = fed[sid], fed[sid] + count
+            if kind == "decode":
+                engine.submit(sid, [c[:, first * c.shape[1] // total_steps:(first + count) * c.shape[1] // total_steps]
+                                    for c in data[sid]])
+            else:
+                engine.submit(sid, data[sid][..., first * engine.step_samples:(first + count) * engine.step_samples])
+
+    phase_of = [sids[i::phases] for i in range(phases)]  # interleaved, as clients that connect one by one
+    feed(sids, total_steps if phases == 1 else engine.warmup_steps + 1)
     for _ in range(engine.warmup_steps):  # the streams' warm-up, outside the batch
         engine.step()
     sync(device)
@@ -64,15 +86,28 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     engine.step()  # first batched step: compiles kernels, captures the bucket's graph
     sync(device)
     first_ms = 1e3 * (time.perf_counter() - start)
+    if phases > 1:
+        for group in phase_of:  # one untimed round: the phases' bucket compiled and captured
+            feed(group)
+            engine.step()
+        sync(device)
+
+    def step(i: int) -> None:
+        if phases > 1:
+            feed(phase_of[i % phases])
+        engine.step()
+
     if gc_freeze:
         gc.collect()
         gc.freeze()
     times, gpu = [], []
-    for _ in range(steps):
+    for i in range(steps):
         sync(device)
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
+        if phases > 1:
+            feed(phase_of[i % phases])
         start = time.perf_counter()
         engine.step()
         if cuda:
@@ -81,8 +116,9 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
         times.append(time.perf_counter() - start)
         if cuda:
             gpu.append(begin.elapsed_time(end) / 1e3)
-    budget = engine.step_samples / cfg.sampling_rate
-    row = {"streams": streams, **percentiles(times, ""), "budget_ms": 1e3 * budget,
+    audio = engine.step_samples / cfg.sampling_rate  # what a stream's step produces
+    budget = audio / phases  # each stream steps once every ``phases`` engine steps
+    row = {"streams": streams, "phases": phases, **percentiles(times, ""), "budget_ms": 1e3 * budget,
            "realtime": percentiles(times, "")["p95_ms"] <= 1e3 * budget,
            "aggregate_rtf": streams * budget / statistics.median(times), "first_batched_step_ms": first_ms,
            "state_bytes_per_stream": engine.state_bytes_per_stream, "step_mode": engine.step_mode}
@@ -106,8 +142,8 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=activities) as prof:
-            for _ in range(5):
-                engine.step()
+            for i in range(steps, steps + 5):
+                step(i)
             sync(device)
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         print(f"profile, {streams} streams, {engine.step_mode}: {len(kernels) / 5:.0f} kernels per step, "
@@ -183,6 +219,8 @@ def main() -> None:
                         help="how the batched step runs (auto: graphs on CUDA, rows on CPU)")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top 24 kernels of 5 steps per stream count")
+    parser.add_argument("--phases", type=int, default=1,
+                        help="stagger the streams: each has a step queued every P engine steps (default 1: every step)")
     parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                         help="products of the Triton dense convs (default tf32x3, about fp32)")
     parser.add_argument("--plain-tiles", action="store_true",
@@ -221,13 +259,13 @@ def main() -> None:
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
-            "gc_freeze": not args.no_gc_freeze}
+            "gc_freeze": not args.no_gc_freeze, "phases": args.phases}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
-          f"{meta['upsampling_precision']}), {meta['date']}, "
+          f"{meta['upsampling_precision']}), {args.phases} phase(s), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")
@@ -239,7 +277,7 @@ def main() -> None:
     with torch.inference_mode():
         for n in args.streams:
             r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile,
-                        not args.no_gc_freeze)
+                        not args.no_gc_freeze, args.phases)
             rows.append(r)
             extra = (f" {r['gpu_p50_ms']:.3f} | {r['gpu_p95_ms']:.3f} | {r['peak_memory_gib']:.2f} "
                      f"| {r['peak_memory_mib_per_stream']:.2f} | {r['first_batched_step_ms']:.0f} | {r.get('replay_gpu_ms', float('nan')):.3f} |"

@@ -424,7 +424,8 @@ def test_streams_ending_together_share_one_flush(engine_type, monkeypatch: pytes
         rests = close_streams(engine, sids, batched=True)
     assert flushes[0] == 4  # three streams, padded to the bucket of 4; then the warming stream's own flush
     assert engine.active_streams == 0
-    assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(empty)))  # rows zeroed
+    # Every stream's row zeroed (row 8, the spare row of the bucket passes, holds what they left there).
+    assert all(torch.equal(a[:8], b[:8]) for a, b in zip(_tensors(engine._batch), _tensors(empty)))
     for sid, given in zip(sids, inputs + [late]):
         if engine_type == "decode":
             got = torch.cat(outs[sid] + [rests[sid]], dim=-1)
@@ -608,7 +609,9 @@ def test_warm_up_leaves_the_engine_as_it_was(engine_type, name: str, monkeypatch
         assert sorted(set(groups)) == [1, 2, 3]
         assert set(engine.buckets) <= set(flushes)
         assert engine.active_streams == 0
-        assert all(torch.equal(a, b) for a, b in zip(_tensors(engine._batch), _tensors(before)))
+        # Every slot's row as it was (the spare row after them holds what the bucket passes left there).
+        slots = engine.max_streams
+        assert all(torch.equal(a[:slots], b[:slots]) for a, b in zip(_tensors(engine._batch), _tensors(before)))
         sid = engine.open()
         with pytest.raises(RuntimeError, match="no open streams"):
             engine.warm_up()
@@ -774,3 +777,61 @@ def test_samples_submitted_as_arrays_encode_as_offline_and_are_checked_as_tensor
     engine.end_input(ended)
     with pytest.raises(ValueError, match="has ended"):
         engine.submit_arrays([ended], [given[0]])
+
+
+@pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])
+def test_streams_due_at_different_times_step_in_passes_their_size(engine_type) -> None:
+    """A server's clients fall due at different times: each step runs only the streams with a step queued, in
+    a pass as large as the smallest bucket that holds them, whatever their slots (here the highest ones), and
+    every stream's output equals its own offline decode or encode. The pass is the one "graphs" captures."""
+    model = model_for("24khz")
+    engine = engine_type(model, 8, step_mode="buckets")
+    cfg, steps = model.config, engine.warmup_steps + 6
+    sids = [engine.open() for _ in range(8)]
+    inputs, outs = {}, {sid: [] for sid in sids}
+    gen = torch.Generator().manual_seed(3)
+    for sid in sids:
+        if engine_type is DecodeEngine:
+            inputs[sid] = random_codes(model, steps, engine, seed=sid)
+        else:
+            inputs[sid] = torch.randn(1, 1, steps * engine.step_samples, generator=gen) * 0.3
+    sizes = []
+    advance = engine._advance
+    engine._advance = lambda state, x: sizes.append(state_rows(state)) or advance(state, x)
+
+    def feed(sid: int, k: int) -> None:
+        if engine_type is DecodeEngine:
+            engine.submit(sid, steps_of(inputs[sid], k, 1, engine))
+        else:
+            engine.submit(sid, inputs[sid][..., k * engine.step_samples:(k + 1) * engine.step_samples])
+
+    with torch.no_grad():
+        for k in range(engine.warmup_steps + 1):  # every stream warms up and joins the batch
+            for sid in sids:
+                feed(sid, k)
+            for sid, out in engine.step().items():
+                outs[sid].append(out)
+        done = {sid: engine.warmup_steps + 1 for sid in sids}
+        for due in ([6, 7], [5], [0, 1, 2, 3, 4, 5, 6], [7], [0, 1, 2, 3, 4, 5, 6, 7]):
+            sizes.clear()
+            for sid in due:
+                feed(sid, done[sid])
+                done[sid] += 1
+            stepped = engine.step()
+            assert sorted(stepped) == due
+            assert sizes == [next(k for k in engine.buckets if k >= len(due))]
+            for sid, out in stepped.items():
+                outs[sid].append(out)
+        for sid in sids:
+            while done[sid] < steps:
+                feed(sid, done[sid])
+                done[sid] += 1
+                outs[sid].append(engine.step()[sid])
+            outs[sid].append(engine.close(sid))
+    for sid in sids:
+        if engine_type is DecodeEngine:
+            got = torch.cat(outs[sid], dim=-1)
+            torch.testing.assert_close(got, model.decode(inputs[sid]), rtol=0, atol=AUDIO_TOL)
+        else:
+            got = [torch.cat([o[level] for o in outs[sid]], dim=-1) for level in range(model.n_codebooks)]
+            assert all(torch.equal(g, w) for g, w in zip(got, model.encode(inputs[sid])))

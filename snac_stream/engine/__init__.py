@@ -20,9 +20,12 @@ How the batched step runs (``step_mode``):
 
 - ``rows``: gather the rows of the streams with a step queued, advance them, write them back. Least work;
   the default on CPU.
-- ``buckets``: advance the first ``k`` slots in place, ``k`` the smallest power of two (or ``max_streams``)
-  covering every stream with a step queued; rows without one are computed on placeholder input and masked
-  out of the state update. Every tensor stays where it is, so the pass has fixed shapes and addresses.
+- ``buckets``: gather the rows of the streams with a step queued into a batch of ``k`` rows, ``k`` the
+  smallest power of two (or ``max_streams``) at least their number, advance it and write it back; the
+  bucket's unused places read and write a spare row. The list of rows is a buffer and every tensor stays
+  where it is, so the pass has fixed shapes and addresses, and a step costs what its streams need: streams
+  whose steps fall due at different times (a server's clients) each take part only in the steps that run
+  theirs.
 - ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
   instead of hundreds; ``streaming.graphs.CUDAGraphed``). The default on CUDA. ``capture_graphs()`` captures every
   bucket up front; otherwise a bucket is captured the first time it is needed.

@@ -13,8 +13,8 @@ import torch
 from ..model.snac import SNACModel
 from ..streaming.graphs import CUDAGraphed
 from ..streaming.ops import StreamOp, cat_time
-from ..streaming.rows import (assign_rows, batch_positions, blend_rows_, first_rows, rebound_copy, row_state,
-                              select_rows, state_batch, state_bytes, steady_state, zero_rows)
+from ..streaming.rows import (assign_rows, batch_positions, row_state, select_rows, state_batch, state_bytes,
+                              steady_state, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
@@ -138,20 +138,23 @@ class StreamEngine:
         self.step_frames = self.config.pad_multiple // self.config.frame_samples
         self.step_samples = self.step_frames * self.config.frame_samples
         self.warmup_steps, steady = self._derive_warmup()
-        # The batch holds every row in the steady shape; rows are zero until a stream joins.
-        self._batch = batch_positions(zero_rows(steady, max_streams), max_streams, model.device)
+        # The batch holds every row in the steady shape, one per slot and a spare one (index max_streams) for
+        # the unused places of a bucket pass; rows are zero until a stream joins.
+        self._batch = batch_positions(zero_rows(steady, max_streams + 1), max_streams + 1, model.device)
         self._slots: Dict[int, Slot] = {}
         self._free: List[int] = list(range(max_streams))
-        # Bucket passes read fixed input buffers and a row mask (rows with a step queued).
+        # Bucket passes read fixed input buffers and the list of rows they advance (``_bucket_rows``).
         self.buckets = sorted({1 << i for i in range(max_streams.bit_length()) if 1 << i < max_streams} | {max_streams})
         self._last_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)  # see _row_index
         if step_mode != "rows":
             stacked = self._stack([self._zero_step()] * max_streams)
             self._inputs = [t.contiguous() for t in stacked] if isinstance(stacked, list) else stacked.contiguous()
-            self._mask = torch.zeros(max_streams, dtype=torch.bool, device=model.device)
+            # The rows with a step queued, in input order, then the spare row: a pass of bucket k advances the
+            # first k entries, so a step costs what its streams need, not what their highest slot does.
+            self._bucket_rows = torch.full((max_streams,), max_streams, dtype=torch.int64, device=model.device)
         # A bucket's pass, captured as a CUDA graph in "graphs" mode, run eagerly in "buckets" mode.
         self._bucket_passes = CUDAGraphed(self._bucket_pass, model.device, enabled=step_mode == "graphs",
-                                          frozen=self._rows_masked_out)
+                                          frozen=self._spare_row_only)
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _init_state(self, batch: int) -> Any:
@@ -212,7 +215,7 @@ class StreamEngine:
     @property
     def state_bytes_per_stream(self) -> int:
         """Bytes of state one stream slot holds in the batch."""
-        return state_bytes(self._batch) // self.max_streams
+        return state_bytes(self._batch) // (self.max_streams + 1)
 
     @property
     def active_streams(self) -> int:
@@ -393,20 +396,21 @@ class StreamEngine:
             outputs = self._advance(sub, inputs)
             self._batch = assign_rows(self._batch, rows, sub)
             return outputs
-        bucket = next(k for k in self.buckets if k > sids[-1])
+        count = len(sids)
+        bucket = next(k for k in self.buckets if k >= count)
         for buffer, part in zip(_as_list(self._inputs), _as_list(inputs)):
-            buffer.index_copy_(0, rows, part)
+            buffer[:count].copy_(part)
         if changed:
-            self._mask.zero_()
-            self._mask.index_fill_(0, rows, True)
+            self._bucket_rows[:count].copy_(rows)
+            self._bucket_rows[count:].fill_(self.max_streams)
         outputs = self._bucket_passes(bucket)
         # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
-        picked = [o.index_select(0, rows) for o in _as_list(outputs)]
+        picked = [o[:count].clone() for o in _as_list(outputs)]
         return picked if isinstance(outputs, list) else picked[0]
 
     def _row_index(self, sids: List[int]) -> Tuple[torch.Tensor, bool]:
         """``sids`` as an index tensor on the model's device, and whether they differ from the last step's:
-        a steady set of streams reuses the tensor and the row mask (no host-to-device copy per step)."""
+        a steady set of streams reuses the tensor and the bucket's row list (no host-to-device copy per step)."""
         key = tuple(sids)
         if key == self._last_rows[0]:
             return self._last_rows[1], False
@@ -415,24 +419,26 @@ class StreamEngine:
         return rows, True
 
     def _bucket_pass(self, bucket: int) -> Any:
-        """Advance the first ``bucket`` rows in place; rows off the mask keep their state."""
-        rows = first_rows(self._batch, bucket)
-        work = rebound_copy(rows)
+        """Advance the rows of the first ``bucket`` entries of the row list: gathered into a batch of their own,
+        advanced on the staged inputs, written back (the spare row's several entries write it in any order; it
+        is never read for a stream). The batch's counters stay as they are: every row is in the same phase."""
+        rows = self._bucket_rows[:bucket]
+        work = select_rows(self._batch, rows)
         outputs = self._advance(work, _first(self._inputs, bucket))
-        blend_rows_(rows, work, self._mask[:bucket])
+        assign_rows(self._batch, rows, work, counters=False)
         return outputs
 
     @contextlib.contextmanager
-    def _rows_masked_out(self) -> Iterator[None]:
-        """Bucket passes run inside leave every row's state as it was: the row mask is cleared meanwhile (the
-        passes before a graph's capture run for real)."""
-        mask = self._mask.clone()
-        self._mask.zero_()
+    def _spare_row_only(self) -> Iterator[None]:
+        """Bucket passes run inside leave every stream's row as it was: the row list points at the spare row
+        meanwhile (the passes before a graph's capture run for real)."""
+        rows = self._bucket_rows.clone()
+        self._bucket_rows.fill_(self.max_streams)
         try:
             yield
         finally:
-            self._mask.copy_(mask)
-            self._last_rows = ((), None)  # the passes ran with an empty mask
+            self._bucket_rows.copy_(rows)
+            self._last_rows = ((), None)  # the passes ran with another row list
 
     # ---- internals ------------------------------------------------------------------------------
     def _queue_device(self, x: Any) -> torch.device:

@@ -49,12 +49,13 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
     return _map_state(pick, state)
 
 
-def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
+def assign_rows(state: Any, rows: torch.Tensor, sub: Any, counters: bool = True) -> Any:
     """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
     updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
 
-    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. Counters take the
-    sub-state's values, which are the same for every stream in that phase.
+    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. With ``counters``,
+    counters take the sub-state's values, which are the same for every stream in that phase; without, they
+    keep ``state``'s. No host synchronisation: the write can be captured.
     """
     def put(dst: Any, src: Any) -> Any:
         if isinstance(dst, PositionState):
@@ -66,41 +67,13 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any) -> Any:
             if dst.shape[1:] != src.shape[1:]:
                 raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
             return dst.index_copy_(0, rows, src.to(dst.dtype))
-        return src
+        return src if counters else dst
     return _map_state(put, state, sub)
-
-
-def first_rows(state: Any, count: int) -> Any:
-    """The first ``count`` rows of a batched state as views: writes to them write the batch."""
-    def head(v: Any) -> Any:
-        if isinstance(v, PositionState):
-            return PositionState(v.position[:count])
-        return v[:count] if isinstance(v, torch.Tensor) else v
-    return _map_state(head, state)
 
 
 def rebound_copy(state: Any) -> Any:
     """The same tensors in new containers: a push rebinds the copy's fields and leaves ``state`` as it was."""
     return _map_state(lambda v: PositionState(v.position) if isinstance(v, PositionState) else v, state)
-
-
-def blend_rows_(state: Any, new: Any, mask: torch.Tensor) -> None:
-    """In place: rows of ``state`` where ``mask`` (B,) is set take ``new``'s values, the others keep theirs.
-
-    ``new`` is ``state`` advanced by a push of a ``rebound_copy``; counters are left alone (every row is in
-    the same phase). No host synchronisation, so the blend can be captured in a CUDA graph.
-    """
-    def blend(dst: Any, src: Any) -> Any:
-        if isinstance(dst, PositionState):
-            dst, src = dst.position, src.position
-        if isinstance(dst, torch.Tensor) and src is not dst:
-            if dst.shape != src.shape:
-                raise ValueError(f"a push changed a state tensor's shape {tuple(dst.shape)} -> {tuple(src.shape)}: "
-                                 "the rows are not in their steady phase")
-            # One pass, no temporary: in the captured step this runs over every state tensor of the batch.
-            torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src.to(dst.dtype), dst, out=dst)
-        return dst
-    _map_state(blend, state, new)
 
 
 def copy_state_(dst: Any, src: Any, counters: bool = True) -> None:
