@@ -95,6 +95,9 @@ def test_offline_graphs_setting_is_checked_and_cpu_calls_stay_eager() -> None:
             SNAC(**SMALL_24KHZ, offline_graphs=bad)
     model = small_model()
     assert model.offline_graphs == 4
+    with pytest.raises(ValueError, match="offline_graphs"):
+        model.offline_graphs = -1
+    assert model.offline_graphs == 4
     with torch.inference_mode():
         codes = random_codes(model, 2)
         model.decode(codes)

@@ -209,7 +209,8 @@ def conv_transpose(
     Triton dense-conv kernel).
 
     On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
-    ``kernels.upsampling``) and one places its output rows; PyTorch copies twice on each side.
+    ``kernels.upsampling``) and one places its output rows; in PyTorch that is a snake, a join and a gather
+    on the way in and a permuting copy on the way out.
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.

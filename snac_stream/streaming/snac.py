@@ -40,9 +40,18 @@ class SNAC(SNACModel):
 
     def __init__(self, *args: Any, offline_graphs: int = 4, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if not isinstance(offline_graphs, int) or isinstance(offline_graphs, bool) or offline_graphs < 0:
-            raise ValueError(f"offline_graphs must be an int >= 0, got {offline_graphs!r}")
         self.offline_graphs = offline_graphs
+
+    @property
+    def offline_graphs(self) -> int:
+        """How many input shapes of offline calls keep a CUDA graph (0: none)."""
+        return self._offline_graphs
+
+    @offline_graphs.setter
+    def offline_graphs(self, shapes: int) -> None:
+        if not isinstance(shapes, int) or isinstance(shapes, bool) or shapes < 0:
+            raise ValueError(f"offline_graphs must be an int >= 0, got {shapes!r}")
+        self._offline_graphs = shapes
 
     def _run_offline(self, name: str, fn: Any, inputs: List[torch.Tensor]) -> Any:
         parameters = list(self.parameters())
