@@ -102,7 +102,7 @@ def test_offline_graphs_setting_is_checked_and_cpu_calls_stay_eager() -> None:
         codes = random_codes(model, 2)
         model.decode(codes)
         model.decode(codes)
-    assert model not in snac_module._OFFLINE_GRAPHS
+    assert snac_module._OFFLINE[model].graphs is None
     assert SNAC.from_config("24khz", offline_graphs=0).offline_graphs == 0
 
 
@@ -126,7 +126,7 @@ def test_gpu_replays_equal_eager_calls_bit_for_bit(preset: str) -> None:
             for _ in range(3):  # eager, captured, replayed
                 assert torch.equal(model.decode(codes), eager.decode(codes))
                 assert all(torch.equal(a, b) for a, b in zip(model.encode(audio), eager.encode(audio)))
-        graphs = snac_module._OFFLINE_GRAPHS[model]
+        graphs = snac_module._OFFLINE[model].graphs
         assert len(graphs.kept()) == 4  # decode and encode, two shapes each
         # Weights updated in place: the graphs are dropped and the outputs follow the new weights.
         state = {k: v * 1.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -153,5 +153,5 @@ def test_gpu_graphs_keep_at_most_the_set_number_of_shapes() -> None:
             codes = random_codes(model, frames, device="cuda")
             model.decode(codes)
             model.decode(codes)
-    kept = snac_module._OFFLINE_GRAPHS[model].kept()
+    kept = snac_module._OFFLINE[model].graphs.kept()
     assert [key[1][0][1] for key in kept] == [12, 4]
