@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -474,3 +475,19 @@ def test_unresolvable_hub_reads_only_the_cache(monkeypatch, tmp_path):
     assert calls == [True], calls
     assert "\n" not in message and "cannot resolve hub.snac-stream-test.invalid" in message
     assert f"hf download {HUB_ID} --local-dir DIR" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_device_and_dtype_follow_the_parameters_wherever_they_go() -> None:
+    """``model.device`` / ``model.dtype`` come from the first parameter, found once: they follow a conversion,
+    a load that replaces the parameter objects (``assign=True``) and a copy of the model."""
+    model = SNAC(**SMALL).eval()
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)
+    model.double()
+    assert model.dtype == torch.float64
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new parameter objects, float32 again
+    assert model.dtype == torch.float32 and model._first_parameter() is next(model.parameters())
+    copied = copy.deepcopy(model)
+    assert copied._first_parameter() is next(copied.parameters())
+    assert copied._first_parameter() is not model._first_parameter()
+    assert len(model.state_dict()) == len(state)  # the kept parameter is not registered again
