@@ -15,8 +15,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_streaming import (AUDIO_TOL, SETTINGS, STRUCTURES, _randomize, assert_codes_equal, frames_slice, model_for,
-                            split)
+from test_streaming import (AUDIO_TOL, SETTINGS, STRUCTURES, _randomize, assert_codes_equal, encode_with_latents,
+                            frames_slice, model_for, split)
 
 from snac_stream import SNAC
 from snac_stream.streaming import codec
@@ -129,7 +129,10 @@ def test_unit_encoder_matches_eager_and_offline_for_any_chunking(name: str, data
     with torch.no_grad():
         units = encode_pushes(model, audio, sizes, "units")
         assert_same_code_pushes(units, encode_pushes(model, audio, sizes, "eager"))
-        assert_codes_equal([torch.cat(level, dim=-1) for level in zip(*units)], model.encode(audio))
+        # Offline runs whole signals, the pushes chunks: float rounding may flip a near tie (with one torch
+        # thread this seed's level 3 does), which assert_codes_equal tells apart from a real difference.
+        want, latents = encode_with_latents(model, audio)
+        assert_codes_equal([torch.cat(level, dim=-1) for level in zip(*units)], want, model, latents)
 
 
 def test_which_pushes_take_the_unit_pass(unit_runs: List[int]) -> None:
