@@ -103,6 +103,15 @@ def test_offline_graphs_setting_is_checked_and_cpu_calls_stay_eager() -> None:
         model.decode(codes)
         model.decode(codes)
     assert snac_module._OFFLINE[model].graphs is None
+    # The parameters the graphs are stamped with are the model's, also after a load that replaces them.
+    def same(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+    before = list(model.parameters())
+    assert same(snac_module._OFFLINE[model].parameters(), before)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert not same(list(model.parameters()), before)
+    assert same(snac_module._OFFLINE[model].parameters(), list(model.parameters()))
     assert SNAC.from_config("24khz", offline_graphs=0).offline_graphs == 0
 
 
