@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
+    if args.phases < 1 or args.steps < 1 or min(args.streams) < 1:
+        parser.error("--phases, --steps and --streams must be at least 1")
     device = torch.device(args.device)
     if args.plain_tiles:
         from snac_stream.kernels import tuning

@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=float, default=[1.0, 10.0, 60.0],
                         help="seconds of audio of the offline rows (batch 1)")
     args = parser.parse_args()
+    if min(args.lengths) <= 0:
+        parser.error("--lengths must be positive (seconds)")
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {meta['device']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "

@@ -12,6 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 
+
+def check_non_negative_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 0 (not a bool), else a ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
 @dataclass(frozen=True)
 class SNACConfig:
     """The keyword arguments of the reference ``snac.SNAC`` constructor, with its defaults."""
