@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
+from snac_stream.engine.base import bucket_sizes
 from snac_stream.model.vq import codes_to_frames, frames_to_codes
 from snac_stream.streaming.rows import select_rows
 from snac_stream.streaming.rows import state_batch as state_rows
@@ -777,6 +778,22 @@ def test_samples_submitted_as_arrays_encode_as_offline_and_are_checked_as_tensor
     engine.end_input(ended)
     with pytest.raises(ValueError, match="has ended"):
         engine.submit_arrays([ended], [given[0]])
+
+
+@pytest.mark.parametrize("max_streams", [1, 2, 3, 31, 32, 33, 100, 2048, 3000])
+def test_bucket_sizes_fit_any_count_closely(max_streams: int) -> None:
+    """Every count of streams due has a bucket; from 32 streams on, the smallest that holds them is at most a
+    quarter larger (powers of two alone would be up to twice as large); below, a power of two."""
+    sizes = bucket_sizes(max_streams)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_streams and sizes[0] == 1
+    for count in range(1, max_streams + 1):
+        bucket = next(k for k in sizes if k >= count)
+        if count > 32:
+            assert bucket <= count * 5 / 4 or bucket == max_streams, (count, bucket)
+        else:
+            assert bucket < 2 * count or bucket == max_streams, (count, bucket)
+    octaves = max(0, (max_streams - 1).bit_length() - 5)  # those that start at 32 or above, below max_streams
+    assert len(sizes) <= 5 + 4 * octaves + 1  # 1, 2, 4, 8, 16; four per octave; max_streams
 
 
 @pytest.mark.parametrize("engine_type", [DecodeEngine, EncodeEngine])

@@ -21,7 +21,8 @@ How the batched step runs (``step_mode``):
 - ``rows``: gather the rows of the streams with a step queued, advance them, write them back. Least work;
   the default on CPU.
 - ``buckets``: gather the rows of the streams with a step queued into a batch of ``k`` rows, ``k`` the
-  smallest power of two (or ``max_streams``) at least their number, advance it and write it back; the
+  smallest bucket size at least their number (``base.bucket_sizes``: powers of two up to 32, then four sizes
+  per octave, and ``max_streams``), advance it and write it back; the
   bucket's unused places read and write a spare row. The list of rows is a buffer and every tensor stays
   where it is, so the pass has fixed shapes and addresses, and a step costs what its streams need: streams
   whose steps fall due at different times (a server's clients) each take part only in the steps that run

@@ -19,6 +19,20 @@ from ..streaming.rows import (assign_rows, batch_positions, row_state, select_ro
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 
 
+def bucket_sizes(max_streams: int, per_octave: int = 4, fine_from: int = 32) -> List[int]:
+    """The batch sizes of an engine's bucket passes, ascending: powers of two below ``fine_from``, then
+    ``per_octave`` evenly spaced sizes per octave (a pass is at most ``1 / per_octave`` larger than the
+    streams it steps, not up to twice as large), then ``max_streams``. Each size is a CUDA graph to capture;
+    below ``fine_from`` a pass costs its launches, not its rows."""
+    sizes = {max_streams}
+    k = 1
+    while k < max_streams:
+        spacing = k // per_octave if k >= fine_from else k
+        sizes.update(range(k, min(2 * k, max_streams), max(spacing, 1)))
+        k *= 2
+    return sorted(sizes)
+
+
 def _as_list(x: Any) -> List[torch.Tensor]:
     """A step's inputs or outputs (a tensor or a list of per-level tensors) as a list."""
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -144,7 +158,7 @@ class StreamEngine:
         self._slots: Dict[int, Slot] = {}
         self._free: List[int] = list(range(max_streams))
         # Bucket passes read fixed input buffers and the list of rows they advance (``_bucket_rows``).
-        self.buckets = sorted({1 << i for i in range(max_streams.bit_length()) if 1 << i < max_streams} | {max_streams})
+        self.buckets = bucket_sizes(max_streams)
         self._last_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)  # see _row_index
         if step_mode != "rows":
             stacked = self._stack([self._zero_step()] * max_streams)
