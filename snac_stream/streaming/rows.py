@@ -80,13 +80,22 @@ def copy_state_(dst: Any, src: Any, counters: bool = True) -> None:
     """In place: ``dst`` takes ``src``'s values, every tensor of ``dst`` keeping its address (a captured CUDA
     graph reads them there), and with ``counters`` every integer counter (noise positions are tensors in
     ``dst``: copied, or filled from ``src``'s ints, either way). The states have the same structure and tensor
-    shapes (the same phase). No host synchronisation: the copy can be captured."""
+    shapes (the same phase). No host synchronisation: the copy can be captured. The tensors are copied by one
+    multi-tensor copy (a launch or two on CUDA rather than one per layer's state)."""
+    pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    _collect_copies(dst, src, counters, pairs)
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+def _collect_copies(dst: Any, src: Any, counters: bool, pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """:func:`copy_state_`'s walk: sets the counters and lists the (destination, source) tensor pairs."""
     if isinstance(dst, list):
         for d, s in zip(dst, src, strict=True):
-            copy_state_(d, s, counters)
+            _collect_copies(d, s, counters, pairs)
     elif isinstance(dst, PositionState):
         if isinstance(src.position, torch.Tensor):
-            dst.position.copy_(src.position)
+            pairs.append((dst.position, src.position))
         else:
             dst.position.fill_(src.position)
     elif dataclasses.is_dataclass(dst):
@@ -97,9 +106,9 @@ def copy_state_(dst: Any, src: Any, counters: bool = True) -> None:
                     raise ValueError(f"a state tensor {tuple(s.shape)} does not fit the fixed buffer "
                                      f"{tuple(d.shape)}: the states are not in the same phase")
                 if s is not d:
-                    d.copy_(s)
+                    pairs.append((d, s))
             elif isinstance(d, list) or dataclasses.is_dataclass(d):
-                copy_state_(d, s, counters)
+                _collect_copies(d, s, counters, pairs)
             elif counters:
                 setattr(dst, f.name, s)
     # anything else (a stateless op's None) holds nothing
