@@ -80,22 +80,13 @@ def copy_state_(dst: Any, src: Any, counters: bool = True) -> None:
     """In place: ``dst`` takes ``src``'s values, every tensor of ``dst`` keeping its address (a captured CUDA
     graph reads them there), and with ``counters`` every integer counter (noise positions are tensors in
     ``dst``: copied, or filled from ``src``'s ints, either way). The states have the same structure and tensor
-    shapes (the same phase). No host synchronisation: the copy can be captured. The tensors are copied by one
-    multi-tensor copy (a launch or two on CUDA rather than one per layer's state)."""
-    pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    _collect_copies(dst, src, counters, pairs)
-    if pairs:
-        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-
-
-def _collect_copies(dst: Any, src: Any, counters: bool, pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """:func:`copy_state_`'s walk: sets the counters and lists the (destination, source) tensor pairs."""
+    shapes (the same phase). No host synchronisation: the copy can be captured."""
     if isinstance(dst, list):
         for d, s in zip(dst, src, strict=True):
-            _collect_copies(d, s, counters, pairs)
+            copy_state_(d, s, counters)
     elif isinstance(dst, PositionState):
         if isinstance(src.position, torch.Tensor):
-            pairs.append((dst.position, src.position))
+            dst.position.copy_(src.position)
         else:
             dst.position.fill_(src.position)
     elif dataclasses.is_dataclass(dst):
@@ -106,9 +97,9 @@ def _collect_copies(dst: Any, src: Any, counters: bool, pairs: List[Tuple[torch.
                     raise ValueError(f"a state tensor {tuple(s.shape)} does not fit the fixed buffer "
                                      f"{tuple(d.shape)}: the states are not in the same phase")
                 if s is not d:
-                    pairs.append((d, s))
+                    d.copy_(s)
             elif isinstance(d, list) or dataclasses.is_dataclass(d):
-                _collect_copies(d, s, counters, pairs)
+                copy_state_(d, s, counters)
             elif counters:
                 setattr(dst, f.name, s)
     # anything else (a stateless op's None) holds nothing
