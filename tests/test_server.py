@@ -1005,6 +1005,9 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> Non
     step_ms = 1e3 * report["step_samples"] / 24000
     assert report["keeps_up"] == (report["behind_warnings"] == 0 and report["drift_ms_max"] < step_ms)
     assert report["p99_within_step"] == (report["server_plus_transport_p99_ms"] < step_ms)
+    # The same tail once the streams are under way (their first quarter left out): a part of the same samples.
+    latency = report["latency_ms"]
+    assert 0 < report["server_plus_transport_p99_steady_ms"] <= latency["server"]["max"] + latency["transport"]["max"]
     # The client worker's own CPU over its streams: a figure per process, so a saturated load generator shows.
     clients_cpu = report["client_cpu"]
     assert clients_cpu["processes"] == report["client_processes"] == len(clients_cpu["per_process"]) == 1
