@@ -228,9 +228,6 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
-    parser.add_argument("--split-min-columns", type=int, default=None,
-                        help="at tf32x3, upsampling products with at least this many output columns run on split "
-                             "operands (TF32 tensor cores), narrower ones as fp32 GEMMs (default: the model's rule)")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the objects alive before the timed steps to the cyclic garbage collector")
     parser.add_argument("--json", type=Path)
@@ -243,9 +240,9 @@ def main() -> None:
         from snac_stream.kernels import tuning
 
         tuning._programs_wanted = lambda device: 0
-    from snac_stream.model import functional
-
     if args.upsampling != "model":
+        from snac_stream.model import functional
+
         model_conv_transpose = functional.conv_transpose
 
         def conv_transpose(*a, **k):
@@ -256,8 +253,6 @@ def main() -> None:
                 functional._PRECISION.reset(token)
 
         functional.conv_transpose = conv_transpose
-    if args.split_min_columns is not None:
-        functional.SPLIT_MIN_COLUMNS = args.split_min_columns
     torch.manual_seed(0)
     model = SNAC.from_config(args.preset).to(device).eval()
     model.precision = args.precision
@@ -266,14 +261,13 @@ def main() -> None:
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
-            "split_min_columns": functional.SPLIT_MIN_COLUMNS,
             "gc_freeze": not args.no_gc_freeze, "phases": args.phases}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
-          f"{meta['upsampling_precision']}, split from {functional.SPLIT_MIN_COLUMNS} columns), {args.phases} phase(s), {meta['date']}, "
+          f"{meta['upsampling_precision']}), {args.phases} phase(s), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")

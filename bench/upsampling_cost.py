@@ -6,10 +6,6 @@ For each of the 24 kHz decoder's four transposed convs at one engine step of ``-
 step gives each layer): ``phase_pairs`` (snake, context, frame pairs in one pass) against a snake, a
 concatenation and the gather copy, and ``place_phases`` against the permuting copy and slice. CUDA-event
 medians (``triton.testing.do_bench``, L2 flushed); GB/s counts the bytes each side must read and write.
-
-A second table times the product itself at tf32x3: the fp32 GEMM of plain rows against split rows
-(``phase_pairs(split=True)``) in one TF32 tensor-core product, rows included, with each one's largest error
-against the same product in float64.
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit  # noqa: E402
 
 from snac_stream.kernels.upsampling import phase_pairs, place_phases  # noqa: E402
-from snac_stream.model.functional import (_tf32_matmuls, phase_weight, snake, split_phase_weight,  # noqa: E402
-                                          split_upsampling)
+from snac_stream.model.functional import snake  # noqa: E402
 
 # (input channels, output channels, stride, input frames per 2048-sample step) of the 24 kHz decoder's blocks
 LAYERS = ((1024, 512, 8, 4), (512, 256, 8, 32), (256, 128, 4, 256), (128, 64, 2, 1024))
@@ -69,35 +64,6 @@ def main() -> None:
         print(f"| {c_in}->{c_out}, stride {s} | {frames} | {pairs_ms * 1e3:.0f} | {pairs_gb / pairs_ms * 1e3:.0f} "
               f"| {pairs_torch_ms * 1e3:.0f} | {place_ms * 1e3:.0f} | {place_gb / place_ms * 1e3:.0f} "
               f"| {place_torch_ms * 1e3:.0f} | {'yes' if equal else 'NO'} |", flush=True)
-
-    print("\n| layer | frames | split by default | fp32: rows + GEMM (us) | TFLOP/s | split: rows + TF32 product (us) "
-          "| TFLOP/s | speed-up | max error fp32 | max error split |\n|---|---|---|---|---|---|---|---|---|---|")
-    for c_in, c_out, s, frames in LAYERS:
-        x = torch.randn(b, c_in, frames, device="cuda")
-        context = torch.randn(b, c_in, 1, device="cuda")
-        alpha = torch.rand(1, c_in, 1, device="cuda") + 0.5
-        weight = torch.randn(c_in, c_out, 2 * s, device="cuda") / (2 * c_in) ** 0.5
-        w = phase_weight(weight).view(c_out * s, 2 * c_in).t()
-        w_split = split_phase_weight(weight)
-
-        def fp32() -> torch.Tensor:
-            return phase_pairs(x, context, alpha) @ w
-
-        def split() -> torch.Tensor:
-            with _tf32_matmuls(x.device, True):
-                return phase_pairs(x, context, alpha, split=True) @ w_split
-
-        fp32_ms, split_ms = ms(fp32), ms(split)
-        flops = 2 * b * (frames + 1) * 2 * c_in * c_out * s  # useful arithmetic, the same for both
-        rows = phase_pairs(x, context, alpha)
-        want = rows.double() @ w.double()
-        err_fp32 = (fp32().double() - want).abs().max().item()
-        err_split = (split().double() - want).abs().max().item()
-        del rows, want
-        print(f"| {c_in}->{c_out}, stride {s} | {frames} | {'yes' if split_upsampling(c_out * s) else 'no'} "
-              f"| {fp32_ms * 1e3:.0f} | {flops / fp32_ms / 1e9:.1f} | {split_ms * 1e3:.0f} "
-              f"| {flops / split_ms / 1e9:.1f} | {fp32_ms / split_ms:.2f} | {err_fp32:.2e} | {err_split:.2e} |",
-              flush=True)
 
 
 if __name__ == "__main__":

@@ -79,14 +79,6 @@ def snake(x, alpha, FAST_SIN: tl.constexpr):
 
 
 @triton.jit
-def tf32_high(v):
-    """``v`` rounded to the nearest tf32 value (10 mantissa bits; ties away from zero), kept in fp32: the high
-    part of a split operand (``v - tf32_high(v)`` is its rest, exact in fp32), as ``precision.tf32_split``."""
-    bits = v.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def tanh(x):
     """tanh from one exp: odd-symmetric, saturates to +-1 without overflow, ~1e-7 absolute error."""
     e = tl.exp(-2.0 * tl.abs(x))

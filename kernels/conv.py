@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk,
-                     output_buffer, output_length, per_channel, resolve_precision, snake, tanh, tf32_high,
-                     use_fast_sin, window_tap)
+                     output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
+                     window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
 from .tuning import CONV, DWCONV, launch_config
@@ -210,6 +210,13 @@ def _snake_conv_kernel(
 
 
 @triton.jit
+def _tf32_high(v):
+    """``v`` rounded to the nearest tf32 value (10 mantissa bits; ties away from zero), kept in fp32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _snake_pass_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
                        s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr, SPLIT: tl.constexpr,
@@ -228,7 +235,7 @@ def _snake_pass_kernel(ctx_ptr, x_ptr, alpha_ptr, hi_ptr, lo_ptr, C, L, T, N,
         v = snake(v, tl.load(alpha_ptr + c), FAST_SIN)
     at = row.to(tl.int64) * N + u
     if SPLIT:
-        hi = tf32_high(v)
+        hi = _tf32_high(v)
         tl.store(hi_ptr + at, hi, mask=mask)
         tl.store(lo_ptr + at, v - hi, mask=mask)
     else:

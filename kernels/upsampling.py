@@ -9,9 +9,6 @@ costs more than one read and one write of its data:
 - :func:`phase_pairs`: ``snake(cat([context, x], time))``, zero-padded, as (B * F, 2 C) rows: the snake, the
   streaming context, the padding, the transposition to frames-major rows and the pairing of neighbouring
   frames in one pass (in PyTorch: a snake pass, a concatenation, then a gather copy).
-  With ``split`` it writes each row as tf32 high parts and rests, ``[hi, lo, hi]`` (B * F, 6 C): against
-  weights ``[w_hi; w_hi; w_lo]`` one TF32 tensor-core product of those rows is a tf32x3 product (about as
-  accurate as fp32), the operands split in registers on their one pass rather than in extra passes.
 - :func:`place_phases`: the product's (B * F, C_out * s) rows as (B, C_out, samples), samples
   ``crop .. crop + length - 1`` of the whole output (in PyTorch: a permuting copy, then a slice).
 
@@ -28,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import (cdiv, check_grid, check_tensor, chunk_input, load_ctx_chunk, next_pow2, per_channel, snake,
-                     tf32_high, use_fast_sin)
+                     use_fast_sin)
 
 _BLOCK_ROWS = 64  # (row, frame) pairs per program
 _BLOCK_CHANNELS = 64
@@ -38,11 +35,10 @@ _TILE_ELEMENTS = 8192  # place_phases: frames x channels x phases (padded to a p
 @triton.jit
 def _phase_pairs_kernel(ctx_ptr, x_ptr, alpha_ptr, out_ptr, C, L, T, F, n_rows, padding,
                         s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
-                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr, SPLIT: tl.constexpr,
+                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b * F + f, k * C + c] = snake(v)[b, c, f + k - padding], k = 0, 1, where ``v = cat([ctx, x])`` is
-    zero outside [0, L + T). With SPLIT a row is ``[hi, lo, hi]`` of those 2 C values (6 C columns).
-    One program per (block of (row, frame) pairs, block of channels)."""
+    zero outside [0, L + T). One program per (block of (row, frame) pairs, block of channels)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
@@ -53,19 +49,13 @@ def _phase_pairs_kernel(ctx_ptr, x_ptr, alpha_ptr, out_ptr, C, L, T, F, n_rows, 
     c = chans.to(tl.int64)[None, :]
     if HAS_ALPHA:
         alpha = tl.load(alpha_ptr + chans, mask=chan_ok, other=1.0)[None, :]
-    out_row = out_ptr + rows.to(tl.int64)[:, None] * ((6 if SPLIT else 2) * C) + c
+    out_row = out_ptr + rows.to(tl.int64)[:, None] * (2 * C) + c
     for k in tl.static_range(2):
         v = load_ctx_chunk(ctx_ptr + b * s_cb, x_ptr + b * s_xb, c * s_cc, c * s_xc, s_ct, s_xt,
                            f + (k - padding), L, T, mask, HAS_CTX)
         if HAS_ALPHA:
             v = snake(v, alpha, FAST_SIN)  # snake(0) == 0: the padding stays zero
-        if SPLIT:
-            hi = tf32_high(v)
-            tl.store(out_row + k * C, hi, mask=mask)
-            tl.store(out_row + (2 + k) * C, v - hi, mask=mask)
-            tl.store(out_row + (4 + k) * C, hi, mask=mask)
-        else:
-            tl.store(out_row + k * C, v, mask=mask)
+        tl.store(out_row + k * C, v, mask=mask)
 
 
 @triton.jit
@@ -104,16 +94,13 @@ def _place_phases_kernel(z_ptr, out_ptr, C_out, F, crop, length, n_blocks_f,
 
 
 def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None,
-                padding: int = 0, split: bool = False) -> torch.Tensor:
-    """The upsampling product's input rows: (B * F, 2 C), F = L + T + 2 padding - 1; with ``split``
-    (B * F, 6 C).
+                padding: int = 0) -> torch.Tensor:
+    """The upsampling product's input rows: (B * F, 2 C), F = L + T + 2 padding - 1.
 
     Args:
         x: (B, C, T) new frames; context: (B, C, L) frames before them, or None.
         alpha: snake before the product (per channel: (C,), (1, C, 1) or (C, 1)), or None.
         padding: zero frames at both ends of ``cat([context, x])``.
-        split: write each row as ``[hi, lo, hi]``, ``hi`` its tf32 high parts and ``lo = row - hi``
-            (:func:`snac_stream.kernels.precision.tf32_split`), for a tf32x3 product on TF32 tensor cores.
 
     Returns:
         Row ``b * F + f``: ``[snake(v)[b, :, f], snake(v)[b, :, f + 1]]`` of the zero-padded ``v``.
@@ -124,7 +111,7 @@ def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: 
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
     frames = max(0, src.total + 2 * padding - 1)
-    out = torch.empty(batch * frames, (6 if split else 2) * channels, device=x.device, dtype=torch.float32)
+    out = torch.empty(batch * frames, 2 * channels, device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     grid = (cdiv(batch * frames, _BLOCK_ROWS), cdiv(channels, _BLOCK_CHANNELS))
@@ -132,7 +119,7 @@ def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: 
     _phase_pairs_kernel[grid](
         *src.pointer_args(), alpha if alpha is not None else out, out, channels, src.length_ctx, x.shape[-1],
         frames, batch * frames, padding, *src.stride_args(), HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
-        FAST_SIN=use_fast_sin(x.device), SPLIT=split, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
+        FAST_SIN=use_fast_sin(x.device), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
     return out
 
 

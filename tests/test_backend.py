@@ -166,7 +166,7 @@ def test_decoder_snakes_run_as_one_triton_pass(monkeypatch: pytest.MonkeyPatch) 
     original, original_pairs = kernels.snake_activation, upsampling.phase_pairs
     monkeypatch.setattr(kernels, "snake_activation", lambda x, a: calls.append(tuple(x.shape)) or original(x, a))
     monkeypatch.setattr(upsampling, "phase_pairs",
-                        lambda x, c, a, p, **k: folded.append(a is not None) or original_pairs(x, c, a, p, **k))
+                        lambda x, c, a, p: folded.append(a is not None) or original_pairs(x, c, a, p))
     model = _model("attention", "triton")
     cfg = model.config
     codes = [torch.randint(0, cfg.codebook_size, (1, 2 * cfg.pad_multiple // cfg.hop_length // s)).to(DEVICE)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.derived import DerivedTensors
-from ..kernels.precision import DEFAULT_PRECISION, check_precision, tf32_split
+from ..kernels.precision import DEFAULT_PRECISION, check_precision
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")
@@ -205,13 +205,12 @@ def conv_transpose(
     ``padding=1`` that is the whole transposed conv, before its own padding ``p`` crops it (``crop=p``);
     streaming passes the previous input frame as ``context``. Unlike ``conv_transpose1d`` this needs no
     overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before, and every
-    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS, faster there than the
+    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32, faster there than the
     Triton dense-conv kernel).
 
     On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
-    ``kernels.upsampling``; at "tf32x3" split for tensor cores, see ``split_upsampling``) and one places its
-    output rows; in PyTorch that is a snake, a join and a gather on the way in and a permuting copy on the
-    way out.
+    ``kernels.upsampling``) and one places its output rows; in PyTorch that is a snake, a join and a gather
+    on the way in and a permuting copy on the way out.
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
@@ -230,17 +229,11 @@ def conv_transpose(
     end = frames * stride if length is None else crop + length
     if crop < 0 or end > frames * stride or end < crop:
         raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
-    # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s). The Triton
-    # backend's precision reaches this cuBLAS product too: one TF32 tensor-core product for "tf32", full fp32
-    # for "ieee"; for "tf32x3" the rows come split ([hi, lo, hi], 6 C_in columns) against weights
-    # [w_hi; w_hi; w_lo], one TF32 product with a three times longer reduction, where the product is wide enough
-    # to stay bound by arithmetic (``split_upsampling``); narrower ones keep the fp32 GEMM.
-    precision = _PRECISION.get() if triton else None
-    split = precision == "tf32x3" and split_upsampling(c_out * stride)
+    # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
     if triton:
         from ..kernels import upsampling
 
-        pairs = upsampling.phase_pairs(x, context, alpha, padding, split=split)
+        pairs = upsampling.phase_pairs(x, context, alpha, padding)
     else:
         xin = x if not held else torch.cat([context, x], dim=-1)
         if alpha is not None:
@@ -248,8 +241,14 @@ def conv_transpose(
         if padding:
             xin = F.pad(xin, (padding, padding))
         pairs = xin.unfold(-1, 2, 1).permute(0, 2, 3, 1).reshape(b * frames, 2 * c_in)  # [frame f, frame f+1]
-    w = _split_phase_weight(weight) if split else _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
-    with _tf32_matmuls(x.device, precision == "tf32" or split) if precision else contextlib.nullcontext():
+    # The Triton backend's precision reaches this cuBLAS product too: one TF32 tensor-core product for "tf32",
+    # full fp32 otherwise. For "tf32x3" split operands on TF32 tensor cores were measured on an H100: three
+    # products with the splits in PyTorch were slower than the fp32 GEMM; one product of rows split in the
+    # rows' own pass was up to 2.4x faster on the wide layers, but cuBLAS's tensor-core accumulation made its
+    # error 10x the fp32 GEMM's (bench/RESULTS.md). So "tf32x3" keeps fp32 here.
+    precision = _PRECISION.get() if triton else None
+    w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
+    with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
         z = pairs @ w if bias is None else torch.addmm(bias.repeat_interleave(stride), pairs, w)
     if triton:
         return upsampling.place_phases(z, b, stride, crop, end - crop)
@@ -279,36 +278,10 @@ def _tf32_matmuls(device: torch.device, enabled: bool) -> Iterator[None]:
 # Phase-form weights of transposed convs, made once per weight and remade when it changes (moved, loaded in
 # place): a CUDA-graph replay must not redo them every step.
 _PHASE_WEIGHTS = DerivedTensors()
-_SPLIT_PHASE_WEIGHTS = DerivedTensors()
 
 
 def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return _PHASE_WEIGHTS.get(weight, phase_weight)
-
-
-def _split_phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    return _SPLIT_PHASE_WEIGHTS.get(weight, split_phase_weight)
-
-
-# Upsampling products with fewer output columns (C_out * s) than this keep the fp32 GEMM at "tf32x3": their
-# split rows (three times the bytes) would make the product bound by memory (bench/RESULTS.md).
-SPLIT_MIN_COLUMNS = 512
-
-
-def split_upsampling(columns: int) -> bool:
-    """Whether a "tf32x3" upsampling product with ``columns`` output columns (C_out * s) runs on split
-    operands (one TF32 tensor-core product) rather than as an fp32 GEMM."""
-    return columns >= SPLIT_MIN_COLUMNS
-
-
-def split_phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """:func:`phase_weight` as the (6 C_in, C_out * s) right operand ``[w_hi; w_hi; w_lo]`` of split product
-    rows ``[hi, lo, hi]`` (``kernels.upsampling.phase_pairs(split=True)``): their product is
-    ``hi @ w_hi + lo @ w_hi + hi @ w_lo``, tf32x3. Made once per weight tensor (``_split_phase_weight``)."""
-    c_in, c_out, kernel_size = weight.shape
-    w = phase_weight(weight).view(c_out * kernel_size // 2, 2 * c_in).t()
-    hi, lo = tf32_split(w)
-    return torch.cat([hi, hi, lo]).contiguous()
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:
