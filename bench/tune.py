@@ -1,8 +1,10 @@
 """Tune the dense conv kernel's launch parameters for the layer shapes a real model uses (GPU only).
 
     python bench/tune.py [--presets 24khz 44khz] [--seconds 10] [--min-kernel-size 2] [--json out.json]
+    python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
 
-Runs one offline encode and decode per preset with the Triton backend, records every ``snake_conv`` call,
+Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
+batched step of N streams of each engine kind: the flat launches of a server's step), records every ``snake_conv`` call,
 then times each distinct layer shape under a set of candidate configs (CUDA-event medians) and prints the
 winners as ``kernels/tuning.py`` TABLE entries; each shape's default and best times are printed as it
 finishes (and written to ``--json``), for bench/RESULTS.md rather than the code. Shapes run slowest first,
@@ -20,6 +22,7 @@ import torch
 import triton.testing
 
 from snac_stream import SNAC
+from snac_stream.engine import DecodeEngine, EncodeEngine
 from snac_stream.kernels import conv as conv_kernels
 from snac_stream.kernels import tuning
 
@@ -27,19 +30,28 @@ CANDIDATES = [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=w, num_stages=s)
     for o, t, r, w, s in itertools.product((64, 128), (64, 128), (16, 32, 64), (4,), (3,))
 ]
+# An engine step's launches tile (stream, frame) pairs; 8 warps and 32-frame tiles join the sweep there.
+ENGINE_CANDIDATES = CANDIDATES + [
+    tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=8, num_stages=3)
+    for o, t, r in itertools.product((128,), (64, 128), (16, 32))
+] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 
 
-def record_calls(presets, seconds):
+def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",)):
+    """The first ``snake_conv`` call of each layer shape (its arguments kept), from offline calls of
+    ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many streams per engine
+    kind (warmed up first, outside the recording)."""
     calls = {}
     original = conv_kernels.snake_conv
+    recording = [False]
 
     def recorder(x, weight, bias=None, **kw):
         c_out, c_in, k = weight.shape
         out = original(x, weight, bias, **kw)
         key = tuning.ShapeKey(tuning.CONV, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
-                              tuning.t_bucket(out.shape[-1]))
-        if c_out > 1:
+                              tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
+        if c_out > 1 and recording[0]:
             calls.setdefault(key, (x, weight, bias, kw))
         return out
 
@@ -49,10 +61,30 @@ def record_calls(presets, seconds):
             torch.manual_seed(0)
             model = SNAC.from_config(preset, backend="triton").cuda().eval()
             cfg = model.config
-            n = int(seconds * cfg.sampling_rate) // cfg.pad_multiple * cfg.pad_multiple
             with torch.inference_mode():
-                codes = model.encode(torch.randn(1, 1, n, device="cuda") * 0.1)
-                model.decode(codes)
+                if not engine_streams:
+                    n = int(seconds * cfg.sampling_rate) // cfg.pad_multiple * cfg.pad_multiple
+                    recording[0] = True
+                    codes = model.encode(torch.randn(1, 1, n, device="cuda") * 0.1)
+                    model.decode(codes)
+                    continue
+                for kind in engine_kinds:
+                    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, engine_streams,
+                                                                                  step_mode="buckets")
+                    steps = engine.warmup_steps + 1
+                    for _ in range(engine_streams):
+                        sid = engine.open()
+                        if kind == "decode":
+                            frames = steps * engine.step_frames * cfg.coarse_stride
+                            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames // s), device="cuda")
+                                                for s in cfg.vq_strides])
+                        else:
+                            engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples, device="cuda") * 0.1)
+                    for _ in range(engine.warmup_steps):
+                        engine.step()
+                    recording[0] = True
+                    engine.step()
+                    recording[0] = False
     finally:
         conv_kernels.snake_conv = original
     return calls
@@ -63,11 +95,15 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["24khz"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--min-kernel-size", type=int, default=1)
+    parser.add_argument("--engine-streams", type=int, default=0,
+                        help="tune the launches of one engine step of this many streams instead of offline calls")
+    parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
     parser.add_argument("--json", help="write every shape's default and best times here")
     args = parser.parse_args()
-    calls = {k: v for k, v in record_calls(args.presets, args.seconds).items()
+    calls = {k: v for k, v in record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds).items()
              if k.kernel_size >= args.min_kernel_size}
-    print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(CANDIDATES)} candidates each",
+    candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
+    print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
           flush=True)
     defaults = {}
     for key, (x, weight, bias, kw) in calls.items():
@@ -82,7 +118,7 @@ def main() -> None:
         best = (default_ms, None)
         if default_ms * 1e3 < MIN_US:
             continue
-        for cand in CANDIDATES:
+        for cand in candidates:
             tuning.TABLE[key] = cand
             try:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
@@ -93,7 +129,8 @@ def main() -> None:
                 best = (ms, cand)
         tuning.TABLE.pop(key, None)
         print(f"{key}: default {default_ms * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}", flush=True)
-        report.append({"key": [key.c_in, key.c_out, key.kernel_size, key.stride, key.dilation, key.t_bucket],
+        report.append({"key": [key.c_in, key.c_out, key.kernel_size, key.stride, key.dilation, key.t_bucket,
+                               key.many_rows],
                        "default_us": default_ms * 1e3, "best_us": best[0] * 1e3,
                        "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages]})
         if args.json:
@@ -104,7 +141,7 @@ def main() -> None:
     print("\n# TABLE entries (paste into kernels/tuning.py)")
     for key, cfg in entries:
         print(f"    ShapeKey({key.kernel!r}, 'cuda', {key.c_in}, {key.c_out}, {key.kernel_size}, {key.stride}, "
-              f"{key.dilation}, {key.t_bucket}): LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, "
+              f"{key.dilation}, {key.t_bucket}{', True' if key.many_rows else ''}): LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, "
               f"num_stages={cfg.num_stages}),")
 
 

@@ -29,7 +29,9 @@ CONV = "snake_conv"
 @dataclass(frozen=True)
 class ShapeKey:
     """What the best launch parameters depend on. ``t_bucket`` is the output length rounded up to a power of
-    two and clamped to [64, 65536]: beyond that the grid is simply longer."""
+    two and clamped to [64, 65536]: beyond that the grid is simply longer. ``many_rows``: an entry tuned on a
+    launch of many batch rows (an engine step, whose dense launches tile (stream, frame) pairs); launches of
+    several rows take it before a one-row entry of the same shape."""
 
     kernel: str
     backend: str
@@ -39,6 +41,7 @@ class ShapeKey:
     stride: int
     dilation: int
     t_bucket: int
+    many_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,14 @@ def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, k
     (the default rule steps its reduction differently)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     key = ShapeKey(kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
-    cfg: Optional[LaunchConfig] = TABLE.get(key)
+    wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
+    many: Optional[LaunchConfig] = TABLE.get(replace(key, many_rows=True)) if batch > 1 else None
+    if many is not None:
+        # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned
+        # ones would leave SMs idle.
+        return _fill_gpu(many, key, length, batch, wanted) if wanted else many
+    cfg: Optional[LaunchConfig] = TABLE.get(key)  # tuned on one row (used for any batch), as its grid was
     if cfg is None:
-        wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
         return _default(key, length, batch, wanted, split)
     return _fit_dwconv(cfg, dilation * (kernel_size - 1)) if kernel == DWCONV else cfg
 

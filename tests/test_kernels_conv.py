@@ -69,14 +69,15 @@ def cat_time(context: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 def ref_dwconv(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, alpha: Optional[Tensor] = None,
                dilation: int = 1, padding: int = 0, context: Optional[Tensor] = None, length: Optional[int] = None,
                alpha_out: Optional[Tensor] = None) -> Tensor:
-    """snake -> depthwise conv -> snake on the concatenated input, in PyTorch."""
-    h = cat_time(context, x)
+    """snake -> depthwise conv -> snake on the concatenated input, in PyTorch (in float64: see ref_conv)."""
+    h = cat_time(context, x).double()
     if alpha is not None:
-        h = snake(h, alpha.reshape(1, -1, 1))
-    y = F.conv1d(h, weight, bias, padding=padding, dilation=dilation, groups=h.shape[1])
+        h = snake(h, alpha.double().reshape(1, -1, 1))
+    y = F.conv1d(h, weight.double(), None if bias is None else bias.double(), padding=padding, dilation=dilation,
+                 groups=h.shape[1])
     if length is not None:
         y = y[..., :length]
-    return y if alpha_out is None else snake(y, alpha_out.reshape(1, -1, 1))
+    return (y if alpha_out is None else snake(y, alpha_out.double().reshape(1, -1, 1))).to(x.dtype)
 
 
 def ref_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha: Optional[Tensor] = None,
@@ -84,19 +85,22 @@ def ref_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, alpha:
              length: Optional[int] = None, residual: Optional[Tensor] = None,
              residual_context: Optional[Tensor] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
              noise_start: int = 0, activation: Optional[str] = None) -> Tensor:
-    """snake -> conv1d -> (+ bias) * noise + residual -> tanh, in PyTorch."""
-    h = cat_time(context, x)
+    """snake -> conv1d -> (+ bias) * noise + residual -> tanh, in PyTorch, in float64 and returned in ``x``'s
+    dtype: in some test processes PyTorch's fp32 CPU arithmetic here was off by ~1e-4 of the output's magnitude
+    (the bound is 1e-5), and the kernels are compared to the exact result, not to another rounding."""
+    h = cat_time(context, x).double()
     if alpha is not None:
-        h = snake(h, alpha.reshape(1, -1, 1))
-    y = F.conv1d(h, weight, bias, stride=stride, padding=padding, dilation=dilation)
+        h = snake(h, alpha.double().reshape(1, -1, 1))
+    y = F.conv1d(h, weight.double(), None if bias is None else bias.double(), stride=stride, padding=padding,
+                 dilation=dilation)
     if length is not None:
         y = y[..., :length]
     t = y.shape[-1]
     if noise_seed is not None:
         y = y * positional_randn(noise_seed, noise_start, t, y.device).view(1, 1, t)
     if residual is not None:
-        y = y + cat_time(residual_context, residual)[..., residual_offset:residual_offset + t]
-    return torch.tanh(y) if activation == "tanh" else y
+        y = y + cat_time(residual_context, residual)[..., residual_offset:residual_offset + t].double()
+    return (torch.tanh(y) if activation == "tanh" else y).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,6 +490,29 @@ def test_conv_small_tiles_from_table() -> None:
         assert_close(out, ref_conv(x, w, b, alpha=a, stride=2, padding=1))
     finally:
         del tuning.TABLE[key]
+
+
+def test_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry tuned on an engine step (``many_rows``) serves launches of several rows, before a one-row entry
+    of the same shape; one-row launches keep theirs. On CUDA a batched launch too small for the tuned tiles
+    still takes the smallest ones (the fill rule); the interpreter has no fill. The conv stays exact."""
+    shape = dict(c_in=16, c_out=40, kernel_size=1, stride=1, dilation=1, length=12)
+    one = tuning.ShapeKey(tuning.CONV, BACKEND, 16, 40, 1, 1, 1, tuning.t_bucket(12))
+    many_cfg = tuning.LaunchConfig({"BLOCK_O": 32, "BLOCK_T": 32, "BLOCK_R": 16}, num_warps=2)
+    one_cfg = tuning.LaunchConfig({"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 16}, num_warps=1)
+    monkeypatch.setitem(tuning.TABLE, tuning.ShapeKey(**{**one.__dict__, "many_rows": True}), many_cfg)
+    monkeypatch.setitem(tuning.TABLE, one, one_cfg)
+    assert tuning.launch_config(tuning.CONV, device=DEVICE, batch=1, **shape) is one_cfg
+    batched = tuning.launch_config(tuning.CONV, device=DEVICE, batch=3, **shape)
+    if BACKEND == "cuda":  # 3 rows of 12 frames: one program with 32 x 32 tiles, so the fill applies
+        assert batched.blocks == {"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 16}
+    else:
+        assert batched is many_cfg
+    x, w, b, a = rand(3, 16, 12), rand(40, 16, 1, scale=0.25), rand(40), alphas(16)
+    assert_close(snake_conv(x, w, b, alpha=a), ref_conv(x, w, b, alpha=a))
+    del tuning.TABLE[one]
+    assert tuning.launch_config(tuning.CONV, device=DEVICE, batch=1, **shape) == tuning._default(
+        one, 12, 1, tuning._programs_wanted(DEVICE) if BACKEND == "cuda" else 0)
 
 
 def test_split_operands_step_the_reduction_by_16(monkeypatch: pytest.MonkeyPatch) -> None:
