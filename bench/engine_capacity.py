@@ -228,6 +228,9 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
+    parser.add_argument("--tuning-json", type=Path,
+                        help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
+                             "faster than the default rule) to the tuning table before the run")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the objects alive before the timed steps to the cyclic garbage collector")
     parser.add_argument("--json", type=Path)
@@ -236,6 +239,15 @@ def main() -> None:
     if args.phases < 1 or args.steps < 1 or min(args.streams) < 1:
         parser.error("--phases, --steps and --streams must be at least 1")
     device = torch.device(args.device)
+    if args.tuning_json:
+        from snac_stream.kernels import tuning
+
+        for shape in json.loads(args.tuning_json.read_text())["shapes"]:
+            if shape["best"] is not None and shape["best_us"] < 0.95 * shape["default_us"]:
+                blocks, warps, stages = shape["best"]
+                key = tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"])
+                tuning.TABLE[key] = tuning.LaunchConfig(blocks, num_warps=warps, num_stages=stages)
+                print(f"tuning entry {key}: {tuning.TABLE[key]}")
     if args.plain_tiles:
         from snac_stream.kernels import tuning
 
