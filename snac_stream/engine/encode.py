@@ -77,7 +77,8 @@ class EncodeEngine(StreamEngine):
         if len(samples) != len(sids):
             raise ValueError(f"{len(sids)} streams need {len(sids)} audio pieces, got {len(samples)}")
         for piece in samples:
-            if not isinstance(piece, np.ndarray) or piece.ndim != 1 or not np.issubdtype(piece.dtype, np.floating):
+            # dtype.kind "f": np.issubdtype(dtype, np.floating) at a tenth of its cost (a server checks every piece)
+            if not isinstance(piece, np.ndarray) or piece.ndim != 1 or piece.dtype.kind != "f":
                 got = f"{getattr(piece, 'dtype', type(piece).__name__)} of shape {getattr(piece, 'shape', '?')}"
                 raise TypeError(f"submit_arrays takes 1-D numpy float arrays, got {got}")
         if self.model.dtype not in _NUMPY_FLOATS:  # no numpy view of the model's dtype: as tensors

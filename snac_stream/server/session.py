@@ -110,6 +110,7 @@ class Session:
 
     def __init__(self, ws: ServerConnection, number: int):
         self.number = number
+        self.kind = "?"  # the hello's kind once it has come (set with ``hello``): the lanes read it per session
         self.hello: Optional[Hello] = None
         self.layout: Optional[TokenLayout] = None
         self.formats: Optional[SessionFormats] = None
@@ -124,8 +125,13 @@ class Session:
         self.end_error: Optional[ProtocolError] = None
 
     @property
-    def kind(self) -> str:
-        return self.hello.kind if self.hello else "?"
+    def hello(self) -> Optional[Hello]:
+        return self._hello
+
+    @hello.setter
+    def hello(self, hello: Optional[Hello]) -> None:
+        self._hello = hello
+        self.kind = hello.kind if hello else "?"
 
     def take_inbox(self) -> List[Input]:
         """[engine] The input queued since the last call, oldest first."""
