@@ -38,7 +38,7 @@ ENGINE_CANDIDATES = CANDIDATES + [
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 
 
-def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",)):
+def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda"):
     """The first ``snake_conv`` call of each layer shape (its arguments kept), from offline calls of
     ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many streams per engine
     kind (warmed up first, outside the recording)."""
@@ -59,13 +59,13 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",)):
     try:
         for preset in presets:
             torch.manual_seed(0)
-            model = SNAC.from_config(preset, backend="triton").cuda().eval()
+            model = SNAC.from_config(preset, backend="triton").to(device).eval()
             cfg = model.config
             with torch.inference_mode():
                 if not engine_streams:
                     n = int(seconds * cfg.sampling_rate) // cfg.pad_multiple * cfg.pad_multiple
                     recording[0] = True
-                    codes = model.encode(torch.randn(1, 1, n, device="cuda") * 0.1)
+                    codes = model.encode(torch.randn(1, 1, n, device=device) * 0.1)
                     model.decode(codes)
                     continue
                 for kind in engine_kinds:
@@ -76,10 +76,10 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",)):
                         sid = engine.open()
                         if kind == "decode":
                             frames = steps * engine.step_frames * cfg.coarse_stride
-                            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames // s), device="cuda")
+                            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames // s), device=device)
                                                 for s in cfg.vq_strides])
                         else:
-                            engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples, device="cuda") * 0.1)
+                            engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples, device=device) * 0.1)
                     for _ in range(engine.warmup_steps):
                         engine.step()
                     recording[0] = True
