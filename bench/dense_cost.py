@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit  # noqa: E402
+from upsampling_cost import ms  # noqa: E402  - the same CUDA-event medians
 
 from snac_stream.kernels import conv  # noqa: E402
 from snac_stream.kernels.precision import tf32_split  # noqa: E402
@@ -32,10 +32,6 @@ from snac_stream.model.functional import _tf32_matmuls  # noqa: E402
 
 # (channels, output frames a stream per 2048-sample step) of the 24 kHz decoder's blocks
 BLOCKS = ((512, 32), (256, 256), (128, 1024), (64, 2048))
-
-
-def ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
 
 
 def main() -> None:
