@@ -4,11 +4,12 @@
     python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
-batched step of N streams of each engine kind: the flat launches of a server's step), records every ``snake_conv`` call,
-then times each distinct layer shape under a set of candidate configs (CUDA-event medians) and prints the
-winners as ``kernels/tuning.py`` TABLE entries; each shape's default and best times are printed as it
-finishes (and written to ``--json``), for bench/RESULTS.md rather than the code. Shapes run slowest first,
-so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the convs with more
+batched step of N streams of each engine kind: the flat launches of a server's step), records every
+``snake_conv`` call, then times each distinct layer shape under a set of candidate configs (CUDA-event
+medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
+each shape's default and best times are printed as it finishes (and written to ``--json``, which
+``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
+slowest first, so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the convs with more
 than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 """
 
@@ -141,8 +142,8 @@ def main() -> None:
     print("\n# TABLE entries (paste into kernels/tuning.py)")
     for key, cfg in entries:
         print(f"    ShapeKey({key.kernel!r}, 'cuda', {key.c_in}, {key.c_out}, {key.kernel_size}, {key.stride}, "
-              f"{key.dilation}, {key.t_bucket}{', True' if key.many_rows else ''}): LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, "
-              f"num_stages={cfg.num_stages}),")
+              f"{key.dilation}, {key.t_bucket}{', True' if key.many_rows else ''}): "
+              f"LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, num_stages={cfg.num_stages}),")
 
 
 if __name__ == "__main__":
