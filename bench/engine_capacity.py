@@ -242,12 +242,17 @@ def main() -> None:
     if args.tuning_json:
         from snac_stream.kernels import tuning
 
-        for shape in json.loads(args.tuning_json.read_text())["shapes"]:
-            if shape["best"] is not None and shape["best_us"] < 0.95 * shape["default_us"]:
-                blocks, warps, stages = shape["best"]
-                key = tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"])
-                tuning.TABLE[key] = tuning.LaunchConfig(blocks, num_warps=warps, num_stages=stages)
-                print(f"tuning entry {key}: {tuning.TABLE[key]}")
+        try:
+            shapes = json.loads(args.tuning_json.read_text())["shapes"]
+            entries = [(tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"]),
+                        tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
+                       for shape in shapes
+                       if shape["best"] is not None and shape["best_us"] < 0.95 * shape["default_us"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            parser.error(f"--tuning-json {args.tuning_json}: not a bench/tune.py --json file ({exc!r})")
+        for key, cfg in entries:
+            tuning.TABLE[key] = cfg
+            print(f"tuning entry {key}: {cfg}")
     if args.plain_tiles:
         from snac_stream.kernels import tuning
 

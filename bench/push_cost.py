@@ -26,26 +26,10 @@ from typing import Callable, Dict
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streaming_cost import commit, positive_int  # noqa: E402
+from streaming_cost import commit, median_time, positive_int  # noqa: E402
 
 from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.streaming.graphs import model_stamp  # noqa: E402
-
-
-def p50_ms(fn: Callable[[], object], device: torch.device, count: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    for _ in range(count):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
 
 
 def measure(model: SNAC, codec: str, pushes: int, profile: bool) -> Dict[str, float]:
@@ -76,7 +60,7 @@ def measure(model: SNAC, codec: str, pushes: int, profile: bool) -> Dict[str, fl
         if device.type == "cuda":
             parts["replay"] = unit_pass.passes.graph(1).replay
         for name, fn in parts.items():
-            row[f"{name}_ms"] = p50_ms(fn, device, pushes)
+            row[f"{name}_ms"] = 1e3 * median_time(fn, pushes, device)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()

@@ -9,8 +9,8 @@ batched step of N streams of each engine kind: the flat launches of a server's s
 medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
 each shape's default and best times are printed as it finishes (and written to ``--json``, which
 ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
-slowest first, so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the convs with more
-than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
+slowest first, so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the
+convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 """
 
 from __future__ import annotations
@@ -101,8 +101,10 @@ def main() -> None:
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
     parser.add_argument("--json", help="write every shape's default and best times here")
     args = parser.parse_args()
-    calls = {k: v for k, v in record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds).items()
-             if k.kernel_size >= args.min_kernel_size}
+    if args.engine_streams < 0:
+        parser.error("--engine-streams must be at least 1 (or 0: offline calls)")
+    recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
+    calls = {k: v for k, v in recorded.items() if k.kernel_size >= args.min_kernel_size}
     candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
     print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
           flush=True)

@@ -152,9 +152,10 @@ def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, k
     producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
     (the default rule steps its reduction differently)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
-    key = ShapeKey(kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
+    shape = (kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
+    key = ShapeKey(*shape)
     wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
-    many: Optional[LaunchConfig] = TABLE.get(replace(key, many_rows=True)) if batch > 1 else None
+    many: Optional[LaunchConfig] = TABLE.get(ShapeKey(*shape, True)) if batch > 1 else None
     if many is not None:
         # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned
         # ones would leave SMs idle.
