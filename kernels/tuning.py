@@ -80,6 +80,10 @@ TABLE: Dict[ShapeKey, LaunchConfig] = {
     ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
     ShapeKey(CONV, "cuda", 96, 96, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 64, "BLOCK_R": 32}, 4, 3),
     ShapeKey(CONV, "cuda", 768, 1024, 1, 1, 1, 512): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
+    # An engine step's launches (H100, `python bench/tune.py --engine-streams 2048`, 2026-12-06): the 24 kHz
+    # decoder's 64-channel 1x1 convs at 2048 streams, 2519 -> 1563 us with 32-frame tiles; the 128- and
+    # 256-channel ones found nothing better than the rule.
+    ShapeKey(CONV, "cuda", 64, 64, 1, 1, 1, 2048, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": 32}, 4, 3),
 }
 
 

@@ -492,6 +492,32 @@ def test_conv_small_tiles_from_table() -> None:
         del tuning.TABLE[key]
 
 
+TABLE_TILINGS = sorted({(tuple(sorted(cfg.blocks.items())), cfg.num_warps, cfg.num_stages)
+                        for key, cfg in tuning.TABLE.items() if key.kernel == tuning.CONV})
+
+
+@pytest.mark.parametrize("tiling", TABLE_TILINGS, ids=lambda t: "-".join(f"{k[6:]}{v}" for k, v in t[0]) + f"-w{t[1]}")
+@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
+def test_every_tiling_in_the_table_computes_the_conv(tiling, kernel_size: int, stride: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tiling the measured table hands out, forced onto a small launch of several rows whose sizes no
+    tile divides (masked edges along channels, frames and the reduction), computes the conv."""
+    blocks, warps, stages = tiling
+    length = 45
+    key = tuning.ShapeKey(tuning.CONV, BACKEND, 24, 40, kernel_size, stride, 1, tuning.t_bucket(length), True)
+    cfg = tuning.LaunchConfig(dict(blocks), num_warps=warps, num_stages=stages)
+    monkeypatch.setitem(tuning.TABLE, key, cfg)
+    monkeypatch.setattr(tuning, "_fill_gpu", lambda cfg, *args, **kwargs: cfg)
+    assert tuning.launch_config(tuning.CONV, device=DEVICE, c_in=24, c_out=40, kernel_size=kernel_size,
+                                stride=stride, dilation=1, length=length, batch=3) is cfg
+    x, w = rand(3, 24, length * stride), rand(40, 24, kernel_size, scale=0.25)
+    b, a = rand(40), alphas(24)
+    padding = (kernel_size - 1) // 2
+    out = poisoned(3, 40, length)
+    snake_conv(x, w, b, alpha=a, stride=stride, padding=padding, out=out)
+    assert_close(out, ref_conv(x, w, b, alpha=a, stride=stride, padding=padding))
+
+
 def test_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """An entry tuned on an engine step (``many_rows``) serves launches of several rows, before a one-row entry
     of the same shape; one-row launches keep theirs. On CUDA a batched launch too small for the tuned tiles
