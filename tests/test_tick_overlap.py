@@ -11,11 +11,13 @@ import gc
 from typing import Dict, List
 
 import numpy as np
+import pytest
 import torch
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.model.vq import codes_to_frames
 from snac_stream.protocol import HEADER_BYTES, PAYLOAD_AUDIO, PAYLOAD_TOKENS, Hello, OutputFrame, audio_payload
+from snac_stream.engine.base import StepGroups
 from snac_stream.server.lanes import with_pcm16
 from snac_stream.server.heap import GC_CLOCK, SERVING_GC_THRESHOLDS, freeze_heap, thaw_heap
 from snac_stream.server.session import Session
@@ -107,6 +109,59 @@ def test_each_tick_leaves_its_last_step_running_and_the_next_sends_it_in_order()
     tokens = np.concatenate([f.data for f in got[talk] if f.payload_kind == PAYLOAD_TOKENS])
     np.testing.assert_array_equal(tokens, talk.layout.to_flat(talk_codes)[0].numpy()[: tokens.size])
     assert tokens.size and all(f.payload_kind == PAYLOAD_AUDIO for f in got[play])  # decode: audio only
+
+
+def test_each_steps_frames_leave_as_soon_as_its_outputs_are_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``on_events`` (the server's hand-off to its event loop), a step's frames are handed over when its
+    outputs are sent, not at the tick's end: a roundtrip's audio from the decoder step kept running since the
+    tick before leaves before this tick's encoder step is waited for. Handed and returned events together are
+    the frames of a tick that hands nothing over, in the same order."""
+    model = tiny_model()
+    step = EngineSet(model, 1, new_stats()).step_samples
+    steps = 10  # the tiny model's first audio comes with the 7th step (its delay)
+    audio = (0.2 * np.random.default_rng(1).standard_normal(steps * step)).astype(np.float32)
+
+    def run(hand_over: bool):
+        engines = EngineSet(model, 2, new_stats())
+        engines.keep_running = True  # as on a GPU
+        handed: List[list] = []
+        if hand_over:
+            engines.on_events = handed.append
+        audio_handed: Dict[str, List[int]] = {"submit": [], "finish": []}  # by the encoder's submit, finish
+        submit, finish = engines.encode.submit, engines.encode.finish
+
+        def count(when: str) -> None:
+            audio_handed[when].append(sum(
+                OutputFrame.unpack(m, "float32").payload_kind == PAYLOAD_AUDIO for batch in handed for _, m in batch))
+
+        engines.encode.submit = lambda sessions, events: (  # type: ignore[method-assign]
+            sessions and count("submit"), submit(sessions, events))[1]
+        engines.encode.finish = lambda *args: (count("finish"), finish(*args))[1]  # type: ignore[method-assign]
+        (talk,) = open_sessions(engines, model, ["roundtrip"])
+        frames = []
+        for k in range(steps):
+            talk.loop.received += step
+            talk.inbox.append((audio[k * step:(k + 1) * step], talk.loop.received, 0.0))
+            returned, *_ = engines.tick([], [talk], [])
+            frames += [m for batch in handed for _, m in batch] + [m for _, m in returned]
+            handed.clear()
+        returned, *_ = engines.tick([], [], [])
+        frames += [m for batch in handed for _, m in batch] + [m for _, m in returned]
+        return [OutputFrame.unpack(m, "float32") for m in frames], audio_handed
+
+    frames, handed = run(True)
+    plain, plain_handed = run(False)
+    assert plain_handed == {"submit": [0] * steps, "finish": [0] * steps}
+    # Once audio comes, each tick hands over the frame of the decoder step before it by its encoder's finish; on
+    # the CPU that step is done when the tick starts, so its frame leaves before the tick's submit.
+    assert handed["finish"][:6] == [0] * 6 and handed["finish"][7:] == [1] * (steps - 7)
+    assert handed["submit"] == handed["finish"]
+    # A step left running that is not done when the next tick starts is sent after that tick's submit instead.
+    monkeypatch.setattr(StepGroups, "done", lambda self: False)
+    later, later_handed = run(True)
+    assert later_handed == {"submit": [0] * steps, "finish": handed["finish"]}
+    key = lambda f: (f.payload_kind, f.start, f.flags, f.data.tobytes())  # noqa: E731
+    assert [key(f) for f in frames] == [key(f) for f in plain] == [key(f) for f in later] and frames
 
 
 def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -> None:

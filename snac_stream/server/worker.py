@@ -68,6 +68,10 @@ class EngineSet:
         self.device = model.device
         # Called after each lane's step that ran, in the engine thread: (lane name, seconds, streams stepped).
         self.on_step: Optional[Callable[[str, float, int], None]] = None
+        # Called in the engine thread with the events ready so far, each time a step's outputs are sent: they
+        # leave while the tick goes on (a roundtrip's audio need not wait for the next encoder step). None:
+        # :meth:`tick` returns all of a tick's events.
+        self.on_events: Optional[Callable[[Events], None]] = None
         with on_device(self.device):
             # Outputs come back on the host in one copy per step (they are sent from there anyway); on a GPU a
             # step returns while it runs, so the tick does its host work meanwhile, and its audio comes back as
@@ -127,12 +131,14 @@ class EngineSet:
              ending: Sequence[Session]) -> Tuple[Events, List[Any], List[Session], bool]:
         """Submit the input of the ``ready`` sessions, run the commands, take the new ``ending`` sessions (a
         stream's end comes after its last input), end the streams that are ready to, then one step of each
-        lane. Returns (events, command results, sessions whose end is sent, more to do).
+        lane. Returns (events, those not handed to :attr:`on_events` already; command results; sessions whose end is
+        sent; more to do).
 
         Steps overlap the host work around them: each lane's step is launched, and the outputs of the step
         launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). On a GPU
         (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
-        comes at once ("more to do"), submits its input meanwhile and sends that step's outputs. A lane's step
+        comes at once ("more to do"), sends that step's outputs first if they are ready, else after submitting
+        its input meanwhile. A lane's step
         is launched only once the step upstream of it has been sent (its outputs are the lane's input), and
         everything under way is sent before commands and stream ends run (a session's frames before what they
         do)."""
@@ -141,6 +147,8 @@ class EngineSet:
         results: List[Any] = []
         self._finished_s, self._blocked_s, finished = 0.0, 0.0, False
         inputs: Dict[Lane, List[Session]] = {lane: [] for lane in self.lanes}
+        if self._launched:  # the steps left running by the tick before that are done: their frames leave first
+            finished = self._finish(events, done_only=True)
         for session in ready:  # one pass over thousands of sessions
             lane = self._input_lane.get(session.kind)
             if lane is not None:
@@ -148,7 +156,7 @@ class EngineSet:
         for lane in self.lanes:
             lane.submit(inputs[lane], events)
         if commands or ending or self._ending:
-            finished = self._finish(events)
+            finished = self._finish(events) or finished
         for command in commands:
             try:
                 results.append(command(events))
@@ -178,15 +186,21 @@ class EngineSet:
                                                GC_CLOCK.seconds - start_gc))
         return events, results, ended, busy
 
-    def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
+    def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0, done_only: bool = False) -> bool:
         """Send the outputs of launched steps, oldest first: all but the newest ``keep``, or (``through``) up
-        to the last step of that lane. Returns whether any was sent."""
+        to the last step of that lane, or (``done_only``) those whose outputs need no wait. Returns whether any
+        was sent."""
         sent = False
         while len(self._launched) > keep:
             if through is not None and not any(step.lane is through for step in self._launched):
                 break
+            if done_only and not self._launched[0].groups.done():
+                break
             step = self._launched.popleft()
             step_s = step.lane.finish(step, events)
+            if self.on_events is not None and events:
+                self.on_events(events[:])
+                events.clear()
             self._last_step_s[step.lane] = step_s
             self._finished_s += step_s
             self._blocked_s += step.groups.blocked_s
@@ -258,8 +272,12 @@ class Worker:
         return True, "ok"
 
     def start(self, sink: Callable[[Events], None]) -> None:
-        """Start ticking (on the running loop); ``sink`` takes each tick's events."""
+        """Start ticking (on the running loop); ``sink`` takes each tick's events, those of each step as soon as
+        its outputs are sent."""
         self._sink = sink
+        loop = asyncio.get_running_loop()
+        # FIFO on the loop: a tick's early events reach the sink before the rest, which the tick returns.
+        self.engines.on_events = lambda events: loop.call_soon_threadsafe(sink, events)
         self._wake = asyncio.Event()
         self._ticker = asyncio.create_task(self._tick_loop())
 
