@@ -76,10 +76,6 @@ class StepGroups(list):
         self.blocked_s = 0.0  # the host's time blocked in wait()
         self._events = events  # (started, done) CUDA events of an async step
 
-    def done(self) -> bool:
-        """Whether the outputs are on ``output_device`` already (:meth:`wait` would not block)."""
-        return self._events is None or self._events[1].query()
-
     def wait(self) -> float:
         """Block until the outputs are on ``output_device``; returns the step's time in seconds: the device's,
         from the step's start to its outputs' arrival, for an async step; else the wall time of the call.

@@ -137,18 +137,16 @@ class EngineSet:
         Steps overlap the host work around them: each lane's step is launched, and the outputs of the step
         launched before it are sent while it runs (on a GPU; on the CPU a launch runs the step). On a GPU
         (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
-        comes at once ("more to do"), sends that step's outputs first if they are ready, else after submitting
-        its input meanwhile. A lane's step
-        is launched only once the step upstream of it has been sent (its outputs are the lane's input), and
+        comes at once ("more to do"), submits its input meanwhile and sends that step's outputs after launching
+        its own (sent first, they would leave the GPU idle meanwhile: bench/RESULTS.md). A lane's step is
+        launched only once the step upstream of it has been sent (its outputs are the lane's input), and
         everything under way is sent before commands and stream ends run (a session's frames before what they
-        do)."""
+        do). Each step's events go to :attr:`on_events` as soon as its outputs are sent."""
         start, start_cpu, start_gc = time.perf_counter(), time.thread_time(), GC_CLOCK.seconds
         events: Events = []
         results: List[Any] = []
         self._finished_s, self._blocked_s, finished = 0.0, 0.0, False
         inputs: Dict[Lane, List[Session]] = {lane: [] for lane in self.lanes}
-        if self._launched:  # the steps left running by the tick before that are done: their frames leave first
-            finished = self._finish(events, done_only=True)
         for session in ready:  # one pass over thousands of sessions
             lane = self._input_lane.get(session.kind)
             if lane is not None:
@@ -186,15 +184,12 @@ class EngineSet:
                                                GC_CLOCK.seconds - start_gc))
         return events, results, ended, busy
 
-    def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0, done_only: bool = False) -> bool:
+    def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
         """Send the outputs of launched steps, oldest first: all but the newest ``keep``, or (``through``) up
-        to the last step of that lane, or (``done_only``) those whose outputs need no wait. Returns whether any
-        was sent."""
+        to the last step of that lane. Returns whether any was sent."""
         sent = False
         while len(self._launched) > keep:
             if through is not None and not any(step.lane is through for step in self._launched):
-                break
-            if done_only and not self._launched[0].groups.done():
                 break
             step = self._launched.popleft()
             step_s = step.lane.finish(step, events)
