@@ -107,11 +107,16 @@ class EncodeEngine(StreamEngine):
         """Buffer checked samples: ``data`` (1, 1, sum(sizes)) holds each slot's new ``sizes[j]`` samples in
         turn (numpy on the host); whole steps are queued, the rest kept as the slot's ``partial``."""
         host = isinstance(data, np.ndarray)
+        step = self.step_samples
         start = 0
         for slot, n in zip(slots, sizes):
             new, start = data[..., start : start + n], start + n
             slot.received += n
             held = slot.partial
+            if n == step and (held is None or not held.shape[-1]):  # one whole step, none held: a server's usual
+                slot.queue.append(new)
+                slot.partial = None
+                continue
             if held is not None and held.shape[-1]:
                 new = (np.concatenate([_on_host(held), new], axis=-1) if host
                        else torch.cat([_on_device(held, device), new], dim=-1))

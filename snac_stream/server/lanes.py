@@ -396,6 +396,13 @@ class DecodeLane(Lane):
         ``sessions[j]``; ``marks[j]``: (coarse frames of that row up to the end of one input piece, that piece's
         marker), ascending."""
         frames = codes_to_frames([c.numpy() for c in outputs], self.engine.config.codes_per_frame)
+        streams = [self._streams.get(s) for s in sessions]
+        if frames.shape[1] % self.step_items == 0 and all(st is not None and st.held is None for st in streams):
+            # The steady case (whole steps for streams holding no frames): the batch goes to the engine as it is.
+            self.engine.submit_frames([st.sid for st in streams], frames)  # type: ignore[attr-defined,union-attr]
+            for session, mark in zip(sessions, marks):
+                self._mark_steps(session, 0, mark)
+            return
         self._queue([(s, frames[j].reshape(-1), marks[j]) for j, s in enumerate(sessions)], None)
 
     def _queue(self, entries: Sequence[Tuple[Session, np.ndarray, Sequence[Tuple[int, Marker]]]],
