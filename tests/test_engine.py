@@ -759,7 +759,8 @@ def test_samples_submitted_as_arrays_encode_as_offline_and_are_checked_as_tensor
         with pytest.raises(TypeError, match="1-D numpy float"):
             engine.submit_arrays(sids, [wrong, given[1], given[2]])
     assert [engine.pending(sid) for sid in sids] == [0, 0, 0] and all(engine._slots[s].received == 0 for s in sids)
-    cuts = [0, 1000, 2048 + 17, 2 * 2048, None]
+    # A whole step with nothing buffered (queued as it is), pieces short of a step, a whole step after some.
+    cuts = [0, 2048, 3048, 3048 + 2048, 3048 + 2048 + 17, 4 * 2048, None]
     for lo, hi in zip(cuts, cuts[1:]):
         engine.submit_arrays(sids, [x[lo:hi] for x in given])
     outs: Dict[int, list] = {sid: [] for sid in sids}

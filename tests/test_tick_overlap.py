@@ -157,6 +157,41 @@ def test_each_steps_frames_leave_as_soon_as_its_outputs_are_sent() -> None:
     assert [key(f) for f in frames] == [key(f) for f in plain] and frames
 
 
+def test_the_encoders_codes_reach_the_decoder_as_a_batch_or_per_stream_alike() -> None:
+    """``DecodeLane.feed`` queues a batch of whole steps for streams holding no frames as it is (one engine
+    call), and otherwise per stream (here: one session's stream dropped meanwhile): the same steps and step
+    markers either way."""
+    model = tiny_model()
+    cfg = model.config
+    rng = np.random.default_rng(2)
+    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (3, 2 * cfg.coarse_stride // s)))
+             for s in cfg.vq_strides]
+    queued = []
+    for drop in (False, True):
+        engines = EngineSet(model, 3, new_stats())
+        sessions = open_sessions(engines, model, ["roundtrip"] * 3)
+        lane = engines.decode
+        if drop:
+            lane.abort(sessions[1])
+        per_stream_calls: List[int] = []
+        queue = lane._queue
+        lane._queue = lambda *args: (per_stream_calls.append(1), queue(*args))[1]  # type: ignore[method-assign]
+        marks = [[(2, (10 * j, 0.5))] for j in range(3)]
+        lane.feed(sessions, codes, marks)
+        assert per_stream_calls == ([1] if drop else [])
+        kept = [0, 2] if drop else [0, 1, 2]
+        slots = [engines.decoder._slot(lane._streams[sessions[j]].sid) for j in kept]
+        queued.append([(j, [np.asarray(item).copy() for item in slot.queue], list(lane._streams[sessions[j]].markers))
+                       for j, slot in zip(kept, slots)])
+    whole, per_stream = queued
+    assert [j for j, _, _ in per_stream] == [0, 2]
+    for j, items, markers in per_stream:
+        _, want_items, want_markers = whole[j]
+        assert markers == want_markers == [(10 * j, 0.5)] * (2 // engines.step_frames)
+        assert len(items) == len(want_items) == 2 // engines.step_frames
+        assert all(np.array_equal(a, b) for a, b in zip(items, want_items))
+
+
 def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -> None:
     """A decode step is under way for three sessions when one of them is dropped (as a failure in the same
     tick drops it): the next tick sends the other two their frames, exact, and nothing to the dropped one."""
