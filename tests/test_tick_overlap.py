@@ -46,6 +46,12 @@ def inbox_frames(codes: List[torch.Tensor], cfg) -> np.ndarray:
     return codes_to_frames([c.numpy() for c in codes], cfg.codes_per_frame).reshape(-1)
 
 
+def random_codes(cfg, rng: np.random.Generator, streams: int, coarse_frames: int) -> List[torch.Tensor]:
+    """Random codes per level (streams, coarse_frames * r_i) for a model of config ``cfg``."""
+    return [torch.from_numpy(rng.integers(0, cfg.codebook_size, (streams, coarse_frames * cfg.coarse_stride // s)))
+            for s in cfg.vq_strides]
+
+
 def frames_by_session(events) -> Dict[Session, List[OutputFrame]]:
     out: Dict[Session, List[OutputFrame]] = {}
     for session, message in events:
@@ -68,8 +74,7 @@ def test_each_tick_leaves_its_last_step_running_and_the_next_sends_it_in_order()
     talk, play = open_sessions(engines, model, ["roundtrip", "decode"])
     steps = 9
     audio = (0.2 * rng.standard_normal(steps * step)).astype(np.float32)
-    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, steps * frames * cfg.coarse_stride // s)))
-             for s in cfg.vq_strides]
+    codes = random_codes(cfg, rng, 1, steps * frames)
     got: Dict[Session, List[OutputFrame]] = {talk: [], play: []}
     fed = 0
     kept_running = 0
@@ -164,8 +169,7 @@ def test_the_encoders_codes_reach_the_decoder_as_a_batch_or_per_stream_alike() -
     model = tiny_model()
     cfg = model.config
     rng = np.random.default_rng(2)
-    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (3, 2 * cfg.coarse_stride // s)))
-             for s in cfg.vq_strides]
+    codes = random_codes(cfg, rng, 3, 2)
     queued = []
     for drop in (False, True):
         engines = EngineSet(model, 3, new_stats())
@@ -204,8 +208,7 @@ def test_a_session_ended_while_its_step_runs_leaves_the_others_outputs_whole() -
     sessions = open_sessions(engines, model, ["decode", "decode", "decode"])
     given = {}
     for session in sessions:
-        codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s)))
-                 for s in cfg.vq_strides]
+        codes = random_codes(cfg, rng, 1, frames)
         given[session] = codes
         session.loop.received += sum(c.shape[-1] for c in codes)
         session.inbox.append((inbox_frames(codes, cfg), session.loop.received, 0.0))
@@ -237,8 +240,7 @@ def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
     (play,) = open_sessions(engines, model, ["decode"])
     cfg = model.config
     rng = np.random.default_rng(2)
-    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, 3 * engines.step_frames * cfg.coarse_stride // s)))
-             for s in cfg.vq_strides]
+    codes = random_codes(cfg, rng, 1, 3 * engines.step_frames)
     play.loop.received += sum(c.shape[-1] for c in codes)
     play.inbox.append((inbox_frames(codes, cfg), play.loop.received, 0.0))
     GC_CLOCK.install()
@@ -289,8 +291,7 @@ def test_pcm16_converted_where_the_audio_is_equals_the_host_conversion() -> None
     model = tiny_model()
     cfg = model.config
     rng = np.random.default_rng(4)
-    codes = [torch.from_numpy(rng.integers(0, cfg.codebook_size, (1, 5 * cfg.coarse_stride // s)))
-             for s in cfg.vq_strides]
+    codes = random_codes(cfg, rng, 1, 5)
     sent = []
     for mapped in (False, True):
         engines = EngineSet(model, 2, new_stats())
