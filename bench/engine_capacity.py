@@ -241,13 +241,10 @@ def main() -> None:
     device = torch.device(args.device)
     if args.tuning_json:
         from snac_stream.kernels import tuning
+        from tune import winning_entries
 
         try:
-            shapes = json.loads(args.tuning_json.read_text())["shapes"]
-            entries = [(tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"]),
-                        tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
-                       for shape in shapes
-                       if shape["best"] is not None and shape["best_us"] < 0.95 * shape["default_us"]]
+            entries = winning_entries(json.loads(args.tuning_json.read_text())["shapes"])
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             parser.error(f"--tuning-json {args.tuning_json}: not a bench/tune.py --json file ({exc!r})")
         for key, cfg in entries:

@@ -2,6 +2,7 @@
 
     python bench/tune.py [--presets 24khz 44khz] [--seconds 10] [--min-kernel-size 2] [--json out.json]
     python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
+    python bench/tune.py ... --json more.json --resume cut_short.json
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
@@ -9,7 +10,8 @@ batched step of N streams of each engine kind: the flat launches of a server's s
 medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
 each shape's default and best times are printed as it finishes (and written to ``--json``, which
 ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
-slowest first, so a sweep cut short has covered the ones that matter. ``--min-kernel-size 2`` keeps the
+slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's
+shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
 convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
+from typing import List, Sequence, Tuple
 
 import torch
 import triton.testing
@@ -37,6 +41,20 @@ ENGINE_CANDIDATES = CANDIDATES + [
     for o, t, r in itertools.product((128,), (64, 128), (16, 32))
 ] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
+KEEP_BELOW = 0.95  # a tiling becomes a table entry when it takes under this share of the default's time
+
+
+def record_key(key: tuning.ShapeKey) -> list:
+    """A shape's ``key`` in the ``--json`` records."""
+    return [key.c_in, key.c_out, key.kernel_size, key.stride, key.dilation, key.t_bucket, key.many_rows]
+
+
+def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tuning.LaunchConfig]]:
+    """The ``kernels/tuning.py`` entries that a sweep's records (``--json``'s "shapes") justify: the tilings
+    more than 5 % faster than the default rule. ``bench/engine_capacity.py --tuning-json`` adds the same."""
+    return [(tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"]),
+             tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
+            for shape in shapes if shape["best"] is not None and shape["best_us"] < KEEP_BELOW * shape["default_us"]]
 
 
 def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda"):
@@ -100,11 +118,25 @@ def main() -> None:
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
     parser.add_argument("--json", help="write every shape's default and best times here")
+    parser.add_argument("--resume", type=Path,
+                        help="an earlier --json file: its shapes are kept as they are and not swept again (a sweep "
+                             "cut short goes on where it stopped)")
     args = parser.parse_args()
     if args.engine_streams < 0:
         parser.error("--engine-streams must be at least 1 (or 0: offline calls)")
+    report: List[dict] = []
+    if args.resume:
+        try:
+            report = json.loads(args.resume.read_text())["shapes"]
+            winning_entries(report)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            parser.error(f"--resume {args.resume}: not a bench/tune.py --json file ({exc!r})")
+    done = {tuple(shape["key"]) for shape in report}
     recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
-    calls = {k: v for k, v in recorded.items() if k.kernel_size >= args.min_kernel_size}
+    calls = {k: v for k, v in recorded.items()
+             if k.kernel_size >= args.min_kernel_size and tuple(record_key(k)) not in done}
+    if done:
+        print(f"# {len(done)} shapes kept from {args.resume}", flush=True)
     candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
     print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
           flush=True)
@@ -113,7 +145,6 @@ def main() -> None:
         tuning.TABLE.pop(key, None)
         defaults[key] = triton.testing.do_bench(lambda: conv_kernels.snake_conv(x, weight, bias, **kw),
                                                 warmup=10, rep=50, return_mode="median")
-    entries, report = [], []
     for key in sorted(calls, key=lambda k: -defaults[k]):
         x, weight, bias, kw = calls[key]
         run = lambda: conv_kernels.snake_conv(x, weight, bias, **kw)  # noqa: E731
@@ -132,17 +163,13 @@ def main() -> None:
                 best = (ms, cand)
         tuning.TABLE.pop(key, None)
         print(f"{key}: default {default_ms * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}", flush=True)
-        report.append({"key": [key.c_in, key.c_out, key.kernel_size, key.stride, key.dilation, key.t_bucket,
-                               key.many_rows],
-                       "default_us": default_ms * 1e3, "best_us": best[0] * 1e3,
+        report.append({"key": record_key(key), "default_us": default_ms * 1e3, "best_us": best[0] * 1e3,
                        "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages]})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "shapes": report}, f, indent=1)
-        if best[1] is not None and best[0] < 0.95 * default_ms:
-            entries.append((key, best[1]))
     print("\n# TABLE entries (paste into kernels/tuning.py)")
-    for key, cfg in entries:
+    for key, cfg in winning_entries(report):
         print(f"    ShapeKey({key.kernel!r}, 'cuda', {key.c_in}, {key.c_out}, {key.kernel_size}, {key.stride}, "
               f"{key.dilation}, {key.t_bucket}{', True' if key.many_rows else ''}): "
               f"LaunchConfig({cfg.blocks}, num_warps={cfg.num_warps}, num_stages={cfg.num_stages}),")
