@@ -15,16 +15,13 @@ kernel is from a tensor-core product, to choose what to build, not a path the mo
 
 from __future__ import annotations
 
-import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streaming_cost import commit  # noqa: E402
-from upsampling_cost import ms  # noqa: E402  - the same CUDA-event medians
+from upsampling_cost import ms, start_report  # noqa: E402  - the same CUDA-event medians and first line
 
 from snac_stream.kernels import conv  # noqa: E402
 from snac_stream.kernels.precision import tf32_split  # noqa: E402
@@ -35,12 +32,7 @@ BLOCKS = ((512, 32), (256, 256), (128, 1024), (64, 2048))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=2048)
-    args = parser.parse_args()
-    b = args.streams
-    print(f"# {torch.cuda.get_device_name()}, {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, "
-          f"{b} streams; time in us (TFLOP/s of useful arithmetic), largest error against float64")
+    b = start_report(__doc__, "; time in us (TFLOP/s of useful arithmetic), largest error against float64")
     print("| channels | frames | Triton tf32x3 | Triton split operands | cuBLAS fp32 | cuBLAS TF32 | cuBLAS split "
           "TF32 (tf32x3) | error: Triton | cuBLAS fp32 | cuBLAS split |\n|---|---|---|---|---|---|---|---|---|---|")
     for c, t in BLOCKS:

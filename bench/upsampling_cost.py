@@ -32,13 +32,19 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def start_report(doc: str, about: str = "") -> int:
+    """Parse ``--streams`` (default 2048) for a script described by ``doc`` and print the report's first line
+    (device, date, commit, streams, then ``about``); returns the streams."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=2048)
-    args = parser.parse_args()
-    b = args.streams
+    b = parser.parse_args().streams
     print(f"# {torch.cuda.get_device_name()}, {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, "
-          f"{b} streams")
+          f"{b} streams{about}")
+    return b
+
+
+def main() -> None:
+    b = start_report(__doc__)
     print("| layer | frames | rows: kernel (us) | GB/s | PyTorch (us) | placement: kernel (us) | GB/s | PyTorch (us) "
           "| equal |\n|---|---|---|---|---|---|---|---|---|")
     for c_in, c_out, s, frames in LAYERS:
