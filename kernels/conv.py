@@ -31,7 +31,7 @@ from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, ch
                      window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
-from .tuning import CONV, DWCONV, UNIT, launch_config
+from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
@@ -114,7 +114,6 @@ def _snake_dwconv_kernel(
 @triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
-    dw_w_ptr, dw_b_ptr, alpha_mid_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
     conv_stride, dilation, padding, n_o_blocks, n_cols,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
@@ -122,7 +121,6 @@ def _snake_conv_kernel(
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-    DW_K: tl.constexpr, DW_HAS_BIAS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
@@ -142,11 +140,6 @@ def _snake_conv_kernel(
     ``w_ptr`` / ``wlo_ptr``: tf32-exact high parts and the rests, see ``_snake_pass_kernel``), as three
     tf32 products of tiles that go from memory to the tensor cores untouched; the snake and the context
     are then already applied.
-
-    DW_K > 0: a whole depthwise residual unit (``snake_residual_unit``). The 1x1 conv's input tile is made
-    in registers as ``snake(dwconv(snake(x)) + dw_bias, alpha_mid)`` (DW_K taps ``dilation`` apart, the
-    depthwise kernel's arithmetic in its order), so the unit's hidden activations never reach memory.
-    Then K == 1, stride 1, and the reduction runs over the input channels.
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -174,26 +167,11 @@ def _snake_conv_kernel(
         r_mask = offs_r < R
         c = offs_r // K
         c_rows = c.to(tl.int64)[:, None]
-        if DW_K > 0:
-            if HAS_ALPHA:
-                alpha = tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None]
-            h = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
-            for k in tl.static_range(DW_K):
-                tap = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt,
-                                     offs_t[None, :] + (k * dilation - padding), L, T,
-                                     r_mask[:, None] & t_valid[None, :], HAS_CTX)
-                if HAS_ALPHA:
-                    tap = snake(tap, alpha, FAST_SIN)
-                h += tl.load(dw_w_ptr + c * DW_K + k, mask=r_mask, other=0.0)[:, None] * tap
-            if DW_HAS_BIAS:
-                h += tl.load(dw_b_ptr + c, mask=r_mask, other=0.0)[:, None]
-            v = snake(h, tl.load(alpha_mid_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
-        else:
-            u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
-            v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
-                               r_mask[:, None] & t_valid[None, :], HAS_CTX)
-            if HAS_ALPHA:
-                v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
+        u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
+        v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                           r_mask[:, None] & t_valid[None, :], HAS_CTX)
+        if HAS_ALPHA:
+            v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
         w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
         if SPLIT:
             v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
@@ -466,76 +444,6 @@ def snake_conv(
     return out
 
 
-def snake_residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    *,
-    alpha: Optional[torch.Tensor],
-    alpha_mid: torch.Tensor,
-    dilation: int = 1,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    precision: Optional[str] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """A depthwise residual unit in one kernel: ``xp[j + pad] + conv1x1(snake(dwconv(snake(xp, alpha)),
-    alpha_mid))[j]`` of the zero-padded ``xp = cat([context, x])``, with ``pad = dilation * (K - 1) // 2``.
-
-    The same arithmetic as ``snake_dwconv`` (``alpha_out=alpha_mid``) followed by ``snake_conv`` (1x1 with the
-    skip as its residual), without the hidden activations' round trip through memory: each 1x1 tile makes its
-    input in registers (the depthwise taps are recomputed by every block of output channels).
-
-    Args:
-        x: (B, C, T) new frames; context: (B, C, L) frames preceding them (a streaming cache), or None.
-        dw_weight: (C, 1, K) depthwise filters (K odd); dw_bias: (C,) or None.
-        weight: (C, C, 1) 1x1 conv; bias: (C,) or None.
-        alpha: snake before the depthwise conv, (C,) or (1, C, 1), or None; alpha_mid: snake after it.
-        dilation: the depthwise taps' spacing in frames; padding: virtual zeros at each end of ``xp``.
-        length: outputs to compute (at most the maximum, the default).
-        precision: the 1x1 product's, as ``snake_conv``'s.
-        out: optional (B, C, T_out) buffer (any strides, not overlapping the inputs).
-
-    Returns:
-        (B, C, T_out), ``T_out = L + T + 2 * padding - dilation * (K - 1)`` unless ``length`` is given.
-    """
-    src = chunk_input("x", x, context, "context")
-    batch, channels, _ = x.shape
-    device = x.device
-    check_tensor("dw_weight", dw_weight, 3, device)
-    kernel_size = dw_weight.shape[2]
-    if dw_weight.shape[:2] != (channels, 1) or kernel_size % 2 == 0:
-        raise ValueError(f"dw_weight must have shape ({channels}, 1, K) with K odd, got {tuple(dw_weight.shape)}")
-    check_tensor("weight", weight, 3, device)
-    if tuple(weight.shape) != (channels, channels, 1):
-        raise ValueError(f"weight must have shape ({channels}, {channels}, 1), got {tuple(weight.shape)}")
-    _check_int("dilation", dilation, 1, 2**20)
-    _check_int("padding", padding, 0, 2**20)
-    dw_weight = dw_weight.contiguous()
-    weight = weight.contiguous()
-    dw_bias = None if dw_bias is None else check_shape("dw_bias", dw_bias, (channels,), device).contiguous()
-    bias = None if bias is None else check_shape("bias", bias, (channels,), device).contiguous()
-    alpha = per_channel("alpha", alpha, channels, device)
-    alpha_mid = per_channel("alpha_mid", alpha_mid, channels, device)
-    if alpha_mid is None:
-        raise ValueError("alpha_mid is required: a residual unit has a snake after its depthwise conv")
-    t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
-    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=context)
-    if out.numel() == 0:
-        return out
-    # Output j is centred on padded input j + pad, unpadded j + pad - padding: the skip term.
-    offset = dilation * (kernel_size - 1) // 2 - padding
-    if offset < 0:
-        raise ValueError(f"padding ({padding}) exceeds the unit's own ({offset + padding})")
-    _launch_conv(src, weight, bias, alpha, out, t_out=t_out, dilation=dilation, padding=padding, res=src,
-                 residual_offset=offset, precision=resolve_precision(precision, device),
-                 depthwise=(dw_weight, dw_bias, alpha_mid))
-    return out
-
-
 _SPLIT_BLOCK_T = 1024
 _WEIGHT_SPLITS = DerivedTensors()  # weight -> (hi, lo)
 
@@ -589,19 +497,15 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
                  out: torch.Tensor, *, t_out: int, stride: int = 1, dilation: int = 1, padding: int = 0,
                  res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
                  noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None,
-                 precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                 depthwise: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None) -> None:
+                 precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels.
     ``rests``: (input rest, weight rest) of operands split for the SPLIT products (``src.x`` and ``weight``
-    then hold the high parts). ``depthwise``: (weight (C, 1, K), bias, alpha_mid) of the depthwise conv made
-    in the kernel before a 1x1 ``weight`` (a residual unit; ``dilation`` is then the depthwise conv's)."""
+    then hold the high parts)."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
-    dw_k = 0 if depthwise is None else depthwise[0].shape[-1]
-    cfg = launch_config(UNIT if dw_k else CONV, device=device, c_in=c_in, c_out=c_out,
-                        kernel_size=dw_k or kernel_size, stride=stride, dilation=dilation, length=t_out,
-                        batch=batch, split=rests is not None)
+    cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
+                        dilation=dilation, length=t_out, batch=batch, split=rests is not None)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
     flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
     n_cols = batch * t_out if flat else t_out
@@ -623,8 +527,6 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out, *(rests if rests is not None else (out, out)),
-        *((depthwise[0], depthwise[1] if depthwise[1] is not None else out, depthwise[2]) if depthwise is not None
-          else (out, out, out)),
         c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
         stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
@@ -632,7 +534,6 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, FLAT=flat, SPLIT=rests is not None, DW_K=dw_k,
-        DW_HAS_BIAS=depthwise is not None and depthwise[1] is not None, **cfg.blocks, num_warps=cfg.num_warps,
+        PRECISION=precision, FLAT=flat, SPLIT=rests is not None, **cfg.blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -24,7 +24,6 @@ from .common import interpreting, pow2_in
 
 DWCONV = "snake_dwconv"
 CONV = "snake_conv"
-UNIT = "residual_unit"  # snake_conv's kernel making its 1x1 input from a depthwise conv (kernel_size: its taps)
 
 
 @dataclass(frozen=True)
@@ -160,14 +159,13 @@ def _programs_wanted(device: torch.device) -> int:
 
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
                   dilation: int, length: int, batch: int = 1, split: bool = False) -> LaunchConfig:
-    """Launch parameters for ``kernel`` (``"snake_dwconv"``, ``"snake_conv"`` or ``"residual_unit"``, whose
-    ``kernel_size`` and ``dilation`` are its depthwise conv's) on a layer of this shape
+    """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
     producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
     (the default rule steps its reduction differently)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     shape = (kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
     key = ShapeKey(*shape)
-    wanted = _programs_wanted(device) if backend == "cuda" and kernel in (CONV, UNIT) else 0
+    wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
     many: Optional[LaunchConfig] = TABLE.get(ShapeKey(*shape, True)) if batch > 1 else None
     if many is not None:
         # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned
@@ -184,11 +182,6 @@ def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
-    if key.kernel == UNIT:
-        # Tiles of its 1x1 conv, without software pipelining: staging the depthwise taps' loads (one per tap)
-        # for 3 stages needs more shared memory than an SM has.
-        cfg = replace(_default_conv(replace(key, kernel_size=1), length), num_stages=1)
-        return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg
     if key.kernel == CONV:
         cfg = _default_conv(key, length, split)
         return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg

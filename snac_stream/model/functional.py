@@ -35,8 +35,6 @@ BACKENDS = ("auto", "triton", "torch")
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default=DEFAULT_PRECISION)
-# Depthwise residual units as one Triton kernel (True) or as their two convs' kernels: benchmarks compare both.
-_FUSED_UNITS: contextvars.ContextVar[bool] = contextvars.ContextVar("snac_stream_fused_units", default=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,40 +182,6 @@ def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context,
                            residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
                            activation=activation, precision=_PRECISION.get())
     return snake(y, alpha_out) if alpha_out is not None else y  # dense + snake epilogue: non-depthwise models only
-
-
-def residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    *,
-    alpha: torch.Tensor,
-    alpha_mid: torch.Tensor,
-    groups: int,
-    dilation: int,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    skip_offset: int,
-) -> torch.Tensor:
-    """SNAC's residual unit over ``cat(context, x)`` zero-padded by ``padding`` frames: ``snake``, the dilated
-    conv (``dw_weight``, ``groups``), ``snake`` (``alpha_mid``), the 1x1 conv, plus the skip term
-    ``cat(context, x)[j + skip_offset]`` for output ``j``. (B, C, T) and (B, C, L) -> (B, C, length).
-
-    Two convs (the first with the middle snake as its epilogue, the second with the skip add); on the Triton
-    backend a depthwise unit is one kernel (``kernels.conv.snake_residual_unit``), its hidden activations never
-    in memory."""
-    if current_backend() == "triton" and groups == x.shape[1] > 1 and _FUSED_UNITS.get():
-        from ..kernels import conv as kernels
-
-        return kernels.snake_residual_unit(x, dw_weight, dw_bias, weight, bias, alpha=alpha, alpha_mid=alpha_mid,
-                                           dilation=dilation, padding=padding, context=context, length=length,
-                                           precision=_PRECISION.get())
-    h = conv(x, dw_weight, dw_bias, groups=groups, dilation=dilation, padding=padding, context=context,
-             length=length, alpha=alpha, alpha_out=alpha_mid)
-    return conv(h, weight, bias, residual=x, residual_context=context, residual_offset=skip_offset)
 
 
 def conv_transpose(
