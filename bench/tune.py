@@ -42,12 +42,13 @@ ENGINE_CANDIDATES = CANDIDATES + [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=8, num_stages=3)
     for o, t, r in itertools.product((128,), (64, 128), (16, 32))
 ] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
-# A residual unit's kernel: input channels per step and the window's frames (one no longer than the unit's halo
-# raises and is skipped).
+# A residual unit's kernel: input channels per step, the window's frames (one no longer than the unit's halo
+# raises and is skipped) and the register cap (ptxas alone takes up to 255 registers a thread, which leaves one
+# or two programs per SM; 128 compiles without spills).
 UNIT_CANDIDATES = [
-    tuning.LaunchConfig({"BLOCK_R": r, "BLOCK_T": t}, num_warps=w, num_stages=1)
-    for r, t, w in itertools.product((16, 32), (64, 128, 256), (4, 8))
-] + [tuning.LaunchConfig({"BLOCK_R": 16, "BLOCK_T": t}, num_warps=4, num_stages=2) for t in (128, 256)]
+    tuning.LaunchConfig({"BLOCK_R": r, "BLOCK_T": t}, num_warps=w, num_stages=1, maxnreg=m)
+    for r, t, w, m in itertools.product((16, 32), (64, 128, 256), (4, 8), (None, 128))
+]
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 KEEP_BELOW = 0.95  # a tiling becomes a table entry when it takes under this share of the default's time
 
@@ -69,7 +70,7 @@ def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tunin
     """The ``kernels/tuning.py`` entries that a sweep's records (``--json``'s "shapes") justify: the tilings
     more than 5 % faster than the default rule. ``bench/engine_capacity.py --tuning-json`` adds the same."""
     return [(tuning.ShapeKey(shape.get("kernel", tuning.CONV), "cuda", *shape["key"]),
-             tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
+             tuning.LaunchConfig(*shape["best"]))  # blocks, warps, stages[, register cap]
             for shape in shapes if shape["best"] is not None and shape["best_us"] < KEEP_BELOW * shape["default_us"]]
 
 
@@ -195,7 +196,8 @@ def main() -> None:
         print(f"{key}: default {default_ms * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}", flush=True)
         report.append({"kernel": key.kernel, "key": record_key(key), "default_us": default_ms * 1e3,
                        "best_us": best[0] * 1e3,
-                       "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages]})
+                       "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages,
+                                                             best[1].maxnreg]})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "shapes": report}, f, indent=1)

@@ -591,7 +591,7 @@ def snake_residual_unit(
         C=channels, K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
         HAS_DW_BIAS=dw_bias is not None, HAS_BIAS=bias is not None, FAST_SIN=use_fast_sin(device),
         PRECISION=resolve_precision(precision, device), BLOCK_O=max(16, next_pow2(channels)), **cfg.blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     return out
 

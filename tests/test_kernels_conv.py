@@ -681,6 +681,8 @@ def test_residual_unit_default_windows() -> None:
         return tuning._default(key, length).blocks["BLOCK_T"]
 
     assert [window(2048, d) for d in (1, 3, 9)] == [128, 128, 256]
+    key = tuning.ShapeKey(tuning.UNIT, "cuda", 64, 64, 7, 1, 1, tuning.t_bucket(2048))
+    assert tuning._default(key, 2048).maxnreg == 128  # twice the programs per SM of the compiler's own choice
     assert (window(10, 1), window(10, 3), window(10, 9)) == (32, 64, 128)
     assert (window(2048, 20), window(2048, 27)) == (256, 512)  # halos of 120 and 162 frames
 
