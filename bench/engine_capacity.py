@@ -38,7 +38,6 @@ from streaming_cost import commit, describe_machine, median_time, sync  # noqa: 
 from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
-from snac_stream.model import functional  # noqa: E402
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
@@ -229,10 +228,6 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
-    parser.add_argument("--units", choices=["separate", "fused"],
-                        help="depthwise residual units of up to 128 channels as two kernels (the depthwise conv, "
-                             "then the 1x1 conv) or as one (kernels.conv.snake_residual_unit); default: the "
-                             "library's")
     parser.add_argument("--tuning-json", type=Path,
                         help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
                              "faster than the default rule) to the tuning table before the run")
@@ -260,6 +255,8 @@ def main() -> None:
 
         tuning._programs_wanted = lambda device: 0
     if args.upsampling != "model":
+        from snac_stream.model import functional
+
         model_conv_transpose = functional.conv_transpose
 
         def conv_transpose(*a, **k):
@@ -270,8 +267,6 @@ def main() -> None:
                 functional._PRECISION.reset(token)
 
         functional.conv_transpose = conv_transpose
-    if args.units is not None:
-        functional._FUSED_UNITS.set(args.units == "fused")
     torch.manual_seed(0)
     model = SNAC.from_config(args.preset).to(device).eval()
     model.precision = args.precision
@@ -280,15 +275,13 @@ def main() -> None:
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
-            "gc_freeze": not args.no_gc_freeze, "phases": args.phases,
-            "residual_units": "fused" if functional._FUSED_UNITS.get() else "separate"}
+            "gc_freeze": not args.no_gc_freeze, "phases": args.phases}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
-          f"{meta['upsampling_precision']}), residual units {meta['residual_units']}, {args.phases} phase(s), "
-          f"{meta['date']}, "
+          f"{meta['upsampling_precision']}), {args.phases} phase(s), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")

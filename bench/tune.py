@@ -6,14 +6,13 @@
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
-``snake_conv`` call (or, with ``--kernels``, ``snake_residual_unit``'s), then times each distinct layer shape
-under a set of candidate configs (CUDA-event medians) and prints the winners as ``kernels/tuning.py`` TABLE
-entries (``many_rows`` for an engine step's); each shape's default and best times are printed as it finishes
-(and written to ``--json``, which ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather
-than the code. Shapes run slowest first, so a sweep cut short has covered the ones that matter; ``--resume``
-keeps an earlier sweep's shapes and sweeps the rest (compiling every tiling takes minutes).
-``--min-kernel-size 2`` keeps the convs with more than one tap: in tf32x3 those take the split-operand path,
-whose best tiles differ from the 1x1 convs'.
+``snake_conv`` call, then times each distinct layer shape under a set of candidate configs (CUDA-event
+medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
+each shape's default and best times are printed as it finishes (and written to ``--json``, which
+``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
+slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's
+shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
+convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from snac_stream import SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine
 from snac_stream.kernels import conv as conv_kernels
 from snac_stream.kernels import tuning
-from snac_stream.model import functional
 
 CANDIDATES = [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=w, num_stages=s)
@@ -42,65 +40,41 @@ ENGINE_CANDIDATES = CANDIDATES + [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=8, num_stages=3)
     for o, t, r in itertools.product((128,), (64, 128), (16, 32))
 ] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
-# A residual unit's kernel: input channels per step, the window's frames (one no longer than the unit's halo
-# raises and is skipped) and the register cap (ptxas alone takes up to 255 registers a thread, which leaves one
-# or two programs per SM; 128 compiles without spills).
-UNIT_CANDIDATES = [
-    tuning.LaunchConfig({"BLOCK_R": r, "BLOCK_T": t}, num_warps=w, num_stages=1, maxnreg=m)
-    for r, t, w, m in itertools.product((16, 32), (64, 128, 256), (4, 8), (None, 128))
-]
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 KEEP_BELOW = 0.95  # a tiling becomes a table entry when it takes under this share of the default's time
 
 
-KERNELS = {tuning.CONV: "snake_conv", tuning.UNIT: "snake_residual_unit"}  # table name -> conv_kernels function
-
-
 def record_key(key: tuning.ShapeKey) -> list:
-    """A shape's ``key`` in the ``--json`` records (its kernel in the record's "kernel", absent for snake_conv)."""
+    """A shape's ``key`` in the ``--json`` records."""
     return [key.c_in, key.c_out, key.kernel_size, key.stride, key.dilation, key.t_bucket, key.many_rows]
-
-
-def record_id(shape: dict) -> tuple:
-    """What tells a ``--json`` record's shape from the others: (kernel, *key)."""
-    return (shape.get("kernel", tuning.CONV), *shape["key"])
 
 
 def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tuning.LaunchConfig]]:
     """The ``kernels/tuning.py`` entries that a sweep's records (``--json``'s "shapes") justify: the tilings
     more than 5 % faster than the default rule. ``bench/engine_capacity.py --tuning-json`` adds the same."""
-    return [(tuning.ShapeKey(shape.get("kernel", tuning.CONV), "cuda", *shape["key"]),
-             tuning.LaunchConfig(*shape["best"]))  # blocks, warps, stages[, register cap]
+    return [(tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"]),
+             tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
             for shape in shapes if shape["best"] is not None and shape["best_us"] < KEEP_BELOW * shape["default_us"]]
 
 
-def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda",
-                 kernels=(tuning.CONV,)):
-    """The first call of each layer shape to the ``kernels`` (table names), its function and arguments kept,
-    from offline calls of ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many
-    streams per engine kind (warmed up first, outside the recording). With ``residual_unit`` among them the
-    model runs its narrow residual units as that kernel (``functional._FUSED_UNITS``), else as two."""
+def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda"):
+    """The first ``snake_conv`` call of each layer shape (its arguments kept), from offline calls of
+    ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many streams per engine
+    kind (warmed up first, outside the recording)."""
     calls = {}
-    fused = functional._FUSED_UNITS.set(tuning.UNIT in kernels)
-    originals = {name: getattr(conv_kernels, KERNELS[name]) for name in kernels}
+    original = conv_kernels.snake_conv
     recording = [False]
 
-    def recorder(name):
-        original = originals[name]
+    def recorder(x, weight, bias=None, **kw):
+        c_out, c_in, k = weight.shape
+        out = original(x, weight, bias, **kw)
+        key = tuning.ShapeKey(tuning.CONV, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
+                              tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
+        if c_out > 1 and recording[0]:
+            calls.setdefault(key, (x, weight, bias, kw))
+        return out
 
-        def record(x, *args, **kw):
-            weight = args[0] if name == tuning.CONV else args[2]
-            kernel_size = weight.shape[2] if name == tuning.CONV else args[0].shape[2]  # a unit's: its taps
-            out = original(x, *args, **kw)
-            key = tuning.ShapeKey(name, "cuda", weight.shape[1], weight.shape[0], kernel_size, kw.get("stride", 1),
-                                  kw.get("dilation", 1), tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
-            if weight.shape[0] > 1 and recording[0]:
-                calls.setdefault(key, (original, (x, *args), kw))
-            return out
-        return record
-
-    for name in kernels:
-        setattr(conv_kernels, KERNELS[name], recorder(name))
+    conv_kernels.snake_conv = recorder
     try:
         for preset in presets:
             torch.manual_seed(0)
@@ -131,9 +105,7 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
                     engine.step()
                     recording[0] = False
     finally:
-        functional._FUSED_UNITS.reset(fused)
-        for name, original in originals.items():
-            setattr(conv_kernels, KERNELS[name], original)
+        conv_kernels.snake_conv = original
     return calls
 
 
@@ -145,9 +117,6 @@ def main() -> None:
     parser.add_argument("--engine-streams", type=int, default=0,
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
-    parser.add_argument("--kernels", nargs="+", default=[tuning.CONV], choices=list(KERNELS),
-                        help="which kernels' launches to tune (default: snake_conv's; residual_unit runs the "
-                             "model with its narrow residual units as one kernel each)")
     parser.add_argument("--json", help="write every shape's default and best times here")
     parser.add_argument("--resume", type=Path,
                         help="an earlier --json file: its shapes are kept as they are and not swept again (a sweep "
@@ -162,28 +131,28 @@ def main() -> None:
             winning_entries(report)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             parser.error(f"--resume {args.resume}: not a bench/tune.py --json file ({exc!r})")
-    done = {record_id(shape) for shape in report}
-    recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds,
-                            kernels=tuple(args.kernels))
+    done = {tuple(shape["key"]) for shape in report}
+    recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
     calls = {k: v for k, v in recorded.items()
-             if k.kernel_size >= args.min_kernel_size and (k.kernel, *record_key(k)) not in done}
+             if k.kernel_size >= args.min_kernel_size and tuple(record_key(k)) not in done}
     if done:
         print(f"# {len(done)} shapes kept from {args.resume}", flush=True)
     candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
     print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
           flush=True)
     defaults = {}
-    for key, (fn, fn_args, kw) in calls.items():
+    for key, (x, weight, bias, kw) in calls.items():
         tuning.TABLE.pop(key, None)
-        defaults[key] = triton.testing.do_bench(lambda: fn(*fn_args, **kw), warmup=10, rep=50, return_mode="median")
+        defaults[key] = triton.testing.do_bench(lambda: conv_kernels.snake_conv(x, weight, bias, **kw),
+                                                warmup=10, rep=50, return_mode="median")
     for key in sorted(calls, key=lambda k: -defaults[k]):
-        fn, fn_args, kw = calls[key]
-        run = lambda: fn(*fn_args, **kw)  # noqa: E731
+        x, weight, bias, kw = calls[key]
+        run = lambda: conv_kernels.snake_conv(x, weight, bias, **kw)  # noqa: E731
         default_ms = defaults[key]
         best = (default_ms, None)
         if default_ms * 1e3 < MIN_US:
             continue
-        for cand in UNIT_CANDIDATES if key.kernel == tuning.UNIT else candidates:
+        for cand in candidates:
             tuning.TABLE[key] = cand
             try:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
@@ -194,10 +163,8 @@ def main() -> None:
                 best = (ms, cand)
         tuning.TABLE.pop(key, None)
         print(f"{key}: default {default_ms * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}", flush=True)
-        report.append({"kernel": key.kernel, "key": record_key(key), "default_us": default_ms * 1e3,
-                       "best_us": best[0] * 1e3,
-                       "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages,
-                                                             best[1].maxnreg]})
+        report.append({"key": record_key(key), "default_us": default_ms * 1e3, "best_us": best[0] * 1e3,
+                       "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages]})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "shapes": report}, f, indent=1)

@@ -5,8 +5,6 @@
 - :func:`snake_conv`: dense conv1d as an implicit GEMM on tensor cores, with an optional snake before it and
   an epilogue (bias, positional noise, residual add, tanh): the residual units' 1x1 conv with its skip
   connection, the noise blocks, the encoder's strided downsampling convs and the model's first/last convs.
-- :func:`snake_residual_unit`: a whole depthwise residual unit of up to ``UNIT_MAX_CHANNELS`` channels (the
-  narrow, long layers next to the audio, which memory bounds) in one pass: its hidden activations stay on chip.
 
 Both read their input as ``cat([context, x], time)`` with ``padding`` virtual zeros at each end (see
 ``common.py``): offline calls pass ``context=None, padding=p``; a streaming conv passes its cache of earlier
@@ -29,11 +27,11 @@ import triton
 import triton.language as tl
 
 from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk,
-                     next_pow2, output_buffer, output_length, per_channel, resolve_precision, snake, tanh,
-                     use_fast_sin, window_tap)
+                     output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
+                     window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
-from .tuning import CONV, DWCONV, UNIT, launch_config
+from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
@@ -209,68 +207,6 @@ def _snake_conv_kernel(
 
     out_mask = o_mask[:, None] & t_valid[None, :]
     tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
-
-
-@triton.jit
-def _residual_unit_kernel(
-    ctx_ptr, x_ptr, alpha_ptr, dw_w_ptr, dw_b_ptr, alpha_mid_ptr, w_ptr, bias_ptr, out_ptr,
-    L, T, T_out, padding, step, n_t_blocks,
-    s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_dwc, s_wo, s_ob, s_oc, s_ot,
-    C: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    HAS_DW_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_SIN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """A whole depthwise residual unit on one window of ``BLOCK_T`` input frames of one batch item, every
-    channel: ``skip + bias + W @ snake(dwconv(snake(x)) + dw_bias, alpha_mid)``.
-
-    The reduction of the 1x1 product runs over input channels in steps of BLOCK_R. Each step loads its
-    channels' window once, snakes it once, forms the K depthwise taps by rotating it in registers
-    (:func:`window_tap`, as ``_snake_dwconv_kernel``'s WINDOW form does, in the same order of arithmetic) and
-    multiplies the hidden tile into all ``BLOCK_O >= C`` output channels at once: the hidden activations
-    never reach memory, and no input is loaded or snaked twice by one program. The last ``(K-1)*DIL``
-    lanes only feed taps: a program emits ``step = BLOCK_T - (K-1)*DIL`` outputs. The skip term (input frame
-    ``j + DIL*(K-1)/2`` of the padded sequence) is loaded again for the epilogue (a cache hit).
-    """
-    pid = tl.program_id(0)
-    pid_t = pid % n_t_blocks
-    pid_b = (pid // n_t_blocks).to(tl.int64)
-    ctx_b = ctx_ptr + pid_b * s_cb
-    x_b = x_ptr + pid_b * s_xb
-    i = tl.arange(0, BLOCK_T)
-    t0 = pid_t * step
-    u0 = t0 - padding + i  # unpadded input frame of tap 0, per lane
-    offs_o = tl.arange(0, BLOCK_O)
-    o_mask = offs_o < C
-
-    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_R):
-        offs_c = c0 + tl.arange(0, BLOCK_R)
-        c_mask = offs_c < C
-        rows = offs_c.to(tl.int64)[:, None]
-        v = load_ctx_chunk(ctx_b, x_b, rows * s_cc, rows * s_xc, s_ct, s_xt, u0[None, :], L, T,
-                           c_mask[:, None], HAS_CTX)
-        if HAS_ALPHA:
-            v = snake(v, tl.load(alpha_ptr + offs_c, mask=c_mask, other=1.0)[:, None], FAST_SIN)
-        h = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
-        for k in tl.static_range(K):
-            tap_w = tl.load(dw_w_ptr + offs_c * s_dwc + k, mask=c_mask, other=0.0)
-            h += tap_w[:, None] * window_tap(v, k, DIL, BLOCK_T)
-        if HAS_DW_BIAS:
-            h += tl.load(dw_b_ptr + offs_c, mask=c_mask, other=0.0)[:, None]
-        h = snake(h, tl.load(alpha_mid_ptr + offs_c, mask=c_mask, other=1.0)[:, None], FAST_SIN)
-        w = tl.load(w_ptr + offs_o.to(tl.int64)[:, None] * s_wo + offs_c[None, :],
-                    mask=o_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(w, h, acc, input_precision=PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
-    j = t0 + i
-    t_mask = (i < step) & (j < T_out)
-    out_mask = o_mask[:, None] & t_mask[None, :]
-    o_rows = offs_o.to(tl.int64)[:, None]
-    acc += load_ctx_chunk(ctx_b, x_b, o_rows * s_cc, o_rows * s_xc, s_ct, s_xt, (u0 + DIL * (K - 1) // 2)[None, :],
-                          L, T, out_mask, HAS_CTX)
-    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + j[None, :] * s_ot, acc, mask=out_mask)
 
 
 @triton.jit
@@ -505,94 +441,6 @@ def snake_conv(
     _launch_conv(src, weight, bias, alpha, out, t_out=t_out, stride=stride, dilation=dilation, padding=padding,
                  res=res, residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
                  activation=activation, precision=precision, rests=rests)
-    return out
-
-
-UNIT_MAX_CHANNELS = 128  # the widest residual unit one program of ``_residual_unit_kernel`` covers
-
-
-def snake_residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    *,
-    alpha: Optional[torch.Tensor],
-    alpha_mid: torch.Tensor,
-    dilation: int = 1,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    precision: Optional[str] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """A depthwise residual unit in one kernel: ``xp[j + pad] + conv1x1(snake(dwconv(snake(xp, alpha)) +
-    dw_bias, alpha_mid))[j]`` of the zero-padded ``xp = cat([context, x])``, ``pad = dilation * (K - 1) // 2``.
-
-    The arithmetic of ``snake_dwconv`` (``alpha_out=alpha_mid``) followed by ``snake_conv`` (1x1, the skip as
-    its residual), without the hidden activations' round trip through memory: one program holds a window of
-    frames of every channel (at most ``UNIT_MAX_CHANNELS``) and makes the depthwise taps by rotating it.
-
-    Args:
-        x: (B, C, T) new frames; context: (B, C, L) frames preceding them (a streaming cache), or None.
-        dw_weight: (C, 1, K) depthwise filters (K odd); dw_bias: (C,) or None.
-        weight: (C, C, 1) 1x1 conv; bias: (C,) or None.
-        alpha: snake before the depthwise conv, (C,) or (1, C, 1), or None; alpha_mid: snake after it.
-        dilation: the depthwise taps' spacing in frames; padding: virtual zeros at each end of ``xp``.
-        length: outputs to compute (at most the maximum, the default).
-        precision: the 1x1 product's ``tl.dot`` precision, as ``snake_conv``'s.
-        out: optional (B, C, T_out) buffer (any strides, not overlapping the inputs).
-
-    Returns:
-        (B, C, T_out), ``T_out = L + T + 2 * padding - dilation * (K - 1)`` unless ``length`` is given.
-    """
-    src = chunk_input("x", x, context, "context")
-    batch, channels, _ = x.shape
-    device = x.device
-    if channels > UNIT_MAX_CHANNELS:
-        raise ValueError(f"snake_residual_unit covers at most {UNIT_MAX_CHANNELS} channels, got {channels}")
-    check_tensor("dw_weight", dw_weight, 3, device)
-    kernel_size = dw_weight.shape[2]
-    if dw_weight.shape[:2] != (channels, 1) or kernel_size % 2 == 0:
-        raise ValueError(f"dw_weight must have shape ({channels}, 1, K) with K odd, got {tuple(dw_weight.shape)}")
-    check_tensor("weight", weight, 3, device)
-    if tuple(weight.shape) != (channels, channels, 1):
-        raise ValueError(f"weight must have shape ({channels}, {channels}, 1), got {tuple(weight.shape)}")
-    _check_int("dilation", dilation, 1, 2**20)
-    _check_int("padding", padding, 0, 2**20)
-    pad = dilation * (kernel_size - 1) // 2
-    if padding > pad:
-        raise ValueError(f"padding ({padding}) exceeds the unit's own ({pad})")
-    dw_weight, weight = dw_weight.contiguous(), weight.contiguous()
-    dw_bias = None if dw_bias is None else check_shape("dw_bias", dw_bias, (channels,), device).contiguous()
-    bias = None if bias is None else check_shape("bias", bias, (channels,), device).contiguous()
-    alpha = per_channel("alpha", alpha, channels, device)
-    alpha_mid = per_channel("alpha_mid", alpha_mid, channels, device)
-    if alpha_mid is None:
-        raise ValueError("alpha_mid is required: a residual unit has a snake after its depthwise conv")
-    t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
-    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=context)
-    if out.numel() == 0:
-        return out
-    cfg = launch_config(UNIT, device=device, c_in=channels, c_out=channels, kernel_size=kernel_size, stride=1,
-                        dilation=dilation, length=t_out, batch=batch)
-    step = cfg.blocks["BLOCK_T"] - dilation * (kernel_size - 1)
-    if step < 1:
-        raise AssertionError(f"a window of {cfg.blocks['BLOCK_T']} frames is shorter than the unit's taps")
-    n_t_blocks = cdiv(t_out, step)
-    if batch * n_t_blocks >= 2**31:
-        raise ValueError(f"batch x frames ({batch} x {t_out}) is too large for one launch")
-    _residual_unit_kernel[(batch * n_t_blocks,)](
-        *src.pointer_args(), alpha if alpha is not None else out, dw_weight,
-        dw_bias if dw_bias is not None else out, alpha_mid, weight, bias if bias is not None else out, out,
-        src.length_ctx, src.x.shape[-1], t_out, padding, step, n_t_blocks,
-        *src.stride_args(), dw_weight.stride(0), weight.stride(0), *out.stride(),
-        C=channels, K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
-        HAS_DW_BIAS=dw_bias is not None, HAS_BIAS=bias is not None, FAST_SIN=use_fast_sin(device),
-        PRECISION=resolve_precision(precision, device), BLOCK_O=max(16, next_pow2(channels)), **cfg.blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )
     return out
 
 

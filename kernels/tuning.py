@@ -24,7 +24,6 @@ from .common import interpreting, pow2_in
 
 DWCONV = "snake_dwconv"
 CONV = "snake_conv"
-UNIT = "residual_unit"  # a whole depthwise residual unit (kernel_size and dilation: its depthwise conv's)
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,12 @@ class LaunchConfig:
     ``snake_dwconv`` takes ``BLOCK_C`` (channels), ``BLOCK_T`` (frames) and ``WINDOW`` (1: load a
     ``BLOCK_T`` window once and rotate it in registers for each tap; 0: one load per tap). ``snake_conv``
     takes ``BLOCK_O`` (output channels), ``BLOCK_T`` (output frames) and ``BLOCK_R`` (reduction step over
-    (input channel, tap) pairs). ``residual_unit`` takes ``BLOCK_R`` (input channels per step) and
-    ``BLOCK_T`` (the window's frames).
+    (input channel, tap) pairs).
     """
 
     blocks: Dict[str, int] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 1
-    maxnreg: Optional[int] = None  # registers a thread may use (None: the compiler's choice); residual_unit only
 
 
 def t_bucket(length: int) -> int:
@@ -117,24 +114,6 @@ def _default_dwconv(key: ShapeKey, length: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_C": max(4, min(64, 2048 // block_t)), "BLOCK_T": block_t, "WINDOW": 1}, num_warps=4)
 
 
-def _default_unit(key: ShapeKey, length: int) -> LaunchConfig:
-    """``residual_unit``: ``BLOCK_R`` input channels per reduction step, a window of ``BLOCK_T`` frames (every
-    output channel in one program). A window's last ``halo`` lanes only feed taps: 128 frames waste at most a
-    quarter up to a halo of 32 (dilation 1 and 3 at K = 7), 256 frames a quarter at dilation 9; a short launch
-    takes the window it needs, and a window is always at least twice the halo."""
-    halo = key.dilation * (key.kernel_size - 1)
-    if key.backend == "interpreter":
-        return LaunchConfig({"BLOCK_R": pow2_in(key.c_in, 16, 128),
-                             "BLOCK_T": pow2_in(max(length + halo, 2 * halo), 16, 1024)})
-    block_t = min(128 if 4 * halo <= 128 else 256, pow2_in(length + halo, 32, 256))
-    block_t = max(block_t, pow2_in(2 * halo, 32, 4096))
-    block_o = pow2_in(key.c_out, 16, 128)
-    # ptxas alone gives this kernel 200-255 registers a thread (one or two programs per SM); 128 compiles without
-    # spilling (sm_90, Triton 3.9) and lets twice as many programs hide the memory latency.
-    return LaunchConfig({"BLOCK_R": 16, "BLOCK_T": block_t}, num_warps=4 if block_o * block_t <= 8192 else 8,
-                        maxnreg=128)
-
-
 def _default_conv(key: ShapeKey, length: int, split: bool = False) -> LaunchConfig:
     reduction = key.c_in * key.kernel_size
     if key.backend == "interpreter":
@@ -180,8 +159,7 @@ def _programs_wanted(device: torch.device) -> int:
 
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
                   dilation: int, length: int, batch: int = 1, split: bool = False) -> LaunchConfig:
-    """Launch parameters for ``kernel`` (``"snake_dwconv"``, ``"snake_conv"`` or ``"residual_unit"``, whose
-    ``kernel_size`` and ``dilation`` are its depthwise conv's) on a layer of this shape
+    """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
     producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
     (the default rule steps its reduction differently)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
@@ -204,8 +182,6 @@ def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
-    if key.kernel == UNIT:
-        return _default_unit(key, length)
     if key.kernel == CONV:
         cfg = _default_conv(key, length, split)
         return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg

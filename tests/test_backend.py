@@ -189,45 +189,6 @@ def test_decoder_snakes_run_as_one_triton_pass(monkeypatch: pytest.MonkeyPatch) 
         assert not calls and not folded
 
 
-def test_narrow_residual_units_as_one_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``_FUSED_UNITS`` on, each depthwise residual unit of up to ``UNIT_MAX_CHANNELS`` channels runs as one
-    kernel (offline and streaming), wider ones as their two convs, and the model still matches the PyTorch
-    backend; off (the default), no unit takes the one kernel."""
-    from snac_stream.kernels import conv as kernels
-    from snac_stream.model import functional
-
-    widths: List[int] = []
-    original = kernels.snake_residual_unit
-    monkeypatch.setattr(kernels, "snake_residual_unit",
-                        lambda x, *a, **k: widths.append(x.shape[1]) or original(x, *a, **k))
-    structure = dict(STRUCTURES["attention"], encoder_dim=80, encoder_rates=[2, 2], decoder_dim=256,
-                     decoder_rates=[2, 2])  # units of 80 and 160 channels in the encoder, 128 and 64 in the decoder
-    torch.manual_seed(0)
-    ref = SNAC(**structure, backend="torch").eval().to(DEVICE)
-    fused = SNAC(**structure, backend="triton").eval().to(DEVICE)
-    fused.load_state_dict(ref.state_dict())
-    cfg = ref.config
-    audio = torch.randn(1, 1, 2 * cfg.pad_multiple, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 0.3
-    with torch.no_grad():
-        want_codes = ref.encode(audio)
-        want_audio = ref.decode(want_codes)
-        fused.encode(audio)
-        assert not widths  # off by default
-        token = functional._FUSED_UNITS.set(True)
-        try:
-            codes = fused.encode(audio)
-            assert all(torch.equal(a, b) for a, b in zip(codes, want_codes))
-            assert (fused.decode(want_codes) - want_audio).abs().max().item() <= AUDIO_TOL
-            assert sorted(set(widths)) == [64, 80, 128]  # not the 160-channel units
-            widths.clear()
-            dec = fused.streaming_decoder()
-            out = torch.cat([dec.push(want_codes), dec.flush()], -1)
-            assert (out - want_audio).abs().max().item() <= AUDIO_TOL
-            assert sorted(set(widths)) == [64, 128]
-        finally:
-            functional._FUSED_UNITS.reset(token)
-
-
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_tf32_precision_is_faster_arithmetic_not_another_model() -> None:

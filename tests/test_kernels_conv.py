@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from snac_stream.kernels import common, tuning
-from snac_stream.kernels.conv import UNIT_MAX_CHANNELS, rows_share_tiles, snake_conv, snake_dwconv, snake_residual_unit
+from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv
 from snac_stream.model.functional import snake
 from snac_stream.model.noise import positional_randn
 
@@ -583,129 +583,6 @@ def test_dwconv_small_tiles_from_table(window: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# snake_residual_unit: a depthwise residual unit in one kernel
-# ----------------------------------------------------------------------------------------------------------
-
-
-def unit_params(channels: int, bias: bool = True) -> dict:
-    """A depthwise residual unit's parameters (kernel 7), as ``snake_residual_unit`` takes them."""
-    return dict(dw_weight=rand(channels, 1, 7, scale=0.4), dw_bias=rand(channels) if bias else None,
-                weight=rand(channels, channels, 1, scale=channels ** -0.5), bias=rand(channels) if bias else None,
-                alpha=alphas(channels), alpha_mid=alphas(channels))
-
-
-def ref_unit(x: Tensor, p: dict, *, dilation: int, padding: int = 0, context: Optional[Tensor] = None,
-             length: Optional[int] = None) -> Tensor:
-    """The unit as its two convs, in float64: snake, depthwise conv, snake, then the 1x1 conv plus the skip
-    term (the padded input at the depthwise conv's centre tap)."""
-    h = ref_dwconv(x.double(), p["dw_weight"], p["dw_bias"], alpha=p["alpha"], dilation=dilation, padding=padding,
-                   context=None if context is None else context.double(), length=length, alpha_out=p["alpha_mid"])
-    return ref_conv(h, p["weight"], p["bias"], residual=x.double(),
-                    residual_context=None if context is None else context.double(),
-                    residual_offset=3 * dilation - padding).to(x.dtype)
-
-
-def two_kernels(x: Tensor, p: dict, *, dilation: int, padding: int = 0, context: Optional[Tensor] = None,
-                length: Optional[int] = None, precision: Optional[str] = None) -> Tensor:
-    """The unit as the two kernels the fused one replaces."""
-    h = snake_dwconv(x, p["dw_weight"], p["dw_bias"], alpha=p["alpha"], dilation=dilation, padding=padding,
-                     context=context, length=length, alpha_out=p["alpha_mid"])
-    return snake_conv(h, p["weight"], p["bias"], residual=x, residual_context=context,
-                      residual_offset=3 * dilation - padding, precision=precision)
-
-
-@pytest.mark.parametrize("precision", PRECISION_PATHS)
-@pytest.mark.parametrize("dilation", [1, 3, 9])
-@pytest.mark.parametrize("channels,frames", [(24, 301), (5, 37)])
-def test_residual_unit_offline_matches_reference(dilation: int, channels: int, frames: int,
-                                                 precision: Optional[str]) -> None:
-    x, p = rand(2, channels, frames), unit_params(channels)
-    out = poisoned(2, channels, frames)
-    got = snake_residual_unit(x, **p, dilation=dilation, padding=3 * dilation, precision=precision, out=out)
-    assert got is out
-    assert_close(got, ref_unit(x, p, dilation=dilation, padding=3 * dilation))
-    assert_close(got, two_kernels(x, p, dilation=dilation, padding=3 * dilation, precision=precision))
-
-
-@pytest.mark.parametrize("dilation,ctx_len,frames,length", [(1, 6, 40, None), (3, 18, 7, None), (9, 54, 32, None),
-                                                            (9, 60, 25, 20), (3, 18, 1, None)])
-def test_residual_unit_streaming_context(dilation: int, ctx_len: int, frames: int, length: Optional[int]) -> None:
-    """A streaming step's call: the unit's cache as context (the skip term reads it too), no padding."""
-    channels = 20
-    ctx, x, p = rand(3, channels, ctx_len), rand(3, channels, frames), unit_params(channels, bias=False)
-    got = snake_residual_unit(x, **p, dilation=dilation, context=ctx, length=length)
-    assert_close(got, ref_unit(x, p, dilation=dilation, context=ctx, length=length))
-
-
-def test_residual_unit_streaming_chunks_reproduce_offline() -> None:
-    """Random chunks through a carried cache give the offline unit's outputs, the cache's length later."""
-    channels, dilation, frames = 12, 3, 200
-    pad = 3 * dilation
-    x, p = rand(1, channels, frames), unit_params(channels)
-    offline = snake_residual_unit(x, **p, dilation=dilation, padding=pad)
-    rng = random.Random(7)
-    cache, outs, at = torch.zeros(1, channels, 2 * pad, device=DEVICE), [], 0
-    while at < frames:
-        n = min(frames - at, rng.randint(1, 40))
-        chunk = x[..., at:at + n]
-        outs.append(snake_residual_unit(chunk, **p, dilation=dilation, context=cache, length=n))
-        cache = torch.cat([cache, chunk], dim=-1)[..., -2 * pad:]
-        at += n
-    # The stream's first ``pad`` outputs answer the zeros the cache started with: offline output j is the
-    # stream's output j + pad.
-    streamed = torch.cat(outs, dim=-1)
-    assert_close(streamed[..., pad:], offline[..., :frames - pad])
-
-
-@pytest.mark.parametrize("block_r,block_t", [(16, 64), (16, 128), (32, 256)])
-def test_residual_unit_small_tiles_from_table(block_r: int, block_t: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several reduction steps over channels (40 channels, masked last step) and several windows per row,
-    with a 54-frame halo (a 64-frame window emits 10 outputs)."""
-    channels, dilation, length = 40, 9, 150
-    key = tuning.ShapeKey(tuning.UNIT, BACKEND, channels, channels, 7, 1, dilation, tuning.t_bucket(length), True)
-    cfg = tuning.LaunchConfig({"BLOCK_R": block_r, "BLOCK_T": block_t}, num_warps=4)
-    monkeypatch.setitem(tuning.TABLE, key, cfg)
-    assert tuning.launch_config(tuning.UNIT, device=DEVICE, c_in=channels, c_out=channels, kernel_size=7, stride=1,
-                                dilation=dilation, length=length, batch=2) is cfg
-    ctx, x, p = rand(2, channels, 54), rand(2, channels, length), unit_params(channels)
-    out = poisoned(2, channels, length)
-    snake_residual_unit(x, **p, dilation=dilation, context=ctx, out=out)
-    assert_close(out, ref_unit(x, p, dilation=dilation, context=ctx))
-
-
-def test_residual_unit_default_windows() -> None:
-    """The CUDA rule: 128-frame windows up to a 32-frame halo, 256 at dilation 9 (K = 7), a short launch's
-    window just covers its frames and halo, and a window is always at least twice the halo."""
-    def window(length: int, dilation: int, channels: int = 64) -> int:
-        key = tuning.ShapeKey(tuning.UNIT, "cuda", channels, channels, 7, 1, dilation, tuning.t_bucket(length))
-        return tuning._default(key, length).blocks["BLOCK_T"]
-
-    assert [window(2048, d) for d in (1, 3, 9)] == [128, 128, 256]
-    key = tuning.ShapeKey(tuning.UNIT, "cuda", 64, 64, 7, 1, 1, tuning.t_bucket(2048))
-    assert tuning._default(key, 2048).maxnreg == 128  # twice the programs per SM of the compiler's own choice
-    assert (window(10, 1), window(10, 3), window(10, 9)) == (32, 64, 128)
-    assert (window(2048, 20), window(2048, 27)) == (256, 512)  # halos of 120 and 162 frames
-
-
-def test_residual_unit_bad_inputs() -> None:
-    x, p = rand(1, 4, 20), unit_params(4)
-    with pytest.raises(ValueError, match="at most 128 channels"):
-        wide = unit_params(UNIT_MAX_CHANNELS + 1)
-        snake_residual_unit(rand(1, UNIT_MAX_CHANNELS + 1, 8), **wide)
-    with pytest.raises(ValueError, match="K odd"):
-        snake_residual_unit(x, **{**p, "dw_weight": rand(4, 1, 6)})
-    with pytest.raises(ValueError, match="weight must have shape"):
-        snake_residual_unit(x, **{**p, "weight": rand(5, 4, 1)})
-    with pytest.raises(ValueError, match="exceeds the unit's own"):
-        snake_residual_unit(x, **p, dilation=1, padding=4)
-    with pytest.raises(ValueError, match="alpha_mid is required"):
-        snake_residual_unit(x, **{**p, "alpha_mid": None})
-    with pytest.raises(ValueError, match="agree in batch and channels"):
-        snake_residual_unit(x, **p, context=rand(1, 3, 6))
-    assert snake_residual_unit(rand(1, 4, 5), **p).shape == (1, 4, 0)  # 5 frames, 6 taps of halo
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Real sizes on a GPU: fast sine and tf32x3 against torch fp32
 # ----------------------------------------------------------------------------------------------------------
 
@@ -801,23 +678,6 @@ def test_gpu_streaming_step_of_many_streams() -> None:
     a, a_out = alphas(512), alphas(512)
     kwargs = dict(alpha=a, dilation=9, context=ctx, alpha_out=a_out)
     assert_close(snake_dwconv(x, w, b, **kwargs), ref_dwconv(x, w, b, **kwargs), rel=GPU_REL)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("channels,frames", [(64, 2048), (128, 1024), (48, 2048), (96, 1024)])
-def test_gpu_residual_unit_streaming_step(channels: int, frames: int) -> None:
-    """The fused unit at a batched streaming step's size (256 streams), every dilation, against float64 and
-    against the two kernels it replaces."""
-    batch = 256
-    x, p = rand(batch, channels, frames), unit_params(channels)
-    for dilation in (1, 3, 9):
-        ctx = rand(batch, channels, 6 * dilation)
-        got = snake_residual_unit(x, **p, dilation=dilation, context=ctx, length=frames)
-        for row in (0, 255):
-            assert_close(got[row:row + 1], ref_unit(x[row:row + 1], p, dilation=dilation,
-                                                    context=ctx[row:row + 1], length=frames), rel=GPU_REL)
-        assert_close(got, two_kernels(x, p, dilation=dilation, context=ctx, length=frames), rel=GPU_REL)
 
 
 def test_short_depthwise_launches_get_short_tiles() -> None:

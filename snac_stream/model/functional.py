@@ -35,9 +35,6 @@ BACKENDS = ("auto", "triton", "torch")
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default=DEFAULT_PRECISION)
-# Depthwise residual units of up to 128 channels as one Triton kernel (True) or as their two convs' kernels (the
-# default until the one kernel is measured faster on a GPU: `bench/unit_cost.py`, `engine_capacity.py --units`).
-_FUSED_UNITS: contextvars.ContextVar[bool] = contextvars.ContextVar("snac_stream_fused_units", default=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,43 +182,6 @@ def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context,
                            residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
                            activation=activation, precision=_PRECISION.get())
     return snake(y, alpha_out) if alpha_out is not None else y  # dense + snake epilogue: non-depthwise models only
-
-
-def residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    *,
-    alpha: torch.Tensor,
-    alpha_mid: torch.Tensor,
-    groups: int,
-    dilation: int,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    skip_offset: int,
-) -> torch.Tensor:
-    """SNAC's residual unit over ``cat(context, x)`` zero-padded by ``padding`` frames: ``snake``, the dilated
-    conv (``dw_weight``, ``groups``), ``snake`` (``alpha_mid``), the 1x1 conv, plus the skip term
-    ``cat(context, x)[j + skip_offset]`` for output ``j``. (B, C, T) and (B, C, L) -> (B, C, length).
-
-    Two convs (the first with the middle snake as its epilogue, the second with the skip add). With
-    ``_FUSED_UNITS`` on, on the Triton backend, a depthwise unit of at most ``kernels.conv.UNIT_MAX_CHANNELS``
-    channels whose skip term is its centre tap is one kernel (``kernels.conv.snake_residual_unit``), its hidden
-    activations never in memory."""
-    if current_backend() == "triton" and _FUSED_UNITS.get() and groups == x.shape[1] > 1:
-        from ..kernels import conv as kernels
-
-        centre = dilation * (dw_weight.shape[-1] - 1) // 2
-        if x.shape[1] <= kernels.UNIT_MAX_CHANNELS and skip_offset == centre - padding:
-            return kernels.snake_residual_unit(x, dw_weight, dw_bias, weight, bias, alpha=alpha,
-                                               alpha_mid=alpha_mid, dilation=dilation, padding=padding,
-                                               context=context, length=length, precision=_PRECISION.get())
-    h = conv(x, dw_weight, dw_bias, groups=groups, dilation=dilation, padding=padding, context=context,
-             length=length, alpha=alpha, alpha_out=alpha_mid)
-    return conv(h, weight, bias, residual=x, residual_context=context, residual_offset=skip_offset)
 
 
 def conv_transpose(

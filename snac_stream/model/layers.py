@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
-from .functional import conv, current_backend, residual_unit, snake_layer
+from .functional import conv, current_backend, snake_layer
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")
@@ -137,9 +137,10 @@ class ResidualUnit(nn.Module):
         the streaming cache of the dilated conv doubles as the residual delay line.
         """
         snake1, dilated, snake2, pointwise = self.block
-        return residual_unit(x, dilated.weight, dilated.bias, pointwise.weight, pointwise.bias, alpha=snake1.alpha,
-                             alpha_mid=snake2.alpha, groups=dilated.groups, dilation=dilated.dilation[0],
-                             padding=padding, context=context, length=length, skip_offset=self.pad - padding)
+        h = conv(x, dilated.weight, dilated.bias, groups=dilated.groups, dilation=dilated.dilation[0],
+                 padding=padding, context=context, length=length, alpha=snake1.alpha, alpha_out=snake2.alpha)
+        return conv(h, pointwise.weight, pointwise.bias, residual=x, residual_context=context,
+                    residual_offset=self.pad - padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if current_backend() == "triton":
