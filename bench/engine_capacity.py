@@ -38,6 +38,7 @@ from streaming_cost import commit, describe_machine, median_time, sync  # noqa: 
 from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
+from snac_stream.model import functional  # noqa: E402
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
@@ -228,6 +229,9 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
+    parser.add_argument("--upsampling-product", default="cublas", choices=functional.UPSAMPLING_PRODUCTS,
+                        help="how the Triton backend multiplies the upsampling's frame pairs (default cublas; conv "
+                             "and conv_split: the dense-conv kernel on tensor cores, see bench/upsampling_cost.py)")
     parser.add_argument("--tuning-json", type=Path,
                         help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
                              "faster than the default rule) to the tuning table before the run")
@@ -254,17 +258,17 @@ def main() -> None:
         from snac_stream.kernels import tuning
 
         tuning._programs_wanted = lambda device: 0
-    if args.upsampling != "model":
-        from snac_stream.model import functional
-
+    if args.upsampling != "model" or args.upsampling_product != "cublas":
         model_conv_transpose = functional.conv_transpose
 
-        def conv_transpose(*a, **k):
-            token = functional._PRECISION.set(args.upsampling)
+        def conv_transpose(*a, **k):  # set on every call: the context variables do not reach other threads
+            token = functional._PRECISION.set(args.upsampling) if args.upsampling != "model" else None
             try:
-                return model_conv_transpose(*a, **k)
+                with functional.use_upsampling_product(args.upsampling_product):
+                    return model_conv_transpose(*a, **k)
             finally:
-                functional._PRECISION.reset(token)
+                if token is not None:
+                    functional._PRECISION.reset(token)
 
         functional.conv_transpose = conv_transpose
     torch.manual_seed(0)
@@ -275,13 +279,14 @@ def main() -> None:
             "backend": model.resolved_backend(args.backend), "kind": args.kind, "step_mode": args.step_mode,
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
+            "upsampling_product": args.upsampling_product,
             "gc_freeze": not args.no_gc_freeze, "phases": args.phases}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
-          f"{meta['upsampling_precision']}), {args.phases} phase(s), {meta['date']}, "
+          f"{meta['upsampling_precision']}, product {args.upsampling_product}), {args.phases} phase(s), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")

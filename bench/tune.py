@@ -30,6 +30,7 @@ from snac_stream import SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine
 from snac_stream.kernels import conv as conv_kernels
 from snac_stream.kernels import tuning
+from snac_stream.model import functional
 
 CANDIDATES = [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=w, num_stages=s)
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--engine-streams", type=int, default=0,
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
+    parser.add_argument("--upsampling-product", default="cublas", choices=functional.UPSAMPLING_PRODUCTS,
+                        help="the decoder upsampling's product form; conv and conv_split add its dense-conv launches")
     parser.add_argument("--json", help="write every shape's default and best times here")
     parser.add_argument("--resume", type=Path,
                         help="an earlier --json file: its shapes are kept as they are and not swept again (a sweep "
@@ -132,7 +135,8 @@ def main() -> None:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             parser.error(f"--resume {args.resume}: not a bench/tune.py --json file ({exc!r})")
     done = {tuple(shape["key"]) for shape in report}
-    recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
+    with functional.use_upsampling_product(args.upsampling_product):
+        recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
     calls = {k: v for k, v in recorded.items()
              if k.kernel_size >= args.min_kernel_size and tuple(record_key(k)) not in done}
     if done:

@@ -1,11 +1,20 @@
-"""The decoder upsampling's data movement on a GPU: ``kernels.upsampling`` against the PyTorch copies it replaces.
+"""The decoder's upsampling on a GPU: its data movement, and its products in each form the Triton backend has.
 
     python bench/upsampling_cost.py [--streams 2048]
 
 For each of the 24 kHz decoder's four transposed convs at one engine step of ``--streams`` streams (the frames a
-step gives each layer): ``phase_pairs`` (snake, context, frame pairs in one pass) against a snake, a
-concatenation and the gather copy, and ``place_phases`` against the permuting copy and slice. CUDA-event
-medians (``triton.testing.do_bench``, L2 flushed); GB/s counts the bytes each side must read and write.
+step gives each layer):
+
+- ``phase_pairs`` (snake, context, frame pairs in one pass) against a snake, a concatenation and the gather
+  copy, and ``place_phases`` against the permuting copy and slice; GB/s counts the bytes each side must read and
+  write;
+- the whole streaming layer (``functional.conv_transpose`` with one frame of context and the snake) for each of
+  ``functional.UPSAMPLING_PRODUCTS`` at the default precision (tf32x3): the cuBLAS fp32 product of built rows,
+  and the dense-conv kernel on tensor cores, with and without operands split before it. TFLOP/s counts useful
+  arithmetic; the error is the largest against the PyTorch backend in float64, relative to the output's
+  largest magnitude.
+
+CUDA-event medians (``triton.testing.do_bench``, L2 flushed).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit  # noqa: E402
 
 from snac_stream.kernels.upsampling import phase_pairs, place_phases  # noqa: E402
+from snac_stream.model import functional  # noqa: E402
 from snac_stream.model.functional import snake  # noqa: E402
 
 # (input channels, output channels, stride, input frames per 2048-sample step) of the 24 kHz decoder's blocks
@@ -70,6 +80,43 @@ def main() -> None:
         print(f"| {c_in}->{c_out}, stride {s} | {frames} | {pairs_ms * 1e3:.0f} | {pairs_gb / pairs_ms * 1e3:.0f} "
               f"| {pairs_torch_ms * 1e3:.0f} | {place_ms * 1e3:.0f} | {place_gb / place_ms * 1e3:.0f} "
               f"| {place_torch_ms * 1e3:.0f} | {'yes' if equal else 'NO'} |", flush=True)
+    products(b)
+
+
+def products(b: int) -> None:
+    """The whole streaming layer in each product form: us, TFLOP/s and error against float64."""
+    names = functional.UPSAMPLING_PRODUCTS
+    print("\n| layer | frames | " + " | ".join(f"{n} (us) | TFLOP/s | error" for n in names) + " |")
+    print("|---|---|" + "---|---|---|" * len(names))
+    for c_in, c_out, s, frames in LAYERS:
+        x = torch.randn(b, c_in, frames, device="cuda")
+        context = torch.randn(b, c_in, 1, device="cuda")
+        alpha = torch.rand(1, c_in, 1, device="cuda") + 0.5
+        weight = torch.randn(c_in, c_out, 2 * s, device="cuda") / (2 * c_in) ** 0.5
+        bias = torch.randn(c_out, device="cuda")
+        backend = functional._BACKEND.set("torch")
+        try:
+            want = functional.conv_transpose(x.double(), weight.double(), bias.double(), stride=s,
+                                             context=context.double(), alpha=alpha.double())
+        finally:
+            functional._BACKEND.reset(backend)
+        scale = want.abs().max().item()
+        flop = 2.0 * b * frames * 2 * c_in * c_out * s
+        cells = []
+        backend = functional._BACKEND.set("triton")
+        try:
+            for name in names:
+                with functional.use_upsampling_product(name):
+                    def layer() -> torch.Tensor:
+                        return functional.conv_transpose(x, weight, bias, stride=s, context=context, alpha=alpha)
+
+                    error = (layer().double() - want).abs().max().item() / scale
+                    t = ms(layer)
+                cells.append(f"{t * 1e3:.0f} | {flop / t / 1e9:.1f} | {error:.1e}")
+        finally:
+            functional._BACKEND.reset(backend)
+        del want
+        print(f"| {c_in}->{c_out}, stride {s} | {frames} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

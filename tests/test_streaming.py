@@ -390,10 +390,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsampling_products_at_each_precision(device: str, precision: str, bias: bool,
+@pytest.mark.parametrize("product", functional.UPSAMPLING_PRODUCTS)
+def test_upsampling_products_at_each_precision(device: str, precision: str, bias: bool, product: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the Triton backend the upsampling's matrix product follows the model's precision: ``tf32x3`` and
-    ``ieee`` agree with an fp64 reference to fp32 accuracy whatever the process-wide TF32 setting, ``tf32``
+    """On the Triton backend the upsampling's matrix product follows the model's precision, in each of its
+    forms (cuBLAS on built rows, the dense-conv kernel, the dense-conv kernel on split operands): ``tf32x3``
+    and ``ieee`` agree with an fp64 reference to fp32 accuracy whatever the process-wide TF32 setting, ``tf32``
     (one TF32 tensor-core product on CUDA) to TF32's. The streaming form (context frames) is the same product."""
     torch.manual_seed(7)
     stride, c_in, c_out = 4, 96, 40
@@ -403,7 +405,7 @@ def test_upsampling_products_at_each_precision(device: str, precision: str, bias
     with torch.no_grad():
         want = F.conv_transpose1d(x.double(), layer.weight.double(),
                                   None if layer.bias is None else layer.bias.double(), stride=stride, padding=2)
-        with use_backend("triton", precision):
+        with use_backend("triton", precision), functional.use_upsampling_product(product):
             got = conv_transpose(x, layer.weight, layer.bias, stride=stride, padding=1, crop=2,
                                  length=want.shape[-1])
             streamed = conv_transpose(x[..., 1:], layer.weight, layer.bias, stride=stride, context=x[..., :1])

@@ -35,6 +35,13 @@ BACKENDS = ("auto", "triton", "torch")
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_backend", default="torch")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_precision", default=DEFAULT_PRECISION)
+# How the Triton backend multiplies a transposed conv's frame pairs (``conv_transpose``): "cublas", one cuBLAS
+# product of rows built by ``kernels.upsampling.phase_pairs``; "conv", the dense-conv kernel as a 2-tap conv
+# (snake and context read in the kernel, tf32x3 on tensor cores); "conv_split", the same on operands split
+# before the kernel. Measured against each other by bench/upsampling_cost.py and bench/engine_capacity.py.
+UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split")
+_UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
+                                                                          default="cublas")
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,6 +83,20 @@ def use_backend(backend: str, precision: str = DEFAULT_PRECISION) -> Iterator[No
     finally:
         _BACKEND.reset(tokens[0])
         _PRECISION.reset(tokens[1])
+
+
+@contextlib.contextmanager
+def use_upsampling_product(product: str) -> Iterator[None]:
+    """Multiply the enclosed transposed convs' frame pairs on the Triton backend in the form ``product`` (one
+    of ``UPSAMPLING_PRODUCTS``; benchmarks and tests compare them). Like ``use_backend``, it holds for the
+    calling thread only."""
+    if product not in UPSAMPLING_PRODUCTS:
+        raise ValueError(f"product must be one of {', '.join(UPSAMPLING_PRODUCTS)}, got {product!r}")
+    token = _UPSAMPLING_PRODUCT.set(product)
+    try:
+        yield
+    finally:
+        _UPSAMPLING_PRODUCT.reset(token)
 
 
 def current_backend() -> str:
@@ -233,6 +254,17 @@ def conv_transpose(
     if triton:
         from ..kernels import upsampling
 
+        product = _UPSAMPLING_PRODUCT.get()
+        if product != "cublas":
+            from ..kernels import conv
+
+            # The same product as a 2-tap conv of C_out * s channels over the frames, written (B, frames,
+            # C_out * s) as the cuBLAS product's rows are.
+            z = torch.empty(b, frames, c_out * stride, device=x.device, dtype=torch.float32)
+            conv.snake_conv(x, _conv_phase_weight(weight), None if bias is None else _phase_bias(bias, stride),
+                            alpha=alpha, padding=padding, context=context, precision=_PRECISION.get(),
+                            split=product == "conv_split", out=z.transpose(1, 2))
+            return upsampling.place_phases(z.view(b * frames, c_out * stride), b, stride, crop, end - crop)
         pairs = upsampling.phase_pairs(x, context, alpha, padding)
     else:
         xin = x if not held else torch.cat([context, x], dim=-1)
@@ -278,10 +310,22 @@ def _tf32_matmuls(device: torch.device, enabled: bool) -> Iterator[None]:
 # Phase-form weights of transposed convs, made once per weight and remade when it changes (moved, loaded in
 # place): a CUDA-graph replay must not redo them every step.
 _PHASE_WEIGHTS = DerivedTensors()
+_CONV_PHASE_WEIGHTS = DerivedTensors()
+_PHASE_BIASES = DerivedTensors()
 
 
 def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return _PHASE_WEIGHTS.get(weight, phase_weight)
+
+
+def _conv_phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``phase_weight`` as a dense conv's weight (C_out * s, C_in, 2): taps innermost, the kernel's order."""
+    return _CONV_PHASE_WEIGHTS.get(weight, lambda w: phase_weight(w).transpose(1, 2).contiguous())
+
+
+def _phase_bias(bias: torch.Tensor, stride: int) -> torch.Tensor:
+    """A transposed conv's bias (C_out,) for each of its C_out * s phase channels."""
+    return _PHASE_BIASES.get(bias, lambda v: v.repeat_interleave(stride))
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:
