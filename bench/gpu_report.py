@@ -24,6 +24,7 @@ from cases import all_cases  # noqa: E402
 from streaming_cost import commit  # noqa: E402
 
 from snac_stream import SNAC  # noqa: E402
+from snac_stream.model import functional  # noqa: E402
 
 
 def bench_ms(fn, rep: int = 200) -> float:
@@ -202,13 +203,24 @@ def main() -> None:
                         help="what to measure (default: all; the ceilings come with kernels)")
     parser.add_argument("--lengths", nargs="+", type=float, default=[1.0, 10.0, 60.0],
                         help="seconds of audio of the offline rows (batch 1)")
+    parser.add_argument("--upsampling-product", default="cublas", choices=functional.UPSAMPLING_PRODUCTS,
+                        help="how our decoder multiplies its upsampling's frame pairs (bench/upsampling_cost.py)")
     args = parser.parse_args()
     if min(args.lengths) <= 0:
         parser.error("--lengths must be positive (seconds)")
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "upsampling_product": args.upsampling_product}
     print(f"# {meta['device']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
-          f"triton {meta['triton']}")
+          f"triton {meta['triton']}, upsampling product {args.upsampling_product}")
+    with functional.use_upsampling_product(args.upsampling_product):
+        report = sections(args, meta)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def sections(args: argparse.Namespace, meta: dict) -> dict:
+    """Measure and print ``args.sections``; returns the report."""
     report: dict = {"meta": meta}
     if "kernels" in args.sections:
         ceil = report["ceilings"] = ceilings()
@@ -230,8 +242,7 @@ def main() -> None:
         report["streaming"] = streaming_rows()
     if args.profile:
         profile_decode()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
