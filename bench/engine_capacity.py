@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
-    parser.add_argument("--upsampling-product", default="cublas", choices=functional.UPSAMPLING_PRODUCTS,
+    parser.add_argument("--upsampling-product", default="cublas", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
                         help="how the Triton backend multiplies the upsampling's frame pairs (default cublas; conv "
                              "and conv_split: the dense-conv kernel on tensor cores, see bench/upsampling_cost.py)")
     parser.add_argument("--tuning-json", type=Path,

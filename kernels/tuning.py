@@ -84,6 +84,9 @@ TABLE: Dict[ShapeKey, LaunchConfig] = {
     # decoder's 64-channel 1x1 convs at 2048 streams, 2519 -> 1563 us with 32-frame tiles; the 128- and
     # 256-channel ones found nothing better than the rule.
     ShapeKey(CONV, "cuda", 64, 64, 1, 1, 1, 2048, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": 32}, 4, 3),
+    # The 256 -> 128 upsampling as a 2-tap conv on split operands (`--upsampling-product conv_split`, same
+    # day): 5039 -> 4679 us with 128-frame tiles and 8 warps. Its three other layers' best were within 5 %.
+    ShapeKey(CONV, "cuda", 256, 512, 2, 1, 1, 256, True): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 128, "BLOCK_R": 16}, 8, 3),
     # The 24 kHz encoder's step at 4096 streams (`--engine-kinds encode`, same day): its 1x1 convs take 32-frame
     # tiles too (48 channels 3970 -> 2373 us, 192: 2624 -> 2178, 384: 1143 -> 972), its last strided conv 8 warps
     # (5768 -> 5315 us). The step's p95 at 4096 streams: 92.4 -> 83.5 ms, inside the 85.3 ms budget.

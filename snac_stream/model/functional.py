@@ -38,7 +38,8 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # How the Triton backend multiplies a transposed conv's frame pairs (``conv_transpose``): "cublas", one cuBLAS
 # product of rows built by ``kernels.upsampling.phase_pairs``; "conv", the dense-conv kernel as a 2-tap conv
 # (snake and context read in the kernel, tf32x3 on tensor cores); "conv_split", the same on operands split
-# before the kernel. Measured against each other by bench/upsampling_cost.py and bench/engine_capacity.py.
+# before the kernel. Measured against each other by bench/upsampling_cost.py and bench/engine_capacity.py;
+# "auto" picks per layer (``_upsampling_product``).
 UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split")
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="cublas")
@@ -90,8 +91,8 @@ def use_upsampling_product(product: str) -> Iterator[None]:
     """Multiply the enclosed transposed convs' frame pairs on the Triton backend in the form ``product`` (one
     of ``UPSAMPLING_PRODUCTS``; benchmarks and tests compare them). Like ``use_backend``, it holds for the
     calling thread only."""
-    if product not in UPSAMPLING_PRODUCTS:
-        raise ValueError(f"product must be one of {', '.join(UPSAMPLING_PRODUCTS)}, got {product!r}")
+    if product != "auto" and product not in UPSAMPLING_PRODUCTS:
+        raise ValueError(f"product must be auto or one of {', '.join(UPSAMPLING_PRODUCTS)}, got {product!r}")
     token = _UPSAMPLING_PRODUCT.set(product)
     try:
         yield
@@ -254,7 +255,7 @@ def conv_transpose(
     if triton:
         from ..kernels import upsampling
 
-        product = _UPSAMPLING_PRODUCT.get()
+        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), c_in, _PRECISION.get())
         if product != "cublas":
             from ..kernels import conv
 
@@ -286,6 +287,15 @@ def conv_transpose(
         return upsampling.place_phases(z, b, stride, crop, end - crop)
     z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
     return z[..., crop:end]
+
+
+def _upsampling_product(product: str, c_in: int, precision: str) -> str:
+    """The product form ``"auto"`` stands for: the dense-conv kernel on split operands for tf32x3 layers of
+    256 to 512 input channels, where an H100 measured it faster than the cuBLAS fp32 product at a 2048-stream
+    step (and 2-4x more accurate); cuBLAS for the widest layer (1.6x faster there) and the narrowest (even)."""
+    if product != "auto":
+        return product
+    return "conv_split" if precision == "tf32x3" and 256 <= c_in <= 512 else "cublas"
 
 
 @contextlib.contextmanager
