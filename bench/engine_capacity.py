@@ -229,9 +229,10 @@ def main() -> None:
     parser.add_argument("--upsampling", default="model", choices=["model", *PRECISIONS],
                         help="precision of the decoder's upsampling products (cuBLAS): the model's (default) or "
                              "another, e.g. ieee for the fp32 GEMM without tensor cores (comparison)")
-    parser.add_argument("--upsampling-product", default="cublas", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
-                        help="how the Triton backend multiplies the upsampling's frame pairs (default cublas; conv "
-                             "and conv_split: the dense-conv kernel on tensor cores, see bench/upsampling_cost.py)")
+    parser.add_argument("--upsampling-product", default="auto", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
+                        help="how the Triton backend multiplies the upsampling's frame pairs: auto (the model's, "
+                             "per layer), cublas (fp32 GEMM), conv or conv_split (the dense-conv kernel on tensor "
+                             "cores; see bench/upsampling_cost.py)")
     parser.add_argument("--tuning-json", type=Path,
                         help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
                              "faster than the default rule) to the tuning table before the run")
@@ -258,7 +259,7 @@ def main() -> None:
         from snac_stream.kernels import tuning
 
         tuning._programs_wanted = lambda device: 0
-    if args.upsampling != "model" or args.upsampling_product != "cublas":
+    if args.upsampling != "model" or args.upsampling_product != "auto":
         model_conv_transpose = functional.conv_transpose
 
         def conv_transpose(*a, **k):  # set on every call: the context variables do not reach other threads

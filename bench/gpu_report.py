@@ -203,7 +203,7 @@ def main() -> None:
                         help="what to measure (default: all; the ceilings come with kernels)")
     parser.add_argument("--lengths", nargs="+", type=float, default=[1.0, 10.0, 60.0],
                         help="seconds of audio of the offline rows (batch 1)")
-    parser.add_argument("--upsampling-product", default="cublas", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
+    parser.add_argument("--upsampling-product", default="auto", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
                         help="how our decoder multiplies its upsampling's frame pairs (bench/upsampling_cost.py)")
     args = parser.parse_args()
     if min(args.lengths) <= 0:

@@ -118,8 +118,9 @@ def main() -> None:
     parser.add_argument("--engine-streams", type=int, default=0,
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
-    parser.add_argument("--upsampling-product", default="cublas", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
-                        help="the decoder upsampling's product form; conv and conv_split add its dense-conv launches")
+    parser.add_argument("--upsampling-product", default="auto", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
+                        help="the decoder upsampling's product form (default auto, the model's): its dense-conv "
+                             "launches are recorded where the form has them")
     parser.add_argument("--json", help="write every shape's default and best times here")
     parser.add_argument("--resume", type=Path,
                         help="an earlier --json file: its shapes are kept as they are and not swept again (a sweep "

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
-from snac_stream.engine.base import bucket_sizes
+from snac_stream.engine.base import bucket_sizes, index_on
 from snac_stream.model.vq import codes_to_frames, frames_to_codes
 from snac_stream.streaming.rows import select_rows
 from snac_stream.streaming.rows import state_batch as state_rows
@@ -853,3 +853,25 @@ def test_streams_due_at_different_times_step_in_passes_their_size(engine_type) -
         else:
             got = [torch.cat([o[level] for o in outs[sid]], dim=-1) for level in range(model.n_codebooks)]
             assert all(torch.equal(g, w) for g, w in zip(got, model.encode(inputs[sid])))
+
+
+@pytest.mark.parametrize("ids", [[], [0], [5, 2, 9, 2], list(range(300))])
+def test_index_on_gives_the_ids_as_an_int64_index(ids: List[int]) -> None:
+    """The rows an engine step gathers and writes back, as the index tensor it uses (here on the CPU; the GPU
+    test below checks that on CUDA it is made without waiting for the stream)."""
+    rows = index_on(ids, torch.device("cpu"))
+    assert rows.dtype == torch.int64 and rows.tolist() == ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU test above checks the values)")
+def test_gpu_index_on_does_not_wait_for_the_work_queued_on_the_stream() -> None:
+    """With a long kernel in flight, ``index_on`` returns before it ends (``torch.tensor(ids, device="cuda")``
+    would synchronize the stream), and the index arrives intact behind it."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning
+    busy_until = torch.cuda.Event()
+    busy_until.record()
+    rows = index_on(list(range(1000)), torch.device("cuda"))
+    assert not busy_until.query(), "index_on waited for the kernel in flight"
+    assert torch.equal(rows.cpu(), torch.arange(1000))

@@ -57,6 +57,19 @@ def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.devi
     return joined.to(device, non_blocking=True)
 
 
+def index_on(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as an int64 index tensor on ``device``, without waiting for the work queued there.
+
+    ``torch.tensor(ids, device="cuda")`` copies from pageable memory and then synchronizes the stream: an
+    engine thread that built a step's row index so waited for the step in flight, every time the set of
+    stepping streams changed (a tick steps only the sessions due). Here the copy goes through pinned memory,
+    queued on the stream like the step that uses it."""
+    rows = torch.tensor(ids, dtype=torch.int64)
+    if device.type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
+
+
 def _sid(slot: "Slot") -> int:
     return slot.sid
 
@@ -348,7 +361,7 @@ class StreamEngine:
                     size = next(k for k in self.buckets if k >= len(rows))
                     rows = rows + rows[:1] * (size - len(rows))
                 with torch.inference_mode(), self.model.on_backend(self.backend):
-                    state = select_rows(self._batch, torch.tensor(rows, device=self.model.device))
+                    state = select_rows(self._batch, index_on(rows, self.model.device))
                     groups.append((together, _first(self._to_output(self._flush_rows(state)), len(together))))
                 self._release(*together)
             ending = set(together)
@@ -428,7 +441,7 @@ class StreamEngine:
         key = tuple(sids)
         if key == self._last_rows[0]:
             return self._last_rows[1], False
-        rows = torch.tensor(sids, device=self.model.device)
+        rows = index_on(sids, self.model.device)
         self._last_rows = (key, rows)
         return rows, True
 
@@ -479,7 +492,7 @@ class StreamEngine:
 
     def _join(self, group: _Warming) -> None:
         """Move a warmed-up group into its streams' batch rows."""
-        rows = torch.tensor(group.sids, device=self.model.device)
+        rows = index_on(group.sids, self.model.device)
         self._batch = assign_rows(self._batch, rows, group.state)
         for sid in group.sids:
             self._slots[sid].group = None
@@ -489,9 +502,9 @@ class StreamEngine:
         taken = set(rows)
         rest = [i for i in range(len(group.sids)) if i not in taken]
         device = self.model.device
-        moved = _Warming([group.sids[i] for i in rows], select_rows(group.state, torch.tensor(rows, device=device)))
+        moved = _Warming([group.sids[i] for i in rows], select_rows(group.state, index_on(rows, device)))
         group.sids = [group.sids[i] for i in rest]
-        group.state = select_rows(group.state, torch.tensor(rest, device=device))
+        group.state = select_rows(group.state, index_on(rest, device))
         for sid in moved.sids:
             self._slots[sid].group = moved
         return moved
@@ -511,7 +524,7 @@ class StreamEngine:
         for sid in sids:
             del self._slots[sid]
         # Zero the rows so nothing of these streams outlives them (one copy per state tensor for all).
-        rows = torch.tensor(sids, device=self.model.device)
+        rows = index_on(sids, self.model.device)
         self._batch = assign_rows(self._batch, rows, zero_rows(self._batch, len(sids)))
         self._free.extend(sids)
         self._free.sort()

@@ -39,10 +39,10 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # product of rows built by ``kernels.upsampling.phase_pairs``; "conv", the dense-conv kernel as a 2-tap conv
 # (snake and context read in the kernel, tf32x3 on tensor cores); "conv_split", the same on operands split
 # before the kernel. Measured against each other by bench/upsampling_cost.py and bench/engine_capacity.py;
-# "auto" picks per layer (``_upsampling_product``).
+# "auto", the default, picks per launch (``_upsampling_product``).
 UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split")
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
-                                                                          default="cublas")
+                                                                          default="auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +255,7 @@ def conv_transpose(
     if triton:
         from ..kernels import upsampling
 
-        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), c_in, _PRECISION.get())
+        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, c_in, _PRECISION.get())
         if product != "cublas":
             from ..kernels import conv
 
@@ -289,13 +289,15 @@ def conv_transpose(
     return z[..., crop:end]
 
 
-def _upsampling_product(product: str, c_in: int, precision: str) -> str:
-    """The product form ``"auto"`` stands for: the dense-conv kernel on split operands for tf32x3 layers of
-    256 to 512 input channels, where an H100 measured it faster than the cuBLAS fp32 product at a 2048-stream
-    step (and 2-4x more accurate); cuBLAS for the widest layer (1.6x faster there) and the narrowest (even)."""
+def _upsampling_product(product: str, batch: int, c_in: int, precision: str) -> str:
+    """The product form ``"auto"`` (the default) stands for: the dense-conv kernel on split operands for
+    tf32x3 launches of several rows (an engine step's streams) through layers of 256 to 512 input channels,
+    where an H100 measured it faster than the cuBLAS fp32 product at a 2048-stream step (and 2-4x more
+    accurate); cuBLAS for the widest layer (1.6x faster there), the narrowest (even) and one row's long calls
+    (offline: 2 % slower at 44 kHz). Figures: bench/RESULTS.md."""
     if product != "auto":
         return product
-    return "conv_split" if precision == "tf32x3" and 256 <= c_in <= 512 else "cublas"
+    return "conv_split" if precision == "tf32x3" and batch > 1 and 256 <= c_in <= 512 else "cublas"
 
 
 @contextlib.contextmanager
