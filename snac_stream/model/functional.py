@@ -227,12 +227,12 @@ def conv_transpose(
     ``padding=1`` that is the whole transposed conv, before its own padding ``p`` crops it (``crop=p``);
     streaming passes the previous input frame as ``context``. Unlike ``conv_transpose1d`` this needs no
     overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before, and every
-    (row, frame) of a batch is one row of a single matrix product (BLAS / cuBLAS fp32, faster there than the
-    Triton dense-conv kernel).
+    (row, frame) of a batch is one row of a single matrix product.
 
     On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
-    ``kernels.upsampling``) and one places its output rows; in PyTorch that is a snake, a join and a gather
-    on the way in and a permuting copy on the way out.
+    ``kernels.upsampling``), cuBLAS multiplies them, and one pass places its output rows; in PyTorch that is a
+    snake, a join and a gather on the way in and a permuting copy on the way out. Where the dense-conv kernel
+    is faster (``_upsampling_product``) it computes the product as a 2-tap conv instead, from the frames.
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
