@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from snac_stream import PRESETS, SNAC
 from snac_stream.engine import DecodeEngine, EncodeEngine, EngineFull
-from snac_stream.engine.base import bucket_sizes, index_on
+from snac_stream.engine.base import bucket_sizes, cat_to, index_on
 from snac_stream.model.vq import codes_to_frames, frames_to_codes
 from snac_stream.streaming.rows import select_rows
 from snac_stream.streaming.rows import state_batch as state_rows
@@ -875,3 +875,36 @@ def test_gpu_index_on_does_not_wait_for_the_work_queued_on_the_stream() -> None:
     rows = index_on(list(range(1000)), torch.device("cuda"))
     assert not busy_until.query(), "index_on waited for the kernel in flight"
     assert torch.equal(rows.cpu(), torch.arange(1000))
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_cat_to_joins_host_pieces_in_order(dim: int) -> None:
+    """Numpy arrays and CPU tensors, some not contiguous, joined into one new tensor (here on the CPU, the
+    path that on CUDA joins into pinned memory; the GPU test below checks that it does not wait there)."""
+    gen = np.random.default_rng(abs(dim))
+    pieces: List = [gen.standard_normal((2, 1, 9), dtype=np.float32)[..., ::3] for _ in range(4)]
+    pieces[1] = torch.from_numpy(np.ascontiguousarray(pieces[1]))
+    want = torch.cat([torch.as_tensor(np.ascontiguousarray(p)) for p in pieces], dim=dim)
+    joined = cat_to(pieces, torch.device("cpu"), dim=dim)
+    assert joined.dtype == torch.float32 and torch.equal(joined, want)
+    pieces[2][...] = 0  # a new tensor, not a view of a piece
+    assert torch.equal(joined, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU test above checks the joining)")
+def test_gpu_cat_to_stages_host_pieces_without_waiting_for_the_stream() -> None:
+    """A step's audio (numpy pieces and CPU tensors, megabytes) joined and sent to the GPU while a long kernel
+    runs: ``cat_to`` returns before the kernel ends, and the data arrives joined in order."""
+    pieces = [np.random.default_rng(k).standard_normal((1, 1, 2048), dtype=np.float32) for k in range(1024)]
+    pieces[3] = torch.from_numpy(pieces[3].copy())
+    want = torch.cat([torch.as_tensor(p) for p in pieces])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning
+    busy_until = torch.cuda.Event()
+    busy_until.record()
+    joined = cat_to(pieces, torch.device("cuda"))
+    assert not busy_until.query(), "cat_to waited for the kernel in flight"
+    assert torch.equal(joined.cpu(), want)
+    assert torch.equal(cat_to([p[..., :5] for p in pieces[:3]], torch.device("cuda"), dim=-1).cpu(),
+                       torch.cat([torch.as_tensor(p[..., :5]) for p in pieces[:3]], dim=-1))

@@ -45,16 +45,32 @@ def _first(x: Any, rows: int) -> Any:
 
 def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.device, dim: int = 0) -> torch.Tensor:
     """Concatenate (along the batch by default) and move to ``device``: one copy when the pieces share a
-    device. Pieces may be numpy arrays (input queued on the host, see ``EncodeEngine.submit_many``)."""
-    if all(isinstance(p, np.ndarray) for p in pieces):
-        joined = torch.from_numpy(np.concatenate(pieces, axis=dim))
-    else:
-        pieces = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
-        try:
-            joined = torch.cat(pieces, dim=dim)
-        except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
-            joined = torch.cat([p.to(device) for p in pieces], dim=dim)
+    device. Pieces may be numpy arrays (input queued on the host, see ``EncodeEngine.submit_many``).
+
+    Host pieces bound for a GPU are joined straight into pinned memory, whose copy is queued on the stream:
+    from pageable memory a copy of a step's audio (megabytes) waited for the GPU's work in flight, the step
+    that the engine thread's host work is meant to overlap."""
+    device = torch.device(device)
+    if all(isinstance(p, np.ndarray) or p.device.type == "cpu" for p in pieces):
+        return _join_on_host(pieces, dim, pin=device.type == "cuda").to(device, non_blocking=True)
+    pieces = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
+    try:
+        joined = torch.cat(pieces, dim=dim)
+    except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
+        joined = torch.cat([p.to(device) for p in pieces], dim=dim)
     return joined.to(device, non_blocking=True)
+
+
+def _join_on_host(pieces: Sequence[Union[torch.Tensor, np.ndarray]], dim: int, pin: bool) -> torch.Tensor:
+    """Host pieces (numpy arrays or CPU tensors) concatenated along ``dim`` into one new CPU tensor, in
+    page-locked memory with ``pin``."""
+    arrays = [p if isinstance(p, np.ndarray) else p.detach().numpy() for p in pieces]
+    shape = list(arrays[0].shape)
+    shape[dim] = sum(a.shape[dim] for a in arrays)
+    dtype = torch.from_numpy(np.empty(0, dtype=np.result_type(*arrays))).dtype
+    joined = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    np.concatenate(arrays, axis=dim, out=joined.numpy())
+    return joined
 
 
 def index_on(ids: Sequence[int], device: torch.device) -> torch.Tensor:
