@@ -889,6 +889,11 @@ def test_cat_to_joins_host_pieces_in_order(dim: int) -> None:
     assert joined.dtype == torch.float32 and torch.equal(joined, want)
     pieces[2][...] = 0  # a new tensor, not a view of a piece
     assert torch.equal(joined, want)
+    as_numpy = [np.ascontiguousarray(p) for p in pieces]
+    assert torch.equal(cat_to(as_numpy, torch.device("cpu"), dim=dim),  # numpy alone: joined by numpy
+                       torch.cat([torch.from_numpy(p) for p in as_numpy], dim=dim))
+    halves = [torch.from_numpy(p).bfloat16() for p in as_numpy]  # a dtype numpy lacks
+    assert torch.equal(cat_to(halves, torch.device("cpu"), dim=dim), torch.cat(halves, dim=dim))
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -63,14 +64,18 @@ def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.devi
 
 def _join_on_host(pieces: Sequence[Union[torch.Tensor, np.ndarray]], dim: int, pin: bool) -> torch.Tensor:
     """Host pieces (numpy arrays or CPU tensors) concatenated along ``dim`` into one new CPU tensor, in
-    page-locked memory with ``pin``."""
-    arrays = [p if isinstance(p, np.ndarray) else p.detach().numpy() for p in pieces]
-    shape = list(arrays[0].shape)
-    shape[dim] = sum(a.shape[dim] for a in arrays)
-    dtype = torch.from_numpy(np.empty(0, dtype=np.result_type(*arrays))).dtype
-    joined = torch.empty(shape, dtype=dtype, pin_memory=pin)
-    np.concatenate(arrays, axis=dim, out=joined.numpy())
-    return joined
+    page-locked memory with ``pin``. Numpy pieces alone are joined by numpy: a server's thousands of per-stream
+    views, without a tensor made for each."""
+    shape = list(pieces[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in pieces)
+    if all(isinstance(p, np.ndarray) for p in pieces):
+        dtype = torch.from_numpy(np.empty(0, dtype=np.result_type(*pieces))).dtype
+        joined = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        np.concatenate(pieces, axis=dim, out=joined.numpy())
+        return joined
+    tensors = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return torch.cat(tensors, dim=dim, out=torch.empty(shape, dtype=dtype, pin_memory=pin))
 
 
 def index_on(ids: Sequence[int], device: torch.device) -> torch.Tensor:
