@@ -146,10 +146,15 @@ def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch:
     from snac_stream.kernels import conv, upsampling
 
     taken = []
+
+    def recording(name: str, original):
+        def call(*args, **kwargs):
+            taken.append((name, kwargs.get("split")))
+            return original(*args, **kwargs)
+        return call
+
     for module, name in ((conv, "snake_conv"), (upsampling, "phase_pairs")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: taken.append((_n, k.get("split")))
-                            or _f(*a, **k))
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     torch.manual_seed(c_in)
     layer = torch.nn.ConvTranspose1d(c_in, 3, 4, 2, padding=1).to(DEVICE)
     alpha = torch.rand(1, c_in, 1, device=DEVICE) + 0.5

@@ -251,19 +251,22 @@ def conv_transpose(
     end = frames * stride if length is None else crop + length
     if crop < 0 or end > frames * stride or end < crop:
         raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
+    precision = _PRECISION.get() if triton else None
+    # Kept per bias on the Triton backend (no autograd there); PyTorch's keeps the bias's gradient.
+    phase_bias = None if bias is None else _phase_bias(bias, stride) if triton else bias.repeat_interleave(stride)
     # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
     if triton:
         from ..kernels import upsampling
 
-        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, c_in, _PRECISION.get())
+        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, c_in, precision)
         if product != "cublas":
             from ..kernels import conv
 
             # The same product as a 2-tap conv of C_out * s channels over the frames, written (B, frames,
             # C_out * s) as the cuBLAS product's rows are.
             z = torch.empty(b, frames, c_out * stride, device=x.device, dtype=torch.float32)
-            conv.snake_conv(x, _conv_phase_weight(weight), None if bias is None else _phase_bias(bias, stride),
-                            alpha=alpha, padding=padding, context=context, precision=_PRECISION.get(),
+            conv.snake_conv(x, _conv_phase_weight(weight), phase_bias, alpha=alpha, padding=padding,
+                            context=context, precision=precision,
                             split=product == "conv_split", out=z.transpose(1, 2))
             return upsampling.place_phases(z.view(b * frames, c_out * stride), b, stride, crop, end - crop)
         pairs = upsampling.phase_pairs(x, context, alpha, padding)
@@ -279,10 +282,9 @@ def conv_transpose(
     # products with the splits in PyTorch were slower than the fp32 GEMM; one product of rows split in the
     # rows' own pass was up to 2.4x faster on the wide layers, but cuBLAS's tensor-core accumulation made its
     # error 10x the fp32 GEMM's (bench/RESULTS.md). So "tf32x3" keeps fp32 here.
-    precision = _PRECISION.get() if triton else None
     w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
     with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
-        z = pairs @ w if bias is None else torch.addmm(bias.repeat_interleave(stride), pairs, w)
+        z = pairs @ w if phase_bias is None else torch.addmm(phase_bias, pairs, w)
     if triton:
         return upsampling.place_phases(z, b, stride, crop, end - crop)
     z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
