@@ -104,9 +104,10 @@ class StepGroups(list):
     """
 
     def __init__(self, groups: Sequence[Tuple[List[int], Any]] = (), wall_s: float = 0.0,
-                 events: Optional[Tuple[Any, Any]] = None):
+                 events: Optional[Tuple[Any, Any]] = None, eager: int = 0):
         super().__init__(groups)
         self.wall_s = wall_s  # the host's time in step_groups
+        self.eager = eager  # groups stepped eagerly (warming up: every kernel launched from Python)
         self.blocked_s = 0.0  # the host's time blocked in wait()
         self._events = events  # (started, done) CUDA events of an async step
 
@@ -348,7 +349,7 @@ class StreamEngine:
                     self._join(group)
         if events is not None:
             events[1].record()
-        return StepGroups(groups, time.perf_counter() - t0, events)
+        return StepGroups(groups, time.perf_counter() - t0, events, eager=len(warming))
 
     def close(self, sid: int) -> Any:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""

@@ -395,6 +395,32 @@ def _tick_parts(parts: Sequence[Tuple[float, float, float, float]]) -> Optional[
             "rest": _stats(np.maximum(wall - cpu - blocked, 0.0)), "gc": _stats(collecting)}
 
 
+TICK_BANDS = ((0, 50), (50, 95), (95, 99), (99, 100))  # percentiles of tick duration
+
+
+def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Optional[Dict[str, Any]]:
+    """What the ticks did, by duration (``stats["tick_work"]`` records): for the ticks in each band of
+    :data:`TICK_BANDS` ("p50-p95": longer than the p50, up to the p95), their count and mean duration, engine
+    thread CPU (ms), stream-steps launched, groups of warming streams stepped eagerly and sessions ended; over
+    the run, the eager group-steps in all and when the last one ran (seconds after the first tick). Which
+    work the long ticks carry is where a latency tail comes from. None without ticks."""
+    if not work:
+        return None
+    start, wall, cpu, rows, eager, ended = (np.array(column, dtype=np.float64) for column in zip(*work))
+    edges = np.percentile(wall, [band[0] for band in TICK_BANDS] + [100])
+    bands: Dict[str, Any] = {}
+    for k, (low, high) in enumerate(TICK_BANDS):
+        pick = (wall <= edges[k + 1]) & ((wall > edges[k]) if k else (wall >= edges[k]))
+        n = int(pick.sum())
+        bands[f"p{low}-p{high}"] = {"ticks": n, **({name: round(float(column[pick].mean()) * scale, 2) for name, column,
+                                                     scale in (("tick_ms", wall, 1e3), ("cpu_ms", cpu, 1e3),
+                                                               ("stream_steps", rows, 1), ("eager_groups", eager, 1),
+                                                               ("sessions_ended", ended, 1))} if n else {})}
+    with_eager = np.flatnonzero(eager)
+    return {"by_duration": bands, "eager_groups": int(eager.sum()),
+            "last_eager_s": round(float(start[with_eager[-1]] - start[0]), 2) if with_eager.size else None}
+
+
 def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
     values = np.asarray(values, dtype=np.float64)
     if not values.size:
@@ -603,6 +629,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "ticks_per_device": [worker.ticks for worker in server.workers],
         "tick_ms": _stats(server.stats["tick_s"]), "engine_step_ms": _stats(server.stats["step_s"]),
         "tick_parts_ms": _tick_parts(server.stats["tick_parts_s"]),
+        "tick_work": _tick_work(server.stats["tick_work"]),
         "gc": GC_CLOCK.report(),  # the engine process's collections since its server started
         "scrape_hz": scrape_hz, "scrapes": len(scrapes), "scrape_ms": _stats(scrapes) if scrapes else None,
         "machine": machine_info(*places),
@@ -627,6 +654,17 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             f"{parts['blocked']['p99']:.1f} ms, the rest (waiting for the interpreter lock or a core) "
             f"{parts['rest']['p50']:.1f} / {parts['rest']['p99']:.1f} ms; garbage collection in the process "
             f"meanwhile {parts['gc']['p50']:.1f} / {parts['gc']['p99']:.1f} ms")
+    work = report["tick_work"]
+    if work is not None:
+        say("        ticks by duration: count, mean ms, engine thread CPU ms, stream-steps, warming groups stepped "
+            "eagerly, sessions ended")
+        for band, w in work["by_duration"].items():
+            if w["ticks"]:
+                say(f"          {band:<8} {w['ticks']:6d} {w['tick_ms']:8.1f} {w['cpu_ms']:8.1f} {w['stream_steps']:8.1f} "
+                    f"{w['eager_groups']:6.2f} {w['sessions_ended']:6.2f}")
+        say(f"        warming groups stepped eagerly: {work['eager_groups']}"
+            + (f", the last {work['last_eager_s']:.2f} s after the first tick" if work["last_eager_s"] is not None
+               else ""))
     if scrapes:
         say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "
             f"p99 {report['scrape_ms']['p99']:.1f} ms")
