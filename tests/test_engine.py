@@ -163,7 +163,7 @@ def test_a_broken_stream_does_not_touch_the_others(step_mode: str) -> None:
         poisoned = select_rows(engine._batch, row)
         from snac_stream.streaming.rows import assign_rows
         nan_state = _fill(poisoned, float("nan"))
-        engine._batch = assign_rows(engine._batch, row, nan_state)
+        assign_rows(engine._batch, row, nan_state)  # in place: the steady batch's own tensors
         while engine.pending(sids[0]):
             for sid, audio in engine.step().items():
                 outs[sid].append(audio)
@@ -347,15 +347,17 @@ def test_graph_replay_equals_eager(engine_type) -> None:
 
 
 @pytest.mark.parametrize("step_mode", CPU_STEP_MODES)
-def test_a_warming_group_splits_when_some_streams_wait(step_mode: str) -> None:
-    """Streams whose first step runs together warm up as one group; when only some of them have a step
-    queued the group splits, the waiting one warms up later on its own, a member leaving (aborted) takes its
-    row with it, and every stream that stays equals its offline decode."""
+def test_streams_warming_up_step_together_by_phase(step_mode: str) -> None:
+    """A step runs one pass per phase with a stream due: the streams that have run as many steps share it,
+    whenever each started; the steady streams share the batch's. Streams that wait, start late, leave
+    (aborted) or end before their first step change nothing for the others, and every stream equals its
+    offline decode."""
     model = model_for("24khz")
-    engine = DecodeEngine(model, 4, step_mode=step_mode)
-    sids = [engine.open() for _ in range(4)]
+    engine = DecodeEngine(model, 5, step_mode=step_mode)
+    assert engine.warmup_steps >= 2  # phases 0, 1 and 2 below are warm-up phases
+    sids = [engine.open() for _ in range(5)]
     steps = engine.warmup_steps + 3
-    codes = [random_codes(model, steps, engine, seed=10 + i) for i in range(4)]
+    codes = [random_codes(model, steps, engine, seed=10 + i) for i in range(5)]
     outs: Dict[int, list] = {sid: [] for sid in sids}
     sent = {sid: 0 for sid in sids}
 
@@ -364,31 +366,37 @@ def test_a_warming_group_splits_when_some_streams_wait(step_mode: str) -> None:
             engine.submit(sid, steps_of(codes[sid], sent[sid], n, engine))
             sent[sid] += n
 
-    def run() -> None:
-        for sid, out in engine.step().items():
-            outs[sid].append(out)
+    def run() -> List[List[int]]:
+        """One step; the stream ids of each of its passes, in order."""
+        groups = engine.step_groups()
+        groups.wait()
+        for ids, outputs in groups:
+            for sid, out in zip(ids, engine._rows(outputs)):
+                outs[sid].append(out)
+        assert groups.warming == sum(1 for ids, _ in groups if engine._slots[ids[0]].steps <= engine.warmup_steps)
+        return [list(ids) for ids, _ in groups]
 
     with torch.no_grad():
-        feed(sids)
-        run()  # one group of four
-        assert len({id(engine._slots[sid].group) for sid in sids}) == 1
         feed(sids[:2])
-        run()  # sids[2:] wait: the group splits
-        assert engine._slots[sids[0]].group is engine._slots[sids[1]].group
-        assert engine._slots[sids[2]].group is not engine._slots[sids[0]].group
-        engine.abort(sids[3])  # leaves the waiting group
-        feed(sids[:3])
-        run()
-        feed(sids[:2], steps - 3)
-        feed(sids[2:3], steps - 2)
+        assert run() == [sids[:2]]  # both in phase 0
+        feed([sids[0], sids[2]])  # sids[1] waits, sids[2] starts
+        assert run() == [[sids[0]], [sids[2]]]  # phase 1, then phase 0
+        feed(sids[:4])
+        assert run() == [[sids[0]], sids[1:3], [sids[3]]]  # phases 2, 1 and 0: one pass each
+        feed(sids[4:5])
+        engine.abort(sids[3])  # leaves phase 1
+        assert engine.close(sids[4]).shape[-1]  # ends with its one step queued, none run
+        feed(sids[:3], steps - 3)
+        feed(sids[1:3], 1)
         assert all(sent[sid] == steps for sid in sids[:3])
         while any(engine.pending(sid) for sid in sids[:3]):
             run()
-        assert all(engine._slots[sid].group is None for sid in sids[:3])  # all in the batch
+        assert all(engine.phase_of(engine._slots[sid]) == engine.warmup_steps for sid in sids[:3])
         for sid in sids[:3]:
             got = torch.cat(outs[sid] + [engine.close(sid)], dim=-1)
             want = model.decode(steps_of(codes[sid], 0, sent[sid], engine))
             assert got.shape == want.shape and (got - want).abs().max().item() <= AUDIO_TOL
+    assert engine.active_streams == 0
 
 
 @pytest.mark.parametrize("engine_type", ["decode", "encode"])

@@ -253,7 +253,7 @@ def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
         assert 0 < cpu <= wall + 0.01  # thread CPU time has a coarser clock than the wall
         assert 0 <= collecting <= wall
     assert stats["tick_parts_s"][2][3] > 0
-    # What each tick did: one stream-step each, eager while the stream warms up (outside the batched rows).
+    # What each tick did: one stream-step each, a warm-up pass while the stream warms up.
     work = list(stats["tick_work"])
     assert [w[1:3] for w in work] == [p[:2] for p in stats["tick_parts_s"]]
     assert [w[0] for w in work] == sorted(w[0] for w in work)
@@ -266,21 +266,21 @@ def test_each_tick_records_where_the_engine_thread_spent_it() -> None:
 
 def test_ticks_are_reported_by_duration_with_the_work_they_carried() -> None:
     """The load test's account of what the long ticks did: bands of tick duration, each band's means, and
-    when warming groups last stepped eagerly."""
+    when streams last warmed up."""
     from snac_stream.server.loadtest import _tick_work
 
-    # 100 ticks: 98 short ones stepping 10 streams, a long one warming 3 groups, a longer one ending 5 sessions.
+    # 100 ticks: 98 short ones stepping 10 streams, a long one with 3 warm-up passes, a longer one ending 5 sessions.
     work = [(float(k), 0.010, 0.008, 10, 0, 0) for k in range(98)]
     work += [(98.0, 0.050, 0.045, 12, 3, 0), (99.0, 0.080, 0.070, 10, 0, 5)]
     report = _tick_work(work)
     bands = report["by_duration"]
     assert [band["ticks"] for band in bands.values()] == [98, 0, 1, 1]
     assert bands["p0-p50"] == {"ticks": 98, "tick_ms": 10.0, "cpu_ms": 8.0, "stream_steps": 10.0,
-                               "eager_groups": 0.0, "sessions_ended": 0.0}
-    assert bands["p95-p99"]["eager_groups"] == 3 and bands["p95-p99"]["tick_ms"] == 50.0
+                               "warmup_passes": 0.0, "sessions_ended": 0.0}
+    assert bands["p95-p99"]["warmup_passes"] == 3 and bands["p95-p99"]["tick_ms"] == 50.0
     assert bands["p99-p100"]["sessions_ended"] == 5 and bands["p99-p100"]["cpu_ms"] == 70.0
-    assert report["eager_groups"] == 3 and report["last_eager_s"] == 98.0
-    assert _tick_work(work[:98])["last_eager_s"] is None
+    assert report["warmup_passes"] == 3 and report["last_warmup_s"] == 98.0
+    assert _tick_work(work[:98])["last_warmup_s"] is None
     assert _tick_work([]) is None
 
 

@@ -104,10 +104,10 @@ class StepGroups(list):
     """
 
     def __init__(self, groups: Sequence[Tuple[List[int], Any]] = (), wall_s: float = 0.0,
-                 events: Optional[Tuple[Any, Any]] = None, eager: int = 0):
+                 events: Optional[Tuple[Any, Any]] = None, warming: int = 0):
         super().__init__(groups)
         self.wall_s = wall_s  # the host's time in step_groups
-        self.eager = eager  # groups stepped eagerly (warming up: every kernel launched from Python)
+        self.warming = warming  # passes of streams warming up (one per warm-up phase with a step queued)
         self.blocked_s = 0.0  # the host's time blocked in wait()
         self._events = events  # (started, done) CUDA events of an async step
 
@@ -129,22 +129,11 @@ class EngineFull(RuntimeError):
 
 
 @dataclass
-class _Warming:
-    """Streams warming up together, outside the batch: one batched state, row ``i`` belonging to ``sids[i]``.
-    Streams whose first step runs in the same call start one; it splits when only some of them have a step
-    queued, and joins the batch as a whole (one copy per state tensor, not one per stream)."""
-    sids: List[int]
-    state: Any
-
-
-@dataclass
 class Slot:
-    """One stream's slot: its queued input and where its state is (its group's while warming up, then its
-    batch row, row ``sid``)."""
+    """One stream's slot: its queued input and its steps run, which say where its state is: row ``sid`` of
+    the batch of its phase (``StreamEngine.phase_of``)."""
     sid: int
     queue: List[Any] = field(default_factory=list)  # whole steps of input, oldest first (tensors, numpy on the host)
-    fresh: bool = True  # no step run yet (its state is made with its group's)
-    group: Optional[_Warming] = None  # while warming up; None once in the batch
     steps: int = 0  # steps run
     received: int = 0  # input samples submitted (encoder)
     partial: Optional[Union[torch.Tensor, np.ndarray]] = None  # samples short of a whole step (encoder)
@@ -186,22 +175,32 @@ class StreamEngine:
         model.resolved_backend(backend)  # fail now on an unusable backend
         self.step_frames = self.config.pad_multiple // self.config.frame_samples
         self.step_samples = self.step_frames * self.config.frame_samples
-        self.warmup_steps, steady = self._derive_warmup()
-        # The batch holds every row in the steady shape, one per slot and a spare one (index max_streams) for
-        # the unused places of a bucket pass; rows are zero until a stream joins.
-        self._batch = batch_positions(zero_rows(steady, max_streams + 1), max_streams + 1, model.device)
+        # Phase k < warmup_steps: a stream that has run k steps, its state shapes still growing; the last phase
+        # is the steady one. Each phase has a batch of its own, one row per slot and a spare one (index
+        # max_streams) for the unused places of a bucket pass, so a step of a phase's streams is one batched pass
+        # (a graph) however their starts fell, and moves their rows to the next phase's batch.
+        templates = self._derive_phases()
+        self.warmup_steps = len(templates) - 1
+        if not self.warmup_steps:
+            raise AssertionError("a stream state with no warm-up: fresh rows would have to be reset in the batch")
+        rows = max_streams + 1
+        self._phases = [batch_positions(self._init_state(rows), rows, model.device)]  # fresh: every row is new
+        self._phases += [batch_positions(zero_rows(t, rows), rows, model.device) for t in templates[1:]]
         self._slots: Dict[int, Slot] = {}
         self._free: List[int] = list(range(max_streams))
-        # Bucket passes read fixed input buffers and the list of rows they advance (``_bucket_rows``).
+        # Bucket passes read fixed input buffers and the list of rows they advance (``_bucket_rows``). Warm-up
+        # phases step few streams at a time and are a short part of a stream: powers of two do, fewer graphs.
         self.buckets = bucket_sizes(max_streams)
-        self._last_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)  # see _row_index
+        self.warmup_buckets = [k for k in self.buckets if k & (k - 1) == 0 or k == max_streams]
+        self._last_rows: Dict[int, Tuple[tuple, torch.Tensor]] = {}  # per phase, see _row_index
         if step_mode != "rows":
             stacked = self._stack([self._zero_step()] * max_streams)
             self._inputs = [t.contiguous() for t in stacked] if isinstance(stacked, list) else stacked.contiguous()
-            # The rows with a step queued, in input order, then the spare row: a pass of bucket k advances the
-            # first k entries, so a step costs what its streams need, not what their highest slot does.
-            self._bucket_rows = torch.full((max_streams,), max_streams, dtype=torch.int64, device=model.device)
-        # A bucket's pass, captured as a CUDA graph in "graphs" mode, run eagerly in "buckets" mode.
+            # Per phase, the rows with a step queued, in input order, then the spare row: a pass of bucket k
+            # advances the first k entries, so a step costs what its streams need, not what their highest slot does.
+            self._bucket_rows = [torch.full((max_streams,), max_streams, dtype=torch.int64, device=model.device)
+                                 for _ in self._phases]
+        # A (phase, bucket) pass, captured as a CUDA graph in "graphs" mode, run eagerly in "buckets" mode.
         self._bucket_passes = CUDAGraphed(self._bucket_pass, model.device, enabled=step_mode == "graphs",
                                           frozen=self._spare_row_only)
 
@@ -251,20 +250,35 @@ class StreamEngine:
         return self._no_output(state_batch(state)) if tail is None else tail
 
     def _ends_in_batch(self, slot: Slot) -> bool:
-        """Whether the stream's end is its flush alone, run on its batch row (``close_many``)."""
-        return not slot.fresh and slot.group is None and not slot.queue
+        """Whether the stream's end is its flush alone, run on its row of the steady batch (``close_many``)."""
+        return slot.steps >= self.warmup_steps and not slot.queue
 
     # ---- layout ---------------------------------------------------------------------------------
-    def _derive_warmup(self) -> tuple[int, Any]:
-        """Steps until a stream's state shapes stop changing and each step yields a whole step of output,
-        and a state in that steady shape (``rows.steady_state`` on placeholder steps)."""
-        return steady_state(self._init_state(1), lambda state: self._advance(state, self._stack([self._zero_step()])),
-                            self._full_step)
+    def _derive_phases(self) -> List[Any]:
+        """A single stream's state in each phase: after 0, 1, ... steps until its shapes stop changing and each
+        step yields a whole step of output (``rows.steady_state`` on placeholder steps); the last is steady."""
+        before: List[Any] = []
+
+        def advance(state: Any) -> Any:
+            before.append(zero_rows(state, 1))  # the shapes and counters of the phase this step leaves
+            return self._advance(state, self._stack([self._zero_step()]))
+
+        warmup, steady = steady_state(self._init_state(1), advance, self._full_step)
+        return before[:warmup] + [steady]
+
+    @property
+    def _batch(self) -> Any:
+        """The steady phase's batch: the rows of every stream past its warm-up."""
+        return self._phases[-1]
+
+    def phase_of(self, slot: Slot) -> int:
+        """The phase of a stream's state: its steps run, up to the steady phase (``warmup_steps``)."""
+        return min(slot.steps, self.warmup_steps)
 
     @property
     def state_bytes_per_stream(self) -> int:
-        """Bytes of state one stream slot holds in the batch."""
-        return state_bytes(self._batch) // (self.max_streams + 1)
+        """Bytes of state one stream slot holds, in every phase's batch."""
+        return sum(state_bytes(phase) for phase in self._phases) // (self.max_streams + 1)
 
     @property
     def active_streams(self) -> int:
@@ -312,56 +326,32 @@ class StreamEngine:
             events[0].record()
         groups: List[Tuple[List[int], Any]] = []
         # Host work here is per stream (thousands of them): one pass over the slots, one batched call per tensor.
-        batched: List[Slot] = []
-        fresh: List[Slot] = []
-        warming: Dict[int, _Warming] = {}  # by id: the groups with a step queued for at least one member
+        steady = self.warmup_steps
+        due: List[List[Slot]] = [[] for _ in self._phases]  # by phase
         for slot in self._slots.values():
             if slot.queue:
-                if slot.fresh:
-                    fresh.append(slot)
-                elif slot.group is None:
-                    batched.append(slot)
-                else:
-                    warming[id(slot.group)] = slot.group
+                due[slot.steps if slot.steps < steady else steady].append(slot)
         with torch.inference_mode(), self.model.on_backend(self.backend):
-            if batched:
-                batched.sort(key=_sid)
-                sids = [slot.sid for slot in batched]
-                outputs = self._step_batch(sids, self._stack([slot.queue.pop(0) for slot in batched]))
+            for phase in range(steady, -1, -1):  # the steady batch first: most streams, launched soonest
+                slots = due[phase]
+                if not slots:
+                    continue
+                slots.sort(key=_sid)
+                sids = [slot.sid for slot in slots]
+                outputs = self._step_batch(sids, self._stack([slot.queue.pop(0) for slot in slots]), phase)
                 groups.append((sids, self._to_output(outputs, self.async_output)))
-                for slot in batched:
+                for slot in slots:
                     slot.steps += 1
-            if fresh:
-                group = _Warming([slot.sid for slot in fresh], self._init_state(len(fresh)))
-                for slot in fresh:
-                    slot.fresh, slot.group = False, group
-                warming[id(group)] = group
-            for group in warming.values():
-                members = [self._slots[sid] for sid in group.sids]
-                if not all(slot.queue for slot in members):
-                    group = self._split(group, [i for i, slot in enumerate(members) if slot.queue])
-                    members = [self._slots[sid] for sid in group.sids]
-                outputs = self._advance(group.state, self._stack([slot.queue.pop(0) for slot in members]))
-                groups.append((list(group.sids), self._to_output(outputs, self.async_output)))
-                for slot in members:
-                    slot.steps += 1
-                if members[0].steps >= self.warmup_steps:
-                    self._join(group)
         if events is not None:
             events[1].record()
-        return StepGroups(groups, time.perf_counter() - t0, events, eager=len(warming))
+        return StepGroups(groups, time.perf_counter() - t0, events, warming=sum(map(bool, due[:steady])))
 
     def close(self, sid: int) -> Any:
         """End stream ``sid``: run what is queued, return the rest of its output, free the slot."""
         slot = self._slot(sid)
         try:
             with torch.inference_mode(), self.model.on_backend(self.backend):
-                if slot.fresh:
-                    state = self._init_state(1)
-                elif slot.group is not None:
-                    state = self._leave_group(slot)
-                else:
-                    state = row_state(self._batch, sid)
+                state = row_state(self._phases[self.phase_of(slot)], sid)
                 return self._to_output(self._finish(slot, state))
         finally:
             self._release(sid)
@@ -394,9 +384,7 @@ class StreamEngine:
 
     def abort(self, sid: int) -> None:
         """Drop stream ``sid`` without running the rest (a failed or vanished client)."""
-        slot = self._slot(sid)
-        if slot.group is not None:
-            self._leave_group(slot)
+        self._slot(sid)
         self._release(sid)
 
     def warm_up(self) -> None:
@@ -428,66 +416,80 @@ class StreamEngine:
         self._slot(sid).queue.extend(self._zero_step() for _ in range(steps))
 
     def capture_graphs(self) -> None:
-        """Capture every bucket's CUDA graph now (``step_mode='graphs'``), so no step pays for a capture."""
+        """Capture every (phase, bucket) pass's CUDA graph now (``step_mode='graphs'``), so no step pays for a
+        capture."""
         if self.step_mode != "graphs":
             raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
         with torch.inference_mode(), self.model.on_backend(self.backend):
-            for k in self.buckets:
-                self._bucket_passes.capture(k)
+            for phase in range(len(self._phases)):
+                for k in self._phase_buckets(phase):
+                    self._bucket_passes.capture((phase, k))
+
+    def _phase_buckets(self, phase: int) -> List[int]:
+        """The bucket sizes of a phase's passes."""
+        return self.buckets if phase == self.warmup_steps else self.warmup_buckets
 
     # ---- batched steps --------------------------------------------------------------------------
-    def _step_batch(self, sids: List[int], inputs: Any) -> Any:
-        """Advance the batch rows ``sids`` (ascending) by one step of ``inputs`` (one row each, same order);
-        returns the outputs of those rows, in that order."""
-        rows, changed = self._row_index(sids)
+    def _step_batch(self, sids: List[int], inputs: Any, phase: int) -> Any:
+        """Advance the rows ``sids`` (ascending) of a phase's batch by one step of ``inputs`` (one row each,
+        same order), into the next phase's batch (the steady one's into itself); returns the outputs of those
+        rows, in that order."""
+        rows, changed = self._row_index(sids, phase)
         if self.step_mode == "rows":
-            sub = select_rows(self._batch, rows)
+            sub = select_rows(self._phases[phase], rows)
             outputs = self._advance(sub, inputs)
-            self._batch = assign_rows(self._batch, rows, sub)
+            after = min(phase + 1, self.warmup_steps)
+            self._phases[after] = assign_rows(self._phases[after], rows, sub)
             return outputs
         count = len(sids)
-        bucket = next(k for k in self.buckets if k >= count)
+        bucket = next(k for k in self._phase_buckets(phase) if k >= count)
         for buffer, part in zip(_as_list(self._inputs), _as_list(inputs)):
             buffer[:count].copy_(part)
         if changed:
-            self._bucket_rows[:count].copy_(rows)
-            self._bucket_rows[count:].fill_(self.max_streams)
-        outputs = self._bucket_passes(bucket)
+            self._bucket_rows[phase][:count].copy_(rows)
+            self._bucket_rows[phase][count:].fill_(self.max_streams)
+        outputs = self._bucket_passes((phase, bucket))
         # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
         picked = [o[:count].clone() for o in _as_list(outputs)]
         return picked if isinstance(outputs, list) else picked[0]
 
-    def _row_index(self, sids: List[int]) -> Tuple[torch.Tensor, bool]:
-        """``sids`` as an index tensor on the model's device, and whether they differ from the last step's:
-        a steady set of streams reuses the tensor and the bucket's row list (no host-to-device copy per step)."""
+    def _row_index(self, sids: List[int], phase: int) -> Tuple[torch.Tensor, bool]:
+        """``sids`` as an index tensor on the model's device, and whether they differ from the phase's last
+        step's: a steady set of streams reuses the tensor and the bucket's row list (no host-to-device copy per
+        step)."""
         key = tuple(sids)
-        if key == self._last_rows[0]:
-            return self._last_rows[1], False
+        last = self._last_rows.get(phase)
+        if last is not None and key == last[0]:
+            return last[1], False
         rows = index_on(sids, self.model.device)
-        self._last_rows = (key, rows)
+        self._last_rows[phase] = (key, rows)
         return rows, True
 
-    def _bucket_pass(self, bucket: int) -> Any:
-        """Advance the rows of the first ``bucket`` entries of the row list: gathered into a batch of their own,
-        advanced on the staged inputs, written back (the spare row's several entries write it in any order; it
-        is never read for a stream). The batch's counters stay as they are: every row is in the same phase."""
-        rows = self._bucket_rows[:bucket]
-        work = select_rows(self._batch, rows)
+    def _bucket_pass(self, key: Tuple[int, int]) -> Any:
+        """Advance the rows of the first ``bucket`` entries of a phase's row list: gathered into a batch of their
+        own, advanced on the staged inputs, written to the next phase's batch (the steady phase's to itself; the
+        spare row's several entries write it in any order; it is never read for a stream). The batches'
+        counters stay as they are: every row of a batch is in its phase."""
+        phase, bucket = key
+        rows = self._bucket_rows[phase][:bucket]
+        work = select_rows(self._phases[phase], rows)
         outputs = self._advance(work, _first(self._inputs, bucket))
-        assign_rows(self._batch, rows, work, counters=False)
+        assign_rows(self._phases[min(phase + 1, self.warmup_steps)], rows, work, counters=False)
         return outputs
 
     @contextlib.contextmanager
     def _spare_row_only(self) -> Iterator[None]:
-        """Bucket passes run inside leave every stream's row as it was: the row list points at the spare row
+        """Bucket passes run inside leave every stream's row as it was: the row lists point at the spare row
         meanwhile (the passes before a graph's capture run for real)."""
-        rows = self._bucket_rows.clone()
-        self._bucket_rows.fill_(self.max_streams)
+        kept = [rows.clone() for rows in self._bucket_rows]
+        for rows in self._bucket_rows:
+            rows.fill_(self.max_streams)
         try:
             yield
         finally:
-            self._bucket_rows.copy_(rows)
-            self._last_rows = ((), None)  # the passes ran with another row list
+            for rows, before in zip(self._bucket_rows, kept):
+                rows.copy_(before)
+            self._last_rows = {}  # the passes ran with other row lists
 
     # ---- internals ------------------------------------------------------------------------------
     def _queue_device(self, x: Any) -> torch.device:
@@ -512,41 +514,14 @@ class StreamEngine:
             raise KeyError(f"no open stream {sid!r}")
         return slot
 
-    def _join(self, group: _Warming) -> None:
-        """Move a warmed-up group into its streams' batch rows."""
-        rows = index_on(group.sids, self.model.device)
-        self._batch = assign_rows(self._batch, rows, group.state)
-        for sid in group.sids:
-            self._slots[sid].group = None
-
-    def _split(self, group: _Warming, rows: List[int]) -> _Warming:
-        """Rows ``rows`` of a warming group as a group of their own (returned); the others stay in ``group``."""
-        taken = set(rows)
-        rest = [i for i in range(len(group.sids)) if i not in taken]
-        device = self.model.device
-        moved = _Warming([group.sids[i] for i in rows], select_rows(group.state, index_on(rows, device)))
-        group.sids = [group.sids[i] for i in rest]
-        group.state = select_rows(group.state, index_on(rest, device))
-        for sid in moved.sids:
-            self._slots[sid].group = moved
-        return moved
-
-    def _leave_group(self, slot: Slot) -> Any:
-        """Take a warming stream out of its group; returns its state (batch 1)."""
-        group = slot.group
-        assert group is not None
-        if len(group.sids) > 1:
-            group = self._split(group, [group.sids.index(slot.sid)])
-        slot.group = None
-        return group.state
-
     def _release(self, *sids: int) -> None:
         if not sids:
             return
         for sid in sids:
             del self._slots[sid]
-        # Zero the rows so nothing of these streams outlives them (one copy per state tensor for all).
+        # Zero their steady rows (one copy per state tensor for all), where a stream's state lives longest; a
+        # warm-up phase's row is written by the next stream's own step before that stream reads it.
         rows = index_on(sids, self.model.device)
-        self._batch = assign_rows(self._batch, rows, zero_rows(self._batch, len(sids)))
+        self._phases[-1] = assign_rows(self._batch, rows, zero_rows(self._batch, len(sids)))
         self._free.extend(sids)
         self._free.sort()

@@ -401,12 +401,12 @@ TICK_BANDS = ((0, 50), (50, 95), (95, 99), (99, 100))  # percentiles of tick dur
 def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Optional[Dict[str, Any]]:
     """What the ticks did, by duration (``stats["tick_work"]`` records): for the ticks in each band of
     :data:`TICK_BANDS` ("p50-p95": longer than the p50, up to the p95), their count and mean duration, engine
-    thread CPU (ms), stream-steps launched, groups of warming streams stepped eagerly and sessions ended; over
-    the run, the eager group-steps in all and when the last one ran (seconds after the first tick). Which
+    thread CPU (ms), stream-steps launched, passes of streams warming up and sessions ended; over the run,
+    the warm-up passes in all and when the last one ran (seconds after the first tick). Which
     work the long ticks carry is where a latency tail comes from. None without ticks."""
     if not work:
         return None
-    start, wall, cpu, rows, eager, ended = (np.array(column, dtype=np.float64) for column in zip(*work))
+    start, wall, cpu, rows, warming, ended = (np.array(column, dtype=np.float64) for column in zip(*work))
     edges = np.percentile(wall, [band[0] for band in TICK_BANDS] + [100])
     bands: Dict[str, Any] = {}
     for k, (low, high) in enumerate(TICK_BANDS):
@@ -414,11 +414,11 @@ def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Opt
         n = int(pick.sum())
         bands[f"p{low}-p{high}"] = {"ticks": n, **({name: round(float(column[pick].mean()) * scale, 2) for name, column,
                                                      scale in (("tick_ms", wall, 1e3), ("cpu_ms", cpu, 1e3),
-                                                               ("stream_steps", rows, 1), ("eager_groups", eager, 1),
+                                                               ("stream_steps", rows, 1), ("warmup_passes", warming, 1),
                                                                ("sessions_ended", ended, 1))} if n else {})}
-    with_eager = np.flatnonzero(eager)
-    return {"by_duration": bands, "eager_groups": int(eager.sum()),
-            "last_eager_s": round(float(start[with_eager[-1]] - start[0]), 2) if with_eager.size else None}
+    with_warming = np.flatnonzero(warming)
+    return {"by_duration": bands, "warmup_passes": int(warming.sum()),
+            "last_warmup_s": round(float(start[with_warming[-1]] - start[0]), 2) if with_warming.size else None}
 
 
 def _stats(values: Union[np.ndarray, Sequence[float]]) -> Dict[str, float]:
@@ -656,14 +656,14 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             f"meanwhile {parts['gc']['p50']:.1f} / {parts['gc']['p99']:.1f} ms")
     work = report["tick_work"]
     if work is not None:
-        say("        ticks by duration: count, mean ms, engine thread CPU ms, stream-steps, warming groups stepped "
-            "eagerly, sessions ended")
+        say("        ticks by duration: count, mean ms, engine thread CPU ms, stream-steps, passes of "
+            "streams warming up, sessions ended")
         for band, w in work["by_duration"].items():
             if w["ticks"]:
                 say(f"          {band:<8} {w['ticks']:6d} {w['tick_ms']:8.1f} {w['cpu_ms']:8.1f} {w['stream_steps']:8.1f} "
-                    f"{w['eager_groups']:6.2f} {w['sessions_ended']:6.2f}")
-        say(f"        warming groups stepped eagerly: {work['eager_groups']}"
-            + (f", the last {work['last_eager_s']:.2f} s after the first tick" if work["last_eager_s"] is not None
+                    f"{w['warmup_passes']:6.2f} {w['sessions_ended']:6.2f}")
+        say(f"        passes of streams warming up: {work['warmup_passes']}"
+            + (f", the last {work['last_warmup_s']:.2f} s after the first tick" if work["last_warmup_s"] is not None
                else ""))
     if scrapes:
         say(f"scrapes {len(scrapes)} GET /metrics at {scrape_hz:g} Hz: p50 {report['scrape_ms']['p50']:.1f} ms, "

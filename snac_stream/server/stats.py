@@ -19,7 +19,7 @@ def new_stats() -> Dict[str, Any]:
     waiting for steps on a GPU, the process's time in garbage collection meanwhile) tuples, the rest of a tick
     (less CPU and blocked) being waits for the interpreter lock or a core; ``tick_work``: what the same ticks
     did, as (start, ``time.perf_counter()`` seconds; duration; the engine thread's CPU time; stream-steps
-    launched; groups of warming streams among them, stepped eagerly; sessions ended) tuples;
+    launched; passes of streams warming up among them; sessions ended) tuples;
     ``behind_warnings``: 'behind' warnings sent; ``outcomes``: a Counter of (kind, outcome) of the
     sessions that held a slot, outcome ``completed`` (ended by flush), ``closed`` (by the client, without
     flush) or the error code that ended it; ``refusals``: a Counter of the error codes of connections refused

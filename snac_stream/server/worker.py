@@ -165,7 +165,7 @@ class EngineSet:
                 lane.end_input(session)
             self._ending.append(session)
         ended = self._end_streams(events) if self._ending else []
-        launched_any, rows, eager = False, 0, 0
+        launched_any, rows, warming = False, 0, 0
         for lane in self.lanes:
             if lane.upstream is not None and any(step.lane is lane.upstream for step in self._launched):
                 finished = self._finish(events, through=lane.upstream) or finished
@@ -174,7 +174,7 @@ class EngineSet:
                 self._launched.append(launched)
                 launched_any = True
                 rows += sum(len(sids) for sids, _ in launched.groups)
-                eager += launched.groups.eager
+                warming += launched.groups.warming
         # Keep the newest step running into the next tick; send the others' outputs meanwhile.
         finished = self._finish(events, keep=1 if launched_any and self.keep_running else 0) or finished
         busy = bool(self._launched) or bool(self._ending) or any(lane.busy() for lane in self.lanes)
@@ -184,7 +184,7 @@ class EngineSet:
             self.stats["step_s"].append(self._finished_s)
             cpu_s = time.thread_time() - start_cpu
             self.stats["tick_parts_s"].append((tick_s, cpu_s, self._blocked_s, GC_CLOCK.seconds - start_gc))
-            self.stats["tick_work"].append((start, tick_s, cpu_s, rows, eager, len(ended)))
+            self.stats["tick_work"].append((start, tick_s, cpu_s, rows, warming, len(ended)))
         return events, results, ended, busy
 
     def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
