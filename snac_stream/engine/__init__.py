@@ -9,10 +9,11 @@ attention window: 1 coarse frame at 24 kHz, 4 at 32/44 kHz) for every stream tha
 single batched pass, so N streams cost one kernel sequence.
 
 A stream's first steps (its warm-up, derived from the architecture: the steps before its layer states reach
-their steady shapes) run outside the batch, in a group with the streams whose first step ran in the same call
-(one batched state; a group splits when only some of its streams have a step queued); after that the group
-joins the batch, where every row is in the same phase. Rows never mix: every layer acts on
-each batch row alone, the noise is keyed per row, and a closed slot's row is zeroed before reuse. Every
+their steady shapes) change its state's shapes, so each warm-up phase (steps run so far) has a batch of its
+own, one row per slot, as the steady phase does: a step runs one batched pass per phase with a stream due,
+which moves those rows on to the next phase's batch (the steady batch's stay in it). Streams that started at
+different times share a pass as soon as they have run as many steps. Rows never mix: every layer acts on each
+batch row alone, the noise is keyed per row, and a closed slot's steady row is zeroed before reuse. Every
 stream's output equals its own ``StreamingDecoder`` / ``StreamingEncoder`` (and so offline ``decode`` /
 ``encode``).
 
@@ -28,8 +29,10 @@ How the batched step runs (``step_mode``):
   whose steps fall due at different times (a server's clients) each take part only in the steps that run
   theirs.
 - ``graphs``: ``buckets`` with each bucket's pass captured once as a CUDA graph and replayed (one launch
-  instead of hundreds; ``streaming.graphs.CUDAGraphed``). The default on CUDA. ``capture_graphs()`` captures every
-  bucket up front; otherwise a bucket is captured the first time it is needed.
+  instead of hundreds; ``streaming.graphs.CUDAGraphed``). The default on CUDA. Warm-up phases' passes take
+  powers of two only (``warmup_buckets``: few streams start at once, and only for a few steps), fewer graphs.
+  ``capture_graphs()`` captures every (phase, bucket) pass up front; otherwise a pass is captured the first time
+  it is needed.
 
 Input submitted on the CPU stays there until its step, which moves every stream's input to the model's device
 in one copy; ``output_device="cpu"`` likewise returns a step's outputs with one copy for all streams. A server
