@@ -178,14 +178,16 @@ class StreamEngine:
         # Phase k < warmup_steps: a stream that has run k steps, its state shapes still growing; the last phase
         # is the steady one. Each phase has a batch of its own, one row per slot and a spare one (index
         # max_streams) for the unused places of a bucket pass, so a step of a phase's streams is one batched pass
-        # (a graph) however their starts fell, and moves their rows to the next phase's batch.
+        # (a graph) however their starts fell, and moves their rows to the next phase's batch. Phase 0, the
+        # fresh state, is the same for every stream: one row, read by all.
         templates = self._derive_phases()
         self.warmup_steps = len(templates) - 1
         if not self.warmup_steps:
             raise AssertionError("a stream state with no warm-up: fresh rows would have to be reset in the batch")
         rows = max_streams + 1
-        self._phases = [batch_positions(self._init_state(rows), rows, model.device)]  # fresh: every row is new
+        self._phases = [batch_positions(self._init_state(1), 1, model.device)]
         self._phases += [batch_positions(zero_rows(t, rows), rows, model.device) for t in templates[1:]]
+        self._fresh_rows = torch.zeros(max_streams, dtype=torch.int64, device=model.device)  # phase 0's row, each
         self._slots: Dict[int, Slot] = {}
         self._free: List[int] = list(range(max_streams))
         # Bucket passes read fixed input buffers and the list of rows they advance (``_bucket_rows``). Warm-up
@@ -277,8 +279,8 @@ class StreamEngine:
 
     @property
     def state_bytes_per_stream(self) -> int:
-        """Bytes of state one stream slot holds, in every phase's batch."""
-        return sum(state_bytes(phase) for phase in self._phases) // (self.max_streams + 1)
+        """Bytes of state one stream slot holds: its rows of the warm-up phases' batches and the steady one's."""
+        return sum(state_bytes(phase) for phase in self._phases[1:]) // (self.max_streams + 1)
 
     @property
     def active_streams(self) -> int:
@@ -351,7 +353,8 @@ class StreamEngine:
         slot = self._slot(sid)
         try:
             with torch.inference_mode(), self.model.on_backend(self.backend):
-                state = row_state(self._phases[self.phase_of(slot)], sid)
+                phase = self.phase_of(slot)
+                state = row_state(self._phases[phase], sid if phase else 0)
                 return self._to_output(self._finish(slot, state))
         finally:
             self._release(sid)
@@ -436,7 +439,7 @@ class StreamEngine:
         rows, in that order."""
         rows, changed = self._row_index(sids, phase)
         if self.step_mode == "rows":
-            sub = select_rows(self._phases[phase], rows)
+            sub = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:len(sids)])
             outputs = self._advance(sub, inputs)
             after = min(phase + 1, self.warmup_steps)
             self._phases[after] = assign_rows(self._phases[after], rows, sub)
@@ -472,7 +475,7 @@ class StreamEngine:
         counters stay as they are: every row of a batch is in its phase."""
         phase, bucket = key
         rows = self._bucket_rows[phase][:bucket]
-        work = select_rows(self._phases[phase], rows)
+        work = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:bucket])
         outputs = self._advance(work, _first(self._inputs, bucket))
         assign_rows(self._phases[min(phase + 1, self.warmup_steps)], rows, work, counters=False)
         return outputs
