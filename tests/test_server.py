@@ -1001,6 +1001,16 @@ def test_bench_latency_command_writes_a_complete_report(tmp_path, capsys) -> Non
     assert 0 <= parts["rest"]["p50"] <= report["tick_ms"]["max"]
     assert 0 <= parts["gc"]["p50"] <= parts["gc"]["max"]
     assert len(report["gc"]["collections"]) == 3 and report["gc"]["seconds"] >= 0  # the process's collections
+    # What the ticks did, by band of duration: the two sessions' streams warmed up (two passes at least) early in
+    # the run, and both sessions ended.
+    work = report["tick_work"]
+    bands = work["by_duration"]
+    assert list(bands) == ["p0-p50", "p50-p95", "p95-p99", "p99-p100"]
+    assert 0 < sum(band["ticks"] for band in bands.values()) <= report["ticks"]  # the ticks that sent anything
+    ended = sum(band["ticks"] * band["sessions_ended"] for band in bands.values() if band["ticks"])
+    assert round(ended) == 2
+    assert work["warmup_passes"] >= 2 and 0 <= work["last_warmup_s"] < 1.5 + 1
+    assert "ticks by duration" in printed and f"passes of streams warming up: {work['warmup_passes']}" in printed
     # Two verdicts: the rate (no drift of a step, no warning, nothing missing) and the tail within one step.
     step_ms = 1e3 * report["step_samples"] / 24000
     assert report["keeps_up"] == (report["behind_warnings"] == 0 and report["drift_ms_max"] < step_ms)
