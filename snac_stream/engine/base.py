@@ -315,10 +315,11 @@ class StreamEngine:
 
     def step_groups(self) -> StepGroups:
         """Run one queued step of every stream that has one; returns the outputs batched as they were computed:
-        ``(stream ids, outputs)`` pairs whose output row ``i`` belongs to stream ``ids[i]`` (one pair for the
-        batch, one per group of warming streams). A caller that handles outputs per batch rather than per
-        stream (the server converting thousands of streams' outputs every step) starts here; :meth:`step`
-        splits them. With ``async_output``, read the outputs after the result's ``wait()``."""
+        ``(stream ids, outputs)`` pairs whose output row ``i`` belongs to stream ``ids[i]`` (one pair per phase
+        with a stream due: the steady batch's first, then the warm-up phases', latest first). A caller that
+        handles outputs per batch rather than per stream (the server converting thousands of streams' outputs
+        every step) starts here; :meth:`step` splits them. With ``async_output``, read the outputs after the
+        result's ``wait()``."""
         t0 = time.perf_counter()
         events = None
         if self.async_output:

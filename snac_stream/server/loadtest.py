@@ -407,15 +407,16 @@ def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Opt
     if not work:
         return None
     start, wall, cpu, rows, warming, ended = (np.array(column, dtype=np.float64) for column in zip(*work))
+    means = {"tick_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu, "stream_steps": rows, "warmup_passes": warming,
+             "sessions_ended": ended}
     edges = np.percentile(wall, [band[0] for band in TICK_BANDS] + [100])
     bands: Dict[str, Any] = {}
     for k, (low, high) in enumerate(TICK_BANDS):
         pick = (wall <= edges[k + 1]) & ((wall > edges[k]) if k else (wall >= edges[k]))
-        n = int(pick.sum())
-        bands[f"p{low}-p{high}"] = {"ticks": n, **({name: round(float(column[pick].mean()) * scale, 2) for name, column,
-                                                     scale in (("tick_ms", wall, 1e3), ("cpu_ms", cpu, 1e3),
-                                                               ("stream_steps", rows, 1), ("warmup_passes", warming, 1),
-                                                               ("sessions_ended", ended, 1))} if n else {})}
+        band: Dict[str, Any] = {"ticks": int(pick.sum())}
+        if band["ticks"]:
+            band.update({name: round(float(column[pick].mean()), 2) for name, column in means.items()})
+        bands[f"p{low}-p{high}"] = band
     with_warming = np.flatnonzero(warming)
     return {"by_duration": bands, "warmup_passes": int(warming.sum()),
             "last_warmup_s": round(float(start[with_warming[-1]] - start[0]), 2) if with_warming.size else None}
@@ -660,8 +661,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             "streams warming up, sessions ended")
         for band, w in work["by_duration"].items():
             if w["ticks"]:
-                say(f"          {band:<8} {w['ticks']:6d} {w['tick_ms']:8.1f} {w['cpu_ms']:8.1f} {w['stream_steps']:8.1f} "
-                    f"{w['warmup_passes']:6.2f} {w['sessions_ended']:6.2f}")
+                say(f"          {band:<8} {w['ticks']:6d} {w['tick_ms']:8.1f} {w['cpu_ms']:8.1f} "
+                    f"{w['stream_steps']:8.1f} {w['warmup_passes']:6.2f} {w['sessions_ended']:6.2f}")
         say(f"        passes of streams warming up: {work['warmup_passes']}"
             + (f", the last {work['last_warmup_s']:.2f} s after the first tick" if work["last_warmup_s"] is not None
                else ""))
