@@ -279,7 +279,7 @@ def test_ticks_are_reported_by_duration_with_the_work_they_carried() -> None:
                                "warmup_passes": 0.0, "sessions_ended": 0.0}
     assert bands["p95-p99"]["warmup_passes"] == 3 and bands["p95-p99"]["tick_ms"] == 50.0
     assert bands["p99-p100"]["sessions_ended"] == 5 and bands["p99-p100"]["cpu_ms"] == 70.0
-    assert report["warmup_passes"] == 3 and report["last_warmup_s"] == 98.0
+    assert report["warmup_passes"] == 3 and report["sessions_ended"] == 5 and report["last_warmup_s"] == 98.0
     assert _tick_work(work[:98])["last_warmup_s"] is None
     assert _tick_work([]) is None
 

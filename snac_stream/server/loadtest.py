@@ -402,7 +402,8 @@ def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Opt
     """What the ticks did, by duration (``stats["tick_work"]`` records): for the ticks in each band of
     :data:`TICK_BANDS` ("p50-p95": longer than the p50, up to the p95), their count and mean duration, engine
     thread CPU (ms), stream-steps launched, passes of streams warming up and sessions ended; over the run,
-    the warm-up passes in all and when the last one ran (seconds after the first tick). Which
+    the warm-up passes and sessions ended in all, and when the last warm-up pass ran (seconds after the first
+    tick). Which
     work the long ticks carry is where a latency tail comes from. None without ticks."""
     if not work:
         return None
@@ -418,7 +419,7 @@ def _tick_work(work: Sequence[Tuple[float, float, float, int, int, int]]) -> Opt
             band.update({name: round(float(column[pick].mean()), 2) for name, column in means.items()})
         bands[f"p{low}-p{high}"] = band
     with_warming = np.flatnonzero(warming)
-    return {"by_duration": bands, "warmup_passes": int(warming.sum()),
+    return {"by_duration": bands, "warmup_passes": int(warming.sum()), "sessions_ended": int(ended.sum()),
             "last_warmup_s": round(float(start[with_warming[-1]] - start[0]), 2) if with_warming.size else None}
 
 
@@ -489,6 +490,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     if any(place.type == "cuda" for place in places):
         say(f"server  building engines for {options.max_sessions} sessions per device: compiling kernels and "
             f"capturing CUDA graphs (this can take minutes)")
+    building = time.perf_counter()  # engines built, kernels compiled, graphs captured, processes started
     server: Union[SNACServer, MultiProcessServer] = (
         MultiProcessServer(model, options, frontends=frontends, model_name=model_name, random_weights=random_weights,
                            devices=places) if frontends
@@ -514,6 +516,7 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
     cpu = _CPUClock()
     client_cpu: Optional[Dict[str, Any]] = None
     async with server:
+        server_start_s = time.perf_counter() - building
         if isinstance(server, MultiProcessServer):
             cpu.others = [process.pid for process in server.processes if process.pid is not None]
         say(f"server  {server.url}: {model_name}{' (RANDOM WEIGHTS)' if random_weights else ''} on "
@@ -522,7 +525,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
             f"({1e3 * server.latency[kind] / rate:.1f} ms), "
             f"{server.threads} engine thread{'s' if server.threads > 1 else ''}"
             f"{f' on each of {len(places)} devices' if len(places) > 1 else ''}"
-            + (f", clients served by {frontends} front-end processes" if frontends else ""))
+            + (f", clients served by {frontends} front-end processes" if frontends else "")
+            + f"; started in {server_start_s:.1f} s")
         say(f"clients {clients} x {stream_s:g} s real-time {kind}, {message} "
             f"{fmt}{f' at {client_rate} Hz' if formats.converted else ''}, "
             + (f"in {client_processes} worker process{'es' if client_processes > 1 else ''}"
@@ -616,7 +620,8 @@ async def run_latency_bench(model: SNACModel, *, clients: int, duration_s: float
         "chunk_tokens": load.chunk if kind == "decode" else None,
         "token_layout": DEFAULT_LAYOUT if kind == "decode" else None,
         "step_samples": server.step_samples,
-        "algorithmic_latency_samples": algorithmic, "wall_s": round(wall, 2),
+        "algorithmic_latency_samples": algorithmic, "server_start_s": round(server_start_s, 2),
+        "wall_s": round(wall, 2),
         "latency_ms": latency, "server_plus_transport_p99_ms": _stats(overhead)["p99"],
         "server_plus_transport_p99_steady_ms": _stats(np.concatenate(under_way) if under_way else np.zeros(0))["p99"],
         "drift_ms_max": 1e3 * max(drift) if drift else None,
