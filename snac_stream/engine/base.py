@@ -332,7 +332,7 @@ class StreamEngine:
         steady = self.warmup_steps
         due: List[List[Slot]] = [[] for _ in self._phases]  # by phase
         for slot in self._slots.values():
-            if slot.queue:
+            if slot.queue:  # phase_of(slot), inlined: this runs for every slot of every step
                 due[slot.steps if slot.steps < steady else steady].append(slot)
         with torch.inference_mode(), self.model.on_backend(self.backend):
             for phase in range(steady, -1, -1):  # the steady batch first: most streams, launched soonest
