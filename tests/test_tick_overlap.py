@@ -329,3 +329,112 @@ def test_pcm16_converted_where_the_audio_is_equals_the_host_conversion() -> None
             events += engines.tick([], [play] if not events else [], [])[0]
         sent.append([message[HEADER_BYTES:] for _, message in events])  # the samples, after each frame's header
     assert sent[0] and sent[0] == sent[1]
+
+
+def test_sessions_end_without_waiting_for_the_steps_in_flight() -> None:
+    """Roundtrip and decode sessions flushed at random ticks while steps run (a step kept running into each
+    next tick, as on a GPU): a tick taking new ends sends nothing early; each stream ends once its own steps
+    have been sent, its end launched like a step and sent in turn. Every session gets its frames once, in
+    order, exact through the end (offline encode and decode of the same input), then ``done`` last, in the
+    tick that reports it ended."""
+    model = tiny_model()
+    cfg = model.config
+    rng = np.random.default_rng(7)
+    engines = EngineSet(model, 6, new_stats())
+    engines.keep_running = True  # as on a GPU
+    step, frames = engines.step_samples, engines.step_frames
+    kinds = ["roundtrip", "decode", "roundtrip", "decode", "roundtrip"]
+    sessions = open_sessions(engines, model, kinds)
+    audio = {s: (0.2 * rng.standard_normal(int(rng.integers(3, 8)) * step + int(rng.integers(0, step)))
+                 ).astype(np.float32) for s in sessions if s.kind == "roundtrip"}
+    codes = {s: random_codes(cfg, rng, 1, int(rng.integers(3, 8)) * frames) for s in sessions if s.kind == "decode"}
+    sent_at_end: List[int] = []  # steps and ends under way when a lane's streams were asked to end
+    for lane in engines.lanes:
+        end_streams = lane.end_streams
+        lane.end_streams = lambda ending, events, end_streams=end_streams: (  # type: ignore[method-assign]
+            sent_at_end.append(sum(not launched.final for launched in engines._launched)),
+            end_streams(ending, events))[1]
+    fed = {s: 0 for s in sessions}
+    got: Dict[Session, list] = {s: [] for s in sessions}
+    ended_in: Dict[Session, int] = {}
+    tick = 0
+    while len(ended_in) < len(sessions):
+        ready, ending = [], []
+        for session in sessions:
+            if session.flush_at is not None:
+                continue
+            if session.kind == "roundtrip":
+                total, piece = audio[session].size, int(rng.integers(1, 2 * step))
+                chunk = audio[session][fed[session]: fed[session] + piece]
+                if chunk.size:
+                    fed[session] += chunk.size
+                    session.loop.received += chunk.size
+                    session.inbox.append((chunk, session.loop.received, 0.0))
+                    ready.append(session)
+            else:
+                total = codes[session][0].shape[-1]
+                k = min(total, fed[session] + int(rng.integers(1, 3)) * frames)
+                piece = [c[:, fed[session] * c.shape[-1] // total: k * c.shape[-1] // total] for c in codes[session]]
+                if k > fed[session]:
+                    session.loop.received += sum(p.shape[-1] for p in piece)
+                    session.inbox.append((inbox_frames(piece, cfg), session.loop.received, 0.0))
+                    fed[session] = k
+                    ready.append(session)
+            if fed[session] == total and rng.random() < 0.5:
+                session.flush_at = (session.loop.received, 0.0)
+                ending.append(session)
+        events, _, ended, busy = engines.tick([], ready, ending)
+        tick += 1
+        for session, message in events:
+            got[session].append(message)
+        for session in ended:  # done is its last message, sent in this tick
+            assert session not in ended_in and '"done"' in [m for s, m in events if s is session][-1]
+            ended_in[session] = tick
+        assert tick < 200
+    assert max(sent_at_end) >= 1  # some ends came while a step was under way, and did not wait for it
+    assert not engines._launched and not engines._ending
+    assert engines.encoder.active_streams == engines.decoder.active_streams == 0
+    with torch.inference_mode():
+        for session in sessions:
+            *frames_, done = got[session]
+            assert isinstance(done, str) and '"done"' in done
+            out = [OutputFrame.unpack(m, "float32") for m in frames_]
+            finals = [f.final for f in out]
+            assert finals[-1] and finals == sorted(finals)  # the end's frames come last
+            audio_frames = [f for f in out if f.payload_kind == PAYLOAD_AUDIO]
+            starts = [f.start for f in audio_frames]
+            assert starts == sorted(starts) and len(set(starts)) == len(starts)
+            pcm = np.concatenate([f.data for f in audio_frames])
+            if session.kind == "decode":
+                expected = model.decode(codes[session])[0, 0].numpy()
+            else:
+                signal_ = torch.from_numpy(audio[session]).view(1, 1, -1)
+                expected = model.decode(model.encode(signal_))[0, 0].numpy()[: audio[session].size]
+                tokens = np.concatenate([f.data for f in out if f.payload_kind == PAYLOAD_TOKENS])
+                np.testing.assert_array_equal(tokens, session.layout.to_flat(model.encode(signal_))[0].numpy())
+            assert pcm.size == expected.size
+            assert np.abs(pcm - expected).max() <= 1e-5
+
+
+def test_a_slot_freed_while_its_step_runs_goes_to_a_new_session_without_that_steps_output() -> None:
+    """An abort and an open in one tick need no wait for the step in flight: the new session may take the
+    aborted session's slot, and the step launched for the old one, sent afterwards, goes to nobody."""
+    model = tiny_model()
+    cfg = model.config
+    engines = EngineSet(model, 1, new_stats())
+    engines.keep_running = True  # as on a GPU
+    (old,) = open_sessions(engines, model, ["decode"])
+    codes = random_codes(cfg, np.random.default_rng(3), 1, 8 * engines.step_frames)
+    old.loop.received += sum(c.shape[-1] for c in codes)
+    old.inbox.append((inbox_frames(codes, cfg), old.loop.received, 0.0))
+    for _ in range(7):
+        engines.tick([], [old] if _ == 0 else [], [])
+    assert len(engines._launched) == 1  # a step of the old session under way
+    new = Session(None, 9)  # type: ignore[arg-type]
+    new.hello = Hello(kind="decode")
+    new.layout = get_layout(new.hello.token_layout, cfg)
+    new.audio_format = "float32"
+    events, results, _, _ = engines.tick([lambda events: engines.abort(old), lambda events: engines.open(new)], [], [])
+    assert results == [None, None] and engines.decode._streams[new].sid == 0  # the old session's slot
+    events += engines.tick([], [], [])[0]
+    assert not events and not engines._launched

@@ -18,6 +18,7 @@ from ..streaming.rows import (assign_rows, batch_positions, row_state, select_ro
                               steady_state, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
+FLUSH = "flush"  # the key of a batched flush's bucket pass, beside a step's (phase, bucket)
 
 
 def bucket_sizes(max_streams: int, per_octave: int = 4, fine_from: int = 32) -> List[int]:
@@ -194,6 +195,8 @@ class StreamEngine:
         # phases step few streams at a time and are a short part of a stream: powers of two do, fewer graphs.
         self.buckets = bucket_sizes(max_streams)
         self.warmup_buckets = [k for k in self.buckets if k & (k - 1) == 0 or k == max_streams]
+        # Batched stream ends (close_many's flush) are rarer still: the same powers of two.
+        self.flush_buckets = self.warmup_buckets
         self._last_rows: Dict[int, Tuple[tuple, torch.Tensor]] = {}  # per phase, see _row_index
         if step_mode != "rows":
             stacked = self._stack([self._zero_step()] * max_streams)
@@ -202,8 +205,10 @@ class StreamEngine:
             # advances the first k entries, so a step costs what its streams need, not what their highest slot does.
             self._bucket_rows = [torch.full((max_streams,), max_streams, dtype=torch.int64, device=model.device)
                                  for _ in self._phases]
-        # A (phase, bucket) pass, captured as a CUDA graph in "graphs" mode, run eagerly in "buckets" mode.
-        self._bucket_passes = CUDAGraphed(self._bucket_pass, model.device, enabled=step_mode == "graphs",
+            self._flush_rows_list = torch.full((max_streams,), max_streams, dtype=torch.int64, device=model.device)
+        # A (phase, bucket) step pass or a (FLUSH, bucket) pass of stream ends, captured as a CUDA graph in
+        # "graphs" mode, run eagerly in "buckets" mode.
+        self._bucket_passes = CUDAGraphed(self._pass, model.device, enabled=step_mode == "graphs",
                                           frozen=self._spare_row_only)
 
     # ---- hooks ----------------------------------------------------------------------------------
@@ -360,31 +365,48 @@ class StreamEngine:
         finally:
             self._release(sid)
 
-    def close_many(self, sids: Sequence[int]) -> List[Tuple[List[int], Any]]:
-        """End several streams, each as :meth:`close` would; returns their outputs as :meth:`step_groups`
-        does. The streams in the batch with only their flush left (every step run; an encoder stream's input
-        ended by ``end_input``) end in one batched pass, the others one at a time: a server ending many
-        streams at once pays one pass, not one per stream."""
+    def close_many(self, sids: Sequence[int]) -> StepGroups:
+        """End several streams, each as :meth:`close` would; returns their outputs as :meth:`step_groups` does
+        (with ``async_output``, read them after its ``wait()``). The streams in the batch with only their flush
+        left (every step run; an encoder stream's input ended by ``end_input``) end in one batched pass (a
+        replayed graph in "graphs" mode), the others one at a time: a server ending many streams at once pays
+        one pass, not one per stream, and need not wait for the steps in flight."""
         slots = [self._slot(sid) for sid in sids]
         if len(set(sids)) != len(slots):
             raise ValueError(f"a stream appears more than once in {list(sids)}")
         together = sorted(slot.sid for slot in slots if self._ends_in_batch(slot))
+        t0 = time.perf_counter()
+        events = None
         groups: List[Tuple[List[int], Any]] = []
         try:
             if together:
-                rows = together
-                if self.step_mode != "rows":  # bucket-sized batches: the kernels warm_up compiled
-                    size = next(k for k in self.buckets if k >= len(rows))
-                    rows = rows + rows[:1] * (size - len(rows))
+                if self.async_output:
+                    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True))
+                    events[0].record()
                 with torch.inference_mode(), self.model.on_backend(self.backend):
-                    state = select_rows(self._batch, index_on(rows, self.model.device))
-                    groups.append((together, _first(self._to_output(self._flush_rows(state)), len(together))))
+                    outputs = self._flush_batch(together)
+                    groups.append((together, self._to_output(outputs, self.async_output)))
+                if events is not None:
+                    events[1].record()
                 self._release(*together)
             ending = set(together)
             groups.extend(([slot.sid], self.close(slot.sid)) for slot in slots if slot.sid not in ending)
         finally:  # ended or failed, every stream of the call is gone
             self._release(*(sid for sid in sids if sid in self._slots))
-        return groups
+        return StepGroups(groups, time.perf_counter() - t0, events)
+
+    def _flush_batch(self, sids: List[int]) -> Any:
+        """The flush of the steady rows ``sids`` (ascending); returns their outputs, in that order."""
+        rows = index_on(sids, self.model.device)
+        if self.step_mode == "rows":
+            return self._flush_rows(select_rows(self._batch, rows))
+        count = len(sids)
+        bucket = next(k for k in self.flush_buckets if k >= count)
+        self._flush_rows_list[:count].copy_(rows)
+        self._flush_rows_list[count:].fill_(self.max_streams)
+        outputs = self._bucket_passes((FLUSH, bucket))
+        # A copy of the rows asked for: the graph's output memory is rewritten by the next replay.
+        return [o[:count].clone() for o in outputs] if isinstance(outputs, list) else outputs[:count].clone()
 
     def abort(self, sid: int) -> None:
         """Drop stream ``sid`` without running the rest (a failed or vanished client)."""
@@ -412,15 +434,15 @@ class StreamEngine:
                 self.abort(sid)
         if self.step_mode != "rows":  # close_many's batched flush, at every bucket size it uses
             with torch.inference_mode(), self.model.on_backend(self.backend):
-                for k in self.buckets:
-                    self._flush_rows(select_rows(self._batch, torch.arange(k, device=self.model.device)))
+                for k in self.flush_buckets:
+                    self._bucket_passes((FLUSH, k))
 
     def _queue_placeholder(self, sid: int, steps: int) -> None:
         """Queue ``steps`` steps of placeholder input for stream ``sid`` (``warm_up``)."""
         self._slot(sid).queue.extend(self._zero_step() for _ in range(steps))
 
     def capture_graphs(self) -> None:
-        """Capture every (phase, bucket) pass's CUDA graph now (``step_mode='graphs'``), so no step pays for a
+        """Capture every (phase, bucket) step pass's and every flush pass's CUDA graph now (``step_mode='graphs'``), so no step pays for a
         capture."""
         if self.step_mode != "graphs":
             raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
@@ -428,6 +450,8 @@ class StreamEngine:
             for phase in range(len(self._phases)):
                 for k in self._phase_buckets(phase):
                     self._bucket_passes.capture((phase, k))
+            for k in self.flush_buckets:
+                self._bucket_passes.capture((FLUSH, k))
 
     def _phase_buckets(self, phase: int) -> List[int]:
         """The bucket sizes of a phase's passes."""
@@ -468,6 +492,14 @@ class StreamEngine:
         rows = index_on(sids, self.model.device)
         self._last_rows[phase] = (key, rows)
         return rows, True
+
+    def _pass(self, key: Tuple[Union[int, str], int]) -> Any:
+        """A bucket pass: a step of a phase's rows, or (``FLUSH``) the flush of steady rows."""
+        if key[0] == FLUSH:
+            rows = self._flush_rows_list[: key[1]]
+            # The flush works on its own copy of the rows (select_rows): the batch is only read.
+            return self._flush_rows(select_rows(self._batch, rows))
+        return self._bucket_pass(key)  # type: ignore[arg-type]
 
     def _bucket_pass(self, key: Tuple[int, int]) -> Any:
         """Advance the rows of the first ``bucket`` entries of a phase's row list: gathered into a batch of their

@@ -40,8 +40,9 @@ class _Stream:
     """A session's stream on one lane."""
 
     sid: int
-    markers: Deque[Marker] = field(default_factory=collections.deque)  # one per queued step, oldest first
+    markers: Deque[Marker] = field(default_factory=collections.deque)  # one per step queued or under way, oldest first
     held: Optional[np.ndarray] = None  # decode: coarse frames (flattened) short of a whole step
+    closing: bool = False  # its slot is freed, the rest of its output under way (``Lane.end_streams``)
 
 
 def _take_rows(outputs: Any, rows: List[int]) -> Any:
@@ -54,13 +55,16 @@ def _take_rows(outputs: Any, rows: List[int]) -> Any:
 
 @dataclass
 class Launched:
-    """A lane's engine step under way: its outputs (``StepGroups``), the host's time launching it and the
-    step time of the lane upstream it carries (roundtrip sessions' compute)."""
+    """A lane's engine step under way, or (``final``) the end of some of its streams: its outputs
+    (``StepGroups``), the sessions of each group's rows as they were at the launch, the host's time launching
+    it and the step time of the lane upstream it carries (roundtrip sessions' compute)."""
 
     lane: "Lane"
     groups: StepGroups
+    members: List[List[Session]]
     launch_s: float
     carried_s: float
+    final: bool = False
 
 
 class Lane:
@@ -98,7 +102,8 @@ class Lane:
             self._by_sid[sid] = session
 
     def holds(self, session: Session) -> bool:
-        """Whether the session has a stream here (opened, not yet ended or aborted)."""
+        """Whether the session has a stream here: opened, and not aborted, nor ended with its last output
+        sent."""
         return session in self._streams
 
     def pending(self, session: Session) -> int:
@@ -110,9 +115,9 @@ class Lane:
         return self.engine.queued_any(self._by_sid)
 
     def abort(self, session: Session) -> None:
-        """Drop the session's stream (if any) without running the rest."""
+        """Drop the session's stream (if any) without running the rest (or sending the rest of a closing one)."""
         stream = self._streams.pop(session, None)
-        if stream is not None:
+        if stream is not None and not stream.closing:  # a closing stream's slot is freed, maybe taken again
             self._by_sid.pop(stream.sid, None)
             self.engine.abort(stream.sid)
 
@@ -154,28 +159,41 @@ class Lane:
         except Exception as exc:  # noqa: BLE001
             self._fail_all(exc, events)
             return None
-        return Launched(self, groups, time.perf_counter() - t0, carried_s) if groups else None
+        if not groups:
+            return None
+        by_sid = self._by_sid
+        members = [[by_sid[sid] for sid in sids] for sids, _ in groups]
+        return Launched(self, groups, members, time.perf_counter() - t0, carried_s)
 
     def finish(self, launched: "Launched", events: Events) -> float:
-        """Wait for a launched step's outputs and send them per batch; returns the step's time (seconds).
-        Streams that ended since the launch (their session failed in between) are left out."""
+        """Wait for a launched step's outputs, or a stream end's, and send them per batch; returns the step's
+        time (seconds). Sessions that ended since the launch (they failed in between) are left out; a stream
+        end's sessions are detached once their output is sent."""
         try:
             step_s = max(launched.launch_s, launched.groups.wait())
         except Exception as exc:  # noqa: BLE001 - a device fault surfaces where its work is awaited
+            if launched.final:
+                for sessions in launched.members:
+                    for session in sessions:
+                        if self._streams.pop(session, None) is not None:
+                            self.fail(session, events, exc)
             self._fail_all(exc, events)
             return 0.0
+        if launched.final:
+            self._send_ends(launched, step_s, events)
+            return step_s
         self.last_batch = 0
-        for sids, outputs in launched.groups:
-            live = [j for j, sid in enumerate(sids) if sid in self._by_sid]
-            if len(live) < len(sids):
+        streams = self._streams
+        for (sids, outputs), sessions in zip(launched.groups, launched.members):
+            live = [j for j, session in enumerate(sessions) if session in streams]
+            if len(live) < len(sessions):
                 if not live:
                     continue
-                sids, outputs = [sids[j] for j in live], _take_rows(outputs, live)
-            self.last_batch += len(sids)
-            sessions = [self._by_sid[sid] for sid in sids]
+                sessions, outputs = [sessions[j] for j in live], _take_rows(outputs, live)
+            self.last_batch += len(sessions)
             markers, compute = [], []
             for session in sessions:
-                markers.append(self._streams[session].markers.popleft())
+                markers.append(streams[session].markers.popleft())
                 if session.kind in self.input_kinds:
                     session.consumed += self._input_per_step(session)
                     compute.append(step_s)
@@ -183,6 +201,18 @@ class Lane:
                     compute.append(step_s + launched.carried_s)
             self.emit(sessions, outputs, markers, compute, events)
         return step_s
+
+    def _send_ends(self, launched: "Launched", step_s: float, events: Events) -> None:
+        """Send the rest of the output of the streams a ``final`` launch ended, and detach them."""
+        for (_, outputs), sessions in zip(launched.groups, launched.members):
+            live = [j for j, session in enumerate(sessions) if session in self._streams]
+            if live and len(live) < len(sessions):
+                sessions, outputs = [sessions[j] for j in live], _take_rows(outputs, live)
+            if live:
+                self.emit(sessions, outputs, [s.flush_at for s in sessions],  # type: ignore[misc]
+                          [step_s] * len(sessions), events, final=True)
+            for session in sessions:
+                self._streams.pop(session, None)
 
     def _fail_all(self, exc: Exception, events: Events) -> None:
         log.error("engine step failed; ending the %d sessions on it", len(self._by_sid), exc_info=exc)
@@ -207,40 +237,41 @@ class Lane:
                                  FLAG_FINAL if final else 0)
 
     # ---- stream ends ----------------------------------------------------------------------------------
-    def end_streams(self, ending: Sequence[Session], events: Events) -> None:
-        """End the streams of the flushed ``ending`` sessions whose queued steps have all run (and whose
-        stream upstream has ended), all in one batched pass (``close_many``), and send the rest of their
-        output."""
-        closing = [s for s in ending if self.holds(s) and not self.pending(s)
-                   and not (self.upstream is not None and self.upstream.holds(s)) and self._ends_whole(s, events)]
+    def end_streams(self, ending: Sequence[Session], events: Events) -> Optional["Launched"]:
+        """End the streams of the flushed ``ending`` sessions whose steps have all run and been sent (and whose
+        stream upstream has ended, its output sent), all in one batched ``close_many``. Returns that end as a
+        launch (``final``): its output, queued behind the steps in flight rather than waited for here, is sent
+        by :meth:`finish` like a step's, and the streams are held until then. A failure ends those sessions
+        only."""
+        closing = [s for s in ending if self._may_end(s, events)]
+        if not closing:
+            return None
         t0 = time.perf_counter()
-        for sessions, outputs in self.close_many(closing, events):
-            self.emit(sessions, outputs, [s.flush_at for s in sessions],  # type: ignore[misc]
-                      [time.perf_counter() - t0] * len(sessions), events, final=True)
+        sids = [self._streams[s].sid for s in closing]
+        try:
+            groups = self.engine.close_many(sids)
+        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
+            for sid, session in zip(sids, closing):
+                self._by_sid.pop(sid, None)
+                del self._streams[session]
+                self.fail(session, events, exc)
+            return None
+        for sid, session in zip(sids, closing):  # every slot of the call is free now
+            self._by_sid.pop(sid, None)
+            self._streams[session].closing = True
+        by_sid = dict(zip(sids, closing))
+        members = [[by_sid[sid] for sid in group] for group, _ in groups]
+        return Launched(self, groups, members, time.perf_counter() - t0, 0.0, final=True)
+
+    def _may_end(self, session: Session, events: Events) -> bool:
+        stream = self._streams.get(session)
+        return (stream is not None and not stream.closing and not stream.markers and not self.pending(session)
+                and not (self.upstream is not None and self.upstream.holds(session))
+                and self._ends_whole(session, events))
 
     def _ends_whole(self, session: Session, events: Events) -> bool:
         """Whether the stream may end here; if not, the session has been failed."""
         return True
-
-    def close_many(self, sessions: List[Session], events: Events) -> List[Tuple[List[Session], Any]]:
-        """End these sessions' streams (``close_many``) and detach them; returns the outputs as (sessions,
-        batched outputs) groups. A failure ends those sessions only."""
-        if not sessions:
-            return []
-        sids = [self._streams[s].sid for s in sessions]
-        try:
-            groups = self.engine.close_many(sids)
-        except Exception as exc:  # noqa: BLE001 - close_many freed every slot of the call
-            groups, failed = [], exc
-        else:
-            failed = None
-        for sid, session in zip(sids, sessions):  # every slot of the call is free now
-            self._by_sid.pop(sid, None)
-            del self._streams[session]
-            if failed is not None:
-                self.fail(session, events, failed)
-        by_sid = dict(zip(sids, sessions))
-        return [([by_sid[sid] for sid in group], outputs) for group, outputs in groups]
 
 
 class EncodeLane(Lane):

@@ -6,8 +6,8 @@ The engines are touched only in the worker thread (torch releases the GIL while 
 puts each session's input (whole engine steps at a time) in its inbox (:meth:`Worker.deliver`), marks
 flushed sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A
 tick (:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
-and messages), runs the commands, ends the streams whose queued steps have all run (all of them in one batched
-flush per engine), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are decoded
+and messages), runs the commands, ends the streams whose steps have all run and been sent (all of them in one
+batched flush per engine, launched like a step), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are decoded
 in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the steps: a
 step's outputs are sent while the next step runs, the last one's in the next tick. Outputs are converted per
 batch: tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with
@@ -96,6 +96,7 @@ class EngineSet:
         self.lanes: Tuple[Lane, ...] = (self.encode, self.decode)  # step order: upstream first
         self._input_lane = {kind: lane for lane in self.lanes for kind in lane.input_kinds}  # where input goes
         self._ending: List[Session] = []  # flushed sessions whose end is not sent yet
+        self._ended: List[Session] = []  # sessions whose end the tick under way sent
         self._launched: Deque[Launched] = collections.deque()  # steps under way, oldest first
         self._last_step_s: Dict[Lane, float] = {}  # each lane's latest step time (roundtrips carry the encoder's)
         self._finished_s = 0.0  # step time sent in the tick under way
@@ -139,9 +140,11 @@ class EngineSet:
         (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
         comes at once ("more to do"), submits its input meanwhile and sends that step's outputs after launching
         its own (sent first, they would leave the GPU idle meanwhile: bench/RESULTS.md). A lane's step is
-        launched only once the step upstream of it has been sent (its outputs are the lane's input), and
-        everything under way is sent before commands and stream ends run (a session's frames before what they
-        do). Each step's events go to :attr:`on_events` as soon as its outputs are sent."""
+        launched only once the step upstream of it has been sent (its outputs are the lane's input). Stream
+        ends wait for nothing in flight either: a stream ends once its steps have all been sent, its end is
+        launched like a step and its output sent in turn, ``done`` after it. Commands need no wait: a step's
+        outputs go to the sessions its rows had at its launch, those still open when it is sent. Each step's
+        events go to :attr:`on_events` as soon as its outputs are sent."""
         start, start_cpu, start_gc = time.perf_counter(), time.thread_time(), GC_CLOCK.seconds
         events: Events = []
         results: List[Any] = []
@@ -153,8 +156,7 @@ class EngineSet:
                 inputs[lane].append(session)
         for lane in self.lanes:
             lane.submit(inputs[lane], events)
-        if commands or ending or self._ending:
-            finished = self._finish(events) or finished
+        self._ended = []
         for command in commands:
             try:
                 results.append(command(events))
@@ -164,7 +166,8 @@ class EngineSet:
             for lane in self.lanes:
                 lane.end_input(session)
             self._ending.append(session)
-        ended = self._end_streams(events) if self._ending else []
+        if self._ending:
+            self._end_streams(events)
         launched_any, rows, warming = False, 0, 0
         for lane in self.lanes:
             if lane.upstream is not None and any(step.lane is lane.upstream for step in self._launched):
@@ -177,6 +180,7 @@ class EngineSet:
                 warming += launched.groups.warming
         # Keep the newest step running into the next tick; send the others' outputs meanwhile.
         finished = self._finish(events, keep=1 if launched_any and self.keep_running else 0) or finished
+        ended = self._ended
         busy = bool(self._launched) or bool(self._ending) or any(lane.busy() for lane in self.lanes)
         if finished or ended:
             tick_s = time.perf_counter() - start
@@ -188,35 +192,48 @@ class EngineSet:
         return events, results, ended, busy
 
     def _finish(self, events: Events, through: Optional[Lane] = None, keep: int = 0) -> bool:
-        """Send the outputs of launched steps, oldest first: all but the newest ``keep``, or (``through``) up
-        to the last step of that lane. Returns whether any was sent."""
+        """Send the outputs of launched steps and stream ends, oldest first: all but the newest ``keep``, or
+        (``through``) up to the last one of that lane. Returns whether any was sent."""
         sent = False
         while len(self._launched) > keep:
             if through is not None and not any(step.lane is through for step in self._launched):
                 break
             step = self._launched.popleft()
             step_s = step.lane.finish(step, events)
+            if step.final:  # streams ended: their sessions' done follows their last output
+                self._send_done(events)
             if self.on_events is not None and events:
                 self.on_events(events[:])
                 events.clear()
-            self._last_step_s[step.lane] = step_s
             self._finished_s += step_s
             self._blocked_s += step.groups.blocked_s
             sent = True
+            if step.final:  # not a step: neither the lane's step time nor its metrics
+                continue
+            self._last_step_s[step.lane] = step_s
             if self.on_step is not None:
                 self.on_step(step.lane.name, step_s, step.lane.last_batch)
         return sent
 
-    def _end_streams(self, events: Events) -> List[Session]:
-        """End the flushed sessions whose queued steps have all run (padded as offline encode/decode would),
-        lane by lane; a roundtrip's decoder ends once the steps its encoder's end completed have run too.
-        Sends ``done`` (or the session's ``end_error``); returns the sessions whose end is sent (or that failed
-        on the way)."""
+    def _end_streams(self, events: Events) -> None:
+        """End the streams of the flushed sessions whose queued steps have all run and been sent (padded as
+        offline encode/decode would), lane by lane (a roundtrip's decoder once the steps its encoder's end
+        completed have run too); each lane's ends are launched like a step, their output sent in turn. Sends
+        ``done`` for the sessions that no lane holds any more (those that failed on the way too)."""
         for lane in self.lanes:
-            lane.end_streams(self._ending, events)
+            closing = lane.end_streams(self._ending, events)
+            if closing is not None:
+                self._launched.append(closing)
+        self._send_done(events)
+
+    def _send_done(self, events: Events) -> None:
+        """Send ``done`` (or the session's ``end_error``) to each ending session that no lane holds any more;
+        they go to the tick's ended sessions."""
         ended = [s for s in self._ending if not any(lane.holds(s) for lane in self.lanes)]
-        if ended:
-            self._ending = [s for s in self._ending if any(lane.holds(s) for lane in self.lanes)]
+        if not ended:
+            return
+        self._ending = [s for s in self._ending if any(lane.holds(s) for lane in self.lanes)]
+        self._ended.extend(ended)
         for session in ended:
             assert session.flush_at is not None
             if session.end_error is not None:  # an llm session whose LLM failed: its error takes done's place
@@ -225,7 +242,6 @@ class EngineSet:
             events.append((session, dumps({"type": "done", "input_items": session.flush_at[0],
                                            "output_samples": session.engine.audio_pos,
                                            "output_tokens": session.engine.token_pos})))
-        return ended
 
 
 class Worker:
