@@ -442,8 +442,8 @@ class StreamEngine:
         self._slot(sid).queue.extend(self._zero_step() for _ in range(steps))
 
     def capture_graphs(self) -> None:
-        """Capture every (phase, bucket) step pass's and every flush pass's CUDA graph now (``step_mode='graphs'``), so no step pays for a
-        capture."""
+        """Capture every (phase, bucket) step pass's and every flush pass's CUDA graph now
+        (``step_mode='graphs'``), so no step or stream end pays for a capture."""
         if self.step_mode != "graphs":
             raise RuntimeError(f"capture_graphs needs step_mode='graphs', this engine uses {self.step_mode!r}")
         with torch.inference_mode(), self.model.on_backend(self.backend):

@@ -7,8 +7,8 @@ puts each session's input (whole engine steps at a time) in its inbox (:meth:`Wo
 flushed sessions as ending (:meth:`Worker.end_stream`) and turns the rest (open, abort) into *commands*. A
 tick (:meth:`EngineSet.tick`) submits every session's inbox in one engine call per lane (however many sessions
 and messages), runs the commands, ends the streams whose steps have all run and been sent (all of them in one
-batched flush per engine, launched like a step), then runs one engine step per lane (encode first, so a roundtrip's fresh codes are decoded
-in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the steps: a
+batched flush per engine, launched like a step), then runs one engine step per lane (encode first, so a
+roundtrip's fresh codes are decoded in the same tick), and hands the output frames back to the loop. On a GPU the host work overlaps the steps: a
 step's outputs are sent while the next step runs, the last one's in the next tick. Outputs are converted per
 batch: tokens once per token layout, PCM once per sample format, so the host work of a tick grows slowly with
 the number of sessions. While nothing is queued the tick loop sleeps on an event: no busy waiting.
