@@ -438,3 +438,41 @@ def test_a_slot_freed_while_its_step_runs_goes_to_a_new_session_without_that_ste
     assert results == [None, None] and engines.decode._streams[new].sid == 0  # the old session's slot
     events += engines.tick([], [], [])[0]
     assert not events and not engines._launched
+
+
+def test_a_roundtrips_tokens_leave_once_the_decoder_step_they_feed_is_launched() -> None:
+    """On a GPU the decoder's step waits for the encoder's codes, not for the token frames made of them: those
+    are sent after the decoder's launch, while it runs, and within the same tick. On the CPU (a launch runs
+    the step) they are sent before it."""
+    model = tiny_model()
+    step = EngineSet(model, 1, new_stats()).step_samples
+    steps = 8
+    audio = (0.2 * np.random.default_rng(8).standard_normal(steps * step)).astype(np.float32)
+
+    def tokens(batches) -> int:
+        return sum(OutputFrame.unpack(m, "float32").payload_kind == PAYLOAD_TOKENS for batch in batches for _, m in batch)
+
+    def run(keep_running: bool):
+        engines = EngineSet(model, 2, new_stats())
+        engines.keep_running = keep_running
+        handed: List[list] = []
+        engines.on_events = handed.append
+        at_launch: List[int] = []
+        launch = engines.decode.launch
+        engines.decode.launch = lambda events, carried_s=0.0: (  # type: ignore[method-assign]
+            at_launch.append(tokens(handed + [events])), launch(events, carried_s))[1]
+        (talk,) = open_sessions(engines, model, ["roundtrip"])
+        after_tick = []
+        for k in range(steps):
+            talk.loop.received += step
+            talk.inbox.append((audio[k * step:(k + 1) * step], talk.loop.received, 0.0))
+            returned, *_ = engines.tick([], [talk], [])
+            after_tick.append(tokens(handed + [returned]))
+        return at_launch, after_tick
+
+    at_launch, after_tick = run(True)
+    assert after_tick == sorted(after_tick) and after_tick[-1] > 0
+    assert at_launch == [0] + after_tick[:-1]  # this tick's tokens not yet sent when its decoder step launched
+    assert sum(a < b for a, b in zip(at_launch, after_tick)) >= steps // 2  # ... and sent by the tick's end
+    at_launch, after_tick = run(False)
+    assert at_launch == after_tick  # the CPU: sent before the launch

@@ -88,6 +88,9 @@ class Lane:
         self._streams: Dict[Session, _Stream] = {}
         self.last_batch = 0  # streams the latest step that ran stepped
         self._by_sid: Dict[int, Session] = {}
+        # While a list: what a step's outputs send to the clients, once the lane downstream has its input,
+        # waits here (see EngineSet.tick) instead of running in ``finish``.
+        self.deferred: Optional[List[Callable[[], None]]] = None
 
     def feeds(self, lane: "Lane") -> None:
         """Send the output of sessions holding a stream on both lanes on to ``lane`` as its input."""
@@ -322,11 +325,38 @@ class EncodeLane(Lane):
 
     def emit(self, sessions: Sequence[Session], outputs: Any, markers: Sequence[Marker], compute_s: Sequence[float],
              events: Events, final: bool = False) -> None:
-        """Codes (per level (len(sessions), t_i), on the host) as tokens, converted once per token layout in use;
-        a roundtrip session's codes go on to the decode lane."""
+        """Codes (per level (len(sessions), t_i), on the host): a roundtrip session's go on to the decode lane
+        first, its step waiting on them; then the tokens, converted once per token layout in use (put off to
+        :attr:`deferred` when it is a list, for a step: they are sent while the decoder's step runs)."""
         codes: List[torch.Tensor] = outputs
         if not codes[0].shape[-1]:
             return
+        self._feed_downstream(sessions, codes, markers, events)
+        if self.deferred is not None and not final:
+            self.deferred.append(lambda: self._send_tokens(sessions, codes, markers, compute_s, events, final))
+        else:
+            self._send_tokens(sessions, codes, markers, compute_s, events, final)
+
+    def _feed_downstream(self, sessions: Sequence[Session], codes: List[torch.Tensor], markers: Sequence[Marker],
+                         events: Events) -> None:
+        """The codes of the sessions holding a stream on the lane downstream, as its input."""
+        if self.downstream is None:
+            return
+        onward = [j for j, session in enumerate(sessions) if session.kind in self.downstream.kinds]
+        if not onward:
+            return
+        members = [sessions[j] for j in onward]
+        part = codes if len(onward) == len(sessions) else [c[onward] for c in codes]
+        try:
+            self.downstream.feed(members, part, [[(part[0].shape[-1], markers[j])] for j in onward])
+        except Exception as exc:  # noqa: BLE001 - codes made by the encoder: a bug, not the clients' doing
+            for member in members:
+                self.fail(member, events, exc)
+
+    def _send_tokens(self, sessions: Sequence[Session], codes: List[torch.Tensor], markers: Sequence[Marker],
+                     compute_s: Sequence[float], events: Events, final: bool) -> None:
+        """The codes as token frames, converted once per token layout in use. Sessions that ended meanwhile
+        (failed: their error is sent) are left out."""
         by_layout: Dict[Tuple[str, int], List[int]] = {}
         for j, session in enumerate(sessions):
             layout = session.layout
@@ -342,9 +372,8 @@ class EncodeLane(Lane):
                 continue
             for i, j in enumerate(rows):
                 tokens[j] = flat[i]
-        onward: List[int] = []
         for j, session in enumerate(sessions):
-            if tokens[j] is None:
+            if tokens[j] is None or (session not in self._streams and not final):
                 continue
             end = final or markers[j] is session.flush_at  # output of the stream's padded end
             if not end:
@@ -352,17 +381,6 @@ class EncodeLane(Lane):
             events.append((session, self._frame(PAYLOAD_TOKENS, session.engine.token_pos, markers[j], compute_s[j],
                                                 tokens[j], end)))
             session.engine.token_pos += tokens[j].size
-            if self.downstream is not None and session.kind in self.downstream.kinds:
-                onward.append(j)
-        if not onward:
-            return
-        members = [sessions[j] for j in onward]
-        part = codes if len(onward) == len(sessions) else [c[onward] for c in codes]
-        try:
-            self.downstream.feed(members, part, [[(part[0].shape[-1], markers[j])] for j in onward])  # type: ignore
-        except Exception as exc:  # noqa: BLE001 - codes made by the encoder: a bug, not the clients' doing
-            for member in members:
-                self.fail(member, events, exc)
 
     def _check_behind(self, session: Session, marker: Marker, events: Events) -> None:
         """Warn an audio-input session whose output now answers input received over ``behind_warning_s`` ago:

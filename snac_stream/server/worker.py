@@ -140,7 +140,8 @@ class EngineSet:
         (``keep_running``) the last step launched is left running when the tick returns; the next tick, which
         comes at once ("more to do"), submits its input meanwhile and sends that step's outputs after launching
         its own (sent first, they would leave the GPU idle meanwhile: bench/RESULTS.md). A lane's step is
-        launched only once the step upstream of it has been sent (its outputs are the lane's input). Stream
+        launched only once the step upstream of it has been sent (its outputs are the lane's input); on a GPU
+        the upstream outputs' other frames (a roundtrip's tokens) are sent after that launch. Stream
         ends wait for nothing in flight either: a stream ends once its steps have all been sent, its end is
         launched like a step and its output sent in turn, ``done`` after it. Commands need no wait: a step's
         outputs go to the sessions its rows had at its launch, those still open when it is sent. Each step's
@@ -170,14 +171,27 @@ class EngineSet:
             self._end_streams(events)
         launched_any, rows, warming = False, 0, 0
         for lane in self.lanes:
+            deferred: List[Callable[[], None]] = []
             if lane.upstream is not None and any(step.lane is lane.upstream for step in self._launched):
-                finished = self._finish(events, through=lane.upstream) or finished
+                # On a GPU the lane's step waits for the upstream outputs it takes as input; the rest of
+                # what they send (a roundtrip's tokens) goes out while that step runs, not before it starts.
+                lane.upstream.deferred = deferred if self.keep_running else None
+                try:
+                    finished = self._finish(events, through=lane.upstream) or finished
+                finally:
+                    lane.upstream.deferred = None
             launched = lane.launch(events, self._last_step_s.get(lane.upstream, 0.0) if lane.upstream else 0.0)
             if launched is not None:
                 self._launched.append(launched)
                 launched_any = True
                 rows += sum(len(sids) for sids, _ in launched.groups)
                 warming += launched.groups.warming
+            if deferred:
+                for send in deferred:
+                    send()
+                if self.on_events is not None and events:
+                    self.on_events(events[:])
+                    events.clear()
         # Keep the newest step running into the next tick; send the others' outputs meanwhile.
         finished = self._finish(events, keep=1 if launched_any and self.keep_running else 0) or finished
         ended = self._ended
