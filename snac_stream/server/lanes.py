@@ -187,12 +187,10 @@ class Lane:
             return step_s
         self.last_batch = 0
         streams = self._streams
-        for (sids, outputs), sessions in zip(launched.groups, launched.members):
-            live = [j for j, session in enumerate(sessions) if session in streams]
-            if len(live) < len(sessions):
-                if not live:
-                    continue
-                sessions, outputs = [sessions[j] for j in live], _take_rows(outputs, live)
+        for (_, outputs), members in zip(launched.groups, launched.members):
+            sessions, outputs = self._held_rows(members, outputs)
+            if not sessions:
+                continue
             self.last_batch += len(sessions)
             markers, compute = [], []
             for session in sessions:
@@ -207,15 +205,21 @@ class Lane:
 
     def _send_ends(self, launched: "Launched", step_s: float, events: Events) -> None:
         """Send the rest of the output of the streams a ``final`` launch ended, and detach them."""
-        for (_, outputs), sessions in zip(launched.groups, launched.members):
-            live = [j for j, session in enumerate(sessions) if session in self._streams]
-            if live and len(live) < len(sessions):
-                sessions, outputs = [sessions[j] for j in live], _take_rows(outputs, live)
-            if live:
-                self.emit(sessions, outputs, [s.flush_at for s in sessions],  # type: ignore[misc]
-                          [step_s] * len(sessions), events, final=True)
+        for (_, outputs), members in zip(launched.groups, launched.members):
+            sessions, outputs = self._held_rows(members, outputs)
+            if not sessions:
+                continue
+            self.emit(sessions, outputs, [s.flush_at for s in sessions],  # type: ignore[misc]
+                      [step_s] * len(sessions), events, final=True)
             for session in sessions:
                 self._streams.pop(session, None)
+
+    def _held_rows(self, sessions: List[Session], outputs: Any) -> Tuple[List[Session], Any]:
+        """The sessions of a group's rows that still hold their stream here, and those rows of ``outputs``."""
+        live = [j for j, session in enumerate(sessions) if session in self._streams]
+        if len(live) == len(sessions):
+            return sessions, outputs
+        return [sessions[j] for j in live], (_take_rows(outputs, live) if live else outputs)
 
     def _fail_all(self, exc: Exception, events: Events) -> None:
         log.error("engine step failed; ending the %d sessions on it", len(self._by_sid), exc_info=exc)
@@ -373,7 +377,7 @@ class EncodeLane(Lane):
             for i, j in enumerate(rows):
                 tokens[j] = flat[i]
         for j, session in enumerate(sessions):
-            if tokens[j] is None or (session not in self._streams and not final):
+            if tokens[j] is None or session not in self._streams:  # failed since (an end's streams are held)
                 continue
             end = final or markers[j] is session.flush_at  # output of the stream's padded end
             if not end:
