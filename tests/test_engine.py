@@ -928,3 +928,76 @@ def test_gpu_cat_to_stages_host_pieces_without_waiting_for_the_stream() -> None:
     assert torch.equal(joined.cpu(), want)
     assert torch.equal(cat_to([p[..., :5] for p in pieces[:3]], torch.device("cuda"), dim=-1).cpu(),
                        torch.cat([torch.as_tensor(p[..., :5]) for p in pieces[:3]], dim=-1))
+
+
+def _state_leaves(state) -> List[object]:
+    from snac_stream.streaming.rows import _map_state
+
+    found: List[object] = []
+    _map_state(found.append, state)
+    return found
+
+
+@pytest.mark.parametrize("name,kind", [("24khz", "encode"), ("24khz", "decode"), ("44khz", "encode"),
+                                       ("44khz", "decode")])
+def test_deferred_joins_write_the_same_state_into_the_batch(name: str, kind: str) -> None:
+    """A push under ``deferred_joins`` keeps its new state tensors as the pieces they join (views), and
+    ``assign_rows`` writes those pieces into a batch's rows: the batch ends up bit for bit as when the push
+    copies them into tensors first. Pushes of one or two engine steps reach both joins: a cache kept from the
+    input alone, and one that keeps part of the old cache too. Outside the context, and in another thread while
+    it is active, nothing is deferred."""
+    import threading
+
+    from snac_stream.streaming.build import decoder_op, encoder_op
+    from snac_stream.streaming.ops import Joined, deferred_joins
+    from snac_stream.streaming.rows import assign_rows, batch_positions, zero_rows
+
+    model = model_for(name)
+    cfg = model.config
+    body = encoder_op(model) if kind == "encode" else decoder_op(model)
+    cpu = torch.device("cpu")
+
+    def step_input(batch: int, steps: int) -> torch.Tensor:
+        if kind == "encode":
+            return torch.randn(batch, 1, steps * cfg.pad_multiple) * 0.1
+        return torch.randn(batch, cfg.resolved_latent_dim, steps * cfg.pad_multiple // cfg.hop_length)
+
+    rng = np.random.default_rng(3)
+    rows = torch.tensor([4, 1, 2])
+    plain_state = body.init_state(len(rows), cpu, torch.float32)
+    deferred_state = copy.deepcopy(plain_state)
+    pieces_seen = set()
+
+    def joins_of_a_push(found: List[bool]) -> None:
+        state = body.init_state(1, cpu, torch.float32)
+        with torch.inference_mode(), model.on_backend("torch"):
+            body.push(state, step_input(1, 1))
+        found.append(any(isinstance(v, Joined) for v in _state_leaves(state)))
+
+    with torch.inference_mode(), model.on_backend("torch"):
+        for _ in range(6):
+            x = step_input(len(rows), int(rng.integers(1, 3)))
+            plain_out = body.push(plain_state, x)
+            assert not any(isinstance(v, Joined) for v in _state_leaves(plain_state))
+            in_thread: List[bool] = []
+            with deferred_joins():
+                deferred_out = body.push(deferred_state, x.clone())
+                probe = threading.Thread(target=joins_of_a_push, args=(in_thread,))
+                probe.start()
+                probe.join()
+            assert in_thread == [False]
+            pieces_seen.update(len(v.parts) for v in _state_leaves(deferred_state) if isinstance(v, Joined))
+            for a, b in zip(*(out if kind == "encode" else [out] for out in (plain_out, deferred_out)), strict=True):
+                assert torch.equal(a, b)
+            # Batches of the state's new shapes (they grow over a stream's first steps).
+            plain_batch, deferred_batch = (batch_positions(zero_rows(plain_state, 6), 6, cpu) for _ in range(2))
+            assign_rows(plain_batch, rows, plain_state)
+            assign_rows(deferred_batch, rows, deferred_state)
+            for a, b in zip(_state_leaves(plain_batch), _state_leaves(deferred_batch), strict=True):
+                if isinstance(a, torch.Tensor):
+                    assert torch.equal(a, b)
+            # The next push starts from the rows written.
+            plain_state, deferred_state = select_rows(plain_batch, rows), select_rows(deferred_batch, rows)
+    assert 1 in pieces_seen
+    # A 44 kHz step is a whole attention window, more frames than any cache holds: each is kept from the input alone.
+    assert 2 in pieces_seen or name == "44khz"

@@ -13,7 +13,7 @@ import torch
 
 from ..model.snac import SNACModel
 from ..streaming.graphs import CUDAGraphed
-from ..streaming.ops import StreamOp, cat_time
+from ..streaming.ops import StreamOp, cat_time, deferred_joins
 from ..streaming.rows import (assign_rows, batch_positions, row_state, select_rows, state_batch, state_bytes,
                               steady_state, zero_rows)
 
@@ -465,7 +465,8 @@ class StreamEngine:
         rows, changed = self._row_index(sids, phase)
         if self.step_mode == "rows":
             sub = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:len(sids)])
-            outputs = self._advance(sub, inputs)
+            with deferred_joins():  # the new state's pieces are written straight into the batch
+                outputs = self._advance(sub, inputs)
             after = min(phase + 1, self.warmup_steps)
             self._phases[after] = assign_rows(self._phases[after], rows, sub)
             return outputs
@@ -509,7 +510,8 @@ class StreamEngine:
         phase, bucket = key
         rows = self._bucket_rows[phase][:bucket]
         work = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:bucket])
-        outputs = self._advance(work, _first(self._inputs, bucket))
+        with deferred_joins():  # the new state's pieces are written straight into the batch
+            outputs = self._advance(work, _first(self._inputs, bucket))
         assign_rows(self._phases[min(phase + 1, self.warmup_steps)], rows, work, counters=False)
         return outputs
 

@@ -21,9 +21,11 @@ counts, and ``emitted(n)`` gives them in closed form so latencies are derived, n
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +40,58 @@ Codes = List[torch.Tensor]  # one (B, t_i) int64 tensor per codebook level, coar
 def no_codes(batch: int, levels: int, device: torch.device) -> Codes:
     """Codes of no frame: ``levels`` tensors (batch, 0) int64."""
     return [torch.zeros(batch, 0, dtype=torch.int64, device=device) for _ in range(levels)]
+
+
+class Joined:
+    """A new state tensor kept as the (B, C, n_i) pieces it joins along time, views of what a push read
+    (``deferred_joins``). :meth:`tensor` joins them; ``rows.assign_rows`` writes each piece straight into its
+    place in the batch instead."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[torch.Tensor]):
+        self.parts: Tuple[torch.Tensor, ...] = tuple(parts)
+
+    @property
+    def shape(self) -> torch.Size:
+        first = self.parts[0]
+        return torch.Size((*first.shape[:-1], sum(p.shape[-1] for p in self.parts)))
+
+    def tensor(self) -> torch.Tensor:
+        """The joined tensor (a new one)."""
+        return torch.cat(self.parts, dim=-1) if len(self.parts) > 1 else self.parts[0].clone()
+
+
+_DEFERRED_JOINS: contextvars.ContextVar[bool] = contextvars.ContextVar("deferred_joins", default=False)
+
+
+@contextlib.contextmanager
+def deferred_joins() -> Iterator[None]:
+    """Inside, a push keeps each new state tensor as a :class:`Joined` of views (of its input and of the old
+    state) rather than copying them into a tensor of its own. For a caller that writes the new state into
+    other memory right after the push (an engine's step, from rows gathered out of its batch back into it):
+    one copy per state tensor instead of two. The views read buffers the caller may reuse, so nothing may read
+    the state after they change; nor may the destination overlap the old state (a shift within one buffer).
+    Per thread (a context variable): engines of several devices step in threads of their own."""
+    token = _DEFERRED_JOINS.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_JOINS.reset(token)
+
+
+def _joined(*parts: torch.Tensor) -> Union[torch.Tensor, Joined]:
+    """A new state tensor, ``parts`` (B, C, n_i) joined along time: copies, never views (the caller may reuse
+    the buffer it pushed), except inside :func:`deferred_joins`."""
+    kept = [p for p in parts if p.shape[-1]] or list(parts[:1])
+    if _DEFERRED_JOINS.get():
+        return Joined(kept)
+    return torch.cat(kept, dim=-1) if len(kept) > 1 else kept[0].clone()
+
+
+def _settled(v: Union[torch.Tensor, Joined]) -> torch.Tensor:
+    """A state tensor as a tensor (a :class:`Joined` read again within the same deferred pass is joined)."""
+    return v.tensor() if isinstance(v, Joined) else v
 
 
 class StreamOp:
@@ -100,7 +154,7 @@ class Pointwise(StreamOp):
 
 @dataclass
 class _WindowState:
-    context: torch.Tensor  # inputs still needed, left padding first (B, C, L)
+    context: Union[torch.Tensor, Joined]  # inputs still needed, left padding first (B, C, L)
     received: int = 0  # inputs pushed so far
     produced: int = 0  # outputs returned so far
 
@@ -153,14 +207,14 @@ class SlidingWindow(StreamOp):
 
     def _run(self, state: _WindowState, x: torch.Tensor, count: int) -> torch.Tensor:
         """Compute ``count`` outputs from ``cat(context, x)``; keep the inputs later outputs still need."""
-        y = self.window_fn(x, state.context, count) if count > 0 else self.empty(x)
+        context = _settled(state.context)
+        y = self.window_fn(x, context, count) if count > 0 else self.empty(x)
         consumed = count * self.stride
-        held = state.context.shape[-1]
-        # Copies, never views: the caller may reuse the buffer it pushed.
+        held = context.shape[-1]
         if consumed >= held:
-            state.context = x[..., consumed - held:].clone()
+            state.context = _joined(x[..., consumed - held:])
         else:
-            state.context = torch.cat([state.context[..., consumed:], x], dim=-1)
+            state.context = _joined(context[..., consumed:], x)
         state.produced += count
         return y
 
@@ -169,7 +223,8 @@ class SlidingWindow(StreamOp):
         return self._run(state, x, self.emitted(state.received) - state.produced)
 
     def flush(self, state: _WindowState) -> torch.Tensor:
-        zeros = state.context.new_zeros(*state.context.shape[:2], self.pad)
+        context = _settled(state.context)
+        zeros = context.new_zeros(*context.shape[:2], self.pad)
         return self._run(state, zeros, self.total(state.received) - state.produced)
 
     def emitted(self, n: int) -> int:
@@ -182,7 +237,7 @@ class SlidingWindow(StreamOp):
 
 @dataclass
 class _TransposedState:
-    context: torch.Tensor  # the last input frame (B, C_in, 1): the first tap of the next output frame
+    context: Union[torch.Tensor, Joined]  # the last input frame (B, C_in, 1): the first tap of the next output frame
     to_skip: int  # leading outputs the offline padding crops away
     received: int = 0
 
@@ -217,7 +272,7 @@ class ConvTranspose(StreamOp):
     def _run(self, state: _TransposedState, x: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         skip = min(state.to_skip, x.shape[-1] * self.stride)
         y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride,
-                                      context=state.context, crop=skip, length=length, alpha=self.alpha)
+                                      context=_settled(state.context), crop=skip, length=length, alpha=self.alpha)
         state.to_skip -= skip
         return y
 
@@ -226,7 +281,7 @@ class ConvTranspose(StreamOp):
             return self.empty(x)
         state.received += x.shape[-1]
         y = self._run(state, x)
-        state.context = x[..., -1:].clone()  # a copy: do not keep the whole chunk alive
+        state.context = _joined(x[..., -1:])  # not the whole chunk kept alive
         return y
 
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
@@ -235,7 +290,7 @@ class ConvTranspose(StreamOp):
         # The right padding's frame (snake(0) is 0): the last input frame's tail, up to the offline length
         # (T+1)s - 2p + extra.
         keep = self.stride - self.pad + self.extra - state.to_skip
-        return self._run(state, torch.zeros_like(state.context), max(0, keep))
+        return self._run(state, torch.zeros_like(_settled(state.context)), max(0, keep))
 
     def emitted(self, n: int) -> int:
         return max(0, n * self.stride - self.pad)

@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Tuple
 import torch
 
 from ..model.functional import use_backend
-from .ops import PositionState
+from .ops import Joined, PositionState
 
 
 def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
@@ -53,9 +53,10 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any, counters: bool = True)
     """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
     updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
 
-    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. With ``counters``,
-    counters take the sub-state's values, which are the same for every stream in that phase; without, they
-    keep ``state``'s. No host synchronisation: the write can be captured.
+    Tensors must agree in shape beyond the batch dim: the streams are in the same phase. ``sub``'s tensors may
+    be :class:`~snac_stream.streaming.ops.Joined` (a push under ``ops.deferred_joins``): each piece is written
+    into its place. With ``counters``, counters take the sub-state's values, which are the same for every stream
+    in that phase; without, they keep ``state``'s. No host synchronisation: the write can be captured.
     """
     def put(dst: Any, src: Any) -> Any:
         if isinstance(dst, PositionState):
@@ -66,9 +67,25 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any, counters: bool = True)
         if isinstance(dst, torch.Tensor):
             if dst.shape[1:] != src.shape[1:]:
                 raise ValueError(f"stream state {tuple(src.shape)} does not fit the batch's {tuple(dst.shape)}")
-            return dst.index_copy_(0, rows, src.to(dst.dtype))
+            for place, part in _pieces(dst, src):
+                place.index_copy_(0, rows, part.to(dst.dtype))
+            return dst
         return src if counters else dst
     return _map_state(put, state, sub)
+
+
+def _pieces(dst: torch.Tensor, src: Any) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(view of ``dst``, tensor) pairs that write ``src`` into ``dst`` along time: one pair for a tensor, one
+    per non-empty piece of a :class:`Joined` (its views written in place: no joined copy is made)."""
+    if not isinstance(src, Joined):
+        return [(dst, src)]
+    pairs, at = [], 0
+    for part in src.parts:
+        n = part.shape[-1]
+        if n:
+            pairs.append((dst[..., at:at + n], part))
+        at += n
+    return pairs
 
 
 def rebound_copy(state: Any) -> Any:
