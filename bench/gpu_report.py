@@ -168,8 +168,9 @@ def streaming_rows(measured: int = 40) -> list:
     return rows
 
 
-def profile_decode(preset: str = "24khz", seconds: float = 10.0, top: int = 14) -> None:
-    """Where the GPU time of one offline decode goes: ours (Triton) against the reference."""
+def profile_offline(preset: str = "24khz", seconds: float = 10.0, top: int = 14) -> None:
+    """Where the GPU time of one offline decode and one encode at batch 1 goes: ours (Triton, eager, so that
+    each kernel shows) against the reference."""
     import snac as reference
     from torch.profiler import ProfilerActivity, profile
 
@@ -180,14 +181,17 @@ def profile_decode(preset: str = "24khz", seconds: float = 10.0, top: int = 14) 
     frames = int(seconds * cfg.sampling_rate) // cfg.frame_samples
     codes = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), device="cuda")
              for s in cfg.vq_strides]
-    for name, fn in (("ours (triton)", lambda: ours.decode(codes)), ("reference", lambda: ref.decode(codes))):
+    audio = torch.randn(1, 1, frames * cfg.frame_samples, device="cuda") * 0.1
+    calls = (("decode", "ours (triton)", lambda: ours.decode(codes)), ("decode", "reference", lambda: ref.decode(codes)),
+             ("encode", "ours (triton)", lambda: ours.encode(audio)), ("encode", "reference", lambda: ref.encode(audio)))
+    for what, name, fn in calls:
         with torch.inference_mode():
             fn()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 fn()
                 torch.cuda.synchronize()
-        print(f"\n### {preset} decode, {name}\n```")
+        print(f"\n### {preset} {what}, {seconds:g} s, {name}\n```")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
         print("```")
 
@@ -198,7 +202,9 @@ SECTIONS = ("kernels", "decode", "streaming")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--profile", action="store_true", help="also profile one 24 kHz decode, ours and reference")
+    parser.add_argument("--profile", metavar="PRESET", nargs="?", const="24khz", default=None,
+                        help="also profile one offline decode and encode of 10 s at batch 1, ours and the reference "
+                             "(24khz unless a preset is named)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to measure (default: all; the ceilings come with kernels)")
     parser.add_argument("--lengths", nargs="+", type=float, default=[1.0, 10.0, 60.0],
@@ -241,7 +247,7 @@ def sections(args: argparse.Namespace, meta: dict) -> dict:
         print("|---|---|---|---|---|---|---|---|---|")
         report["streaming"] = streaming_rows()
     if args.profile:
-        profile_decode()
+        profile_offline(args.profile)
     return report
 
 
