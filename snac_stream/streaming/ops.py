@@ -80,13 +80,24 @@ def deferred_joins() -> Iterator[None]:
         _DEFERRED_JOINS.reset(token)
 
 
-def _joined(*parts: torch.Tensor) -> Union[torch.Tensor, Joined]:
-    """A new state tensor, ``parts`` (B, C, n_i) joined along time: copies, never views (the caller may reuse
-    the buffer it pushed), except inside :func:`deferred_joins`."""
-    kept = [p for p in parts if p.shape[-1]] or list(parts[:1])
+def _joined(kept: torch.Tensor, x: torch.Tensor) -> Union[torch.Tensor, Joined]:
+    """A new state tensor: the old one's frames still needed (``kept``, (B, C, m)), then all of the input
+    ``x`` (B, C, n). A copy, never views (the caller may reuse the buffer it pushed), except inside
+    :func:`deferred_joins`: there the pieces, whose memory the state holds anyway (x is all kept)."""
+    if not kept.shape[-1]:
+        return _tail(x, x.shape[-1])
     if _DEFERRED_JOINS.get():
-        return Joined(kept)
-    return torch.cat(kept, dim=-1) if len(kept) > 1 else kept[0].clone()
+        return Joined((kept, x))
+    return torch.cat([kept, x], dim=-1)
+
+
+def _tail(x: torch.Tensor, frames: int) -> Union[torch.Tensor, Joined]:
+    """A new state tensor: the last ``frames`` frames of the input ``x`` (B, C, n). A copy; inside
+    :func:`deferred_joins`, ``x`` itself when that is all of it (a view of fewer frames would keep the whole
+    input's memory alive until the state is written: every layer's input at once)."""
+    if _DEFERRED_JOINS.get() and frames == x.shape[-1]:
+        return Joined((x,))
+    return x[..., x.shape[-1] - frames:].clone()
 
 
 def _settled(v: Union[torch.Tensor, Joined]) -> torch.Tensor:
@@ -211,8 +222,8 @@ class SlidingWindow(StreamOp):
         y = self.window_fn(x, context, count) if count > 0 else self.empty(x)
         consumed = count * self.stride
         held = context.shape[-1]
-        if consumed >= held:
-            state.context = _joined(x[..., consumed - held:])
+        if consumed >= held:  # what is still needed lies in x: its frames from consumed - held on
+            state.context = _tail(x, held + x.shape[-1] - consumed)
         else:
             state.context = _joined(context[..., consumed:], x)
         state.produced += count
@@ -281,7 +292,7 @@ class ConvTranspose(StreamOp):
             return self.empty(x)
         state.received += x.shape[-1]
         y = self._run(state, x)
-        state.context = _joined(x[..., -1:])  # not the whole chunk kept alive
+        state.context = _tail(x, 1)
         return y
 
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
