@@ -4,8 +4,9 @@
 
 For each 1x1 conv of the 24 kHz decoder's residual units at one 2048-sample step of ``--streams`` streams
 (the frames a step gives each block), as the residual unit calls it (bias and skip add fused):
-``kernels.conv.snake_conv`` at tf32x3 (products split in registers, the default for 1x1 convs, and on
-operands split before the kernel) against batched cuBLAS products of the same size, one per stream:
+``kernels.conv.snake_conv`` at tf32x3 (products split in registers: rows first, the default for 1x1 convs on
+CUDA, and the untransposed form before it; and on operands split before the kernel) against batched cuBLAS
+products of the same size, one per stream:
 fp32 without tensor cores, one TF32 product, and a tf32x3 product as one TF32 product of channel-stacked split
 operands (``[w_hi | w_hi | w_lo] @ [x_hi; x_lo; x_hi]``, the operands split beforehand and not timed: the
 kernel before the conv would write them). CUDA-event medians (``triton.testing.do_bench``), TFLOP/s of useful
@@ -33,8 +34,9 @@ BLOCKS = ((512, 32), (256, 256), (128, 1024), (64, 2048))
 
 def main() -> None:
     b = start_report(__doc__, "; time in us (TFLOP/s of useful arithmetic), largest error against float64")
-    print("| channels | frames | Triton tf32x3 | Triton split operands | cuBLAS fp32 | cuBLAS TF32 | cuBLAS split "
-          "TF32 (tf32x3) | error: Triton | cuBLAS fp32 | cuBLAS split |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| channels | frames | Triton tf32x3, rows first | Triton tf32x3, untransposed | Triton split operands "
+          "| cuBLAS fp32 | cuBLAS TF32 | cuBLAS split TF32 (tf32x3) | error: rows first | untransposed | cuBLAS fp32 "
+          "| cuBLAS split |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, t in BLOCKS:
         torch.manual_seed(0)
         y = torch.randn(b, c, t, device="cuda")
@@ -44,8 +46,8 @@ def main() -> None:
         flops = 2 * c * c * t * b
         want = x.double() + bias.double().view(1, -1, 1) + torch.matmul(w[..., 0].double(), y.double())
 
-        def triton_conv(split: bool) -> torch.Tensor:
-            return conv.snake_conv(y, w, bias, residual=x, precision="tf32x3", split=split)
+        def triton_conv(split: bool, rows_first: bool = True) -> torch.Tensor:
+            return conv.snake_conv(y, w, bias, residual=x, precision="tf32x3", split=split, rows_first=rows_first)
 
         w2 = w[..., 0].expand(b, c, c)
         res = x + bias.view(1, -1, 1)
@@ -63,10 +65,10 @@ def main() -> None:
             with _tf32_matmuls(y.device, True):
                 return torch.baddbmm(res, stacked_w, stacked_y)
 
-        times = [ms(lambda: triton_conv(False)), ms(lambda: triton_conv(True)), ms(lambda: cublas(False)),
-                 ms(lambda: cublas(True)), ms(cublas_split)]
+        times = [ms(lambda: triton_conv(False)), ms(lambda: triton_conv(False, rows_first=False)),
+                 ms(lambda: triton_conv(True)), ms(lambda: cublas(False)), ms(lambda: cublas(True)), ms(cublas_split)]
         errors = [(got.double() - want).abs().max().item()
-                  for got in (triton_conv(False), cublas(False), cublas_split())]
+                  for got in (triton_conv(False), triton_conv(False, rows_first=False), cublas(False), cublas_split())]
         cells = " | ".join(f"{m * 1e3:.0f} ({flops / m / 1e9:.1f})" for m in times)
         print(f"| {c} | {t} | {cells} | " + " | ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
         del y, x, want, stacked_y, stacked_w, res

@@ -20,7 +20,9 @@ every loaded tile prevents (``snake_conv``'s ``split``; figures in bench/RESULTS
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import triton
@@ -34,6 +36,9 @@ from .precision import tf32_split
 from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
+# Dense convs whose input is split in registers (K = 1 at tf32x3): the rows-first product or not; None: the rule
+# of :func:`_rows_first`. Set per thread by :func:`rows_first_products` (benchmarks and tests compare them).
+_ROWS_FIRST: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("snac_stream_rows_first", default=None)
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
 
 
@@ -121,7 +126,7 @@ def _snake_conv_kernel(
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROWS_FIRST: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
     BLOCK_T (batch item, frame) pairs: columns ``n < n_cols = B * T_out`` run over ``b = n // T_out``,
@@ -140,6 +145,12 @@ def _snake_conv_kernel(
     ``w_ptr`` / ``wlo_ptr``: tf32-exact high parts and the rests, see ``_snake_pass_kernel``), as three
     tf32 products of tiles that go from memory to the tensor cores untouched; the snake and the context
     are then already applied.
+
+    ROWS_FIRST: fp32-accurate products with the input split in registers, computed transposed (frames x
+    output channels): the split input tiles are the products' left operand, which the tensor cores read
+    straight from registers, and the weight (``w_ptr`` / ``wlo_ptr``: split once, before) their right operand,
+    loaded into shared memory ahead of use. Without it the split input tiles are the right operand, which must
+    go through shared memory before every product (figures in bench/RESULTS.md).
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -161,31 +172,37 @@ def _snake_conv_kernel(
     x_b = x_ptr + pid_b * s_xb
     xlo_b = xlo_ptr + pid_b * s_xb
 
-    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        c = offs_r // K
-        c_rows = c.to(tl.int64)[:, None]
-        u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
-        v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
-                           r_mask[:, None] & t_valid[None, :], HAS_CTX)
-        if HAS_ALPHA:
-            v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
-        w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        if SPLIT:
-            v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
-                                  r_mask[:, None] & t_valid[None, :], HAS_CTX)
-            w_lo = tl.load(wlo_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :],
-                           other=0.0)
-            # One step's three products summed from zero, then added to the running sum in fp32: the tensor
-            # cores' own accumulation is not exact, and chained over the whole reduction it grew the error
-            # 20-fold (to well above tf32x3's and cuDNN fp32's).
-            step = tl.dot(w_lo, v, tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32), input_precision="tf32")
-            step = tl.dot(w, v_lo, step, input_precision="tf32")
-            acc += tl.dot(w, v, step, input_precision="tf32")
-        else:
-            acc = tl.dot(w, v, acc, input_precision=PRECISION)
+    if ROWS_FIRST:
+        acc = tl.trans(_rows_first_product(
+            ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mask, offs_t, t_valid, cols, T_out, L, T,
+            conv_stride, dilation, padding, s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
+            R, K, HAS_CTX, HAS_ALPHA, FAST_SIN, FLAT, BLOCK_O, BLOCK_T, BLOCK_R))
+    else:
+        acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            c = offs_r // K
+            c_rows = c.to(tl.int64)[:, None]
+            u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
+            v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                               r_mask[:, None] & t_valid[None, :], HAS_CTX)
+            if HAS_ALPHA:
+                v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
+            w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+            if SPLIT:
+                v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                                      r_mask[:, None] & t_valid[None, :], HAS_CTX)
+                w_lo = tl.load(wlo_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :],
+                               other=0.0)
+                # One step's three products summed from zero, then added to the running sum in fp32: the tensor
+                # cores' own accumulation is not exact, and chained over the whole reduction it grew the error
+                # 20-fold (to well above tf32x3's and cuDNN fp32's).
+                step = tl.dot(w_lo, v, tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32), input_precision="tf32")
+                step = tl.dot(w, v_lo, step, input_precision="tf32")
+                acc += tl.dot(w, v, step, input_precision="tf32")
+            else:
+                acc = tl.dot(w, v, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0)[:, None]
@@ -207,6 +224,41 @@ def _snake_conv_kernel(
 
     out_mask = o_mask[:, None] & t_valid[None, :]
     tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+
+
+@triton.jit
+def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mask, offs_t, t_valid, cols, T_out, L,
+                        T, conv_stride, dilation, padding, s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
+                        R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                        FAST_SIN: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """The tile's product, (BLOCK_T frames, BLOCK_O output channels), for ``_snake_conv_kernel``'s ROWS_FIRST."""
+    if FLAT:
+        pid_b = (cols // T_out).to(tl.int64)[:, None]  # per frame row, broadcast against the channels
+    else:
+        pid_b = tl.program_id(1).to(tl.int64)
+    ctx_b = ctx_ptr + pid_b * s_cb
+    x_b = x_ptr + pid_b * s_xb
+    o_cols = offs_o.to(tl.int64)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        c_cols = (offs_r // K).to(tl.int64)[None, :]
+        u = offs_t[:, None] * conv_stride + ((offs_r % K) * dilation - padding)[None, :]
+        v = load_ctx_chunk(ctx_b, x_b, c_cols * s_cc, c_cols * s_xc, s_ct, s_xt, u, L, T,
+                           t_valid[:, None] & r_mask[None, :], HAS_CTX)
+        if HAS_ALPHA:
+            v = snake(v, tl.load(alpha_ptr + offs_r // K, mask=r_mask, other=1.0)[None, :], FAST_SIN)
+        w_mask = r_mask[:, None] & o_mask[None, :]
+        w = tl.load(w_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
+        w_lo = tl.load(wlo_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
+        v_hi = _tf32_high(v)
+        # As the SPLIT path: a step's three products summed from zero, then added to the running sum in fp32.
+        step = tl.dot(v_hi, w_lo, tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32), input_precision="tf32")
+        step = tl.dot(v - v_hi, w, step, input_precision="tf32")
+        acc += tl.dot(v_hi, w, step, input_precision="tf32")
+    return acc
 
 
 @triton.jit
@@ -345,6 +397,7 @@ def snake_conv(
     activation: Optional[str] = None,
     precision: Optional[str] = None,
     split: Optional[bool] = None,
+    rows_first: Optional[bool] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense conv1d of ``snake(cat([context, x]))`` with a fused epilogue, computed on tensor cores.
@@ -374,6 +427,9 @@ def snake_conv(
             pass over the input that also applies the snake and joins the context; the weight's split is
             kept while the weight is unchanged), so that the tiles reach the tensor cores as loaded: much
             faster for K > 1, where the product gathers each input frame K times. None: for K > 1.
+        rows_first: with ``"tf32x3"`` and the input split in registers, the transposed product (frames as
+            its rows; the kernel's ROWS_FIRST), as accurate and faster. None: the thread's choice
+            (:func:`rows_first_products`), else the rule.
         out: optional (B, C_out, T_out) buffer to write (any strides, not overlapping the inputs).
 
     Returns:
@@ -438,10 +494,33 @@ def snake_conv(
         src, alpha = ChunkInput(x_hi, x_hi, 0, False), None
         weight, w_lo = _split_weight(weight)
         rests = (x_lo, w_lo)
+    elif precision == "tf32x3" and _rows_first(rows_first, device):
+        weight, w_lo = _split_weight(weight)
+        rests = (None, w_lo)
     _launch_conv(src, weight, bias, alpha, out, t_out=t_out, stride=stride, dilation=dilation, padding=padding,
                  res=res, residual_offset=residual_offset, noise_seed=noise_seed, noise_start=noise_start,
                  activation=activation, precision=precision, rests=rests)
     return out
+
+
+@contextlib.contextmanager
+def rows_first_products(enabled: bool) -> Iterator[None]:
+    """In the calling thread, make dense convs split in registers (K = 1 at tf32x3) take the rows-first
+    product (``True``) or the per-step one (``False``), whatever the rule says."""
+    token = _ROWS_FIRST.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ROWS_FIRST.reset(token)
+
+
+def _rows_first(asked: Optional[bool], device: torch.device) -> bool:
+    """Whether a dense conv split in registers takes the rows-first product: as asked, else as the thread's
+    :func:`rows_first_products` says, else on CUDA (in the interpreter either form is fp32 products)."""
+    if asked is not None:
+        return asked
+    chosen = _ROWS_FIRST.get()
+    return device.type == "cuda" if chosen is None else chosen
 
 
 _SPLIT_BLOCK_T = 1024
@@ -500,12 +579,15 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
                  precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels.
     ``rests``: (input rest, weight rest) of operands split for the SPLIT products (``src.x`` and ``weight``
-    then hold the high parts)."""
+    then hold the high parts), or (None, weight rest) for the ROWS_FIRST product (the input is split in
+    registers)."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
+    split = rests is not None and rests[0] is not None
+    rows_first = rests is not None and rests[0] is None
     cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
-                        dilation=dilation, length=t_out, batch=batch, split=rests is not None)
+                        dilation=dilation, length=t_out, batch=batch, split=split, rows_first=rows_first)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
     flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
     n_cols = batch * t_out if flat else t_out
@@ -526,7 +608,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         noise = (noise_seed, 0, noise_start) if noise_rows else (noise_seed, noise_start, out)
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
-        *res_ptrs, out, *(rests if rests is not None else (out, out)),
+        *res_ptrs, out, *(out if r is None else r for r in (rests if rests is not None else (None, None))),
         c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
         stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
@@ -534,6 +616,6 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, FLAT=flat, SPLIT=rests is not None, **cfg.blocks, num_warps=cfg.num_warps,
+        PRECISION=precision, FLAT=flat, SPLIT=split, ROWS_FIRST=rows_first, **cfg.blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -133,6 +133,13 @@ def _default_conv(key: ShapeKey, length: int, split: bool = False) -> LaunchConf
                          "BLOCK_R": 32 if reduction >= 32 and not split else 16}, num_warps=4, num_stages=3)
 
 
+@functools.lru_cache(maxsize=256)
+def _rows_first_conv(c_out: int, reduction: int) -> LaunchConfig:
+    """Tiles of the rows-first product: 64 frames (one warp group's rows) by up to 128 output channels."""
+    return LaunchConfig({"BLOCK_O": pow2_in(c_out, 16, 128), "BLOCK_T": 64,
+                         "BLOCK_R": 32 if reduction >= 32 else 16}, num_warps=4, num_stages=3)
+
+
 def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
     """A window must hold the taps of at least as many outputs as it wastes on the halo: otherwise the
     kernel loads once per tap. A table entry without ``WINDOW`` means 0."""
@@ -161,14 +168,18 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
-                  dilation: int, length: int, batch: int = 1, split: bool = False) -> LaunchConfig:
+                  dilation: int, length: int, batch: int = 1, split: bool = False,
+                  rows_first: bool = False) -> LaunchConfig:
     """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
     producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
-    (the default rule steps its reduction differently)."""
+    (the default rule steps its reduction differently); ``rows_first``: a dense conv's rows-first product
+    (frames are its products' rows: a rule of its own)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     shape = (kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
     key = ShapeKey(*shape)
     wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
+    if rows_first and wanted:  # its own rule (the table's entries were measured on the other form)
+        return _fill_gpu(_rows_first_conv(c_out, c_in * kernel_size), key, length, batch, wanted)
     many: Optional[LaunchConfig] = TABLE.get(ShapeKey(*shape, True)) if batch > 1 else None
     if many is not None:
         # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned

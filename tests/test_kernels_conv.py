@@ -394,6 +394,36 @@ def test_conv_split_products_equal_the_plain_ones() -> None:
     assert_close(snake_conv(x, w1, alpha=a, split=True, precision="tf32x3"), ref_conv(x, w1, alpha=a))
 
 
+@pytest.mark.parametrize("batch,frames,k,stride,c_in", [(5, 3, 1, 1, 40), (1, 70, 1, 1, 12), (3, 9, 3, 2, 20)])
+def test_conv_rows_first_product_matches_the_reference(batch: int, frames: int, k: int, stride: int,
+                                                       c_in: int) -> None:
+    """The rows-first product (frames as the products' rows, three accumulators over the reduction) computes
+    the conv with every epilogue: on tiles spanning several streams' frames (per-row context, residual context
+    and noise position) and on one stream's long row, for a reduction that ends inside a step (40 channels),
+    and with taps and a stride. The weight's rests come split once, as the split path's."""
+    c_out = 24
+    ctx = rand(batch, c_in, 2)
+    x = rand(batch, c_in, frames)
+    t_out = (2 + frames - k) // stride + 1
+    w, b, a = rand(c_out, c_in, k, scale=0.3), rand(c_out), alphas(c_in)
+    r_ctx, res = rand(batch, c_out, 2), rand(batch, c_out, t_out)
+    starts = torch.arange(batch, device=DEVICE) * 1000 + 3
+    kwargs = dict(alpha=a, stride=stride, residual_offset=1, noise_seed=11, context=ctx, residual=res,
+                  residual_context=r_ctx)
+    got = snake_conv(x, w, b, noise_start=starts, precision="tf32x3", split=False, rows_first=True,
+                     out=poisoned(batch, c_out, t_out), **kwargs)
+    for row in range(batch):
+        one = {key: (v[row:row + 1] if isinstance(v, torch.Tensor) and v.shape[0] == batch else v)
+               for key, v in kwargs.items()}
+        assert_close(got[row:row + 1], ref_conv(x[row:row + 1], w, b, noise_start=int(starts[row]), **one),
+                     rel=2e-5)
+    from snac_stream.kernels.conv import rows_first_products
+
+    with rows_first_products(True):  # the thread's choice, when the call leaves it open
+        again = snake_conv(x, w, b, noise_start=starts, precision="tf32x3", split=False, **kwargs)
+    assert torch.equal(again, got)
+
+
 def test_conv_precisions_accepted() -> None:
     x, w = rand(1, 16, 40), rand(16, 16, 1, scale=0.25)
     ref = ref_conv(x, w)
@@ -541,6 +571,23 @@ def test_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypatch: pyt
         one, 12, 1, tuning._programs_wanted(DEVICE) if BACKEND == "cuda" else 0)
 
 
+def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a rows-first launch takes 64-frame tiles of up to 128 output channels, not the table's entries
+    (measured on the untransposed form), and a launch with too few programs for them (one stream's streaming
+    step) still takes the smallest tiles."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_programs_wanted", lambda device: 264)
+    cuda = torch.device("cuda")
+    engine_step = dict(c_in=64, c_out=64, kernel_size=1, stride=1, dilation=1, length=2048, batch=2048)
+    assert tuning.launch_config(tuning.CONV, device=cuda, **engine_step).blocks["BLOCK_T"] == 32  # the table's
+    cfg = tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **engine_step)
+    assert cfg.blocks == {"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 32} and cfg.num_warps == 4
+    wide = dict(engine_step, c_in=512, c_out=512, length=32)
+    assert tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **wide).blocks["BLOCK_O"] == 128
+    one_stream = tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **dict(wide, batch=1))
+    assert one_stream.blocks == {"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 32}
+
+
 def test_split_operands_step_the_reduction_by_16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The dense conv tells ``launch_config`` when its operands are split (tf32x3, K > 1), and the GPU rule
     then steps the reduction 16 wide (four tiles per step) where plain operands take 32."""
@@ -656,6 +703,29 @@ def test_gpu_first_and_last_convs_noise() -> None:
     x3, w3 = rand(2, 768, 4096), rand(768, 768, 1, scale=768 ** -0.5)
     assert_close(snake_conv(x3, w3, residual=x3, noise_seed=2**40 + 3, noise_start=12345),
                  ref_conv(x3, w3, residual=x3, noise_seed=2**40 + 3, noise_start=12345), rel=GPU_REL)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("channels,frames", [(512, 32), (256, 256), (128, 1024), (64, 2048)])
+def test_gpu_rows_first_product_is_as_accurate_as_the_per_step_one(channels: int, frames: int) -> None:
+    """The decoder's 1x1 convs at a 256-stream step's sizes (bias and skip add): the rows-first product keeps
+    its three accumulators on the tensor cores over the whole reduction; its error against float64 stays
+    within twice the per-step product's, and within the fp32 GEMM's (cuBLAS without tensor cores)."""
+    from snac_stream.model.functional import _tf32_matmuls
+
+    batch = 256
+    x, skip = rand(batch, channels, frames), rand(batch, channels, frames)
+    w, b = rand(channels, channels, 1, scale=channels ** -0.5), rand(channels)
+    want = ref_conv(x.double(), w.double(), b.double(), residual=skip.double())
+    errors = {}
+    for rows_first in (False, True):
+        got = snake_conv(x, w, b, residual=skip, rows_first=rows_first, out=poisoned(batch, channels, frames))
+        errors[rows_first] = (got.double() - want).abs().max().item()
+    with _tf32_matmuls(x.device, False):
+        gemm = torch.baddbmm(skip + b.view(1, -1, 1), w[..., 0].expand(batch, channels, channels), x)
+    errors["fp32 GEMM"] = (gemm.double() - want).abs().max().item()
+    assert errors[True] <= 2 * errors[False] and errors[True] <= errors["fp32 GEMM"], errors
 
 
 @gpu
