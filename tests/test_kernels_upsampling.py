@@ -89,7 +89,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 @pytest.mark.parametrize("stride", [2, 3, 4, 8])
 @pytest.mark.parametrize("backend,product,precision", [("torch", "cublas", "ieee"), ("triton", "cublas", "ieee"),
-                                                       ("triton", "conv", "tf32x3"), ("triton", "conv_split", "tf32x3")])
+                                                       ("triton", "conv", "tf32x3"), ("triton", "conv_split", "tf32x3"),
+                                                       ("triton", "rows", "tf32x3")])
 def test_transposed_conv_with_its_snake_streams_like_the_offline_layers(stride: int, backend: str, product: str,
                                                                        precision: str) -> None:
     """``Snake1d`` then ``ConvTranspose1d`` offline against the streaming op that folds the snake in, for a

@@ -38,9 +38,10 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # How the Triton backend multiplies a transposed conv's frame pairs (``conv_transpose``): "cublas", one cuBLAS
 # product of rows built by ``kernels.upsampling.phase_pairs``; "conv", the dense-conv kernel as a 2-tap conv
 # (snake and context read in the kernel, tf32x3 on tensor cores); "conv_split", the same on operands split
-# before the kernel. Measured against each other by bench/upsampling_cost.py and bench/engine_capacity.py;
-# "auto", the default, picks per launch (``_upsampling_product``).
-UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split")
+# before the kernel; "rows", the dense-conv kernel as a 1x1 conv over the rows ``phase_pairs`` builds (tf32x3
+# split in registers, rows first on CUDA). Measured against each other by bench/upsampling_cost.py and
+# bench/engine_capacity.py; "auto", the default, picks per launch (``_upsampling_product``).
+UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows")
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="auto")
 
@@ -259,6 +260,16 @@ def conv_transpose(
         from ..kernels import upsampling
 
         product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, c_in, precision)
+        if product == "rows":
+            from ..kernels import conv
+
+            # The rows (B * frames, 2 C_in) as one batch row of 2 C_in channels, and the output rows likewise:
+            # views, the kernel reads and writes any strides.
+            pairs = upsampling.phase_pairs(x, context, alpha, padding)
+            z = torch.empty(b * frames, c_out * stride, device=x.device, dtype=torch.float32)
+            conv.snake_conv(pairs.t().unsqueeze(0), _phase_weight(weight).view(c_out * stride, 2 * c_in, 1),
+                            phase_bias, precision=precision, split=False, out=z.t().unsqueeze(0))
+            return upsampling.place_phases(z, b, stride, crop, end - crop)
         if product != "cublas":
             from ..kernels import conv
 
