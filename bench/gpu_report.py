@@ -179,6 +179,7 @@ def profile_offline(preset: str = "24khz", seconds: float = 10.0, top: int = 14)
     ref = reference.SNAC(**ours.config.to_dict()).cuda().eval()
     cfg = ours.config
     frames = int(seconds * cfg.sampling_rate) // cfg.frame_samples
+    frames -= frames % (cfg.pad_multiple // cfg.frame_samples)  # whole attention windows (32/44 kHz)
     codes = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), device="cuda")
              for s in cfg.vq_strides]
     audio = torch.randn(1, 1, frames * cfg.frame_samples, device="cuda") * 0.1

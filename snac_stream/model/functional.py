@@ -303,14 +303,13 @@ def conv_transpose(
 
 
 def _upsampling_product(product: str, batch: int, c_in: int, precision: str) -> str:
-    """The product form ``"auto"`` (the default) stands for: the dense-conv kernel on split operands for
-    tf32x3 launches of several rows (an engine step's streams) through layers of 256 to 512 input channels,
-    where an H100 measured it faster than the cuBLAS fp32 product at a 2048-stream step (and 2-4x more
-    accurate); cuBLAS for the widest layer (1.6x faster there), the narrowest (even) and one row's long calls
-    (offline: 2 % slower at 44 kHz). Figures: bench/RESULTS.md."""
+    """The product form ``"auto"`` (the default) stands for: for tf32x3 launches of several rows (an engine
+    step's streams), the dense kernel on the built rows (``"rows"``), which an H100 measured 1.2-1.8x faster
+    than each other form at every layer of a 2048-stream step, and 2-6x more accurate than the cuBLAS fp32
+    product; cuBLAS for one row's long calls (offline). Figures: bench/RESULTS.md."""
     if product != "auto":
         return product
-    return "conv_split" if precision == "tf32x3" and batch > 1 and 256 <= c_in <= 512 else "cublas"
+    return "rows" if precision == "tf32x3" and batch > 1 else "cublas"
 
 
 @contextlib.contextmanager
