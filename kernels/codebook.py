@@ -231,13 +231,15 @@ def lookup_config(T_out: int, D: int) -> LookupConfig:
 
     The kernel is bound by the output's memory traffic: 256 frames x 16 channels per program keeps each row's
     store 1 KiB contiguous (16-byte vector stores) with many programs in flight; it was the fastest of the
-    tiles tried (frames 128-512, channels 16-64). Large blocks under the interpreter (see
-    :func:`nearest_config`).
+    tiles tried (frames 128-512, channels 16-64). Shorter rows (an engine step: 4 latent frames a stream at
+    24 kHz) take tiles of their length and more channels, about 4K elements, rather than 256 lanes of which
+    all but a few are masked. Large blocks under the interpreter (see :func:`nearest_config`).
     """
     if interpreting():
         block_c = pow2_in(D, 16, 1024)
         return LookupConfig(block_o=pow2_in(T_out, 16, _MAX_BLOCK_NUMEL // block_c), block_c=block_c)
-    return LookupConfig(block_o=256, block_c=16, num_warps=4)
+    block_o = pow2_in(T_out, 1, 256)
+    return LookupConfig(block_o=block_o, block_c=max(16, min(pow2_in(D, 16, 1024), 4096 // block_o)), num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from snac_stream.kernels.codebook import (
     NearestConfig,
     codebook_lookup,
     codebook_nearest,
+    lookup_config,
 )
 from snac_stream.kernels.common import interpreting, output_buffer
 from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS
@@ -181,6 +182,28 @@ def test_lookup_matches_reference(repeat: int, straight_through: bool) -> None:
     out_small = codebook_lookup(idx.int(), vq.codebook.weight, vq.out_proj.weight[..., 0], vq.out_proj.bias,
                                 repeat=repeat, z_e=z_e, config=LookupConfig(block_o=64, block_c=64))
     torch.testing.assert_close(out_small, ref, rtol=0, atol=1e-5)
+
+
+def test_lookup_tiles_of_an_engine_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine step looks up a few latent frames per stream (4 at 24 kHz): the CUDA rule gives such rows
+    tiles of their own length and many channels, not 256-frame tiles of which 4 lanes are used; long rows keep
+    256 x 16. The short tiles compute the lookup, with a repeat and accumulating."""
+    from snac_stream.kernels import codebook
+
+    monkeypatch.setattr(codebook, "interpreting", lambda: False)
+    assert lookup_config(4, 768) == LookupConfig(block_o=4, block_c=1024)
+    assert lookup_config(32, 1536) == LookupConfig(block_o=32, block_c=128)
+    assert lookup_config(65536, 768) == LookupConfig(block_o=256, block_c=16)
+    monkeypatch.undo()
+    B, D, N, d = 5, 96, 300, 8
+    vq = _quantizer(D, N, d, seed=51)
+    for t, repeat in ((1, 4), (2, 2), (4, 1)):
+        idx = torch.randint(0, N, (B, t), generator=torch.Generator().manual_seed(t)).to(DEVICE)
+        base = _randn(B, D, 4, seed=52)
+        out = base.clone()
+        codebook_lookup(idx, vq.codebook.weight, vq.out_proj.weight, vq.out_proj.bias, repeat=repeat, out=out,
+                        config=LookupConfig(block_o=4, block_c=128))
+        torch.testing.assert_close(out, base + _lookup_reference(vq, idx, repeat, None), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
