@@ -135,6 +135,28 @@ def test_gpu_upsampling_of_a_full_step_matches_torch() -> None:
     torch.testing.assert_close(results["triton"], results["torch"], rtol=0, atol=1e-4)
 
 
+def test_rows_product_of_more_rows_than_one_launch_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``rows`` product launches the dense kernel on at most ``_KERNEL_SPAN`` elements along its rows (int32
+    offsets): more rows (a 44 kHz step of 1024 streams) go in several launches, with the same result."""
+    from snac_stream.model import functional
+
+    torch.manual_seed(5)
+    layer = torch.nn.ConvTranspose1d(12, 5, 6, 3, padding=2).to(DEVICE)
+    alpha = torch.rand(1, 12, 1, device=DEVICE) + 0.5
+    x, context = torch.randn(4, 12, 7, device=DEVICE), torch.randn(4, 12, 1, device=DEVICE)
+    launches = []
+    from snac_stream.kernels import conv
+
+    original = conv.snake_conv
+    monkeypatch.setattr(conv, "snake_conv", lambda *a, **k: launches.append(a[0].shape[-1]) or original(*a, **k))
+    with torch.no_grad(), use_backend("triton", "tf32x3"), use_upsampling_product("rows"):
+        whole = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
+        monkeypatch.setattr(functional, "_KERNEL_SPAN", 24 * 5 + 1)  # 5 rows of 2 x 12 channels a launch
+        chunked = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
+    assert launches == [4 * 7] + [5] * 5 + [3]  # 28 rows (7 frame pairs a stream): once whole, then in 6 launches
+    assert torch.equal(chunked, whole)
+
+
 @pytest.mark.parametrize("batch,c_in,precision,dense", [(2, 256, "tf32x3", True), (3, 512, "tf32x3", True),
                                                         (2, 128, "tf32x3", True), (2, 1024, "tf32x3", True),
                                                         (1, 256, "tf32x3", False), (2, 256, "ieee", False)])
