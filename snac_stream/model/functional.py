@@ -234,7 +234,7 @@ def conv_transpose(
     On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
     ``kernels.upsampling``), cuBLAS multiplies them, and one pass places its output rows; in PyTorch that is a
     snake, a join and a gather on the way in and a permuting copy on the way out. Where the dense-conv kernel
-    is faster (``_upsampling_product``) it computes the product as a 2-tap conv instead, from the frames.
+    is faster (``_upsampling_product``: an engine step's batched launches) it multiplies the rows instead.
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
