@@ -195,12 +195,7 @@ def _snake_conv_kernel(
                                       r_mask[:, None] & t_valid[None, :], HAS_CTX)
                 w_lo = tl.load(wlo_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :],
                                other=0.0)
-                # One step's three products summed from zero, then added to the running sum in fp32: the tensor
-                # cores' own accumulation is not exact, and chained over the whole reduction it grew the error
-                # 20-fold (to well above tf32x3's and cuDNN fp32's).
-                step = tl.dot(w_lo, v, tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32), input_precision="tf32")
-                step = tl.dot(w, v_lo, step, input_precision="tf32")
-                acc += tl.dot(w, v, step, input_precision="tf32")
+                acc = _tf32x3_step(acc, w, w_lo, v, v_lo)
             else:
                 acc = tl.dot(w, v, acc, input_precision=PRECISION)
 
@@ -254,11 +249,19 @@ def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mas
         w = tl.load(w_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         w_lo = tl.load(wlo_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         v_hi = _tf32_high(v)
-        # As the SPLIT path: a step's three products summed from zero, then added to the running sum in fp32.
-        step = tl.dot(v_hi, w_lo, tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32), input_precision="tf32")
-        step = tl.dot(v - v_hi, w, step, input_precision="tf32")
-        acc += tl.dot(v_hi, w, step, input_precision="tf32")
+        acc = _tf32x3_step(acc, v_hi, v - v_hi, w, w_lo)
     return acc
+
+
+@triton.jit
+def _tf32x3_step(acc, a_hi, a_lo, b_hi, b_lo):
+    """``acc + a @ b`` for one reduction step, fp32-accurate from tf32 parts (``a = a_hi + a_lo``, the highs
+    exact in tf32): the three products that matter, summed from zero on the tensor cores, then added to the
+    running sum in fp32. The tensor cores' own accumulation is not exact: chained over the whole reduction it
+    grew the error 20-fold, well above tf32x3's and cuDNN fp32's (bench/RESULTS.md)."""
+    step = tl.dot(a_lo, b_hi, tl.zeros_like(acc), input_precision="tf32")
+    step = tl.dot(a_hi, b_lo, step, input_precision="tf32")
+    return acc + tl.dot(a_hi, b_hi, step, input_precision="tf32")
 
 
 @triton.jit

@@ -588,6 +588,54 @@ def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.Monkey
     assert one_stream.blocks == {"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 32}
 
 
+_WGMMA_OPERANDS = r"""
+import inspect, json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from snac_stream.kernels import conv
+
+kernel = conv._snake_conv_kernel
+pointers = {"ctx_ptr", "x_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "rctx_ptr", "res_ptr", "out_ptr", "xlo_ptr",
+            "wlo_ptr"}
+found = {}
+for rows_first in (True, False):
+    constants = dict(R=128, K=1, HAS_CTX=False, HAS_BIAS=True, HAS_ALPHA=False, HAS_NOISE=False, NOISE_ROWS=False,
+                     HAS_RES=True, HAS_RES_CTX=False, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
+                     SPLIT=False, ROWS_FIRST=rows_first, BLOCK_O=128, BLOCK_T=64, BLOCK_R=32)
+    signature = {p: "constexpr" if p in constants else "*fp32" if p in pointers else "*i64"
+                 if p == "noise_rows_ptr" else "i64" if p.startswith("noise_") else "i32"
+                 for p in inspect.signature(kernel.fn).parameters}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    products = re.findall(r"wgmma\.mma_async[^;]*;", compiled.asm["ptx"], re.S)
+    # The shape (m64nNk8: N columns) and the left operand after {accumulators}: {registers} or a descriptor
+    found[str(rows_first)] = [(re.search(r"m64n(\d+)k8", p).group(1), p.split("}", 1)[1].lstrip(", ").startswith("{"))
+                              for p in products]
+print(json.dumps(found))
+"""
+
+
+def test_rows_first_product_reads_its_split_input_from_registers_on_hopper() -> None:
+    """What the rows-first form is for, checked in the code Triton makes for an H100 (sm_90, compiled here in a
+    process of its own, outside the interpreter; no GPU needed): every tensor-core product (``wgmma``) of a
+    rows-first 1x1 conv (64-frame by 128-channel tiles) has the tile's 128 output channels as its columns and
+    its left operand, the split input, in registers; the untransposed form's products have the 64 frames as
+    their columns, its split input the right operand, which a ``wgmma`` reads from shared memory only."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _WGMMA_OPERANDS], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["True"] and all(product == ["128", True] for product in found["True"]), found
+    assert found["False"] and all(product[0] == "64" for product in found["False"]), found
+
+
 def test_split_operands_step_the_reduction_by_16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The dense conv tells ``launch_config`` when its operands are split (tf32x3, K > 1), and the GPU rule
     then steps the reduction 16 wide (four tiles per step) where plain operands take 32."""
