@@ -83,7 +83,8 @@ def deferred_joins() -> Iterator[None]:
 def _joined(kept: torch.Tensor, x: torch.Tensor) -> Union[torch.Tensor, Joined]:
     """A new state tensor: the old one's frames still needed (``kept``, (B, C, m)), then all of the input
     ``x`` (B, C, n). A copy, never views (the caller may reuse the buffer it pushed), except inside
-    :func:`deferred_joins`: there the pieces, whose memory the state holds anyway (x is all kept)."""
+    :func:`deferred_joins`, where it stays the two pieces: all of x is kept, so its view holds no memory the
+    new state would not."""
     if not kept.shape[-1]:
         return _tail(x, x.shape[-1])
     if _DEFERRED_JOINS.get():
