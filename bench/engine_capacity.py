@@ -16,7 +16,9 @@ reported; with ``--step-mode graphs`` (the CUDA default) the bucket's graph is c
 queued every ``P`` engine steps (in phase ``i % P``), so each step runs about ``N / P`` of them and a stream is
 real time when ``P`` steps fit in the audio one produces. ``--reference`` also times the reference ``snac``
 package in the same run: an Orpheus-style window (decode
-4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. Random weights.
+4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of
+5 steps and the kernel time's shares: the project's Triton kernels, cuBLAS, and PyTorch's own kernels (the data
+movement around them). Random weights.
 """
 
 from __future__ import annotations
@@ -150,10 +152,29 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         print(f"profile, {streams} streams, {engine.step_mode}: {len(kernels) / 5:.0f} kernels per step, "
               f"{sum(e.device_time for e in kernels) / 5 / 1e3:.3f} ms kernel time per step")
+        if kernels:
+            row["kernel_shares_pct"] = shares = kernel_shares(kernels)
+            print("shares of the kernel time: " + ", ".join(f"{KERNEL_GROUPS[k]} {v:.1f} %" for k, v in shares.items()))
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                         row_limit=24, max_name_column_width=90))
     gc.unfreeze()  # the next stream count starts from a collectable heap
     return row
+
+
+KERNEL_GROUPS = {"triton": "the project's Triton kernels", "cublas": "cuBLAS products",
+                 "pytorch": "PyTorch's own (state copies, row gathers and writes, concatenations, small elementwise ops)"}
+
+
+def kernel_shares(kernels: list) -> dict:
+    """Per cent of the profiled kernels' GPU time by who wrote them (``KERNEL_GROUPS``): the project's Triton
+    kernels are named with a leading underscore, cuBLAS's products carry "gemm", the rest is PyTorch's own,
+    which in an engine step is the data movement around the kernels (issue 17's copy share)."""
+    total = sum(e.device_time for e in kernels)
+    times = dict.fromkeys(KERNEL_GROUPS, 0.0)
+    for e in kernels:
+        group = "triton" if e.name.startswith("_") else "cublas" if "gemm" in e.name.lower() else "pytorch"
+        times[group] += e.device_time
+    return {group: 100.0 * t / total for group, t in times.items()} if total else {}
 
 
 def percentiles(times: list, prefix: str) -> dict:

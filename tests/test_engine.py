@@ -1000,3 +1000,29 @@ def test_deferred_joins_write_the_same_state_into_the_batch(name: str, kind: str
             plain_state, deferred_state = select_rows(plain_batch, rows), select_rows(deferred_batch, rows)
     # A 44 kHz step is a whole attention window, more frames than any cache holds: each is copied from the input.
     assert 2 in pieces_seen or name == "44khz"
+
+
+def test_engine_capacity_profile_splits_kernel_time_by_author() -> None:
+    """``bench/engine_capacity.py --profile`` reports the share of the step's GPU time in the project's Triton
+    kernels, cuBLAS's products and PyTorch's own kernels (the data movement around them), from kernel names as
+    the profiler gives them."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("bench_engine_capacity", bench / "engine_capacity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    events = [SimpleNamespace(name=n, device_time=t) for n, t in (
+        ("_snake_conv_kernel", 600.0), ("_snake_dwconv_kernel", 200.0),
+        ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8", 100.0),
+        ("void at::native::index_elementwise_kernel<128, 4, index_copy_kernel_impl>", 60.0),
+        ("void at::native::vectorized_gather_kernel<16, long>", 30.0), ("Memcpy DtoD (Device -> Device)", 10.0))]
+    assert module.kernel_shares(events) == pytest.approx({"triton": 80.0, "cublas": 10.0, "pytorch": 10.0})
+    assert module.kernel_shares([]) == {}
