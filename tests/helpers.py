@@ -249,3 +249,21 @@ def espeak_speech(text: str, rate: int, directory: Path | str, voice: str = "en-
     path = Path(directory) / "espeak.wav"
     subprocess.run([espeak, "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
     return load_audio(path, rate)[0].astype(np.float32)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(script: str) -> Any:
+    """A script of ``bench/`` as a module (``bench/`` on ``sys.path`` while it loads, for its sibling imports)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module

@@ -1006,19 +1006,11 @@ def test_engine_capacity_profile_splits_kernel_time_by_author() -> None:
     """``bench/engine_capacity.py --profile`` reports the share of the step's GPU time in the project's Triton
     kernels, cuBLAS's products and PyTorch's own kernels (the data movement around them), from kernel names as
     the profiler gives them."""
-    import importlib.util
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    spec = importlib.util.spec_from_file_location("bench_engine_capacity", bench / "engine_capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(bench))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
+    from helpers import load_bench
+
+    module = load_bench("engine_capacity")
     events = [SimpleNamespace(name=n, device_time=t) for n, t in (
         ("_snake_conv_kernel", 600.0), ("_snake_dwconv_kernel", 200.0),
         ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8", 100.0),
