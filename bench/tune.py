@@ -13,6 +13,7 @@ each shape's default and best times are printed as it finishes (and written to `
 slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's
 shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
 convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
+The 1x1 convs' rows-first launches (tf32x3 on CUDA) are entries of their own (``snake_conv_rows_first``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def record_key(key: tuning.ShapeKey) -> list:
 def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tuning.LaunchConfig]]:
     """The ``kernels/tuning.py`` entries that a sweep's records (``--json``'s "shapes") justify: the tilings
     more than 5 % faster than the default rule. ``bench/engine_capacity.py --tuning-json`` adds the same."""
-    return [(tuning.ShapeKey(tuning.CONV, "cuda", *shape["key"]),
+    return [(tuning.ShapeKey(shape.get("kernel", tuning.CONV), "cuda", *shape["key"]),
              tuning.LaunchConfig(shape["best"][0], num_warps=shape["best"][1], num_stages=shape["best"][2]))
             for shape in shapes if shape["best"] is not None and shape["best_us"] < KEEP_BELOW * shape["default_us"]]
 
@@ -69,7 +70,10 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
     def recorder(x, weight, bias=None, **kw):
         c_out, c_in, k = weight.shape
         out = original(x, weight, bias, **kw)
-        key = tuning.ShapeKey(tuning.CONV, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
+        form = conv_kernels.product_form(k, kw.get("precision"), x.device, split=kw.get("split"),
+                                         rows_first=kw.get("rows_first"))
+        kernel = tuning.CONV_ROWS_FIRST if form == "rows_first" else tuning.CONV  # the table's key for its tiles
+        key = tuning.ShapeKey(kernel, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
                               tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
         if c_out > 1 and recording[0]:
             calls.setdefault(key, (x, weight, bias, kw))
@@ -135,11 +139,11 @@ def main() -> None:
             winning_entries(report)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             parser.error(f"--resume {args.resume}: not a bench/tune.py --json file ({exc!r})")
-    done = {tuple(shape["key"]) for shape in report}
+    done = {(shape.get("kernel", tuning.CONV), *shape["key"]) for shape in report}
     with functional.use_upsampling_product(args.upsampling_product):
         recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
     calls = {k: v for k, v in recorded.items()
-             if k.kernel_size >= args.min_kernel_size and tuple(record_key(k)) not in done}
+             if k.kernel_size >= args.min_kernel_size and (k.kernel, *record_key(k)) not in done}
     if done:
         print(f"# {len(done)} shapes kept from {args.resume}", flush=True)
     candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
@@ -168,7 +172,8 @@ def main() -> None:
                 best = (ms, cand)
         tuning.TABLE.pop(key, None)
         print(f"{key}: default {default_ms * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}", flush=True)
-        report.append({"key": record_key(key), "default_us": default_ms * 1e3, "best_us": best[0] * 1e3,
+        report.append({"kernel": key.kernel, "key": record_key(key), "default_us": default_ms * 1e3,
+                       "best_us": best[0] * 1e3,
                        "best": None if best[1] is None else [best[1].blocks, best[1].num_warps, best[1].num_stages]})
         if args.json:
             with open(args.json, "w") as f:

@@ -37,7 +37,7 @@ from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
 # Dense convs whose input is split in registers (K = 1 at tf32x3): the rows-first product or not; None: the rule
-# of :func:`_rows_first`. Set per thread by :func:`rows_first_products` (benchmarks and tests compare them).
+# of :func:`product_form`. Set per thread by :func:`rows_first_products` (benchmarks and tests compare them).
 _ROWS_FIRST: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("snac_stream_rows_first", default=None)
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
 
@@ -490,14 +490,15 @@ def snake_conv(
         return out
 
     rests = None
-    if precision == "tf32x3" and (kernel_size > 1 if split is None else split):
+    form = product_form(kernel_size, precision, device, split=split, rows_first=rows_first)
+    if form == "split":
         # Only the frames the outputs read (a streaming call's input may run past them).
         frames = min(src.total, max(1, (t_out - 1) * stride + dilation * (kernel_size - 1) + 1 - padding))
         x_hi, x_lo = _snake_pass(src, alpha, frames, split=True)
         src, alpha = ChunkInput(x_hi, x_hi, 0, False), None
         weight, w_lo = _split_weight(weight)
         rests = (x_lo, w_lo)
-    elif precision == "tf32x3" and _rows_first(rows_first, device):
+    elif form == "rows_first":
         weight, w_lo = _split_weight(weight)
         rests = (None, w_lo)
     _launch_conv(src, weight, bias, alpha, out, t_out=t_out, stride=stride, dilation=dilation, padding=padding,
@@ -517,13 +518,21 @@ def rows_first_products(enabled: bool) -> Iterator[None]:
         _ROWS_FIRST.reset(token)
 
 
-def _rows_first(asked: Optional[bool], device: torch.device) -> bool:
-    """Whether a dense conv split in registers takes the rows-first product: as asked, else as the thread's
-    :func:`rows_first_products` says, else on CUDA (in the interpreter either form is fp32 products)."""
-    if asked is not None:
-        return asked
-    chosen = _ROWS_FIRST.get()
-    return device.type == "cuda" if chosen is None else chosen
+def product_form(kernel_size: int, precision: Optional[str], device: torch.device, *, split: Optional[bool] = None,
+                 rows_first: Optional[bool] = None) -> str:
+    """How :func:`snake_conv` multiplies for these arguments: ``"split"`` (tf32x3 on operands split before the
+    kernel), ``"rows_first"`` (tf32x3 split in registers, rows first) or ``"plain"`` (``tl.dot`` at the
+    precision, tf32x3 split in registers untransposed). Launches of each form have tiles of their own
+    (``tuning.launch_config``; ``bench/tune.py`` sweeps them apart)."""
+    if resolve_precision(precision, device) != "tf32x3":
+        return "plain"
+    if kernel_size > 1 if split is None else split:
+        return "split"
+    if rows_first is None:
+        chosen = _ROWS_FIRST.get()
+        # Rows first on CUDA; in the interpreter either form is fp32 products.
+        rows_first = device.type == "cuda" if chosen is None else chosen
+    return "rows_first" if rows_first else "plain"
 
 
 _SPLIT_BLOCK_T = 1024

@@ -24,6 +24,7 @@ from .common import interpreting, pow2_in
 
 DWCONV = "snake_dwconv"
 CONV = "snake_conv"
+CONV_ROWS_FIRST = "snake_conv_rows_first"  # the dense kernel's rows-first product: tiles of its own
 
 
 @dataclass(frozen=True)
@@ -175,11 +176,11 @@ def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, k
     (the default rule steps its reduction differently); ``rows_first``: a dense conv's rows-first product
     (frames are its products' rows: a rule of its own)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
+    if rows_first and kernel == CONV and backend == "cuda":
+        kernel = CONV_ROWS_FIRST  # entries and a rule of its own: its products' rows are the frames
     shape = (kernel, backend, c_in, c_out, kernel_size, stride, dilation, t_bucket(length))
     key = ShapeKey(*shape)
-    wanted = _programs_wanted(device) if backend == "cuda" and kernel == CONV else 0
-    if rows_first and wanted:  # its own rule (the table's entries were measured on the other form)
-        return _fill_gpu(_rows_first_conv(c_out, c_in * kernel_size), key, length, batch, wanted)
+    wanted = _programs_wanted(device) if backend == "cuda" and kernel != DWCONV else 0
     many: Optional[LaunchConfig] = TABLE.get(ShapeKey(*shape, True)) if batch > 1 else None
     if many is not None:
         # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned
@@ -196,7 +197,10 @@ def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
-    if key.kernel == CONV:
-        cfg = _default_conv(key, length, split)
+    if key.kernel in (CONV, CONV_ROWS_FIRST):
+        if key.kernel == CONV_ROWS_FIRST:
+            cfg = _rows_first_conv(key.c_out, key.c_in * key.kernel_size)
+        else:
+            cfg = _default_conv(key, length, split)
         return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg
     raise ValueError(f"unknown kernel {key.kernel!r}")

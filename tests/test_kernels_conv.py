@@ -573,8 +573,9 @@ def test_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypatch: pyt
 
 def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA a rows-first launch takes 64-frame tiles of up to 128 output channels, not the table's entries
-    (measured on the untransposed form), and a launch with too few programs for them (one stream's streaming
-    step) still takes the smallest tiles."""
+    for the untransposed form but entries of its own (``snake_conv_rows_first``, which ``bench/tune.py``
+    records apart), and a launch with too few programs for them (one stream's streaming step) still takes the
+    smallest tiles."""
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "_programs_wanted", lambda device: 264)
     cuda = torch.device("cuda")
@@ -586,6 +587,31 @@ def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.Monkey
     assert tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **wide).blocks["BLOCK_O"] == 128
     one_stream = tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **dict(wide, batch=1))
     assert one_stream.blocks == {"BLOCK_O": 16, "BLOCK_T": 16, "BLOCK_R": 32}
+    tuned = tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 16}, num_warps=8, num_stages=3)
+    monkeypatch.setitem(tuning.TABLE, tuning.ShapeKey(tuning.CONV_ROWS_FIRST, "cuda", 64, 64, 1, 1, 1, 2048, True),
+                        tuned)
+    assert tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **engine_step) is tuned
+    assert tuning.launch_config(tuning.CONV, device=cuda, **engine_step).blocks["BLOCK_T"] == 32
+
+
+def test_product_form_names_the_path_a_dense_conv_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``product_form``, which ``snake_conv`` and ``bench/tune.py`` both follow: operands split before the
+    kernel for tf32x3 with taps (or asked), rows first for tf32x3 split in registers on CUDA (or as the call or
+    the thread asks), a plain product at the other precisions."""
+    from snac_stream.kernels.conv import product_form, rows_first_products
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert product_form(7, "tf32x3", cuda) == "split"
+    assert product_form(1, "tf32x3", cuda, split=True) == "split"
+    assert product_form(1, "tf32x3", cuda) == "rows_first"
+    assert product_form(1, "tf32x3", cpu) == "plain"  # the interpreter's products are fp32 either way
+    assert product_form(1, "tf32x3", cpu, rows_first=True) == "rows_first"
+    assert product_form(2, "tf32x3", cuda, split=False) == "rows_first"
+    with rows_first_products(False):
+        assert product_form(1, "tf32x3", cuda) == "plain"
+        assert product_form(1, "tf32x3", cuda, rows_first=True) == "rows_first"
+    for precision in ("tf32", "ieee"):
+        assert product_form(7, precision, cuda) == product_form(1, precision, cuda) == "plain"
 
 
 _WGMMA_OPERANDS = r"""
