@@ -134,7 +134,6 @@ def _default_conv(key: ShapeKey, length: int, split: bool = False) -> LaunchConf
                          "BLOCK_R": 32 if reduction >= 32 and not split else 16}, num_warps=4, num_stages=3)
 
 
-@functools.lru_cache(maxsize=256)
 def _rows_first_conv(c_out: int, reduction: int) -> LaunchConfig:
     """Tiles of the rows-first product: 64 frames (one warp group's rows) by up to 128 output channels."""
     return LaunchConfig({"BLOCK_O": pow2_in(c_out, 16, 128), "BLOCK_T": 64,
@@ -197,10 +196,10 @@ def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 
     """The default rule, memoised: it runs on every launch, and streaming launches repeat the same shapes."""
     if key.kernel == DWCONV:
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
-    if key.kernel in (CONV, CONV_ROWS_FIRST):
-        if key.kernel == CONV_ROWS_FIRST:
-            cfg = _rows_first_conv(key.c_out, key.c_in * key.kernel_size)
-        else:
-            cfg = _default_conv(key, length, split)
-        return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg
-    raise ValueError(f"unknown kernel {key.kernel!r}")
+    if key.kernel == CONV_ROWS_FIRST:
+        cfg = _rows_first_conv(key.c_out, key.c_in * key.kernel_size)
+    elif key.kernel == CONV:
+        cfg = _default_conv(key, length, split)
+    else:
+        raise ValueError(f"unknown kernel {key.kernel!r}")
+    return _fill_gpu(cfg, key, length, batch, programs_wanted) if programs_wanted else cfg

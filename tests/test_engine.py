@@ -1018,3 +1018,27 @@ def test_engine_capacity_profile_splits_kernel_time_by_author() -> None:
         ("void at::native::vectorized_gather_kernel<16, long>", 30.0), ("Memcpy DtoD (Device -> Device)", 10.0))]
     assert module.kernel_shares(events) == pytest.approx({"triton": 80.0, "cublas": 10.0, "pytorch": 10.0})
     assert module.kernel_shares([]) == {}
+
+
+def test_a_deferred_state_pushed_again_reads_its_pieces_joined() -> None:
+    """Two pushes inside one ``deferred_joins`` (the second reads the caches the first left as pieces) give
+    the outputs and the state two plain pushes give: a piece list read again is joined, not misread."""
+    from snac_stream.streaming.build import decoder_op
+    from snac_stream.streaming.ops import Joined, deferred_joins
+
+    model = model_for("24khz")
+    body = decoder_op(model)
+    cpu = torch.device("cpu")
+    latent = torch.randn(2, model.config.resolved_latent_dim, 12)
+    plain, deferred = body.init_state(2, cpu, torch.float32), body.init_state(2, cpu, torch.float32)
+    with torch.inference_mode(), model.on_backend("torch"):
+        want = [body.push(plain, latent[..., :4]), body.push(plain, latent[..., 4:])]
+        with deferred_joins():
+            first = body.push(deferred, latent[..., :4])
+            assert any(isinstance(v, Joined) and len(v.parts) == 2 for v in _state_leaves(deferred))
+            got = [first, body.push(deferred, latent[..., 4:])]
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(_state_leaves(plain), _state_leaves(deferred), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b.tensor() if isinstance(b, Joined) else b)
