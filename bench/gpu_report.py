@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import all_cases  # noqa: E402
 from streaming_cost import commit  # noqa: E402
 
-from snac_stream import SNAC  # noqa: E402
+from snac_stream import PRESETS, SNAC  # noqa: E402
 from snac_stream.model import functional  # noqa: E402
 
 
@@ -203,7 +203,7 @@ SECTIONS = ("kernels", "decode", "streaming")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--profile", metavar="PRESET", nargs="?", const="24khz", default=None,
+    parser.add_argument("--profile", metavar="PRESET", nargs="?", const="24khz", default=None, choices=list(PRESETS),
                         help="also profile one offline decode and encode of 10 s at batch 1, ours and the reference "
                              "(24khz unless a preset is named)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
