@@ -183,8 +183,10 @@ def profile_offline(preset: str = "24khz", seconds: float = 10.0, top: int = 14)
     codes = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), device="cuda")
              for s in cfg.vq_strides]
     audio = torch.randn(1, 1, frames * cfg.frame_samples, device="cuda") * 0.1
-    calls = (("decode", "ours (triton)", lambda: ours.decode(codes)), ("decode", "reference", lambda: ref.decode(codes)),
-             ("encode", "ours (triton)", lambda: ours.encode(audio)), ("encode", "reference", lambda: ref.encode(audio)))
+    calls = (("decode", "ours (triton)", lambda: ours.decode(codes)),
+             ("decode", "reference", lambda: ref.decode(codes)),
+             ("encode", "ours (triton)", lambda: ours.encode(audio)),
+             ("encode", "reference", lambda: ref.encode(audio)))
     for what, name, fn in calls:
         with torch.inference_mode():
             fn()
