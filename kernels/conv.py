@@ -122,14 +122,14 @@ def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
     uw_ptr, ub_ptr, ualpha_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
-    conv_stride, dilation, padding, n_o_blocks, n_cols,
+    conv_stride, dilation, padding, n_o_blocks, n_cols, place_frames, place_crop, place_length,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
     ROWS_FIRST: tl.constexpr, UNIT: tl.constexpr, UNIT_K: tl.constexpr, UNIT_DIL: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    PLACE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
     BLOCK_T (batch item, frame) pairs: columns ``n < n_cols = B * T_out`` run over ``b = n // T_out``,
@@ -159,6 +159,12 @@ def _snake_conv_kernel(
     input tile is loaded (:func:`_input_tile`) rather than read from memory: ``x`` is then the unit's input,
     ``alpha_ptr`` the snake before the depthwise conv (UNIT_K taps, UNIT_DIL apart, ``uw_ptr``, ``ub_ptr``) and
     ``ualpha_ptr`` the one after it. K is 1, ``padding`` the depthwise conv's.
+
+    PLACE (> 0): the product is a transposed conv's (``kernels.upsampling``): one batch row whose frames are
+    ``place_frames`` frames of each stream in turn and whose ``C_out = C * PLACE`` channels are the PLACE phases
+    of each of C channels. Output (frame n, channel o * PLACE + r) is stored as sample ``(n % place_frames) *
+    PLACE + r - place_crop`` of channel o of stream ``n // place_frames`` in ``out`` (streams, C, place_length),
+    where that sample is in range: the placement in the same pass as the product.
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -225,7 +231,13 @@ def _snake_conv_kernel(
         acc = tanh(acc)
 
     out_mask = o_mask[:, None] & t_valid[None, :]
-    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+    if PLACE > 0:
+        stream = (offs_t // place_frames).to(tl.int64)[None, :]
+        sample = ((offs_t % place_frames) * PLACE)[None, :] + (offs_o % PLACE - place_crop)[:, None]
+        tl.store(out_ptr + stream * s_ob + (offs_o // PLACE).to(tl.int64)[:, None] * s_oc + sample * s_ot, acc,
+                 mask=out_mask & (sample >= 0) & (sample < place_length))
+    else:
+        tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
 
 
 @triton.jit
@@ -712,11 +724,12 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
                  res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
                  noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None,
                  precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                 unit: Optional[UnitPrologue] = None) -> None:
+                 unit: Optional[UnitPrologue] = None, place: Optional[Tuple[int, int, int, int]] = None) -> None:
     """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels.
     ``rests``: (input rest, weight rest) of operands split for the SPLIT products (``src.x`` and ``weight``
     then hold the high parts), or (None, weight rest) for the ROWS_FIRST product (the input is split in
-    registers). ``unit``: the depthwise conv the input goes through first (the kernel's UNIT)."""
+    registers). ``unit``: the depthwise conv the input goes through first (the kernel's UNIT). ``place``:
+    (phases, frames per stream, crop, length) of the kernel's PLACE; ``out`` is then (streams, C, length)."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
@@ -751,7 +764,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out, *(out if r is None else r for r in (rests if rests is not None else (None, None))),
         *unit_ptrs, c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
-        stride, dilation, padding, n_o_blocks, n_cols,
+        stride, dilation, padding, n_o_blocks, n_cols, *(place[1:] if place is not None else (1, 0, 0)),
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
@@ -759,5 +772,6 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
         PRECISION=precision, FLAT=flat, SPLIT=split, ROWS_FIRST=rows_first, UNIT=unit is not None,
         UNIT_K=unit.weight.shape[-1] if unit is not None else 1, UNIT_DIL=unit.dilation if unit is not None else 1,
+        PLACE=place[0] if place is not None else 0,
         **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

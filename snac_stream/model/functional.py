@@ -42,7 +42,6 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # split in registers, rows first on CUDA). Measured against each other by bench/upsampling_cost.py and
 # bench/engine_capacity.py; "auto", the default, picks per launch (``_upsampling_product``).
 UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows")
-_KERNEL_SPAN = 2**31  # elements a Triton kernel's operand may span along time (kernels.common.check_tensor)
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="auto")
 # Whether the Triton backend runs a depthwise residual unit as one kernel (its depthwise conv computed as the
@@ -314,20 +313,10 @@ def conv_transpose(
 
         product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, precision)
         if product == "rows":
-            from ..kernels import conv
-
-            # The rows (B * frames, 2 C_in) as one batch row of 2 C_in channels, and the output rows likewise:
-            # views, the kernel reads and writes any strides. Its int32 offsets along time cover at most
-            # _KERNEL_SPAN elements, so many rows (a 44 kHz step of 1024 streams) go in several launches.
+            # The rows as a 1x1 conv's input on the dense kernel, each output row stored at its samples.
             pairs = upsampling.phase_pairs(x, context, alpha, padding)
-            z = torch.empty(b * frames, c_out * stride, device=x.device, dtype=torch.float32)
-            w = _phase_weight(weight).view(c_out * stride, 2 * c_in, 1)
-            chunk = (_KERNEL_SPAN - 1) // max(2 * c_in, c_out * stride)
-            for start in range(0, b * frames, chunk):
-                rows = slice(start, start + chunk)
-                conv.snake_conv(pairs[rows].t().unsqueeze(0), w, phase_bias, precision=precision, split=False,
-                                out=z[rows].t().unsqueeze(0))
-            return upsampling.place_phases(z, b, stride, crop, end - crop)
+            return upsampling.placed_product(pairs, _phase_weight(weight).view(c_out * stride, 2 * c_in, 1),
+                                             phase_bias, b, stride, crop, end - crop, precision)
         if product != "cublas":
             from ..kernels import conv
 
