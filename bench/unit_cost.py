@@ -5,8 +5,8 @@
 For each residual unit of the 24 kHz decoder's blocks (channels, dilation 1, 3 and 9) at one 2048-sample step
 of ``--streams`` streams, as a streaming step calls it (the new frames and the unit's cache as context):
 ``kernels.conv.snake_residual_unit`` (the depthwise conv computed as the 1x1 conv loads its input) under its
-default tiles and a few others (at dilation 3), against ``snake_dwconv`` then ``snake_conv`` (the two kernels a unit took
-before; their own default tiles). CUDA-event medians (``triton.testing.do_bench``), the bytes a step must move
+default tiles and a few others (at dilation 3), against ``snake_dwconv`` then ``snake_conv`` (the two kernels a
+unit took before; their own default tiles). CUDA-event medians (``triton.testing.do_bench``), the bytes a step must move
 at least (input, cache and output, once each) per microsecond, and each path's largest error against float64.
 """
 

@@ -117,7 +117,7 @@ def _snake_dwconv_kernel(
                  mask=c_mask[:, None] & t_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
+@triton.jit(do_not_specialize=["n_cols", "place_frames", "place_length"])  # one compilation whatever the batch size
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
     uw_ptr, ub_ptr, ualpha_ptr,
@@ -380,11 +380,7 @@ def snake_dwconv(
     src = chunk_input("x", x, context, "context")
     batch, channels, _ = x.shape
     device = x.device
-    check_tensor("weight", weight, 3, device)
-    if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] < 1:
-        raise ValueError(f"weight must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
-                         f"channels, got {tuple(weight.shape)}")
-    kernel_size = weight.shape[2]
+    kernel_size = _depthwise_taps("weight", weight, channels, device)
     bias = None if bias is None else check_shape("bias", bias, (channels,), device).contiguous()
     alpha = per_channel("alpha", alpha, channels, device)
     alpha_out = per_channel("alpha_out", alpha_out, channels, device)
@@ -395,6 +391,15 @@ def snake_dwconv(
 
     _launch_dwconv(src, weight, bias, alpha, alpha_out, out, dilation=dilation, padding=padding)
     return out
+
+
+def _depthwise_taps(name: str, weight: torch.Tensor, channels: int, device: torch.device) -> int:
+    """K of a depthwise conv's (C, 1, K) ``weight``, checked."""
+    check_tensor(name, weight, 3, device)
+    if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] < 1:
+        raise ValueError(f"{name} must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
+                         f"channels, got {tuple(weight.shape)}")
+    return weight.shape[2]
 
 
 def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
@@ -608,14 +613,10 @@ def snake_residual_unit(
     src = chunk_input("x", x, context, "context")
     batch, channels, _ = x.shape
     device = x.device
-    check_tensor("dw_weight", dw_weight, 3, device)
-    if dw_weight.shape[0] != channels or dw_weight.shape[1] != 1 or dw_weight.shape[2] < 1:
-        raise ValueError(f"dw_weight must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
-                         f"channels, got {tuple(dw_weight.shape)}")
+    kernel_size = _depthwise_taps("dw_weight", dw_weight, channels, device)
     check_tensor("pw_weight", pw_weight, 3, device)
     if tuple(pw_weight.shape) != (channels, channels, 1):
         raise ValueError(f"pw_weight must have shape ({channels}, {channels}, 1), got {tuple(pw_weight.shape)}")
-    kernel_size = dw_weight.shape[2]
     dw_bias = check_shape("dw_bias", dw_bias, (channels,), device).contiguous()
     pw_bias = None if pw_bias is None else check_shape("pw_bias", pw_bias, (channels,), device).contiguous()
     alpha = per_channel("alpha", alpha, channels, device)

@@ -687,8 +687,8 @@ found = {}
 for form, rows_first, unit in (("rows_first", True, False), ("plain", False, False), ("unit", True, True)):
     constants = dict(R=128, K=1, HAS_CTX=unit, HAS_BIAS=True, HAS_ALPHA=unit, HAS_NOISE=False, NOISE_ROWS=False,
                      HAS_RES=True, HAS_RES_CTX=unit, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
-                     SPLIT=False, ROWS_FIRST=rows_first, UNIT=unit, UNIT_K=7, UNIT_DIL=3, BLOCK_O=128, BLOCK_T=64,
-                     BLOCK_R=32)
+                     SPLIT=False, ROWS_FIRST=rows_first, UNIT=unit, UNIT_K=7, UNIT_DIL=3, PLACE=0, BLOCK_O=128,
+                     BLOCK_T=64, BLOCK_R=32)
     signature = {p: "constexpr" if p in constants else "*fp32" if p in pointers else "*i64"
                  if p == "noise_rows_ptr" else "i64" if p.startswith("noise_") else "i32"
                  for p in inspect.signature(kernel.fn).parameters}
