@@ -258,9 +258,6 @@ def main() -> None:
     parser.add_argument("--rows-first", default="rule", choices=["rule", "on", "off"],
                         help="the dense convs split in registers (1x1 at tf32x3): the rows-first product, the "
                              "per-step one, or the kernels' rule")
-    parser.add_argument("--fused-units", default="on", choices=["on", "off"],
-                        help="depthwise residual units as one kernel each (on, the default) or as a depthwise "
-                             "and a 1x1 kernel (bench/unit_cost.py)")
     parser.add_argument("--tuning-json", type=Path,
                         help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
                              "faster than the default rule) to the tuning table before the run")
@@ -309,15 +306,13 @@ def main() -> None:
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
             "upsampling_product": args.upsampling_product,
-            "gc_freeze": not args.no_gc_freeze, "phases": args.phases, "rows_first": args.rows_first,
-            "fused_units": args.fused_units}
+            "gc_freeze": not args.no_gc_freeze, "phases": args.phases, "rows_first": args.rows_first}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
           f"{meta['upsampling_precision']}, product {args.upsampling_product}), rows-first {args.rows_first}, "
-          f"fused units {args.fused_units}, "
           f"{args.phases} phase(s), {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
@@ -330,7 +325,7 @@ def main() -> None:
     from snac_stream.kernels import conv
 
     forms = conv.rows_first_products(args.rows_first == "on") if args.rows_first != "rule" else nullcontext()
-    with torch.inference_mode(), forms, functional.use_fused_units(args.fused_units == "on"):
+    with torch.inference_mode(), forms:
         for n in args.streams:
             r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile,
                         not args.no_gc_freeze, args.phases)

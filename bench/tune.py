@@ -6,21 +6,19 @@
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
-``snake_conv`` and ``snake_residual_unit`` call, then times each distinct layer shape under a set of candidate
-configs (CUDA-event medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an
-engine step's); each shape's default and best times are printed as it finishes (and written to ``--json``, which
+``snake_conv`` call, then times each distinct layer shape under a set of candidate configs (CUDA-event
+medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
+each shape's default and best times are printed as it finishes (and written to ``--json``, which
 ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
 slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's
 shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
 convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
-The 1x1 convs' rows-first launches (tf32x3 on CUDA) are entries of their own (``snake_conv_rows_first``), as
-are the residual units' kernels (``snake_conv_unit``, keyed by the depthwise conv's taps and dilation).
+The 1x1 convs' rows-first launches (tf32x3 on CUDA) are entries of their own (``snake_conv_rows_first``).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 from pathlib import Path
@@ -44,13 +42,6 @@ ENGINE_CANDIDATES = CANDIDATES + [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=8, num_stages=3)
     for o, t, r in itertools.product((128,), (64, 128), (16, 32))
 ] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
-# A residual unit's kernel (``snake_conv_unit``) loads each input tile once per tap: the tilings that compile for
-# sm_90 without spilling (ptxas -v; 16-wide reduction steps, 8 warps for 128-channel or 128-frame tiles).
-UNIT_CANDIDATES = [
-    tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=w, num_stages=3)
-    for o, t, r, w in ((64, 64, 16, 4), (64, 64, 32, 4), (128, 64, 16, 8), (128, 64, 32, 8), (64, 128, 16, 8),
-                       (64, 128, 32, 8), (32, 64, 16, 4), (64, 32, 16, 4))
-]
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 KEEP_BELOW = 0.95  # a tiling becomes a table entry when it takes under this share of the default's time
 
@@ -69,11 +60,11 @@ def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tunin
 
 
 def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda"):
-    """The first dense-kernel call (``snake_conv`` or ``snake_residual_unit``) of each layer shape, as a
-    callable that repeats it, from offline calls of ``seconds`` of audio or, with ``engine_streams``, from one
-    batched step of that many streams per engine kind (warmed up first, outside the recording)."""
+    """The first ``snake_conv`` call of each layer shape (its arguments kept), from offline calls of
+    ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many streams per engine
+    kind (warmed up first, outside the recording)."""
     calls = {}
-    original, original_unit = conv_kernels.snake_conv, conv_kernels.snake_residual_unit
+    original = conv_kernels.snake_conv
     recording = [False]
 
     def recorder(x, weight, bias=None, **kw):
@@ -85,19 +76,10 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
         key = tuning.ShapeKey(kernel, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
                               tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
         if c_out > 1 and recording[0]:
-            calls.setdefault(key, functools.partial(original, x, weight, bias, **kw))
+            calls.setdefault(key, (x, weight, bias, kw))
         return out
 
-    def unit_recorder(x, dw_weight, dw_bias, pw_weight, pw_bias=None, **kw):
-        out = original_unit(x, dw_weight, dw_bias, pw_weight, pw_bias, **kw)
-        channels = x.shape[1]
-        key = tuning.ShapeKey(tuning.CONV_UNIT, "cuda", channels, channels, dw_weight.shape[-1], 1,
-                              kw.get("dilation", 1), tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
-        if recording[0]:
-            calls.setdefault(key, functools.partial(original_unit, x, dw_weight, dw_bias, pw_weight, pw_bias, **kw))
-        return out
-
-    conv_kernels.snake_conv, conv_kernels.snake_residual_unit = recorder, unit_recorder
+    conv_kernels.snake_conv = recorder
     try:
         for preset in presets:
             torch.manual_seed(0)
@@ -128,7 +110,7 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
                     engine.step()
                     recording[0] = False
     finally:
-        conv_kernels.snake_conv, conv_kernels.snake_residual_unit = original, original_unit
+        conv_kernels.snake_conv = original
     return calls
 
 
@@ -168,16 +150,18 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
           flush=True)
     defaults = {}
-    for key, run in calls.items():
+    for key, (x, weight, bias, kw) in calls.items():
         tuning.TABLE.pop(key, None)
-        defaults[key] = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+        defaults[key] = triton.testing.do_bench(lambda: conv_kernels.snake_conv(x, weight, bias, **kw),
+                                                warmup=10, rep=50, return_mode="median")
     for key in sorted(calls, key=lambda k: -defaults[k]):
-        run = calls[key]
+        x, weight, bias, kw = calls[key]
+        run = lambda: conv_kernels.snake_conv(x, weight, bias, **kw)  # noqa: E731
         default_ms = defaults[key]
         best = (default_ms, None)
         if default_ms * 1e3 < MIN_US:
             continue
-        for cand in UNIT_CANDIDATES if key.kernel == tuning.CONV_UNIT else candidates:
+        for cand in candidates:
             tuning.TABLE[key] = cand
             try:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")

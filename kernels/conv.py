@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
@@ -34,7 +33,7 @@ from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, ch
                      window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
-from .tuning import CONV, CONV_UNIT, DWCONV, launch_config
+from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
 # Dense convs whose input is split in registers (K = 1 at tf32x3): the rows-first product or not; None: the rule
@@ -117,19 +116,17 @@ def _snake_dwconv_kernel(
                  mask=c_mask[:, None] & t_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["n_cols", "place_frames", "place_length"])  # one compilation whatever the batch size
+@triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
 def _snake_conv_kernel(
     ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
-    uw_ptr, ub_ptr, ualpha_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
-    conv_stride, dilation, padding, n_o_blocks, n_cols, place_frames, place_crop, place_length,
+    conv_stride, dilation, padding, n_o_blocks, n_cols,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
-    ROWS_FIRST: tl.constexpr, UNIT: tl.constexpr, UNIT_K: tl.constexpr, UNIT_DIL: tl.constexpr,
-    PLACE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROWS_FIRST: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_O output channels) x (BLOCK_T output frames) tile of one batch item, or with FLAT of
     BLOCK_T (batch item, frame) pairs: columns ``n < n_cols = B * T_out`` run over ``b = n // T_out``,
@@ -154,17 +151,6 @@ def _snake_conv_kernel(
     straight from registers, and the weight (``w_ptr`` / ``wlo_ptr``: split once, before) their right operand,
     loaded into shared memory ahead of use. Without it the split input tiles are the right operand, which must
     go through shared memory before every product (figures in bench/RESULTS.md).
-
-    UNIT: the conv is a residual unit's 1x1 conv and its input the unit's depthwise conv, computed as each
-    input tile is loaded (:func:`_input_tile`) rather than read from memory: ``x`` is then the unit's input,
-    ``alpha_ptr`` the snake before the depthwise conv (UNIT_K taps, UNIT_DIL apart, ``uw_ptr``, ``ub_ptr``) and
-    ``ualpha_ptr`` the one after it. K is 1, ``padding`` the depthwise conv's.
-
-    PLACE (> 0): the product is a transposed conv's (``kernels.upsampling``): one batch row whose frames are
-    ``place_frames`` frames of each stream in turn and whose ``C_out = C * PLACE`` channels are the PLACE phases
-    of each of C channels. Output (frame n, channel o * PLACE + r) is stored as sample ``(n % place_frames) *
-    PLACE + r - place_crop`` of channel o of stream ``n // place_frames`` in ``out`` (streams, C, place_length),
-    where that sample is in range: the placement in the same pass as the product.
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -188,9 +174,9 @@ def _snake_conv_kernel(
 
     if ROWS_FIRST:
         acc = tl.trans(_rows_first_product(
-            ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, uw_ptr, ub_ptr, ualpha_ptr, offs_o, o_mask, offs_t, t_valid,
-            cols, T_out, L, T, conv_stride, dilation, padding, s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
-            R, K, HAS_CTX, HAS_ALPHA, FAST_SIN, FLAT, UNIT, UNIT_K, UNIT_DIL, BLOCK_O, BLOCK_T, BLOCK_R))
+            ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mask, offs_t, t_valid, cols, T_out, L, T,
+            conv_stride, dilation, padding, s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
+            R, K, HAS_CTX, HAS_ALPHA, FAST_SIN, FLAT, BLOCK_O, BLOCK_T, BLOCK_R))
     else:
         acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -199,9 +185,10 @@ def _snake_conv_kernel(
             c = offs_r // K
             c_rows = c.to(tl.int64)[:, None]
             u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
-            v = _input_tile(ctx_b, x_b, alpha_ptr, uw_ptr, ub_ptr, ualpha_ptr, c_rows, r_mask[:, None], u,
-                            r_mask[:, None] & t_valid[None, :], L, T, s_cc, s_ct, s_xc, s_xt,
-                            HAS_CTX, HAS_ALPHA, FAST_SIN, UNIT, UNIT_K, UNIT_DIL)
+            v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
+                               r_mask[:, None] & t_valid[None, :], HAS_CTX)
+            if HAS_ALPHA:
+                v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
             w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
             if SPLIT:
                 v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
@@ -231,22 +218,15 @@ def _snake_conv_kernel(
         acc = tanh(acc)
 
     out_mask = o_mask[:, None] & t_valid[None, :]
-    if PLACE > 0:
-        stream = (offs_t // place_frames).to(tl.int64)[None, :]
-        sample = ((offs_t % place_frames) * PLACE)[None, :] + (offs_o % PLACE - place_crop)[:, None]
-        tl.store(out_ptr + stream * s_ob + (offs_o // PLACE).to(tl.int64)[:, None] * s_oc + sample * s_ot, acc,
-                 mask=out_mask & (sample >= 0) & (sample < place_length))
-    else:
-        tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
+    tl.store(out_ptr + pid_b * s_ob + o_rows * s_oc + offs_t[None, :] * s_ot, acc, mask=out_mask)
 
 
 @triton.jit
-def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, uw_ptr, ub_ptr, ualpha_ptr, offs_o, o_mask,
-                        offs_t, t_valid, cols, T_out, L, T, conv_stride, dilation, padding,
-                        s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
+def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mask, offs_t, t_valid, cols, T_out, L,
+                        T, conv_stride, dilation, padding, s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
                         R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr,
-                        FAST_SIN: tl.constexpr, FLAT: tl.constexpr, UNIT: tl.constexpr, UNIT_K: tl.constexpr,
-                        UNIT_DIL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+                        FAST_SIN: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
     """The tile's product, (BLOCK_T frames, BLOCK_O output channels), for ``_snake_conv_kernel``'s ROWS_FIRST."""
     if FLAT:
         pid_b = (cols // T_out).to(tl.int64)[:, None]  # per frame row, broadcast against the channels
@@ -261,43 +241,16 @@ def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, uw_ptr, ub_pt
         r_mask = offs_r < R
         c_cols = (offs_r // K).to(tl.int64)[None, :]
         u = offs_t[:, None] * conv_stride + ((offs_r % K) * dilation - padding)[None, :]
-        v = _input_tile(ctx_b, x_b, alpha_ptr, uw_ptr, ub_ptr, ualpha_ptr, c_cols, r_mask[None, :], u,
-                        t_valid[:, None] & r_mask[None, :], L, T, s_cc, s_ct, s_xc, s_xt,
-                        HAS_CTX, HAS_ALPHA, FAST_SIN, UNIT, UNIT_K, UNIT_DIL)
+        v = load_ctx_chunk(ctx_b, x_b, c_cols * s_cc, c_cols * s_xc, s_ct, s_xt, u, L, T,
+                           t_valid[:, None] & r_mask[None, :], HAS_CTX)
+        if HAS_ALPHA:
+            v = snake(v, tl.load(alpha_ptr + offs_r // K, mask=r_mask, other=1.0)[None, :], FAST_SIN)
         w_mask = r_mask[:, None] & o_mask[None, :]
         w = tl.load(w_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         w_lo = tl.load(wlo_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         v_hi = _tf32_high(v)
         acc = _tf32x3_step(acc, v_hi, v - v_hi, w, w_lo)
     return acc
-
-
-@triton.jit
-def _input_tile(ctx_b, x_b, alpha_ptr, uw_ptr, ub_ptr, ualpha_ptr, c, c_ok, u, mask, L, T, s_cc, s_ct, s_xc, s_xt,
-                HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr, UNIT: tl.constexpr,
-                UNIT_K: tl.constexpr, UNIT_DIL: tl.constexpr):
-    """A dense product's input tile: channels ``c`` (int64, with ``c_ok``, broadcast against the frames) at
-    padded frames ``u``, zero where ``~mask``. Plain: ``snake(cat([context, x]))``. UNIT: the residual unit's
-    ``snake_out(bias + sum_k w[c, k] * snake(cat([context, x])[u + k * UNIT_DIL]))``, its depthwise conv
-    computed here from UNIT_K loads that overlap (they hit L1), so that its output never goes to memory. Its
-    masked frames and channels hold ``snake(bias)``, harmless: their outputs are not stored, and the weight's
-    rows past C load as zeros."""
-    if HAS_ALPHA:
-        alpha = tl.load(alpha_ptr + c, mask=c_ok, other=1.0)
-    if UNIT:
-        v = tl.zeros(mask.shape, dtype=tl.float32)
-        for k in tl.range(UNIT_K, num_stages=1):  # a tap at a time: unrolled, the taps' tiles spilled
-            tap = load_ctx_chunk(ctx_b, x_b, c * s_cc, c * s_xc, s_ct, s_xt, u + k * UNIT_DIL, L, T, mask, HAS_CTX)
-            if HAS_ALPHA:
-                tap = snake(tap, alpha, FAST_SIN)
-            v += tl.load(uw_ptr + c * UNIT_K + k, mask=c_ok, other=0.0) * tap
-        v = snake(v + tl.load(ub_ptr + c, mask=c_ok, other=0.0), tl.load(ualpha_ptr + c, mask=c_ok, other=1.0),
-                  FAST_SIN)
-    else:
-        v = load_ctx_chunk(ctx_b, x_b, c * s_cc, c * s_xc, s_ct, s_xt, u, L, T, mask, HAS_CTX)
-        if HAS_ALPHA:
-            v = snake(v, alpha, FAST_SIN)
-    return v
 
 
 @triton.jit
@@ -380,7 +333,11 @@ def snake_dwconv(
     src = chunk_input("x", x, context, "context")
     batch, channels, _ = x.shape
     device = x.device
-    kernel_size = _depthwise_taps("weight", weight, channels, device)
+    check_tensor("weight", weight, 3, device)
+    if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] < 1:
+        raise ValueError(f"weight must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
+                         f"channels, got {tuple(weight.shape)}")
+    kernel_size = weight.shape[2]
     bias = None if bias is None else check_shape("bias", bias, (channels,), device).contiguous()
     alpha = per_channel("alpha", alpha, channels, device)
     alpha_out = per_channel("alpha_out", alpha_out, channels, device)
@@ -391,15 +348,6 @@ def snake_dwconv(
 
     _launch_dwconv(src, weight, bias, alpha, alpha_out, out, dilation=dilation, padding=padding)
     return out
-
-
-def _depthwise_taps(name: str, weight: torch.Tensor, channels: int, device: torch.device) -> int:
-    """K of a depthwise conv's (C, 1, K) ``weight``, checked."""
-    check_tensor(name, weight, 3, device)
-    if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] < 1:
-        raise ValueError(f"{name} must have shape ({channels}, 1, K) for a depthwise conv over {channels} "
-                         f"channels, got {tuple(weight.shape)}")
-    return weight.shape[2]
 
 
 def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
@@ -559,90 +507,6 @@ def snake_conv(
     return out
 
 
-@dataclass(frozen=True)
-class UnitPrologue:
-    """The depthwise conv a residual unit's 1x1 conv computes its input with (the dense kernel's UNIT):
-    ``snake(conv1d(v, weight, bias, dilation, groups=C), alpha_out)`` of the snaked input ``v``."""
-
-    weight: torch.Tensor  # (C, 1, K) contiguous
-    bias: torch.Tensor  # (C,)
-    alpha_out: torch.Tensor  # (C,)
-    dilation: int
-
-
-def snake_residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: torch.Tensor,
-    pw_weight: torch.Tensor,
-    pw_bias: Optional[torch.Tensor] = None,
-    *,
-    alpha: Optional[torch.Tensor],
-    alpha_mid: torch.Tensor,
-    dilation: int = 1,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    residual_offset: int = 0,
-    precision: Optional[str] = None,
-    rows_first: Optional[bool] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """A depthwise residual unit in one kernel: ``v[..., j + residual_offset] + conv1d(h, pw_weight, pw_bias)``
-    with ``h = snake(conv1d(snake(v, alpha), dw_weight, dw_bias, dilation, padding, groups=C), alpha_mid)`` and
-    ``v = cat([context, x], time)``.
-
-    The same as :func:`snake_dwconv` followed by :func:`snake_conv` with ``residual=x,
-    residual_context=context``, but ``h`` is computed as the 1x1 conv's product loads it (once per block of
-    output channels) and never goes to memory.
-
-    Args:
-        x: (B, C, T) new input frames; context: (B, C, L) frames preceding them, or None.
-        dw_weight: (C, 1, K) depthwise filters, taps ``dilation`` frames apart; dw_bias: (C,).
-        pw_weight: (C, C, 1); pw_bias: (C,) or None.
-        alpha / alpha_mid: per-channel snakes before and after the depthwise conv (alpha may be None).
-        padding: virtual zeros on each end of ``cat([context, x])`` (offline); length: outputs to compute.
-        residual_offset: index in ``cat([context, x])`` of the skip term added to output 0 (the unit's centre
-            tap ``dilation * (K - 1) // 2`` minus ``padding``).
-        precision / rows_first: of the 1x1 conv's product, as :func:`snake_conv`'s.
-        out: optional (B, C, T_out) buffer (any strides, not overlapping the inputs).
-
-    Returns:
-        (B, C, T_out), ``T_out = L + T + 2*padding - dilation*(K-1)`` unless ``length`` is given.
-    """
-    src = chunk_input("x", x, context, "context")
-    batch, channels, _ = x.shape
-    device = x.device
-    kernel_size = _depthwise_taps("dw_weight", dw_weight, channels, device)
-    check_tensor("pw_weight", pw_weight, 3, device)
-    if tuple(pw_weight.shape) != (channels, channels, 1):
-        raise ValueError(f"pw_weight must have shape ({channels}, {channels}, 1), got {tuple(pw_weight.shape)}")
-    dw_bias = check_shape("dw_bias", dw_bias, (channels,), device).contiguous()
-    pw_bias = None if pw_bias is None else check_shape("pw_bias", pw_bias, (channels,), device).contiguous()
-    alpha = per_channel("alpha", alpha, channels, device)
-    alpha_mid = per_channel("alpha_mid", alpha_mid, channels, device)
-    if alpha_mid is None:
-        raise ValueError("alpha_mid (the snake after the depthwise conv) is required")
-    t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
-    _check_int("residual_offset", residual_offset, 0, 2**31)
-    if residual_offset + t_out > src.total:
-        raise ValueError(f"skip frames {residual_offset}..{residual_offset + t_out - 1} are out of range: "
-                         f"context and x hold {src.total}")
-    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=context)
-    if out.numel() == 0:
-        return out
-    precision = resolve_precision(precision, device)
-    weight = pw_weight.contiguous()
-    rests = None
-    if product_form(1, precision, device, split=False, rows_first=rows_first) == "rows_first":
-        weight, w_lo = _split_weight(weight)
-        rests = (None, w_lo)
-    _launch_conv(src, weight, pw_bias, alpha, out, t_out=t_out, padding=padding, res=src,
-                 residual_offset=residual_offset, precision=precision, rests=rests,
-                 unit=UnitPrologue(dw_weight.contiguous(), dw_bias, alpha_mid, dilation))
-    return out
-
-
 @contextlib.contextmanager
 def rows_first_products(enabled: bool) -> Iterator[None]:
     """In the calling thread, make dense convs split in registers (K = 1 at tf32x3) take the rows-first
@@ -724,24 +588,18 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
                  out: torch.Tensor, *, t_out: int, stride: int = 1, dilation: int = 1, padding: int = 0,
                  res: Optional[ChunkInput] = None, residual_offset: int = 0, noise_seed: Optional[int] = None,
                  noise_start: Union[int, torch.Tensor] = 0, activation: Optional[str] = None,
-                 precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                 unit: Optional[UnitPrologue] = None, place: Optional[Tuple[int, int, int, int]] = None) -> None:
+                 precision: str, rests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Launch the dense kernel on checked arguments: ``t_out`` output frames of ``weight.shape[0]`` channels.
     ``rests``: (input rest, weight rest) of operands split for the SPLIT products (``src.x`` and ``weight``
     then hold the high parts), or (None, weight rest) for the ROWS_FIRST product (the input is split in
-    registers). ``unit``: the depthwise conv the input goes through first (the kernel's UNIT). ``place``:
-    (phases, frames per stream, crop, length) of the kernel's PLACE; ``out`` is then (streams, C, length)."""
+    registers)."""
     batch, c_in = src.x.shape[:2]
     c_out, _, kernel_size = weight.shape
     device = out.device
     split = rests is not None and rests[0] is not None
     rows_first = rests is not None and rests[0] is None
-    if unit is None:
-        cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
-                            dilation=dilation, length=t_out, batch=batch, split=split, rows_first=rows_first)
-    else:
-        cfg = launch_config(CONV_UNIT, device=device, c_in=c_in, c_out=c_out, kernel_size=unit.weight.shape[-1],
-                            stride=1, dilation=unit.dilation, length=t_out, batch=batch)
+    cfg = launch_config(CONV, device=device, c_in=c_in, c_out=c_out, kernel_size=kernel_size, stride=stride,
+                        dilation=dilation, length=t_out, batch=batch, split=split, rows_first=rows_first)
     n_o_blocks = cdiv(c_out, cfg.blocks["BLOCK_O"])
     flat = rows_share_tiles(batch, t_out, cfg.blocks["BLOCK_T"])
     n_cols = batch * t_out if flat else t_out
@@ -760,19 +618,16 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         noise = (0, 0, out)
     else:
         noise = (noise_seed, 0, noise_start) if noise_rows else (noise_seed, noise_start, out)
-    unit_ptrs = (unit.weight, unit.bias, unit.alpha_out) if unit is not None else (out, out, out)
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         *res_ptrs, out, *(out if r is None else r for r in (rests if rests is not None else (None, None))),
-        *unit_ptrs, c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
-        stride, dilation, padding, n_o_blocks, n_cols, *(place[1:] if place is not None else (1, 0, 0)),
+        c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
+        stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
         HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
-        PRECISION=precision, FLAT=flat, SPLIT=split, ROWS_FIRST=rows_first, UNIT=unit is not None,
-        UNIT_K=unit.weight.shape[-1] if unit is not None else 1, UNIT_DIL=unit.dilation if unit is not None else 1,
-        PLACE=place[0] if place is not None else 0,
-        **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=precision, FLAT=flat, SPLIT=split, ROWS_FIRST=rows_first, **cfg.blocks, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

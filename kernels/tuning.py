@@ -25,9 +25,6 @@ from .common import interpreting, pow2_in
 DWCONV = "snake_dwconv"
 CONV = "snake_conv"
 CONV_ROWS_FIRST = "snake_conv_rows_first"  # the dense kernel's rows-first product: tiles of its own
-# The dense kernel as a whole depthwise residual unit (its UNIT: the depthwise conv computed as the 1x1 conv
-# loads its input): keyed by the depthwise conv's taps and dilation, tiles of its own.
-CONV_UNIT = "snake_conv_unit"
 
 
 @dataclass(frozen=True)
@@ -143,15 +140,6 @@ def _rows_first_conv(c_out: int, reduction: int) -> LaunchConfig:
                          "BLOCK_R": 32 if reduction >= 32 else 16}, num_warps=4, num_stages=3)
 
 
-def _unit_conv(c_out: int) -> LaunchConfig:
-    """Tiles of a residual unit's kernel: 64 frames by up to 128 channels, a 16-wide reduction step, and 8 warps
-    for 128-channel tiles. Each step loads its input once per tap, and the compiler keeps those loads in
-    registers: wider steps or fewer warps spilled (ptxas, sm_90), as did the taps unrolled."""
-    block_o = pow2_in(c_out, 16, 128)
-    return LaunchConfig({"BLOCK_O": block_o, "BLOCK_T": 64, "BLOCK_R": 16}, num_warps=8 if block_o >= 128 else 4,
-                        num_stages=3)
-
-
 def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
     """A window must hold the taps of at least as many outputs as it wastes on the halo: otherwise the
     kernel loads once per tap. A table entry without ``WINDOW`` means 0."""
@@ -182,11 +170,10 @@ def _programs_wanted(device: torch.device) -> int:
 def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, kernel_size: int, stride: int,
                   dilation: int, length: int, batch: int = 1, split: bool = False,
                   rows_first: bool = False) -> LaunchConfig:
-    """Launch parameters for ``kernel`` (``"snake_dwconv"``, ``"snake_conv"`` or ``"snake_conv_unit"``, whose
-    ``kernel_size`` and ``dilation`` are the depthwise conv's) on a layer of this shape producing ``length``
-    output frames for each of ``batch`` rows; ``split``: a dense conv on split operands (the default rule steps
-    its reduction differently); ``rows_first``: a dense conv's rows-first product (frames are its products'
-    rows: a rule of its own)."""
+    """Launch parameters for ``kernel`` (``"snake_dwconv"`` or ``"snake_conv"``) on a layer of this shape
+    producing ``length`` output frames for each of ``batch`` rows; ``split``: a dense conv on split operands
+    (the default rule steps its reduction differently); ``rows_first``: a dense conv's rows-first product
+    (frames are its products' rows: a rule of its own)."""
     backend = "interpreter" if interpreting() or device.type != "cuda" else "cuda"
     if rows_first and kernel == CONV and backend == "cuda":
         kernel = CONV_ROWS_FIRST  # entries and a rule of its own: its products' rows are the frames
@@ -211,8 +198,6 @@ def _default(key: ShapeKey, length: int, batch: int = 1, programs_wanted: int = 
         return _fit_dwconv(_default_dwconv(key, length), key.dilation * (key.kernel_size - 1))
     if key.kernel == CONV_ROWS_FIRST:
         cfg = _rows_first_conv(key.c_out, key.c_in * key.kernel_size)
-    elif key.kernel == CONV_UNIT:
-        cfg = _unit_conv(key.c_out) if key.backend == "cuda" else _default_conv(replace(key, kernel_size=1), length)
     elif key.kernel == CONV:
         cfg = _default_conv(key, length, split)
     else:

@@ -11,9 +11,6 @@ costs more than one read and one write of its data:
   frames in one pass (in PyTorch: a snake pass, a concatenation, then a gather copy).
 - :func:`place_phases`: the product's (B * F, C_out * s) rows as (B, C_out, samples), samples
   ``crop .. crop + length - 1`` of the whole output (in PyTorch: a permuting copy, then a slice).
-- :func:`placed_product`: the product itself on the dense-conv kernel (a 1x1 conv over the rows, tf32x3 on
-  tensor cores), which stores each output row where :func:`place_phases` would put it: the product's rows
-  never go to memory.
 
 Both launch over flat tiles of (row, frame) pairs, so a streaming step of many streams with a few frames each
 fills its tiles as well as one long offline row does. Shapes are (B, C, T) with T in frames; float32 only.
@@ -27,14 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import conv
-from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk, next_pow2,
-                     per_channel, resolve_precision, snake, use_fast_sin)
+from .common import (cdiv, check_grid, check_tensor, chunk_input, load_ctx_chunk, next_pow2, per_channel, snake,
+                     use_fast_sin)
 
 _BLOCK_ROWS = 64  # (row, frame) pairs per program
 _BLOCK_CHANNELS = 64
 _TILE_ELEMENTS = 8192  # place_phases: frames x channels x phases (padded to a power of two) per program
-_LAUNCH_SPAN = 2**31  # placed_product: elements a launch's rows may span (the kernel's offsets are int32)
 
 
 @triton.jit
@@ -160,50 +155,4 @@ def place_phases(z: torch.Tensor, batch: int, stride: int, crop: int = 0, length
     check_grid(grid, "channel blocks")
     _place_phases_kernel[grid](z, out, c_out, frames, crop, length, blocks_f, *out.stride(), S=stride,
                                S_PAD=phases, BLOCK_F=block_f, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
-    return out
-
-
-def placed_product(pairs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: int, stride: int,
-                   crop: int = 0, length: Optional[int] = None, precision: Optional[str] = None) -> torch.Tensor:
-    """``place_phases(pairs @ weight[..., 0].T + bias, batch, stride, crop, length)`` in one kernel: the dense
-    kernel multiplies the rows as a 1x1 conv and stores each output where the placement puts it (its PLACE).
-
-    Args:
-        pairs: (B * F, 2 C) rows from :func:`phase_pairs`.
-        weight: (C_out * s, 2 C, 1): output channel ``o * s + r`` is phase ``r`` of channel ``o``; bias:
-            (C_out * s,) or None.
-        batch: B; stride: s; crop / length: as :func:`place_phases`.
-        precision: of the product, as ``conv.snake_conv``'s.
-
-    Returns:
-        (B, C_out, length) contiguous.
-    """
-    check_tensor("pairs", pairs, 2)
-    device = pairs.device
-    check_tensor("weight", weight, 3, device)
-    rows, width = pairs.shape
-    if batch < 1 or rows % batch or weight.shape[0] % stride or tuple(weight.shape[1:]) != (width, 1):
-        raise ValueError(f"pairs {tuple(pairs.shape)} and weight {tuple(weight.shape)} do not make {batch} rows of "
-                         f"whole {stride}-sample phases")
-    bias = None if bias is None else check_shape("bias", bias, (weight.shape[0],), device).contiguous()
-    frames, c_out = rows // batch, weight.shape[0] // stride
-    samples = frames * stride
-    length = samples - crop if length is None else length
-    if crop < 0 or length < 0 or crop + length > samples:
-        raise ValueError(f"samples {crop}..{crop + length - 1} are out of range: {frames} frames give {samples}")
-    out = torch.empty(batch, c_out, length, device=device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out
-    precision = resolve_precision(precision, device)
-    weight, rests = weight.contiguous(), None
-    if conv.product_form(1, precision, device, split=False) == "rows_first":
-        weight, w_lo = conv._split_weight(weight)
-        rests = (None, w_lo)
-    # Launches of whole streams whose rows span fewer than _LAUNCH_SPAN elements.
-    per_launch = max(1, (_LAUNCH_SPAN - 1) // (width * frames))
-    for b0 in range(0, batch, per_launch):
-        b1 = min(batch, b0 + per_launch)
-        part = check_tensor("pairs", pairs[b0 * frames:b1 * frames].t().unsqueeze(0), 3)
-        conv._launch_conv(ChunkInput(part, part, 0, False), weight, bias, None, out[b0:b1], t_out=(b1 - b0) * frames,
-                          precision=precision, rests=rests, place=(stride, frames, crop, length))
     return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from snac_stream.kernels import common, tuning
-from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv, snake_residual_unit
+from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv
 from snac_stream.model.functional import snake
 from snac_stream.model.noise import positional_randn
 
@@ -424,65 +424,6 @@ def test_conv_rows_first_product_matches_the_reference(batch: int, frames: int, 
     assert torch.equal(again, got)
 
 
-def ref_unit(x: Tensor, dw: Tensor, dw_b: Tensor, pw: Tensor, pw_b: Optional[Tensor], *, alpha: Optional[Tensor],
-             alpha_mid: Tensor, dilation: int, padding: int = 0, context: Optional[Tensor] = None,
-             length: Optional[int] = None, residual_offset: int = 0) -> Tensor:
-    """A depthwise residual unit as the two references in turn (float64 inside)."""
-    h = ref_dwconv(x.double(), dw, dw_b, alpha=alpha, dilation=dilation, padding=padding,
-                   context=None if context is None else context.double(), length=length, alpha_out=alpha_mid)
-    return ref_conv(h, pw, pw_b, residual=x.double(), residual_context=None if context is None else context.double(),
-                    residual_offset=residual_offset).to(x.dtype)
-
-
-@pytest.mark.parametrize("batch,frames,ctx_len,dilation,padding,length,precision,rows_first", [
-    (2, 40, 0, 3, 9, None, "ieee", None),  # offline: the padding is the unit's centre
-    (2, 40, 0, 3, 9, None, "tf32x3", True),
-    (6, 5, 18, 3, 0, None, "tf32x3", True),  # a streaming step of 6 streams: tiles span several streams
-    (6, 5, 18, 3, 0, 4, "ieee", None),
-    (1, 70, 54, 9, 0, None, "tf32x3", False),  # one stream's long push, the widest dilation
-    (3, 9, 6, 1, 0, None, "tf32x3", True),
-])
-def test_residual_unit_kernel_computes_the_unit(batch: int, frames: int, ctx_len: int, dilation: int, padding: int,
-                                                length: Optional[int], precision: str,
-                                                rows_first: Optional[bool]) -> None:
-    """One kernel for a depthwise residual unit (snake, dilated depthwise conv, snake, 1x1 conv, skip add): the
-    depthwise conv computed as the 1x1 conv's product loads its input gives the unit's outputs, offline (zero
-    padding: the depthwise conv's bias and snake must not leak into the padding) and streaming (the cache as
-    context, which is also the skip's delay line), for each product form; every output is written."""
-    c = 20
-    ctx = rand(batch, c, ctx_len) if ctx_len else None
-    x = rand(batch, c, frames)
-    dw, dw_b, pw, pw_b = rand(c, 1, 7, scale=0.3), rand(c), rand(c, c, 1, scale=c ** -0.5), rand(c)
-    kw = dict(alpha=alphas(c), alpha_mid=alphas(c), dilation=dilation, padding=padding, context=ctx, length=length,
-              residual_offset=3 * dilation - padding)
-    t_out = length if length is not None else ctx_len + frames + 2 * padding - 6 * dilation
-    got = snake_residual_unit(x, dw, dw_b, pw, pw_b, precision=precision, rows_first=rows_first,
-                              out=poisoned(batch, c, t_out), **kw)
-    assert_close(got, ref_unit(x, dw, dw_b, pw, pw_b, **kw), rel=2e-5)
-    h = snake_dwconv(x, dw, dw_b, alpha=kw["alpha"], dilation=dilation, padding=padding, context=ctx, length=length,
-                     alpha_out=kw["alpha_mid"])
-    two = snake_conv(h, pw, pw_b, residual=x, residual_context=ctx, residual_offset=kw["residual_offset"],
-                     precision=precision, rows_first=rows_first)
-    assert_close(got, two, rel=2e-6)  # the same sums as the two kernels, to rounding
-
-
-def test_residual_unit_kernel_rejects_bad_arguments() -> None:
-    x, dw, dw_b, pw = rand(1, 4, 20), rand(4, 1, 7), rand(4), rand(4, 4, 1)
-    a = alphas(4)
-    with pytest.raises(ValueError, match="dw_weight must have shape"):
-        snake_residual_unit(x, rand(4, 2, 7), dw_b, pw, alpha=a, alpha_mid=a)
-    with pytest.raises(ValueError, match="pw_weight must have shape"):
-        snake_residual_unit(x, dw, dw_b, rand(4, 4, 3), alpha=a, alpha_mid=a)
-    with pytest.raises(ValueError, match="alpha_mid"):
-        snake_residual_unit(x, dw, dw_b, pw, alpha=a, alpha_mid=None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="skip frames"):
-        snake_residual_unit(x, dw, dw_b, pw, alpha=a, alpha_mid=a, residual_offset=7)
-    with pytest.raises(ValueError, match="dilation"):
-        snake_residual_unit(x, dw, dw_b, pw, alpha=a, alpha_mid=a, dilation=0)
-    with pytest.raises(ValueError, match="overlaps x"):
-        snake_residual_unit(x, dw, dw_b, pw, alpha=a, alpha_mid=a, padding=3, out=x)
-
-
 def test_conv_precisions_accepted() -> None:
     x, w = rand(1, 16, 40), rand(16, 16, 1, scale=0.25)
     ref = ref_conv(x, w)
@@ -682,13 +623,12 @@ from snac_stream.kernels import conv
 
 kernel = conv._snake_conv_kernel
 pointers = {"ctx_ptr", "x_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "rctx_ptr", "res_ptr", "out_ptr", "xlo_ptr",
-            "wlo_ptr", "uw_ptr", "ub_ptr", "ualpha_ptr"}
+            "wlo_ptr"}
 found = {}
-for form, rows_first, unit in (("rows_first", True, False), ("plain", False, False), ("unit", True, True)):
-    constants = dict(R=128, K=1, HAS_CTX=unit, HAS_BIAS=True, HAS_ALPHA=unit, HAS_NOISE=False, NOISE_ROWS=False,
-                     HAS_RES=True, HAS_RES_CTX=unit, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
-                     SPLIT=False, ROWS_FIRST=rows_first, UNIT=unit, UNIT_K=7, UNIT_DIL=3, PLACE=0, BLOCK_O=128,
-                     BLOCK_T=64, BLOCK_R=32)
+for rows_first in (True, False):
+    constants = dict(R=128, K=1, HAS_CTX=False, HAS_BIAS=True, HAS_ALPHA=False, HAS_NOISE=False, NOISE_ROWS=False,
+                     HAS_RES=True, HAS_RES_CTX=False, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
+                     SPLIT=False, ROWS_FIRST=rows_first, BLOCK_O=128, BLOCK_T=64, BLOCK_R=32)
     signature = {p: "constexpr" if p in constants else "*fp32" if p in pointers else "*i64"
                  if p == "noise_rows_ptr" else "i64" if p.startswith("noise_") else "i32"
                  for p in inspect.signature(kernel.fn).parameters}
@@ -696,7 +636,7 @@ for form, rows_first, unit in (("rows_first", True, False), ("plain", False, Fal
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     products = re.findall(r"wgmma\.mma_async[^;]*;", compiled.asm["ptx"], re.S)
     # The shape (m64nNk8: N columns) and the left operand after {accumulators}: {registers} or a descriptor
-    found[form] = [(re.search(r"m64n(\d+)k8", p).group(1), p.split("}", 1)[1].lstrip(", ").startswith("{"))
+    found[str(rows_first)] = [(re.search(r"m64n(\d+)k8", p).group(1), p.split("}", 1)[1].lstrip(", ").startswith("{"))
                               for p in products]
 print(json.dumps(found))
 """
@@ -707,8 +647,7 @@ def test_rows_first_product_reads_its_split_input_from_registers_on_hopper() -> 
     process of its own, outside the interpreter; no GPU needed): every tensor-core product (``wgmma``) of a
     rows-first 1x1 conv (64-frame by 128-channel tiles) has the tile's 128 output channels as its columns and
     its left operand, the split input, in registers; the untransposed form's products have the 64 frames as
-    their columns, its split input the right operand, which a ``wgmma`` reads from shared memory only. A
-    residual unit's kernel (its depthwise conv computed as the input tiles load) keeps the rows-first products."""
+    their columns, its split input the right operand, which a ``wgmma`` reads from shared memory only."""
     import json
     import os
     import subprocess
@@ -719,9 +658,8 @@ def test_rows_first_product_reads_its_split_input_from_registers_on_hopper() -> 
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    for form in ("rows_first", "unit"):
-        assert found[form] and all(product == ["128", True] for product in found[form]), found
-    assert found["plain"] and all(product[0] == "64" for product in found["plain"]), found
+    assert found["True"] and all(product == ["128", True] for product in found["True"]), found
+    assert found["False"] and all(product[0] == "64" for product in found["False"]), found
 
 
 def test_split_operands_step_the_reduction_by_16(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -862,27 +800,6 @@ def test_gpu_rows_first_product_is_as_accurate_as_the_per_step_one(channels: int
         gemm = torch.baddbmm(skip + b.view(1, -1, 1), w[..., 0].expand(batch, channels, channels), x)
     errors["fp32 GEMM"] = (gemm.double() - want).abs().max().item()
     assert errors[True] <= 2 * errors[False] and errors[True] <= errors["fp32 GEMM"], errors
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("channels,frames,dilation", [(512, 32, 9), (256, 256, 3), (128, 1024, 1), (64, 2048, 9)])
-def test_gpu_residual_unit_kernel_at_a_step_of_many_streams(channels: int, frames: int, dilation: int) -> None:
-    """The one-kernel residual unit at a 256-stream decoder step's sizes (streaming: the cache as context), with
-    the fast sine and tf32x3 products, against float64: as accurate as the unit's two kernels."""
-    batch, halo = 256, 6 * dilation
-    ctx, x = rand(batch, channels, halo), rand(batch, channels, frames)
-    dw, dw_b = rand(channels, 1, 7, scale=0.3), rand(channels)
-    pw, pw_b = rand(channels, channels, 1, scale=channels ** -0.5), rand(channels)
-    kw = dict(alpha=alphas(channels), alpha_mid=alphas(channels), dilation=dilation, context=ctx,
-              residual_offset=halo // 2)
-    want = ref_unit(x.double(), dw.double(), dw_b.double(), pw.double(), pw_b.double(), **kw)
-    got = snake_residual_unit(x, dw, dw_b, pw, pw_b, out=poisoned(batch, channels, frames), **kw)
-    h = snake_dwconv(x, dw, dw_b, alpha=kw["alpha"], dilation=dilation, context=ctx, alpha_out=kw["alpha_mid"])
-    two = snake_conv(h, pw, pw_b, residual=x, residual_context=ctx, residual_offset=halo // 2)
-    errors = [(y.double() - want).abs().max().item() for y in (got, two)]
-    assert errors[0] <= 2 * errors[1] + 1e-6, errors
-    assert_close(got, want.float(), rel=GPU_REL)
 
 
 @gpu

@@ -136,31 +136,25 @@ def test_gpu_upsampling_of_a_full_step_matches_torch() -> None:
 
 
 def test_rows_product_of_more_rows_than_one_launch_spans(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ``rows`` product launches the dense kernel on whole streams whose rows span under ``_LAUNCH_SPAN``
-    elements (int32 offsets): more rows (a 44 kHz step of 1024 streams) go in several launches, each placing its
-    streams' outputs, with the same result."""
-    from snac_stream.kernels import conv, upsampling
+    """The ``rows`` product launches the dense kernel on at most ``_KERNEL_SPAN`` elements along its rows (int32
+    offsets): more rows (a 44 kHz step of 1024 streams) go in several launches, with the same result."""
+    from snac_stream.model import functional
 
     torch.manual_seed(5)
     layer = torch.nn.ConvTranspose1d(12, 5, 6, 3, padding=2).to(DEVICE)
     alpha = torch.rand(1, 12, 1, device=DEVICE) + 0.5
     x, context = torch.randn(4, 12, 7, device=DEVICE), torch.randn(4, 12, 1, device=DEVICE)
     launches = []
-    original = conv._launch_conv
-    monkeypatch.setattr(conv, "_launch_conv", lambda *a, **k: launches.append(k["t_out"]) or original(*a, **k))
+    from snac_stream.kernels import conv
+
+    original = conv.snake_conv
+    monkeypatch.setattr(conv, "snake_conv", lambda *a, **k: launches.append(a[0].shape[-1]) or original(*a, **k))
     with torch.no_grad(), use_backend("triton", "tf32x3"), use_upsampling_product("rows"):
-        whole = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha, crop=2)
-        monkeypatch.setattr(upsampling, "_LAUNCH_SPAN", 24 * 7 * 2 + 5)  # two streams of 7 rows of 2 x 12 a launch
-        chunked = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha, crop=2)
-    assert launches == [4 * 7, 2 * 7, 2 * 7]  # 28 rows (7 frame pairs a stream): once whole, then in 2 launches
+        whole = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
+        monkeypatch.setattr(functional, "_KERNEL_SPAN", 24 * 5 + 1)  # 5 rows of 2 x 12 channels a launch
+        chunked = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
+    assert launches == [4 * 7] + [5] * 5 + [3]  # 28 rows (7 frame pairs a stream): once whole, then in 6 launches
     assert torch.equal(chunked, whole)
-    with torch.no_grad(), use_backend("triton", "tf32x3"), use_upsampling_product("rows"), \
-            conv.rows_first_products(True):  # the products' form on CUDA, which places from a transposed tile
-        rows_first = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha, crop=2)
-    with use_backend("torch"):
-        want = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha, crop=2)
-    for got in (whole, rows_first):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch,c_in,precision,dense", [(2, 256, "tf32x3", True), (3, 512, "tf32x3", True),
@@ -178,11 +172,11 @@ def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch:
 
     def recording(name: str, original):
         def call(*args, **kwargs):
-            taken.append(name)
+            taken.append((name, kwargs.get("split")))
             return original(*args, **kwargs)
         return call
 
-    for module, name in ((conv, "snake_conv"), (upsampling, "phase_pairs"), (upsampling, "placed_product")):
+    for module, name in ((conv, "snake_conv"), (upsampling, "phase_pairs")):
         monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     torch.manual_seed(c_in)
     layer = torch.nn.ConvTranspose1d(c_in, 3, 4, 2, padding=1).to(DEVICE)
@@ -194,7 +188,7 @@ def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch:
             got = conv_transpose(x, layer.weight, layer.bias, stride=2, context=context, alpha=alpha)
         with use_backend("torch"):
             want = conv_transpose(x, layer.weight, layer.bias, stride=2, context=context, alpha=alpha)
-    assert taken == (["phase_pairs", "placed_product"] if dense else ["phase_pairs"])
+    assert taken == ([("phase_pairs", None), ("snake_conv", False)] if dense else [("phase_pairs", None)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

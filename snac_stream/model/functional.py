@@ -42,11 +42,9 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # split in registers, rows first on CUDA). Measured against each other by bench/upsampling_cost.py and
 # bench/engine_capacity.py; "auto", the default, picks per launch (``_upsampling_product``).
 UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows")
+_KERNEL_SPAN = 2**31  # elements a Triton kernel's operand may span along time (kernels.common.check_tensor)
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="auto")
-# Whether the Triton backend runs a depthwise residual unit as one kernel (its depthwise conv computed as the
-# 1x1 conv loads its input: ``kernels.conv.snake_residual_unit``) or as two (``residual_unit``).
-_FUSED_UNITS: contextvars.ContextVar[bool] = contextvars.ContextVar("snac_stream_fused_units", default=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,18 +100,6 @@ def use_upsampling_product(product: str) -> Iterator[None]:
         yield
     finally:
         _UPSAMPLING_PRODUCT.reset(token)
-
-
-@contextlib.contextmanager
-def use_fused_units(enabled: bool) -> Iterator[None]:
-    """Run the enclosed depthwise residual units on the Triton backend as one kernel each (``True``, the
-    default) or as a depthwise and a 1x1 kernel (``False``); benchmarks and tests compare them. Like
-    ``use_backend``, it holds for the calling thread only."""
-    token = _FUSED_UNITS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _FUSED_UNITS.reset(token)
 
 
 def current_backend() -> str:
@@ -222,43 +208,6 @@ def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context,
     return snake(y, alpha_out) if alpha_out is not None else y  # dense + snake epilogue: non-depthwise models only
 
 
-def residual_unit(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: torch.Tensor,
-    pw_weight: torch.Tensor,
-    pw_bias: Optional[torch.Tensor],
-    *,
-    groups: int,
-    dilation: int,
-    alpha: torch.Tensor,
-    alpha_mid: torch.Tensor,
-    padding: int = 0,
-    context: Optional[torch.Tensor] = None,
-    length: Optional[int] = None,
-    residual_offset: int = 0,
-) -> torch.Tensor:
-    """SNAC's residual unit over ``v = cat(context, x)``: ``v[..., j + residual_offset] + pw(snake(dw(snake(v,
-    alpha)), alpha_mid))[..., j]``, where ``dw`` is the dilated conv (``groups`` 1 or C) and ``pw`` the 1x1 conv.
-
-    Args:
-        x: (B, C, T) new frames; context: (B, C, L) frames before them (streaming), or None.
-        padding: zeros on both ends of ``v`` (offline units; streaming passes 0); length: outputs to compute.
-
-    Returns:
-        (B, C, length) outputs (default: every output the padded input gives).
-    """
-    if current_backend() == "triton" and _FUSED_UNITS.get() and groups > 1:
-        from ..kernels import conv as kernels
-
-        return kernels.snake_residual_unit(x, dw_weight, dw_bias, pw_weight, pw_bias, alpha=alpha, alpha_mid=alpha_mid,
-                                           dilation=dilation, padding=padding, context=context, length=length,
-                                           residual_offset=residual_offset, precision=_PRECISION.get())
-    h = conv(x, dw_weight, dw_bias, groups=groups, dilation=dilation, padding=padding, context=context, length=length,
-             alpha=alpha, alpha_out=alpha_mid)
-    return conv(h, pw_weight, pw_bias, residual=x, residual_context=context, residual_offset=residual_offset)
-
-
 def conv_transpose(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -313,10 +262,20 @@ def conv_transpose(
 
         product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, precision)
         if product == "rows":
-            # The rows as a 1x1 conv's input on the dense kernel, each output row stored at its samples.
+            from ..kernels import conv
+
+            # The rows (B * frames, 2 C_in) as one batch row of 2 C_in channels, and the output rows likewise:
+            # views, the kernel reads and writes any strides. Its int32 offsets along time cover at most
+            # _KERNEL_SPAN elements, so many rows (a 44 kHz step of 1024 streams) go in several launches.
             pairs = upsampling.phase_pairs(x, context, alpha, padding)
-            return upsampling.placed_product(pairs, _phase_weight(weight).view(c_out * stride, 2 * c_in, 1),
-                                             phase_bias, b, stride, crop, end - crop, precision)
+            z = torch.empty(b * frames, c_out * stride, device=x.device, dtype=torch.float32)
+            w = _phase_weight(weight).view(c_out * stride, 2 * c_in, 1)
+            chunk = (_KERNEL_SPAN - 1) // max(2 * c_in, c_out * stride)
+            for start in range(0, b * frames, chunk):
+                rows = slice(start, start + chunk)
+                conv.snake_conv(pairs[rows].t().unsqueeze(0), w, phase_bias, precision=precision, split=False,
+                                out=z[rows].t().unsqueeze(0))
+            return upsampling.place_phases(z, b, stride, crop, end - crop)
         if product != "cublas":
             from ..kernels import conv
 

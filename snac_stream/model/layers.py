@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import LocalMHA
-from .functional import conv, current_backend, residual_unit, snake_layer
+from .functional import conv, current_backend, snake_layer
 from .noise import layer_seed, positional_randn
 
 NOISE_MODES = ("deterministic", "torch", "off")
@@ -130,17 +130,17 @@ class ResidualUnit(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, *, context: Optional[torch.Tensor] = None, padding: int = 0,
                       length: Optional[int] = None) -> torch.Tensor:
-        """The unit over ``cat(context, x)`` zero-padded by ``padding`` frames on each side, as one call
-        (``functional.residual_unit``: one kernel on the Triton backend): (B, C, T) input and (B, C, L) context
-        -> (B, C, length) (default: every output the padded input gives).
+        """The unit as two fused convs over ``cat(context, x)`` zero-padded by ``padding`` frames on each side:
+        (B, C, T) input and (B, C, L) context -> (B, C, length) (default: every output the padded input gives).
 
         Output ``j`` is centred on input ``j + pad - padding``, which is also where its skip input sits, so
         the streaming cache of the dilated conv doubles as the residual delay line.
         """
         snake1, dilated, snake2, pointwise = self.block
-        return residual_unit(x, dilated.weight, dilated.bias, pointwise.weight, pointwise.bias, groups=dilated.groups,
-                             dilation=dilated.dilation[0], alpha=snake1.alpha, alpha_mid=snake2.alpha, padding=padding,
-                             context=context, length=length, residual_offset=self.pad - padding)
+        h = conv(x, dilated.weight, dilated.bias, groups=dilated.groups, dilation=dilated.dilation[0],
+                 padding=padding, context=context, length=length, alpha=snake1.alpha, alpha_out=snake2.alpha)
+        return conv(h, pointwise.weight, pointwise.bias, residual=x, residual_context=context,
+                    residual_offset=self.pad - padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if current_backend() == "triton":
