@@ -115,6 +115,30 @@ def test_offline_graphs_setting_is_checked_and_cpu_calls_stay_eager() -> None:
     assert SNAC.from_config("24khz", offline_graphs=0).offline_graphs == 0
 
 
+def test_which_calls_replay_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule a CUDA model applies to each offline call (asked here with a CUDA device, no GPU needed): calls
+    of at most ``OFFLINE_GRAPH_MAX_SAMPLES`` audio samples (batch x samples, decode's counted from its codes)
+    replay graphs; longer ones, calls autograd records and CPU models run eagerly."""
+    model = small_model()
+    fs = model.config.frame_samples
+    monkeypatch.setattr(snac_module, "OFFLINE_GRAPH_MAX_SAMPLES", 8 * fs)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build cannot answer
+    parameters, cuda = list(model.parameters()), torch.device("cuda")
+    with torch.inference_mode():
+        for batch, frames, replays in ((1, 8, True), (2, 4, True), (1, 9, False), (2, 5, False)):
+            codes = model.check_codes(random_codes(model, frames, batch))
+            assert model.decode(codes).numel() == batch * frames * fs  # the samples the rule counts
+            assert model._replays("decode", codes, parameters, cuda) == replays, (batch, frames)
+            audio = model.preprocess(torch.zeros(batch, 1, frames * fs))
+            assert model._replays("encode", [audio], parameters, cuda) == replays, (batch, frames)
+        short = model.check_codes(random_codes(model, 2))
+        assert not model._replays("decode", short, parameters, torch.device("cpu"))
+    assert not model._replays("decode", short, parameters, cuda)  # grad enabled, parameters requiring it
+    model.offline_graphs = 0
+    with torch.inference_mode():
+        assert not model._replays("decode", short, parameters, cuda)
+
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (the tests above run the same passes uncaptured)")
 

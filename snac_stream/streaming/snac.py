@@ -32,6 +32,11 @@ class _Offline:
         return [module._parameters[name] for module, name in self.places]  # type: ignore[misc]
 
 
+# Offline calls of more audio samples than this (batch x samples: about 95 s at 44.1 kHz for one row) run
+# eagerly: they are not launch-bound, and a graph keeps its intermediates' memory reserved (on an H100 the graphs
+# of a 64 x 10 s decode and encode held 51 GiB, and the next call ran out of memory).
+OFFLINE_GRAPH_MAX_SAMPLES = 2**22
+
 # Kept outside the module so that copying or pickling a model leaves them behind.
 _OFFLINE: "weakref.WeakKeyDictionary[SNAC, _Offline]" = weakref.WeakKeyDictionary()
 
@@ -49,8 +54,9 @@ class SNAC(SNACModel):
     captures a CUDA graph of the call and later calls of that shape replay it: the same kernels on the same
     inputs, so the same outputs, without the launch cost of each kernel (a batch-1 call is launch-bound). Up
     to this many shapes keep their graphs (the GPU memory of their intermediates stays reserved); 0 turns it
-    off. Calls that autograd records (grad enabled and parameters that require it) and ``noise_mode="torch"``
-    decodes always run eagerly.
+    off. Calls that autograd records (grad enabled and parameters that require it), ``noise_mode="torch"``
+    decodes and calls of more than ``OFFLINE_GRAPH_MAX_SAMPLES`` audio samples (batch x samples) always run
+    eagerly.
     """
 
     def __init__(self, *args: Any, offline_graphs: int = 4, **kwargs: Any):
@@ -72,14 +78,26 @@ class SNAC(SNACModel):
             offline = _OFFLINE[self] = _Offline(self._parameter_places())
         parameters = offline.parameters()
         device = parameters[0].device
-        if (self.offline_graphs == 0 or device.type != "cuda" or (name == "decode" and self.noise_mode == "torch")
-                or torch.cuda.is_current_stream_capturing()
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))):
+        if not self._replays(name, inputs, parameters, device):
             return fn(*inputs)
         if offline.graphs is None or offline.graphs.device != device:
             offline.graphs = ShapeGraphs(device, self.offline_graphs)
         offline.graphs.keep = self.offline_graphs
         return offline.graphs(name, fn, inputs, model_stamp(self, parameters))
+
+    def _replays(self, name: str, inputs: List[torch.Tensor], parameters: List[nn.Parameter],
+                 device: torch.device) -> bool:
+        """Whether an offline call (``name`` "encode" or "decode" of checked ``inputs``) of a model whose
+        parameters are on ``device`` goes through the CUDA graphs (see the class docstring)."""
+        if (self.offline_graphs == 0 or device.type != "cuda" or (name == "decode" and self.noise_mode == "torch")
+                or torch.cuda.is_current_stream_capturing()
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))):
+            return False
+        cfg = self.config
+        # Encode: (B, 1, T) audio. Decode: codes, the first (B, F) at the coarsest stride, F coarse frames.
+        samples = inputs[0].numel() if name == "encode" else (
+            inputs[0].numel() * cfg.coarse_stride * cfg.hop_length)
+        return samples <= OFFLINE_GRAPH_MAX_SAMPLES
 
     def streaming_encoder(self, batch_size: int = 1, backend: Optional[str] = None,
                           push_mode: str = "auto") -> StreamingEncoder:
