@@ -3,6 +3,7 @@
     python bench/tune.py [--presets 24khz 44khz] [--seconds 10] [--min-kernel-size 2] [--json out.json]
     python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
     python bench/tune.py ... --json more.json --resume cut_short.json
+    python bench/tune.py --engine-streams 2048 --kernels snake_conv_rows_first ...
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
@@ -119,6 +120,10 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["24khz"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--min-kernel-size", type=int, default=1)
+    parser.add_argument("--kernels", nargs="+", default=[tuning.CONV, tuning.CONV_ROWS_FIRST],
+                        choices=[tuning.CONV, tuning.CONV_ROWS_FIRST],
+                        help="which launches' entries to sweep (default both; snake_conv_rows_first: only the "
+                             "rows-first products, the 1x1 convs and upsampling products on CUDA)")
     parser.add_argument("--engine-streams", type=int, default=0,
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
@@ -143,7 +148,8 @@ def main() -> None:
     with functional.use_upsampling_product(args.upsampling_product):
         recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
     calls = {k: v for k, v in recorded.items()
-             if k.kernel_size >= args.min_kernel_size and (k.kernel, *record_key(k)) not in done}
+             if k.kernel_size >= args.min_kernel_size and k.kernel in args.kernels
+             and (k.kernel, *record_key(k)) not in done}
     if done:
         print(f"# {len(done)} shapes kept from {args.resume}", flush=True)
     candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
