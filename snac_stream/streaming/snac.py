@@ -33,8 +33,8 @@ class _Offline:
 
 
 # Offline calls of more audio samples than this (batch x samples: about 95 s at 44.1 kHz for one row) run
-# eagerly: they are not launch-bound, and a graph keeps its intermediates' memory reserved (on an H100 the graphs
-# of a 64 x 10 s decode and encode held 51 GiB, and the next call ran out of memory).
+# eagerly: they are not launch-bound, and a graph keeps its intermediates' memory reserved (on an H100, offline
+# calls of 64 x 10 s left 51 GiB in graph pools, and the next call ran out of memory).
 OFFLINE_GRAPH_MAX_SAMPLES = 2**22
 
 # Kept outside the module so that copying or pickling a model leaves them behind.
