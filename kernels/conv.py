@@ -182,13 +182,10 @@ def _snake_conv_kernel(
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            c = offs_r // K
-            c_rows = c.to(tl.int64)[:, None]
+            c_rows = (offs_r // K).to(tl.int64)[:, None]
             u = offs_t[None, :] * conv_stride + ((offs_r % K) * dilation - padding)[:, None]
-            v = load_ctx_chunk(ctx_b, x_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
-                               r_mask[:, None] & t_valid[None, :], HAS_CTX)
-            if HAS_ALPHA:
-                v = snake(v, tl.load(alpha_ptr + c, mask=r_mask, other=1.0)[:, None], FAST_SIN)
+            v = _snaked_input(ctx_b, x_b, alpha_ptr, c_rows, r_mask[:, None], u, r_mask[:, None] & t_valid[None, :],
+                              L, T, s_cc, s_ct, s_xc, s_xt, HAS_CTX, HAS_ALPHA, FAST_SIN)
             w = tl.load(w_ptr + o_rows * s_wo + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
             if SPLIT:
                 v_lo = load_ctx_chunk(ctx_b, xlo_b, c_rows * s_cc, c_rows * s_xc, s_ct, s_xt, u, L, T,
@@ -241,16 +238,25 @@ def _rows_first_product(ctx_ptr, x_ptr, w_ptr, wlo_ptr, alpha_ptr, offs_o, o_mas
         r_mask = offs_r < R
         c_cols = (offs_r // K).to(tl.int64)[None, :]
         u = offs_t[:, None] * conv_stride + ((offs_r % K) * dilation - padding)[None, :]
-        v = load_ctx_chunk(ctx_b, x_b, c_cols * s_cc, c_cols * s_xc, s_ct, s_xt, u, L, T,
-                           t_valid[:, None] & r_mask[None, :], HAS_CTX)
-        if HAS_ALPHA:
-            v = snake(v, tl.load(alpha_ptr + offs_r // K, mask=r_mask, other=1.0)[None, :], FAST_SIN)
+        v = _snaked_input(ctx_b, x_b, alpha_ptr, c_cols, r_mask[None, :], u, t_valid[:, None] & r_mask[None, :],
+                          L, T, s_cc, s_ct, s_xc, s_xt, HAS_CTX, HAS_ALPHA, FAST_SIN)
         w_mask = r_mask[:, None] & o_mask[None, :]
         w = tl.load(w_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         w_lo = tl.load(wlo_ptr + o_cols * s_wo + offs_r[:, None], mask=w_mask, other=0.0)
         v_hi = _tf32_high(v)
         acc = _tf32x3_step(acc, v_hi, v - v_hi, w, w_lo)
     return acc
+
+
+@triton.jit
+def _snaked_input(ctx_b, x_b, alpha_ptr, c, c_ok, u, mask, L, T, s_cc, s_ct, s_xc, s_xt, HAS_CTX: tl.constexpr,
+                  HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr):
+    """A dense product's input tile, ``snake(cat([context, x]))`` at channels ``c`` (int64, valid where
+    ``c_ok``) and padded frames ``u``, zero where ``~mask``: either orientation, as ``c`` and ``u`` broadcast."""
+    v = load_ctx_chunk(ctx_b, x_b, c * s_cc, c * s_xc, s_ct, s_xt, u, L, T, mask, HAS_CTX)
+    if HAS_ALPHA:
+        v = snake(v, tl.load(alpha_ptr + c, mask=c_ok, other=1.0), FAST_SIN)
+    return v
 
 
 @triton.jit
@@ -620,7 +626,7 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         noise = (noise_seed, 0, noise_start) if noise_rows else (noise_seed, noise_start, out)
     _snake_conv_kernel[grid](
         *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
-        *res_ptrs, out, *(out if r is None else r for r in (rests if rests is not None else (None, None))),
+        *res_ptrs, out, *(out if r is None else r for r in rests or (None, None)),
         c_out, src.length_ctx, src.x.shape[-1], t_out, *res_sizes, *noise,
         stride, dilation, padding, n_o_blocks, n_cols,
         *src.stride_args(), weight.stride(0), *res_strides, *out.stride(),
