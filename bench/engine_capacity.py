@@ -18,7 +18,9 @@ real time when ``P`` steps fit in the audio one produces. ``--reference`` also t
 package in the same run: an Orpheus-style window (decode
 4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of
 5 steps and the kernel time's shares: the project's Triton kernels, cuBLAS, and PyTorch's own kernels (the data
-movement around them). Random weights.
+movement around them). The ``host`` column is the host's part of a step: gathering the due streams' input and
+launching the work (on CUDA the GPU waits for it). ``--feed host`` hands the input over as the server does (numpy
+arrays, one call per step: coarse frames for codes) instead of one tensor on the device per stream. Random weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,10 +45,11 @@ from snac_stream import SNAC  # noqa: E402
 from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 from snac_stream.kernels.precision import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
 from snac_stream.model import functional  # noqa: E402
+from snac_stream.model.vq import codes_to_frames  # noqa: E402
 
 
 def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | None, step_mode: str,
-            profile: bool = False, gc_freeze: bool = True, phases: int = 1) -> dict:
+            profile: bool = False, gc_freeze: bool = True, phases: int = 1, feed: str = "device") -> dict:
     device = model.device
     cuda = device.type == "cuda"
     if cuda:
@@ -65,16 +69,31 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     data = {}
     for sid in sids:
         if kind == "decode":
-            data[sid] = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s),
-                                       generator=gen).to(device) for s in cfg.vq_strides]
+            data[sid] = [torch.randint(0, cfg.codebook_size, (1, frames * cfg.coarse_stride // s), generator=gen)
+                         for s in cfg.vq_strides]
         else:
-            data[sid] = (torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1).to(device)
+            data[sid] = torch.randn(1, 1, frames * cfg.frame_samples, generator=gen) * 0.1
+        if feed == "host":  # as a server holds its sessions' input: numpy, coarse frames for codes
+            data[sid] = (codes_to_frames(data[sid], cfg.codes_per_frame)[0].numpy() if kind == "decode"
+                         else data[sid].view(-1).numpy())
+        else:
+            data[sid] = [c.to(device) for c in data[sid]] if kind == "decode" else data[sid].to(device)
     fed = dict.fromkeys(sids, 0)
 
-    def feed(group, count: int = 1) -> None:
-        """Queue ``count`` more steps of input for the streams of ``group``."""
+    def feed_steps(group, count: int = 1) -> None:
+        """Queue ``count`` more steps of input for the streams of ``group`` (fed together: the same count)."""
+        first = fed[group[0]]
         for sid in group:
-            first, fed[sid] = fed[sid], fed[sid] + count
+            fed[sid] = first + count
+        if feed == "host":  # one call for the group, as a server's tick hands its sessions' input over
+            if kind == "decode":
+                cut = slice(first * engine.step_frames, (first + count) * engine.step_frames)
+                engine.submit_frames(group, np.stack([data[sid][cut] for sid in group]))
+            else:
+                cut = slice(first * engine.step_samples, (first + count) * engine.step_samples)
+                engine.submit_arrays(group, [data[sid][cut] for sid in group])
+            return
+        for sid in group:
             if kind == "decode":
                 engine.submit(sid, [c[:, first * c.shape[1] // total_steps:(first + count) * c.shape[1] // total_steps]
                                     for c in data[sid]])
@@ -82,7 +101,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
                 engine.submit(sid, data[sid][..., first * engine.step_samples:(first + count) * engine.step_samples])
 
     phase_of = [sids[i::phases] for i in range(phases)]  # interleaved, as clients that connect one by one
-    feed(sids, total_steps if phases == 1 else engine.warmup_steps + 1)
+    feed_steps(sids, total_steps if phases == 1 else engine.warmup_steps + 1)
     for _ in range(engine.warmup_steps):  # the streams' warm-up, outside the batch
         engine.step()
     sync(device)
@@ -92,15 +111,26 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
     first_ms = 1e3 * (time.perf_counter() - start)
     if phases > 1:
         for group in phase_of:  # one untimed round: the phases' bucket compiled and captured
-            feed(group)
+            feed_steps(group)
             engine.step()
         sync(device)
 
     def step(i: int) -> None:
         if phases > 1:
-            feed(phase_of[i % phases])
+            feed_steps(phase_of[i % phases])
         engine.step()
 
+    # The host's part of each step: gathering the due streams' input and launching the work (``step_groups``,
+    # until it returns; splitting the outputs per stream comes after and overlaps the GPU's work).
+    host: list = []
+    launch = engine.step_groups
+
+    def timed_launch():
+        groups = launch()
+        host.append(groups.wall_s)
+        return groups
+
+    engine.step_groups = timed_launch
     if gc_freeze:
         gc.collect()
         gc.freeze()
@@ -111,7 +141,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
         if phases > 1:
-            feed(phase_of[i % phases])
+            feed_steps(phase_of[i % phases])
         start = time.perf_counter()
         engine.step()
         if cuda:
@@ -126,6 +156,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
            "realtime": percentiles(times, "")["p95_ms"] <= 1e3 * budget,
            "aggregate_rtf": streams * budget / statistics.median(times), "first_batched_step_ms": first_ms,
            "state_bytes_per_stream": engine.state_bytes_per_stream, "step_mode": engine.step_mode}
+    row.update(percentiles(host, "host_"))
     if cuda:
         row.update(percentiles(gpu, "gpu_"))
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -258,6 +289,10 @@ def main() -> None:
     parser.add_argument("--rows-first", default="rule", choices=["rule", "on", "off"],
                         help="the dense convs split in registers (1x1 at tf32x3): the rows-first product, the "
                              "per-step one, or the kernels' rule")
+    parser.add_argument("--feed", default="device", choices=["device", "host"],
+                        help="where the streams' input waits: device (default): tensors on the model's device, "
+                             "submitted per stream; host: numpy arrays submitted in one call per step, as the "
+                             "server does (coarse frames for codes)")
     parser.add_argument("--tuning-json", type=Path,
                         help="add the dense-conv entries of a `bench/tune.py --json` sweep (those more than 5%% "
                              "faster than the default rule) to the tuning table before the run")
@@ -306,21 +341,22 @@ def main() -> None:
             "tiles": "plain" if args.plain_tiles else "fill", "precision": args.precision,
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
             "upsampling_product": args.upsampling_product,
-            "gc_freeze": not args.no_gc_freeze, "phases": args.phases, "rows_first": args.rows_first}
+            "gc_freeze": not args.no_gc_freeze, "phases": args.phases, "rows_first": args.rows_first,
+            "feed": args.feed}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
           f"{meta['upsampling_precision']}, product {args.upsampling_product}), rows-first {args.rows_first}, "
-          f"{args.phases} phase(s), {meta['date']}, "
+          f"{args.phases} phase(s), input fed from the {args.feed}, {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
         print(f"accuracy against precision tf32x3 (offline, 4 x 2 s): {meta['accuracy_vs_tf32x3']}")
-    print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time |"
+    print("| streams | step p50 (ms) | p95 | p99 | budget (ms) | real time | aggregate x real time | host p50 (ms) |"
           + (" GPU p50 (ms) | GPU p95 | peak GiB | peak MiB per stream | first step (ms) | graph replay GPU (ms) |"
              if cuda else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if cuda else ""))
     rows = []
     from snac_stream.kernels import conv
 
@@ -328,13 +364,13 @@ def main() -> None:
     with torch.inference_mode(), forms:
         for n in args.streams:
             r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile,
-                        not args.no_gc_freeze, args.phases)
+                        not args.no_gc_freeze, args.phases, args.feed)
             rows.append(r)
             extra = (f" {r['gpu_p50_ms']:.3f} | {r['gpu_p95_ms']:.3f} | {r['peak_memory_gib']:.2f} "
                      f"| {r['peak_memory_mib_per_stream']:.2f} | {r['first_batched_step_ms']:.0f} | {r.get('replay_gpu_ms', float('nan')):.3f} |"
                      if cuda else "")
             print(f"| {n} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['p99_ms']:.3f} | {r['budget_ms']:.1f} "
-                  f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} |" + extra, flush=True)
+                  f"| {'yes' if r['realtime'] else 'no'} | {r['aggregate_rtf']:.1f} | {r['host_p50_ms']:.3f} |" + extra, flush=True)
     capacity = max([r["streams"] for r in rows if r["realtime"]], default=0)
     print(f"capacity (largest measured N with p95 inside the budget): {capacity} streams; "
           f"state per stream: {rows[0]['state_bytes_per_stream'] / 1024:.1f} KiB")

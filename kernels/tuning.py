@@ -95,6 +95,15 @@ TABLE: Dict[ShapeKey, LaunchConfig] = {
     ShapeKey(CONV, "cuda", 48, 48, 1, 1, 1, 2048, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": 16}, 4, 3),
     ShapeKey(CONV, "cuda", 192, 192, 1, 1, 1, 256, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": 32}, 4, 3),
     ShapeKey(CONV, "cuda", 384, 384, 1, 1, 1, 64, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": 32}, 4, 3),
+    # The rows-first products of the 24 kHz decoder's step at 2048 streams (H100, `--kernels snake_conv_rows_first`,
+    # 2026-12-07): the two upsampling products launched on flat row lists (512 -> 512 pairs 3130 -> 2805 us,
+    # 2048 -> 4096: 1524 -> 1443) and three 1x1 convs (64 channels 929 -> 790, 256: 964 -> 884, 512: 571 -> 527).
+    # The 4096-stream step's graph replay: 85.3 -> 83.9 ms.
+    ShapeKey(CONV_ROWS_FIRST, "cuda", 512, 512, 1, 1, 1, 65536): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 32}, 4, 3),
+    ShapeKey(CONV_ROWS_FIRST, "cuda", 2048, 4096, 1, 1, 1, 8192): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 128, "BLOCK_R": 32}, 8, 3),
+    ShapeKey(CONV_ROWS_FIRST, "cuda", 256, 256, 1, 1, 1, 256, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 128, "BLOCK_R": 32}, 4, 3),
+    ShapeKey(CONV_ROWS_FIRST, "cuda", 64, 64, 1, 1, 1, 2048, True): LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 64, "BLOCK_R": 64}, 4, 3),
+    ShapeKey(CONV_ROWS_FIRST, "cuda", 512, 512, 1, 1, 1, 64, True): LaunchConfig({"BLOCK_O": 128, "BLOCK_T": 128, "BLOCK_R": 32}, 8, 3),
 }
 
 

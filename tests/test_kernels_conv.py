@@ -522,29 +522,34 @@ def test_conv_small_tiles_from_table() -> None:
         del tuning.TABLE[key]
 
 
-TABLE_TILINGS = sorted({(tuple(sorted(cfg.blocks.items())), cfg.num_warps, cfg.num_stages)
-                        for key, cfg in tuning.TABLE.items() if key.kernel == tuning.CONV})
+TABLE_TILINGS = sorted({(key.kernel == tuning.CONV_ROWS_FIRST, tuple(sorted(cfg.blocks.items())), cfg.num_warps,
+                         cfg.num_stages)
+                        for key, cfg in tuning.TABLE.items() if key.kernel in (tuning.CONV, tuning.CONV_ROWS_FIRST)})
 
 
-@pytest.mark.parametrize("tiling", TABLE_TILINGS, ids=lambda t: "-".join(f"{k[6:]}{v}" for k, v in t[0]) + f"-w{t[1]}")
+@pytest.mark.parametrize("tiling", TABLE_TILINGS, ids=lambda t: ("rows_first-" if t[0] else "")
+                         + "-".join(f"{k[6:]}{v}" for k, v in t[1]) + f"-w{t[2]}")
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
 def test_every_tiling_in_the_table_computes_the_conv(tiling, kernel_size: int, stride: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each tiling the measured table hands out, forced onto a small launch of several rows whose sizes no
-    tile divides (masked edges along channels, frames and the reduction), computes the conv."""
-    blocks, warps, stages = tiling
+    """Each tiling the measured table hands out (the rows-first product's with that product), forced onto a
+    small launch of several rows whose sizes no tile divides (masked edges along channels, frames and the
+    reduction), computes the conv."""
+    rows_first, blocks, warps, stages = tiling
     length = 45
-    key = tuning.ShapeKey(tuning.CONV, BACKEND, 24, 40, kernel_size, stride, 1, tuning.t_bucket(length), True)
+    kernel = tuning.CONV_ROWS_FIRST if rows_first and BACKEND == "cuda" else tuning.CONV
+    key = tuning.ShapeKey(kernel, BACKEND, 24, 40, kernel_size, stride, 1, tuning.t_bucket(length), True)
     cfg = tuning.LaunchConfig(dict(blocks), num_warps=warps, num_stages=stages)
     monkeypatch.setitem(tuning.TABLE, key, cfg)
     monkeypatch.setattr(tuning, "_fill_gpu", lambda cfg, *args, **kwargs: cfg)
     assert tuning.launch_config(tuning.CONV, device=DEVICE, c_in=24, c_out=40, kernel_size=kernel_size,
-                                stride=stride, dilation=1, length=length, batch=3) is cfg
+                                stride=stride, dilation=1, length=length, batch=3, rows_first=rows_first) is cfg
     x, w = rand(3, 24, length * stride), rand(40, 24, kernel_size, scale=0.25)
     b, a = rand(40), alphas(24)
     padding = (kernel_size - 1) // 2
     out = poisoned(3, 40, length)
-    snake_conv(x, w, b, alpha=a, stride=stride, padding=padding, out=out)
+    snake_conv(x, w, b, alpha=a, stride=stride, padding=padding, out=out, rows_first=rows_first,
+               split=False if rows_first else None, precision="tf32x3" if rows_first else None)
     assert_close(out, ref_conv(x, w, b, alpha=a, stride=stride, padding=padding))
 
 
@@ -578,6 +583,8 @@ def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.Monkey
     smallest tiles."""
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "_programs_wanted", lambda device: 264)
+    for key in [key for key in tuning.TABLE if key.kernel == tuning.CONV_ROWS_FIRST]:  # the rule alone
+        monkeypatch.delitem(tuning.TABLE, key)
     cuda = torch.device("cuda")
     engine_step = dict(c_in=64, c_out=64, kernel_size=1, stride=1, dilation=1, length=2048, batch=2048)
     assert tuning.launch_config(tuning.CONV, device=cuda, **engine_step).blocks["BLOCK_T"] == 32  # the table's
