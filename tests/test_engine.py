@@ -907,6 +907,12 @@ def test_cat_to_joins_host_pieces_in_order(dim: int) -> None:
     as_numpy = [np.ascontiguousarray(p) for p in pieces]
     assert torch.equal(cat_to(as_numpy, torch.device("cpu"), dim=dim),  # numpy alone: joined by numpy
                        torch.cat([torch.from_numpy(p) for p in as_numpy], dim=dim))
+    mixed = as_numpy[:2] + [as_numpy[2].astype(np.float64) + 1e-12] + as_numpy[3:]  # promoted, as torch.cat does
+    joined = cat_to(mixed, torch.device("cpu"), dim=dim)
+    assert joined.dtype == torch.float64 and torch.equal(joined, torch.cat([torch.from_numpy(p) for p in mixed], dim=dim))
+    uneven = [as_numpy[0], np.concatenate(as_numpy[1:], axis=dim)]  # pieces of other lengths
+    assert torch.equal(cat_to(uneven, torch.device("cpu"), dim=dim),
+                       torch.cat([torch.from_numpy(p) for p in as_numpy], dim=dim))
     halves = [torch.from_numpy(p).bfloat16() for p in as_numpy]  # a dtype numpy lacks
     assert torch.equal(cat_to(halves, torch.device("cpu"), dim=dim), torch.cat(halves, dim=dim))
 

@@ -53,6 +53,10 @@ def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.devi
     from pageable memory a copy of a step's audio (megabytes) waited for the GPU's work in flight, the step
     that the engine thread's host work is meant to overlap."""
     device = torch.device(device)
+    if isinstance(pieces[0], np.ndarray):  # a server's input: thousands of same-shaped numpy pieces
+        joined = _join_numpy(pieces, dim, pin=device.type == "cuda")
+        if joined is not None:
+            return joined.to(device, non_blocking=True)
     if all(isinstance(p, np.ndarray) or p.device.type == "cpu" for p in pieces):
         return _join_on_host(pieces, dim, pin=device.type == "cuda").to(device, non_blocking=True)
     pieces = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pieces]
@@ -61,6 +65,20 @@ def cat_to(pieces: Sequence[Union[torch.Tensor, np.ndarray]], device: torch.devi
     except RuntimeError:  # pieces on several devices (streams fed from the host and from the GPU)
         joined = torch.cat([p.to(device) for p in pieces], dim=dim)
     return joined.to(device, non_blocking=True)
+
+
+def _join_numpy(pieces: Sequence[Union[torch.Tensor, np.ndarray]], dim: int, pin: bool) -> Optional[torch.Tensor]:
+    """:func:`_join_on_host` of numpy pieces of the first one's shape and dtype, without a Python pass over
+    them (numpy checks them as it joins); None for any other pieces."""
+    first = pieces[0]
+    shape = list(first.shape)
+    shape[dim] *= len(pieces)
+    joined = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype, pin_memory=pin)
+    try:
+        np.concatenate(pieces, axis=dim, out=joined.numpy(), casting="no")
+    except (TypeError, ValueError, RuntimeError):  # other shapes or dtypes, tensors among them
+        return None
+    return joined
 
 
 def _join_on_host(pieces: Sequence[Union[torch.Tensor, np.ndarray]], dim: int, pin: bool) -> torch.Tensor:
