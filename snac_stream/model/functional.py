@@ -186,6 +186,16 @@ def conv(
     return y
 
 
+# 1x1 conv views of linear layers' weights, one per weight: the dense kernel keeps its own forms of a weight
+# (split operands) per weight object, so a new view every call would remake them every call.
+_LINEAR_AS_CONV = DerivedTensors()
+
+
+def linear_as_conv(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight (C_out, C_in) as the 1x1 conv weight (C_out, C_in, 1) that :func:`conv` takes."""
+    return _LINEAR_AS_CONV.get(weight, lambda w: w.unsqueeze(-1))
+
+
 def _conv_triton(*, x, weight, bias, groups, stride, dilation, padding, context, length, alpha, alpha_out,
                  residual, residual_context, residual_offset, noise_seed, noise_start, activation) -> torch.Tensor:
     from ..kernels import conv as kernels
