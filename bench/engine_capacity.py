@@ -292,6 +292,9 @@ def main() -> None:
     parser.add_argument("--rows-first", default="rule", choices=["rule", "on", "off"],
                         help="the dense convs split in registers (1x1 at tf32x3): the rows-first product, the "
                              "per-step one, or the kernels' rule")
+    parser.add_argument("--split-operands", default="rule", choices=["rule", "on", "off"],
+                        help="tf32x3 dense convs: operands split before the kernel (on), in registers with the "
+                             "rows-first product (off), or the rule (before, for convs with taps)")
     parser.add_argument("--feed", default="device", choices=["device", "host"],
                         help="where the streams' input waits: device (default): tensors on the model's device, "
                              "submitted per stream; host: numpy arrays submitted in one call per step, as the "
@@ -345,13 +348,14 @@ def main() -> None:
             "upsampling_precision": args.precision if args.upsampling == "model" else args.upsampling,
             "upsampling_product": args.upsampling_product,
             "gc_freeze": not args.no_gc_freeze, "phases": args.phases, "rows_first": args.rows_first,
-            "feed": args.feed}
+            "split_operands": args.split_operands, "feed": args.feed}
     if args.precision != "tf32x3":
         meta["accuracy_vs_tf32x3"] = accuracy(model, args.kind)
     cuda = device.type == "cuda"
     print(f"# {args.kind} engine, {args.preset}, {meta['device']}, backend {meta['backend']}, step mode "
           f"{args.step_mode}, {meta['tiles']} tiles, precision {args.precision} (upsampling "
           f"{meta['upsampling_precision']}, product {args.upsampling_product}), rows-first {args.rows_first}, "
+          f"split operands {args.split_operands}, "
           f"{args.phases} phase(s), input fed from the {args.feed}, {meta['date']}, "
           f"commit {meta['commit']}")
     if "accuracy_vs_tf32x3" in meta:
@@ -364,7 +368,8 @@ def main() -> None:
     from snac_stream.kernels import conv
 
     forms = conv.rows_first_products(args.rows_first == "on") if args.rows_first != "rule" else nullcontext()
-    with torch.inference_mode(), forms:
+    split = conv.split_operands(args.split_operands == "on") if args.split_operands != "rule" else nullcontext()
+    with torch.inference_mode(), forms, split:
         for n in args.streams:
             r = measure(model, args.kind, n, args.steps, args.backend, args.step_mode, args.profile,
                         not args.no_gc_freeze, args.phases, args.feed)

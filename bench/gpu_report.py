@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from cases import all_cases  # noqa: E402
 from streaming_cost import commit  # noqa: E402
 
 from snac_stream import PRESETS, SNAC  # noqa: E402
+from snac_stream.kernels import conv  # noqa: E402
 from snac_stream.model import functional  # noqa: E402
 
 
@@ -214,15 +216,20 @@ def main() -> None:
                         help="seconds of audio of the offline rows (batch 1)")
     parser.add_argument("--upsampling-product", default="auto", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
                         help="how our decoder multiplies its upsampling's frame pairs (bench/upsampling_cost.py)")
+    parser.add_argument("--split-operands", default="rule", choices=["rule", "on", "off"],
+                        help="tf32x3 dense convs: operands split before the kernel (on), in registers with the "
+                             "rows-first product (off), or the rule (before, for convs with taps)")
     args = parser.parse_args()
     if min(args.lengths) <= 0:
         parser.error("--lengths must be positive (seconds)")
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "upsampling_product": args.upsampling_product}
+            "upsampling_product": args.upsampling_product, "split_operands": args.split_operands}
     print(f"# {meta['device']}, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
-          f"triton {meta['triton']}, upsampling product {args.upsampling_product}")
-    with functional.use_upsampling_product(args.upsampling_product):
+          f"triton {meta['triton']}, upsampling product {args.upsampling_product}, split operands "
+          f"{args.split_operands}")
+    split = conv.split_operands(args.split_operands == "on") if args.split_operands != "rule" else nullcontext()
+    with functional.use_upsampling_product(args.upsampling_product), split:
         report = sections(args, meta)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -3,10 +3,12 @@
     python bench/strided_conv.py [--json out.json]
 
 Times, in one process (CUDA-event medians, ``triton.testing.do_bench``), ``kernels.conv.snake_conv`` with and
-without its fused snake in each ``tl.dot`` precision (tf32x3 with its operands split before the product, the
-default for K > 1, and without), cuDNN in fp32 and TF32, and one cuBLAS product of the same size; the largest
-error of each tf32x3 path and of cuDNN fp32 (no TF32) against a float64 conv, relative to the output's largest
-magnitude; then a sweep of tilings for the stride-8 384->768 shape (tf32x3, snake on, the default path).
+without its fused snake in each ``tl.dot`` precision (tf32x3 in three forms: operands split before the product,
+the default for K > 1; split in registers with the rows-first product; split in registers untransposed), cuDNN
+in fp32 and TF32, and one cuBLAS product of the same size; the largest error of each tf32x3 form and of cuDNN
+fp32 (no TF32) against a float64 conv, relative to the output's largest magnitude; then a sweep of tilings for
+the stride-8 384->768 shape (tf32x3, snake on, the default path). The shapes: three of the 24 kHz encoder's
+(long inputs), a 1x1 conv, and the 44 kHz encoder's four strided convs on 10 s of audio at batch 1.
 """
 import argparse
 import itertools
@@ -33,7 +35,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     shapes = [("s8 384->768 k16", 384, 768, 16, 8, 65536), ("s8 192->384 k16", 192, 384, 16, 8, 32768),
-              ("s2 48->96 k4", 48, 96, 4, 2, 262144), ("1x1 512", 512, 512, 1, 1, 16384)]
+              ("s2 48->96 k4", 48, 96, 4, 2, 262144), ("1x1 512", 512, 512, 1, 1, 16384),
+              ("44k s2 64->128 k4", 64, 128, 4, 2, 430080), ("44k s3 128->256 k6", 128, 256, 6, 3, 215040),
+              ("44k s8 256->512 k16", 256, 512, 16, 8, 71680), ("44k s8 512->1024 k16", 512, 1024, 16, 8, 8960)]
     for name, ci, co, k, s, T in shapes:
         x = torch.randn(1, ci, T, device=dev)
         w = torch.randn(co, ci, k, device=dev) / (ci * k) ** 0.5
@@ -49,13 +53,13 @@ def main() -> None:
         res[f"{name} cudnn fp32 rel err"] = err = ((got.double() - want).abs().max() / want.abs().max()).item()
         print(f"{name} cudnn fp32: max error / max |output| vs float64 = {err:.2e}", flush=True)
         torch.backends.cudnn.allow_tf32 = True
-        for split in (True, False):
-            tag = "tf32x3 split" if split else "tf32x3 unsplit"
-            t(f"{name} triton snake {tag}",
-              lambda: conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, precision="tf32x3", split=split))
-            t(f"{name} triton nosnake {tag}",
-              lambda: conv.snake_conv(x, w, b, stride=s, padding=pad, precision="tf32x3", split=split))
-            got = conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, precision="tf32x3", split=split)
+        for split, rows_first in ((True, None), (False, True), (False, False)):
+            tag = ("tf32x3 split" if split else "tf32x3 in registers, rows first" if rows_first
+                   else "tf32x3 in registers, untransposed")
+            form = dict(precision="tf32x3", split=split, rows_first=rows_first)
+            t(f"{name} triton snake {tag}", lambda: conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, **form))
+            t(f"{name} triton nosnake {tag}", lambda: conv.snake_conv(x, w, b, stride=s, padding=pad, **form))
+            got = conv.snake_conv(x, w, b, alpha=a, stride=s, padding=pad, **form)
             res[f"{name} {tag} rel err"] = err = ((got.double() - want).abs().max() / want.abs().max()).item()
             print(f"{name} {tag}: max error / max |output| vs float64 = {err:.2e}", flush=True)
         for prec in ("tf32", "ieee"):

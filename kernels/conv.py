@@ -39,6 +39,10 @@ ACTIVATIONS = (None, "tanh")
 # Dense convs whose input is split in registers (K = 1 at tf32x3): the rows-first product or not; None: the rule
 # of :func:`product_form`. Set per thread by :func:`rows_first_products` (benchmarks and tests compare them).
 _ROWS_FIRST: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("snac_stream_rows_first", default=None)
+# Dense convs at tf32x3: operands split before the kernel or in registers; None: the rule of :func:`product_form`
+# (before, for K > 1). Set per thread by :func:`split_operands`.
+_SPLIT_OPERANDS: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("snac_stream_split_operands",
+                                                                                  default=None)
 _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a reducing depthwise pass
 
 
@@ -435,7 +439,8 @@ def snake_conv(
         split: with ``"tf32x3"``, split the operands into tf32 high parts and rests before the product (one
             pass over the input that also applies the snake and joins the context; the weight's split is
             kept while the weight is unchanged), so that the tiles reach the tensor cores as loaded: much
-            faster for K > 1, where the product gathers each input frame K times. None: for K > 1.
+            faster for K > 1, where the product gathers each input frame K times. None: the thread's choice
+            (:func:`split_operands`), else for K > 1.
         rows_first: with ``"tf32x3"`` and the input split in registers, the transposed product (frames as
             its rows; the kernel's ROWS_FIRST), as accurate and faster. None: the thread's choice
             (:func:`rows_first_products`), else the rule.
@@ -524,6 +529,18 @@ def rows_first_products(enabled: bool) -> Iterator[None]:
         _ROWS_FIRST.reset(token)
 
 
+@contextlib.contextmanager
+def split_operands(enabled: bool) -> Iterator[None]:
+    """In the calling thread, make dense convs at tf32x3 split their operands before the kernel (``True``) or
+    in registers (``False``, where :func:`rows_first_products` and its rule then apply), whatever their kernel
+    size, unless a call passes ``split`` itself."""
+    token = _SPLIT_OPERANDS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SPLIT_OPERANDS.reset(token)
+
+
 def product_form(kernel_size: int, precision: Optional[str], device: torch.device, *, split: Optional[bool] = None,
                  rows_first: Optional[bool] = None) -> str:
     """How :func:`snake_conv` multiplies for these arguments: ``"split"`` (tf32x3 on operands split before the
@@ -532,7 +549,10 @@ def product_form(kernel_size: int, precision: Optional[str], device: torch.devic
     (``tuning.launch_config``; ``bench/tune.py`` sweeps them apart)."""
     if resolve_precision(precision, device) != "tf32x3":
         return "plain"
-    if kernel_size > 1 if split is None else split:
+    if split is None:
+        chosen = _SPLIT_OPERANDS.get()
+        split = kernel_size > 1 if chosen is None else chosen
+    if split:
         return "split"
     if rows_first is None:
         chosen = _ROWS_FIRST.get()

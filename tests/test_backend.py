@@ -83,6 +83,38 @@ def test_triton_streaming_matches_torch_offline(name: str) -> None:
         assert out.shape[-1] == frames * cfg.frame_samples and err <= AUDIO_TOL, err
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_triton_tf32x3_with_operands_split_either_way_matches_torch(split: bool) -> None:
+    """At tf32x3 every dense conv splits its operands before the kernel (``split_operands(True)``; the rule
+    does for those with taps) or in registers with the rows-first product (``split_operands(False)``; rows first
+    asked for here, the interpreter's rule being the other form, its products fp32 either way): the same codes
+    and audio as the PyTorch backend, offline and streaming."""
+    from snac_stream.kernels.conv import product_form, rows_first_products, split_operands
+
+    ref, fused = _model("dense", "torch"), _model("dense", "triton")
+    fused.precision = "tf32x3"
+    cfg = ref.config
+    audio = torch.randn(1, 1, 2 * cfg.pad_multiple + 5, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 0.3
+    forms = []
+    original = product_form
+
+    def recording(*args, **kwargs):
+        forms.append(original(*args, **kwargs))
+        return forms[-1]
+
+    with torch.no_grad(), split_operands(split), rows_first_products(True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("snac_stream.kernels.conv.product_form", recording)
+        codes_ref = ref.encode(audio)
+        assert all(torch.equal(a, b) for a, b in zip(fused.encode(audio), codes_ref))
+        assert (fused.decode(codes_ref) - ref.decode(codes_ref)).abs().max().item() <= AUDIO_TOL
+        dec = fused.streaming_decoder()
+        frames = codes_ref[0].shape[-1]
+        out = torch.cat([dec.push(c) for c in _split(codes_ref, frames, [cfg.pad_multiple // cfg.frame_samples])]
+                        + [dec.flush()], -1)
+        assert (out - ref.decode(codes_ref)).abs().max().item() <= AUDIO_TOL
+    assert set(forms) == {"split" if split else "rows_first"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal of backend='triton'")
 def test_backend_choice_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("auto", "cpu") == "torch"

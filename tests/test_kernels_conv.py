@@ -603,9 +603,9 @@ def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.Monkey
 
 def test_product_form_names_the_path_a_dense_conv_takes(monkeypatch: pytest.MonkeyPatch) -> None:
     """``product_form``, which ``snake_conv`` and ``bench/tune.py`` both follow: operands split before the
-    kernel for tf32x3 with taps (or asked), rows first for tf32x3 split in registers on CUDA (or as the call or
-    the thread asks), a plain product at the other precisions."""
-    from snac_stream.kernels.conv import product_form, rows_first_products
+    kernel for tf32x3 with taps (or as the call or the thread asks), rows first for tf32x3 split in registers
+    on CUDA (or as the call or the thread asks), a plain product at the other precisions."""
+    from snac_stream.kernels.conv import product_form, rows_first_products, split_operands
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert product_form(7, "tf32x3", cuda) == "split"
@@ -617,6 +617,15 @@ def test_product_form_names_the_path_a_dense_conv_takes(monkeypatch: pytest.Monk
     with rows_first_products(False):
         assert product_form(1, "tf32x3", cuda) == "plain"
         assert product_form(1, "tf32x3", cuda, rows_first=True) == "rows_first"
+    with split_operands(False):
+        assert product_form(7, "tf32x3", cuda) == "rows_first"
+        assert product_form(7, "tf32x3", cuda, split=True) == "split"
+        with rows_first_products(False):
+            assert product_form(7, "tf32x3", cuda) == "plain"
+    with split_operands(True):
+        assert product_form(1, "tf32x3", cuda) == "split"
+        assert product_form(1, "tf32x3", cuda, split=False) == "rows_first"
+    assert product_form(7, "tf32x3", cuda) == "split"  # the thread's choice ends with its block
     for precision in ("tf32", "ieee"):
         assert product_form(7, precision, cuda) == product_form(1, precision, cuda) == "plain"
 
