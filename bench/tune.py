@@ -4,6 +4,7 @@
     python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
     python bench/tune.py ... --json more.json --resume cut_short.json
     python bench/tune.py --engine-streams 2048 --kernels snake_conv_rows_first ...
+    python bench/tune.py --presets 44khz --split-operands off ...
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
@@ -20,6 +21,7 @@ The 1x1 convs' rows-first launches (tf32x3 on CUDA) are entries of their own (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--upsampling-product", default="auto", choices=["auto", *functional.UPSAMPLING_PRODUCTS],
                         help="the decoder upsampling's product form (default auto, the model's): its dense-conv "
                              "launches are recorded where the form has them")
+    parser.add_argument("--split-operands", default="rule", choices=["rule", "on", "off"],
+                        help="tf32x3 dense convs: operands split before the kernel (on), in registers with the "
+                             "rows-first product (off), or the rule; recorded and swept that way")
     parser.add_argument("--json", help="write every shape's default and best times here")
     parser.add_argument("--resume", type=Path,
                         help="an earlier --json file: its shapes are kept as they are and not swept again (a sweep "
@@ -144,6 +149,9 @@ def main() -> None:
             winning_entries(report)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             parser.error(f"--resume {args.resume}: not a bench/tune.py --json file ({exc!r})")
+    held = contextlib.ExitStack()  # to the end of main: the recorded calls are timed again below
+    if args.split_operands != "rule":
+        held.enter_context(conv_kernels.split_operands(args.split_operands == "on"))
     done = {(shape.get("kernel", tuning.CONV), *shape["key"]) for shape in report}
     with functional.use_upsampling_product(args.upsampling_product):
         recorded = record_calls(args.presets, args.seconds, args.engine_streams, args.engine_kinds)
