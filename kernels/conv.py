@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Tuple, Union
+from typing import ContextManager, Iterator, Optional, Tuple, Union
 
 import torch
 import triton
@@ -519,26 +519,26 @@ def snake_conv(
 
 
 @contextlib.contextmanager
-def rows_first_products(enabled: bool) -> Iterator[None]:
-    """In the calling thread, make dense convs split in registers (K = 1 at tf32x3) take the rows-first
-    product (``True``) or the per-step one (``False``), whatever the rule says."""
-    token = _ROWS_FIRST.set(bool(enabled))
+def _thread_choice(choice: contextvars.ContextVar, value: bool) -> Iterator[None]:
+    """``choice`` set to ``value`` in the calling thread for the enclosed calls."""
+    token = choice.set(value)
     try:
         yield
     finally:
-        _ROWS_FIRST.reset(token)
+        choice.reset(token)
 
 
-@contextlib.contextmanager
-def split_operands(enabled: bool) -> Iterator[None]:
+def rows_first_products(enabled: bool) -> ContextManager[None]:
+    """In the calling thread, make dense convs split in registers (K = 1 at tf32x3) take the rows-first
+    product (``True``) or the per-step one (``False``), whatever the rule says."""
+    return _thread_choice(_ROWS_FIRST, bool(enabled))
+
+
+def split_operands(enabled: bool) -> ContextManager[None]:
     """In the calling thread, make dense convs at tf32x3 split their operands before the kernel (``True``) or
     in registers (``False``, where :func:`rows_first_products` and its rule then apply), whatever their kernel
     size, unless a call passes ``split`` itself."""
-    token = _SPLIT_OPERANDS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _SPLIT_OPERANDS.reset(token)
+    return _thread_choice(_SPLIT_OPERANDS, bool(enabled))
 
 
 def product_form(kernel_size: int, precision: Optional[str], device: torch.device, *, split: Optional[bool] = None,
