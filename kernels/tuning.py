@@ -168,16 +168,29 @@ def _fit_dwconv(cfg: LaunchConfig, halo: int) -> LaunchConfig:
     return cfg
 
 
+# Smaller tiles a dense launch steps down to when its plain ones leave SMs idle (``_fill_gpu``), largest first.
+FILL_TILES = ((64, 64), (32, 32), (16, 16))  # (BLOCK_O, BLOCK_T); 16 is ``tl.dot``'s minimum
+
+
 def _fill_gpu(cfg: LaunchConfig, key: ShapeKey, length: int, batch: int, programs_wanted: int) -> LaunchConfig:
-    """The smallest dense-conv tile (16 x 16, ``tl.dot``'s minimum) for launches whose plain tiles give fewer
-    than ``programs_wanted`` programs (a streaming step of a few streams: C_out = 512, 32 frames is 4 programs
-    with 128 x 64 tiles). Two variants per layer shape, plain or smallest, whatever the batch: every new
-    tile shape is a kernel compilation, and a server sees many batch sizes. The reduction step is kept, so
-    each output's sum runs in the same order whatever the tiling."""
-    programs = -(-key.c_out // cfg.blocks["BLOCK_O"]) * -(-length // cfg.blocks["BLOCK_T"]) * batch
-    if programs >= programs_wanted:
+    """The largest of ``FILL_TILES`` that gives a dense launch ``programs_wanted`` programs, for launches whose
+    plain tiles give fewer (the last layers of a one-row encode: 1024 channels x 1120 frames is 144 programs
+    with 128 x 64 tiles, 288 with 64 x 64; a streaming step of a few streams: 512 channels x 32 frames takes
+    16 x 16). A tile too small loads the same operands again for every few outputs: on that encode layer 16 x 16
+    tiles ran several times slower than cuBLAS (bench/RESULTS.md). At most four variants per layer shape,
+    whatever the batch: every new tile shape is a kernel compilation, and a server sees many batch sizes. The reduction step is kept, so each
+    output's sum runs in the same order whatever the tiling."""
+    def programs(block_o: int, block_t: int) -> int:
+        return -(-key.c_out // block_o) * -(-length // block_t) * batch
+
+    block_o, block_t = cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]
+    if programs(block_o, block_t) >= programs_wanted:
         return cfg
-    return replace(cfg, blocks={**cfg.blocks, "BLOCK_O": 16, "BLOCK_T": 16})
+    for fill_o, fill_t in FILL_TILES:
+        fill_o, fill_t = min(fill_o, block_o), min(fill_t, block_t)
+        if programs(fill_o, fill_t) >= programs_wanted or fill_o == fill_t == 16:
+            return replace(cfg, blocks={**cfg.blocks, "BLOCK_O": fill_o, "BLOCK_T": fill_t})
+    raise AssertionError("FILL_TILES ends with 16 x 16")
 
 
 @functools.lru_cache(maxsize=16)

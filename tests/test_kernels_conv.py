@@ -524,7 +524,9 @@ def test_conv_small_tiles_from_table() -> None:
 
 TABLE_TILINGS = sorted({(key.kernel == tuning.CONV_ROWS_FIRST, tuple(sorted(cfg.blocks.items())), cfg.num_warps,
                          cfg.num_stages)
-                        for key, cfg in tuning.TABLE.items() if key.kernel in (tuning.CONV, tuning.CONV_ROWS_FIRST)})
+                        for key, cfg in tuning.TABLE.items() if key.kernel in (tuning.CONV, tuning.CONV_ROWS_FIRST)}
+                       | {(rows_first, (("BLOCK_O", o), ("BLOCK_R", 32), ("BLOCK_T", t)), 4, 3)  # the fill rule's
+                          for rows_first in (False, True) for o, t in tuning.FILL_TILES})
 
 
 @pytest.mark.parametrize("tiling", TABLE_TILINGS, ids=lambda t: ("rows_first-" if t[0] else "")
@@ -532,9 +534,9 @@ TABLE_TILINGS = sorted({(key.kernel == tuning.CONV_ROWS_FIRST, tuple(sorted(cfg.
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
 def test_every_tiling_in_the_table_computes_the_conv(tiling, kernel_size: int, stride: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each tiling the measured table hands out (the rows-first product's with that product), forced onto a
-    small launch of several rows whose sizes no tile divides (masked edges along channels, frames and the
-    reduction), computes the conv."""
+    """Each tiling the measured table or the fill rule hands out (the rows-first product's with that product),
+    forced onto a small launch of several rows whose sizes no tile divides (masked edges along channels, frames
+    and the reduction), computes the conv."""
     rows_first, blocks, warps, stages = tiling
     length = 45
     kernel = tuning.CONV_ROWS_FIRST if rows_first and BACKEND == "cuda" else tuning.CONV
@@ -599,6 +601,36 @@ def test_rows_first_launches_have_a_rule_of_their_own(monkeypatch: pytest.Monkey
                         tuned)
     assert tuning.launch_config(tuning.CONV, device=cuda, rows_first=True, **engine_step) is tuned
     assert tuning.launch_config(tuning.CONV, device=cuda, **engine_step).blocks["BLOCK_T"] == 32
+
+
+def test_launches_short_of_programs_take_the_largest_fill_tiles_that_fill_the_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a dense launch whose plain tiles give fewer than two programs per SM steps down ``FILL_TILES`` to
+    the largest tiles that give enough, with the plain tiles' reduction step (each output's sum in the same
+    order); only a launch that no fill tile fills takes 16 x 16. Launches with enough programs keep theirs."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_programs_wanted", lambda device: 264)
+    monkeypatch.setattr(tuning, "TABLE", {})  # the rule alone
+    cuda = torch.device("cuda")
+
+    def tiles(**shape) -> tuple:
+        plain = tuning._default(tuning.ShapeKey(tuning.CONV, "cuda", shape["c_in"], shape["c_out"],
+                                                shape["kernel_size"], shape["stride"], 1,
+                                                tuning.t_bucket(shape["length"])), shape["length"])
+        cfg = tuning.launch_config(tuning.CONV, device=cuda, dilation=1, **shape)
+        assert cfg.blocks["BLOCK_R"] == plain.blocks["BLOCK_R"]
+        return cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"]
+
+    # A 44 kHz encoder's last strided conv on 10 s: 144 programs with 128 x 64 tiles, 288 with 64 x 64.
+    assert tiles(c_in=512, c_out=1024, kernel_size=16, stride=8, length=1120) == (64, 64)
+    # A decoder's first conv on 10 s: 128 programs with 64 x 64 tiles, 480 with 32 x 32.
+    assert tiles(c_in=768, c_out=1024, kernel_size=7, stride=1, length=470) == (32, 32)
+    # One stream's streaming step: no fill tile reaches 264 programs.
+    assert tiles(c_in=512, c_out=512, kernel_size=7, stride=1, length=32) == (16, 16)
+    # Enough programs with the plain tiles: kept.
+    assert tiles(c_in=64, c_out=128, kernel_size=4, stride=2, length=215040) == (128, 64)
+    # Narrow outputs' plain tiles (16 x 128) step down along frames only.
+    assert tiles(c_in=64, c_out=8, kernel_size=1, stride=1, length=9000) == (16, 32)
 
 
 def test_product_form_names_the_path_a_dense_conv_takes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -855,14 +887,16 @@ def test_short_depthwise_launches_get_short_tiles() -> None:
 
 
 def test_small_launches_get_tiles_that_fill_the_gpu() -> None:
-    """The CUDA rule for dense convs takes the smallest tiles on launches with too few programs (a streaming
-    step), and only two variants per shape exist, whatever the batch (each tile shape is a compilation)."""
+    """The CUDA rule for dense convs takes the smallest tiles on launches with too few programs for any other
+    (one stream's streaming step), and at most one variant per fill tile exists, whatever the batch (each tile
+    shape is a compilation)."""
     key = tuning.ShapeKey(tuning.CONV, "cuda", 512, 512, 1, 1, 1, tuning.t_bucket(32))
     big = tuning._default(key, 32, 1, 0)  # no fill wanted: the plain rule
     small = tuning._default(key, 32, 1, 264)
     assert (big.blocks["BLOCK_O"], big.blocks["BLOCK_T"]) == (128, 64)  # 4 programs
     assert (small.blocks["BLOCK_O"], small.blocks["BLOCK_T"]) == (16, 16)  # 64 programs
     assert small.blocks["BLOCK_R"] == big.blocks["BLOCK_R"]  # same summation order
-    variants = {tuple(sorted(tuning._default(key, 32, b, 264).blocks.items())) for b in range(1, 300)}
-    assert variants == {tuple(sorted(big.blocks.items())), tuple(sorted(small.blocks.items()))}
+    variants = {(cfg.blocks["BLOCK_O"], cfg.blocks["BLOCK_T"])
+                for cfg in (tuning._default(key, 32, b, 264) for b in range(1, 300))}
+    assert variants == {(128, 64), *tuning.FILL_TILES}
     assert tuning._default(key, 32, 512, 264) == big  # a launch that fills the GPU keeps the plain rule
