@@ -522,34 +522,38 @@ def test_conv_small_tiles_from_table() -> None:
         del tuning.TABLE[key]
 
 
-TABLE_TILINGS = sorted({(key.kernel == tuning.CONV_ROWS_FIRST, tuple(sorted(cfg.blocks.items())), cfg.num_warps,
-                         cfg.num_stages)
-                        for key, cfg in tuning.TABLE.items() if key.kernel in (tuning.CONV, tuning.CONV_ROWS_FIRST)}
-                       | {(rows_first, (("BLOCK_O", o), ("BLOCK_R", 32), ("BLOCK_T", t)), 4, 3)  # the fill rule's
-                          for rows_first in (False, True) for o, t in tuning.FILL_TILES})
+# (rows first, blocks, warps, stages, C_in, K, stride): every tiling the measured table hands out, on its entry's
+# own taps and stride (and C_in where under 24: a reduction of one step stays one step), and the fill rule's tiles
+# on a 1x1 and a strided 3-tap conv. A tiling is only handed out for its entry's reduction: a 3-stage pipeline
+# of the widest tiles over a reduction of several steps needs more shared memory than an SM has.
+TABLE_TILINGS = sorted(
+    {(key.kernel == tuning.CONV_ROWS_FIRST, tuple(sorted(cfg.blocks.items())), cfg.num_warps, cfg.num_stages,
+      min(key.c_in, 24), key.kernel_size, key.stride)
+     for key, cfg in tuning.TABLE.items() if key.kernel in (tuning.CONV, tuning.CONV_ROWS_FIRST)}
+    | {(rows_first, (("BLOCK_O", o), ("BLOCK_R", 32), ("BLOCK_T", t)), 4, 3, 24, kernel_size, stride)
+       for rows_first in (False, True) for o, t in tuning.FILL_TILES
+       for kernel_size, stride in ((1, 1), (3, 2))})
 
 
 @pytest.mark.parametrize("tiling", TABLE_TILINGS, ids=lambda t: ("rows_first-" if t[0] else "")
-                         + "-".join(f"{k[6:]}{v}" for k, v in t[1]) + f"-w{t[2]}")
-@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
-def test_every_tiling_in_the_table_computes_the_conv(tiling, kernel_size: int, stride: int,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each tiling the measured table or the fill rule hands out (the rows-first product's with that product),
-    forced onto a small launch of several rows whose sizes no tile divides (masked edges along channels, frames
-    and the reduction), computes the conv."""
-    rows_first, blocks, warps, stages = tiling
+                         + "-".join(f"{k[6:]}{v}" for k, v in t[1]) + f"-w{t[2]}-c{t[4]}-k{t[5]}-s{t[6]}")
+def test_every_tiling_in_the_table_computes_the_conv(tiling, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tiling the measured table or the fill rule hands out (the rows-first product's with that product,
+    the others' on split operands where the conv has taps), forced onto a small launch of several rows whose
+    sizes no tile divides (masked edges along channels, frames and the reduction), computes the conv."""
+    rows_first, blocks, warps, stages, c_in, kernel_size, stride = tiling
     length = 45
     kernel = tuning.CONV_ROWS_FIRST if rows_first and BACKEND == "cuda" else tuning.CONV
-    key = tuning.ShapeKey(kernel, BACKEND, 24, 40, kernel_size, stride, 1, tuning.t_bucket(length), True)
+    key = tuning.ShapeKey(kernel, BACKEND, c_in, 40, kernel_size, stride, 1, tuning.t_bucket(length), True)
     cfg = tuning.LaunchConfig(dict(blocks), num_warps=warps, num_stages=stages)
     monkeypatch.setitem(tuning.TABLE, key, cfg)
     monkeypatch.setattr(tuning, "_fill_gpu", lambda cfg, *args, **kwargs: cfg)
-    assert tuning.launch_config(tuning.CONV, device=DEVICE, c_in=24, c_out=40, kernel_size=kernel_size,
+    assert tuning.launch_config(tuning.CONV, device=DEVICE, c_in=c_in, c_out=40, kernel_size=kernel_size,
                                 stride=stride, dilation=1, length=length, batch=3, rows_first=rows_first) is cfg
-    x, w = rand(3, 24, length * stride), rand(40, 24, kernel_size, scale=0.25)
-    b, a = rand(40), alphas(24)
+    x, w = rand(3, c_in, length * stride), rand(40, c_in, kernel_size, scale=0.25)
+    b, a = rand(40), alphas(c_in)
     padding = (kernel_size - 1) // 2
-    out = poisoned(3, 40, length)
+    out = poisoned(3, 40, (length * stride + 2 * padding - kernel_size) // stride + 1)  # 44 or 45 frames
     snake_conv(x, w, b, alpha=a, stride=stride, padding=padding, out=out, rows_first=rows_first,
                split=False if rows_first else None, precision="tf32x3" if rows_first else None)
     assert_close(out, ref_conv(x, w, b, alpha=a, stride=stride, padding=padding))
