@@ -178,8 +178,8 @@ def _fill_gpu(cfg: LaunchConfig, key: ShapeKey, length: int, batch: int, program
     with 128 x 64 tiles, 288 with 64 x 64; a streaming step of a few streams: 512 channels x 32 frames takes
     16 x 16). A tile too small loads the same operands again for every few outputs: on that encode layer 16 x 16
     tiles ran several times slower than cuBLAS (bench/RESULTS.md). At most four variants per layer shape,
-    whatever the batch: every new tile shape is a kernel compilation, and a server sees many batch sizes. The reduction step is kept, so each
-    output's sum runs in the same order whatever the tiling."""
+    whatever the batch: every new tile shape is a kernel compilation, and a server sees many batch sizes. The
+    reduction step is kept, so each output's sum runs in the same order whatever the tiling."""
     def programs(block_o: int, block_t: int) -> int:
         return -(-key.c_out // block_o) * -(-length // block_t) * batch
 

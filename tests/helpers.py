@@ -5,8 +5,10 @@ Import from tests as ``from helpers import ...`` (``conftest.py`` puts this dire
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -267,3 +269,21 @@ def load_bench(script: str) -> Any:
     finally:
         sys.path.remove(str(BENCH))
     return module
+
+
+async def settled_outcomes(server: Any, sessions: int, timeout: float = 5.0) -> dict:
+    """A server's session outcomes (``stats["outcomes"]``) once ``sessions`` of them are counted, or after
+    ``timeout`` s: a session's handler counts its outcome as it ends, just after the client has its last message."""
+    deadline = time.monotonic() + timeout
+    while sum(server.stats["outcomes"].values()) < sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return dict(server.stats["outcomes"])
+
+
+async def settled_sessions(server: Any, timeout: float = 2.0) -> int:
+    """A server's active sessions once none is left, or after ``timeout`` s: a session's handler frees its slot
+    as it ends, just after the client has its last message."""
+    deadline = time.monotonic() + timeout
+    while server.active_sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return server.active_sessions

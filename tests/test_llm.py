@@ -12,6 +12,7 @@ import torch
 
 import aiohttp  # noqa: E402,F401  (test extra: a missing install fails, never skips)
 
+from helpers import settled_outcomes, settled_sessions  # noqa: E402
 from sse_server import Script, SSEServer, signal_codes, tiny_model  # noqa: E402
 
 from snac_stream.tokens import AudioTokenText  # noqa: E402
@@ -283,6 +284,7 @@ def test_decoding_on_a_snac_stream_server(model, codes):
         results = []
         async with SNACServer(model, ServerOptions(port=0, threads=1, web=False, max_sessions=1)) as snac:
             for pieces in (whole, cut):
+                assert await settled_sessions(snac) == 0  # the one slot is free again
                 async with SSEServer(Script(pieces)) as llm:
                     results.append(await collect(llm.url, None, decoder_url=f"ws://127.0.0.1:{snac.port}"))
         return results
@@ -455,7 +457,7 @@ def test_llm_session_failure_mid_stream_comes_after_the_audio_of_whole_frames(mo
     async def test(snac, llm):
         result = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})
         after = await speech(snac, {"url": llm.url, "model": "m", "prompt": "Hi."})  # the server goes on
-        return result, after, dict(snac.stats["outcomes"])
+        return result, after, await settled_outcomes(snac, 2)
 
     (frames, stats, error), (_, _, again), outcomes = llm_session(model, script, test)
     assert error is not None and error.code == "llm_error" and error.close_code == 1014

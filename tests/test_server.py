@@ -25,6 +25,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from helpers import settled_outcomes
 from snac_stream import PRESETS, SNAC
 from snac_stream import client as ws_client
 from snac_stream.cli import main
@@ -670,15 +671,6 @@ async def _seconds_until_freed(server: SNACServer, session: Any, limit: float) -
     return time.monotonic() - t0
 
 
-async def _outcomes(server: SNACServer, sessions: int, timeout: float = 5.0) -> dict:
-    """The server's session outcomes once ``sessions`` of them are counted: a session's handler counts its
-    outcome as it ends, just after the client has its last message."""
-    deadline = time.monotonic() + timeout
-    while sum(server.stats["outcomes"].values()) < sessions and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return dict(server.stats["outcomes"])
-
-
 async def _busy_session(server: SNACServer, audio: np.ndarray) -> asyncio.Future:
     """A real-time roundtrip keeping the engine ticking, returned once it holds its slot."""
     busy = asyncio.ensure_future(ws_client.roundtrip(server.url, audio, chunk_samples=960, realtime=True,
@@ -704,7 +696,7 @@ def test_a_stalled_client_is_dropped_after_the_idle_timeout_while_others_keep_th
         busy_done_at_drop = busy.done()
         result = await busy
         stalled.ws.transport.abort()
-        return dropped, busy_done_at_drop, result, await _outcomes(server, 2)
+        return dropped, busy_done_at_drop, result, await settled_outcomes(server, 2)
 
     dropped, busy_done_at_drop, result, outcomes = serve(
         model, test, max_sessions=2, max_output_bytes=256 * 1024, max_backlog_s=0.2, idle_timeout_s=idle)
@@ -729,7 +721,7 @@ def test_a_client_gone_with_a_full_output_queue_frees_its_slot_at_once() -> None
         slots_free = sum(server.workers.slots_free())
         busy_done_at_free = busy.done()
         result = await busy
-        return freed, slots_free, busy_done_at_free, result, await _outcomes(server, 2)
+        return freed, slots_free, busy_done_at_free, result, await settled_outcomes(server, 2)
 
     freed, slots_free, busy_done_at_free, result, outcomes = serve(
         model, test, max_sessions=2, max_output_bytes=256 * 1024, max_backlog_s=0.2)  # idle timeout 30 s
