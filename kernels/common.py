@@ -5,7 +5,9 @@ The context + chunk convention: a conv kernel reads its input as the concatenati
 ``context`` (B, C, L), the streaming cache of earlier inputs, and ``x`` (B, C, T), the new chunk, with
 ``padding`` virtual zeros at both ends. The concatenation is never materialised: element ``u`` of the
 unpadded sequence comes from ``context[..., u]`` when ``u < L`` and from ``x[..., u - L]`` otherwise. Offline
-calls pass ``context=None, padding=p``; streaming calls pass the cache and ``padding=0``.
+calls pass ``context=None, padding=p``; streaming calls pass the cache and ``padding=0``. A context may also be
+rows of an engine's batch (``rows.RowsOf``): the kernels then find each batch item's context through the row
+list (:func:`batch_row`), where it lies.
 
 All tensors are float32; time is in frames of the layer's own rate.
 """
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .precision import DEFAULT_PRECISION, check_precision
+from .rows import RowsOf
 
 PRECISE_SIN_ENV = "SNAC_STREAM_PRECISE_SIN"
 # CUDA's limit on the 2nd and 3rd dimensions of a launch grid.
@@ -103,6 +106,15 @@ def load_ctx_chunk(ctx_ptr, x_ptr, ctx_row, x_row, ctx_stride_t, x_stride_t, u, 
         v_ctx = tl.load(ctx_ptr + ctx_row + u * ctx_stride_t, mask=in_ctx, other=0.0)
         v = tl.where(in_ctx, v_ctx, v)
     return v
+
+
+@triton.jit
+def batch_row(rows_ptr, b, mask, HAS_ROWS: tl.constexpr):
+    """The batch row (int64) of batch item ``b`` (a scalar or a vector, valid where ``mask``): ``rows[b]`` with a
+    row list, else ``b`` itself."""
+    if HAS_ROWS:
+        return tl.load(rows_ptr + b, mask=mask, other=0).to(tl.int64)
+    return b
 
 
 @triton.jit
@@ -206,13 +218,15 @@ def per_channel(name: str, t: Optional[torch.Tensor], channels: int, device: tor
 class ChunkInput:
     """Kernel arguments for the virtual sequence ``cat([context, x], time)`` of shape (B, C, L + T).
 
-    Without context, ``ctx`` aliases ``x`` (never read: ``has_ctx`` is False and ``length_ctx`` 0).
+    Without context, ``ctx`` aliases ``x`` (never read: ``has_ctx`` is False and ``length_ctx`` 0). With
+    ``ctx_rows`` (B,) int64, batch item ``b``'s context is row ``ctx_rows[b]`` of ``ctx`` (an engine's batch).
     """
 
     x: torch.Tensor
     ctx: torch.Tensor
     length_ctx: int
     has_ctx: bool
+    ctx_rows: Optional[torch.Tensor] = None
 
     @property
     def total(self) -> int:
@@ -222,23 +236,36 @@ class ChunkInput:
     def pointer_args(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.ctx, self.x
 
+    def rows_arg(self) -> torch.Tensor:
+        """The context's row list, or (never read: no ``ctx_rows``) ``x``."""
+        return self.ctx_rows if self.ctx_rows is not None else self.x
+
     def stride_args(self) -> Tuple[int, ...]:
         """(ctx batch, ctx channel, ctx time, x batch, x channel, x time) strides, in elements."""
         return (*self.ctx.stride(), *self.x.stride())
 
 
-def chunk_input(name: str, x: torch.Tensor, context: Optional[torch.Tensor], ctx_name: str) -> ChunkInput:
-    """Validate ``x`` (B, C, T) and the optional ``context`` (B, C, L) that precedes it in time."""
+def chunk_input(name: str, x: torch.Tensor, context: Union[torch.Tensor, RowsOf, None], ctx_name: str,
+                rows: bool = False) -> ChunkInput:
+    """Validate ``x`` (B, C, T) and the optional ``context`` (B, C, L) that precedes it in time; ``rows``: the
+    caller's kernel reads a :class:`RowsOf` context in place (otherwise it is gathered here)."""
     check_tensor(name, x, 3)
     if context is None:
         return ChunkInput(x, x, 0, False)
+    ctx_rows = None
+    if isinstance(context, RowsOf):
+        check_tensor(f"{ctx_name}.rows", context.rows, 1, x.device, (torch.int64,))
+        if rows:
+            context, ctx_rows = context.batch, context.rows
+        else:
+            context = context.gathered()
     check_tensor(ctx_name, context, 3, x.device)
-    if context.shape[:2] != x.shape[:2]:
-        raise ValueError(f"{ctx_name} {tuple(context.shape)} and {name} {tuple(x.shape)} must agree in batch "
-                         f"and channels")
+    shape = (context.shape[0] if ctx_rows is None else ctx_rows.shape[0], *context.shape[1:])
+    if shape[:2] != x.shape[:2]:
+        raise ValueError(f"{ctx_name} {shape} and {name} {tuple(x.shape)} must agree in batch and channels")
     if context.shape[-1] == 0:
         return ChunkInput(x, x, 0, False)
-    return ChunkInput(x, context, context.shape[-1], True)
+    return ChunkInput(x, context, context.shape[-1], True, ctx_rows)
 
 
 def output_length(total: int, padding: int, kernel_size: int, stride: int, dilation: int,

@@ -28,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (ChunkInput, cdiv, check_grid, check_shape, check_tensor, chunk_input, load_ctx_chunk,
-                     output_buffer, output_length, per_channel, resolve_precision, snake, tanh, use_fast_sin,
-                     window_tap)
+from .common import (ChunkInput, batch_row, cdiv, check_grid, check_shape, check_tensor, chunk_input,
+                     load_ctx_chunk, output_buffer, output_length, per_channel, resolve_precision, snake, tanh,
+                     use_fast_sin, window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
+from .rows import Context, RowsOf
 from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
@@ -53,10 +54,11 @@ _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a
 
 @triton.jit
 def _snake_dwconv_kernel(
-    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, alpha_out_ptr, out_ptr,
+    ctx_ptr, x_ptr, ctx_rows_ptr, w_ptr, bias_ptr, alpha_ptr, alpha_out_ptr, out_ptr,
     C, L, T, T_out, padding, step,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wc, s_wk, s_ob, s_oc, s_ot,
-    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, CTX_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
     HAS_ALPHA_OUT: tl.constexpr, FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, REDUCE: tl.constexpr,
     TANH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -70,6 +72,8 @@ def _snake_dwconv_kernel(
     form the K taps by rotating that window in registers (:func:`window_tap`). The last ``(K-1)*DIL`` lanes
     only feed taps, so a tile emits ``step = BLOCK_T - (K-1)*DIL`` outputs. Otherwise (halo too large for a
     window): one load and one snake per tap, ``step = BLOCK_T``; the K loads overlap and hit L1.
+
+    CTX_ROWS: batch item ``b``'s context is row ``ctx_rows[b]`` of the context tensor (an engine's batch).
     """
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -78,7 +82,7 @@ def _snake_dwconv_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     rows = offs_c.to(tl.int64)[:, None]
-    ctx_b = ctx_ptr + pid_b * s_cb
+    ctx_b = ctx_ptr + batch_row(ctx_rows_ptr, pid_b, True, CTX_ROWS) * s_cb
     x_b = x_ptr + pid_b * s_xb
     i = tl.arange(0, BLOCK_T)
     t0 = pid_t * step
@@ -122,13 +126,14 @@ def _snake_dwconv_kernel(
 
 @triton.jit(do_not_specialize=["n_cols"])  # B * T_out: one compilation whatever the batch size
 def _snake_conv_kernel(
-    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, out_ptr, xlo_ptr, wlo_ptr,
+    ctx_ptr, x_ptr, w_ptr, bias_ptr, alpha_ptr, rctx_ptr, res_ptr, rctx_rows_ptr, out_ptr, xlo_ptr, wlo_ptr,
     C_out, L, T, T_out, L_res, T_res, res_offset, noise_seed, noise_start, noise_rows_ptr,
     conv_stride, dilation, padding, n_o_blocks, n_cols,
     s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wo,
     s_rcb, s_rcc, s_rct, s_rb, s_rc, s_rt, s_ob, s_oc, s_ot,
     R: tl.constexpr, K: tl.constexpr, HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr, TANH: tl.constexpr,
+    HAS_NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_CTX: tl.constexpr,
+    RES_CTX_ROWS: tl.constexpr, TANH: tl.constexpr,
     FAST_SIN: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
     ROWS_FIRST: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -155,6 +160,8 @@ def _snake_conv_kernel(
     straight from registers, and the weight (``w_ptr`` / ``wlo_ptr``: split once, before) their right operand,
     loaded into shared memory ahead of use. Without it the split input tiles are the right operand, which must
     go through shared memory before every product (figures in bench/RESULTS.md).
+
+    RES_CTX_ROWS: batch item ``b``'s residual context is row ``rctx_rows[b]`` of its tensor (an engine's batch).
     """
     pid = tl.program_id(0)
     pid_o = pid % n_o_blocks
@@ -212,7 +219,11 @@ def _snake_conv_kernel(
             start = noise_start
         acc *= tl.randn(noise_seed, start + offs_t.to(tl.int64)[None, :])
     if HAS_RES:
-        acc += load_ctx_chunk(rctx_ptr + pid_b * s_rcb, res_ptr + pid_b * s_rb, o_rows * s_rcc, o_rows * s_rc,
+        if FLAT:
+            res_row = batch_row(rctx_rows_ptr, pid_b, t_valid[None, :], RES_CTX_ROWS)
+        else:
+            res_row = batch_row(rctx_rows_ptr, pid_b, True, RES_CTX_ROWS)
+        acc += load_ctx_chunk(rctx_ptr + res_row * s_rcb, res_ptr + pid_b * s_rb, o_rows * s_rcc, o_rows * s_rc,
                               s_rct, s_rt, (offs_t + res_offset)[None, :], L_res, T_res,
                               o_mask[:, None] & t_valid[None, :], HAS_RES_CTX)
     if TANH:
@@ -320,7 +331,7 @@ def snake_dwconv(
     alpha: Optional[torch.Tensor] = None,
     dilation: int = 1,
     padding: int = 0,
-    context: Optional[torch.Tensor] = None,
+    context: Optional[Context] = None,
     length: Optional[int] = None,
     alpha_out: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
@@ -332,7 +343,8 @@ def snake_dwconv(
         weight: (C, 1, K) depthwise filters; bias: (C,) or None.
         alpha: per-channel snake parameter applied to the input, (C,) or (1, C, 1); None for no snake.
         dilation: tap spacing in frames. padding: virtual zeros on each end of ``cat([context, x])``.
-        context: (B, C, L) frames preceding ``x`` (a streaming cache), or None.
+        context: (B, C, L) frames preceding ``x`` (a streaming cache), or None; as ``RowsOf``, rows of an
+            engine's batch, read where they lie.
         length: outputs to compute (at most the maximum, the default).
         alpha_out: per-channel snake parameter applied to the output, or None.
         out: optional (B, C, T_out) buffer to write (any strides, not overlapping the inputs).
@@ -340,7 +352,7 @@ def snake_dwconv(
     Returns:
         (B, C, T_out) with ``T_out = L + T + 2*padding - dilation*(K-1)`` unless ``length`` is given.
     """
-    src = chunk_input("x", x, context, "context")
+    src = chunk_input("x", x, context, "context", rows=True)
     batch, channels, _ = x.shape
     device = x.device
     check_tensor("weight", weight, 3, device)
@@ -352,7 +364,7 @@ def snake_dwconv(
     alpha = per_channel("alpha", alpha, channels, device)
     alpha_out = per_channel("alpha_out", alpha_out, channels, device)
     t_out = output_length(src.total, padding, kernel_size, 1, dilation, length)
-    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=context)
+    out = output_buffer(out, (batch, channels, t_out), device, x=x, context=src.ctx)
     if out.numel() == 0:
         return out
 
@@ -375,11 +387,12 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
         raise AssertionError("a reducing launch must cover every channel in one tile")
     check_grid(grid, "channel blocks", "batch size")
     _snake_dwconv_kernel[grid](
-        *src.pointer_args(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
+        *src.pointer_args(), src.rows_arg(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
         alpha_out if alpha_out is not None else out, out,
         channels, src.length_ctx, src.x.shape[-1], t_out, padding, step,
         *src.stride_args(), weight.stride(0), weight.stride(2), *out.stride(),
-        K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None,
+        K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, CTX_ROWS=src.ctx_rows is not None,
+        HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None,
         HAS_ALPHA_OUT=alpha_out is not None, FAST_SIN=use_fast_sin(out.device), REDUCE=reduce,
         TANH=activation == "tanh", **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -400,10 +413,10 @@ def snake_conv(
     stride: int = 1,
     dilation: int = 1,
     padding: int = 0,
-    context: Optional[torch.Tensor] = None,
+    context: Optional[Context] = None,
     length: Optional[int] = None,
     residual: Optional[torch.Tensor] = None,
-    residual_context: Optional[torch.Tensor] = None,
+    residual_context: Optional[Context] = None,
     residual_offset: int = 0,
     noise_seed: Optional[int] = None,
     noise_start: Union[int, torch.Tensor] = 0,
@@ -430,6 +443,8 @@ def snake_conv(
         length: outputs to compute (at most the maximum, the default).
         residual: (B, C_out, T_r) added to the output; residual_context: (B, C_out, L_r) preceding it, or None;
             residual_offset: index in ``cat([residual_context, residual])`` of the term added to output 0.
+            Either context may be rows of an engine's batch (``RowsOf``): the residual's is read where it
+            lies, the input's gathered first.
         noise_seed: Philox key (int in [0, 2**63)) of the noise multiplier, or None for no noise;
             noise_start: absolute frame index of output 0 in the noise stream; an int64 tensor (B,) gives
             each batch row (an independent stream) its own.
@@ -480,7 +495,7 @@ def snake_conv(
         if residual_context is not None:
             raise ValueError("residual_context needs a residual")
     else:
-        res = chunk_input("residual", residual, residual_context, "residual_context")
+        res = chunk_input("residual", residual, residual_context, "residual_context", rows=True)
         if residual.device != device:
             raise ValueError(f"residual is on {residual.device} but the input is on {device}")
         if residual.shape[:2] != (batch, c_out):
@@ -490,8 +505,8 @@ def snake_conv(
             raise ValueError(f"residual frames {residual_offset}..{residual_offset + t_out - 1} are out of range: "
                              f"residual_context and residual hold {res.total}")
 
-    out = output_buffer(out, (batch, c_out, t_out), device, x=x, context=context, residual=residual,
-                        residual_context=residual_context)
+    out = output_buffer(out, (batch, c_out, t_out), device, x=x, context=src.ctx, residual=residual,
+                        residual_context=None if res is None else res.ctx)
     if out.numel() == 0:
         return out
     if c_out == 1 and stride == 1 and res is None and noise_seed is None and c_in <= _MAX_REDUCE_CHANNELS:
@@ -635,10 +650,10 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         raise ValueError(f"batch x frames ({batch} x {t_out}) must stay below 2**31")
     # Absent optional tensors are passed as ``out`` (never read: their HAS_* flag is off).
     if res is not None:
-        res_ptrs, res_strides = res.pointer_args(), res.stride_args()
+        res_ptrs, res_strides = (*res.pointer_args(), res.rows_arg()), res.stride_args()
         res_sizes = (res.length_ctx, res.x.shape[-1], residual_offset)
     else:
-        res_ptrs, res_strides, res_sizes = (out, out), (0,) * 6, (0, 0, 0)
+        res_ptrs, res_strides, res_sizes = (out, out, out), (0,) * 6, (0, 0, 0)
     noise_rows = isinstance(noise_start, torch.Tensor)
     if noise_seed is None:
         noise = (0, 0, out)
@@ -653,7 +668,8 @@ def _launch_conv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.Ten
         R=c_in * kernel_size, K=kernel_size, HAS_CTX=src.has_ctx, HAS_BIAS=bias is not None,
         HAS_ALPHA=alpha is not None, HAS_NOISE=noise_seed is not None,
         NOISE_ROWS=noise_rows and noise_seed is not None, HAS_RES=res is not None,
-        HAS_RES_CTX=res is not None and res.has_ctx, TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
+        HAS_RES_CTX=res is not None and res.has_ctx, RES_CTX_ROWS=res is not None and res.ctx_rows is not None,
+        TANH=activation == "tanh", FAST_SIN=use_fast_sin(device),
         PRECISION=precision, FLAT=flat, SPLIT=split, ROWS_FIRST=rows_first, **cfg.blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -1008,6 +1008,70 @@ def test_deferred_joins_write_the_same_state_into_the_batch(name: str, kind: str
     assert 2 in pieces_seen or name == "44khz"
 
 
+@pytest.mark.parametrize("name,kind,backend", [("24khz", "decode", "torch"), ("24khz", "encode", "torch"),
+                                               ("44khz", "decode", "torch"), ("24khz", "decode", "triton"),
+                                               ("24khz", "encode", "triton")])  # 44 kHz in the interpreter: minutes
+def test_a_steady_step_in_place_leaves_the_batch_as_a_gathered_one(name: str, kind: str, backend: str) -> None:
+    """A steady step of rows of a batch, in place (``rows_in_place``: the convs read their contexts through the
+    row list and renew them in those rows) or gathered (``select_rows``, pushed under ``deferred_joins``, written
+    back by ``assign_rows``): the same outputs and the same batch afterwards, bit for bit, step after step. Rows
+    out of order and a subset of the batch; the rows not stepped are untouched. On the Triton backend (the
+    interpreter on the CPU) the depthwise and residual kernels read the rows themselves. A push that would change
+    a context's length in place is refused."""
+    from snac_stream.kernels.rows import RowsOf
+    from snac_stream.streaming.build import decoder_op, encoder_op
+    from snac_stream.streaming.ops import SlidingWindow, deferred_joins
+    from snac_stream.streaming.rows import assign_rows, batch_positions, rows_in_place, zero_rows
+
+    model = model_for(name)
+    cfg = model.config
+    body = encoder_op(model) if kind == "encode" else decoder_op(model)
+    cpu = torch.device("cpu")
+    engine = (EncodeEngine if kind == "encode" else DecodeEngine)(model, 1)
+    step_frames = engine.step_samples if kind == "encode" else engine.step_frames * cfg.pad_multiple // cfg.hop_length
+
+    def step_input(batch: int) -> torch.Tensor:
+        if kind == "encode":
+            return torch.randn(batch, 1, step_frames) * 0.1
+        return torch.randn(batch, cfg.resolved_latent_dim, step_frames)
+
+    torch.manual_seed(5)
+    with torch.inference_mode(), model.on_backend(backend):
+        warm = body.init_state(6, cpu, torch.float32)
+        for _ in range(engine.warmup_steps):  # into the steady phase: the states keep their shapes from here
+            body.push(warm, step_input(6))
+        batch = batch_positions(zero_rows(warm, 6), 6, cpu)
+        assign_rows(batch, torch.arange(6), warm)
+        other = copy.deepcopy(batch)
+        rows = torch.tensor([4, 1, 2])
+        untouched = select_rows(batch, torch.tensor([0, 3, 5]))
+        for _ in range(2):  # the second step reads what the first wrote in place
+            x = step_input(len(rows))
+            in_place = rows_in_place(batch, rows)
+            assert any(isinstance(v, RowsOf) for v in _state_leaves(in_place))
+            out_in_place = body.push(in_place, x)
+            assign_rows(batch, rows, in_place, counters=False)
+            gathered = select_rows(other, rows)
+            with deferred_joins():
+                out_gathered = body.push(gathered, x.clone())
+            assign_rows(other, rows, gathered, counters=False)
+            for a, b in zip(*(out if kind == "encode" else [out] for out in (out_in_place, out_gathered)), strict=True):
+                assert torch.equal(a, b)
+            for a, b in zip(_state_leaves(batch), _state_leaves(other), strict=True):
+                if isinstance(a, torch.Tensor):
+                    assert torch.equal(a, b)
+        for a, b in zip(_state_leaves(select_rows(batch, torch.tensor([0, 3, 5]))), _state_leaves(untouched)):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+    # A push that leaves frames unconsumed (a strided conv given an odd count) would change the context's length.
+    conv = SlidingWindow.conv(torch.nn.Conv1d(4, 4, 4, stride=2, padding=1))
+    state = conv.init_state(3, cpu, torch.float32)
+    conv.push(state, torch.randn(3, 4, 4))
+    state.context = RowsOf(torch.cat([state.context] * 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="must keep its length: 3 frames in, 4 consumed"):
+        conv.push(state, torch.randn(3, 4, 3))
+
+
 def test_engine_capacity_profile_splits_kernel_time_by_author() -> None:
     """``bench/engine_capacity.py --profile`` reports the share of the step's GPU time in the project's Triton
     kernels, cuBLAS's products and PyTorch's own kernels (the data movement around them), from kernel names as

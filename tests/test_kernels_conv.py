@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from snac_stream.kernels import common, tuning
 from snac_stream.kernels.conv import rows_share_tiles, snake_conv, snake_dwconv
+from snac_stream.kernels.rows import RowsOf
 from snac_stream.model.functional import snake
 from snac_stream.model.noise import positional_randn
 
@@ -240,6 +241,36 @@ def test_conv_residual_split_across_context_with_offset() -> None:
     kwargs = dict(alpha=a, residual=res, residual_context=r_ctx, residual_offset=9)
     got = snake_conv(x, w, out=poisoned(2, channels, frames), **kwargs)
     assert_close(got, ref_conv(x, w, **kwargs))
+
+
+@pytest.mark.parametrize("frames", [5, 40])  # 5: (row, frame) pairs share tiles (FLAT); 40: a row's own tiles
+def test_contexts_read_through_row_lists_equal_gathered_ones(frames: int) -> None:
+    """A context given as rows of a batch (``RowsOf``: an engine's steady step) gives the same outputs, bit for
+    bit, as the same rows gathered first: the depthwise conv's context and the dense conv's residual context
+    (read in place through the row list, FLAT tiles included), and the dense conv's input context (gathered
+    inside). Rows out of order, one repeated, others never read; the batch is left as it was."""
+    channels, held = 24, 12
+    batch = rand(7, channels, held + 3)[..., 3:]  # rows with a batch stride of their own, not contiguous
+    before = batch.clone()
+    rows = torch.tensor([5, 0, 3, 5], device=DEVICE)
+    ctx = RowsOf(batch, rows)
+    x = rand(4, channels, frames)
+    w_dw, b_dw, w_pw = rand(channels, 1, 7, scale=0.3), rand(channels), rand(channels, channels, 1, scale=0.2)
+    a, a_out = alphas(channels), alphas(channels)
+    dw_rows = snake_dwconv(x, w_dw, b_dw, alpha=a, dilation=2, context=ctx, alpha_out=a_out)
+    dw_gathered = snake_dwconv(x, w_dw, b_dw, alpha=a, dilation=2, context=ctx.gathered(), alpha_out=a_out)
+    assert torch.equal(dw_rows, dw_gathered)
+    h = dw_rows[..., :frames]
+    kwargs = dict(alpha=a, residual=x, residual_offset=held - 6)  # the residual unit's skip path
+    assert torch.equal(snake_conv(h, w_pw, b_dw, residual_context=ctx, **kwargs),
+                       snake_conv(h, w_pw, b_dw, residual_context=ctx.gathered(), **kwargs))
+    w_k3 = rand(channels, channels, 3, scale=0.2)
+    assert torch.equal(snake_conv(x, w_k3, alpha=a, context=ctx), snake_conv(x, w_k3, alpha=a, context=ctx.gathered()))
+    assert torch.equal(batch, before)
+    with pytest.raises(ValueError, match="agree in batch"):
+        snake_dwconv(x, w_dw, b_dw, context=RowsOf(batch, rows[:3]))
+    with pytest.raises(TypeError, match="int64"):
+        snake_dwconv(x, w_dw, b_dw, context=RowsOf(batch, rows.int()))
 
 
 @pytest.mark.parametrize("seed,start", [(0, 0), (1234567, 5000), (2**62 + 12345, 2**32 - 7)])

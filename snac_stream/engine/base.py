@@ -14,8 +14,8 @@ import torch
 from ..model.snac import SNACModel
 from ..streaming.graphs import CUDAGraphed
 from ..streaming.ops import StreamOp, cat_time, deferred_joins
-from ..streaming.rows import (assign_rows, batch_positions, row_state, select_rows, state_batch, state_bytes,
-                              steady_state, zero_rows)
+from ..streaming.rows import (assign_rows, batch_positions, row_state, rows_in_place, select_rows, state_batch,
+                              state_bytes, steady_state, zero_rows)
 
 STEP_MODES = ("auto", "rows", "buckets", "graphs")
 FLUSH = "flush"  # the key of a batched flush's bucket pass, beside a step's (phase, bucket)
@@ -482,7 +482,7 @@ class StreamEngine:
         rows, in that order."""
         rows, changed = self._row_index(sids, phase)
         if self.step_mode == "rows":
-            sub = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:len(sids)])
+            sub = self._work_rows(phase, rows, len(sids))
             with deferred_joins():  # the new state's pieces are written straight into the batch
                 outputs = self._advance(sub, inputs)
             after = min(phase + 1, self.warmup_steps)
@@ -527,11 +527,19 @@ class StreamEngine:
         counters stay as they are: every row of a batch is in its phase."""
         phase, bucket = key
         rows = self._bucket_rows[phase][:bucket]
-        work = select_rows(self._phases[phase], rows if phase else self._fresh_rows[:bucket])
+        work = self._work_rows(phase, rows, bucket)
         with deferred_joins():  # the new state's pieces are written straight into the batch
             outputs = self._advance(work, _first(self._inputs, bucket))
         assign_rows(self._phases[min(phase + 1, self.warmup_steps)], rows, work, counters=False)
         return outputs
+
+    def _work_rows(self, phase: int, rows: torch.Tensor, count: int) -> Any:
+        """What a pass advances for ``rows`` of a phase's batch: a steady step's rows in place (its convs' contexts
+        read and renewed where they lie, ``rows_in_place``), a warm-up step's gathered (they move on to the next
+        phase's batch; the first phase's ``count`` rows start from fresh state)."""
+        if phase and phase == self.warmup_steps:
+            return rows_in_place(self._phases[phase], rows)
+        return select_rows(self._phases[phase], rows if phase else self._fresh_rows[:count])
 
     @contextlib.contextmanager
     def _spare_row_only(self) -> Iterator[None]:

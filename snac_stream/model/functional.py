@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..kernels.derived import DerivedTensors
 from ..kernels.precision import DEFAULT_PRECISION, check_precision
+from ..kernels.rows import Context, gathered
 from .noise import positional_randn
 
 BACKENDS = ("auto", "triton", "torch")
@@ -133,12 +134,12 @@ def conv(
     stride: int = 1,
     dilation: int = 1,
     padding: int = 0,
-    context: Optional[torch.Tensor] = None,
+    context: Optional[Context] = None,
     length: Optional[int] = None,
     alpha: Optional[torch.Tensor] = None,
     alpha_out: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
-    residual_context: Optional[torch.Tensor] = None,
+    residual_context: Optional[Context] = None,
     residual_offset: int = 0,
     noise_seed: Optional[int] = None,
     noise_start: int | torch.Tensor = 0,
@@ -147,7 +148,9 @@ def conv(
     """``act(residual + noise * conv1d(snake(cat(context, x)), weight, bias))``, each part optional.
 
     Args:
-        x: (B, C_in, T) new frames; ``context``: (B, C_in, L) frames before them (streaming), or None.
+        x: (B, C_in, T) new frames; ``context``: (B, C_in, L) frames before them (streaming), or None. Either
+            context may be rows of an engine's batch (``kernels.rows.RowsOf``): the kernels read the depthwise
+            conv's and the residual's where they lie; elsewhere they are gathered.
         weight: (C_out, C_in / groups, K); ``groups`` is 1 (dense) or C_in (depthwise).
         padding: zeros on both ends of ``cat(context, x)`` (offline layers; streaming passes 0).
         length: outputs to compute (default: all the input allows).
@@ -162,6 +165,7 @@ def conv(
     """
     if current_backend() == "triton":
         return _conv_triton(**locals())
+    context, residual_context = gathered(context), gathered(residual_context)
     xin = x if context is None or context.shape[-1] == 0 else torch.cat([context, x], dim=-1)
     if length is not None and padding == 0:
         # Streaming: read only the inputs the requested outputs need.
@@ -224,7 +228,7 @@ def conv_transpose(
     bias: Optional[torch.Tensor] = None,
     *,
     stride: int,
-    context: Optional[torch.Tensor] = None,
+    context: Optional[Context] = None,
     padding: int = 0,
     crop: int = 0,
     length: Optional[int] = None,
@@ -247,7 +251,8 @@ def conv_transpose(
     is faster (``_upsampling_product``: an engine step's batched launches) it multiplies the rows instead.
 
     Args:
-        x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None.
+        x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None (rows of an engine's batch
+            are gathered).
         crop / length: return samples ``crop .. crop + length - 1`` of ``z`` (default: all after ``crop``).
         alpha: the snake before the layer (per channel), or None.
 
@@ -257,6 +262,7 @@ def conv_transpose(
     if weight.dim() != 3 or weight.shape[-1] != 2 * stride:
         raise ValueError(f"weight must have shape (C_in, C_out, {2 * stride}), got {tuple(weight.shape)}")
     triton = _BACKEND.get() == "triton"
+    context = gathered(context)
     b, c_in, c_out = x.shape[0], weight.shape[0], weight.shape[1]
     held = 0 if context is None else context.shape[-1]
     frames = held + x.shape[-1] + 2 * padding - 1

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..kernels.rows import Context
 from .attention import LocalMHA
 from .functional import conv, current_backend, snake_layer
 from .noise import layer_seed, positional_randn
@@ -128,7 +129,7 @@ class ResidualUnit(nn.Module):
             conv1d(dim, dim, 1),
         )
 
-    def fused_forward(self, x: torch.Tensor, *, context: Optional[torch.Tensor] = None, padding: int = 0,
+    def fused_forward(self, x: torch.Tensor, *, context: Optional[Context] = None, padding: int = 0,
                       length: Optional[int] = None) -> torch.Tensor:
         """The unit as two fused convs over ``cat(context, x)`` zero-padded by ``padding`` frames on each side:
         (B, C, T) input and (B, C, L) context -> (B, C, length) (default: every output the padded input gives).

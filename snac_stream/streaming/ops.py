@@ -17,6 +17,10 @@ The non-causal convolutions of SNAC are handled without changing them: a conv ke
 needs (its left context, initialised to the zeros of the offline padding), and emits an output only once
 its right context has arrived. The delays this creates are not declared anywhere; they follow from the
 counts, and ``emitted(n)`` gives them in closed form so latencies are derived, not hard-coded.
+
+A stream engine's steady step may hand a conv its context as rows of the engine's batch (``RowsOf``, see
+``rows.rows_in_place``): the kernels read it where it lies, and the op writes the new context into those rows
+right after its kernels, so the state is neither gathered nor copied twice.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from ..kernels.rows import RowsOf
 from ..model import functional
 from ..model.layers import NoiseBlock, ResidualUnit, conv_shape
 from ..model.vq import ResidualVectorQuantize
@@ -101,9 +106,28 @@ def _tail(x: torch.Tensor, frames: int) -> Union[torch.Tensor, Joined]:
     return x[..., x.shape[-1] - frames:].clone()
 
 
-def _settled(v: Union[torch.Tensor, Joined]) -> torch.Tensor:
-    """A state tensor as a tensor (a :class:`Joined` read again within the same deferred pass is joined)."""
-    return v.tensor() if isinstance(v, Joined) else v
+def _settled(v: Union[torch.Tensor, Joined, RowsOf]) -> torch.Tensor:
+    """A state tensor as a tensor (a :class:`Joined` read again within the same deferred pass is joined, rows
+    of a batch gathered)."""
+    if isinstance(v, Joined):
+        return v.tensor()
+    return v.gathered() if isinstance(v, RowsOf) else v
+
+
+def _advance_rows(context: RowsOf, x: torch.Tensor) -> None:
+    """In place, once the kernels have read them: the rows' context becomes the last frames of ``cat(context,
+    x)``, as many as before (a steady step consumes as many frames as it receives). The frames kept from the
+    old context are gathered first: they move within the rows they are written to."""
+    held, n = context.shape[-1], x.shape[-1]
+    batch, rows = context.batch, context.rows
+    if held == 0:
+        return
+    if n >= held:
+        batch.index_copy_(0, rows, x[..., n - held:])
+        return
+    kept = context.frames(n).gathered()
+    batch[..., :held - n].index_copy_(0, rows, kept)
+    batch[..., held - n:].index_copy_(0, rows, x)
 
 
 class StreamOp:
@@ -166,7 +190,7 @@ class Pointwise(StreamOp):
 
 @dataclass
 class _WindowState:
-    context: Union[torch.Tensor, Joined]  # inputs still needed, left padding first (B, C, L)
+    context: Union[torch.Tensor, Joined, RowsOf]  # inputs still needed, left padding first (B, C, L)
     received: int = 0  # inputs pushed so far
     produced: int = 0  # outputs returned so far
 
@@ -219,6 +243,14 @@ class SlidingWindow(StreamOp):
 
     def _run(self, state: _WindowState, x: torch.Tensor, count: int) -> torch.Tensor:
         """Compute ``count`` outputs from ``cat(context, x)``; keep the inputs later outputs still need."""
+        if isinstance(state.context, RowsOf):  # an engine's steady step: the context stays in its rows
+            if count * self.stride != x.shape[-1]:
+                raise ValueError(f"a context kept in its batch rows must keep its length: {x.shape[-1]} frames in, "
+                                 f"{count * self.stride} consumed")
+            y = self.window_fn(x, state.context, count) if count > 0 else self.empty(x)
+            _advance_rows(state.context, x)
+            state.produced += count
+            return y
         context = _settled(state.context)
         y = self.window_fn(x, context, count) if count > 0 else self.empty(x)
         consumed = count * self.stride
@@ -235,7 +267,7 @@ class SlidingWindow(StreamOp):
         return self._run(state, x, self.emitted(state.received) - state.produced)
 
     def flush(self, state: _WindowState) -> torch.Tensor:
-        context = _settled(state.context)
+        context = state.context = _settled(state.context)
         zeros = context.new_zeros(*context.shape[:2], self.pad)
         return self._run(state, zeros, self.total(state.received) - state.produced)
 
@@ -249,7 +281,7 @@ class SlidingWindow(StreamOp):
 
 @dataclass
 class _TransposedState:
-    context: Union[torch.Tensor, Joined]  # the last input frame (B, C_in, 1): the first tap of the next output frame
+    context: Union[torch.Tensor, Joined, RowsOf]  # the last input frame (B, C_in, 1): the next output's first tap
     to_skip: int  # leading outputs the offline padding crops away
     received: int = 0
 
@@ -293,7 +325,10 @@ class ConvTranspose(StreamOp):
             return self.empty(x)
         state.received += x.shape[-1]
         y = self._run(state, x)
-        state.context = _tail(x, 1)
+        if isinstance(state.context, RowsOf):  # an engine's steady step: the context stays in its rows
+            _advance_rows(state.context, x)
+        else:
+            state.context = _tail(x, 1)
         return y
 
     def flush(self, state: _TransposedState) -> Optional[torch.Tensor]:
@@ -306,6 +341,11 @@ class ConvTranspose(StreamOp):
 
     def emitted(self, n: int) -> int:
         return max(0, n * self.stride - self.pad)
+
+
+# States whose ``context`` a stream engine may hand over as rows of its batch (``RowsOf``): their ops read it
+# through the kernels and write the next one into those rows (``rows.rows_in_place``).
+CONTEXT_STATES = (_WindowState, _TransposedState)
 
 
 class Chain(StreamOp):

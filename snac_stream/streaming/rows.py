@@ -15,8 +15,9 @@ from typing import Any, Callable, List, Tuple
 
 import torch
 
+from ..kernels.rows import RowsOf
 from ..model.functional import use_backend
-from .ops import Joined, PositionState
+from .ops import CONTEXT_STATES, Joined, PositionState
 
 
 def _map_state(fn: Callable[..., Any], state: Any, *others: Any) -> Any:
@@ -49,6 +50,24 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
     return _map_state(pick, state)
 
 
+def rows_in_place(state: Any, rows: torch.Tensor) -> Any:
+    """The sub-state of the streams in ``rows``, to be advanced and written back into ``state`` itself (a steady
+    step): the convs' contexts as :class:`RowsOf` ``state``'s own tensors, which their ops read through the
+    kernels and renew in place; the other tensors gathered as :func:`select_rows` does. ``assign_rows`` then
+    skips the contexts. Saves gathering the contexts (nearly all of a decoder's state) and copying the new
+    ones twice."""
+    def pick(v: Any) -> Any:
+        if isinstance(v, CONTEXT_STATES) and isinstance(v.context, torch.Tensor):
+            fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+            return type(v)(**{**fields, "context": RowsOf(v.context, rows)})
+        if isinstance(v, list):
+            return [pick(s) for s in v]
+        if dataclasses.is_dataclass(v) and not isinstance(v, PositionState):
+            return type(v)(**{f.name: pick(getattr(v, f.name)) for f in dataclasses.fields(v)})
+        return select_rows(v, rows)
+    return pick(state)
+
+
 def assign_rows(state: Any, rows: torch.Tensor, sub: Any, counters: bool = True) -> Any:
     """Write ``sub`` (a state of ``len(rows)`` streams) into ``rows`` of ``state``, in place; returns the
     updated state (its tensors are ``state``'s own, so views and captured graphs of them stay valid).
@@ -59,6 +78,10 @@ def assign_rows(state: Any, rows: torch.Tensor, sub: Any, counters: bool = True)
     in that phase; without, they keep ``state``'s. No host synchronisation: the write can be captured.
     """
     def put(dst: Any, src: Any) -> Any:
+        if isinstance(src, RowsOf):  # a context renewed in its rows (``rows_in_place``)
+            if src.batch is not dst:
+                dst.index_copy_(0, rows, src.gathered())
+            return dst
         if isinstance(dst, PositionState):
             position = src.position
             if not isinstance(position, torch.Tensor):  # a single stream's noise position
