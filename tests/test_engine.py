@@ -1023,7 +1023,9 @@ def test_a_steady_step_in_place_leaves_the_batch_as_a_gathered_one(name: str, ki
     from snac_stream.streaming.ops import SlidingWindow, deferred_joins
     from snac_stream.streaming.rows import assign_rows, batch_positions, rows_in_place, zero_rows
 
-    model = model_for(name)
+    # On a GPU the Triton cases run there (the kernels' CUDA code); the interpreter runs them on the CPU.
+    device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    model = copy.deepcopy(model_for(name)).to(device)
     cfg = model.config
     body = encoder_op(model) if kind == "encode" else decoder_op(model)
     cpu = torch.device("cpu")
@@ -1032,19 +1034,19 @@ def test_a_steady_step_in_place_leaves_the_batch_as_a_gathered_one(name: str, ki
 
     def step_input(batch: int) -> torch.Tensor:
         if kind == "encode":
-            return torch.randn(batch, 1, step_frames) * 0.1
-        return torch.randn(batch, cfg.resolved_latent_dim, step_frames)
+            return torch.randn(batch, 1, step_frames, device=device) * 0.1
+        return torch.randn(batch, cfg.resolved_latent_dim, step_frames, device=device)
 
     torch.manual_seed(5)
     with torch.inference_mode(), model.on_backend(backend):
-        warm = body.init_state(6, cpu, torch.float32)
+        warm = body.init_state(6, device, torch.float32)
         for _ in range(engine.warmup_steps):  # into the steady phase: the states keep their shapes from here
             body.push(warm, step_input(6))
-        batch = batch_positions(zero_rows(warm, 6), 6, cpu)
-        assign_rows(batch, torch.arange(6), warm)
+        batch = batch_positions(zero_rows(warm, 6), 6, device)
+        assign_rows(batch, torch.arange(6, device=device), warm)
         other = copy.deepcopy(batch)
-        rows = torch.tensor([4, 1, 2])
-        untouched = select_rows(batch, torch.tensor([0, 3, 5]))
+        rows, others = torch.tensor([4, 1, 2], device=device), torch.tensor([0, 3, 5], device=device)
+        untouched = select_rows(batch, others)
         for _ in range(2):  # the second step reads what the first wrote in place
             x = step_input(len(rows))
             in_place = rows_in_place(batch, rows)
@@ -1060,7 +1062,7 @@ def test_a_steady_step_in_place_leaves_the_batch_as_a_gathered_one(name: str, ki
             for a, b in zip(_state_leaves(batch), _state_leaves(other), strict=True):
                 if isinstance(a, torch.Tensor):
                     assert torch.equal(a, b)
-        for a, b in zip(_state_leaves(select_rows(batch, torch.tensor([0, 3, 5]))), _state_leaves(untouched)):
+        for a, b in zip(_state_leaves(select_rows(batch, others)), _state_leaves(untouched)):
             if isinstance(a, torch.Tensor):
                 assert torch.equal(a, b)
     # A push that leaves frames unconsumed (a strided conv given an odd count) would change the context's length.
