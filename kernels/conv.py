@@ -33,7 +33,7 @@ from .common import (ChunkInput, batch_row, cdiv, check_grid, check_shape, check
                      use_fast_sin, window_tap)
 from .derived import DerivedTensors
 from .precision import tf32_split
-from .rows import Context, RowsOf
+from .rows import Context
 from .tuning import CONV, DWCONV, launch_config
 
 ACTIVATIONS = (None, "tanh")
@@ -387,8 +387,8 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
         raise AssertionError("a reducing launch must cover every channel in one tile")
     check_grid(grid, "channel blocks", "batch size")
     _snake_dwconv_kernel[grid](
-        *src.pointer_args(), src.rows_arg(), weight, bias if bias is not None else out, alpha if alpha is not None else out,
-        alpha_out if alpha_out is not None else out, out,
+        *src.pointer_args(), src.rows_arg(), weight, bias if bias is not None else out,
+        alpha if alpha is not None else out, alpha_out if alpha_out is not None else out, out,
         channels, src.length_ctx, src.x.shape[-1], t_out, padding, step,
         *src.stride_args(), weight.stride(0), weight.stride(2), *out.stride(),
         K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, CTX_ROWS=src.ctx_rows is not None,

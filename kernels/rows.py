@@ -30,10 +30,6 @@ class RowsOf:
     def shape(self) -> torch.Size:
         return torch.Size((self.rows.shape[0], *self.batch.shape[1:]))
 
-    @property
-    def device(self) -> torch.device:
-        return self.batch.device
-
     def gathered(self) -> torch.Tensor:
         """The rows as a tensor of their own (a copy), (B, C, L)."""
         return self.batch.index_select(0, self.rows)
