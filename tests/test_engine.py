@@ -1051,6 +1051,7 @@ def test_a_steady_step_in_place_leaves_the_batch_as_a_gathered_one(name: str, ki
             x = step_input(len(rows))
             in_place = rows_in_place(batch, rows)
             assert any(isinstance(v, RowsOf) for v in _state_leaves(in_place))
+            assert state_rows(in_place) == len(rows)  # counted through the contexts' row lists too
             out_in_place = body.push(in_place, x)
             assign_rows(batch, rows, in_place, counters=False)
             gathered = select_rows(other, rows)

@@ -710,10 +710,10 @@ pointers = {"ctx_ptr", "x_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "rctx_ptr", "r
 found = {}
 for rows_first in (True, False):
     constants = dict(R=128, K=1, HAS_CTX=False, HAS_BIAS=True, HAS_ALPHA=False, HAS_NOISE=False, NOISE_ROWS=False,
-                     HAS_RES=True, HAS_RES_CTX=False, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
+                     HAS_RES=True, HAS_RES_CTX=False, RES_CTX_ROWS=False, TANH=False, FAST_SIN=True, PRECISION="tf32x3", FLAT=True,
                      SPLIT=False, ROWS_FIRST=rows_first, BLOCK_O=128, BLOCK_T=64, BLOCK_R=32)
     signature = {p: "constexpr" if p in constants else "*fp32" if p in pointers else "*i64"
-                 if p == "noise_rows_ptr" else "i64" if p.startswith("noise_") else "i32"
+                 if p in ("noise_rows_ptr", "rctx_rows_ptr") else "i64" if p.startswith("noise_") else "i32"
                  for p in inspect.signature(kernel.fn).parameters}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})

@@ -206,8 +206,10 @@ def state_bytes(state: Any) -> int:
 
 
 def state_batch(state: Any) -> int:
-    """The number of streams (batch rows) ``state`` holds."""
-    return _first_tensor(state).shape[0]
+    """The number of streams (batch rows) ``state`` holds (a steady step's contexts in place count their rows)."""
+    found: List[int] = []
+    _map_state(lambda v: found.append(v.shape[0]) if isinstance(v, (torch.Tensor, RowsOf)) else None, state)
+    return found[0]
 
 
 def _first_tensor(state: Any) -> torch.Tensor:
