@@ -52,7 +52,7 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
 
 def rows_in_place(state: Any, rows: torch.Tensor) -> Any:
     """The sub-state of the streams in ``rows``, to be advanced and written back into ``state`` itself (a steady
-    step): the convs' contexts as :class:`RowsOf` ``state``'s own tensors, which their ops read through the
+    step): the convs' contexts as :class:`RowsOf` of ``state``'s own tensors, which their ops read through the
     kernels and renew in place; the other tensors gathered as :func:`select_rows` does. ``assign_rows`` then
     skips the contexts. Saves gathering the contexts (nearly all of a decoder's state) and copying the new
     ones twice."""
