@@ -120,7 +120,7 @@ def _advance_rows(context: RowsOf, x: torch.Tensor) -> None:
     old context are gathered first: they move within the rows they are written to."""
     held, n = context.shape[-1], x.shape[-1]
     batch, rows = context.batch, context.rows
-    if held == 0:
+    if held == 0 or n == 0:  # nothing held, or nothing new: the rows stay as they are
         return
     if n >= held:
         batch.index_copy_(0, rows, x[..., n - held:])
