@@ -16,7 +16,8 @@ reported; with ``--step-mode graphs`` (the CUDA default) the bucket's graph is c
 queued every ``P`` engine steps (in phase ``i % P``), so each step runs about ``N / P`` of them and a stream is
 real time when ``P`` steps fit in the audio one produces. ``--reference`` also times the reference ``snac``
 package in the same run: an Orpheus-style window (decode
-4 coarse frames, keep 1) at batch 1, and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of
+4 coarse frames, keep 1) at batch 1, the same window batched over each N (one CUDA graph on CUDA: the reference's
+best step for N streams, drawn beside ours in ``--plot``), and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of
 5 steps and the kernel time's shares: the project's Triton kernels, cuBLAS, and PyTorch's own kernels (the data
 movement around them). The ``host`` column is the host's part of a step: gathering the due streams' input and
 launching the work (on CUDA the GPU waits for it). ``--feed host`` hands the input over as the server does (numpy
@@ -244,7 +245,7 @@ def accuracy(model: SNAC, kind: str) -> dict:
         return {"codes_differing": differ, "codes": sum(c.numel() for c in want)}
 
 
-def reference_rows(model: SNAC) -> dict:
+def reference_rows(model: SNAC, streams: list) -> dict:
     import snac as reference
 
     device = model.device
@@ -261,7 +262,41 @@ def reference_rows(model: SNAC) -> dict:
             out[name] = 1e3 * median_time(fn, reps, device)
     audio = 64 * long[-1].shape[-1] * cfg.hop_length / cfg.sampling_rate
     out["offline_64x10s_realtime_x"] = audio / (out["offline_64x10s_ms"] / 1e3)
+    out["window_steps_ms"] = reference_window_steps(ref, cfg, streams, device)
     return out
+
+
+def reference_window_steps(ref, cfg, streams: list, device: torch.device) -> dict:
+    """The reference's best step for N streams: one Orpheus-style window per stream (decode the last 4 coarse
+    frames, keep the newest), all N in one batch, replayed as one CUDA graph (eager off CUDA). Median ms per
+    step for each N, ascending; None from the first N that runs out of memory on."""
+    from snac_stream.streaming.graphs import CUDAGraphed
+
+    steps: dict = {}
+    windows: dict = {}
+
+    def window(n: int) -> torch.Tensor:
+        return ref.decode(windows[n])[..., -cfg.frame_samples:]
+
+    graphed = CUDAGraphed(window, device, enabled=device.type == "cuda")
+    for n in sorted(set(streams)):
+        if steps and steps[max(steps)] is None:
+            steps[n] = None
+            continue
+        windows[n] = [torch.randint(0, cfg.codebook_size, (n, 4 * cfg.coarse_stride // s), device=device)
+                      for s in cfg.vq_strides]
+        try:
+            with torch.inference_mode():
+                steps[n] = 1e3 * median_time(lambda: graphed(n), 10, device)
+        except RuntimeError as exc:  # an allocation failing inside a capture surfaces as the capture's error
+            if "out of memory" not in str(exc):
+                raise
+            steps[n] = None
+        graphed.drop(n)  # its memory back to the pool for the next N
+        del windows[n]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return steps
 
 
 def main() -> None:
@@ -382,11 +417,15 @@ def main() -> None:
     capacity = max([r["streams"] for r in rows if r["realtime"]], default=0)
     print(f"capacity (largest measured N with p95 inside the budget): {capacity} streams; "
           f"state per stream: {rows[0]['state_bytes_per_stream'] / 1024:.1f} KiB")
-    ref = reference_rows(model) if args.reference else {}
+    ref = reference_rows(model, args.streams) if args.reference else {}
     if ref:
         print(f"reference snac: Orpheus-style window {ref['orpheus_window_ms']:.2f} ms per {model.config.frame_samples}"
               f" samples (batch 1); offline 64 x 10 s {ref['offline_64x10s_ms']:.1f} ms "
               f"({ref['offline_64x10s_realtime_x']:.0f}x real time)")
+        print("reference snac, the window batched over N streams"
+              + (" in a CUDA graph" if cuda else "") + ": " + ", ".join(
+                  f"{n}: {'out of memory' if ms is None else f'{ms:.2f} ms'}"
+                  for n, ms in ref["window_steps_ms"].items()))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "capacity": capacity, "reference": ref},
                                         indent=2))
@@ -403,6 +442,10 @@ def main() -> None:
         xs = [r["streams"] for r in rows]
         for key in ("p50_ms", "p95_ms", "p99_ms"):
             ax.plot(xs, [r[key] for r in rows], marker="o", label=key.split("_")[0])
+        reference = [(n, ms) for n, ms in ref.get("window_steps_ms", {}).items() if ms is not None]
+        if reference:
+            ax.plot(*zip(*reference), marker="s", color="gray",
+                    label="reference snac, batched window" + (" (CUDA graph)" if cuda else ""))
         ax.axhline(rows[0]["budget_ms"], color="k", linestyle="--", label="real-time budget")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
