@@ -53,6 +53,7 @@ def measure(model: SNAC, kind: str, streams: int, steps: int, backend: str | Non
             profile: bool = False, gc_freeze: bool = True, phases: int = 1, feed: str = "device") -> dict:
     device = model.device
     cuda = device.type == "cuda"
+    gc.collect()  # the previous stream count's engine (its graphs' memory pool) lives in reference cycles
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
