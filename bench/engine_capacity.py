@@ -15,10 +15,10 @@ reported; with ``--step-mode graphs`` (the CUDA default) the bucket's graph is c
 ``--phases P`` staggers the streams as a server's clients are: past their warm-up, stream ``i`` has a step
 queued every ``P`` engine steps (in phase ``i % P``), so each step runs about ``N / P`` of them and a stream is
 real time when ``P`` steps fit in the audio one produces. ``--reference`` also times the reference ``snac``
-package in the same run: an Orpheus-style window (decode
-4 coarse frames, keep 1) at batch 1, the same window batched over each N (one CUDA graph on CUDA: the reference's
-best step for N streams, drawn beside ours in ``--plot``), and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of
-5 steps and the kernel time's shares: the project's Triton kernels, cuBLAS, and PyTorch's own kernels (the data
+package in the same run: an Orpheus-style window (decode 4 coarse frames, keep 1) at batch 1, the same window
+batched over each N (one CUDA graph on CUDA: the reference's best step for N streams, drawn beside ours in
+``--plot``), and offline decode of 64 x 10 s. ``--profile`` prints the top kernels of 5 steps and the kernel
+time's shares: the project's Triton kernels, cuBLAS, and PyTorch's own kernels (the data
 movement around them). The ``host`` column is the host's part of a step: gathering the due streams' input and
 launching the work (on CUDA the GPU waits for it). ``--feed host`` hands the input over as the server does (numpy
 arrays, one call per step: coarse frames for codes) instead of one tensor on the device per stream. Random weights.

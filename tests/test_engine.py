@@ -1093,6 +1093,49 @@ def test_engine_capacity_profile_splits_kernel_time_by_author() -> None:
     assert module.kernel_shares([]) == {}
 
 
+def test_engine_capacity_reference_window_steps_time_each_count_and_stop_at_the_first_out_of_memory() -> None:
+    """``bench/engine_capacity.py --reference`` times the reference's Orpheus-style window batched over each
+    stream count, ascending: the window decodes 4 coarse frames of every stream and keeps each stream's newest
+    frame. From the first count that runs out of memory on, the counts read None; any other error is raised."""
+    from helpers import SMALL_CONFIGS, load_bench, make_reference
+
+    module = load_bench("engine_capacity")
+    config = SMALL_CONFIGS["24k_like"]
+    ref, cfg = make_reference(config, 0), SNAC(**config).config
+    cpu = torch.device("cpu")
+    seen = []
+    decode = ref.decode
+
+    def recording(codes):
+        seen.append([c.shape for c in codes])
+        audio = decode(codes)
+        assert audio.shape == (codes[0].shape[0], 1, 4 * cfg.frame_samples)
+        return audio
+
+    ref.decode = recording
+    steps = module.reference_window_steps(ref, cfg, [2, 1, 2], cpu)
+    assert list(steps) == [1, 2] and all(ms > 0 for ms in steps.values())
+    assert {tuple(s[0] for s in shapes) for shapes in seen} == {(1, 1, 1), (2, 2, 2)}
+    assert {tuple(s[1] for s in shapes) for shapes in seen} == {tuple(4 * cfg.coarse_stride // v
+                                                                      for v in cfg.vq_strides)}
+
+    def short_of_memory(codes):
+        if codes[0].shape[0] >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB.")
+        return decode(codes)
+
+    ref.decode = short_of_memory
+    steps = module.reference_window_steps(ref, cfg, [1, 2, 4], cpu)
+    assert steps[1] > 0 and steps[2] is None and steps[4] is None
+
+    def broken(codes):
+        raise RuntimeError("shapes do not match")
+
+    ref.decode = broken
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        module.reference_window_steps(ref, cfg, [1], cpu)
+
+
 def test_a_deferred_state_pushed_again_reads_its_pieces_joined() -> None:
     """Two pushes inside one ``deferred_joins`` (the second reads the caches the first left as pieces) give
     the outputs and the state two plain pushes give: a piece list read again is joined, not misread."""
