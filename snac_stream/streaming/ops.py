@@ -243,19 +243,17 @@ class SlidingWindow(StreamOp):
 
     def _run(self, state: _WindowState, x: torch.Tensor, count: int) -> torch.Tensor:
         """Compute ``count`` outputs from ``cat(context, x)``; keep the inputs later outputs still need."""
-        if isinstance(state.context, RowsOf):  # an engine's steady step: the context stays in its rows
-            if count * self.stride != x.shape[-1]:
-                raise ValueError(f"a context kept in its batch rows must keep its length: {x.shape[-1]} frames in, "
-                                 f"{count * self.stride} consumed")
-            y = self.window_fn(x, state.context, count) if count > 0 else self.empty(x)
-            _advance_rows(state.context, x)
-            state.produced += count
-            return y
-        context = _settled(state.context)
-        y = self.window_fn(x, context, count) if count > 0 else self.empty(x)
+        in_rows = isinstance(state.context, RowsOf)  # an engine's steady step: the context stays in its rows
         consumed = count * self.stride
+        if in_rows and consumed != x.shape[-1]:
+            raise ValueError(f"a context kept in its batch rows must keep its length: {x.shape[-1]} frames in, "
+                             f"{consumed} consumed")
+        context = state.context if in_rows else _settled(state.context)
+        y = self.window_fn(x, context, count) if count > 0 else self.empty(x)
         held = context.shape[-1]
-        if consumed >= held:  # what is still needed lies in x: its frames from consumed - held on
+        if in_rows:
+            _advance_rows(context, x)
+        elif consumed >= held:  # what is still needed lies in x: its frames from consumed - held on
             state.context = _tail(x, held + x.shape[-1] - consumed)
         else:
             state.context = _joined(context[..., consumed:], x)

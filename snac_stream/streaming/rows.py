@@ -207,12 +207,15 @@ def state_bytes(state: Any) -> int:
 
 def state_batch(state: Any) -> int:
     """The number of streams (batch rows) ``state`` holds (a steady step's contexts in place count their rows)."""
-    found: List[int] = []
-    _map_state(lambda v: found.append(v.shape[0]) if isinstance(v, (torch.Tensor, RowsOf)) else None, state)
-    return found[0]
+    return _first_leaf(state, (torch.Tensor, RowsOf)).shape[0]
 
 
 def _first_tensor(state: Any) -> torch.Tensor:
-    found: List[torch.Tensor] = []
-    _map_state(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, state)
+    return _first_leaf(state, torch.Tensor)
+
+
+def _first_leaf(state: Any, kinds: Any) -> Any:
+    """The first leaf of ``state`` that is an instance of ``kinds``."""
+    found: List[Any] = []
+    _map_state(lambda v: found.append(v) if isinstance(v, kinds) else None, state)
     return found[0]
