@@ -1,14 +1,15 @@
-"""Tune the dense conv kernel's launch parameters for the layer shapes a real model uses (GPU only).
+"""Tune the conv kernels' launch parameters for the layer shapes a real model uses (GPU only).
 
     python bench/tune.py [--presets 24khz 44khz] [--seconds 10] [--min-kernel-size 2] [--json out.json]
     python bench/tune.py --engine-streams 2048 [--engine-kinds decode encode] ...
     python bench/tune.py ... --json more.json --resume cut_short.json
     python bench/tune.py --engine-streams 2048 --kernels snake_conv_rows_first ...
+    python bench/tune.py --engine-streams 4096 --kernels snake_dwconv ...
     python bench/tune.py --presets 44khz --split-operands off ...
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
-``snake_conv`` call, then times each distinct layer shape under a set of candidate configs (CUDA-event
+``snake_conv`` call and depthwise launch, then times each distinct layer shape under a set of candidate configs (CUDA-event
 medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
 each shape's default and best times are printed as it finishes (and written to ``--json``, which
 ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
@@ -16,6 +17,8 @@ slowest first, so a sweep cut short has covered the ones that matter; ``--resume
 shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
 convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
 The 1x1 convs' rows-first launches (tf32x3 on CUDA) are entries of their own (``snake_conv_rows_first``).
+``--kernels snake_dwconv`` sweeps the depthwise kernel's tiles instead (the residual units' snake + depthwise
+conv + snake, and the decoder's last conv, which sums its channels in the same kernel).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import contextlib
 import itertools
 import json
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import torch
 import triton.testing
@@ -45,6 +48,23 @@ ENGINE_CANDIDATES = CANDIDATES + [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=8, num_stages=3)
     for o, t, r in itertools.product((128,), (64, 128), (16, 32))
 ] + [tuning.LaunchConfig({"BLOCK_O": 64, "BLOCK_T": 32, "BLOCK_R": r}, num_warps=4, num_stages=3) for r in (16, 32)]
+
+
+def dwconv_candidates(channels: int, reduce: bool) -> List[tuning.LaunchConfig]:
+    """Tilings of the depthwise kernel (``snake_dwconv``), always with the window (``launch_config`` drops it
+    where the halo does not fit). A reducing launch (the decoder's last conv) keeps every channel in one tile
+    and varies its frames and warps; the others take 2K to 8K elements a tile, from 16 channels x 128 frames to
+    2 x 1024 (a long window re-reads less of the halo, a short one leaves fewer lanes idle past the last
+    output), with 4 or 8 warps."""
+    if reduce:
+        block_c = 1 << max(0, channels - 1).bit_length()
+        return [tuning.LaunchConfig({"BLOCK_C": block_c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
+                for t in (32, 64, 128, 256) for w in (2, 4, 8, 16)]
+    return [tuning.LaunchConfig({"BLOCK_C": c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
+            for t in (128, 256, 512, 1024) for c in (2, 4, 8, 16, 32, 64)
+            if c <= channels and 2048 <= c * t <= 8192 for w in (4, 8)]
+
+
 MIN_US = 40  # shapes faster than this by default are not worth a sweep
 KEEP_BELOW = 0.95  # a tiling becomes a table entry when it takes under this share of the default's time
 
@@ -62,13 +82,33 @@ def winning_entries(shapes: Sequence[dict]) -> List[Tuple[tuning.ShapeKey, tunin
             for shape in shapes if shape["best"] is not None and shape["best_us"] < KEEP_BELOW * shape["default_us"]]
 
 
+class Recorded(NamedTuple):
+    """A recorded launch: ``run()`` launches it again (same inputs; a depthwise launch rewrites ``out``, a dense
+    call returns a new output); ``reduce``: a depthwise launch summing its channels; ``out``: its first output."""
+
+    run: Callable[[], object]
+    reduce: bool
+    out: torch.Tensor
+
+
 def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), device="cuda"):
-    """The first ``snake_conv`` call of each layer shape (its arguments kept), from offline calls of
-    ``seconds`` of audio or, with ``engine_streams``, from one batched step of that many streams per engine
-    kind (warmed up first, outside the recording)."""
+    """The first ``snake_conv`` call and depthwise launch (``snake_dwconv``, the decoder's reducing last conv
+    included) of each layer shape, their arguments kept, from offline calls of ``seconds`` of audio or, with
+    ``engine_streams``, from one batched step of that many streams per engine kind (warmed up first, outside
+    the recording). Values: :class:`Recorded`."""
     calls = {}
     original = conv_kernels.snake_conv
+    original_dwconv = conv_kernels._launch_dwconv
     recording = [False]
+
+    def dwconv_recorder(src, weight, bias, alpha, alpha_out, out, **kw):
+        original_dwconv(src, weight, bias, alpha, alpha_out, out, **kw)
+        reduce = kw.get("reduce", False)
+        key = tuning.ShapeKey(tuning.DWCONV, "cuda", src.x.shape[1], 1 if reduce else src.x.shape[1],
+                              weight.shape[2], 1, kw["dilation"], tuning.t_bucket(out.shape[-1]), src.x.shape[0] > 1)
+        if recording[0]:
+            calls.setdefault(key, Recorded(lambda: original_dwconv(src, weight, bias, alpha, alpha_out, out, **kw),
+                                           reduce, out))
 
     def recorder(x, weight, bias=None, **kw):
         c_out, c_in, k = weight.shape
@@ -79,10 +119,11 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
         key = tuning.ShapeKey(kernel, "cuda", c_in, c_out, k, kw.get("stride", 1), kw.get("dilation", 1),
                               tuning.t_bucket(out.shape[-1]), x.shape[0] > 1)
         if c_out > 1 and recording[0]:
-            calls.setdefault(key, (x, weight, bias, kw))
+            calls.setdefault(key, Recorded(lambda: original(x, weight, bias, **kw), False, out))
         return out
 
     conv_kernels.snake_conv = recorder
+    conv_kernels._launch_dwconv = dwconv_recorder
     try:
         for preset in presets:
             torch.manual_seed(0)
@@ -114,6 +155,7 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
                     recording[0] = False
     finally:
         conv_kernels.snake_conv = original
+        conv_kernels._launch_dwconv = original_dwconv
     return calls
 
 
@@ -123,9 +165,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--min-kernel-size", type=int, default=1)
     parser.add_argument("--kernels", nargs="+", default=[tuning.CONV, tuning.CONV_ROWS_FIRST],
-                        choices=[tuning.CONV, tuning.CONV_ROWS_FIRST],
-                        help="which launches' entries to sweep (default both; snake_conv_rows_first: only the "
-                             "rows-first products, the 1x1 convs and upsampling products on CUDA)")
+                        choices=[tuning.CONV, tuning.CONV_ROWS_FIRST, tuning.DWCONV],
+                        help="which launches' entries to sweep (default the dense kernel's two; "
+                             "snake_conv_rows_first: only the rows-first products, the 1x1 convs and upsampling "
+                             "products on CUDA; snake_dwconv: the depthwise kernel's launches)")
     parser.add_argument("--engine-streams", type=int, default=0,
                         help="tune the launches of one engine step of this many streams instead of offline calls")
     parser.add_argument("--engine-kinds", nargs="+", default=["decode"], choices=["decode", "encode"])
@@ -160,22 +203,25 @@ def main() -> None:
              and (k.kernel, *record_key(k)) not in done}
     if done:
         print(f"# {len(done)} shapes kept from {args.resume}", flush=True)
-    candidates = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
-    print(f"# {torch.cuda.get_device_name()}: {len(calls)} dense conv shapes, {len(candidates)} candidates each",
+    dense = ENGINE_CANDIDATES if args.engine_streams else CANDIDATES
+
+    def candidates(key: tuning.ShapeKey, reduce: bool) -> List[tuning.LaunchConfig]:
+        return dwconv_candidates(key.c_in, reduce) if key.kernel == tuning.DWCONV else dense
+
+    print(f"# {torch.cuda.get_device_name()}: {len(calls)} shapes ("
+          + ", ".join(f"{kernel} {sum(k.kernel == kernel for k in calls)}" for kernel in args.kernels) + ")",
           flush=True)
     defaults = {}
-    for key, (x, weight, bias, kw) in calls.items():
+    for key, (run, _, _) in calls.items():
         tuning.TABLE.pop(key, None)
-        defaults[key] = triton.testing.do_bench(lambda: conv_kernels.snake_conv(x, weight, bias, **kw),
-                                                warmup=10, rep=50, return_mode="median")
+        defaults[key] = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
     for key in sorted(calls, key=lambda k: -defaults[k]):
-        x, weight, bias, kw = calls[key]
-        run = lambda: conv_kernels.snake_conv(x, weight, bias, **kw)  # noqa: E731
+        run, reduce, _ = calls[key]
         default_ms = defaults[key]
         best = (default_ms, None)
         if default_ms * 1e3 < MIN_US:
             continue
-        for cand in candidates:
+        for cand in candidates(key, reduce):
             tuning.TABLE[key] = cand
             try:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")

@@ -379,7 +379,7 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
     batch, channels = src.x.shape[:2]
     kernel_size, t_out = weight.shape[2], out.shape[-1]
     cfg = launch_config(DWCONV, device=out.device, c_in=channels, c_out=1 if reduce else channels,
-                        kernel_size=kernel_size, stride=1, dilation=dilation, length=t_out)
+                        kernel_size=kernel_size, stride=1, dilation=dilation, length=t_out, batch=batch)
     # A window of BLOCK_T input frames yields BLOCK_T - (K-1)*dilation outputs.
     step = cfg.blocks["BLOCK_T"] - dilation * (kernel_size - 1) if cfg.blocks["WINDOW"] else cfg.blocks["BLOCK_T"]
     grid = (cdiv(t_out, step), cdiv(channels, cfg.blocks["BLOCK_C"]), batch)

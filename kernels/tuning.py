@@ -213,14 +213,15 @@ def launch_config(kernel: str, *, device: torch.device, c_in: int, c_out: int, k
     key = ShapeKey(*shape)
     wanted = _programs_wanted(device) if backend == "cuda" and kernel != DWCONV else 0
     many: Optional[LaunchConfig] = TABLE.get(ShapeKey(*shape, True)) if batch > 1 else None
-    if many is not None:
-        # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned
-        # ones would leave SMs idle.
-        return _fill_gpu(many, key, length, batch, wanted) if wanted else many
-    cfg: Optional[LaunchConfig] = TABLE.get(key)  # tuned on one row (used for any batch), as its grid was
-    if cfg is None:
-        return _default(key, length, batch, wanted, split)
-    return _fit_dwconv(cfg, dilation * (kernel_size - 1)) if kernel == DWCONV else cfg
+    # Else an entry tuned on one row (used for any batch), as its grid was.
+    cfg: Optional[LaunchConfig] = many if many is not None else TABLE.get(key)
+    if cfg is None:  # the batch matters to the rule only through the fill (one memo entry otherwise)
+        return _default(key, length, batch if wanted else 1, wanted, split)
+    if kernel == DWCONV:
+        return _fit_dwconv(cfg, dilation * (kernel_size - 1))
+    # Tuned on a full engine step: a step of a few streams still takes the smallest tiles where the tuned ones
+    # would leave SMs idle.
+    return _fill_gpu(cfg, key, length, batch, wanted) if many is not None and wanted else cfg
 
 
 @functools.lru_cache(maxsize=4096)

@@ -786,6 +786,107 @@ def test_dwconv_small_tiles_from_table(window: int) -> None:
         del tuning.TABLE[key]
 
 
+def test_dwconv_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A depthwise entry tuned on an engine step (``many_rows``) serves launches of several rows; one-row
+    launches keep the rule. A window whose halo does not fit is dropped, as for one-row entries. The launch
+    stays exact, its contexts read through a row list."""
+    channels, dilation, length = 6, 9, 150
+    shape = dict(c_in=channels, c_out=channels, kernel_size=7, stride=1, dilation=dilation, length=length)
+    key = tuning.ShapeKey(tuning.DWCONV, BACKEND, channels, channels, 7, 1, dilation, tuning.t_bucket(length), True)
+    monkeypatch.setitem(tuning.TABLE, key, tuning.LaunchConfig({"BLOCK_C": 4, "BLOCK_T": 64, "WINDOW": 1}, 2))
+    batched = tuning.launch_config(tuning.DWCONV, device=DEVICE, batch=3, **shape)
+    assert batched.blocks == {"BLOCK_C": 4, "BLOCK_T": 64, "WINDOW": 0}  # 2 x 54 halo frames > 64
+    assert batched.num_warps == 2
+    assert tuning.launch_config(tuning.DWCONV, device=DEVICE, batch=1, **shape) == tuning._default(
+        tuning.ShapeKey(*list(key.__dict__.values())[:-1]), length)
+    from snac_stream.kernels import conv as conv_module
+
+    calls = []
+    original = tuning.launch_config
+    monkeypatch.setattr(conv_module, "launch_config", lambda *a, **k: calls.append(k) or original(*a, **k))
+    batch = rand(5, channels, 6 * dilation)  # the halo: as many outputs as new frames
+    rows = torch.tensor([4, 0, 2], device=DEVICE)
+    x, w, b, a, a_out = rand(3, channels, length), rand(channels, 1, 7), rand(channels), alphas(channels), alphas(channels)
+    out = poisoned(3, channels, length)
+    snake_dwconv(x, w, b, alpha=a, dilation=dilation, context=RowsOf(batch, rows), alpha_out=a_out, out=out)
+    assert calls[-1]["batch"] == 3
+    assert_close(out, ref_dwconv(x, w, b, alpha=a, dilation=dilation, context=batch[rows], alpha_out=a_out))
+
+
+# (BLOCK_C, BLOCK_T, warps, reducing, dilation): every depthwise tiling the table hands out, on its entry's
+# dilation, and one reducing and one plain tiling besides.
+DWCONV_TILINGS = sorted(
+    {(cfg.blocks["BLOCK_C"], cfg.blocks["BLOCK_T"], cfg.num_warps, key.c_out == 1, key.dilation)
+     for key, cfg in tuning.TABLE.items() if key.kernel == tuning.DWCONV}
+    | {(64, 64, 8, True, 1), (4, 512, 4, False, 9)})
+
+
+@pytest.mark.parametrize("tiling", DWCONV_TILINGS, ids=lambda t: f"C{t[0]}-T{t[1]}-w{t[2]}"
+                         + ("-reduce" if t[3] else "") + f"-d{t[4]}")
+def test_every_depthwise_tiling_in_the_table_computes_the_conv(tiling, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each depthwise tiling of the table, forced onto a launch of several rows whose sizes no tile divides
+    (masked channels and frames), computes the conv: the residual units' snake + depthwise conv + snake, their
+    contexts read through a row list, and the decoder's last conv (its channels summed, then tanh)."""
+    block_c, block_t, warps, reducing, dilation = tiling
+    channels = block_c - 3 if reducing else 2 * block_c + 1
+    halo = 6 * dilation
+    length = 2 * block_t + 13
+    cfg = tuning.LaunchConfig({"BLOCK_C": block_c, "BLOCK_T": block_t, "WINDOW": 1}, num_warps=warps)
+    key = tuning.ShapeKey(tuning.DWCONV, BACKEND, channels, 1 if reducing else channels, 7, 1, dilation,
+                          tuning.t_bucket(length), True)
+    monkeypatch.setitem(tuning.TABLE, key, cfg)
+    got = tuning.launch_config(tuning.DWCONV, device=DEVICE, c_in=channels, c_out=1 if reducing else channels,
+                               kernel_size=7, stride=1, dilation=dilation, length=length, batch=3)
+    assert (got.blocks["BLOCK_C"], got.blocks["BLOCK_T"], got.num_warps) == (block_c, block_t, warps)
+    batch, rows = rand(4, channels, halo), torch.tensor([3, 1, 3], device=DEVICE)
+    x, a = rand(3, channels, length), alphas(channels)
+    if reducing:
+        w, b = rand(1, channels, 7, scale=0.1), rand(1)
+        out = poisoned(3, 1, length)
+        # the last conv's context is gathered (its launch reads row lists only for the residual units')
+        snake_conv(x, w, b, alpha=a, dilation=dilation, context=batch[rows], activation="tanh", out=out)
+        want = ref_conv(x, w, b, alpha=a, dilation=dilation, context=batch[rows], activation="tanh")
+    else:
+        w, b, a_out = rand(channels, 1, 7), rand(channels), alphas(channels)
+        out = poisoned(3, channels, length)
+        snake_dwconv(x, w, b, alpha=a, dilation=dilation, context=RowsOf(batch, rows), alpha_out=a_out, out=out)
+        want = ref_dwconv(x, w, b, alpha=a, dilation=dilation, context=batch[rows], alpha_out=a_out)
+    assert_close(out, want)
+
+
+def test_tuner_records_every_depthwise_launch_of_an_engine_step() -> None:
+    """``bench/tune.py --kernels snake_dwconv`` sweeps the depthwise launches of one engine step: each residual
+    unit's (every block's width and dilation), the decoder's depthwise first conv and its reducing last conv, keyed as ``launch_config``
+    looks them up (``many_rows``). Each recorded launch runs again, writing all of its own output. Its
+    candidates: 2K to 8K elements a tile for the plain launches, every channel in one tile for a reducing one."""
+    from helpers import SMALL_CONFIGS, load_bench
+
+    tune = load_bench("tune")
+    config = SMALL_CONFIGS["24k_like"]
+    calls = tune.record_calls([config], 1.0, engine_streams=2, device="cpu")
+    depthwise = {key: rec for key, rec in calls.items() if key.kernel == tuning.DWCONV}
+    widths = [config["decoder_dim"] // 2 ** (i + 1) for i in range(len(config["decoder_rates"]))]
+    latent = config["encoder_dim"] * 2 ** len(config["encoder_rates"])  # the decoder's first conv: depthwise
+    assert {(k.c_in, k.dilation) for k, rec in depthwise.items() if not rec.reduce} == {
+        (w, d) for w in widths for d in (1, 3, 9)} | {(latent, 1)}
+    reducing = [k for k, rec in depthwise.items() if rec.reduce]
+    assert [(k.c_in, k.c_out, k.kernel_size) for k in reducing] == [(widths[-1], 1, 7)]
+    assert all(k.many_rows and k.backend == "cuda" for k in depthwise)
+    with torch.inference_mode():  # recorded there (the tuner's timing runs outside it)
+        for rec in depthwise.values():  # the contexts in rows have moved on since: same launch, not same values
+            rec.out.fill_(float("nan"))
+            rec.run()
+            assert torch.isfinite(rec.out).all()
+    for channels, reduce in ((64, False), (128, False), (4, False), (61, True)):
+        for cfg in tune.dwconv_candidates(channels, reduce):
+            block_c, block_t = cfg.blocks["BLOCK_C"], cfg.blocks["BLOCK_T"]
+            if reduce:
+                assert block_c == 64
+            else:
+                assert block_c <= channels and 2048 <= block_c * block_t <= 8192
+    assert len(tune.dwconv_candidates(128, False)) == 24
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Real sizes on a GPU: fast sine and tf32x3 against torch fp32
 # ----------------------------------------------------------------------------------------------------------
