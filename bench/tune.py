@@ -9,8 +9,8 @@
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
-``snake_conv`` call and depthwise launch, then times each distinct layer shape under a set of candidate configs (CUDA-event
-medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
+``snake_conv`` call and depthwise launch, then times each distinct layer shape under a set of candidate configs
+(CUDA-event medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
 each shape's default and best times are printed as it finishes (and written to ``--json``, which
 ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
 slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's

@@ -1158,3 +1158,18 @@ def test_a_deferred_state_pushed_again_reads_its_pieces_joined() -> None:
     for a, b in zip(_state_leaves(plain), _state_leaves(deferred), strict=True):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b.tensor() if isinstance(b, Joined) else b)
+
+
+def test_step_trace_reads_nvidia_smi_samples_and_summarises_replays() -> None:
+    """``bench/step_trace.py`` (GPU only) judges a step near its budget at the GPU's loaded clock: its pure
+    parts, on the CPU. nvidia-smi's CSV lines become clock, power, temperature and throttle reasons (lines it
+    cannot read, such as "[N/A]" fields, are left out); replay times become p50/p95/min/max."""
+    from helpers import load_bench
+
+    module = load_bench("step_trace")
+    samples = module.smi_samples(["1755 MHz, 699.30 W, 58, 0x0000000000000004", "garbage",
+                                  "1980 MHz, [N/A], 40, 0x0000000000000000", "1980 MHz, 183.13 W, 39, 0x0"])
+    assert samples == [{"sm_mhz": 1755.0, "power_w": 699.3, "temp_c": 58.0, "throttle": "0x0000000000000004"},
+                       {"sm_mhz": 1980.0, "power_w": 183.13, "temp_c": 39.0, "throttle": "0x0"}]
+    times = [float(t) for t in range(100, 0, -1)]
+    assert module.summary(times) == {"p50_ms": 51.0, "p95_ms": 96.0, "min_ms": 1.0, "max_ms": 100.0}

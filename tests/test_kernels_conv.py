@@ -806,7 +806,8 @@ def test_dwconv_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypat
     monkeypatch.setattr(conv_module, "launch_config", lambda *a, **k: calls.append(k) or original(*a, **k))
     batch = rand(5, channels, 6 * dilation)  # the halo: as many outputs as new frames
     rows = torch.tensor([4, 0, 2], device=DEVICE)
-    x, w, b, a, a_out = rand(3, channels, length), rand(channels, 1, 7), rand(channels), alphas(channels), alphas(channels)
+    x, w, b = rand(3, channels, length), rand(channels, 1, 7), rand(channels)
+    a, a_out = alphas(channels), alphas(channels)
     out = poisoned(3, channels, length)
     snake_dwconv(x, w, b, alpha=a, dilation=dilation, context=RowsOf(batch, rows), alpha_out=a_out, out=out)
     assert calls[-1]["batch"] == 3
