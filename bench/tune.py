@@ -51,18 +51,22 @@ ENGINE_CANDIDATES = CANDIDATES + [
 
 
 def dwconv_candidates(channels: int, reduce: bool) -> List[tuning.LaunchConfig]:
-    """Tilings of the depthwise kernel (``snake_dwconv``), always with the window (``launch_config`` drops it
-    where the halo does not fit). A reducing launch (the decoder's last conv) keeps every channel in one tile
-    and varies its frames and warps; the others take 2K to 8K elements a tile, from 16 channels x 128 frames to
-    2 x 1024 (a long window re-reads less of the halo, a short one leaves fewer lanes idle past the last
-    output), with 4 or 8 warps."""
+    """Tilings of the depthwise kernel (``snake_dwconv``), with 4 or 8 warps. Plain launches take 2K to 8K
+    elements a tile, from 16 channels x 128 frames to 2 x 1024 (a long window re-reads less of the halo, a
+    short one leaves fewer lanes idle past the last output), with the window (``launch_config`` drops it where
+    the halo does not fit), and four 4K tiles without (a load and a snake per tap instead of rotating the
+    window through shared memory). A reducing launch (the decoder's last conv) steps through its channels in each
+    program: 1K to 8K elements a step, from every channel at once (the rule) to 4 channels x 512 frames."""
     if reduce:
-        block_c = 1 << max(0, channels - 1).bit_length()
-        return [tuning.LaunchConfig({"BLOCK_C": block_c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
-                for t in (32, 64, 128, 256) for w in (2, 4, 8, 16)]
+        widest = 1 << max(0, channels - 1).bit_length()
+        return [tuning.LaunchConfig({"BLOCK_C": c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
+                for t in (64, 128, 256, 512) for c in (4, 8, 16, 32, 64, 128, 256)
+                if c <= widest and 1024 <= c * t <= 8192 for w in (4, 8)]
     return [tuning.LaunchConfig({"BLOCK_C": c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
             for t in (128, 256, 512, 1024) for c in (2, 4, 8, 16, 32, 64)
-            if c <= channels and 2048 <= c * t <= 8192 for w in (4, 8)]
+            if c <= channels and 2048 <= c * t <= 8192 for w in (4, 8)] + [
+        tuning.LaunchConfig({"BLOCK_C": c, "BLOCK_T": 4096 // c, "WINDOW": 0}, num_warps=4)
+        for c in (4, 8, 16, 32) if c <= channels]
 
 
 MIN_US = 40  # shapes faster than this by default are not worth a sweep

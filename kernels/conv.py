@@ -53,41 +53,13 @@ _MAX_REDUCE_CHANNELS = 256  # one-output-channel convs up to this width run as a
 
 
 @triton.jit
-def _snake_dwconv_kernel(
-    ctx_ptr, x_ptr, ctx_rows_ptr, w_ptr, bias_ptr, alpha_ptr, alpha_out_ptr, out_ptr,
-    C, L, T, T_out, padding, step,
-    s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wc, s_wk, s_ob, s_oc, s_ot,
-    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, CTX_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALPHA: tl.constexpr,
-    HAS_ALPHA_OUT: tl.constexpr, FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, REDUCE: tl.constexpr,
-    TANH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One (BLOCK_C channels) x (``step`` output frames) tile of one batch item.
-
-    REDUCE: sum the per-channel results over all C channels (one tile spans them) into a single output
-    channel, add the scalar bias and optionally tanh: a dense conv with one output channel (the decoder's
-    last conv), done without padding C_out to a tensor-core tile.
-
-    WINDOW: load the ``BLOCK_T`` input frames the tile needs once, apply the snake once per element, and
-    form the K taps by rotating that window in registers (:func:`window_tap`). The last ``(K-1)*DIL`` lanes
-    only feed taps, so a tile emits ``step = BLOCK_T - (K-1)*DIL`` outputs. Otherwise (halo too large for a
-    window): one load and one snake per tap, ``step = BLOCK_T``; the K loads overlap and hit L1.
-
-    CTX_ROWS: batch item ``b``'s context is row ``ctx_rows[b]`` of the context tensor (an engine's batch).
-    """
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, offs_c, C, L, T, u0, s_cc, s_ct, s_xc, s_xt, s_wc, s_wk,
+                    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                    FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The depthwise conv of channels ``offs_c`` (BLOCK_C,) over the tile's frames, snake before it: (BLOCK_C,
+    BLOCK_T) fp32 sums, zero for masked channels. ``u0`` (BLOCK_T,): unpadded input frame of tap 0, per lane."""
     c_mask = offs_c < C
     rows = offs_c.to(tl.int64)[:, None]
-    ctx_b = ctx_ptr + batch_row(ctx_rows_ptr, pid_b, True, CTX_ROWS) * s_cb
-    x_b = x_ptr + pid_b * s_xb
-    i = tl.arange(0, BLOCK_T)
-    t0 = pid_t * step
-    u0 = t0 - padding + i  # unpadded input frame of tap 0, per lane
-
     if HAS_ALPHA:
         alpha = tl.load(alpha_ptr + offs_c, mask=c_mask, other=1.0)[:, None]
     if WINDOW:
@@ -105,22 +77,67 @@ def _snake_dwconv_kernel(
             if HAS_ALPHA:
                 tap = snake(tap, alpha, FAST_SIN)
         acc += tl.load(w_ptr + offs_c * s_wc + k * s_wk, mask=c_mask, other=0.0)[:, None] * tap
+    return acc
 
+
+@triton.jit
+def _snake_dwconv_kernel(
+    ctx_ptr, x_ptr, ctx_rows_ptr, w_ptr, bias_ptr, alpha_ptr, alpha_out_ptr, out_ptr,
+    C, L, T, T_out, padding, step,
+    s_cb, s_cc, s_ct, s_xb, s_xc, s_xt, s_wc, s_wk, s_ob, s_oc, s_ot,
+    K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, CTX_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_ALPHA_OUT: tl.constexpr, FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, REDUCE: tl.constexpr,
+    TANH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One (BLOCK_C channels) x (``step`` output frames) tile of one batch item.
+
+    REDUCE: sum the per-channel results over all C channels into a single output channel, add the scalar bias
+    and optionally tanh: a dense conv with one output channel (the decoder's last conv), done without padding
+    C_out to a tensor-core tile. The program steps through the channels BLOCK_C at a time (one program per
+    frame tile), so a wide conv does not hold all of its channels' windows in registers at once.
+
+    WINDOW: load the ``BLOCK_T`` input frames the tile needs once, apply the snake once per element, and
+    form the K taps by rotating that window in registers (:func:`window_tap`). The last ``(K-1)*DIL`` lanes
+    only feed taps, so a tile emits ``step = BLOCK_T - (K-1)*DIL`` outputs. Otherwise (halo too large for a
+    window): one load and one snake per tap, ``step = BLOCK_T``; the K loads overlap and hit L1.
+
+    CTX_ROWS: batch item ``b``'s context is row ``ctx_rows[b]`` of the context tensor (an engine's batch).
+    """
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    ctx_b = ctx_ptr + batch_row(ctx_rows_ptr, pid_b, True, CTX_ROWS) * s_cb
+    x_b = x_ptr + pid_b * s_xb
+    i = tl.arange(0, BLOCK_T)
+    t0 = pid_t * step
+    u0 = t0 - padding + i  # unpadded input frame of tap 0, per lane
     j = t0 + i
     t_mask = (i < step) & (j < T_out)
+
     if REDUCE:
-        total = tl.sum(acc, axis=0)  # masked channels hold zeros
+        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            acc = _depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, c0 + tl.arange(0, BLOCK_C), C, L, T, u0,
+                                  s_cc, s_ct, s_xc, s_xt, s_wc, s_wk, K, DIL, HAS_CTX, HAS_ALPHA, FAST_SIN,
+                                  WINDOW, BLOCK_C, BLOCK_T)
+            total += tl.sum(acc, axis=0)  # masked channels hold zeros
         if HAS_BIAS:
             total += tl.load(bias_ptr)
         if TANH:
             total = tanh(total)
         tl.store(out_ptr + pid_b * s_ob + j * s_ot, total, mask=t_mask)
     else:
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        acc = _depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, offs_c, C, L, T, u0, s_cc, s_ct, s_xc, s_xt, s_wc,
+                              s_wk, K, DIL, HAS_CTX, HAS_ALPHA, FAST_SIN, WINDOW, BLOCK_C, BLOCK_T)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0)[:, None]
         if HAS_ALPHA_OUT:
             acc = snake(acc, tl.load(alpha_out_ptr + offs_c, mask=c_mask, other=1.0)[:, None], FAST_SIN)
-        tl.store(out_ptr + pid_b * s_ob + rows * s_oc + j[None, :] * s_ot, acc,
+        tl.store(out_ptr + pid_b * s_ob + offs_c.to(tl.int64)[:, None] * s_oc + j[None, :] * s_ot, acc,
                  mask=c_mask[:, None] & t_mask[None, :])
 
 
@@ -382,9 +399,8 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
                         kernel_size=kernel_size, stride=1, dilation=dilation, length=t_out, batch=batch)
     # A window of BLOCK_T input frames yields BLOCK_T - (K-1)*dilation outputs.
     step = cfg.blocks["BLOCK_T"] - dilation * (kernel_size - 1) if cfg.blocks["WINDOW"] else cfg.blocks["BLOCK_T"]
-    grid = (cdiv(t_out, step), cdiv(channels, cfg.blocks["BLOCK_C"]), batch)
-    if reduce and grid[1] != 1:
-        raise AssertionError("a reducing launch must cover every channel in one tile")
+    # A reducing launch steps through the channels in each program.
+    grid = (cdiv(t_out, step), 1 if reduce else cdiv(channels, cfg.blocks["BLOCK_C"]), batch)
     check_grid(grid, "channel blocks", "batch size")
     _snake_dwconv_kernel[grid](
         *src.pointer_args(), src.rows_arg(), weight, bias if bias is not None else out,

@@ -819,7 +819,7 @@ def test_dwconv_entries_tuned_on_many_rows_serve_batched_launches_only(monkeypat
 DWCONV_TILINGS = sorted(
     {(cfg.blocks["BLOCK_C"], cfg.blocks["BLOCK_T"], cfg.num_warps, key.c_out == 1, key.dilation)
      for key, cfg in tuning.TABLE.items() if key.kernel == tuning.DWCONV}
-    | {(64, 64, 8, True, 1), (4, 512, 4, False, 9)})
+    | {(64, 64, 8, True, 1), (8, 256, 4, True, 1), (4, 512, 4, False, 9)})
 
 
 @pytest.mark.parametrize("tiling", DWCONV_TILINGS, ids=lambda t: f"C{t[0]}-T{t[1]}-w{t[2]}"
@@ -827,9 +827,10 @@ DWCONV_TILINGS = sorted(
 def test_every_depthwise_tiling_in_the_table_computes_the_conv(tiling, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each depthwise tiling of the table, forced onto a launch of several rows whose sizes no tile divides
     (masked channels and frames), computes the conv: the residual units' snake + depthwise conv + snake, their
-    contexts read through a row list, and the decoder's last conv (its channels summed, then tanh)."""
+    contexts read through a row list, and the decoder's last conv (its channels summed, a block of them at a
+    time, then tanh)."""
     block_c, block_t, warps, reducing, dilation = tiling
-    channels = block_c - 3 if reducing else 2 * block_c + 1
+    channels = 2 * block_c + 1  # a reducing launch's channel loop takes three steps, the last one masked
     halo = 6 * dilation
     length = 2 * block_t + 13
     cfg = tuning.LaunchConfig({"BLOCK_C": block_c, "BLOCK_T": block_t, "WINDOW": 1}, num_warps=warps)
@@ -881,11 +882,13 @@ def test_tuner_records_every_depthwise_launch_of_an_engine_step() -> None:
     for channels, reduce in ((64, False), (128, False), (4, False), (61, True)):
         for cfg in tune.dwconv_candidates(channels, reduce):
             block_c, block_t = cfg.blocks["BLOCK_C"], cfg.blocks["BLOCK_T"]
-            if reduce:
-                assert block_c == 64
+            if reduce:  # every channel in one step at most
+                assert 4 <= block_c <= 64 and 1024 <= block_c * block_t <= 8192
             else:
                 assert block_c <= channels and 2048 <= block_c * block_t <= 8192
-    assert len(tune.dwconv_candidates(128, False)) == 24
+    assert {cfg.blocks["BLOCK_C"] for cfg in tune.dwconv_candidates(61, True)} == {4, 8, 16, 32, 64}
+    plain = tune.dwconv_candidates(128, False)
+    assert len(plain) == 28 and sum(cfg.blocks["WINDOW"] == 0 for cfg in plain) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------
