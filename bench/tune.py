@@ -9,10 +9,10 @@
 
 Runs one offline encode and decode per preset with the Triton backend (or, with ``--engine-streams N``, one
 batched step of N streams of each engine kind: the flat launches of a server's step), records every
-``snake_conv`` call and depthwise launch, then times each distinct layer shape under a set of candidate configs
-(CUDA-event medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for an engine step's);
-each shape's default and best times are printed as it finishes (and written to ``--json``, which
-``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
+``snake_conv`` call and depthwise launch, then times each distinct layer shape under a set of candidate
+configs (CUDA-event medians) and prints the winners as ``kernels/tuning.py`` TABLE entries (``many_rows`` for
+an engine step's); each shape's default and best times are printed as it finishes (and written to ``--json``,
+which ``bench/engine_capacity.py --tuning-json`` reads), for bench/RESULTS.md rather than the code. Shapes run
 slowest first, so a sweep cut short has covered the ones that matter; ``--resume`` keeps an earlier sweep's
 shapes and sweeps the rest (compiling every tiling takes minutes). ``--min-kernel-size 2`` keeps the
 convs with more than one tap: in tf32x3 those take the split-operand path, whose best tiles differ from the 1x1 convs'.
@@ -55,8 +55,8 @@ def dwconv_candidates(channels: int, reduce: bool) -> List[tuning.LaunchConfig]:
     elements a tile, from 16 channels x 128 frames to 2 x 1024 (a long window re-reads less of the halo, a
     short one leaves fewer lanes idle past the last output), with the window (``launch_config`` drops it where
     the halo does not fit), and four 4K tiles without (a load and a snake per tap instead of rotating the
-    window through shared memory). A reducing launch (the decoder's last conv) steps through its channels in each
-    program: 1K to 8K elements a step, from every channel at once (the rule) to 4 channels x 512 frames."""
+    window through shared memory). A reducing launch (the decoder's last conv) steps through its channels in
+    each program: 1K to 8K elements a step, from every channel at once (the rule) to 4 channels x 512 frames."""
     if reduce:
         widest = 1 << max(0, channels - 1).bit_length()
         return [tuning.LaunchConfig({"BLOCK_C": c, "BLOCK_T": t, "WINDOW": 1}, num_warps=w)
