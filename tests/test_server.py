@@ -1104,3 +1104,25 @@ def test_bench_latency_with_clients_in_the_server_process_gives_no_separate_clie
     assert status == 0 and report["errors"] == 0 and report["client_processes"] == 0
     assert report["client_cpu"] is None and report["server_cpu"]["clients_included"]
     assert "cpu     clients: in the server's process, their CPU is included in the server's above" in printed
+
+
+def test_sessions_that_do_not_fit_the_device_memory_are_a_clear_error_at_start(monkeypatch, capsys) -> None:
+    """A device whose memory cannot hold the engines for --max-sessions fails at start, before any client,
+    with the cause and the remedy; the server command exits 2 with them on one line. (On a GPU the engines'
+    full-size steps are captured at start, so that is where a too-large --max-sessions runs out of memory.)"""
+    import snac_stream.server.worker as worker
+    from helpers import run_cli, single_error
+
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total "
+                                     "capacity of 79.19 GiB of which 1.20 GiB is free.")
+
+    monkeypatch.setattr(worker, "EncodeEngine", too_big)
+    with pytest.raises(worker.EnginesDoNotFit, match="^3 sessions do not fit the memory of cpu") as caught:
+        worker.EngineSet(model_for("24k"), 3, {})
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    rc, err = run_cli(["serve", "--model", "24khz", "--random-weights", "--device", "cpu", "--max-sessions", "5",
+                       "--port", "0"], capsys)
+    line = single_error(err)
+    assert rc == 2 and line.startswith("error: 5 sessions do not fit the memory of cpu")
+    assert "(CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has" in line and "lower --max-sessions" in line

@@ -55,6 +55,25 @@ def _engine_thread_setup(threads: int, device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+class EnginesDoNotFit(ValueError):
+    """A device's memory cannot hold its engines for the sessions asked: raised at start, before any client."""
+
+
+@contextlib.contextmanager
+def _fits_memory(device: torch.device, max_streams: int) -> Iterator[None]:
+    """Turn running out of the device's memory while the engines are built and their full-size passes captured
+    into :class:`EnginesDoNotFit`, which names the cause and the remedy (a server would otherwise fail its first
+    full step, or start with a traceback)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        raise EnginesDoNotFit(
+            f"{max_streams} sessions do not fit the memory of {device}: building the engines and capturing their "
+            f"full-size steps ran out ({detail})\nlower --max-sessions (bench/RESULTS.md gives each engine's peak "
+            f"memory per stream), or serve this model on more devices") from exc
+
+
 class EngineSet:
     """An encode and a decode engine for ``max_streams`` streams each, their lanes, and the streams ending.
 
@@ -72,7 +91,7 @@ class EngineSet:
         # leave while the tick goes on (a roundtrip's audio need not wait for the next encoder step). None:
         # :meth:`tick` returns all of a tick's events.
         self.on_events: Optional[Callable[[Events], None]] = None
-        with on_device(self.device):
+        with on_device(self.device), _fits_memory(self.device, max_streams):
             # Outputs come back on the host in one copy per step (they are sent from there anyway); on a GPU a
             # step returns while it runs, so the tick does its host work meanwhile, and its audio comes back as
             # PCM16 too (most clients' format; converting thousands of streams on the host took milliseconds).
@@ -86,7 +105,7 @@ class EngineSet:
                 t0 = time.perf_counter()
                 for engine in graphed:
                     engine.warm_up()
-                    engine.capture_graphs()
+                    engine.capture_graphs()  # every pass at full size: its memory is held from now on
                 log.info("engines on %s ready in %.1f s", self.device, time.perf_counter() - t0)
         self.step_frames = self.decoder.step_frames
         self.step_samples = self.decoder.step_samples
