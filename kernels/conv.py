@@ -88,14 +88,15 @@ def _snake_dwconv_kernel(
     K: tl.constexpr, DIL: tl.constexpr, HAS_CTX: tl.constexpr, CTX_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
     HAS_ALPHA_OUT: tl.constexpr, FAST_SIN: tl.constexpr, WINDOW: tl.constexpr, REDUCE: tl.constexpr,
-    TANH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    TANH: tl.constexpr, CHANNEL_LOOP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One (BLOCK_C channels) x (``step`` output frames) tile of one batch item.
 
     REDUCE: sum the per-channel results over all C channels into a single output channel, add the scalar bias
     and optionally tanh: a dense conv with one output channel (the decoder's last conv), done without padding
-    C_out to a tensor-core tile. The program steps through the channels BLOCK_C at a time (one program per
-    frame tile), so a wide conv does not hold all of its channels' windows in registers at once.
+    C_out to a tensor-core tile. With CHANNEL_LOOP (BLOCK_C < C) the program steps through the channels BLOCK_C at
+    a time (one program per frame tile), so a wide conv need not hold all of its channels' windows in registers
+    at once.
 
     WINDOW: load the ``BLOCK_T`` input frames the tile needs once, apply the snake once per element, and
     form the K taps by rotating that window in registers (:func:`window_tap`). The last ``(K-1)*DIL`` lanes
@@ -117,12 +118,17 @@ def _snake_dwconv_kernel(
     t_mask = (i < step) & (j < T_out)
 
     if REDUCE:
-        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            acc = _depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, c0 + tl.arange(0, BLOCK_C), C, L, T, u0,
-                                  s_cc, s_ct, s_xc, s_xt, s_wc, s_wk, K, DIL, HAS_CTX, HAS_ALPHA, FAST_SIN,
-                                  WINDOW, BLOCK_C, BLOCK_T)
-            total += tl.sum(acc, axis=0)  # masked channels hold zeros
+        if CHANNEL_LOOP:
+            total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                acc = _depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, c0 + tl.arange(0, BLOCK_C), C, L, T, u0, s_cc,
+                                      s_ct, s_xc, s_xt, s_wc, s_wk, K, DIL, HAS_CTX, HAS_ALPHA, FAST_SIN, WINDOW,
+                                      BLOCK_C, BLOCK_T)
+                total += tl.sum(acc, axis=0)  # masked channels hold zeros
+        else:  # every channel in one tile: straight-line code (the loop spilled it to the stack on sm_90)
+            total = tl.sum(_depthwise_taps(ctx_b, x_b, w_ptr, alpha_ptr, tl.arange(0, BLOCK_C), C, L, T, u0, s_cc,
+                                           s_ct, s_xc, s_xt, s_wc, s_wk, K, DIL, HAS_CTX, HAS_ALPHA, FAST_SIN,
+                                           WINDOW, BLOCK_C, BLOCK_T), axis=0)
         if HAS_BIAS:
             total += tl.load(bias_ptr)
         if TANH:
@@ -410,7 +416,8 @@ def _launch_dwconv(src: ChunkInput, weight: torch.Tensor, bias: Optional[torch.T
         K=kernel_size, DIL=dilation, HAS_CTX=src.has_ctx, CTX_ROWS=src.ctx_rows is not None,
         HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None,
         HAS_ALPHA_OUT=alpha_out is not None, FAST_SIN=use_fast_sin(out.device), REDUCE=reduce,
-        TANH=activation == "tanh", **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TANH=activation == "tanh", CHANNEL_LOOP=reduce and cfg.blocks["BLOCK_C"] < channels, **cfg.blocks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
