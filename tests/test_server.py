@@ -1125,4 +1125,5 @@ def test_sessions_that_do_not_fit_the_device_memory_are_a_clear_error_at_start(m
                        "--port", "0"], capsys)
     line = single_error(err)
     assert rc == 2 and line.startswith("error: 5 sessions do not fit the memory of cpu")
-    assert "(CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has" in line and "lower --max-sessions" in line
+    assert "ran out: CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has" in line
+    assert "is free. Lower --max-sessions" in line

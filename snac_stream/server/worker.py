@@ -70,8 +70,8 @@ def _fits_memory(device: torch.device, max_streams: int) -> Iterator[None]:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
         raise EnginesDoNotFit(
             f"{max_streams} sessions do not fit the memory of {device}: building the engines and capturing their "
-            f"full-size steps ran out ({detail})\nlower --max-sessions (bench/RESULTS.md gives each engine's peak "
-            f"memory per stream), or serve this model on more devices") from exc
+            f"full-size steps ran out: {detail}\nLower --max-sessions (bench/RESULTS.md gives each engine's peak "
+            f"memory per stream), or serve this model on more devices.") from exc
 
 
 class EngineSet:
