@@ -107,10 +107,11 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
 
     def dwconv_recorder(src, weight, bias, alpha, alpha_out, out, **kw):
         original_dwconv(src, weight, bias, alpha, alpha_out, out, **kw)
-        reduce = kw.get("reduce", False)
-        key = tuning.ShapeKey(tuning.DWCONV, "cuda", src.x.shape[1], 1 if reduce else src.x.shape[1],
-                              weight.shape[2], 1, kw["dilation"], tuning.t_bucket(out.shape[-1]), src.x.shape[0] > 1)
         if recording[0]:
+            reduce = kw.get("reduce", False)
+            key = tuning.ShapeKey(tuning.DWCONV, "cuda", src.x.shape[1], 1 if reduce else src.x.shape[1],
+                                  weight.shape[2], 1, kw["dilation"], tuning.t_bucket(out.shape[-1]),
+                                  src.x.shape[0] > 1)
             calls.setdefault(key, Recorded(lambda: original_dwconv(src, weight, bias, alpha, alpha_out, out, **kw),
                                            reduce, out))
 

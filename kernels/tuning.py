@@ -119,7 +119,7 @@ TABLE: Dict[ShapeKey, LaunchConfig] = {
 
 def _default_dwconv(key: ShapeKey, length: int) -> LaunchConfig:
     halo = key.dilation * (key.kernel_size - 1)
-    if key.c_out == 1 < key.c_in:  # reducing launch: every channel in one step of its channel loop
+    if key.c_out == 1 < key.c_in:  # reducing launch: one tile of every channel (no channel loop)
         block_c = pow2_in(key.c_in, 1, 256)
         if key.backend == "interpreter":
             block_t = pow2_in(max(length + halo, 2 * halo), 16, 1024)

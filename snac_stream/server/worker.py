@@ -67,7 +67,7 @@ def _fits_memory(device: torch.device, max_streams: int) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        detail = (str(exc).strip() or "out of memory").splitlines()[0]
         raise EnginesDoNotFit(
             f"{max_streams} sessions do not fit the memory of {device}: building the engines and capturing their "
             f"full-size steps ran out: {detail}\nLower --max-sessions (bench/RESULTS.md gives each engine's peak "
