@@ -33,7 +33,7 @@ BLOCKS = ((512, 32), (256, 256), (128, 1024), (64, 2048))
 
 
 def main() -> None:
-    b = start_report(__doc__, "; time in us (TFLOP/s of useful arithmetic), largest error against float64")
+    b = start_report(__doc__, "; time in us (TFLOP/s of useful arithmetic), largest error against float64").streams
     print("| channels | frames | Triton tf32x3, rows first | Triton tf32x3, untransposed | Triton split operands "
           "| cuBLAS fp32 | cuBLAS TF32 | cuBLAS split TF32 (tf32x3) | error: rows first | untransposed | cuBLAS fp32 "
           "| cuBLAS split |\n|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,6 @@
 """The decoder's upsampling on a GPU: its data movement, and its products in each form the Triton backend has.
 
-    python bench/upsampling_cost.py [--streams 2048]
+    python bench/upsampling_cost.py [--streams 2048] [--products rows frames ...]
 
 For each of the 24 kHz decoder's four transposed convs at one engine step of ``--streams`` streams (the frames a
 step gives each layer):
@@ -10,7 +10,8 @@ step gives each layer):
   write;
 - the whole streaming layer (``functional.conv_transpose`` with one frame of context and the snake) for each of
   ``functional.UPSAMPLING_PRODUCTS`` at the default precision (tf32x3): the cuBLAS fp32 product of built rows,
-  and the dense-conv kernel on tensor cores, with and without operands split before it. TFLOP/s counts useful
+  and the dense-conv kernel on tensor cores, with and without operands split before it, on rows of frame pairs
+  or on overlapping rows of single frames (``--products`` picks some). TFLOP/s counts useful
   arithmetic; the error is the largest against the PyTorch backend in float64, relative to the output's
   largest magnitude.
 
@@ -23,6 +24,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import triton.testing
@@ -42,19 +44,23 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
 
 
-def start_report(doc: str, about: str = "") -> int:
-    """Parse ``--streams`` (default 2048) for a script described by ``doc`` and print the report's first line
-    (device, date, commit, streams, then ``about``); returns the streams."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+def start_report(doc: str, about: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Parse ``--streams`` (default 2048) and ``parser``'s own arguments for a script described by ``doc`` and
+    print the report's first line (device, date, commit, streams, then ``about``); returns the arguments."""
+    parser = parser or argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=2048)
-    b = parser.parse_args().streams
+    args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, "
-          f"{b} streams{about}")
-    return b
+          f"{args.streams} streams{about}")
+    return args
 
 
 def main() -> None:
-    b = start_report(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--products", nargs="+", choices=functional.UPSAMPLING_PRODUCTS,
+                        default=list(functional.UPSAMPLING_PRODUCTS), help="the product forms to time (default all)")
+    args = start_report(__doc__, parser=parser)
+    b = args.streams
     print("| layer | frames | rows: kernel (us) | GB/s | PyTorch (us) | placement: kernel (us) | GB/s | PyTorch (us) "
           "| equal |\n|---|---|---|---|---|---|---|---|---|")
     for c_in, c_out, s, frames in LAYERS:
@@ -80,12 +86,11 @@ def main() -> None:
         print(f"| {c_in}->{c_out}, stride {s} | {frames} | {pairs_ms * 1e3:.0f} | {pairs_gb / pairs_ms * 1e3:.0f} "
               f"| {pairs_torch_ms * 1e3:.0f} | {place_ms * 1e3:.0f} | {place_gb / place_ms * 1e3:.0f} "
               f"| {place_torch_ms * 1e3:.0f} | {'yes' if equal else 'NO'} |", flush=True)
-    products(b)
+    products(b, args.products)
 
 
-def products(b: int) -> None:
-    """The whole streaming layer in each product form: us, TFLOP/s and error against float64."""
-    names = functional.UPSAMPLING_PRODUCTS
+def products(b: int, names: Sequence[str]) -> None:
+    """The whole streaming layer in each product form of ``names``: us, TFLOP/s and error against float64."""
     print("\n| layer | frames | " + " | ".join(f"{n} (us) | TFLOP/s | error" for n in names) + " |")
     print("|---|---|" + "---|---|---|" * len(names))
     for c_in, c_out, s, frames in LAYERS:

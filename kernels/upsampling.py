@@ -8,7 +8,9 @@ costs more than one read and one write of its data:
 
 - :func:`phase_pairs`: ``snake(cat([context, x], time))``, zero-padded, as (B * F, 2 C) rows: the snake, the
   streaming context, the padding, the transposition to frames-major rows and the pairing of neighbouring
-  frames in one pass (in PyTorch: a snake pass, a concatenation, then a gather copy).
+  frames in one pass (in PyTorch: a snake pass, a concatenation, then a gather copy). With ``taps=1`` it
+  writes each padded frame once, (B * (F + 1), C): then row ``f``'s pair is the run of 2 C values from frame
+  ``f`` on, which a product reads as overlapping rows (half the bytes written, and read from memory once).
 - :func:`place_phases`: the product's (B * F, C_out * s) rows as (B, C_out, samples), samples
   ``crop .. crop + length - 1`` of the whole output (in PyTorch: a permuting copy, then a slice).
 
@@ -35,9 +37,9 @@ _TILE_ELEMENTS = 8192  # place_phases: frames x channels x phases (padded to a p
 @triton.jit
 def _phase_pairs_kernel(ctx_ptr, x_ptr, alpha_ptr, out_ptr, C, L, T, F, n_rows, padding,
                         s_cb, s_cc, s_ct, s_xb, s_xc, s_xt,
-                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr,
+                        HAS_CTX: tl.constexpr, HAS_ALPHA: tl.constexpr, FAST_SIN: tl.constexpr, TAPS: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[b * F + f, k * C + c] = snake(v)[b, c, f + k - padding], k = 0, 1, where ``v = cat([ctx, x])`` is
+    """out[b * F + f, k * C + c] = snake(v)[b, c, f + k - padding], k < TAPS, where ``v = cat([ctx, x])`` is
     zero outside [0, L + T). One program per (block of (row, frame) pairs, block of channels)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -49,8 +51,8 @@ def _phase_pairs_kernel(ctx_ptr, x_ptr, alpha_ptr, out_ptr, C, L, T, F, n_rows, 
     c = chans.to(tl.int64)[None, :]
     if HAS_ALPHA:
         alpha = tl.load(alpha_ptr + chans, mask=chan_ok, other=1.0)[None, :]
-    out_row = out_ptr + rows.to(tl.int64)[:, None] * (2 * C) + c
-    for k in tl.static_range(2):
+    out_row = out_ptr + rows.to(tl.int64)[:, None] * (TAPS * C) + c
+    for k in tl.static_range(TAPS):
         v = load_ctx_chunk(ctx_ptr + b * s_cb, x_ptr + b * s_xb, c * s_cc, c * s_xc, s_ct, s_xt,
                            f + (k - padding), L, T, mask, HAS_CTX)
         if HAS_ALPHA:
@@ -94,24 +96,29 @@ def _place_phases_kernel(z_ptr, out_ptr, C_out, F, crop, length, n_blocks_f,
 
 
 def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None,
-                padding: int = 0) -> torch.Tensor:
-    """The upsampling product's input rows: (B * F, 2 C), F = L + T + 2 padding - 1.
+                padding: int = 0, taps: int = 2) -> torch.Tensor:
+    """The upsampling product's input rows: (B * F, 2 C), F = L + T + 2 padding - 1; with ``taps=1`` each
+    padded frame once: (B * (F + 1), C).
 
     Args:
         x: (B, C, T) new frames; context: (B, C, L) frames before them, or None.
         alpha: snake before the product (per channel: (C,), (1, C, 1) or (C, 1)), or None.
         padding: zero frames at both ends of ``cat([context, x])``.
+        taps: frames per row, 2 (pairs) or 1.
 
     Returns:
-        Row ``b * F + f``: ``[snake(v)[b, :, f], snake(v)[b, :, f + 1]]`` of the zero-padded ``v``.
+        Row ``b * F + f``: ``[snake(v)[b, :, f], snake(v)[b, :, f + 1]]`` of the zero-padded ``v``; with
+        ``taps=1``, row ``b * (F + 1) + f``: ``snake(v)[b, :, f]``.
     """
     src = chunk_input("x", x, context, "context")
     batch, channels = x.shape[:2]
     alpha = per_channel("alpha", alpha, channels, x.device)
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
-    frames = max(0, src.total + 2 * padding - 1)
-    out = torch.empty(batch * frames, 2 * channels, device=x.device, dtype=torch.float32)
+    if taps not in (1, 2):
+        raise ValueError(f"taps must be 1 or 2, got {taps!r}")
+    frames = max(0, src.total + 2 * padding + 1 - taps)
+    out = torch.empty(batch * frames, taps * channels, device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     grid = (cdiv(batch * frames, _BLOCK_ROWS), cdiv(channels, _BLOCK_CHANNELS))
@@ -119,7 +126,7 @@ def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: 
     _phase_pairs_kernel[grid](
         *src.pointer_args(), alpha if alpha is not None else out, out, channels, src.length_ctx, x.shape[-1],
         frames, batch * frames, padding, *src.stride_args(), HAS_CTX=src.has_ctx, HAS_ALPHA=alpha is not None,
-        FAST_SIN=use_fast_sin(x.device), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
+        FAST_SIN=use_fast_sin(x.device), TAPS=taps, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
     return out
 
 

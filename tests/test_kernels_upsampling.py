@@ -52,6 +52,14 @@ def test_phase_pairs_equal_the_copies_they_replace(seed: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
     if alpha is None:
         assert torch.equal(got, want)
+    # One frame a row: the padded frames once, each stream's F + 1 of them frames-major; pair f is frames f, f + 1.
+    single = phase_pairs(x, context, alpha, padding, taps=1)
+    rows = held + frames + 2 * padding
+    assert single.shape == (batch * rows, channels)
+    assert torch.equal(single.view(batch, rows, channels)[:, 1:].reshape(-1, channels),
+                       got.view(batch, rows - 1, 2, channels)[:, :, 1].reshape(-1, channels))
+    assert torch.equal(single.view(batch, rows, channels)[:, :-1].reshape(-1, channels),
+                       got.view(batch, rows - 1, 2, channels)[:, :, 0].reshape(-1, channels))
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -85,12 +93,14 @@ def test_bad_arguments_raise_clear_errors() -> None:
         phase_pairs(x, alpha=torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="must agree in batch"):
         phase_pairs(x, torch.randn(1, 4, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="taps must be 1 or 2"):
+        phase_pairs(x, taps=3)
 
 
 @pytest.mark.parametrize("stride", [2, 3, 4, 8])
 @pytest.mark.parametrize("backend,product,precision", [("torch", "cublas", "ieee"), ("triton", "cublas", "ieee"),
                                                        ("triton", "conv", "tf32x3"), ("triton", "conv_split", "tf32x3"),
-                                                       ("triton", "rows", "tf32x3")])
+                                                       ("triton", "rows", "tf32x3"), ("triton", "frames", "tf32x3")])
 def test_transposed_conv_with_its_snake_streams_like_the_offline_layers(stride: int, backend: str, product: str,
                                                                        precision: str) -> None:
     """``Snake1d`` then ``ConvTranspose1d`` offline against the streaming op that folds the snake in, for a
@@ -135,9 +145,12 @@ def test_gpu_upsampling_of_a_full_step_matches_torch() -> None:
     torch.testing.assert_close(results["triton"], results["torch"], rtol=0, atol=1e-4)
 
 
-def test_rows_product_of_more_rows_than_one_launch_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("product,rows", [("rows", 4 * 7), ("frames", 4 * 8 - 1)])
+def test_rows_product_of_more_rows_than_one_launch_spans(product: str, rows: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The ``rows`` product launches the dense kernel on at most ``_KERNEL_SPAN`` elements along its rows (int32
-    offsets): more rows (a 44 kHz step of 1024 streams) go in several launches, with the same result."""
+    offsets): more rows (a 44 kHz step of 1024 streams) go in several launches, with the same result. So does
+    ``frames``, whose rows are one more a stream (the last row of all is not computed)."""
     from snac_stream.model import functional
 
     torch.manual_seed(5)
@@ -149,12 +162,41 @@ def test_rows_product_of_more_rows_than_one_launch_spans(monkeypatch: pytest.Mon
 
     original = conv.snake_conv
     monkeypatch.setattr(conv, "snake_conv", lambda *a, **k: launches.append(a[0].shape[-1]) or original(*a, **k))
-    with torch.no_grad(), use_backend("triton", "tf32x3"), use_upsampling_product("rows"):
+    with torch.no_grad(), use_backend("triton", "tf32x3"), use_upsampling_product(product):
         whole = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
         monkeypatch.setattr(functional, "_KERNEL_SPAN", 24 * 5 + 1)  # 5 rows of 2 x 12 channels a launch
         chunked = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
-    assert launches == [4 * 7] + [5] * 5 + [3]  # 28 rows (7 frame pairs a stream): once whole, then in 6 launches
+    assert launches == [rows] + [5] * (rows // 5) + [rows % 5]  # once whole, then 5 rows a launch
     assert torch.equal(chunked, whole)
+    with use_backend("torch"):
+        want = conv_transpose(x, layer.weight, layer.bias, stride=3, context=context, alpha=alpha)
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frames_product_equals_the_rows_product(seed: int) -> None:
+    """``frames`` multiplies the same values in the same order as ``rows``, read from overlapping rows of single
+    frames: the same output bit for bit, whatever the streams, frames, context, padding, crop and stride."""
+    gen = random.Random(300 + seed)
+    torch.manual_seed(seed)
+    batch, c_in, c_out, stride = gen.randint(1, 5), gen.choice([4, 20, 40]), gen.choice([1, 3, 7]), gen.choice([2, 3, 8])
+    frames, held, padding = gen.randint(1, 9), gen.choice([0, 1, 2]), gen.choice([0, 1])
+    weight = torch.randn(c_in, c_out, 2 * stride, device=DEVICE)
+    bias = torch.randn(c_out, device=DEVICE) if seed % 2 else None
+    alpha = torch.rand(1, c_in, 1, device=DEVICE) + 0.5 if seed != 2 else None
+    x = torch.randn(batch, c_in, frames, device=DEVICE)
+    context = torch.randn(batch, c_in, held, device=DEVICE) if held else None
+    samples = (held + frames + 2 * padding - 1) * stride
+    crop = gen.randint(0, min(stride, samples))
+    length = max(0, samples - crop - gen.randint(0, 1) * stride)
+    got = {}
+    with torch.no_grad(), use_backend("triton", "tf32x3"):
+        for product in ("rows", "frames"):
+            with use_upsampling_product(product):
+                got[product] = conv_transpose(x, weight, bias, stride=stride, padding=padding, context=context,
+                                              crop=crop, length=length, alpha=alpha)
+    assert got["rows"].shape == (batch, c_out, length)
+    assert torch.equal(got["frames"], got["rows"])
 
 
 @pytest.mark.parametrize("batch,c_in,precision,dense", [(2, 256, "tf32x3", True), (3, 512, "tf32x3", True),

@@ -40,9 +40,10 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # product of rows built by ``kernels.upsampling.phase_pairs``; "conv", the dense-conv kernel as a 2-tap conv
 # (snake and context read in the kernel, tf32x3 on tensor cores); "conv_split", the same on operands split
 # before the kernel; "rows", the dense-conv kernel as a 1x1 conv over the rows ``phase_pairs`` builds (tf32x3
-# split in registers, rows first on CUDA). Measured against each other by bench/upsampling_cost.py and
+# split in registers, rows first on CUDA); "frames", the same product reading each frame's values once,
+# from overlapping rows. Measured against each other by bench/upsampling_cost.py and
 # bench/engine_capacity.py; "auto", the default, picks per launch (``_upsampling_product``).
-UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows")
+UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows", "frames")
 _KERNEL_SPAN = 2**31  # elements a Triton kernel's operand may span along time (kernels.common.check_tensor)
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="auto")
@@ -277,18 +278,28 @@ def conv_transpose(
         from ..kernels import upsampling
 
         product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, precision)
-        if product == "rows":
+        if product in ("rows", "frames"):
             from ..kernels import conv
 
+            if product == "rows":
+                pairs = upsampling.phase_pairs(x, context, alpha, padding)
+                row_frames = frames
+            else:
+                # Each padded frame once, frames-major (B * (frames + 1), C_in): the pair of frames f and f + 1
+                # is the run of 2 C_in values from frame f on, so the rows are overlapping views of it. Each
+                # stream gets one more row, pairing its last frame with the next stream's first: its samples
+                # come after the last one kept, and the view's last row, past the end, is never computed.
+                single = upsampling.phase_pairs(x, context, alpha, padding, taps=1)
+                row_frames = frames + 1
+                pairs = single.as_strided((max(0, b * row_frames - 1), 2 * c_in), (c_in, 1))
             # The rows (B * frames, 2 C_in) as one batch row of 2 C_in channels, and the output rows likewise:
             # views, the kernel reads and writes any strides. Its int32 offsets along time cover at most
             # _KERNEL_SPAN elements, so many rows (a 44 kHz step of 1024 streams) go in several launches.
-            pairs = upsampling.phase_pairs(x, context, alpha, padding)
-            z = torch.empty(b * frames, c_out * stride, device=x.device, dtype=torch.float32)
+            z = torch.empty(b * row_frames, c_out * stride, device=x.device, dtype=torch.float32)
             w = _phase_weight(weight).view(c_out * stride, 2 * c_in, 1)
             chunk = (_KERNEL_SPAN - 1) // max(2 * c_in, c_out * stride)
-            for start in range(0, b * frames, chunk):
-                rows = slice(start, start + chunk)
+            for start in range(0, pairs.shape[0], chunk):
+                rows = slice(start, min(start + chunk, pairs.shape[0]))
                 conv.snake_conv(pairs[rows].t().unsqueeze(0), w, phase_bias, precision=precision, split=False,
                                 out=z[rows].t().unsqueeze(0))
             return upsampling.place_phases(z, b, stride, crop, end - crop)
