@@ -199,22 +199,26 @@ def test_frames_product_equals_the_rows_product(seed: int) -> None:
     assert torch.equal(got["frames"], got["rows"])
 
 
-@pytest.mark.parametrize("batch,c_in,precision,dense", [(2, 256, "tf32x3", True), (3, 512, "tf32x3", True),
-                                                        (2, 128, "tf32x3", True), (2, 1024, "tf32x3", True),
-                                                        (1, 256, "tf32x3", False), (2, 256, "ieee", False)])
-def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch: int, c_in: int, precision: str,
-                                                                         dense: bool,
+@pytest.mark.parametrize("batch,c_in,frames,precision,dense,taps",
+                         [(2, 256, 3, "tf32x3", True, 2), (3, 512, 3, "tf32x3", True, 2),
+                          (2, 128, 3, "tf32x3", True, 2), (2, 1024, 3, "tf32x3", True, 2),
+                          (2, 16, 63, "tf32x3", True, 2), (2, 16, 64, "tf32x3", True, 1),
+                          (1, 256, 3, "tf32x3", False, 2), (1, 16, 64, "tf32x3", False, 2),
+                          (2, 256, 3, "ieee", False, 2), (2, 16, 64, "ieee", False, 2)])
+def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch: int, c_in: int, frames: int,
+                                                                         precision: str, dense: bool, taps: int,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The default product form, ``auto``: for tf32x3 launches of several rows, the dense-conv kernel on the
-    built rows (a 1x1 conv of 2 C_in channels over them, split in registers), the cuBLAS product of the same
-    rows otherwise; the same output either way."""
+    built rows (a 1x1 conv of 2 C_in channels over them, split in registers), read from rows of single frames
+    where a stream has 64 frame pairs or more; the cuBLAS product of built rows otherwise; the same output
+    either way."""
     from snac_stream.kernels import conv, upsampling
 
     taken = []
 
     def recording(name: str, original):
         def call(*args, **kwargs):
-            taken.append((name, kwargs.get("split")))
+            taken.append((name, kwargs.get("split"), kwargs.get("taps", 2)))
             return original(*args, **kwargs)
         return call
 
@@ -223,14 +227,15 @@ def test_auto_product_takes_the_dense_kernel_where_it_was_measured_faster(batch:
     torch.manual_seed(c_in)
     layer = torch.nn.ConvTranspose1d(c_in, 3, 4, 2, padding=1).to(DEVICE)
     alpha = torch.rand(1, c_in, 1, device=DEVICE) + 0.5
-    x = torch.randn(batch, c_in, 3, device=DEVICE)
+    x = torch.randn(batch, c_in, frames, device=DEVICE)  # frames pairs a stream, with the context frame
     context = torch.randn(batch, c_in, 1, device=DEVICE)
     with torch.no_grad():
         with use_backend("triton", precision):
             got = conv_transpose(x, layer.weight, layer.bias, stride=2, context=context, alpha=alpha)
         with use_backend("torch"):
             want = conv_transpose(x, layer.weight, layer.bias, stride=2, context=context, alpha=alpha)
-    assert taken == ([("phase_pairs", None), ("snake_conv", False)] if dense else [("phase_pairs", None)])
+    assert taken == ([("phase_pairs", None, taps), ("snake_conv", False, 2)] if dense
+                     else [("phase_pairs", None, 2)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

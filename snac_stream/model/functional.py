@@ -44,6 +44,7 @@ _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_pr
 # from overlapping rows. Measured against each other by bench/upsampling_cost.py and
 # bench/engine_capacity.py; "auto", the default, picks per launch (``_upsampling_product``).
 UPSAMPLING_PRODUCTS = ("cublas", "conv", "conv_split", "rows", "frames")
+_FRAMES_PRODUCT_MIN = 64  # frame pairs a stream from which "auto" reads single frames (the 24 kHz step's last two)
 _KERNEL_SPAN = 2**31  # elements a Triton kernel's operand may span along time (kernels.common.check_tensor)
 _UPSAMPLING_PRODUCT: contextvars.ContextVar[str] = contextvars.ContextVar("snac_stream_upsampling_product",
                                                                           default="auto")
@@ -277,7 +278,7 @@ def conv_transpose(
     if triton:
         from ..kernels import upsampling
 
-        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, precision)
+        product = _upsampling_product(_UPSAMPLING_PRODUCT.get(), b, frames, precision)
         if product in ("rows", "frames"):
             from ..kernels import conv
 
@@ -335,14 +336,18 @@ def conv_transpose(
     return z[..., crop:end]
 
 
-def _upsampling_product(product: str, batch: int, precision: str) -> str:
+def _upsampling_product(product: str, batch: int, frames: int, precision: str) -> str:
     """The product form ``"auto"`` (the default) stands for: for tf32x3 launches of several rows (an engine
     step's streams), the dense kernel on the built rows (``"rows"``), which an H100 measured 1.2-1.8x faster
     than each other form at every layer of a 2048-stream step, and 2-6x more accurate than the cuBLAS fp32
-    product; cuBLAS for one row's long calls (offline). Figures: bench/RESULTS.md."""
+    product; read from overlapping rows of single frames (``"frames"``) where each stream has at least
+    ``_FRAMES_PRODUCT_MIN`` frame pairs, so that its one extra row a stream costs little; cuBLAS for one
+    row's long calls (offline). Figures: bench/RESULTS.md."""
     if product != "auto":
         return product
-    return "rows" if precision == "tf32x3" and batch > 1 else "cublas"
+    if precision != "tf32x3" or batch == 1:
+        return "cublas"
+    return "frames" if frames >= _FRAMES_PRODUCT_MIN else "rows"
 
 
 @contextlib.contextmanager
