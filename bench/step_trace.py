@@ -32,30 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import warm_engine  # noqa: E402
 from streaming_cost import commit  # noqa: E402
 
 from snac_stream import SNAC  # noqa: E402
-from snac_stream.engine import DecodeEngine, EncodeEngine  # noqa: E402
 
 SMI_FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
 
 def engine_graph(model: SNAC, kind: str, streams: int):
     """An engine of ``streams`` streams past their warm-up and its full step's captured graph."""
-    cfg = model.config
-    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, streams, step_mode="graphs")
-    steps = engine.warmup_steps + 3
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for _ in range(streams):
-        sid = engine.open()
-        if kind == "decode":
-            frames = steps * engine.step_frames * cfg.coarse_stride
-            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames // s), generator=gen).to(model.device)
-                                for s in cfg.vq_strides])
-        else:
-            engine.submit(sid, (torch.randn(1, 1, steps * engine.step_samples, generator=gen) * 0.1).to(model.device))
-    for _ in range(engine.warmup_steps + 2):
-        engine.step()
+    engine = warm_engine(model, kind, streams, "graphs", queued=3, ran=2)
     torch.cuda.synchronize()
     passes = engine._bucket_passes
     return engine, passes.graph(max(passes.captured()))

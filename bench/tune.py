@@ -27,17 +27,20 @@ import argparse
 import contextlib
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import torch
 import triton.testing
 
-from snac_stream import SNAC
-from snac_stream.engine import DecodeEngine, EncodeEngine
-from snac_stream.kernels import conv as conv_kernels
-from snac_stream.kernels import tuning
-from snac_stream.model import functional
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import warm_engine  # noqa: E402
+
+from snac_stream import SNAC  # noqa: E402
+from snac_stream.kernels import conv as conv_kernels  # noqa: E402
+from snac_stream.kernels import tuning  # noqa: E402
+from snac_stream.model import functional  # noqa: E402
 
 CANDIDATES = [
     tuning.LaunchConfig({"BLOCK_O": o, "BLOCK_T": t, "BLOCK_R": r}, num_warps=w, num_stages=s)
@@ -142,19 +145,7 @@ def record_calls(presets, seconds, engine_streams=0, engine_kinds=("decode",), d
                     model.decode(codes)
                     continue
                 for kind in engine_kinds:
-                    engine = (DecodeEngine if kind == "decode" else EncodeEngine)(model, engine_streams,
-                                                                                  step_mode="buckets")
-                    steps = engine.warmup_steps + 1
-                    for _ in range(engine_streams):
-                        sid = engine.open()
-                        if kind == "decode":
-                            frames = steps * engine.step_frames * cfg.coarse_stride
-                            engine.submit(sid, [torch.randint(0, cfg.codebook_size, (1, frames // s), device=device)
-                                                for s in cfg.vq_strides])
-                        else:
-                            engine.submit(sid, torch.randn(1, 1, steps * engine.step_samples, device=device) * 0.1)
-                    for _ in range(engine.warmup_steps):
-                        engine.step()
+                    engine = warm_engine(model, kind, engine_streams, "buckets")
                     recording[0] = True
                     engine.step()
                     recording[0] = False
