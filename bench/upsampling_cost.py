@@ -24,7 +24,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton.testing
@@ -44,11 +44,14 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
 
 
-def start_report(doc: str, about: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """Parse ``--streams`` (default 2048) and ``parser``'s own arguments for a script described by ``doc`` and
-    print the report's first line (device, date, commit, streams, then ``about``); returns the arguments."""
-    parser = parser or argparse.ArgumentParser(description=doc.split("\n\n")[0])
+def start_report(doc: str, about: str = "",
+                 add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """Parse ``--streams`` (default 2048), and what ``add_arguments`` adds, for a script described by ``doc``,
+    and print the report's first line (device, date, commit, streams, then ``about``); returns the arguments."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=2048)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()}, {datetime.now(timezone.utc):%Y-%m-%d}, commit {commit()}, "
           f"{args.streams} streams{about}")
@@ -56,10 +59,9 @@ def start_report(doc: str, about: str = "", parser: Optional[argparse.ArgumentPa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--products", nargs="+", choices=functional.UPSAMPLING_PRODUCTS,
-                        default=list(functional.UPSAMPLING_PRODUCTS), help="the product forms to time (default all)")
-    args = start_report(__doc__, parser=parser)
+    args = start_report(__doc__, add_arguments=lambda parser: parser.add_argument(
+        "--products", nargs="+", choices=functional.UPSAMPLING_PRODUCTS, default=list(functional.UPSAMPLING_PRODUCTS),
+        help="the product forms to time (default all)"))
     b = args.streams
     print("| layer | frames | rows: kernel (us) | GB/s | PyTorch (us) | placement: kernel (us) | GB/s | PyTorch (us) "
           "| equal |\n|---|---|---|---|---|---|---|---|---|")
