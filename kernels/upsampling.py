@@ -2,20 +2,24 @@
 
 SNAC's transposed convs (kernel ``2s``, stride ``s``) run as one matrix product for every (row, frame)
 (``snac_stream.model.functional.conv_transpose``): row ``b * F + f`` of the product's input holds input frames
-``f`` and ``f + 1`` side by side, its output row holds the ``s`` output samples of each output channel that
-those two frames produce. These kernels build the input rows and place the output rows, so that neither side
-costs more than one read and one write of its data:
+``f`` and ``f + 1`` side by side, its output row the ``s`` samples those two frames produce, in time order,
+each with every output channel (column ``r * C_out + o`` is sample ``r`` of channel ``o``): the product's
+output rows are its samples channels-last. These kernels build the input rows and turn the output rows
+channels-first, so that neither side costs more than one read and one write of its data:
 
 - :func:`phase_pairs`: ``snake(cat([context, x], time))``, zero-padded, as (B * F, 2 C) rows: the snake, the
   streaming context, the padding, the transposition to frames-major rows and the pairing of neighbouring
   frames in one pass (in PyTorch: a snake pass, a concatenation, then a gather copy). With ``taps=1`` it
   writes each padded frame once, (B * (F + 1), C): then row ``f``'s pair is the run of 2 C values from frame
   ``f`` on, which a product reads as overlapping rows (half the bytes written, and read from memory once).
-- :func:`place_phases`: the product's (B * F, C_out * s) rows as (B, C_out, samples), samples
-  ``crop .. crop + length - 1`` of the whole output (in PyTorch: a permuting copy, then a slice).
+- :func:`channels_first`: the product's rows, which hold its samples in time order with the channels
+  innermost, as (B, C_out, length), samples ``crop .. crop + length - 1`` (in PyTorch: a slice, then a
+  transposing copy). A consumer that reads any strides (the noise block's kernel) takes the rows as they are,
+  a strided view, and this pass is skipped.
 
-Both launch over flat tiles of (row, frame) pairs, so a streaming step of many streams with a few frames each
-fills its tiles as well as one long offline row does. Shapes are (B, C, T) with T in frames; float32 only.
+Both launch over flat tiles of rows (of (stream, frame) pairs, of samples), so a streaming step of many streams
+with a few frames each fills its tiles as well as one long offline row does. Shapes are (B, C, T) with T in
+frames; float32 only.
 """
 
 from __future__ import annotations
@@ -26,12 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (cdiv, check_grid, check_tensor, chunk_input, load_ctx_chunk, next_pow2, per_channel, snake,
-                     use_fast_sin)
+from .common import cdiv, check_grid, check_tensor, chunk_input, load_ctx_chunk, per_channel, snake, use_fast_sin
 
 _BLOCK_ROWS = 64  # (row, frame) pairs per program
 _BLOCK_CHANNELS = 64
-_TILE_ELEMENTS = 8192  # place_phases: frames x channels x phases (padded to a power of two) per program
+_TILE_ELEMENTS = 8192  # channels_first: samples x channels per program
 
 
 @triton.jit
@@ -61,38 +64,20 @@ def _phase_pairs_kernel(ctx_ptr, x_ptr, alpha_ptr, out_ptr, C, L, T, F, n_rows, 
 
 
 @triton.jit
-def _place_phases_kernel(z_ptr, out_ptr, C_out, F, crop, length, n_blocks_f,
-                         s_ob, s_oc, s_ot,
-                         S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[b, o, f * S + r - crop] = z[b * F + f, o * S + r] where 0 <= f * S + r - crop < length. One program
-    per (row, block of frames) and block of channels. The tile is loaded as (frame, channel * phase), a run of
-    each frame's row, and stored as (channel, frame * phase), a run of each channel's samples; in between it
-    is transposed on chip. With S a power of two both runs are contiguous in memory (S_PAD == S)."""
-    pid = tl.program_id(0)
-    b = (pid // n_blocks_f).to(tl.int64)
-    f0 = (pid % n_blocks_f) * BLOCK_F
-    o0 = tl.program_id(1) * BLOCK_C
-    f = f0 + tl.arange(0, BLOCK_F)
-    j = tl.arange(0, BLOCK_C * S_PAD)  # column (channel, phase) of the loaded tile
-    if S == S_PAD:
-        col = o0 * S + j
-        col_ok = col < C_out * S
-    else:
-        col = (o0 + j // S_PAD) * S + j % S_PAD
-        col_ok = (o0 + j // S_PAD < C_out) & (j % S_PAD < S)
-    v = tl.load(z_ptr + ((b * F + f) * (C_out * S))[:, None] + col[None, :],
-                mask=(f < F)[:, None] & col_ok[None, :])
-    v = tl.reshape(tl.permute(tl.reshape(v, (BLOCK_F, BLOCK_C, S_PAD)), (1, 0, 2)), (BLOCK_C, BLOCK_F * S_PAD))
-    i = tl.arange(0, BLOCK_F * S_PAD)  # column (frame, phase) of the stored tile
-    if S == S_PAD:
-        t = f0 * S + i - crop
-        t_ok = (t >= 0) & (t < length) & (f0 + i // S < F)
-    else:
-        t = (f0 + i // S_PAD) * S + i % S_PAD - crop
-        t_ok = (t >= 0) & (t < length) & (f0 + i // S_PAD < F) & (i % S_PAD < S)
-    o = o0 + tl.arange(0, BLOCK_C)
-    tl.store(out_ptr + b * s_ob + o.to(tl.int64)[:, None] * s_oc + t.to(tl.int64)[None, :] * s_ot, v,
-             mask=(o < C_out)[:, None] & t_ok[None, :])
+def _channels_first_kernel(z_ptr, out_ptr, C, N, crop, length, n_rows, s_ob, s_oc, s_ot,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, c, t] = z[b, crop + t, c] for t < length, z (B, N, C) contiguous. One program per block of
+    (batch item, sample) rows and block of channels. The tile is loaded as (row, channel), runs of z's rows,
+    and stored as (channel, row), runs of each channel's samples; in between it is transposed on chip."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = (rows // length).to(tl.int64)
+    t = rows % length
+    row_ok = rows < n_rows
+    c_ok = c < C
+    v = tl.load(z_ptr + ((b * N + crop + t) * C)[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :])
+    tl.store(out_ptr + (b * s_ob + t * s_ot)[None, :] + c.to(tl.int64)[:, None] * s_oc, tl.trans(v),
+             mask=c_ok[:, None] & row_ok[None, :])
 
 
 def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None,
@@ -130,36 +115,28 @@ def phase_pairs(x: torch.Tensor, context: Optional[torch.Tensor] = None, alpha: 
     return out
 
 
-def place_phases(z: torch.Tensor, batch: int, stride: int, crop: int = 0, length: Optional[int] = None
-                 ) -> torch.Tensor:
-    """The upsampling product's output rows in time order: (B * F, C_out * s) -> (B, C_out, length).
+def channels_first(z: torch.Tensor, crop: int = 0, length: Optional[int] = None) -> torch.Tensor:
+    """Samples ``crop .. crop + length - 1`` of channels-last ``z`` (B, N, C), channels first: (B, C, length).
 
-    Args:
-        z: (B * F, C_out * s) product rows: row ``b * F + f``, column ``o * s + r`` is sample ``f * s + r``
-            of channel ``o``.
-        batch: B; stride: s.
-        crop / length: keep samples ``crop .. crop + length - 1`` (default: every sample after ``crop``).
+    The upsampling product's rows are its samples in time order, channels innermost (``conv_transpose``):
+    this is the one pass that turns them into the (B, C, T) layout of the layers after it (in PyTorch: a
+    slice, then a transposing copy). ``length`` defaults to every sample after ``crop``.
 
     Returns:
-        (B, C_out, length) contiguous.
+        (B, C, length) contiguous.
     """
-    check_tensor("z", z, 2)
-    if batch < 1 or z.shape[0] % batch or z.shape[1] % stride:
-        raise ValueError(f"z of shape {tuple(z.shape)} does not hold {batch} rows of whole {stride}-sample phases")
-    frames, c_out = z.shape[0] // batch, z.shape[1] // stride
-    samples = frames * stride
+    check_tensor("z", z, 3)
+    batch, samples, channels = z.shape
     length = samples - crop if length is None else length
     if crop < 0 or length < 0 or crop + length > samples:
-        raise ValueError(f"samples {crop}..{crop + length - 1} are out of range: {frames} frames give {samples}")
+        raise ValueError(f"samples {crop}..{crop + length - 1} are out of range: z holds {samples}")
     z = z.contiguous()
-    out = torch.empty(batch, c_out, length, device=z.device, dtype=torch.float32)
+    out = torch.empty(batch, channels, length, device=z.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    phases = next_pow2(stride)
-    block_f = max(1, _TILE_ELEMENTS // (_BLOCK_CHANNELS * phases))
-    blocks_f = cdiv(frames, block_f)
-    grid = (batch * blocks_f, cdiv(c_out, _BLOCK_CHANNELS))
+    block_t = _TILE_ELEMENTS // _BLOCK_CHANNELS
+    grid = (cdiv(batch * length, block_t), cdiv(channels, _BLOCK_CHANNELS))
     check_grid(grid, "channel blocks")
-    _place_phases_kernel[grid](z, out, c_out, frames, crop, length, blocks_f, *out.stride(), S=stride,
-                               S_PAD=phases, BLOCK_F=block_f, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
+    _channels_first_kernel[grid](z, out, channels, samples, crop, length, batch * length, *out.stride(),
+                                 BLOCK_T=block_t, BLOCK_C=_BLOCK_CHANNELS, num_warps=4)
     return out

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 import torch
 
-from snac_stream.kernels.upsampling import phase_pairs, place_phases
+from snac_stream.kernels.upsampling import channels_first, phase_pairs
 from snac_stream.model.functional import (UPSAMPLING_PRODUCTS, conv_transpose, snake, use_backend,
                                           use_upsampling_product)
 from snac_stream.streaming.ops import ConvTranspose
@@ -63,29 +63,28 @@ def test_phase_pairs_equal_the_copies_they_replace(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_place_phases_puts_every_sample_where_the_permutation_does(seed: int) -> None:
+def test_channels_first_puts_every_sample_where_the_transposition_does(seed: int) -> None:
+    """Random streams, samples and channels around the tiles' edges (128 samples by 64 channels), any crop and
+    length: the flat tiles run across streams."""
     gen = random.Random(100 + seed)
-    batch, c_out, stride, frames = gen.randint(1, 4), gen.choice([1, 5, 64, 100]), gen.choice([2, 3, 4, 7, 8]), \
-        gen.randint(1, 70)
-    z = torch.randn(batch * frames, c_out * stride, device=DEVICE)
-    samples = frames * stride
-    crop = gen.randint(0, min(stride, samples))
+    batch, channels, samples = gen.randint(1, 4), gen.choice([1, 5, 64, 100]), gen.randint(1, 300)
+    z = torch.randn(batch, samples, channels, device=DEVICE)
+    crop = gen.randint(0, min(8, samples))
     length = gen.randint(0, samples - crop)
-    got = place_phases(z, batch, stride, crop, length)
-    want = z.view(batch, frames, c_out, stride).permute(0, 2, 1, 3).reshape(batch, c_out, samples)
-    assert got.is_contiguous()
-    assert torch.equal(got, want[..., crop:crop + length])
-    assert torch.equal(place_phases(z, batch, stride, crop), want[..., crop:])
+    got = channels_first(z, crop, length)
+    assert got.is_contiguous() and got.shape == (batch, channels, length)
+    assert torch.equal(got, z[:, crop:crop + length].transpose(1, 2))
+    assert torch.equal(channels_first(z, crop), z[:, crop:].transpose(1, 2))
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
-    z = torch.randn(6, 8, device=DEVICE)
+    z = torch.randn(2, 6, 8, device=DEVICE)
     with pytest.raises(ValueError, match="out of range"):
-        place_phases(z, 2, 2, crop=1, length=12)
-    with pytest.raises(ValueError, match="whole 3-sample phases"):
-        place_phases(z, 2, 3)
-    with pytest.raises(ValueError, match="does not hold 4 rows"):
-        place_phases(z, 4, 2)
+        channels_first(z, crop=1, length=6)
+    with pytest.raises(ValueError, match="out of range"):
+        channels_first(z, crop=-1)
+    with pytest.raises(ValueError, match="3 dimensions|dimensions"):
+        channels_first(z[0])
     x = torch.randn(2, 4, 5, device=DEVICE)
     with pytest.raises(ValueError, match="padding"):
         phase_pairs(x, padding=-1)
@@ -197,6 +196,28 @@ def test_frames_product_equals_the_rows_product(seed: int) -> None:
                                               crop=crop, length=length, alpha=alpha)
     assert got["rows"].shape == (batch, c_out, length)
     assert torch.equal(got["frames"], got["rows"])
+
+
+@pytest.mark.parametrize("backend,product", [("torch", "cublas"), ("triton", "cublas"), ("triton", "conv"),
+                                             ("triton", "conv_split"), ("triton", "rows"), ("triton", "frames")])
+def test_channels_last_samples_are_the_product_rows_as_they_lie(backend: str, product: str) -> None:
+    """``channels_last=True`` returns the same samples, bit for bit, without the pass that writes them
+    channels-first: on the Triton backend a view of the product's rows (channel stride 1, time stride C_out),
+    cropped at both ends, the ``frames`` form's extra row a stream left out."""
+    torch.manual_seed(7)
+    batch, c_in, c_out, stride = 3, 12, 5, 4
+    weight = torch.randn(c_in, c_out, 2 * stride, device=DEVICE)
+    bias, alpha = torch.randn(c_out, device=DEVICE), torch.rand(1, c_in, 1, device=DEVICE) + 0.5
+    x, context = torch.randn(batch, c_in, 6, device=DEVICE), torch.randn(batch, c_in, 1, device=DEVICE)
+    with torch.no_grad(), use_backend(backend, "tf32x3"), use_upsampling_product(product):
+        placed = conv_transpose(x, weight, bias, stride=stride, context=context, crop=2, length=21, alpha=alpha)
+        lying = conv_transpose(x, weight, bias, stride=stride, context=context, crop=2, length=21, alpha=alpha,
+                               channels_last=True)
+    assert placed.is_contiguous() and placed.shape == lying.shape == (batch, c_out, 21)
+    assert torch.equal(lying, placed)
+    if backend == "triton":
+        row_samples = (6 + int(product == "frames")) * stride  # 6 frame pairs, and the frames form's extra row
+        assert lying.stride() == (row_samples * c_out, 1, c_out)
 
 
 @pytest.mark.parametrize("batch,c_in,frames,precision,dense,taps",

@@ -6,6 +6,7 @@ widths, plus odd strides without depthwise convs; one run uses the full-size 24 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,7 +22,8 @@ from snac_stream import PRESETS, SNAC
 from snac_stream.kernels.precision import PRECISIONS
 from snac_stream.model import functional
 from snac_stream.model.functional import conv_transpose, use_backend
-from snac_stream.streaming.ops import ConvTranspose
+from snac_stream.streaming.build import decoder_op
+from snac_stream.streaming.ops import Chain, ConvTranspose, Noise, StreamOp
 
 AUDIO_TOL = 1e-5
 
@@ -168,6 +170,43 @@ def test_decoder_matches_offline_for_any_chunking(name: str, data) -> None:
         got = stream_decode(model, codes, sizes)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= AUDIO_TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("noise_mode", ["deterministic", "off"])
+def test_upsamplings_hand_the_noise_blocks_their_samples_channels_last(backend: str, noise_mode: str) -> None:
+    """Each upsampling followed by a noise block hands it the product's rows as they lie (``channels_last``):
+    the noise block reads them, in every mode, and hands on (B, C, T) in order; streaming still equals offline.
+    The other upsamplings (none in SNAC's presets) place their samples."""
+    model = copy.deepcopy(model_for("24khz"))
+    model.backend, model.noise_mode = backend, noise_mode
+
+    def flat(op: StreamOp) -> List[StreamOp]:
+        return [leaf for child in op.ops for leaf in flat(child)] if isinstance(op, Chain) else [op]
+
+    ops = flat(decoder_op(model))
+    after = [(op, nxt) for op, nxt in zip(ops, ops[1:] + [None]) if isinstance(op, ConvTranspose)]
+    assert len(after) == len(model.config.decoder_rates)
+    assert all(op.channels_last == isinstance(nxt, Noise) for op, nxt in after)
+    assert all(op.channels_last for op, _ in after)  # the preset's blocks all have noise
+
+    seen = []
+    push = Noise.push
+
+    def spy(self, state, x):
+        y = push(self, state, x)
+        seen.append((x.stride(1) == 1 and x.shape[1] > 1 and x.shape[-1] > 1, y.is_contiguous()))
+        return y
+
+    cfg = model.config
+    codes = [torch.randint(0, cfg.codebook_size, (3, 6 * cfg.coarse_stride // s), generator=torch.Generator()
+                           .manual_seed(s)) for s in cfg.vq_strides]
+    with torch.no_grad(), mock.patch.object(Noise, "push", spy):
+        want = model.decode(codes)
+        got = stream_decode(model, codes, [2, 1, 3])
+    assert (got - want).abs().max().item() <= AUDIO_TOL
+    assert seen and all(contiguous for _, contiguous in seen)
+    assert any(lying for lying, _ in seen)
 
 
 def test_one_sample_at_a_time_then_decode_roundtrip() -> None:

@@ -235,6 +235,7 @@ def conv_transpose(
     crop: int = 0,
     length: Optional[int] = None,
     alpha: Optional[torch.Tensor] = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """SNAC's upsampling: ``conv_transpose1d`` (kernel ``2 * stride``, stride ``stride``, ``weight`` of shape
     (C_in, C_out, 2s)) of ``snake(cat(context, x))`` (the snake only with ``alpha``), the same on both
@@ -247,19 +248,24 @@ def conv_transpose(
     overlap-add of neighbouring frames, so a chunk's samples need only its frames and one before, and every
     (row, frame) of a batch is one row of a single matrix product.
 
-    On the Triton backend one pass builds the product's input rows (snake, context, padding and pairing;
-    ``kernels.upsampling``), cuBLAS multiplies them, and one pass places its output rows; in PyTorch that is a
-    snake, a join and a gather on the way in and a permuting copy on the way out. Where the dense-conv kernel
-    is faster (``_upsampling_product``: an engine step's batched launches) it multiplies the rows instead.
+    The product's output row ``j`` holds those samples in time order, channels innermost (column ``r * C_out +
+    o``): the rows are the samples channels-last. On the Triton backend one pass builds the product's input
+    rows (snake, context, padding and pairing; ``kernels.upsampling``), cuBLAS multiplies them, and one pass
+    turns the output channels-first; in PyTorch that is a snake, a join and a gather on the way in and a
+    transposing copy on the way out. Where the dense-conv kernel is faster (``_upsampling_product``: an
+    engine step's batched launches) it multiplies the rows instead.
 
     Args:
         x: (B, C_in, T) frames; context: (B, C_in, L) frames before them, or None (rows of an engine's batch
             are gathered).
         crop / length: return samples ``crop .. crop + length - 1`` of ``z`` (default: all after ``crop``).
         alpha: the snake before the layer (per channel), or None.
+        channels_last: return the samples as the product wrote them, a view with strides (*, 1, C_out), and
+            skip the pass that writes them channels-first: for a consumer that reads any strides (the noise
+            block's kernel), which then reads them once instead of twice.
 
     Returns:
-        (B, C_out, length) samples at the output rate.
+        (B, C_out, length) samples at the output rate: contiguous unless ``channels_last``.
     """
     if weight.dim() != 3 or weight.shape[-1] != 2 * stride:
         raise ValueError(f"weight must have shape (C_in, C_out, {2 * stride}), got {tuple(weight.shape)}")
@@ -273,8 +279,8 @@ def conv_transpose(
         raise ValueError(f"samples {crop}..{end - 1} are out of range: {frames} frames give {frames * stride}")
     precision = _PRECISION.get() if triton else None
     # Kept per bias on the Triton backend (no autograd there); PyTorch's keeps the bias's gradient.
-    phase_bias = None if bias is None else _phase_bias(bias, stride) if triton else bias.repeat_interleave(stride)
-    # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, C_out * s).
+    phase_bias = None if bias is None else _phase_bias(bias, stride) if triton else bias.repeat(stride)
+    # One matrix product for every (row, frame): (B * frames, 2 C_in) @ (2 C_in, s * C_out).
     if triton:
         from ..kernels import upsampling
 
@@ -303,17 +309,17 @@ def conv_transpose(
                 rows = slice(start, min(start + chunk, pairs.shape[0]))
                 conv.snake_conv(pairs[rows].t().unsqueeze(0), w, phase_bias, precision=precision, split=False,
                                 out=z[rows].t().unsqueeze(0))
-            return upsampling.place_phases(z, b, stride, crop, end - crop)
+            return _samples(z, b, c_out, crop, end, channels_last)
         if product != "cublas":
             from ..kernels import conv
 
-            # The same product as a 2-tap conv of C_out * s channels over the frames, written (B, frames,
-            # C_out * s) as the cuBLAS product's rows are.
+            # The same product as a 2-tap conv of s * C_out channels over the frames, written (B, frames,
+            # s * C_out) as the cuBLAS product's rows are.
             z = torch.empty(b, frames, c_out * stride, device=x.device, dtype=torch.float32)
             conv.snake_conv(x, _conv_phase_weight(weight), phase_bias, alpha=alpha, padding=padding,
                             context=context, precision=precision,
                             split=product == "conv_split", out=z.transpose(1, 2))
-            return upsampling.place_phases(z.view(b * frames, c_out * stride), b, stride, crop, end - crop)
+            return _samples(z, b, c_out, crop, end, channels_last)
         pairs = upsampling.phase_pairs(x, context, alpha, padding)
     else:
         xin = x if not held else torch.cat([context, x], dim=-1)
@@ -330,10 +336,20 @@ def conv_transpose(
     w = _phase_weight(weight).view(c_out * stride, 2 * c_in).t()
     with _tf32_matmuls(x.device, precision == "tf32") if precision else contextlib.nullcontext():
         z = pairs @ w if phase_bias is None else torch.addmm(phase_bias, pairs, w)
-    if triton:
-        return upsampling.place_phases(z, b, stride, crop, end - crop)
-    z = z.view(b, frames, c_out, stride).permute(0, 2, 1, 3).reshape(b, c_out, frames * stride)
-    return z[..., crop:end]
+    return _samples(z, b, c_out, crop, end, channels_last)
+
+
+def _samples(z: torch.Tensor, batch: int, c_out: int, crop: int, end: int, channels_last: bool) -> torch.Tensor:
+    """The upsampling product's rows ``z`` (B * frames, s * C_out), its samples channels-last, as (B, C_out,
+    end - crop): samples ``crop .. end - 1`` of each batch item, as a view (``channels_last``) or contiguous."""
+    samples = z.view(batch, -1, c_out)
+    if channels_last:
+        return samples[:, crop:end].transpose(1, 2)
+    if _BACKEND.get() == "triton":
+        from ..kernels import upsampling
+
+        return upsampling.channels_first(samples, crop, end - crop)
+    return samples[:, crop:end].transpose(1, 2).contiguous()
 
 
 def _upsampling_product(product: str, batch: int, frames: int, precision: str) -> str:
@@ -381,25 +397,26 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``phase_weight`` as a dense conv's weight (C_out * s, C_in, 2): taps innermost, the kernel's order."""
+    """``phase_weight`` as a dense conv's weight (s * C_out, C_in, 2): taps innermost, the kernel's order."""
     return _CONV_PHASE_WEIGHTS.get(weight, lambda w: phase_weight(w).transpose(1, 2).contiguous())
 
 
 def _phase_bias(bias: torch.Tensor, stride: int) -> torch.Tensor:
-    """A transposed conv's bias (C_out,) for each of its C_out * s phase channels."""
-    return _PHASE_BIASES.get(bias, lambda v: v.repeat_interleave(stride))
+    """A transposed conv's bias (C_out,) for each of its s * C_out phase channels."""
+    return _PHASE_BIASES.get(bias, lambda v: v.repeat(stride))
 
 
 def phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A transposed conv's weight (C_in, C_out, 2s) as the weights (C_out * s, 2, C_in) of the same layer
+    """A transposed conv's weight (C_in, C_out, 2s) as the weights (s * C_out, 2, C_in) of the same layer
     written as a 2-tap conv over input frames (see ``conv_transpose``), tap-major to match the product's input
-    rows: output channel ``o * s + r`` is phase ``r`` of channel ``o``; its tap 0 reads the previous frame
+    rows: output channel ``r * C_out + o`` is phase ``r`` of channel ``o`` (phase-major, so that a row of
+    outputs is its samples in time order, channels innermost); its tap 0 reads the previous frame
     (``W[:, o, s + r]``), tap 1 the current one (``W[:, o, r]``). Made once per weight tensor
     (``_phase_weight``): a CUDA-graph replay must not redo it."""
     c_in, c_out, kernel_size = weight.shape
     s = kernel_size // 2
     taps = torch.stack([weight[:, :, s:], weight[:, :, :s]], dim=-1)  # (C_in, C_out, s, 2)
-    return taps.permute(1, 2, 3, 0).reshape(c_out * s, 2, c_in).contiguous()
+    return taps.permute(2, 1, 3, 0).reshape(s * c_out, 2, c_in).contiguous()
 
 
 def codebook_nearest(z: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,

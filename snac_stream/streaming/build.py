@@ -17,11 +17,14 @@ def _sequence(layers: nn.Sequential, channels: int) -> Chain:
     """Ops for a Sequential, each snake folded into the (transposed) conv after it and a final tanh into the conv
     before."""
     ops: List[StreamOp] = []
-    for layer, alpha, activation in fold_layers(layers):
+    folded = list(fold_layers(layers))
+    for i, (layer, alpha, activation) in enumerate(folded):
         if isinstance(layer, nn.Conv1d):
             op: StreamOp = SlidingWindow.conv(layer, alpha, activation)
         elif isinstance(layer, nn.ConvTranspose1d):
-            op = ConvTranspose(layer, alpha)
+            # The noise block's kernel reads the upsampling's samples where the product wrote them.
+            feeds_noise = i + 1 < len(folded) and isinstance(folded[i + 1][0], NoiseBlock)
+            op = ConvTranspose(layer, alpha, channels_last=feeds_noise)
         else:
             op = stream_op(layer, channels)
         ops.append(op)

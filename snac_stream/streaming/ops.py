@@ -291,12 +291,15 @@ class ConvTranspose(StreamOp):
     Written as a 2-tap conv over input frames (``functional.conv_transpose``): input frame ``i`` completes
     outputs ``[i*s, (i+1)*s)`` together with frame ``i - 1``, kept as the state. The offline layer crops
     ``p`` outputs on the left; the flush adds the last frame's tail up to the offline length. ``alpha``: the
-    snake before the layer, applied in the same call (the state keeps the frame before it).
+    snake before the layer, applied in the same call (the state keeps the frame before it). ``channels_last``:
+    the outputs may be strided views of the product's rows (``functional.conv_transpose``), for a next op
+    that reads any strides.
     """
 
-    def __init__(self, conv: nn.ConvTranspose1d, alpha: Optional[torch.Tensor] = None):
+    def __init__(self, conv: nn.ConvTranspose1d, alpha: Optional[torch.Tensor] = None, channels_last: bool = False):
         self.conv = conv
         self.alpha = alpha
+        self.channels_last = channels_last
         self.stride = conv.stride[0]
         self.pad = conv.padding[0]
         self.extra = conv.output_padding[0]
@@ -314,7 +317,8 @@ class ConvTranspose(StreamOp):
     def _run(self, state: _TransposedState, x: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
         skip = min(state.to_skip, x.shape[-1] * self.stride)
         y = functional.conv_transpose(x, self.conv.weight, self.conv.bias, stride=self.stride,
-                                      context=_settled(state.context), crop=skip, length=length, alpha=self.alpha)
+                                      context=_settled(state.context), crop=skip, length=length, alpha=self.alpha,
+                                      channels_last=self.channels_last)
         state.to_skip -= skip
         return y
 
@@ -404,7 +408,9 @@ class Noise(StreamOp):
             return x
         y = self.block.apply_at(x, state.position)
         state.position = state.position + x.shape[-1]  # rebinds: a batch's position tensor is never written in place
-        return y
+        # ``x`` may be the upsampling's channels-last view (``ConvTranspose.channels_last``): the fused kernel
+        # reads it as it lies and writes a new (B, C, T) tensor; the other modes may hand it (or its layout) on.
+        return y.contiguous()
 
     def flush(self, state: PositionState) -> Optional[torch.Tensor]:
         return None
