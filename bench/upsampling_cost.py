@@ -6,8 +6,8 @@ For each of the 24 kHz decoder's four transposed convs at one engine step of ``-
 step gives each layer):
 
 - ``phase_pairs`` (snake, context, frame pairs in one pass) against a snake, a concatenation and the gather
-  copy, and ``place_phases`` against the permuting copy and slice; GB/s counts the bytes each side must read and
-  write;
+  copy, and ``channels_first`` (the product's channels-last samples turned channels-first) against the slice and
+  transposing copy; GB/s counts the bytes each side must read and write;
 - the whole streaming layer (``functional.conv_transpose`` with one frame of context and the snake) for each of
   ``functional.UPSAMPLING_PRODUCTS`` at the default precision (tf32x3): the cuBLAS fp32 product of built rows,
   and the dense-conv kernel on tensor cores, with and without operands split before it, on rows of frame pairs
@@ -32,7 +32,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_cost import commit  # noqa: E402
 
-from snac_stream.kernels.upsampling import phase_pairs, place_phases  # noqa: E402
+from snac_stream.kernels.upsampling import channels_first, phase_pairs  # noqa: E402
 from snac_stream.model import functional  # noqa: E402
 from snac_stream.model.functional import snake  # noqa: E402
 
@@ -74,16 +74,16 @@ def main() -> None:
             v = snake(torch.cat([context, x], -1), alpha)
             return v.unfold(-1, 2, 1).permute(0, 2, 3, 1).reshape(b * frames, 2 * c_in)
 
-        z = torch.randn(b * frames, c_out * s, device="cuda")
+        z = torch.randn(b, frames * s, c_out, device="cuda")  # the product's rows: samples channels-last
 
         def torch_place() -> torch.Tensor:
-            return z.view(b, frames, c_out, s).permute(0, 2, 1, 3).reshape(b, c_out, frames * s)[..., 1:].contiguous()
+            return z[:, 1:].transpose(1, 2).contiguous()
 
         pairs_ms, pairs_torch_ms = ms(lambda: phase_pairs(x, context, alpha)), ms(torch_pairs)
-        place_ms, place_torch_ms = ms(lambda: place_phases(z, b, s, 1)), ms(torch_place)
+        place_ms, place_torch_ms = ms(lambda: channels_first(z, 1)), ms(torch_place)
         pairs_gb = (x.numel() + 2 * b * frames * c_in) * 4 / 1e9
         place_gb = 2 * z.numel() * 4 / 1e9
-        equal = (torch.equal(place_phases(z, b, s, 1), torch_place())
+        equal = (torch.equal(channels_first(z, 1), torch_place())
                  and torch.allclose(phase_pairs(x, context, alpha), torch_pairs(), rtol=1e-6, atol=2e-6))
         print(f"| {c_in}->{c_out}, stride {s} | {frames} | {pairs_ms * 1e3:.0f} | {pairs_gb / pairs_ms * 1e3:.0f} "
               f"| {pairs_torch_ms * 1e3:.0f} | {place_ms * 1e3:.0f} | {place_gb / place_ms * 1e3:.0f} "
