@@ -177,7 +177,8 @@ def test_decoder_matches_offline_for_any_chunking(name: str, data) -> None:
 def test_upsamplings_hand_the_noise_blocks_their_samples_channels_last(backend: str, noise_mode: str) -> None:
     """Each upsampling followed by a noise block hands it the product's rows as they lie (``channels_last``):
     the noise block reads them, in every mode, and hands on (B, C, T) in order; streaming still equals offline.
-    The other upsamplings (none in SNAC's presets) place their samples."""
+    (An upsampling without a noise block after it returns placed samples: ``channels_last=False``, whose
+    results ``test_kernels_upsampling.py`` checks.)"""
     model = copy.deepcopy(model_for("24khz"))
     model.backend, model.noise_mode = backend, noise_mode
 
